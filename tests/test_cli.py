@@ -1,0 +1,137 @@
+"""Command line: the command table, the parser, help, and one-line errors."""
+from __future__ import print_function, absolute_import
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import udocker
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "udocker.py")
+
+UPSTREAM_COMMANDS = ("pull images create run ps rm rmi inspect verify protect unprotect name "
+                     "rmname rename clone export import load save login logout search setup "
+                     "install mkrepo showconf version help manifest tag").split()
+
+
+def run_script(args, tmpdir, stdin=None, env=None):
+    environ = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
+                   UDOCKER_NOSYSCONF="1")
+    environ.update(env or {})
+    proc = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
+    out, err = proc.communicate(stdin)
+    return proc.returncode, out.decode("utf-8"), err.decode("utf-8")
+
+
+def test_every_upstream_command_is_in_the_table():
+    for name in UPSTREAM_COMMANDS:
+        assert name in udocker.COMMANDS, name
+
+
+def test_run_options_cover_upstream():
+    names = set(n for o in udocker.COMMANDS["run"].opts for n in o.names)
+    for opt in ("--rm", "-w", "--workdir", "-u", "--user", "-v", "--volume", "--novol", "-e",
+                "--env", "--env-file", "--hostauth", "--containerauth", "--nosysdirs",
+                "--hostenv", "--bindhome", "--entrypoint", "--cpuset-cpus", "--location",
+                "-i", "-t", "--nometa", "--dri", "--device", "--platform", "--pull",
+                "--hostname", "--nobanner", "-p", "--publish", "--publish-all", "-k",
+                "--kernel", "--name"):
+        assert opt in names, opt
+
+
+def test_option_forms():
+    cmd = udocker.COMMANDS["run"]
+    opts, args = cmd.parse(["-v", "/a:/b", "--volume=/c", "-e", "X=1", "--rm", "-it",
+                            "img", "ls", "-l", "-v", "x"])
+    assert opts["volume"] == ["/a:/b", "/c"]
+    assert opts["env"] == ["X=1"]
+    assert opts["rm"] and opts["interactive"] and opts["tty"]
+    assert args == ["img", "ls", "-l", "-v", "x"]
+
+
+def test_value_option_needs_value_and_flag_takes_none():
+    with pytest.raises(udocker.UsageError):
+        udocker.COMMANDS["pull"].parse(["--platform"])
+    with pytest.raises(udocker.UsageError):
+        udocker.COMMANDS["images"].parse(["-l=yes"])
+
+
+def test_argument_counts_checked():
+    with pytest.raises(udocker.UsageError):
+        udocker.COMMANDS["pull"].parse([])
+    with pytest.raises(udocker.UsageError):
+        udocker.COMMANDS["pull"].parse(["a", "b"])
+    assert udocker.COMMANDS["rm"].parse(["a", "b", "c"])[1] == ["a", "b", "c"]
+
+
+def test_general_options_take_separate_values():
+    opts, name, words = udocker.parse_general(["--config", "myconf", "-D", "images", "-l"])
+    assert opts["config"] == "myconf" and opts["debug"]
+    assert name == "images" and words == ["-l"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["frobnicate"], "invalid command: frobnicate"),
+    (["pull", "--bogus", "x"], "unknown option: --bogus"),
+    (["--nope", "images"], "unknown general option: --nope"),
+    (["pull"], "missing argument: IMAGE"),
+    (["pull", "UPPER/Case"], "invalid repository name"),
+    (["pull", "a:b:c:d"], "invalid"),
+    (["pull", "--platform=linux", "busybox"], "invalid platform"),
+    (["inspect", "nosuchimage"], "image not found: nosuchimage:latest"),
+    (["verify", "nosuch:1"], "image not found: nosuch:1"),
+    (["rmi", "nosuch"], "image not found"),
+])
+def test_bad_input_is_one_line_error(tmpdir, args, needle):
+    rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
+    assert rc != 0
+    assert needle in err
+    assert "Traceback" not in err
+    assert [l for l in err.splitlines() if l.startswith("Error:")] == \
+        [err.strip().splitlines()[-1]]
+
+
+def test_debug_shows_traceback(tmpdir):
+    args = ["-D", "inspect", "nosuchimage"]
+    rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
+    assert rc == 1 and "Traceback" in err
+
+
+def test_help_for_every_command_comes_from_the_table(tmpdir):
+    for name in ("pull", "run", "images"):
+        rc, out, err = run_script(["help", name], tmpdir)
+        rc2, out2, err2 = run_script([name, "--help"], tmpdir)
+        assert rc == rc2 == 0
+        assert out == out2 == udocker.COMMANDS[name].usage() + "\n"
+    for opt in udocker.COMMANDS["run"].opts:
+        assert opt.names[-1] in udocker.COMMANDS["run"].usage()
+
+
+def test_general_help_lists_commands(tmpdir):
+    rc, out, err = run_script([], tmpdir)
+    assert rc == 0
+    for name in UPSTREAM_COMMANDS:
+        assert "  %s " % name in out
+
+
+def test_version(tmpdir):
+    rc, out, err = run_script(["--version"], tmpdir)
+    assert rc == 0
+    assert out.splitlines()[0] == "version: 1.3.17"
+    assert "udocker.py: %s" % udocker.__version__ in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to test the root refusal")
+def test_root_refused_without_allow_root(tmpdir):
+    rc, out, err = run_script(["images"], tmpdir)
+    assert rc == 1 and "do not run as root" in err
+
+
+def test_unknown_option_rejected_before_anything_is_done(tmpdir):
+    args = ["pull", "--nope", "busybox"]
+    rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
+    assert rc == 1
+    assert not tmpdir.join("ud").check()          # not even the repository was created

@@ -1,0 +1,2696 @@
+#!/usr/bin/env python
+# -*- coding: utf-8 -*-
+"""udocker.py: pull Docker/OCI images and run them as an ordinary user.
+
+One file, standard library only, Python 2.7 and 3.6+. A drop-in for udocker 1.3:
+the same commands, options, environment, udocker.conf and ~/.udocker layout.
+
+Contents (each section opens with a banner "# ==== N. NAME ====", in data-flow order):
+  1. Compat                  one spelling of every name that differs between Python 2 and 3
+  2. Errors and messages     the exception tree and the message printer
+  3. Configuration           defaults, udocker.conf files, environment, options -> Config
+  4. Files, processes, host  atomic writes, locks, hashing, host platform
+  5. Local repository        the ~/.udocker tree: image tags, layers, containers, keystore
+  6. Registry client         image references, HTTP, auth, manifests, parallel verified pulls
+  7. Image formats           docker-save and OCI layout archives
+  8. Container creation      safe flattening of layers into containers/ID/ROOT
+  9. Execution engines       P1/P2 proot, R1-R3 runc/crun, F1-F4 fakechroot, S1 singularity
+ 10. Tools installer         the tools tarball: fetch, verify, install
+ 11. Command line            the command table, the parser and one function per command
+ 12. main                    argv -> exit code
+
+Bytes and text: registry bodies, digests being computed and tar member names are bytes
+until parsed; messages, JSON documents and paths are text (native str).
+"""
+
+from __future__ import print_function, absolute_import, division
+
+import base64
+import binascii
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+__version__ = "0.1.0"           # udocker.py's own version
+COMPAT_VERSION = "1.3.17"        # the udocker release whose interface we reproduce
+__program__ = "udocker.py"
+TOOLS_MIN_VERSION = "1.2.11"     # oldest tools tarball (lib/VERSION) we accept
+
+# ==== 1. Compat ====
+# Every Python 2/3 difference is decided here, once; the rest of the file uses these names.
+
+PY3 = sys.version_info[0] >= 3
+
+if PY3:
+    import configparser
+    import http.client as httplib
+    import queue
+    from urllib.parse import (urlsplit, urlunsplit, urljoin, urlencode, quote,
+                              unquote, parse_qsl)
+    from urllib.request import getproxies, proxy_bypass
+    text_type = str
+    string_types = (str,)
+    input_line = input
+    RawConfigParser = configparser.RawConfigParser
+    ConfigError = configparser.Error
+else:                                                     # pragma: no cover (2.7)
+    import ConfigParser as configparser
+    import httplib
+    import Queue as queue
+    from urlparse import urlsplit, urlunsplit, urljoin, parse_qsl
+    from urllib import urlencode, quote, unquote, getproxies, proxy_bypass
+    text_type = unicode                                   # noqa: F821
+    string_types = (str, unicode)                         # noqa: F821
+    input_line = raw_input                                # noqa: F821
+    RawConfigParser = configparser.RawConfigParser
+    ConfigError = configparser.Error
+
+
+def to_bytes(value, encoding="utf-8"):
+    """Text -> bytes (bytes pass through)."""
+    if isinstance(value, bytes):
+        return value
+    return value.encode(encoding, "surrogateescape" if PY3 else "strict")
+
+
+def to_text(value, encoding="utf-8"):
+    """Bytes -> native str (text passes through)."""
+    if isinstance(value, bytes):
+        return value.decode(encoding, "surrogateescape" if PY3 else "replace") if PY3 \
+            else value
+    return value
+
+
+def json_loads(data):
+    """Parse JSON from bytes or text; raises ValueError on bad input."""
+    return json.loads(to_text(data))
+
+
+def json_dumps(obj, pretty=False):
+    """JSON text; pretty is upstream's inspect format (sorted, indent 4)."""
+    if pretty:
+        return json.dumps(obj, sort_keys=True, indent=4, separators=(",", ": "))
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+NETWORK_ERRORS = (socket.error, socket.timeout, httplib.HTTPException, ssl.SSLError,
+                  IOError, OSError)
+
+# ==== 2. Errors and messages ====
+# Code raises where something fails; main() prints one "Error: ..." line (-D adds the traceback).
+
+
+class UdockerError(Exception):
+    """Any failure reported to the user as one line; exit_code is the process status."""
+    exit_code = 1
+
+    def __init__(self, message, exit_code=None):
+        Exception.__init__(self, message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(UdockerError):
+    """Bad command line: unknown command or option, missing or malformed argument."""
+
+
+class ConfigurationError(UdockerError):
+    """A configuration file or value that cannot be used."""
+
+
+class RepositoryError(UdockerError):
+    """The local repository is missing, unwritable, or has no such image/container."""
+
+
+class RegistryError(UdockerError):
+    """The registry refused, failed, or sent something unusable."""
+
+
+class DigestMismatch(RegistryError):
+    """Downloaded content does not hash to the digest that named it."""
+
+
+class EngineError(UdockerError):
+    """An execution engine cannot run the container."""
+
+
+class Messages(object):
+    """Levelled messages to stderr; data output (what scripts parse) goes to stdout.
+
+    Levels as upstream's UDOCKER_LOGLEVEL: 0 error, 1 msg, 2 warning, 3 info, 4 verbose, 5 debug.
+    """
+    ERR, MSG, WAR, INF, VER, DBG = 0, 1, 2, 3, 4, 5
+
+    def __init__(self, level=3, stream=None):
+        self.level = level
+        self.stream = stream
+
+    def _write(self, text):
+        stream = self.stream or sys.stderr
+        stream.write(text + "\n")
+        stream.flush()
+
+    def error(self, text):
+        self._write("Error: " + text)
+
+    def warning(self, text):
+        if self.level >= self.WAR:
+            self._write("Warning: " + text)
+
+    def info(self, text):
+        if self.level >= self.INF:
+            self._write("Info: " + text)
+
+    def verbose(self, text):
+        if self.level >= self.VER:
+            self._write("Info: " + text)
+
+    def debug(self, text):
+        if self.level >= self.DBG:
+            self._write("Debug: " + text)
+
+
+MSG = Messages()        # the one message printer; main() sets its level from the Config
+
+
+def out(text=""):
+    """Print command output (the data a script reads) to stdout."""
+    sys.stdout.write(text + "\n")
+
+
+# ==== 3. Configuration ====
+# Defaults < /etc/udocker.conf < ~/.udocker/udocker.conf < $UDOCKER_DIR/udocker.conf < --config
+# < environment < command-line options. Values are typed by their default; nothing is executed.
+
+DEFAULT_TARBALL_URLS = ""    # no public release URL yet: set UDOCKER_TARBALL or `tarball`
+
+CONFIG_DEFAULTS = (
+    # (key, default, environment variable or None)
+    ("verbose_level", 3, "UDOCKER_LOGLEVEL"),
+    ("topdir", "", "UDOCKER_DIR"),
+    ("homedir", "", None),
+    ("bindir", "", "UDOCKER_BIN"),
+    ("libdir", "", "UDOCKER_LIB"),
+    ("docdir", "", "UDOCKER_DOC"),
+    ("reposdir", "", "UDOCKER_REPOS"),
+    ("layersdir", "", "UDOCKER_LAYERS"),
+    ("containersdir", "", "UDOCKER_CONTAINERS"),
+    ("tmpdir", "", "UDOCKER_TMP"),
+    ("keystore", "keystore", "UDOCKER_KEYSTORE"),
+    ("tarball", DEFAULT_TARBALL_URLS, "UDOCKER_TARBALL"),
+    ("tarball_sha256", "", "UDOCKER_TARBALL_SHA256"),
+    ("tarball_release", TOOLS_MIN_VERSION, None),
+    ("installretry", 3, None),
+    ("autoinstall", True, "UDOCKER_AUTOINSTALL"),
+    ("config", "udocker.conf", None),
+    ("cmd", ["bash", "-i"], None),
+    ("root_path", "/usr/sbin:/sbin:/usr/bin:/bin", None),
+    ("user_path", "/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin", None),
+    ("sysdirs_list", ["/dev", "/proc", "/sys", "/etc/resolv.conf", "/etc/host.conf",
+                      "/lib/modules"], None),
+    ("dri_list", ["/usr/lib64/dri", "/lib64/dri", "/usr/lib/dri", "/lib/dri"], None),
+    ("override_default_execution_mode", "", "UDOCKER_DEFAULT_EXECUTION_MODE"),
+    ("default_execution_mode", "P1", None),
+    ("use_curl_executable", "", "UDOCKER_USE_CURL_EXECUTABLE"),
+    ("use_proot_executable", "UDOCKER", "UDOCKER_USE_PROOT_EXECUTABLE"),
+    ("use_runc_executable", "", "UDOCKER_USE_RUNC_EXECUTABLE"),
+    ("use_singularity_executable", "", "UDOCKER_USE_SINGULARITY_EXECUTABLE"),
+    ("use_patchelf_executable", "UDOCKER", "UDOCKER_USE_PATCHELF_EXECUTABLE"),
+    ("fakechroot_so", "", "UDOCKER_FAKECHROOT_SO"),
+    ("fakechroot_libc", "", "UDOCKER_FAKECHROOT_LIBC"),
+    ("fakechroot_expand_symlinks", "", "UDOCKER_FAKECHROOT_EXPAND_SYMLINKS"),
+    ("fakechroot_cmd_subst", "/sbin/ldconfig=/bin/true:/usr/sbin/ldconfig=/bin/true",
+     "UDOCKER_FAKECHROOT_CMD_SUBST"),
+    ("proot_noseccomp", False, None),
+    ("proot_killonexit", True, None),
+    ("proot_link2symlink", False, None),
+    ("valid_host_env", ["TERM", "PATH", "PROOT_TMP_DIR"], None),
+    ("invalid_host_env", ["VTE_VERSION"], None),
+    ("cpu_affinity_exec_tools", [["numactl", "-C", "%s", "--"], ["taskset", "-c", "%s"]], None),
+    ("http_proxy", "", None),
+    ("timeout", 30.0, None),
+    ("download_timeout", 1800.0, None),
+    ("ctimeout", 10.0, None),
+    ("http_agent", "", None),
+    ("http_insecure", False, None),
+    ("ca_bundle", "", "UDOCKER_CA_BUNDLE"),
+    ("pull_parallel", 4, "UDOCKER_PULL_PARALLEL"),
+    ("pull_retries", 5, None),
+    ("dockerio_index_url", "https://hub.docker.com", "UDOCKER_INDEX"),
+    ("dockerio_registry_url", "https://registry-1.docker.io", "UDOCKER_REGISTRY"),
+    ("search_page_size", 25, None),
+)
+
+
+def _typed(key, raw, default):
+    """Convert a config-file or environment string to the type of the key's default."""
+    raw = raw.strip()
+    if isinstance(default, bool):
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", "", "none"):
+            return False
+        raise ConfigurationError("%s: not a boolean: %r" % (key, raw))
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(raw)
+        except ValueError:
+            raise ConfigurationError("%s: not a number: %r" % (key, raw))
+    if isinstance(default, list):
+        if raw.startswith("["):
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                raise ConfigurationError("%s: not a JSON list: %r" % (key, raw))
+            if not isinstance(value, list):
+                raise ConfigurationError("%s: not a list: %r" % (key, raw))
+            return value
+        return raw.split()
+    return raw
+
+
+class Config(object):
+    """The effective configuration: built once in main(), read-only afterwards.
+
+    Access values as attributes (cfg.topdir) or cfg.get("key"). `sources` tells where each
+    value came from, for showconf.
+    """
+
+    def __init__(self, values, sources):
+        self.__dict__["_values"] = values
+        self.__dict__["sources"] = sources
+
+    def __getattr__(self, key):
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key)
+
+    def __setattr__(self, key, value):
+        raise AttributeError("configuration is read-only")
+
+    def get(self, key, default=None):
+        return self._values.get(key, default)
+
+    def items(self):
+        return sorted(self._values.items())
+
+    @classmethod
+    def load(cls, environ, options):
+        """Layer defaults, files, environment and general options; returns a Config.
+
+        options: dict of the general options (config, repo, debug, quiet, insecure).
+        """
+        defaults = dict((key, default) for key, default, _ in CONFIG_DEFAULTS)
+        values, sources = dict(defaults), dict((key, "default") for key in defaults)
+        home = environ.get("HOME") or os.path.expanduser("~")
+        homedir = os.path.join(home, ".udocker")
+        files = []
+        if not environ.get("UDOCKER_NOSYSCONF"):
+            files.append("/etc/udocker.conf")
+        files.append(os.path.join(homedir, "udocker.conf"))
+        for path in files:
+            cls._read_file(path, values, sources, defaults, required=False)
+        topdir = options.get("repo") or environ.get("UDOCKER_DIR") or values["topdir"]
+        if topdir and os.path.realpath(topdir) != os.path.realpath(homedir):
+            cls._read_file(os.path.join(topdir, "udocker.conf"), values, sources, defaults,
+                           required=False)
+        if options.get("config"):
+            cls._read_file(options["config"], values, sources, defaults, required=True)
+        for key, default, env in CONFIG_DEFAULTS:
+            if env and env in environ:
+                values[key] = _typed(key, environ[env], default)
+                sources[key] = "env " + env
+        cls._apply_options(options, values, sources)
+        cls._derive_paths(values, homedir, environ)
+        return cls(values, sources)
+
+    @staticmethod
+    def _read_file(path, values, sources, defaults, required):
+        if not os.path.exists(path):
+            if required:
+                raise ConfigurationError("config file not found: %s" % path)
+            return
+        parser = RawConfigParser()
+        try:
+            parser.read(path)
+            items = parser.items("DEFAULT")
+        except (ConfigError, IOError, OSError) as exc:
+            raise ConfigurationError("cannot read config file %s: %s"
+                                     % (path, str(exc).splitlines()[0]))
+        for key, raw in items:
+            if key not in defaults:
+                MSG.debug("config %s: unknown key ignored: %s" % (path, key))
+                continue
+            values[key] = _typed(key, raw, defaults[key])
+            sources[key] = path
+
+    @staticmethod
+    def _apply_options(options, values, sources):
+        if options.get("repo"):
+            values["topdir"] = options["repo"]
+            sources["topdir"] = "option --repo"
+        if options.get("debug"):
+            values["verbose_level"] = Messages.DBG
+            sources["verbose_level"] = "option -D"
+        elif options.get("quiet"):
+            values["verbose_level"] = Messages.MSG
+            sources["verbose_level"] = "option -q"
+        if options.get("insecure"):
+            values["http_insecure"] = True
+            sources["http_insecure"] = "option --insecure"
+
+    @staticmethod
+    def _derive_paths(values, homedir, environ):
+        values["homedir"] = homedir
+        topdir = os.path.abspath(os.path.expanduser(values["topdir"] or homedir))
+        values["topdir"] = topdir
+        for key, sub in (("bindir", "bin"), ("libdir", "lib"), ("docdir", "doc"),
+                         ("reposdir", "repos"), ("layersdir", "layers"),
+                         ("containersdir", "containers")):
+            values[key] = os.path.abspath(values[key] or os.path.join(topdir, sub))
+        values["tmpdir"] = values["tmpdir"] or environ.get("TMPDIR") or "/tmp"
+        keystore = os.path.expanduser(values["keystore"])
+        if not os.path.isabs(keystore):
+            keystore = os.path.join(homedir, keystore)     # upstream: relative to homedir
+        values["keystore"] = keystore
+
+
+# ==== 4. Files, processes, host ====
+# Every write that another command may read goes through a temp file and a rename in the same
+# directory; every read-modify-write of shared state holds a lock file (fcntl.flock, no daemon).
+
+
+def write_atomic(path, data, mode=0o644):
+    """Write bytes or text to path via temp file + fsync + rename; never a half file."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(to_bytes(data))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def read_text(path):
+    with open(path, "rb") as handle:
+        return to_text(handle.read())
+
+
+def read_json(path):
+    """Parsed JSON of a file; None if it does not exist or does not parse."""
+    try:
+        return json_loads(read_text(path))
+    except (IOError, OSError, ValueError):
+        return None
+
+
+def remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def makedirs(path, mode=0o755):
+    try:
+        os.makedirs(path, mode)
+    except OSError as exc:
+        if exc.errno != errno.EEXIST or not os.path.isdir(path):
+            raise
+
+
+def symlink_atomic(target, path):
+    """Create or replace the symlink path -> target atomically."""
+    tmp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.current_thread().ident or 0)
+    remove_quietly(tmp)
+    os.symlink(target, tmp)
+    os.rename(tmp, path)
+
+
+def make_tree_removable(top):
+    """Give the owner rwx on every directory below top, so rmtree cannot be refused."""
+    for dirpath, dirnames, _ in os.walk(top):
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+                if stat.S_ISDIR(st.st_mode) and (st.st_mode & 0o700) != 0o700:
+                    os.chmod(path, st.st_mode | 0o700)
+            except OSError:
+                pass
+
+
+def remove_tree(path):
+    """Remove a directory tree, fixing permissions the tree may have set on itself."""
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+        return
+    try:
+        os.chmod(path, 0o700)
+    except OSError:
+        pass
+    make_tree_removable(path)
+    shutil.rmtree(path)
+
+
+class FileLock(object):
+    """An exclusive advisory lock on a file (flock), usable as a context manager.
+
+    Locks are held by open file descriptions, so they vanish with the process: a killed
+    command never leaves a stale lock behind.
+    """
+
+    def __init__(self, path, description=None):
+        self.path = path
+        self.description = description or os.path.basename(path)
+        self.fd = None
+
+    def acquire(self, shared=False):
+        makedirs(os.path.dirname(self.path))
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(self.fd, kind | fcntl.LOCK_NB)
+        except (IOError, OSError) as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            MSG.verbose("waiting for lock: %s" % self.description)
+            fcntl.flock(self.fd, kind)
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def sha256_file(path, chunk=1 << 20):
+    """Hex sha256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while True:
+            data = handle.read(chunk)
+            if not data:
+                break
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def human_size(count):
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return ("%d %s" % (count, unit)) if unit == "B" else ("%.1f %s" % (count, unit))
+        count /= 1024.0
+    return "%.1f GB" % count
+
+
+# The names Docker uses for machine architectures (uname -m -> (architecture, variant)).
+HOST_ARCHES = {
+    "x86_64": ("amd64", ""), "amd64": ("amd64", ""),
+    "i386": ("386", ""), "i486": ("386", ""), "i586": ("386", ""), "i686": ("386", ""),
+    "aarch64": ("arm64", "v8"), "arm64": ("arm64", "v8"), "armv8l": ("arm", "v7"),
+    "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "armv5tel": ("arm", "v5"),
+    "ppc64le": ("ppc64le", ""), "s390x": ("s390x", ""), "riscv64": ("riscv64", ""),
+    "mips64": ("mips64le", ""), "loongarch64": ("loong64", ""),
+}
+
+# Docker architecture -> the suffix of tool names in the tools tarball (proot-x86_64, ...).
+TOOL_ARCH = {"amd64": "x86_64", "386": "x86", "arm64": "arm64", "arm": "arm",
+             "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+KNOWN_ARCHES = set(list(TOOL_ARCH) + list(TOOL_ARCH.values()) + ["aarch64", "i386"])
+
+
+class Platform(object):
+    """An image platform os/architecture[/variant], compared the way Docker does."""
+
+    def __init__(self, os_name, arch, variant=""):
+        self.os = os_name
+        self.arch = arch
+        self.variant = variant or ""
+
+    @classmethod
+    def parse(cls, text):
+        """'linux/arm64/v8', 'linux/amd64', 'arm64' -> Platform; raises UsageError."""
+        parts = [p for p in text.strip().lower().split("/")]
+        if len(parts) == 1 and parts[0] in KNOWN_ARCHES:       # 'arm64' alone: linux/arm64
+            parts.insert(0, "linux")
+        if not 2 <= len(parts) <= 3 or not all(parts) or \
+                not all(re.match(r"^[a-z0-9_.-]+$", p) for p in parts):
+            raise UsageError("invalid platform: %r (expected os/arch[/variant])" % text)
+        arch = {"x86_64": "amd64", "aarch64": "arm64", "i386": "386"}.get(parts[1], parts[1])
+        return cls(parts[0], arch, parts[2] if len(parts) == 3 else "")
+
+    @classmethod
+    def host(cls):
+        machine = platform.machine().lower()
+        arch, variant = HOST_ARCHES.get(machine, (machine, ""))
+        return cls("linux", arch, variant)
+
+    def matches(self, other_os, other_arch, other_variant=""):
+        """True if an index entry (os, arch, variant) can run as this platform."""
+        if (other_os or "").lower() != self.os or (other_arch or "").lower() != self.arch:
+            return False
+        mine = self.variant or ""
+        theirs = (other_variant or "").lower()
+        if self.arch == "arm64":                  # arm64 images without a variant are v8
+            mine, theirs = mine or "v8", theirs or "v8"
+        return not mine or not theirs or mine == theirs
+
+    def __str__(self):
+        return "/".join(p for p in (self.os, self.arch, self.variant) if p)
+
+
+# ==== 5. Local repository ====
+# The layout of upstream udocker 1.3 (see README "On-disk layout"): repos/NAME/TAG/ with TAG,
+# v1|v2, manifest, relative symlinks into layers/; containers/ID/; bin/, lib/, doc/.
+# What upstream does not record (manifest digest, index digest, platform) goes to
+# repos/NAME/.TAG.json, beside the tag directory, where upstream never looks.
+
+LOCAL_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/-]*$")
+TAG_RE = re.compile(r"^([a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
+DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+
+
+def check_local_name(name):
+    """Reject image names that would escape repos/ or that upstream could not read."""
+    parts = name.split("/")
+    if not LOCAL_NAME_RE.match(name) or any(p in ("", ".", "..") for p in parts) \
+            or len(name) > 1024:
+        raise UsageError("invalid image name: %r" % name)
+    return name
+
+
+class LocalImage(object):
+    """One image tag in the local repository, as found on disk.
+
+    layers: layer file paths, base layer first. config: the image config dict or {}.
+    """
+
+    def __init__(self, repo, name, tag):
+        self.repo = repo
+        self.name = name
+        self.tag = tag
+        self.dir = repo.tag_dir(name, tag)
+        self.version = "v2" if os.path.exists(os.path.join(self.dir, "v2")) else "v1"
+        self.manifest = None
+        self.config_path = None
+        self.layers = []
+        self.record = read_json(repo.record_path(name, tag)) or {}
+        if self.version == "v2":
+            self._load_v2()
+        else:
+            self._load_v1()
+
+    def _load_v2(self):
+        self.manifest = read_json(os.path.join(self.dir, "manifest"))
+        if not isinstance(self.manifest, dict):
+            raise RepositoryError("image %s: manifest missing or not JSON" % self.ref)
+        if "fsLayers" in self.manifest:                        # schema 1: top layer first
+            digests = [l.get("blobSum") for l in reversed(self.manifest["fsLayers"])]
+            self.layers = [os.path.join(self.dir, d) for d in digests]
+            history = self.manifest.get("history") or [{}]
+            try:
+                self._config = json_loads(history[0].get("v1Compatibility", "{}"))
+            except ValueError:
+                self._config = {}
+            return
+        self.layers = [os.path.join(self.dir, l.get("digest", "?"))
+                       for l in self.manifest.get("layers", [])]
+        digest = (self.manifest.get("config") or {}).get("digest")
+        self.config_path = os.path.join(self.dir, digest) if digest else None
+        self._config = None
+
+    def _load_v1(self):
+        ancestry = read_json(os.path.join(self.dir, "ancestry")) or []
+        self.layers = [os.path.join(self.dir, lid + ".layer") for lid in reversed(ancestry)]
+        cjson = os.path.join(self.dir, "container.json")
+        if os.path.exists(cjson):
+            self.config_path = cjson
+        elif ancestry:
+            self.config_path = os.path.join(self.dir, ancestry[0] + ".json")
+        self._config = None
+
+    @property
+    def ref(self):
+        return "%s:%s" % (self.name, self.tag)
+
+    @property
+    def config(self):
+        if self._config is None:
+            self._config = (read_json(self.config_path) if self.config_path else None) or {}
+        return self._config
+
+    @property
+    def protected(self):
+        return os.path.exists(os.path.join(self.dir, "PROTECT"))
+
+    @property
+    def platform(self):
+        cfg = self.config
+        if not cfg.get("architecture") and not cfg.get("os"):
+            return self.record.get("platform", "unknown/unknown")
+        return "/".join(p for p in (cfg.get("os", "unknown"), cfg.get("architecture",
+                                    "unknown"), cfg.get("variant", "")) if p)
+
+    def links(self):
+        """(name, path) of every layer/config symlink in the tag directory."""
+        found = []
+        for name in sorted(os.listdir(self.dir)):
+            path = os.path.join(self.dir, name)
+            if os.path.islink(path):
+                found.append((name, path))
+        return found
+
+    def verify(self):
+        """Re-hash every blob against its name and check the manifest's layers are present.
+
+        Returns a list of problems (empty when the image is intact); reports progress by MSG.
+        """
+        problems = []
+        wanted = [os.path.basename(p) for p in self.layers]
+        if self.config_path and self.version == "v2":
+            wanted.append(os.path.basename(self.config_path))
+        for name in wanted:
+            path = os.path.join(self.dir, name)
+            if not os.path.islink(path) and not os.path.exists(path):
+                problems.append("missing: %s" % name)
+            elif not os.path.exists(path):
+                problems.append("missing layer file: %s" % name)
+        for name, path in self.links():
+            if not os.path.exists(path):
+                continue                                        # reported above or unused
+            if DIGEST_RE.match(name):
+                if sha256_file(path) != name.split(":", 1)[1]:
+                    problems.append("corrupt (sha256 mismatch): %s" % name)
+                    continue
+            elif name.endswith(".layer") and not tar_is_readable(path):
+                problems.append("corrupt (not a readable tar): %s" % name)
+                continue
+            MSG.info("layer ok: %s" % name)
+        return problems
+
+
+def tar_is_readable(path):
+    import tarfile
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for _ in archive:
+                pass
+        return True
+    except (tarfile.TarError, IOError, OSError, EOFError, ValueError):
+        return False
+
+
+class LocalRepository(object):
+    """The udocker directory tree ($UDOCKER_DIR, default ~/.udocker)."""
+
+    SUBDIRS = ("repos", "layers", "containers", "bin", "lib")
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.topdir = cfg.topdir
+        self.reposdir = cfg.reposdir
+        self.layersdir = cfg.layersdir
+        self.containersdir = cfg.containersdir
+        self.bindir = cfg.bindir
+        self.libdir = cfg.libdir
+        self.docdir = cfg.docdir
+
+    # -- the tree itself
+
+    def is_repo(self):
+        return all(os.path.isdir(d) for d in (self.reposdir, self.layersdir,
+                                              self.containersdir, self.bindir, self.libdir))
+
+    def create(self):
+        for path in (self.topdir, self.reposdir, self.layersdir, self.containersdir,
+                     self.bindir, self.libdir, self.docdir):
+            makedirs(path)
+
+    def ensure(self, must_exist=False):
+        """Make sure the repository exists (creating it on first use, as upstream)."""
+        if self.is_repo():
+            return
+        if must_exist:
+            raise RepositoryError("not a udocker repository: %s" % self.topdir)
+        MSG.info("creating repo: %s" % self.topdir)
+        try:
+            self.create()
+        except OSError as exc:
+            raise RepositoryError("cannot create repository %s: %s"
+                                  % (self.topdir, exc.strerror or exc))
+        if not os.access(self.topdir, os.W_OK):
+            raise RepositoryError("repository is not writable: %s" % self.topdir)
+
+    def check_writable(self):
+        for path in (self.topdir, self.reposdir, self.layersdir):
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise RepositoryError("repository is not writable: %s" % path)
+
+    def lock(self, name):
+        """A lock file under topdir/.locks; name is a short identifier of what is guarded."""
+        safe = re.sub(r"[^A-Za-z0-9_.:-]", "_", name)
+        if len(safe) > 200:
+            safe = hashlib.sha256(to_bytes(name)).hexdigest()
+        return FileLock(os.path.join(self.topdir, ".locks", safe + ".lock"), name)
+
+    # -- image tags
+
+    def tag_dir(self, name, tag):
+        return os.path.join(self.reposdir, name, tag)
+
+    def record_path(self, name, tag):
+        return os.path.join(self.reposdir, name, ".%s.json" % tag)
+
+    def has_image(self, name, tag):
+        return os.path.isfile(os.path.join(self.tag_dir(name, tag), "TAG"))
+
+    def image(self, name, tag):
+        """The LocalImage; raises RepositoryError if there is no such tag."""
+        if not self.has_image(name, tag):
+            raise RepositoryError("image not found: %s:%s" % (name, tag))
+        return LocalImage(self, name, tag)
+
+    def list_images(self):
+        """Sorted (name, tag) of every image tag (directories holding a TAG file)."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.reposdir):
+            if "TAG" in filenames:
+                rel = os.path.relpath(dirpath, self.reposdir)
+                name, _, tag = rel.rpartition(os.sep)
+                if name:
+                    found.append((name.replace(os.sep, "/"), tag))
+                dirnames[:] = []
+            else:
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        return sorted(found)
+
+    def set_protected(self, name, tag, protect):
+        self.image(name, tag)
+        marker = os.path.join(self.tag_dir(name, tag), "PROTECT")
+        if protect:
+            write_atomic(marker, b"")
+        else:
+            remove_quietly(marker)
+
+    # -- blobs in layers/
+
+    def blob_path(self, digest):
+        return os.path.join(self.layersdir, digest)
+
+    def has_blob(self, digest):
+        return os.path.isfile(self.blob_path(digest))
+
+    def commit_image_v2(self, name, tag, manifest_bytes, digests, record):
+        """Publish a pulled image tag: TAG, v2, manifest, one relative link per blob.
+
+        The tag directory is built beside the old one and swapped in with renames, under the
+        repository metadata lock, so readers see the old tag or the new one, never half.
+        Raises RepositoryError naming any blob that is not (or no longer) in layers/.
+        """
+        check_local_name(name)
+        parent = os.path.join(self.reposdir, name)
+        makedirs(parent)
+        with self.lock("metadata"):
+            missing = [d for d in digests if not self.has_blob(d)]
+            if missing:
+                raise RepositoryError("blob vanished before commit: %s" % missing[0])
+            final = self.tag_dir(name, tag)
+            build = tempfile.mkdtemp(prefix=".%s.new-" % tag, dir=parent)
+            try:
+                for digest in digests:
+                    os.symlink(os.path.relpath(self.blob_path(digest), final),
+                               os.path.join(build, digest))
+                write_atomic(os.path.join(build, "manifest"), manifest_bytes)
+                write_atomic(os.path.join(build, "v2"), b"")
+                if os.path.exists(os.path.join(final, "PROTECT")):
+                    write_atomic(os.path.join(build, "PROTECT"), b"")
+                write_atomic(os.path.join(build, "TAG"),
+                             "%s:%s" % (os.path.join(self.reposdir, name), tag))
+                os.chmod(build, 0o755)
+                self._swap_in(build, final)
+            except BaseException:
+                remove_tree(build)
+                raise
+            write_atomic(self.record_path(name, tag), json_dumps(record, pretty=True))
+
+    @staticmethod
+    def _swap_in(new, final):
+        if os.path.isdir(final):
+            old = "%s.old-%d" % (final, os.getpid())
+            os.rename(final, old)
+            os.rename(new, final)
+            remove_tree(old)
+        else:
+            os.rename(new, final)
+
+    def copy_tag(self, src, name, tag):
+        """Make name:tag a second tag of the LocalImage src (links re-made, files copied)."""
+        check_local_name(name)
+        if self.has_image(name, tag):
+            raise RepositoryError("image already exists: %s:%s" % (name, tag))
+        parent = os.path.join(self.reposdir, name)
+        makedirs(parent)
+        with self.lock("metadata"):
+            final = self.tag_dir(name, tag)
+            build = tempfile.mkdtemp(prefix=".%s.new-" % tag, dir=parent)
+            try:
+                for fname in os.listdir(src.dir):
+                    path = os.path.join(src.dir, fname)
+                    if fname in ("TAG", "PROTECT"):
+                        continue
+                    if os.path.islink(path):
+                        os.symlink(os.path.relpath(os.path.realpath(path), final),
+                                   os.path.join(build, fname))
+                    elif os.path.isfile(path):
+                        shutil.copyfile(path, os.path.join(build, fname))
+                write_atomic(os.path.join(build, "TAG"), "%s:%s" % (parent, tag))
+                os.chmod(build, 0o755)
+                self._swap_in(build, final)
+            except BaseException:
+                remove_tree(build)
+                raise
+            if os.path.exists(self.record_path(src.name, src.tag)):
+                shutil.copyfile(self.record_path(src.name, src.tag),
+                                self.record_path(name, tag))
+
+    def referenced_blobs(self, exclude_dir=None):
+        """Basenames of every layer-link target under repos/ (one walk for all tags)."""
+        used = set()
+        for dirpath, dirnames, filenames in os.walk(self.reposdir):
+            if exclude_dir and os.path.abspath(dirpath) == os.path.abspath(exclude_dir):
+                continue
+            for name in filenames + dirnames:
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path):
+                    used.add(os.path.basename(os.readlink(path)))
+        return used
+
+    def remove_image(self, name, tag, force=False):
+        """Delete a tag and the blobs no other tag links to; refuses protected tags."""
+        image = self.image(name, tag)
+        if image.protected:
+            raise RepositoryError("image is protected: %s" % image.ref)
+        with self.lock("metadata"):
+            targets = set(os.path.basename(os.readlink(p)) for _, p in image.links())
+            remove_tree(image.dir)
+            remove_quietly(self.record_path(name, tag))
+            used = self.referenced_blobs()
+            for blob in sorted(targets - used):
+                try:
+                    os.unlink(os.path.join(self.layersdir, blob))
+                    MSG.verbose("removed layer: %s" % blob)
+                except OSError as exc:
+                    if not force and exc.errno != errno.ENOENT:
+                        raise RepositoryError("cannot remove layer %s: %s"
+                                              % (blob, exc.strerror))
+            self._prune_empty(os.path.dirname(image.dir))
+
+    def _prune_empty(self, path):
+        while os.path.abspath(path) != os.path.abspath(self.reposdir):
+            try:
+                os.rmdir(path)
+            except OSError:
+                return
+            path = os.path.dirname(path)
+
+
+class ContainerStore(object):
+    """containers/: one directory per container id, names as relative symlinks beside them.
+
+    Layout (upstream 1.3): ID/ROOT, ID/container.json, ID/imagerepo.name, ID/PROTECT,
+    ID/execmode; NAME -> ID. Ids are uuid3(uuid4(), image+time) strings.
+    """
+    ID_RE = re.compile(r"^[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+$")
+    NAME_RE = re.compile(r"^[^/. \[\]]+$")
+
+    def __init__(self, repo):
+        self.repo = repo
+        self.dir = repo.containersdir
+
+    @staticmethod
+    def new_id(image_name):
+        return str(uuid.uuid3(uuid.uuid4(), "%s%s" % (os.path.basename(image_name),
+                                                      time.time())))
+
+    def path(self, cid, *parts):
+        return os.path.join(self.dir, cid, *parts)
+
+    def find(self, id_or_name):
+        """The container id for an id or a name, or None."""
+        if not id_or_name or "/" in id_or_name or id_or_name in (".", ".."):
+            return None
+        path = os.path.join(self.dir, id_or_name)
+        if os.path.islink(path):
+            target = os.path.basename(os.readlink(path))
+            return target if os.path.isdir(os.path.join(self.dir, target)) else None
+        if self.ID_RE.match(id_or_name) and os.path.isdir(path):
+            return id_or_name
+        return None
+
+    def get(self, id_or_name):
+        """Like find(), but raises RepositoryError when there is no such container."""
+        cid = self.find(id_or_name)
+        if cid is None:
+            raise RepositoryError("container not found: %s" % id_or_name)
+        return cid
+
+    def lock(self, cid):
+        return self.repo.lock("container-" + cid)
+
+    def list(self):
+        """[(id, [names], image name)] of every container, sorted by id."""
+        names = {}
+        ids = []
+        try:
+            entries = sorted(os.listdir(self.dir))
+        except OSError:
+            return []
+        for entry in entries:
+            path = os.path.join(self.dir, entry)
+            if os.path.islink(path):
+                names.setdefault(os.path.basename(os.readlink(path)), []).append(entry)
+            elif self.ID_RE.match(entry) and os.path.isdir(path):
+                ids.append(entry)
+        result = []
+        for cid in ids:
+            try:
+                image = read_text(self.path(cid, "imagerepo.name")).strip()
+            except (IOError, OSError):
+                image = ""
+            result.append((cid, sorted(names.get(cid, [])), image))
+        return result
+
+    def names(self, cid):
+        for entry_id, names, _ in self.list():
+            if entry_id == cid:
+                return names
+        return []
+
+    def check_name(self, name):
+        if not self.NAME_RE.match(name or "") or len(name) > 2048 or self.ID_RE.match(name):
+            raise UsageError("invalid container name: %r (no / . space [ ], not an id)" % name)
+        return name
+
+    def add_name(self, cid, name, force=False):
+        """Point NAME at cid; an existing name is an error unless force."""
+        self.check_name(name)
+        path = os.path.join(self.dir, name)
+        with self.repo.lock("container-names"):
+            if os.path.lexists(path) and not force:
+                raise RepositoryError("container name already in use: %s" % name)
+            symlink_atomic(cid, path)
+
+    def remove_name(self, name):
+        path = os.path.join(self.dir, name)
+        with self.repo.lock("container-names"):
+            if not os.path.islink(path):
+                raise RepositoryError("container name not found: %s" % name)
+            os.unlink(path)
+
+    def rename(self, name, new_name):
+        self.check_name(new_name)
+        with self.repo.lock("container-names"):
+            old = os.path.join(self.dir, name)
+            new = os.path.join(self.dir, new_name)
+            if not os.path.islink(old):
+                raise RepositoryError("container name not found: %s" % name)
+            if os.path.lexists(new):
+                raise RepositoryError("container name already in use: %s" % new_name)
+            os.rename(old, new)
+
+    def is_protected(self, cid):
+        return os.path.exists(self.path(cid, "PROTECT"))
+
+    def set_protected(self, cid, protect):
+        marker = self.path(cid, "PROTECT")
+        if protect:
+            write_atomic(marker, b"")
+        else:
+            remove_quietly(marker)
+
+
+class Keystore(object):
+    """Registry credentials, upstream's format: {URL: {"auth": base64(user:pw), "email": ""}}.
+
+    Also reads ~/.docker/config.json "auths" (read-only), so a `docker login` is honoured.
+    """
+
+    def __init__(self, path, docker_config=None):
+        self.path = path
+        self.docker_config = docker_config
+
+    def _load(self):
+        if not os.path.exists(self.path):
+            return {}
+        st = os.stat(self.path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise RepositoryError("keystore must be owned by you and mode 0600: %s"
+                                  % self.path)
+        data = read_json(self.path)
+        if not isinstance(data, dict):
+            raise RepositoryError("keystore is not valid JSON: %s" % self.path)
+        return data
+
+    def _save(self, data):
+        makedirs(os.path.dirname(self.path), 0o700)
+        write_atomic(self.path, json_dumps(data, pretty=True), mode=0o600)
+
+    def store(self, url, username, password):
+        auth = base64.b64encode(to_bytes("%s:%s" % (username, password)))
+        with FileLock(self.path + ".lock"):
+            data = self._load()
+            data[url] = {"auth": to_text(auth), "email": ""}
+            self._save(data)
+
+    def erase(self, url=None):
+        """Forget url's credentials (all of them when url is None); False if none stored."""
+        with FileLock(self.path + ".lock"):
+            if url is None:
+                existed = os.path.exists(self.path)
+                remove_quietly(self.path)
+                return existed
+            data = self._load()
+            keys = [k for k in data if _same_registry(k, url)]
+            for key in keys:
+                del data[key]
+            self._save(data)
+            return bool(keys)
+
+    def credentials(self, url):
+        """(username, password) for a registry URL or host, or None."""
+        for source in (self._load(), self._docker_auths()):
+            for key, entry in source.items():
+                if _same_registry(key, url) and isinstance(entry, dict) and entry.get("auth"):
+                    try:
+                        user, _, password = to_text(
+                            base64.b64decode(to_bytes(entry["auth"]))).partition(":")
+                    except (TypeError, ValueError, binascii.Error):
+                        continue
+                    return user, password
+        return None
+
+    def _docker_auths(self):
+        if not self.docker_config:
+            return {}
+        data = read_json(self.docker_config)
+        if isinstance(data, dict) and isinstance(data.get("auths"), dict):
+            return data["auths"]
+        return {}
+
+
+def _registry_host(url):
+    """'https://registry-1.docker.io/v2/' -> 'registry-1.docker.io'; docker.io aliases folded."""
+    if "//" not in url:
+        url = "https://" + url
+    host = urlsplit(url).netloc.lower()
+    if host in ("index.docker.io", "registry-1.docker.io", "docker.io",
+                "registry.hub.docker.com"):
+        return "docker.io"
+    return host
+
+
+def _same_registry(key, url):
+    return _registry_host(key) == _registry_host(url)
+
+
+# ==== 6. Registry client ====
+# Docker Registry HTTP API v2 / OCI distribution over http.client: one pool of keep-alive
+# connections, bearer tokens cached per scope, manifests and blobs verified by digest.
+
+MT_DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+json"
+MT_DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MANIFEST_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST, MT_OCI_MANIFEST, MT_DOCKER_V2,
+                  MT_DOCKER_V1_SIGNED, MT_DOCKER_V1)
+INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
+DOCKER_HUB = "docker.io"
+MANIFEST_MAX = 4 << 20              # a manifest larger than this is refused, not parsed
+
+
+class ImageRef(object):
+    """A parsed image reference, the Docker way.
+
+    name: the local image path as typed (minus tag/digest) - upstream's repos/ layout.
+    host: the registry host ("docker.io" when none was named); remote: the repository path
+    on the registry (library/ added for single-component Docker Hub names); tag, digest.
+    """
+    REF_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/@-]*$")
+
+    def __init__(self, name, host, remote, tag, digest):
+        self.name, self.host, self.remote, self.tag, self.digest = \
+            name, host, remote, tag, digest
+
+    @classmethod
+    def parse(cls, text):
+        """Parse 'busybox', 'localhost:5000/x/y:1', 'ghcr.io/o/i@sha256:...'; raises UsageError."""
+        if not text or not cls.REF_RE.match(text) or len(text) > 1024:
+            raise UsageError("invalid image reference: %r" % (text,))
+        digest = ""
+        name = text
+        if "@" in text:
+            name, _, digest = text.partition("@")
+            if not DIGEST_RE.match(digest):
+                raise UsageError("invalid digest in image reference: %r" % text)
+        tag = ""
+        last = name.rsplit("/", 1)[-1]
+        if ":" in last:
+            name, _, tag = name.rpartition(":")
+            if not TAG_RE.match(tag) or tag.startswith("sha256:"):
+                raise UsageError("invalid tag in image reference: %r" % text)
+        parts = name.split("/")
+        host = DOCKER_HUB
+        path = parts
+        first = parts[0]
+        if len(parts) > 1 and ("." in first or ":" in first or first == "localhost"):
+            host = first.lower()
+            path = parts[1:]
+            if host in ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"):
+                host = DOCKER_HUB
+        for comp in path:
+            if not re.match(r"^[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*$", comp):
+                raise UsageError("invalid repository name in image reference: %r" % text)
+        remote = "/".join(path)
+        if host == DOCKER_HUB and len(path) == 1:
+            remote = "library/" + remote
+        check_local_name(name)
+        return cls(name, host, remote, tag or ("" if digest else "latest"), digest)
+
+    @property
+    def local_tag(self):
+        """The tag directory name: the tag, or the digest for by-digest references."""
+        return self.digest or self.tag
+
+    @property
+    def remote_ref(self):
+        return self.digest or self.tag
+
+    def __str__(self):
+        return self.name + ("@" + self.digest if self.digest else ":" + self.tag)
+
+
+def _parse_www_authenticate(header):
+    """'Bearer realm="x",service="y",scope="a:b:pull,push"' -> ('bearer', {params})."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {}
+    for match in re.finditer(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("((?:[^"\\]|\\.)*)"|[^,\s]*)',
+                             rest):
+        value = match.group(3) if match.group(3) is not None else match.group(2)
+        params[match.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
+    return scheme.lower(), params
+
+
+class Response(object):
+    """An HTTP response: status, lower-cased headers, and a body read in chunks or whole."""
+
+    def __init__(self, client, key, conn, raw, url):
+        self.client, self.key, self.conn, self.raw, self.url = client, key, conn, raw, url
+        self.status = raw.status
+        self.reason = raw.reason
+        self.headers = dict((k.lower(), v) for k, v in raw.getheaders())
+
+    def header(self, name, default=None):
+        return self.headers.get(name.lower(), default)
+
+    def read(self, amount=None):
+        try:
+            data = self.raw.read(amount) if amount else self.raw.read()
+        except BaseException:
+            self.close(reuse=False)
+            raise
+        if not data or amount is None:
+            self.close()
+        return data
+
+    def read_all(self, limit=MANIFEST_MAX):
+        chunks, total = [], 0
+        while True:
+            data = self.read(65536)
+            if not data:
+                break
+            total += len(data)
+            if total > limit:
+                self.close(reuse=False)
+                raise RegistryError("response from %s is larger than %d bytes"
+                                    % (self.url, limit))
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def close(self, reuse=True):
+        if self.conn is None:
+            return
+        conn, self.conn = self.conn, None
+        reusable = reuse and self.raw.isclosed() and not self.raw.will_close
+        self.client.release(self.key, conn, reusable)
+
+
+class HttpClient(object):
+    """http.client with a keep-alive pool, proxies, TLS options and redirects.
+
+    Redirects are followed here (to blob storage), resolving relative Locations, and the
+    Authorization header is dropped when the host changes.
+    """
+    REDIRECTS = (301, 302, 303, 307, 308)
+
+    def __init__(self, cfg, proxy=None):
+        self.timeout = cfg.timeout
+        self.insecure = cfg.http_insecure
+        self.ca_bundle = cfg.ca_bundle
+        self.agent = cfg.http_agent or ("udocker.py/%s" % __version__)
+        self.proxy = proxy or cfg.http_proxy
+        self.pool = {}
+        self.lock = threading.Lock()
+        self._ssl = None
+
+    def ssl_context(self):
+        if self._ssl is None:
+            if self.insecure:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS if hasattr(ssl, "PROTOCOL_TLS")
+                                     else ssl.PROTOCOL_SSLv23)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            else:
+                ctx = ssl.create_default_context(cafile=self.ca_bundle or None)
+            self._ssl = ctx
+        return self._ssl
+
+    def _proxy_for(self, scheme, host):
+        if self.proxy:
+            return self.proxy
+        hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        try:
+            if proxy_bypass(hostname):
+                return None
+        except (OSError, ValueError, socket.error):
+            pass
+        return getproxies().get(scheme)
+
+    def _connect(self, scheme, host):
+        proxy = self._proxy_for(scheme, host)
+        if proxy:
+            if "//" not in proxy:
+                proxy = "http://" + proxy
+            parts = urlsplit(proxy)
+            if parts.scheme not in ("http", "https"):
+                raise RegistryError("unsupported proxy scheme: %s" % proxy)
+            proxy_host = parts.netloc.rpartition("@")[2]
+            headers = {}
+            if "@" in parts.netloc:
+                cred = unquote(parts.netloc.rpartition("@")[0])
+                headers["Proxy-Authorization"] = "Basic " + to_text(
+                    base64.b64encode(to_bytes(cred)))
+            if scheme == "https":
+                conn = httplib.HTTPSConnection(proxy_host, timeout=self.timeout,
+                                               context=self.ssl_context())
+                conn.set_tunnel(host, headers=headers)
+                return conn, False, {}
+            return httplib.HTTPConnection(proxy_host, timeout=self.timeout), True, headers
+        if scheme == "https":
+            return httplib.HTTPSConnection(host, timeout=self.timeout,
+                                           context=self.ssl_context()), False, {}
+        return httplib.HTTPConnection(host, timeout=self.timeout), False, {}
+
+    def acquire(self, key):
+        with self.lock:
+            idle = self.pool.get(key)
+            if idle:
+                return idle.pop()
+        return self._connect(*key)
+
+    def release(self, key, conn, reusable):
+        """Return a (connection, absolute, extra-headers) entry to the pool, or close it."""
+        if not reusable:
+            conn[0].close()
+            return
+        with self.lock:
+            self.pool.setdefault(key, []).append(conn)
+
+    def close(self):
+        with self.lock:
+            for conns in self.pool.values():
+                for conn in conns:
+                    conn[0].close()
+            self.pool = {}
+
+    def request(self, method, url, headers=None, body=None, follow=True):
+        """Send one request (following redirects); returns a Response with the body unread.
+
+        Raises the NETWORK_ERRORS of the transport; HTTP error statuses are returned.
+        """
+        headers = dict(headers or {})
+        for _ in range(8):
+            resp = self._send(method, url, headers, body)
+            if not follow or resp.status not in self.REDIRECTS or not resp.header("location"):
+                return resp
+            resp.read_all(1 << 20)
+            new_url = urljoin(url, resp.header("location"))
+            if urlsplit(new_url).netloc != urlsplit(url).netloc:
+                headers.pop("Authorization", None)
+            if resp.status == 303:
+                method, body = "GET", None
+            MSG.debug("redirect %d -> %s" % (resp.status, new_url.split("?")[0]))
+            url = new_url
+        raise RegistryError("too many redirects from %s" % url)
+
+    def _send(self, method, url, headers, body):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise RegistryError("unsupported URL scheme: %s" % url)
+        key = (parts.scheme, parts.netloc)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        headers.setdefault("User-Agent", self.agent)
+        for attempt in (1, 2):
+            entry = self.acquire(key)
+            conn, absolute, extra = entry
+            reused = attempt == 1 and getattr(conn, "sock", None) is not None
+            try:
+                all_headers = dict(headers)
+                all_headers.update(extra)
+                conn.request(method, url if absolute else path, body, all_headers)
+                raw = conn.getresponse()
+            except NETWORK_ERRORS:
+                conn.close()
+                if reused:          # a kept-alive connection the server closed: retry once
+                    continue
+                raise
+            return Response(self, key, entry, raw, url)
+        raise RegistryError("connection to %s failed" % parts.netloc)
+
+
+class TransientError(RegistryError):
+    """A failure worth retrying: connection reset, timeout, 5xx, 429."""
+
+    def __init__(self, message, retry_after=None):
+        RegistryError.__init__(self, message)
+        self.retry_after = retry_after
+
+
+class RegistryClient(object):
+    """Talks to one registry: authentication, manifests, blobs, tags, catalog.
+
+    Thread-safe: blob downloads of one pull share it (and its token cache).
+    """
+
+    def __init__(self, cfg, url, keystore, proxy=None):
+        self.cfg = cfg
+        self.url = url.rstrip("/")
+        self.http = HttpClient(cfg, proxy)
+        self.keystore = keystore
+        self.tokens = {}            # scope -> (header value, expiry time)
+        self.basic = None           # "Basic ..." once the registry asked for it
+        self.lock = threading.Lock()
+        self.counts = {"manifest": 0, "blob": 0, "token": 0}
+
+    @classmethod
+    def for_host(cls, cfg, host, keystore, registry_url=None, proxy=None):
+        """The client for an ImageRef host; --registry/UDOCKER_REGISTRY applied as upstream."""
+        if registry_url:
+            url = registry_url if "//" in registry_url else "https://" + registry_url
+        elif host == DOCKER_HUB:
+            url = cfg.dockerio_registry_url
+        else:
+            url = ("http://" if _plain_http_default(host, cfg) else "https://") + host
+        return cls(cfg, url, keystore, proxy)
+
+    # -- authentication
+
+    def _credentials(self):
+        try:
+            return self.keystore.credentials(self.url) if self.keystore else None
+        except RepositoryError as exc:
+            MSG.warning(str(exc))
+            return None
+
+    def _auth_header(self, scope):
+        with self.lock:
+            entry = self.tokens.get(scope)
+            if entry and entry[1] > time.time() + 5:
+                return entry[0]
+            return self.basic
+
+    def _authenticate(self, challenge, scope):
+        scheme, params = _parse_www_authenticate(challenge)
+        creds = self._credentials()
+        if scheme == "basic":
+            if not creds:
+                raise RegistryError("authentication required by %s: use `login`" % self.url)
+            with self.lock:
+                self.basic = "Basic " + to_text(base64.b64encode(to_bytes("%s:%s" % creds)))
+            return
+        if scheme != "bearer" or "realm" not in params:
+            raise RegistryError("unsupported authentication challenge from %s: %s"
+                                % (self.url, challenge[:80]))
+        query = [("service", params["service"])] if params.get("service") else []
+        for item in (params.get("scope") or scope or "").split(" "):
+            if item:
+                query.append(("scope", item))
+        token_url = params["realm"] + ("&" if "?" in params["realm"] else "?") + \
+            urlencode(query)
+        headers = {}
+        if creds:
+            headers["Authorization"] = "Basic " + to_text(
+                base64.b64encode(to_bytes("%s:%s" % creds)))
+        self.counts["token"] += 1
+        try:
+            resp = self.http.request("GET", token_url, headers)
+            body = resp.read_all()
+        except NETWORK_ERRORS as exc:
+            raise TransientError("token request to %s failed: %s"
+                                 % (urlsplit(token_url).netloc, exc))
+        if resp.status in (401, 403):
+            raise RegistryError("authentication failed at %s: %s" % (
+                self.url, "bad username or password" if creds else "login required"))
+        if resp.status != 200:
+            raise RegistryError("token server %s answered %d"
+                                % (urlsplit(token_url).netloc, resp.status))
+        try:
+            answer = json_loads(body)
+            token = answer.get("token") or answer.get("access_token")
+            lifetime = float(answer.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+        if not token:
+            raise RegistryError("token server of %s sent no token" % self.url)
+        with self.lock:
+            self.tokens[scope] = ("Bearer " + token, time.time() + lifetime)
+
+    def request(self, method, path, scope, headers=None, stream=False):
+        """An authenticated request to the registry; retries once after a 401 challenge.
+
+        Returns the Response (body unread when stream, else read into .body).
+        Raises TransientError for network errors, 5xx and 429.
+        """
+        url = path if "//" in path else self.url + path
+        headers = dict(headers or {})
+        for attempt in (1, 2, 3):
+            auth = self._auth_header(scope)
+            if auth:
+                headers["Authorization"] = auth
+            try:
+                resp = self.http.request(method, url, headers)
+                if resp.status in (401, 407) or not stream or resp.status >= 300:
+                    resp.body = resp.read_all() if method != "HEAD" else b""
+            except socket.gaierror as exc:
+                raise RegistryError("cannot resolve the registry host %s: %s"
+                                    % (urlsplit(url).netloc, exc.args[-1]))
+            except NETWORK_ERRORS as exc:
+                raise TransientError("%s %s: %s" % (method, url.split("?")[0],
+                                                    exc or type(exc).__name__))
+            if resp.status == 401 and attempt < 3:
+                challenge = resp.header("www-authenticate")
+                if not challenge:
+                    raise RegistryError("%s refused access without a challenge" % self.url)
+                with self.lock:
+                    self.tokens.pop(scope, None)
+                if attempt == 2 and "insufficient_scope" in challenge:
+                    break
+                self._authenticate(challenge, scope)
+                continue
+            if resp.status == 429 or resp.status >= 500:
+                retry_after = resp.header("retry-after")
+                raise TransientError("%s answered %d for %s" % (self.url, resp.status, path),
+                                     _seconds(retry_after))
+            return resp
+        raise RegistryError("access denied by %s: %s (not found, or you are not authorised)"
+                            % (self.url, _scope_name(scope)))
+
+    # -- manifests
+
+    def get_manifest(self, remote, ref):
+        """(body bytes, media type, digest) of a manifest; verified when ref is a digest."""
+        scope = "repository:%s:pull" % remote
+        resp = _retrying(self.cfg, lambda: self.request(
+            "GET", "/v2/%s/manifests/%s" % (remote, ref), scope,
+            {"Accept": ", ".join(MANIFEST_TYPES)}))
+        self.counts["manifest"] += 1
+        if resp.status == 404:
+            raise RegistryError("image not found: %s:%s at %s" % (remote, ref, self.url))
+        if resp.status != 200:
+            raise RegistryError("manifest %s:%s: %s answered %d %s"
+                                % (remote, ref, self.url, resp.status, _error_text(resp.body)))
+        body = resp.body
+        try:
+            doc = json_loads(body)
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise RegistryError("manifest %s:%s from %s is not valid JSON" % (remote, ref,
+                                                                             self.url))
+        media = (resp.header("content-type") or "").split(";")[0].strip()
+        if media not in MANIFEST_TYPES:
+            media = doc.get("mediaType") or _guess_media_type(doc) or media
+        if media not in MANIFEST_TYPES:
+            raise RegistryError("unsupported manifest media type %r for %s:%s"
+                                % (media, remote, ref))
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if media in (MT_DOCKER_V1_SIGNED, MT_DOCKER_V1):
+            digest = resp.header("docker-content-digest") or digest   # JWS: hash of payload
+        elif DIGEST_RE.match(ref) and digest != ref:
+            raise DigestMismatch("manifest %s from %s has digest %s" % (ref, self.url, digest))
+        return body, media, digest
+
+    # -- blobs
+
+    def open_blob(self, remote, digest, offset=0):
+        headers = {"Range": "bytes=%d-" % offset} if offset else {}
+        resp = self.request("GET", "/v2/%s/blobs/%s" % (remote, digest),
+                            "repository:%s:pull" % remote, headers, stream=True)
+        if resp.status == 404:
+            raise RegistryError("blob not found: %s in %s" % (digest, remote))
+        if resp.status not in (200, 206):
+            raise RegistryError("blob %s: %s answered %d" % (digest, self.url, resp.status))
+        self.counts["blob"] += 1
+        return resp
+
+    # -- listing
+
+    def paged(self, path, scope, key):
+        """Follow Link: rel=next pagination; yields the items under key of each page."""
+        while path:
+            resp = _retrying(self.cfg, lambda: self.request("GET", path, scope))
+            if resp.status != 200:
+                raise RegistryError("%s answered %d for %s %s" % (
+                    self.url, resp.status, path.split("?")[0], _error_text(resp.body)))
+            try:
+                items = json_loads(resp.body).get(key) or []
+            except (ValueError, AttributeError):
+                raise RegistryError("%s sent an invalid listing" % self.url)
+            for item in items:
+                yield item
+            link = resp.header("link") or ""
+            match = re.search(r"<([^>]+)>\s*;\s*rel=\"?next\"?", link)
+            path = urljoin(self.url + "/", match.group(1)) if match else None
+
+
+def _plain_http_default(host, cfg):
+    """Docker's rule: localhost registries, and any with --insecure, may be plain http."""
+    hostname = host.rsplit(":", 1)[0].strip("[]")
+    return cfg.http_insecure or hostname in ("localhost", "127.0.0.1", "::1")
+
+
+def _seconds(value):
+    try:
+        return min(float(value), 60.0)
+    except (TypeError, ValueError):
+        return None
+
+
+def _scope_name(scope):
+    return scope.split(":")[1] if scope and scope.count(":") >= 2 else scope
+
+
+def _error_text(body):
+    """The first error message of a registry JSON error body, or ''."""
+    try:
+        errors = json_loads(body).get("errors") or []
+        return "(%s)" % errors[0].get("message", errors[0].get("code", ""))
+    except (ValueError, AttributeError, IndexError, TypeError):
+        return ""
+
+
+def _guess_media_type(doc):
+    if doc.get("schemaVersion") == 1:
+        return MT_DOCKER_V1_SIGNED if doc.get("signatures") else MT_DOCKER_V1
+    if "manifests" in doc:
+        return MT_OCI_INDEX
+    if "layers" in doc:
+        return MT_OCI_MANIFEST
+    return None
+
+
+def _retrying(cfg, action, describe=None):
+    """Run action(), retrying TransientError with exponential backoff (jittered)."""
+    delay = 0.5
+    for attempt in range(cfg.pull_retries + 1):
+        try:
+            return action()
+        except TransientError as exc:
+            if attempt >= cfg.pull_retries:
+                raise RegistryError("%s (gave up after %d retries)" % (exc, attempt))
+            wait = exc.retry_after if exc.retry_after is not None else delay
+            MSG.verbose("retrying in %.1fs: %s" % (wait, exc))
+            time.sleep(wait * (0.8 + 0.4 * random.random()))
+            delay = min(delay * 2, 8.0)
+
+
+class Progress(object):
+    """Download progress: live lines on a terminal, one line per finished blob otherwise."""
+
+    def __init__(self, quiet=False, stream=None):
+        self.stream = stream or sys.stderr
+        self.live = not quiet and MSG.level >= Messages.INF and self.stream.isatty()
+        self.quiet = quiet or MSG.level < Messages.INF
+        self.rows = []              # [digest, done, total, start time, finished]
+        self.lock = threading.Lock()
+        self.drawn = 0
+        self.last = 0.0
+        self.started = time.time()
+
+    def add(self, digest, total):
+        with self.lock:
+            row = [digest, 0, total or 0, time.time(), False]
+            self.rows.append(row)
+            return row
+
+    def update(self, row, count):
+        with self.lock:
+            row[1] += count
+            if self.live and time.time() - self.last > 0.2:
+                self._draw()
+
+    def finish(self, row, note="downloaded"):
+        with self.lock:
+            row[4] = True
+            if self.live:
+                self._draw()
+            elif not self.quiet:
+                self.stream.write("Info: %s %s (%s)\n" % (note, row[0], human_size(row[1])))
+                self.stream.flush()
+
+    def close(self):
+        with self.lock:
+            if self.live and self.rows:
+                self._draw()
+
+    def _draw(self):
+        self.last = time.time()
+        lines = []
+        done = total = 0
+        for digest, got, size, start, finished in self.rows:
+            rate = got / max(time.time() - start, 1e-3)
+            state = "done" if finished else "%s/s" % human_size(rate)
+            lines.append("%-19s %10s / %-10s %s" % (digest[:19], human_size(got),
+                                                    human_size(size), state))
+            done += got
+            total += size
+        lines.append("total %23s / %-10s %s/s" % (human_size(done), human_size(total),
+                     human_size(done / max(time.time() - self.started, 1e-3))))
+        up = "\x1b[%dA" % self.drawn if self.drawn else ""
+        self.stream.write(up + "".join("\r\x1b[K" + l + "\n" for l in lines))
+        self.stream.flush()
+        self.drawn = len(lines)
+
+
+class BlobFetcher(object):
+    """Downloads blobs into layers/, verified by sha256 while streaming.
+
+    A blob is written to layers/.DIGEST.partial and renamed to layers/DIGEST only when its
+    digest matches. The partial file survives interruption and the next attempt resumes
+    it with Range (or restarts when the server ignores Range). One lock per digest keeps
+    concurrent pulls from downloading the same blob twice.
+    """
+    CHUNK = 1 << 20
+
+    def __init__(self, repo, client, remote, progress):
+        self.repo, self.client, self.remote, self.progress = repo, client, remote, progress
+
+    def fetch(self, digest, size):
+        """Make layers/DIGEST present and verified; returns True if it was downloaded."""
+        if self.repo.has_blob(digest):
+            return False
+        with self.repo.lock("blob-%s" % digest[7:9]):          # 256 stripes
+            if self.repo.has_blob(digest):
+                return False
+            row = self.progress.add(digest, size)
+            state = {"restarted": False}
+            _retrying(self.repo.cfg, lambda: self._attempt(digest, size, row, state))
+            self.progress.finish(row)
+            return True
+
+    def _attempt(self, digest, size, row, state):
+        partial = os.path.join(self.repo.layersdir, "." + digest + ".partial")
+        offset = os.path.getsize(partial) if os.path.exists(partial) else 0
+        if size and offset > size:
+            remove_quietly(partial)
+            offset = 0
+        hasher = hashlib.sha256()
+        if offset:
+            self._feed(partial, hasher)
+        row[1] = offset
+        if not size or offset < size:
+            resp = self.client.open_blob(self.remote, digest, offset)
+            try:
+                if offset and resp.status == 200:               # Range ignored: start over
+                    MSG.verbose("server ignored Range, restarting %s" % digest[:19])
+                    offset, hasher, row[1] = 0, hashlib.sha256(), 0
+                elif offset and not _range_starts_at(resp.header("content-range"), offset):
+                    remove_quietly(partial)
+                    raise TransientError("bad Content-Range for %s" % digest[:19], 0)
+                self._stream(resp, partial, hasher, offset, size, row)
+            except NETWORK_ERRORS as exc:
+                raise TransientError("download of %s interrupted: %s" % (digest[:19], exc))
+            finally:
+                resp.close(reuse=False)
+        got = os.path.getsize(partial) if os.path.exists(partial) else 0
+        if size and got < size:
+            raise TransientError("download of %s ended early (%d of %d bytes)"
+                                 % (digest[:19], got, size))
+        if "sha256:" + hasher.hexdigest() != digest:
+            remove_quietly(partial)
+            if offset and not state["restarted"]:      # a resumed file may be stale: once more
+                state["restarted"] = True
+                raise TransientError("digest mismatch after resume for %s" % digest[:19], 0)
+            raise DigestMismatch("downloaded blob does not match its digest %s "
+                                 "(corrupt data from the registry)" % digest)
+        os.chmod(partial, 0o644)
+        os.rename(partial, self.repo.blob_path(digest))
+
+    def _stream(self, resp, partial, hasher, offset, size, row):
+        with open(partial, "ab" if offset else "wb") as handle:
+            if not offset:
+                handle.truncate(0)
+            written = offset
+            while True:
+                data = resp.read(self.CHUNK)
+                if not data:
+                    break
+                written += len(data)
+                if size and written > size:
+                    resp.close(reuse=False)
+                    handle.truncate(0)
+                    raise DigestMismatch("blob %s is larger than its manifest says (%d bytes)"
+                                         % (resp.url.split("?")[0], size))
+                hasher.update(data)
+                handle.write(data)
+                self.progress.update(row, len(data))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @staticmethod
+    def _feed(path, hasher):
+        with open(path, "rb") as handle:
+            while True:
+                data = handle.read(1 << 20)
+                if not data:
+                    return
+                hasher.update(data)
+
+
+def _range_starts_at(content_range, offset):
+    match = re.match(r"bytes\s+(\d+)-", content_range or "")
+    return bool(match) and int(match.group(1)) == offset
+
+
+def select_platform(index, wanted, ref):
+    """The descriptor of an index/manifest list that matches the wanted Platform.
+
+    An exact variant match wins over an entry without a variant; attestation entries
+    (unknown/unknown) are never chosen. Raises RegistryError listing what is available.
+    """
+    best = None
+    available = []
+    for entry in index.get("manifests") or []:
+        plat = entry.get("platform") or {}
+        os_name, arch = plat.get("os", ""), plat.get("architecture", "")
+        if os_name == "unknown" or not arch:
+            continue
+        available.append("/".join(p for p in (os_name, arch, plat.get("variant", "")) if p))
+        if wanted.matches(os_name, arch, plat.get("variant", "")):
+            exact = (plat.get("variant") or "") == (wanted.variant or "")
+            if best is None or (exact and not best[0]):
+                best = (exact, entry)
+    if best is None:
+        raise RegistryError("no image for platform %s in %s (available: %s)"
+                            % (wanted, ref, ", ".join(available) or "none"))
+    return best[1]
+
+
+def manifest_blobs(manifest, media):
+    """[(digest, size)] of a single-platform manifest: config first, then layers base-first."""
+    try:
+        if media in (MT_DOCKER_V1, MT_DOCKER_V1_SIGNED):
+            blobs = [(l["blobSum"], 0) for l in reversed(manifest["fsLayers"])]
+        else:
+            blobs = [(manifest["config"]["digest"], int(manifest["config"].get("size", 0)))]
+            blobs += [(l["digest"], int(l.get("size", 0))) for l in manifest["layers"]]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise RegistryError("malformed manifest (missing layers or config)")
+    for digest, size in blobs:
+        if not DIGEST_RE.match(str(digest)):
+            raise RegistryError("unsupported or invalid blob digest in manifest: %r" % digest)
+    seen = set()
+    unique = []
+    for item in blobs:
+        if item[0] not in seen:
+            seen.add(item[0])
+            unique.append(item)
+    return unique
+
+
+class Puller(object):
+    """Pulls one image reference into the local repository."""
+
+    def __init__(self, cfg, repo, keystore, registry_url=None, proxy=None, quiet=False):
+        self.cfg, self.repo, self.keystore = cfg, repo, keystore
+        self.registry_url, self.proxy, self.quiet = registry_url, proxy, quiet
+
+    def client(self, ref):
+        return RegistryClient.for_host(self.cfg, ref.host, self.keystore, self.registry_url,
+                                       self.proxy)
+
+    def pull(self, ref, wanted=None):
+        """Pull ref for the wanted Platform (default: the host's); returns the LocalImage."""
+        wanted = wanted or Platform.host()
+        client = self.client(ref)
+        self.repo.ensure()
+        self.repo.check_writable()
+        record = read_json(self.repo.record_path(ref.name, ref.local_tag)) or {}
+        try:
+            body, media, digest, index_digest = self.resolve(client, ref, wanted, record)
+            manifest = json_loads(body)
+            blobs = manifest_blobs(manifest, media)
+            if self._up_to_date(ref, record, digest, blobs):
+                MSG.info("image is up to date: %s" % ref)
+                return self.repo.image(ref.name, ref.local_tag)
+            MSG.info("pulling %s (%s) from %s" % (ref, wanted, client.url))
+            self._fetch_all(client, ref, blobs)
+            new_record = {"reference": str(ref), "registry": client.url,
+                          "repository": ref.remote, "manifest_digest": digest,
+                          "media_type": media, "index_digest": index_digest,
+                          "platform": self._platform_of(blobs, media, manifest, wanted),
+                          "platform_wanted": str(wanted),
+                          "pulled": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            try:
+                self.repo.commit_image_v2(ref.name, ref.local_tag, body,
+                                          [d for d, _ in blobs], new_record)
+            except RepositoryError:            # an rmi removed a shared blob meanwhile
+                self._fetch_all(client, ref, blobs)
+                self.repo.commit_image_v2(ref.name, ref.local_tag, body,
+                                          [d for d, _ in blobs], new_record)
+            return self.repo.image(ref.name, ref.local_tag)
+        finally:
+            client.http.close()
+
+    def resolve(self, client, ref, wanted, record=None):
+        """(body, media, digest, index digest or None) of the manifest for ref/platform.
+
+        When the tag still points at what we pulled last time and it was for
+        the same platform, use the stored manifest instead of fetching it again."""
+        body, media, digest = client.get_manifest(ref.remote, ref.remote_ref)
+        if media not in INDEX_TYPES:
+            return body, media, digest, None
+        tag_manifest = os.path.join(self.repo.tag_dir(ref.name, ref.local_tag), "manifest")
+        record = record or {}
+        if record.get("index_digest") == digest and \
+                record.get("platform_wanted", record.get("platform")) == str(wanted) and \
+                os.path.exists(tag_manifest):
+            with open(tag_manifest, "rb") as handle:
+                stored = handle.read()
+            return stored, record.get("media_type"), record.get("manifest_digest"), digest
+        entry = select_platform(json_loads(body), wanted, str(ref))
+        mbody, mmedia, mdigest = client.get_manifest(ref.remote, entry["digest"])
+        if mmedia in INDEX_TYPES:
+            raise RegistryError("nested image index in %s is not supported" % ref)
+        return mbody, mmedia, mdigest, digest
+
+    def _up_to_date(self, ref, record, digest, blobs):
+        return (self.repo.has_image(ref.name, ref.local_tag)
+                and record.get("manifest_digest") == digest
+                and all(self.repo.has_blob(d) for d, _ in blobs))
+
+    def _platform_of(self, blobs, media, manifest, wanted):
+        if media in (MT_DOCKER_V1, MT_DOCKER_V1_SIGNED):
+            return "%s/%s" % ("linux", manifest.get("architecture", wanted.arch))
+        config = read_json(self.repo.blob_path(blobs[0][0])) or {}
+        found = "/".join(p for p in (config.get("os", ""), config.get("architecture", ""),
+                                     config.get("variant", "")) if p)
+        if found and config.get("architecture") and \
+                not wanted.matches(config.get("os", "linux"), config["architecture"],
+                                   config.get("variant", "")):
+            MSG.warning("image platform %s does not match the requested %s" % (found, wanted))
+        return found or str(wanted)
+
+    def _fetch_all(self, client, ref, blobs):
+        """Download missing blobs, pull_parallel at a time; the first failure is raised."""
+        progress = Progress(self.quiet)
+        fetcher = BlobFetcher(self.repo, client, ref.remote, progress)
+        todo = queue.Queue()
+        for item in blobs:
+            todo.put(item)
+        failures = []
+
+        def worker():
+            while not failures:
+                try:
+                    digest, size = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    fetcher.fetch(digest, size)
+                except BaseException as exc:                  # reported by the caller
+                    failures.append(sys.exc_info())
+                    return
+
+        count = max(1, min(self.cfg.pull_parallel, len(blobs)))
+        threads = [threading.Thread(target=worker) for _ in range(count)]
+        for thread in threads:
+            thread.daemon = True
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+        progress.close()
+        if failures:
+            exc_info = failures[0]
+            if PY3:
+                raise exc_info[1].with_traceback(exc_info[2])
+            raise exc_info[1]
+
+
+# ==== 7. Image formats ====
+# docker-save and OCI image layout archives (load, save, import, export): see issue "formats".
+
+
+# ==== 8. Container creation ====
+# Flattening image layers into containers/ID/ROOT.
+
+
+# ==== 9. Execution engines ====
+# P1/P2 proot, R1-R3 runc/crun, F1-F4 fakechroot, S1 singularity.
+
+
+# ==== 10. Tools installer ====
+# The tools tarball with the engine binaries.
+
+
+# ==== 11. Command line ====
+# One table entry per command drives parsing, validation (before any side effect) and help.
+# Option kinds: FLAG (bool), VALUE (last one wins), LIST (repeatable, accumulates).
+
+FLAG, VALUE, LIST = "flag", "value", "list"
+
+
+class Opt(object):
+    """One command option: its spellings, kind, destination and help text."""
+
+    def __init__(self, names, kind=FLAG, dest=None, help="", metavar="VALUE"):
+        self.names = names.split("|")
+        self.kind = kind
+        self.dest = dest or self.names[-1].lstrip("-").replace("-", "_")
+        self.help = help
+        self.metavar = metavar
+
+    def usage(self):
+        if self.kind == FLAG:
+            return ", ".join(self.names)
+        return ", ".join(n + ("=" if n.startswith("--") else " ") + self.metavar
+                         for n in self.names)
+
+
+def _o(names, kind=FLAG, help="", dest=None, metavar="VALUE"):
+    return Opt(names, kind, dest, help, metavar)
+
+
+PULL_OPTS = [
+    _o("--index", VALUE, "registry index URL (search)", metavar="URL"),
+    _o("--registry", VALUE, "registry URL, e.g. https://quay.io", metavar="URL"),
+    _o("--httpproxy", VALUE, "proxy URL for this pull", metavar="URL"),
+    _o("--platform", VALUE, "os/arch[/variant] to pull (default: this host)",
+       metavar="OS/ARCH"),
+]
+
+RUN_OPTS = [
+    _o("--rm", help="delete the container when it exits"),
+    _o("-w|--workdir", VALUE, "working directory inside the container", metavar="DIR"),
+    _o("-u|--user", VALUE, "user NAME or UID[:GID] inside the container", metavar="USER"),
+    _o("-v|--volume", LIST, "bind HOST[:CONT] into the container", metavar="HOST[:CONT]"),
+    _o("--novol", LIST, "do not bind this default volume", metavar="PATH"),
+    _o("-e|--env", LIST, "set NAME=VALUE (or NAME from the host)", metavar="NAME[=VAL]"),
+    _o("--env-file", LIST, "read NAME=VALUE lines from FILE", metavar="FILE"),
+    _o("--hostauth", help="use the host's passwd and group"),
+    _o("--containerauth", help="use the container's passwd and group as they are"),
+    _o("--nosysdirs", help="do not bind /dev /proc /sys ..."),
+    _o("--nometa", help="ignore the image metadata (Env, Cmd, WorkingDir ...)"),
+    _o("--dri", help="bind the host's DRI directories"),
+    _o("--hostenv", help="pass the whole host environment"),
+    _o("--cpuset-cpus", VALUE, "run on these CPUs (numactl/taskset)", metavar="LIST"),
+    _o("--name", VALUE, "name the container", metavar="NAME"),
+    _o("--bindhome", help="bind the host home directory"),
+    _o("-k|--kernel", VALUE, "kernel release to report (P modes)", metavar="RELEASE"),
+    _o("--device", LIST, "add a host device (R modes)", metavar="/dev/X"),
+    _o("--location", VALUE, "run a bare directory tree", metavar="DIR"),
+    _o("--nobanner", help="no start banner"),
+    _o("--entrypoint", VALUE, "override the image entrypoint ('' clears it)",
+       metavar="CMD"),
+    _o("--platform", VALUE, "platform for an implicit pull", metavar="OS/ARCH"),
+    _o("--pull", VALUE, "missing|never|always|reuse", metavar="WHEN"),
+    _o("--httpproxy", VALUE, "proxy for an implicit pull", metavar="URL"),
+    _o("--index", VALUE, "index for an implicit pull", metavar="URL"),
+    _o("--registry", VALUE, "registry for an implicit pull", metavar="URL"),
+    _o("-p|--publish", LIST, "map container port to host port (P modes)",
+       metavar="HOST:CONT"),
+    _o("-P|--publish-all|--netcoop", dest="publish_all",
+       help="network cooperation mode (P modes)"),
+    _o("--hostname", VALUE, "host name inside (R modes)", metavar="NAME"),
+    _o("--volumes-from", LIST, "accepted, ignored", metavar="X"),
+    _o("--dns", LIST, "accepted, ignored", metavar="X"),
+    _o("--dns-search", LIST, "accepted, ignored", metavar="X"),
+    _o("-i|--interactive", help="accepted for docker compatibility"),
+    _o("-t|--tty", help="accepted for docker compatibility"),
+    _o("-a|--attach", help="accepted for docker compatibility"),
+]
+
+
+class Command(object):
+    """A command: its options, positional arguments and help; `func` does the work.
+
+    args: names of positionals; "[X]" optional, "X..." one or more, "[X...]" any number.
+    rest: the positional after which every word belongs to the container command (run).
+    """
+
+    def __init__(self, name, summary, args=(), opts=(), func=None, rest=None, needs_repo=True):
+        self.name, self.summary, self.args, self.opts = name, summary, list(args), list(opts)
+        self.func, self.rest, self.needs_repo = func, rest, needs_repo
+        self.lookup = dict((n, o) for o in self.opts for n in o.names)
+
+    def usage(self):
+        lines = ["%s: %s" % (self.name, self.summary), "",
+                 "usage: %s %s%s %s" % (__program__, self.name,
+                                        " [options]" if self.opts else "",
+                                        " ".join(self.args))]
+        if self.opts:
+            lines.append("")
+            width = max(len(o.usage()) for o in self.opts) + 2
+            for opt in self.opts:
+                lines.append("  %-*s %s" % (width, opt.usage(), opt.help))
+        return "\n".join(lines)
+
+    def parse(self, words):
+        """(options dict, positionals list); raises UsageError before anything is done."""
+        opts = dict((o.dest, [] if o.kind == LIST else (False if o.kind == FLAG else None))
+                    for o in self.opts)
+        args = []
+        i = 0
+        while i < len(words):
+            word = words[i]
+            i += 1
+            if self.rest is not None and len(args) > self.rest:
+                args.append(word)
+                continue
+            if word == "--":
+                args.extend(words[i:])
+                break
+            if word == "-" or not word.startswith("-"):
+                args.append(word)
+                continue
+            name, has_value, value = word.partition("=")
+            opt = self.lookup.get(name)
+            if opt is None:
+                flags = self._short_flags(word)
+                if flags is None:
+                    raise UsageError("%s: unknown option: %s" % (self.name, word))
+                for flag in flags:
+                    opts[flag.dest] = True
+                continue
+            if opt.kind == FLAG:
+                if has_value:
+                    raise UsageError("%s: option %s takes no value" % (self.name, name))
+                opts[opt.dest] = True
+                continue
+            if not has_value:
+                if i >= len(words) or (words[i].startswith("-") and words[i] != "-"):
+                    raise UsageError("%s: option %s needs a value" % (self.name, name))
+                value = words[i]
+                i += 1
+            if opt.kind == LIST:
+                opts[opt.dest].append(value)
+            else:
+                opts[opt.dest] = value
+        self._check_args(args)
+        return opts, args
+
+    def _short_flags(self, word):
+        """'-it' -> [Opt(-i), Opt(-t)] when every letter is a short flag, else None."""
+        if not re.match(r"^-[A-Za-z]{2,}$", word):
+            return None
+        flags = [self.lookup.get("-" + c) for c in word[1:]]
+        if all(f is not None and f.kind == FLAG for f in flags):
+            return flags
+        return None
+
+    def _check_args(self, args):
+        required = [a for a in self.args if not a.startswith("[")]
+        variadic = any(a.endswith("...") or a.endswith("...]") for a in self.args)
+        if self.rest is not None:
+            variadic = True
+        if len(args) < len(required):
+            raise UsageError("%s: missing argument: %s (see: %s %s --help)" % (
+                self.name, required[len(args)].rstrip("."), __program__, self.name))
+        if not variadic and len(args) > len(self.args):
+            raise UsageError("%s: unexpected argument: %s" % (self.name, args[len(self.args)]))
+
+
+class Session(object):
+    """What a command works with: the Config, the repository and the keystore."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.repo = LocalRepository(cfg)
+        self.containers = ContainerStore(self.repo)
+        self.keystore = Keystore(cfg.keystore, os.path.join(
+            os.environ.get("HOME") or os.path.expanduser("~"), ".docker", "config.json"))
+
+    def puller(self, opts):
+        if opts.get("index") and not opts.get("registry"):
+            MSG.debug("--index only affects search")
+        return Puller(self.cfg, self.repo, self.keystore, opts.get("registry"),
+                      opts.get("httpproxy"), quiet=MSG.level < Messages.INF)
+
+    def platform(self, opts):
+        return Platform.parse(opts["platform"]) if opts.get("platform") else Platform.host()
+
+    def image_ref(self, text):
+        """A local image by name[:tag] (default tag latest); raises if it is not there."""
+        ref = ImageRef.parse(text)
+        return self.repo.image(ref.name, ref.local_tag)
+
+
+# -- image commands
+
+def cmd_pull(session, opts, args):
+    ref = ImageRef.parse(args[0])
+    session.puller(opts).pull(ref, session.platform(opts))
+    return 0
+
+
+def cmd_images(session, opts, args):
+    if MSG.level >= Messages.INF:
+        out("REPOSITORY")
+    for name, tag in session.repo.list_images():
+        try:
+            image = session.repo.image(name, tag)
+        except RepositoryError as exc:
+            MSG.warning("%s:%s: %s" % (name, tag, exc))
+            continue
+        prot = "P" if image.protected else "."
+        if opts["p"]:
+            out("%-18.18s %c %s" % (image.platform, prot, image.ref))
+        else:
+            out("%s    %c" % (image.ref, prot))
+        if opts["l"]:
+            out(" %s" % image.dir)
+            for lname, path in image.links():
+                size = os.path.getsize(path) if os.path.exists(path) else 0
+                mbytes = size // (1024 * 1024) or (1 if size else 0)
+                out("    /%s (%d MB)" % (lname, mbytes))
+    return 0
+
+
+def cmd_inspect(session, opts, args):
+    container = session.containers.find(args[0])
+    if container:
+        return inspect_container(session, container, opts)
+    if opts["p"]:
+        raise RepositoryError("container not found: %s" % args[0])
+    image = session.image_ref(args[0])
+    if not image.config:
+        raise RepositoryError("image %s has no readable config" % image.ref)
+    out(json_dumps(image.config, pretty=True))
+    return 0
+
+
+def cmd_rmi(session, opts, args):
+    ref = ImageRef.parse(args[0])
+    MSG.info("deleting image: %s" % ref)
+    session.repo.remove_image(ref.name, ref.local_tag, force=opts["f"])
+    return 0
+
+
+def cmd_tag(session, opts, args):
+    src = session.image_ref(args[0])
+    dst = ImageRef.parse(args[1])
+    session.repo.copy_tag(src, dst.name, dst.local_tag)
+    return 0
+
+
+def cmd_verify(session, opts, args):
+    image = session.image_ref(args[0])
+    MSG.info("verifying: %s" % image.ref)
+    problems = image.verify()
+    for problem in problems:
+        MSG.error(problem)
+    if problems:
+        raise RepositoryError("image verification failure: %s" % image.ref)
+    MSG.info("image Ok")
+    return 0
+
+
+def _protect(session, args, protect):
+    container = session.containers.find(args[0])
+    if container:
+        session.containers.set_protected(container, protect)
+        return 0
+    ref = ImageRef.parse(args[0])
+    session.repo.set_protected(ref.name, ref.local_tag, protect)
+    return 0
+
+
+def cmd_protect(session, opts, args):
+    return _protect(session, args, True)
+
+
+def cmd_unprotect(session, opts, args):
+    return _protect(session, args, False)
+
+
+def cmd_manifest(session, opts, args):
+    if args[0] != "inspect":
+        raise UsageError("manifest: unknown subcommand: %s (only: inspect)" % args[0])
+    if len(args) != 2:
+        raise UsageError("manifest: usage: manifest inspect IMAGE")
+    ref = ImageRef.parse(args[1])
+    puller = session.puller(opts)
+    client = puller.client(ref)
+    try:
+        if opts.get("platform"):
+            body = puller.resolve(client, ref, session.platform(opts))[0]
+        else:
+            body = client.get_manifest(ref.remote, ref.remote_ref)[0]
+    finally:
+        client.http.close()
+    out(to_text(body).rstrip("\n"))
+    return 0
+
+
+def cmd_search(session, opts, args):
+    cfg = session.cfg
+    term = args[0]
+    if opts["list_tags"]:
+        ref = ImageRef.parse(term)
+        client = RegistryClient.for_host(cfg, ref.host, session.keystore, opts["registry"],
+                                         opts["httpproxy"])
+        for tag in client.paged("/v2/%s/tags/list?n=1000" % ref.remote,
+                                "repository:%s:pull" % ref.remote, "tags"):
+            out(tag)
+        return 0
+    index = opts["index"] or (None if opts["registry"] else cfg.dockerio_index_url)
+    if index and _registry_host(index) in ("docker.io", "hub.docker.com"):
+        return _search_hub(session, index, term, opts)
+    client = RegistryClient.for_host(cfg, _registry_host(opts["registry"] or index),
+                                     session.keystore, opts["registry"] or index,
+                                     opts["httpproxy"])
+    if MSG.level >= Messages.INF:
+        out("NAME")
+    for name in client.paged("/v2/_catalog?n=1000", "registry:catalog:*", "repositories"):
+        if term in ("*", "") or term.lower() in name.lower():
+            out(name)
+    return 0
+
+
+def _search_hub(session, index, term, opts):
+    http = HttpClient(session.cfg, opts["httpproxy"])
+    page, shown = 1, 0
+    fmt = "%-55.55s %8.8s %-70.70s %5.5s" if not opts["no_trunc"] else "%s %s %s %s"
+    if MSG.level >= Messages.INF:
+        out(fmt % ("NAME", "OFFICIAL", "DESCRIPTION", "STARS"))
+    while True:
+        url = "%s/v2/search/repositories?%s" % (index.rstrip("/"), urlencode(
+            [("query", term), ("page_size", session.cfg.search_page_size), ("page", page)]))
+        try:
+            resp = http.request("GET", url)
+            body = resp.read_all()
+        except NETWORK_ERRORS as exc:
+            raise RegistryError("search at %s failed: %s" % (index, exc))
+        if resp.status != 200:
+            raise RegistryError("search at %s answered %d" % (index, resp.status))
+        try:
+            answer = json_loads(body)
+            results = answer.get("results") or []
+        except (ValueError, AttributeError):
+            raise RegistryError("search at %s sent invalid JSON" % index)
+        for item in results:
+            out(fmt % (item.get("repo_name") or item.get("name", ""),
+                       "[OK]" if item.get("is_official") else "----",
+                       (item.get("short_description") or item.get("description") or "")
+                       .replace("\n", " "), item.get("star_count", 0)))
+            shown += 1
+        if not results or not answer.get("next"):
+            return 0
+        if not opts["a"]:
+            if not sys.stdin.isatty():
+                return 0
+            sys.stdout.write("[return or q to quit]")
+            sys.stdout.flush()
+            if input_line().strip().lower().startswith("q"):
+                return 0
+        page += 1
+
+
+def _login_url(session, opts):
+    registry = opts.get("registry")
+    if not registry:
+        return session.cfg.dockerio_registry_url
+    return registry if "//" in registry else "https://" + registry
+
+
+def cmd_login(session, opts, args):
+    url = _login_url(session, opts)
+    username = opts["username"]
+    password = opts["password"]
+    if not username:
+        sys.stderr.write("username: ")
+        sys.stderr.flush()
+        username = input_line().strip()
+    if opts["password_stdin"]:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif password is None:
+        import getpass
+        password = getpass.getpass("password: ")
+    if not username or not password:
+        raise UsageError("login: username and password are required")
+    if password.isupper():
+        MSG.warning("password is all upper case: is caps lock on?")
+    _check_login(session, url, username, password)
+    session.keystore.store(url, username, password)
+    MSG.info("credentials stored for %s" % url)
+    return 0
+
+
+def _check_login(session, url, username, password):
+    """Ask the registry whether the credentials work (beyond upstream, which never checks).
+
+    A registry that cannot be reached only earns a warning: credentials are stored anyway.
+    """
+
+    class Fixed(object):
+        def credentials(self, _url):
+            return (username, password)
+
+    client = RegistryClient(session.cfg, url, Fixed())
+    try:
+        resp = client.request("GET", "/v2/", "")
+        if resp.status in (401, 403):
+            raise RegistryError("login failed at %s: bad username or password" % url)
+    except TransientError as exc:
+        MSG.warning("could not check the credentials (%s); stored anyway" % exc)
+    finally:
+        client.http.close()
+
+
+def cmd_logout(session, opts, args):
+    if opts["a"]:
+        session.keystore.erase()
+        MSG.info("all credentials erased")
+        return 0
+    url = _login_url(session, opts)
+    if not session.keystore.erase(url):
+        MSG.warning("no credentials stored for %s" % url)
+    return 0
+
+
+def cmd_mkrepo(session, opts, args):
+    topdir = os.path.abspath(args[0])
+    if os.path.exists(topdir) and (not os.path.isdir(topdir) or os.listdir(topdir)):
+        raise RepositoryError("mkrepo: %s already exists and is not empty" % topdir)
+    values = dict(session.cfg.items())
+    for key, sub in (("topdir", ""), ("bindir", "bin"), ("libdir", "lib"), ("docdir", "doc"),
+                     ("reposdir", "repos"), ("layersdir", "layers"),
+                     ("containersdir", "containers")):
+        values[key] = os.path.join(topdir, sub) if sub else topdir
+    try:
+        LocalRepository(Config(values, {})).create()
+    except OSError as exc:
+        raise RepositoryError("mkrepo: cannot create %s: %s" % (topdir, exc.strerror))
+    return 0
+
+
+def cmd_version(session, opts, args):
+    out("version: %s" % COMPAT_VERSION)
+    out("tarball: %s" % session.cfg.tarball)
+    out("tarball_release: %s" % session.cfg.tarball_release)
+    out("udocker.py: %s" % __version__)
+    return 0
+
+
+def cmd_showconf(session, opts, args):
+    out("-" * 79)
+    out("udocker.py configuration: key = value")
+    out("-" * 79)
+    for key, value in session.cfg.items():
+        if isinstance(value, list):
+            value = json.dumps(value)
+        line = "%s = %s" % (key, value)
+        if MSG.level >= Messages.VER:
+            line += "    # " + session.cfg.sources.get(key, "derived")
+        out(line)
+    out("-" * 79)
+    return 0
+
+
+def cmd_help(session, opts, args):
+    if args:
+        command = COMMANDS.get(args[0])
+        if command is None:
+            raise UsageError("help: no such command: %s" % args[0])
+        out(command.usage())
+        return 0
+    out(general_help())
+    return 0
+
+
+def cmd_not_yet(session, opts, args):
+    raise UdockerError("this command is not implemented yet in udocker.py %s" % __version__)
+
+
+def inspect_container(session, cid, opts):
+    if opts["p"]:
+        out(session.containers.path(cid, "ROOT"))
+        return 0
+    data = read_json(session.containers.path(cid, "container.json"))
+    if data is None:
+        raise RepositoryError("container %s has no readable container.json" % cid)
+    out(json_dumps(data, pretty=True))
+    return 0
+
+
+COMMANDS = dict((c.name, c) for c in [
+    Command("help", "show help for udocker.py or for a command", ["[COMMAND]"],
+            func=cmd_help, needs_repo=False),
+    Command("version", "show the version", func=cmd_version, needs_repo=False),
+    Command("showconf", "show the effective configuration", func=cmd_showconf,
+            needs_repo=False),
+    Command("install", "install the engines (tools tarball)", opts=[
+        _o("--force", help="reinstall even if installed"),
+        _o("--purge", help="remove installed tools first")], func=cmd_not_yet),
+    Command("search", "search a registry for images, or list an image's tags",
+            ["EXPRESSION"], opts=[
+                _o("-a", help="show all results without paging"),
+                _o("--no-trunc", help="do not truncate columns"),
+                _o("--list-tags", help="list the tags of the repository EXPRESSION")]
+            + PULL_OPTS[:3], func=cmd_search),
+    Command("pull", "pull an image from a registry", ["IMAGE"], PULL_OPTS, cmd_pull),
+    Command("images", "list local images", opts=[
+        _o("-l", help="long format: tag directory and layers"),
+        _o("-p", help="show the platform"),
+        _o("--no-trunc", help="accepted"), _o("--all", help="accepted")], func=cmd_images),
+    Command("create", "create a container from an image", ["IMAGE"], [
+        _o("--name", VALUE, "name the container", metavar="NAME"),
+        _o("--force", help="allow a name that already exists")] + PULL_OPTS,
+        func=cmd_not_yet),
+    Command("run", "run a command in a container (or image)",
+            ["CONTAINER|IMAGE", "[COMMAND...]"], RUN_OPTS, cmd_not_yet, rest=0),
+    Command("ps", "list containers", opts=[
+        _o("-m", help="show the execution mode"), _o("-s", help="show the size in MB"),
+        _o("-p", help="show the platform")], func=cmd_not_yet),
+    Command("rm", "remove containers", ["CONTAINER..."], [
+        _o("-f", help="force: fix permissions first")], func=cmd_not_yet),
+    Command("rmi", "remove an image", ["IMAGE"], [
+        _o("-f", help="ignore errors removing layers")], func=cmd_rmi),
+    Command("tag", "give an image another name", ["IMAGE", "NEWIMAGE"], func=cmd_tag),
+    Command("inspect", "show the metadata of an image or container",
+            ["IMAGE|CONTAINER"], [_o("-p", help="print the container's ROOT path")],
+            func=cmd_inspect),
+    Command("verify", "check an image's layers against their digests", ["IMAGE"],
+            func=cmd_verify),
+    Command("protect", "protect an image or container from removal",
+            ["IMAGE|CONTAINER"], func=cmd_protect),
+    Command("unprotect", "remove the protection", ["IMAGE|CONTAINER"], func=cmd_unprotect),
+    Command("manifest", "show an image's manifest as the registry sends it",
+            ["inspect", "IMAGE"], PULL_OPTS, cmd_manifest),
+    Command("name", "give a container a name", ["CONTAINER", "NAME"], func=cmd_not_yet),
+    Command("rmname", "remove a container name", ["NAME"], func=cmd_not_yet),
+    Command("rename", "rename a container", ["NAME", "NEWNAME"], func=cmd_not_yet),
+    Command("clone", "duplicate a container", ["CONTAINER"], [
+        _o("--name", VALUE, "name the new container", metavar="NAME")], func=cmd_not_yet),
+    Command("export", "write a container's files as a tar archive", ["[-]", "[CONTAINER]"], [
+        _o("-o|--output", VALUE, "output file ('-' for stdout)", metavar="FILE"),
+        _o("--clone", help="export the whole container, metadata included")],
+        func=cmd_not_yet),
+    Command("import", "import a rootfs tarball as an image or container",
+            ["FILE|URL|-", "[IMAGE[:TAG]]"], [
+                _o("--mv", help="move the tarball instead of copying it"),
+                _o("--tocontainer", help="create a container, no image"),
+                _o("--clone", help="the tarball is an `export --clone`"),
+                _o("--name", VALUE, "name the new container", metavar="NAME"),
+                _o("--platform", VALUE, "platform to record", metavar="OS/ARCH")],
+            func=cmd_not_yet),
+    Command("load", "load images from a docker-save or OCI archive", ["[NAME]"], [
+        _o("-i|--input", VALUE, "archive file ('-' or none: stdin)", metavar="FILE")],
+        func=cmd_not_yet),
+    Command("save", "write images as a docker-save archive", ["IMAGE..."], [
+        _o("-o|--output", VALUE, "archive file ('-' for stdout)", metavar="FILE")],
+        func=cmd_not_yet),
+    Command("login", "store credentials for a registry", opts=[
+        _o("--username", VALUE, metavar="NAME", help="user name"),
+        _o("--password", VALUE, metavar="PASSWORD", help="password"),
+        _o("--password-stdin", help="read the password from standard input"),
+        _o("--registry", VALUE, "registry URL (default: Docker Hub)", metavar="URL")],
+        func=cmd_login),
+    Command("logout", "forget credentials", opts=[
+        _o("-a", help="forget all credentials"),
+        _o("--registry", VALUE, "registry URL (default: Docker Hub)", metavar="URL")],
+        func=cmd_logout),
+    Command("mkrepo", "create a new, empty repository", ["DIR"], func=cmd_mkrepo,
+            needs_repo=False),
+    Command("setup", "set a container's execution mode and options", ["CONTAINER"], [
+        _o("--execmode", VALUE, "P1 P2 R1 R2 R3 F1 F2 F3 F4 S1", metavar="MODE"),
+        _o("--force", help="redo the setup"), _o("--purge", help="undo mount points"),
+        _o("--fixperm", help="make every file accessible again"),
+        _o("--nvidia", help="make the host's NVIDIA libraries available")],
+        func=cmd_not_yet),
+])
+
+GENERAL_OPTS = [
+    _o("-D|--debug", help="debug messages (and tracebacks)"),
+    _o("-q|--quiet", help="errors only"),
+    _o("--repo", VALUE, "use this repository directory", metavar="DIR"),
+    _o("--config", VALUE, "read this configuration file last", metavar="FILE"),
+    _o("--allow-root", dest="allow_root", help="allow running as root"),
+    _o("--insecure", help="allow http and unverified TLS"),
+    _o("-V|--version", help="show the version"),
+    _o("-h|--help", help="show this help"),
+]
+
+
+def general_help():
+    lines = ["%s %s: run Docker/OCI images as an ordinary user (udocker %s compatible)"
+             % (__program__, __version__, COMPAT_VERSION), "",
+             "usage: %s [general options] COMMAND [options] [arguments]" % __program__, "",
+             "commands:"]
+    for name in sorted(COMMANDS):
+        lines.append("  %-10s %s" % (name, COMMANDS[name].summary))
+    lines += ["", "general options:"]
+    for opt in GENERAL_OPTS:
+        lines.append("  %-24s %s" % (opt.usage(), opt.help))
+    lines += ["", "%s COMMAND --help shows the options of a command." % __program__]
+    return "\n".join(lines)
+
+
+def parse_general(argv):
+    """Split argv into (general options, command name or None, command words)."""
+    lookup = dict((n, o) for o in GENERAL_OPTS for n in o.names)
+    opts = dict((o.dest, None if o.kind == VALUE else False) for o in GENERAL_OPTS)
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if not word.startswith("-") or word == "-":
+            return opts, word, argv[i:]
+        name, has_value, value = word.partition("=")
+        opt = lookup.get(name)
+        if opt is None:
+            raise UsageError("unknown general option: %s (see: %s --help)"
+                             % (word, __program__))
+        if opt.kind == FLAG:
+            if has_value:
+                raise UsageError("option %s takes no value" % name)
+            opts[opt.dest] = True
+        else:
+            if not has_value:
+                if i >= len(argv):
+                    raise UsageError("option %s needs a value" % name)
+                value = argv[i]
+                i += 1
+            opts[opt.dest] = value
+    return opts, None, []
+
+
+# ==== 12. main ====
+
+
+def main(argv=None, environ=None):
+    """Run one udocker.py command; returns the exit code (never raises, except exit)."""
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+    debug = "-D" in argv or "--debug" in argv
+    try:
+        general, name, words = parse_general(argv)
+        debug = bool(general["debug"])
+        if general["version"] and name is None:
+            name, words = "version", []
+        if general["help"] or name is None:
+            name, words = "help", ([name] if name and general["help"] else [])
+        command = COMMANDS.get(name)
+        if command is None:
+            raise UsageError("invalid command: %s (see: %s help)" % (name, __program__))
+        if "--help" in words[:len(words) if command.rest is None else 1] or \
+                (words[:1] == ["-h"] and command.lookup.get("-h") is None):
+            out(command.usage())
+            return 0
+        opts, args = command.parse(words)
+        cfg = Config.load(environ, general)
+        MSG.level = cfg.verbose_level
+        if os.geteuid() == 0 and not general["allow_root"] and command.needs_repo:
+            raise UdockerError("do not run as root ! (use --allow-root if you must)")
+        session = Session(cfg)
+        if command.needs_repo:
+            session.repo.ensure(must_exist=bool(general["repo"]))
+        return command.func(session, opts, args)
+    except UdockerError as exc:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        MSG.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        MSG.error("interrupted")
+        return 130
+    except EnvironmentError as exc:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        MSG.error("%s%s" % (exc.strerror or exc,
+                            (": " + exc.filename) if getattr(exc, "filename", None) else ""))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
