@@ -1515,7 +1515,7 @@ class RegistryClient(object):
     def _auth_header(self, scope):
         with self.lock:
             entry = self.tokens.get(scope)
-            if entry and entry[1] > time.time() + 5:
+            if entry and entry[1] > time.time():
                 return entry[0]
             return self.basic
 
@@ -1562,8 +1562,9 @@ class RegistryClient(object):
             token = None
         if not token:
             raise RegistryError("token server of %s sent no token" % self.url)
-        with self.lock:
-            self.tokens[scope] = ("Bearer " + token, time.time() + lifetime)
+        with self.lock:           # renew a little early: a request may take a while to arrive
+            self.tokens[scope] = ("Bearer " + token,
+                                  time.time() + lifetime - min(10.0, lifetime * 0.2))
 
     def request(self, method, path, scope, headers=None, stream=False):
         """An authenticated request to the registry; retries once after a 401 challenge.
