@@ -296,6 +296,8 @@ CONFIG_DEFAULTS = (
     ("ca_bundle", "", "UDOCKER_CA_BUNDLE"),
     ("pull_parallel", 4, "UDOCKER_PULL_PARALLEL"),
     ("pull_retries", 5, None),
+    ("pull_split_size", 48 << 20, None),      # blobs this large are fetched in segments
+    ("pull_segment_size", 16 << 20, None),
     ("dockerio_index_url", "https://hub.docker.com", "UDOCKER_INDEX"),
     ("dockerio_registry_url", "https://registry-1.docker.io", "UDOCKER_REGISTRY"),
     ("search_page_size", 25, None),
@@ -534,7 +536,9 @@ class FileLock(object):
         self.description = description or os.path.basename(path)
         self.fd = None
 
-    def acquire(self, shared=False):
+    def acquire(self, shared=False, wait=True):
+        """Take the lock (waiting for it unless wait is False); returns self, or None when
+        wait is False and another process holds it."""
         makedirs(os.path.dirname(self.path))
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
@@ -543,6 +547,10 @@ class FileLock(object):
         except (IOError, OSError) as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
+            if not wait:
+                os.close(self.fd)
+                self.fd = None
+                return None
             MSG.verbose("waiting for lock: %s" % self.description)
             fcntl.flock(self.fd, kind)
         return self
@@ -1643,8 +1651,11 @@ class RegistryClient(object):
 
     # -- blobs
 
-    def open_blob(self, remote, digest, offset=0):
-        headers = {"Range": "bytes=%d-" % offset} if offset else {}
+    def open_blob(self, remote, digest, offset=0, end=None):
+        """GET a blob from offset (to end, exclusive, when given); the body is unread."""
+        headers = {}
+        if offset or end:
+            headers["Range"] = "bytes=%d-%s" % (offset, "" if end is None else end - 1)
         resp = self.request("GET", "/v2/%s/blobs/%s" % (remote, digest),
                             "repository:%s:pull" % remote, headers, stream=True)
         if resp.status == 404:
@@ -1783,41 +1794,154 @@ class Progress(object):
         self.drawn = len(lines)
 
 
-class BlobFetcher(object):
-    """Downloads blobs into layers/, verified by sha256 while streaming.
+class BlobDownloads(object):
+    """Fetches the missing blobs of one pull into layers/ with a few worker threads.
 
-    A blob is written to layers/.DIGEST.partial and renamed to layers/DIGEST only when its
-    digest matches. The partial file survives interruption and the next attempt resumes
-    it with Range (or restarts when the server ignores Range). One lock per digest keeps
-    concurrent pulls from downloading the same blob twice.
+    Every blob is verified by sha256 before it is renamed from layers/.DIGEST.partial to
+    layers/DIGEST. A blob is a job; a blob of SPLIT_MIN bytes or more becomes SEGMENT-sized
+    Range jobs written in place into one pre-sized partial file (so a few large layers keep
+    every connection busy on a slow link), and is hashed once all segments are in (config:
+    pull_split_size, pull_segment_size). Whole
+    blobs are hashed while they stream and resume with Range; split blobs resume by the
+    segments listed in layers/.DIGEST.partial.json.
+
+    Other processes: one lock file per digest stripe. A worker never waits on it: a blob
+    that another pull is fetching goes back to the queue, so pulls cannot deadlock.
     """
     CHUNK = 1 << 20
 
-    def __init__(self, repo, client, remote, progress):
-        self.repo, self.client, self.remote, self.progress = repo, client, remote, progress
+    def __init__(self, repo, client, remote, progress, workers):
+        self.repo, self.client, self.remote = repo, client, remote
+        self.SPLIT_MIN = max(repo.cfg.pull_split_size, 1)
+        self.SEGMENT = max(repo.cfg.pull_segment_size, 4096)
+        self.progress, self.workers = progress, max(1, workers)
+        self.jobs = []                   # [("blob", digest, size) | ("segment", split, i)]
+        self.cond = threading.Condition()
+        self.active = 0
+        self.failures = []
+        self.stripes = {}                # stripe -> [FileLock, holders in this process]
 
-    def fetch(self, digest, size):
-        """Make layers/DIGEST present and verified; returns True if it was downloaded."""
+    # -- scheduling
+
+    def run(self, blobs):
+        """Download every missing (digest, size); raises the first failure."""
+        self.jobs = [("blob", d, s) for d, s in sorted(blobs, key=lambda b: -b[1])
+                     if not self.repo.has_blob(d)]       # largest first: balanced lanes
+        threads = [threading.Thread(target=self._worker)
+                   for _ in range(min(self.workers, max(1, len(self.jobs))))]
+        for thread in threads:
+            thread.daemon = True
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+        if self.failures:
+            exc_info = self.failures[0]
+            if PY3:
+                raise exc_info[1].with_traceback(exc_info[2])
+            raise exc_info[1]
+
+    def _worker(self):
+        while True:
+            with self.cond:
+                while not self.jobs and self.active and not self.failures:
+                    self.cond.wait(0.5)
+                if not self.jobs or self.failures:
+                    self.cond.notify_all()
+                    return
+                job = self.jobs.pop(0)
+                self.active += 1
+            try:
+                done = self._do(job)
+            except BaseException:                       # the first one is re-raised by run
+                with self.cond:
+                    self.failures.append(sys.exc_info())
+                    self.active -= 1
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.active -= 1
+                if not done:                            # busy in another process: later
+                    self.jobs.append(job)
+                self.cond.notify_all()
+            if not done:
+                time.sleep(0.05)
+
+    def _do(self, job):
+        """Run one job; False when the blob is being fetched by another process."""
+        if job[0] == "segment":
+            self._segment(job[1], job[2])
+            return True
+        digest, size = job[1], job[2]
         if self.repo.has_blob(digest):
+            return True
+        stripe = digest[7:9]
+        if not self._hold(stripe):
             return False
-        with self.repo.lock("blob-%s" % digest[7:9]):          # 256 stripes
-            if self.repo.has_blob(digest):
+        if self.repo.has_blob(digest):
+            self._release(stripe)
+            return True
+        if size >= self.SPLIT_MIN and self.workers > 1:
+            split = SplitBlob(self, digest, size, stripe)
+            with self.cond:
+                self.jobs[0:0] = [("segment", split, i) for i in split.todo[1:]]
+                self.cond.notify_all()
+            if split.todo:
+                self._segment(split, split.todo[0])
+            else:
+                split.finish()
+            return True
+        try:
+            self.whole(digest, size)
+        finally:
+            self._release(stripe)
+        return True
+
+    def _hold(self, stripe):
+        """Take the stripe's lock file without waiting (shared by this process's threads)."""
+        with self.cond:
+            entry = self.stripes.get(stripe)
+            if entry:
+                entry[1] += 1
+                return True
+            lock = self.repo.lock("blob-" + stripe)
+            if not lock.acquire(wait=False):
                 return False
-            row = self.progress.add(digest, size)
-            state = {"restarted": False}
-            _retrying(self.repo.cfg, lambda: self._attempt(digest, size, row, state))
-            self.progress.finish(row)
+            self.stripes[stripe] = [lock, 1]
             return True
 
+    def _release(self, stripe):
+        with self.cond:
+            entry = self.stripes[stripe]
+            entry[1] -= 1
+            if not entry[1]:
+                entry[0].release()
+                del self.stripes[stripe]
+
+    # -- whole blobs
+
+    def partial(self, digest):
+        return os.path.join(self.repo.layersdir, "." + digest + ".partial")
+
+    def whole(self, digest, size):
+        """Download one blob in one stream (resuming a partial file), verify, rename."""
+        if os.path.exists(self.partial(digest) + ".json"):      # left by a split download
+            remove_quietly(self.partial(digest))
+            remove_quietly(self.partial(digest) + ".json")
+        row = self.progress.add(digest, size)
+        state = {"restarted": False}
+        _retrying(self.repo.cfg, lambda: self._attempt(digest, size, row, state))
+        self.progress.finish(row)
+
     def _attempt(self, digest, size, row, state):
-        partial = os.path.join(self.repo.layersdir, "." + digest + ".partial")
+        partial = self.partial(digest)
         offset = os.path.getsize(partial) if os.path.exists(partial) else 0
         if size and offset > size:
             remove_quietly(partial)
             offset = 0
         hasher = hashlib.sha256()
         if offset:
-            self._feed(partial, hasher)
+            _feed(partial, hasher)
         row[1] = offset
         if not size or offset < size:
             resp = self.client.open_blob(self.remote, digest, offset)
@@ -1828,7 +1952,8 @@ class BlobFetcher(object):
                 elif offset and not _range_starts_at(resp.header("content-range"), offset):
                     remove_quietly(partial)
                     raise TransientError("bad Content-Range for %s" % digest[:19], 0)
-                self._stream(resp, partial, hasher, offset, size, row)
+                with open(partial, "ab" if offset else "wb") as handle:
+                    self._stream(resp, handle, size - offset if size else 0, row, hasher)
             except NETWORK_ERRORS as exc:
                 raise TransientError("download of %s interrupted: %s" % (digest[:19], exc))
             finally:
@@ -1844,38 +1969,150 @@ class BlobFetcher(object):
                 raise TransientError("digest mismatch after resume for %s" % digest[:19], 0)
             raise DigestMismatch("downloaded blob does not match its digest %s "
                                  "(corrupt data from the registry)" % digest)
+        self.publish(digest)
+
+    def _stream(self, resp, handle, limit, row, hasher=None, stop=None):
+        """Copy the body to handle (at most limit bytes when limit); returns bytes copied."""
+        copied = 0
+        while True:
+            data = resp.read(self.CHUNK)
+            if not data:
+                return copied
+            copied += len(data)
+            if limit and copied > limit:
+                raise DigestMismatch("blob %s is larger than its manifest says"
+                                     % resp.url.split("?")[0])
+            if hasher is not None:
+                hasher.update(data)
+            handle.write(data)
+            self.progress.update(row, len(data))
+            if stop is not None and stop():
+                return copied
+
+    def publish(self, digest):
+        partial = self.partial(digest)
         os.chmod(partial, 0o644)
         os.rename(partial, self.repo.blob_path(digest))
 
-    def _stream(self, resp, partial, hasher, offset, size, row):
-        with open(partial, "ab" if offset else "wb") as handle:
-            if not offset:
-                handle.truncate(0)
-            written = offset
-            while True:
-                data = resp.read(self.CHUNK)
-                if not data:
-                    break
-                written += len(data)
-                if size and written > size:
-                    resp.close(reuse=False)
-                    handle.truncate(0)
-                    raise DigestMismatch("blob %s is larger than its manifest says (%d bytes)"
-                                         % (resp.url.split("?")[0], size))
-                hasher.update(data)
-                handle.write(data)
-                self.progress.update(row, len(data))
-            handle.flush()
-            os.fsync(handle.fileno())
+    # -- segments of split blobs
 
-    @staticmethod
-    def _feed(path, hasher):
-        with open(path, "rb") as handle:
-            while True:
-                data = handle.read(1 << 20)
-                if not data:
+    def _segment(self, split, index):
+        _retrying(self.repo.cfg, lambda: self._segment_attempt(split, index))
+        split.done_segment(index)
+
+    def _segment_attempt(self, split, index):
+        start, end = split.bounds(index)
+        offset = start + split.written.get(index, 0)
+        if split.whole or offset >= end:
+            return
+        resp = self.client.open_blob(self.remote, split.digest, offset, end)
+        try:
+            if resp.status == 200:                   # no Range support: one stream instead
+                split.whole = True
+                return
+            if not _range_starts_at(resp.header("content-range"), offset):
+                raise TransientError("bad Content-Range for %s" % split.digest[:19], 0)
+            fd = os.open(self.partial(split.digest), os.O_WRONLY)
+            with os.fdopen(fd, "wb") as handle:
+                handle.seek(offset)
+                counter = _Counter(handle, end - offset)
+                try:
+                    self._stream(resp, counter, 0, split.row, stop=counter.full)
+                finally:                             # a retry resumes where this one ended
+                    split.written[index] = offset + counter.count - start
+        except NETWORK_ERRORS as exc:
+            raise TransientError("download of %s interrupted: %s" % (split.digest[:19], exc))
+        finally:
+            resp.close(reuse=False)
+        if split.written.get(index, 0) < end - start:
+            raise TransientError("segment %d of %s ended early" % (index, split.digest[:19]))
+
+
+class _Counter(object):
+    """A file wrapper that writes at most `limit` bytes and counts them."""
+
+    def __init__(self, handle, limit):
+        self.handle, self.limit, self.count = handle, limit, 0
+
+    def write(self, data):
+        data = data[:self.limit - self.count]
+        self.handle.write(data)
+        self.count += len(data)
+
+    def full(self):
+        return self.count >= self.limit
+
+
+class SplitBlob(object):
+    """One large blob being fetched in segments; the last segment in hashes and renames it."""
+
+    def __init__(self, downloads, digest, size, stripe):
+        self.dl, self.digest, self.size, self.stripe = downloads, digest, size, stripe
+        self.lock = threading.Lock()
+        self.whole = False
+        self.written = {}
+        self.row = downloads.progress.add(digest, size)
+        self.count = (size + downloads.SEGMENT - 1) // downloads.SEGMENT
+        partial = downloads.partial(digest)
+        record = read_json(partial + ".json") or {}
+        done = []
+        if record.get("size") == size and record.get("segment") == downloads.SEGMENT and \
+                os.path.exists(partial) and os.path.getsize(partial) == size:
+            done = [i for i in record.get("done", []) if 0 <= i < self.count]
+        else:
+            with open(partial, "wb") as handle:
+                handle.truncate(size)
+        self.done = set(done)
+        for i in done:
+            self.row[1] += self.bounds(i)[1] - self.bounds(i)[0]
+        self.todo = [i for i in range(self.count) if i not in self.done]
+        self.pending = set(self.todo)
+
+    def bounds(self, index):
+        start = index * self.dl.SEGMENT
+        return start, min(self.size, start + self.dl.SEGMENT)
+
+    def done_segment(self, index):
+        with self.lock:
+            self.pending.discard(index)
+            if not self.whole:
+                self.done.add(index)
+                write_atomic(self.dl.partial(self.digest) + ".json", json_dumps(
+                    {"size": self.size, "segment": self.dl.SEGMENT,
+                     "done": sorted(self.done)}))
+            last = not self.pending
+        if last:
+            self.finish()
+
+    def finish(self):
+        """Hash the assembled file (from the page cache), then publish it."""
+        partial = self.dl.partial(self.digest)
+        try:
+            if not self.whole:
+                hasher = hashlib.sha256()
+                _feed(partial, hasher)
+                if "sha256:" + hasher.hexdigest() == self.digest:
+                    remove_quietly(partial + ".json")
+                    self.dl.publish(self.digest)
+                    self.dl.progress.finish(self.row)
                     return
-                hasher.update(data)
+                MSG.verbose("segments of %s do not add up: downloading it whole"
+                            % self.digest[:19])
+            remove_quietly(partial + ".json")
+            remove_quietly(partial)
+            self.dl.whole(self.digest, self.size)
+        finally:
+            self.dl._release(self.stripe)
+
+
+def _feed(path, hasher):
+    """Update hasher with a file's content."""
+    with open(path, "rb") as handle:
+        while True:
+            data = handle.read(1 << 20)
+            if not data:
+                return
+            hasher.update(data)
 
 
 def _range_starts_at(content_range, offset):
@@ -2013,40 +2250,13 @@ class Puller(object):
         return found or str(wanted)
 
     def _fetch_all(self, client, ref, blobs):
-        """Download missing blobs, pull_parallel at a time; the first failure is raised."""
+        """Download the missing blobs, pull_parallel connections at a time."""
         progress = Progress(self.quiet)
-        fetcher = BlobFetcher(self.repo, client, ref.remote, progress)
-        todo = queue.Queue()
-        for item in blobs:
-            todo.put(item)
-        failures = []
-
-        def worker():
-            while not failures:
-                try:
-                    digest, size = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    fetcher.fetch(digest, size)
-                except BaseException as exc:                  # reported by the caller
-                    failures.append(sys.exc_info())
-                    return
-
-        count = max(1, min(self.cfg.pull_parallel, len(blobs)))
-        threads = [threading.Thread(target=worker) for _ in range(count)]
-        for thread in threads:
-            thread.daemon = True
-            thread.start()
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.2)
-        progress.close()
-        if failures:
-            exc_info = failures[0]
-            if PY3:
-                raise exc_info[1].with_traceback(exc_info[2])
-            raise exc_info[1]
+        try:
+            BlobDownloads(self.repo, client, ref.remote, progress,
+                          self.cfg.pull_parallel).run(blobs)
+        finally:
+            progress.close()
 
 
 # ==== 7. Image formats ====

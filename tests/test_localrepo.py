@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-UPSTREAM = os.environ.get("UDOCKER_TEST_UPSTREAM", "/opt/udocker-1.3.17/bin/udocker")
+UPSTREAM = os.environ.get("UDOCKER_TEST_UPSTREAM") or "/opt/udocker-1.3.17/bin/udocker"
 
 
 @pytest.fixture

@@ -389,6 +389,84 @@ def test_interrupted_pull_resumes_next_time(udocker, fault_proxy, registry):
     assert not leftovers(udocker)
 
 
+# -- split (segmented) downloads of large blobs --------------------------------------------
+
+def split_conf(udocker, extra=""):
+    """A config that splits blobs of 200 KB and more into 64 KB segments."""
+    conf = udocker.udocker_dir + ".conf"
+    with open(conf, "w") as handle:
+        handle.write("[DEFAULT]\npull_split_size = 200000\npull_segment_size = 65536\n"
+                     + extra)
+    return "--config=" + conf
+
+
+def test_large_blobs_come_in_parallel_segments(udocker, fault_proxy, registry):
+    udocker(split_conf(udocker), "pull", "--registry=" + fault_proxy.url,
+            "test/multilayer").check()
+    big = [r for r in fault_proxy.blob_requests() if big_layer(registry) in r["path"]]
+    assert len(big) > 4 and all(r["range"] and r["status"] == 206 for r in big)
+    udocker("verify", "test/multilayer").check()
+    assert not leftovers(udocker)
+
+
+def test_split_download_resumes_by_segments(udocker, fault_proxy, registry):
+    # an interrupted split download: the first half of the segments are in, the rest holes
+    conf = split_conf(udocker)
+    udocker(conf, "pull", "--registry=" + fault_proxy.url, "test/busybox").check()
+    digest = big_layer(registry, "test/busybox")
+    layers = os.path.join(udocker.udocker_dir, "layers")
+    partial = os.path.join(layers, "." + digest + ".partial")
+    os.rename(os.path.join(layers, digest), partial)
+    size = os.path.getsize(partial)
+    segments = (size + 65535) // 65536
+    half = segments // 2
+    with open(partial, "r+b") as handle:
+        handle.seek(half * 65536)
+        handle.write(b"\0" * (size - half * 65536))
+    with open(partial + ".json", "w") as handle:
+        json.dump({"size": size, "segment": 65536, "done": list(range(half))}, handle)
+    udocker("rmi", "test/busybox").check()
+    fault_proxy.clear()
+    udocker(conf, "pull", "--registry=" + fault_proxy.url, "test/busybox").check()
+    ranges = sorted(int(r["range"][6:].split("-")[0]) for r in fault_proxy.blob_requests()
+                    if digest in r["path"])
+    assert ranges == [i * 65536 for i in range(half, segments)]
+    udocker("verify", "test/busybox").check()
+    assert not leftovers(udocker)
+
+
+def test_split_download_falls_back_when_range_is_ignored(udocker, fault_proxy, registry):
+    fault_proxy.set(range="ignore")
+    udocker(split_conf(udocker), "pull", "--registry=" + fault_proxy.url,
+            "test/multilayer").check()
+    udocker("verify", "test/multilayer").check()
+    assert not leftovers(udocker)
+
+
+def test_split_download_with_corrupt_segment_fails_cleanly(udocker, fault_proxy, registry):
+    fault_proxy.set(mode="corrupt", match=big_layer(registry))
+    res = udocker(split_conf(udocker), "pull", "--registry=" + fault_proxy.url,
+                  "test/multilayer")
+    assert res.rc == 1 and "does not match its digest" in res.err
+    assert not leftovers(udocker)
+    assert not os.path.exists(os.path.join(udocker.udocker_dir, "layers",
+                                           big_layer(registry)))
+
+
+def test_concurrent_split_pulls(udocker, registry):
+    conf = split_conf(udocker)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(udocker(
+        conf, "pull", "%s/test/multilayer" % registry.host))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.rc for r in results] == [0, 0, 0], results
+    udocker("verify", "%s/test/multilayer" % registry.host).check()
+    assert not leftovers(udocker)
+
+
 # -- concurrency --------------------------------------------------------------------------
 
 def test_four_concurrent_pulls_of_one_image(udocker, registry):
