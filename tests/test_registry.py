@@ -606,3 +606,82 @@ def test_platform_matching():
         {"digest": "c", "platform": {"os": "unknown", "architecture": "unknown"}}]}
     assert ud.select_platform(index, ud.Platform.parse("linux/arm/v7"),
                                    "x")["digest"] == "b"
+
+
+# -- proxies ------------------------------------------------------------------------------
+
+class ForwardProxy(object):
+    """An HTTP forward proxy: GET http://host/path from clients, fetched and relayed."""
+
+    def __init__(self):
+        from support import HTTPServer, BaseHTTPRequestHandler, ThreadingMixIn, httplib
+        from support import urlsplit
+        outer = self
+        self.seen = []
+
+        class Server(ThreadingMixIn, HTTPServer):
+            daemon_threads = True
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):                       # noqa: N802
+                outer.seen.append(self.path)
+                parts = urlsplit(self.path)
+                conn = httplib.HTTPConnection(parts.hostname, parts.port, timeout=30)
+                headers = dict((k, v) for k, v in self.headers.items()
+                               if k.lower() not in ("proxy-connection", "connection"))
+                conn.request("GET", parts.path + ("?" + parts.query if parts.query else ""),
+                             headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection",
+                                           "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                conn.close()
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        thread = threading.Thread(target=self.server.serve_forever)
+        thread.daemon = True
+        thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def forward_proxy():
+    proxy = ForwardProxy()
+    yield proxy
+    proxy.stop()
+
+
+def test_http_proxy_is_used(udocker, registry, forward_proxy):
+    udocker("pull", "%s/test/busybox" % registry.host,
+            env={"http_proxy": forward_proxy.url, "no_proxy": ""}).check()
+    assert [p for p in forward_proxy.seen if "/manifests/" in p]
+    assert [p for p in forward_proxy.seen if "/blobs/" in p]
+    assert all(p.startswith("http://%s/" % registry.host) for p in forward_proxy.seen)
+    udocker("verify", "%s/test/busybox" % registry.host).check()
+
+
+def test_no_proxy_bypasses(udocker, registry, forward_proxy):
+    udocker("pull", "%s/test/busybox" % registry.host,
+            env={"http_proxy": forward_proxy.url, "no_proxy": "127.0.0.1"}).check()
+    assert forward_proxy.seen == []
+
+
+def test_httpproxy_option(udocker, registry, forward_proxy):
+    udocker("pull", "--httpproxy=" + forward_proxy.url, "%s/test/busybox" % registry.host,
+            env={"no_proxy": ""}).check()
+    assert forward_proxy.seen
