@@ -298,6 +298,7 @@ CONFIG_DEFAULTS = (
     ("pull_retries", 5, None),
     ("pull_split_size", 48 << 20, None),      # blobs this large are fetched in segments
     ("pull_segment_size", 16 << 20, None),
+    ("pull_split_rate", 50e6, None),          # ... once a connection proved slower than this
     ("dockerio_index_url", "https://hub.docker.com", "UDOCKER_INDEX"),
     ("dockerio_registry_url", "https://registry-1.docker.io", "UDOCKER_REGISTRY"),
     ("search_page_size", 25, None),
@@ -1798,7 +1799,8 @@ class BlobDownloads(object):
     """Fetches the missing blobs of one pull into layers/ with a few worker threads.
 
     Every blob is verified by sha256 before it is renamed from layers/.DIGEST.partial to
-    layers/DIGEST. A blob is a job; a blob of SPLIT_MIN bytes or more becomes SEGMENT-sized
+    layers/DIGEST. A blob is a job, largest first; once a finished blob showed that one
+    connection is slow, each further blob of SPLIT_MIN bytes or more becomes SEGMENT-sized
     Range jobs written in place into one pre-sized partial file (so a few large layers keep
     every connection busy on a slow link), and is hashed once all segments are in (config:
     pull_split_size, pull_segment_size). Whole
@@ -1814,6 +1816,8 @@ class BlobDownloads(object):
         self.repo, self.client, self.remote = repo, client, remote
         self.SPLIT_MIN = max(repo.cfg.pull_split_size, 1)
         self.SEGMENT = max(repo.cfg.pull_segment_size, 4096)
+        self.split_rate = repo.cfg.pull_split_rate
+        self.rate = None                 # bytes/s of the last whole blob of 1 MB or more
         self.progress, self.workers = progress, max(1, workers)
         self.jobs = []                   # [("blob", digest, size) | ("segment", split, i)]
         self.cond = threading.Condition()
@@ -1881,7 +1885,7 @@ class BlobDownloads(object):
         if self.repo.has_blob(digest):
             self._release(stripe)
             return True
-        if size >= self.SPLIT_MIN and self.workers > 1:
+        if size >= self.SPLIT_MIN and self.workers > 1 and self._slow_link():
             split = SplitBlob(self, digest, size, stripe)
             with self.cond:
                 self.jobs[0:0] = [("segment", split, i) for i in split.todo[1:]]
@@ -1896,6 +1900,13 @@ class BlobDownloads(object):
         finally:
             self._release(stripe)
         return True
+
+    def _slow_link(self):
+        """Split only where it pays: on a link where one connection proved slow (on a fast
+        one, segments cost more in requests and re-reading than they save)."""
+        if self.split_rate == float("inf"):
+            return True
+        return self.rate is not None and self.rate < self.split_rate
 
     def _hold(self, stripe):
         """Take the stripe's lock file without waiting (shared by this process's threads)."""
@@ -1930,7 +1941,10 @@ class BlobDownloads(object):
             remove_quietly(self.partial(digest) + ".json")
         row = self.progress.add(digest, size)
         state = {"restarted": False}
+        started = time.time()
         _retrying(self.repo.cfg, lambda: self._attempt(digest, size, row, state))
+        if size >= (1 << 20):
+            self.rate = size / max(time.time() - started, 1e-6)
         self.progress.finish(row)
 
     def _attempt(self, digest, size, row, state):

@@ -392,11 +392,11 @@ def test_interrupted_pull_resumes_next_time(udocker, fault_proxy, registry):
 # -- split (segmented) downloads of large blobs --------------------------------------------
 
 def split_conf(udocker, extra=""):
-    """A config that splits blobs of 200 KB and more into 64 KB segments."""
+    """A config that splits blobs of 200 KB and more into 64 KB segments, always."""
     conf = udocker.udocker_dir + ".conf"
     with open(conf, "w") as handle:
         handle.write("[DEFAULT]\npull_split_size = 200000\npull_segment_size = 65536\n"
-                     + extra)
+                     "pull_split_rate = inf\n" + extra)
     return "--config=" + conf
 
 
