@@ -518,11 +518,32 @@ def test_connection_refused_is_one_line(udocker):
     assert res.rc == 1 and "Traceback" not in res.err
 
 
-class FakeRegistry(object):
+class LoopbackServer(object):
+    """An HTTP server with a handler class, serving on 127.0.0.1:<free port> in a thread."""
+
+    def serve(self, handler, threaded=False):
+        from support import HTTPServer, ThreadingMixIn
+
+        class Server(ThreadingMixIn, HTTPServer):
+            daemon_threads = True
+
+        self.server = (Server if threaded else HTTPServer)(("127.0.0.1", 0), handler)
+        self.host = "127.0.0.1:%d" % self.server.server_address[1]
+        self.url = "http://" + self.host
+        thread = threading.Thread(target=self.server.serve_forever)
+        thread.daemon = True
+        thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeRegistry(LoopbackServer):
     """A registry that sends a chosen manifest body and content type."""
 
     def __init__(self, body, content_type):
-        from support import HTTPServer, BaseHTTPRequestHandler
+        from support import BaseHTTPRequestHandler
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -538,15 +559,7 @@ class FakeRegistry(object):
                 self.wfile.write(data)
 
         self.body, self.content_type = body, content_type
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.host = "127.0.0.1:%d" % self.server.server_address[1]
-        thread = threading.Thread(target=self.server.serve_forever)
-        thread.daemon = True
-        thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 @pytest.mark.parametrize("body,ctype,needle", [
@@ -610,17 +623,13 @@ def test_platform_matching():
 
 # -- proxies ------------------------------------------------------------------------------
 
-class ForwardProxy(object):
+class ForwardProxy(LoopbackServer):
     """An HTTP forward proxy: GET http://host/path from clients, fetched and relayed."""
 
     def __init__(self):
-        from support import HTTPServer, BaseHTTPRequestHandler, ThreadingMixIn, httplib
-        from support import urlsplit
+        from support import BaseHTTPRequestHandler, httplib, urlsplit
         outer = self
         self.seen = []
-
-        class Server(ThreadingMixIn, HTTPServer):
-            daemon_threads = True
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -648,15 +657,7 @@ class ForwardProxy(object):
                 self.wfile.write(body)
                 conn.close()
 
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        thread = threading.Thread(target=self.server.serve_forever)
-        thread.daemon = True
-        thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler, threaded=True)
 
 
 @pytest.fixture
