@@ -1,54 +1,39 @@
-#!/usr/bin/env python
+#!/bin/sh
 # -*- coding: utf-8 -*-
-"""udocker.py: pull Docker/OCI images and run them as an ordinary user.
-
-One file, standard library only, Python 2.7 and 3.6+. A drop-in for udocker 1.3:
-the same commands, options, environment, udocker.conf and ~/.udocker layout.
-
-Contents (each section opens with a banner "# ==== N. NAME ====", in data-flow order):
-  1. Compat                  one spelling of every name that differs between Python 2 and 3
-  2. Errors and messages     the exception tree and the message printer
-  3. Configuration           defaults, udocker.conf files, environment, options -> Config
-  4. Files, processes, host  atomic writes, locks, hashing, host platform
-  5. Local repository        the ~/.udocker tree: image tags, layers, containers, keystore
-  6. Registry client         image references, HTTP, auth, manifests, parallel verified pulls
-  7. Image formats           docker-save and OCI layout archives
-  8. Container creation      safe flattening of layers into containers/ID/ROOT
-  9. Execution engines       P1/P2 proot, R1-R3 runc/crun, F1-F4 fakechroot, S1 singularity
- 10. Tools installer         the tools tarball: fetch, verify, install
- 11. Command line            the command table, the parser and one function per command
- 12. main                    argv -> exit code
-
-Bytes and text: registry bodies, digests being computed and tar member names are bytes
-until parsed; messages, JSON documents and paths are text (native str).
-"""
+# ./udocker.py starts here as a shell script that runs Python on this file as an imported
+# module, so its bytecode is cached (__pycache__, or ~/.cache/udocker.py where this directory
+# is not writable) instead of recompiled at every start. To Python the line is a string.
+''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c 'import sys,os;sys.dont_write_bytecode=False;p=os.path.abspath(sys.argv.pop(1));d=os.path.dirname(p);getattr(sys,"pycache_prefix",0) is None and not os.access(d,os.W_OK) and setattr(sys,"pycache_prefix",os.path.expanduser("~/.cache/udocker.py"));sys.path.insert(0,d);n=os.path.basename(p);sys.exit(__import__(n[:-3]).main() if n.endswith(".py") else __import__("runpy").run_path(p,run_name="__main__"))' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''
+# udocker.py: pull Docker/OCI images and run them as an ordinary user.
+#
+# One file, standard library only, Python 2.7 and 3.6+. A drop-in for udocker 1.3:
+# the same commands, options, environment, udocker.conf and ~/.udocker layout.
+#
+# Contents (each section opens with a banner "# ==== N. NAME ====", in data-flow order):
+#   1. Compat                  one spelling of every name that differs between Python 2 and 3
+#   2. Errors and messages     the exception tree and the message printer
+#   3. Configuration           defaults, udocker.conf files, environment, options -> Config
+#   4. Files, processes, host  atomic writes, locks, hashing, host platform
+#   5. Local repository        the ~/.udocker tree: image tags, layers, containers, keystore
+#   6. Registry client         image references, HTTP, auth, manifests, parallel verified pulls
+#   7. Image formats           docker-save and OCI layout archives
+#   8. Container creation      safe flattening of layers into containers/ID/ROOT
+#   9. Execution engines       P1/P2 proot, R1-R3 runc/crun, F1-F4 fakechroot, S1 singularity
+#  10. Tools installer         the tools tarball: fetch, verify, install
+#  11. Command line            the command table, the parser and one function per command
+#  12. main                    argv -> exit code
+#
+# Bytes and text: registry bodies, digests being computed and tar member names are bytes
+# until parsed; messages, JSON documents and paths are text (native str).
 
 from __future__ import print_function, absolute_import, division
 
-import base64
-import binascii
 import errno
 import fcntl
-import hashlib
-import io
-import json
 import os
-import platform
-import posixpath
-import random
-import re
-import shutil
-import signal
-import socket
-import ssl
 import stat
 import sys
-import tarfile
-import tempfile
-import threading
 import time
-import uuid
-import zlib
 
 __version__ = "0.1.0"           # udocker.py's own version
 COMPAT_VERSION = "1.3.17"        # the udocker release whose interface we reproduce
@@ -60,29 +45,83 @@ TOOLS_MIN_VERSION = "1.2.11"     # oldest tools tarball (lib/VERSION) we accept
 
 PY3 = sys.version_info[0] >= 3
 
+
+class LazyModule(object):
+    """A module imported on first attribute access: start-up pays only for what a command
+    uses (http.client alone, with the email package it pulls in, costs ~13 ms)."""
+
+    def __init__(self, name):
+        self.__dict__["_name"] = name
+
+    def __getattr__(self, attr):
+        module = __import__(self._name, fromlist=["_"])
+        self.__dict__.update(module.__dict__)
+        return getattr(module, attr)
+
+
+class LazyRegex(object):
+    """A regular expression compiled on first use (importing re alone costs ~4 ms)."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self.compiled = None
+
+    def __getattr__(self, attr):
+        if self.compiled is None:
+            self.compiled = re.compile(self.pattern)
+        return getattr(self.compiled, attr)
+
+
+base64 = LazyModule("base64")
+binascii = LazyModule("binascii")
+hashlib = LazyModule("hashlib")
+json = LazyModule("json")
+re = LazyModule("re")
+shutil = LazyModule("shutil")
+signal = LazyModule("signal")
+random = LazyModule("random")
+socket = LazyModule("socket")
+ssl = LazyModule("ssl")
+tempfile = LazyModule("tempfile")
+threading = LazyModule("threading")
+uuid = LazyModule("uuid")
+io = LazyModule("io")
+posixpath = LazyModule("posixpath")
+tarfile = LazyModule("tarfile")
+zlib = LazyModule("zlib")
+
 if PY3:
-    import configparser
-    import http.client as httplib
-    import queue
-    from urllib.parse import (urlsplit, urlunsplit, urljoin, urlencode, quote,
-                              unquote, parse_qsl)
-    from urllib.request import getproxies, proxy_bypass
+    configparser = LazyModule("configparser")
+    httplib = LazyModule("http.client")
+    queue = LazyModule("queue")
+    urllib_request = LazyModule("urllib.request")
+    urllib_parse = urllib_quote = LazyModule("urllib.parse")
     text_type = str
-    string_types = (str,)
     input_line = input
-    RawConfigParser = configparser.RawConfigParser
-    ConfigError = configparser.Error
 else:                                                     # pragma: no cover (2.7)
-    import ConfigParser as configparser
-    import httplib
-    import Queue as queue
-    from urlparse import urlsplit, urlunsplit, urljoin, parse_qsl
-    from urllib import urlencode, quote, unquote, getproxies, proxy_bypass
+    configparser = LazyModule("ConfigParser")
+    httplib = LazyModule("httplib")
+    queue = LazyModule("Queue")
+    urllib_request = urllib_quote = LazyModule("urllib")
+    urllib_parse = LazyModule("urlparse")
     text_type = unicode                                   # noqa: F821
-    string_types = (str, unicode)                         # noqa: F821
     input_line = raw_input                                # noqa: F821
-    RawConfigParser = configparser.RawConfigParser
-    ConfigError = configparser.Error
+
+
+def urlsplit(url):
+    return urllib_parse.urlsplit(url)
+
+
+def urljoin(base, url):
+    return urllib_parse.urljoin(base, url)
+
+
+def urlencode(query):
+    return urllib_quote.urlencode(query)
+
+
+def unquote(text):
+    return urllib_quote.unquote(text)
 
 
 def to_bytes(value, encoding="utf-8"):
@@ -112,8 +151,14 @@ def json_dumps(obj, pretty=False):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-NETWORK_ERRORS = (socket.error, socket.timeout, httplib.HTTPException, ssl.SSLError,
-                  IOError, OSError)
+class TransportError(IOError):
+    """An HTTP protocol failure (bad status line, short read) raised as an IOError, so that
+    NETWORK_ERRORS stays a plain tuple and http.client is imported only when used."""
+
+
+# Everything the network can throw at us: socket, TLS and timeout errors are all IOErrors,
+# and the HTTP client turns http.client's own exceptions into TransportError.
+NETWORK_ERRORS = (EnvironmentError,)
 
 # ==== 2. Errors and messages ====
 # Code raises where something fails; main() prints one "Error: ..." line (-D adds the traceback).
@@ -351,11 +396,11 @@ class Config(object):
             if required:
                 raise ConfigurationError("config file not found: %s" % path)
             return
-        parser = RawConfigParser()
+        parser = configparser.RawConfigParser()
         try:
             parser.read(path)
             items = parser.items("DEFAULT")
-        except (ConfigError, IOError, OSError) as exc:
+        except (configparser.Error, IOError, OSError) as exc:
             raise ConfigurationError("cannot read config file %s: %s"
                                      % (path, str(exc).splitlines()[0]))
         for key, raw in items:
@@ -579,7 +624,7 @@ class Platform(object):
 
     @classmethod
     def host(cls):
-        machine = platform.machine().lower()
+        machine = os.uname()[4].lower()
         arch, variant = HOST_ARCHES.get(machine, (machine, ""))
         return cls("linux", arch, variant)
 
@@ -603,9 +648,9 @@ class Platform(object):
 # What upstream does not record (manifest digest, index digest, platform) goes to
 # repos/NAME/.TAG.json, beside the tag directory, where upstream never looks.
 
-LOCAL_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/-]*$")
-TAG_RE = re.compile(r"^([a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
-DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+LOCAL_NAME_RE = LazyRegex(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/-]*$")
+TAG_RE = LazyRegex(r"^([a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
+DIGEST_RE = LazyRegex(r"^sha256:[a-f0-9]{64}$")
 
 
 def check_local_name(name):
@@ -985,8 +1030,8 @@ class ContainerStore(object):
     Layout (upstream 1.3): ID/ROOT, ID/container.json, ID/imagerepo.name, ID/PROTECT,
     ID/execmode; NAME -> ID. Ids are uuid3(uuid4(), image+time) strings.
     """
-    ID_RE = re.compile(r"^[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+$")
-    NAME_RE = re.compile(r"^[^/. \[\]]+$")
+    ID_RE = LazyRegex(r"^[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+$")
+    NAME_RE = LazyRegex(r"^[^/. \[\]]+$")
 
     def __init__(self, repo):
         self.repo = repo
@@ -1202,7 +1247,7 @@ class ImageRef(object):
     host: the registry host ("docker.io" when none was named); remote: the repository path
     on the registry (library/ added for single-component Docker Hub names); tag, digest.
     """
-    REF_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/@-]*$")
+    REF_RE = LazyRegex(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/@-]*$")
 
     def __init__(self, name, host, remote, tag, digest):
         self.name, self.host, self.remote, self.tag, self.digest = \
@@ -1282,6 +1327,9 @@ class Response(object):
     def read(self, amount=None):
         try:
             data = self.raw.read(amount) if amount else self.raw.read()
+        except httplib.HTTPException as exc:
+            self.close(reuse=False)
+            raise TransportError("%s: %s" % (type(exc).__name__, exc))
         except BaseException:
             self.close(reuse=False)
             raise
@@ -1346,11 +1394,11 @@ class HttpClient(object):
             return self.proxy
         hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         try:
-            if proxy_bypass(hostname):
+            if urllib_request.proxy_bypass(hostname):
                 return None
         except (OSError, ValueError, socket.error):
             pass
-        return getproxies().get(scheme)
+        return urllib_request.getproxies().get(scheme)
 
     def _connect(self, scheme, host):
         proxy = self._proxy_for(scheme, host)
@@ -1437,6 +1485,11 @@ class HttpClient(object):
                 all_headers.update(extra)
                 conn.request(method, url if absolute else path, body, all_headers)
                 raw = conn.getresponse()
+            except httplib.HTTPException as exc:
+                conn.close()
+                if reused:          # a kept-alive connection the server closed: retry once
+                    continue
+                raise TransportError("%s: %s" % (type(exc).__name__, exc))
             except NETWORK_ERRORS:
                 conn.close()
                 if reused:          # a kept-alive connection the server closed: retry once
@@ -1493,7 +1546,7 @@ class RegistryClient(object):
     def _auth_header(self, scope):
         with self.lock:
             entry = self.tokens.get(scope)
-            if entry and entry[1] > time.time() + 5:
+            if entry and entry[1] > time.time():
                 return entry[0]
             return self.basic
 
@@ -1540,8 +1593,9 @@ class RegistryClient(object):
             token = None
         if not token:
             raise RegistryError("token server of %s sent no token" % self.url)
-        with self.lock:
-            self.tokens[scope] = ("Bearer " + token, time.time() + lifetime)
+        with self.lock:           # renew a little early: a request may take a while to arrive
+            self.tokens[scope] = ("Bearer " + token,
+                                  time.time() + lifetime - min(10.0, lifetime * 0.2))
 
     def request(self, method, path, scope, headers=None, stream=False):
         """An authenticated request to the registry; retries once after a 401 challenge.
@@ -2039,7 +2093,7 @@ IMAGE_MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_DOCKER_V2)
 ARCHIVE_CHUNK = 1 << 20
 LINK_HOPS = 16                  # a longer chain of links inside an archive is treated as broken
 SAVE_MTIME = 0                  # mtime of every member save writes: the same images, same bytes
-BLOB_NAME_RE = re.compile(r"^blobs/sha256/([a-f0-9]{64})$")
+BLOB_NAME_RE = LazyRegex(r"^blobs/sha256/([a-f0-9]{64})$")
 COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
                      (b"\x28\xb5\x2f\xfd", "zstd"))
 LAYER_MEDIA_SUFFIX = {"": "", "gzip": "+gzip", "zstd": "+zstd"}
@@ -2071,10 +2125,10 @@ def compression_of(head):
 
 class Decompressor(object):
     """Incremental decompression of gzip (several members too), bzip2 or xz."""
-    ERRORS = (zlib.error, EOFError, IOError, OSError, ValueError)
 
     def __init__(self, kind, label):
-        self.kind, self.label, self.errors = kind, label, self.ERRORS
+        self.kind, self.label = kind, label
+        self.errors = (zlib.error, EOFError, IOError, OSError, ValueError)
         self.engine = self._new()
 
     def _new(self):
@@ -2085,7 +2139,7 @@ class Decompressor(object):
             return bz2.BZ2Decompressor()
         if self.kind == "xz" and PY3:
             import lzma
-            self.errors = self.ERRORS + (lzma.LZMAError,)
+            self.errors += (lzma.LZMAError,)
             return lzma.LZMADecompressor()
         raise ArchiveError("%s: %s compression is not supported%s" % (
             self.label, self.kind, " under Python 2" if self.kind == "xz" else ""))
@@ -2471,7 +2525,7 @@ def _docker_images(reader):
     known = _known_manifests(reader) if reader.find("index.json") else {}
     images = []
     for item in entries:
-        if not isinstance(item, dict) or not isinstance(item.get("Config"), string_types) \
+        if not isinstance(item, dict) or not isinstance(item.get("Config"), (str, text_type)) \
                 or not isinstance(item.get("Layers"), list):
             raise ArchiveError("%s: manifest.json: an entry has no Config or Layers"
                                % reader.label)

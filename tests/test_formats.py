@@ -1,13 +1,12 @@
 """Image formats: load (docker-save of every vintage, OCI layouts), save, import.
 
-Archives are built here (tarfile + json, deterministic) or made by real tools (skopeo,
-upstream udocker 1.3.17); the real script runs as a subprocess against a temporary
-UDOCKER_DIR, and what lands on disk is checked.
+Archives come from tests/support/images (deterministic docker-save and OCI layout files),
+are altered here for the odd vintages and the broken cases, or are made by real tools
+(skopeo, upstream udocker 1.3.17). udocker.py runs as a subprocess with a private
+repository; what lands on disk is checked, and so is what the other tools make of it.
 """
 from __future__ import print_function, absolute_import
 
-import gzip
-import hashlib
 import io
 import json
 import os
@@ -18,48 +17,61 @@ import threading
 
 import pytest
 
-import udocker
+from support import (UDOCKER_SCRIPT, BaseHTTPRequestHandler, HTTPServer, to_bytes, to_text,
+                     which)
+from support.client import sha256_digest
+from support.images import (Blob, Image, ImageIndex, Layer, build_tar, compress,
+                            docker_archive_files, f, oci_layout_files, sym, with_parents,
+                            write_tar, write_tree)
+from support.runner import Udocker
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "udocker.py")
 UPSTREAM = "/opt/udocker13/bin/udocker"
-HOST = udocker.Platform.host()
-ROOT_FLAG = ["--allow-root"] if os.geteuid() == 0 else []
+UPSTREAM_PYTHON = "/opt/udocker13/bin/python"
 
-needs_skopeo = pytest.mark.skipif(
-    subprocess.call("command -v skopeo >/dev/null", shell=True) != 0, reason="no skopeo")
+needs_skopeo = pytest.mark.skipif(not which("skopeo"), reason="no skopeo")
 needs_upstream = pytest.mark.skipif(not os.path.exists(UPSTREAM), reason="no udocker 1.3.17")
 
 
-# -- running things
+# -- helpers
 
-def environ(tmpdir, udir="ud"):
-    env = dict(os.environ, UDOCKER_DIR=str(tmpdir.join(udir)), HOME=str(tmpdir),
-               UDOCKER_NOSYSCONF="1", UDOCKER_TARBALL="", no_proxy="127.0.0.1,localhost")
-    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy"):
-        env.pop(key, None)
-    return env
+def layer(name, compression=None):
+    return Layer([f("etc/" + name, "content of %s\n" % name)], compression=compression,
+                 comment=name)
 
 
-def run(tmpdir, *args, **kw):
-    """(exit code, stdout bytes, stderr text) of udocker.py ARGS."""
-    cmd = [sys.executable, SCRIPT] + ROOT_FLAG + list(args)
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=environ(tmpdir, kw.get("udir", "ud")))
-    out, err = proc.communicate(kw.get("stdin"))
-    return proc.returncode, out, err.decode("utf-8")
+def archive(path, files, compression=None):
+    """Write {member: bytes} as a tar file; returns its path as text."""
+    return write_tar(str(path), files, compression)
 
 
-def ok(tmpdir, *args, **kw):
-    code, out, err = run(tmpdir, *args, **kw)
-    assert code == 0, err
-    return out.decode("utf-8")
+def ok(run, *args, **kw):
+    res = run(*args, **kw)
+    assert res.rc == 0, res
+    return res.out
 
 
-def upstream(tmpdir, *args, **kw):
-    proc = subprocess.Popen([UPSTREAM] + ROOT_FLAG + list(args), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=environ(tmpdir, kw.get("udir", "ud")))
-    out = proc.communicate()[0].decode("utf-8")
-    return proc.returncode, out
+def one_error_line(res):
+    assert res.rc != 0, res
+    lines = [l for l in res.err.splitlines() if not l.startswith("Info:")]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res
+    return lines[0]
+
+
+def raw_stdout(run, *args):
+    """stdout bytes of udocker.py ARGS (the runner decodes stdout as text)."""
+    proc = subprocess.Popen([sys.executable, UDOCKER_SCRIPT] + list(args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=run.environ(), cwd=run.tmpdir)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    return out
+
+
+def upstream(run):
+    """A runner of udocker 1.3.17 on the same repository as run."""
+    other = Udocker(run.tmpdir, script=UPSTREAM, python=UPSTREAM_PYTHON)
+    other.env = {"UDOCKER_TARBALL": ""}
+    return other
 
 
 def skopeo(*args):
@@ -67,592 +79,420 @@ def skopeo(*args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate()
     assert proc.returncode == 0, err
-    return out.decode("utf-8")
+    return to_text(out)
 
 
-def one_error_line(err):
-    lines = [l for l in err.splitlines() if not l.startswith("Info:")]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), err
-    return lines[0]
-
-
-# -- building archives
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def gz(data):
-    buf = io.BytesIO()
-    handle = gzip.GzipFile(fileobj=buf, mode="wb", mtime=0)
-    handle.write(data)
-    handle.close()
-    return buf.getvalue()
-
-
-def tar_bytes(entries):
-    """entries: (name, bytes) files, (name, ("sym"|"hard", target)) links, (name, None) dirs."""
-    buf = io.BytesIO()
-    archive = tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT)
-    for name, data in entries:
-        info = tarfile.TarInfo(name)
-        info.mtime = 0
-        if data is None:
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            archive.addfile(info)
-        elif isinstance(data, tuple):
-            info.type = tarfile.SYMTYPE if data[0] == "sym" else tarfile.LNKTYPE
-            info.linkname = data[1]
-            archive.addfile(info)
-        else:
-            info.size, info.mode = len(data), 0o644
-            archive.addfile(info, io.BytesIO(data))
-    archive.close()
-    return buf.getvalue()
-
-
-def rootfs(tag, compress=False):
-    """A small layer: etc/NAME with some content."""
-    data = tar_bytes([("etc", None), ("etc/" + tag, ("content of %s\n" % tag).encode())])
-    return gz(data) if compress else data
-
-
-class Image(object):
-    """An image made of layer tars: its config, digests and OCI manifest."""
-
-    def __init__(self, layers, arch=None, variant=None):
-        self.layers = layers
-        self.diff_ids = ["sha256:" + sha(gzip.GzipFile(fileobj=io.BytesIO(l)).read()
-                                         if l[:2] == b"\x1f\x8b" else l) for l in layers]
-        config = {"architecture": arch or HOST.arch, "os": "linux",
-                  "created": "2020-01-01T00:00:00Z", "config": {"Env": ["A=1"]},
-                  "rootfs": {"type": "layers", "diff_ids": self.diff_ids}}
-        if variant:
-            config["variant"] = variant
-        self.config = json.dumps(config, sort_keys=True).encode()
-        self.config_digest = "sha256:" + sha(self.config)
-        self.layer_digests = ["sha256:" + sha(l) for l in layers]
-        self.manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": self.config_digest, "size": len(self.config)},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar" +
-                        ("+gzip" if l[:2] == b"\x1f\x8b" else ""),
-                        "digest": d, "size": len(l)}
-                       for l, d in zip(layers, self.layer_digests)]}, sort_keys=True).encode()
-        self.digest = "sha256:" + sha(self.manifest)
-
-    def descriptor(self, **annotations):
-        desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": self.digest, "size": len(self.manifest)}
-        if annotations:
-            desc["annotations"] = dict((k.replace("_", "."), v)
-                                       for k, v in annotations.items())
-        return desc
-
-    def blobs(self):
-        return [(self.config_digest, self.config), (self.digest, self.manifest)] + \
-            list(zip(self.layer_digests, self.layers))
-
-
-def classic_archive(items, symlinked=False, parents_reversed=False):
-    """A docker-save archive (Docker < 25): <id>/layer.tar, <id>/json, <id>/VERSION,
-    <config>.json, manifest.json, repositories. symlinked: layers stored as <hex>.tar with
-    <id>/layer.tar symlinks (as skopeo writes). parents_reversed: <id>/json parent links
-    lie (only manifest.json's Layers order is right)."""
-    entries, manifest, repositories = {}, [], {}
-    for image, tags in items:
-        entries[image.config_digest[7:] + ".json"] = image.config
-        parent, names, ids = "", [], []
-        for layer, digest in zip(image.layers, image.layer_digests):
-            lid = sha((parent + digest).encode())
-            ids.append(lid)
-            parent = lid
-        chain = list(reversed(ids)) if parents_reversed else ids
-        for i, (lid, layer, digest) in enumerate(zip(ids, image.layers, image.layer_digests)):
-            entries[lid] = None
-            if symlinked:
-                entries[digest[7:] + ".tar"] = layer
-                entries[lid + "/layer.tar"] = ("sym", "../%s.tar" % digest[7:])
-            else:
-                entries[lid + "/layer.tar"] = layer
-            meta = {"id": lid}
-            pos = chain.index(lid)
-            if pos:
-                meta["parent"] = chain[pos - 1]
-            entries[lid + "/json"] = json.dumps(meta).encode()
-            entries[lid + "/VERSION"] = b"1.0"
-            names.append(lid + "/layer.tar")
-        for tag in tags:
-            name, _, version = tag.rpartition(":")
-            repositories.setdefault(name, {})[version] = ids[-1]
-        manifest.append({"Config": image.config_digest[7:] + ".json",
-                         "RepoTags": tags or None, "Layers": names})
-    entries["manifest.json"] = json.dumps(manifest).encode()
-    entries["repositories"] = json.dumps(repositories).encode()
-    return tar_bytes(sorted(entries.items(), key=lambda kv: kv[0]))
-
-
-def oci_entries(descriptors, images, extra_blobs=()):
-    entries = {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}',
-               "index.json": json.dumps({"schemaVersion": 2, "manifests": descriptors}).encode()}
-    for image in images:
-        for digest, data in image.blobs():
-            entries["blobs/sha256/" + digest[7:]] = data
-    for digest, data in extra_blobs:
-        entries["blobs/sha256/" + digest[7:]] = data
-    return entries
-
-
-def oci_archive(descriptors, images, extra_blobs=()):
-    entries = oci_entries(descriptors, images, extra_blobs)
-    return tar_bytes(sorted(entries.items(), key=lambda kv: kv[0]))
-
-
-def docker25_archive(items):
-    """What docker save writes since Docker 25: an OCI layout plus manifest.json whose
-    Config and Layers point into blobs/sha256/."""
-    descriptors, manifest, repositories = [], [], {}
-    for image, tag in items:
-        descriptors.append(image.descriptor(
-            io_containerd_image_name="docker.io/library/" + tag,
-            org_opencontainers_image_ref_name=tag.split(":")[1]))
-        manifest.append({"Config": "blobs/sha256/" + image.config_digest[7:],
-                         "RepoTags": [tag],
-                         "Layers": ["blobs/sha256/" + d[7:] for d in image.layer_digests]})
-        repositories.setdefault(tag.split(":")[0], {})[tag.split(":")[1]] = \
-            image.layer_digests[-1][7:]
-    entries = oci_entries(descriptors, [i for i, _ in items])
-    entries["manifest.json"] = json.dumps(manifest).encode()
-    entries["repositories"] = json.dumps(repositories).encode()
-    return tar_bytes(sorted(entries.items(), key=lambda kv: kv[0]))
-
-
-def write(tmpdir, name, data):
-    path = tmpdir.join(name)
-    path.write_binary(data)
-    return str(path)
-
-
-# -- looking at the repository
-
-def tag_dir(tmpdir, ref, udir="ud"):
+def tag_dir(run, ref):
     name, _, tag = ref.rpartition(":")
-    return tmpdir.join(udir, "repos", name, tag)
+    return os.path.join(run.udocker_dir, "repos", name, tag)
 
 
-def stored_manifest(tmpdir, ref, udir="ud"):
-    return json.loads(tag_dir(tmpdir, ref, udir).join("manifest").read_binary().decode())
+def read(path):
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
-def stored_config(tmpdir, ref, udir="ud"):
-    digest = stored_manifest(tmpdir, ref, udir)["config"]["digest"]
-    return tag_dir(tmpdir, ref, udir).join(digest).read_binary()
+def stored_manifest(run, ref):
+    return json.loads(to_text(read(os.path.join(tag_dir(run, ref), "manifest"))))
 
 
-def layer_files(tmpdir, udir="ud"):
-    layers = tmpdir.join(udir, "layers")
-    return sorted(os.listdir(str(layers))) if layers.check() else []
+def stored_config(run, ref):
+    digest = stored_manifest(run, ref)["config"]["digest"]
+    return read(os.path.join(tag_dir(run, ref), digest))
 
 
-def images(tmpdir, udir="ud"):
-    out = ok(tmpdir, "images", udir=udir)
-    return [l.split()[0] for l in out.splitlines()[1:]]
+def stored_layers(run, ref):
+    return [l["digest"] for l in stored_manifest(run, ref)["layers"]]
 
 
-def assert_verifies(tmpdir, ref, udir="ud"):
-    code, _, err = run(tmpdir, "verify", ref, udir=udir)
-    assert code == 0, err
+def layer_files(run):
+    path = os.path.join(run.udocker_dir, "layers")
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def images(run):
+    return [l.split()[0] for l in ok(run, "images").splitlines()[1:]]
+
+
+def verifies(run, ref):
+    res = run("verify", ref)
+    assert res.rc == 0, res
+    return True
+
+
+def tar_diff_ids(image):
+    return [l.diff_id for l in image.layers]
 
 
 # -- load: docker-save archives
 
-def test_load_classic_archive(tmpdir):
-    image = Image([rootfs("base"), rootfs("top")])
-    path = write(tmpdir, "a.tar", classic_archive([(image, ["myimg:1.0"])]))
-    assert ok(tmpdir, "load", "-i", path) == "myimg:1.0\n"
-    manifest = stored_manifest(tmpdir, "myimg:1.0")
-    assert manifest["config"]["digest"] == image.config_digest
-    assert [l["digest"] for l in manifest["layers"]] == image.layer_digests
-    assert stored_config(tmpdir, "myimg:1.0") == image.config
-    assert tag_dir(tmpdir, "myimg:1.0").join("v2").check()
-    assert_verifies(tmpdir, "myimg:1.0")
-    assert not [f for f in layer_files(tmpdir) if not f.startswith("sha256:")]
+def test_load_classic_archive(udocker, tmpdir):
+    image = Image([layer("base"), layer("top", "gzip")])
+    path = archive(tmpdir.join("a.tar"), docker_archive_files([(image, ["myimg:1.0"])]))
+    assert ok(udocker, "load", "-i", path) == "myimg:1.0\n"
+    manifest = stored_manifest(udocker, "myimg:1.0")
+    assert manifest["config"]["digest"] == sha256_digest(image.config_data)
+    assert stored_layers(udocker, "myimg:1.0") == tar_diff_ids(image)  # docker save: plain
+    assert stored_config(udocker, "myimg:1.0") == image.config_data
+    assert os.path.exists(os.path.join(tag_dir(udocker, "myimg:1.0"), "v2"))
+    assert verifies(udocker, "myimg:1.0")
+    assert all(name.startswith("sha256:") for name in layer_files(udocker))
 
 
-def test_load_gzipped_archive_from_stdin_both_spellings(tmpdir):
-    image = Image([rootfs("one", compress=True)])
-    data = gz(classic_archive([(image, ["piped:latest"])]))
-    assert ok(tmpdir, "load", stdin=data) == "piped:latest\n"
-    assert ok(tmpdir, "load", "-", "other", stdin=data) == "other:latest\n"
-    assert ok(tmpdir, "load", "--input=-", stdin=data) == "piped:latest\n"
-    assert [l["digest"] for l in stored_manifest(tmpdir, "other:latest")["layers"]] == \
-        image.layer_digests
+def test_load_gzipped_archive_from_stdin_every_spelling(udocker, tmpdir):
+    image = Image([layer("one", "gzip")])
+    data = read(archive(tmpdir.join("a.tar.gz"), docker_archive_files(
+        [(image, ["piped:latest"])], compressed=True), "gzip"))
+    assert ok(udocker, "load", input=data) == "piped:latest\n"
+    assert ok(udocker, "load", "-", "other", input=data) == "other:latest\n"
+    assert ok(udocker, "load", "--input=-", input=data) == "piped:latest\n"
+    assert stored_layers(udocker, "other:latest") == [image.layers[0].digest]
 
 
-def test_load_follows_manifest_layers_not_parent_links(tmpdir):
-    image = Image([rootfs("a"), rootfs("b"), rootfs("c")])
-    path = write(tmpdir, "a.tar", classic_archive([(image, ["order:1"])],
-                                                  parents_reversed=True))
-    ok(tmpdir, "load", "-i", path)
-    assert [l["digest"] for l in stored_manifest(tmpdir, "order:1")["layers"]] == \
-        image.layer_digests
+def test_load_follows_manifest_layers_not_parent_links(udocker, tmpdir):
+    image = Image([layer("a"), layer("b"), layer("c")])
+    files = docker_archive_files([(image, ["order:1"])])
+    ids = [name.split("/")[0] for name in json.loads(to_text(files["manifest.json"]))[0]
+           ["Layers"]]
+    for num, lid in enumerate(ids):                     # the parent chain now lies
+        meta = {"id": lid}
+        if num < len(ids) - 1:
+            meta["parent"] = ids[num + 1]
+        files[lid + "/json"] = to_bytes(json.dumps(meta))
+    ok(udocker, "load", "-i", archive(tmpdir.join("a.tar"), files))
+    assert stored_layers(udocker, "order:1") == tar_diff_ids(image)
 
 
-def test_load_symlinked_layers(tmpdir):
-    image = Image([rootfs("a"), rootfs("b")])
-    path = write(tmpdir, "a.tar", classic_archive([(image, ["linked:2"])], symlinked=True))
-    assert ok(tmpdir, "load", "-i", path) == "linked:2\n"
-    assert [l["digest"] for l in stored_manifest(tmpdir, "linked:2")["layers"]] == \
-        image.layer_digests
-    assert_verifies(tmpdir, "linked:2")
+def test_load_symlinked_layers(udocker, tmpdir):
+    """Layers stored once as <hex>.tar, <id>/layer.tar symlinks to them (skopeo's way)."""
+    image = Image([layer("a"), layer("b")])
+    files = docker_archive_files([(image, ["linked:2"])])
+    entries = []
+    for name in sorted(files):
+        if name.endswith("/layer.tar"):
+            blob = sha256_digest(files[name])[7:] + ".tar"
+            entries += [f(blob, files[name]), sym(name, "../" + blob)]
+        else:
+            entries.append(f(name, files[name]))
+    tmpdir.join("s.tar").write_binary(build_tar(with_parents(entries)))
+    assert ok(udocker, "load", "-i", str(tmpdir.join("s.tar"))) == "linked:2\n"
+    assert stored_layers(udocker, "linked:2") == tar_diff_ids(image)
+    assert verifies(udocker, "linked:2")
 
 
-def test_load_multi_image_archive_keeps_every_name(tmpdir):
-    base = rootfs("base")
-    first = Image([base, rootfs("first")])
-    second = Image([base, rootfs("second", compress=True)])
-    path = write(tmpdir, "m.tar", classic_archive([(first, ["one:a", "one:b"]),
-                                                   (second, ["reg.example.com/ns/two:c"])]))
-    assert ok(tmpdir, "load", "-i", path).split() == \
-        ["one:a", "one:b", "reg.example.com/ns/two:c"]
-    assert sorted(images(tmpdir)) == ["one:a", "one:b", "reg.example.com/ns/two:c"]
-    assert [l["digest"] for l in stored_manifest(tmpdir, "reg.example.com/ns/two:c")
-            ["layers"]] == second.layer_digests
-    # the shared base layer is stored once
-    assert len(layer_files(tmpdir)) == 5
-    for ref in ("one:a", "one:b", "reg.example.com/ns/two:c"):
-        assert_verifies(tmpdir, ref)
+def test_load_multi_image_archive_keeps_every_name(udocker, tmpdir):
+    base = layer("base")
+    first = Image([base, layer("first")])
+    second = Image([base, layer("second")])
+    path = archive(tmpdir.join("m.tar"), docker_archive_files(
+        [(first, ["one:a", "one:b"]), (second, ["reg.example.com/ns/two:c"])]))
+    names = ["one:a", "one:b", "reg.example.com/ns/two:c"]
+    assert ok(udocker, "load", "-i", path).split() == names
+    assert sorted(images(udocker)) == names
+    assert stored_layers(udocker, "reg.example.com/ns/two:c") == tar_diff_ids(second)
+    assert len(layer_files(udocker)) == 5           # 2 configs, the shared base once
+    assert all(verifies(udocker, ref) for ref in names)
 
 
-def test_load_untagged_image_and_rename(tmpdir):
-    image = Image([rootfs("x")])
-    path = write(tmpdir, "u.tar", classic_archive([(image, [])]))
-    code, out, err = run(tmpdir, "load", "-i", path)
-    assert code == 0 and "no name" in err
-    assert out.decode() == "loaded-%s:latest\n" % image.config_digest[7:19]
-    assert ok(tmpdir, "load", "-i", path, "named") == "named:latest\n"
-    assert ok(tmpdir, "load", "-i", path, "named:v2") == "named:v2\n"
+def test_load_untagged_image_and_rename(udocker, tmpdir):
+    image = Image([layer("x")])
+    path = archive(tmpdir.join("u.tar"), docker_archive_files([(image, [])]))
+    res = udocker("load", "-i", path)
+    assert res.rc == 0 and "no name" in res.err
+    assert res.out == "loaded-%s:latest\n" % image.config_blob("docker").hex[:12]
+    assert ok(udocker, "load", "-i", path, "named") == "named:latest\n"
+    assert ok(udocker, "load", "-i", path, "named:v2") == "named:v2\n"
 
 
-def test_load_name_with_tag_refuses_several_images(tmpdir):
-    path = write(tmpdir, "m.tar", classic_archive([(Image([rootfs("a")]), ["a:1"]),
-                                                   (Image([rootfs("b")]), ["b:1"])]))
-    code, _, err = run(tmpdir, "load", "-i", path, "both:1")
-    assert code != 0 and "names only one" in one_error_line(err)
-    assert images(tmpdir) == [] and layer_files(tmpdir) == []
-    code, _, err = run(tmpdir, "load", "-i", path, "both")
-    assert code != 0 and "two different images for both:1" in one_error_line(err)
-    assert images(tmpdir) == [] and layer_files(tmpdir) == []
+def test_load_name_cannot_merge_two_images(udocker, tmpdir):
+    path = archive(tmpdir.join("m.tar"), docker_archive_files(
+        [(Image([layer("a")]), ["a:1"]), (Image([layer("b")]), ["b:1"])]))
+    assert "names only one" in one_error_line(udocker("load", "-i", path, "both:1"))
+    assert "two different images for both:1" in \
+        one_error_line(udocker("load", "-i", path, "both"))
+    assert images(udocker) == [] and layer_files(udocker) == []
 
 
-def test_load_replaces_existing_tag(tmpdir):
-    old, new = Image([rootfs("old")]), Image([rootfs("new")])
-    ok(tmpdir, "load", "-i", write(tmpdir, "o.tar", classic_archive([(old, ["img:1"])])))
-    code, out, err = run(tmpdir, "load", "-i",
-                         write(tmpdir, "n.tar", classic_archive([(new, ["img:1"])])))
-    assert code == 0 and "replacing image: img:1" in err
-    assert stored_config(tmpdir, "img:1") == new.config
-    assert_verifies(tmpdir, "img:1")
+def test_load_replaces_existing_tag(udocker, tmpdir):
+    old, new = Image([layer("old")]), Image([layer("new")])
+    ok(udocker, "load", "-i", archive(tmpdir.join("o.tar"),
+                                      docker_archive_files([(old, ["img:1"])])))
+    res = udocker("load", "-i", archive(tmpdir.join("n.tar"),
+                                        docker_archive_files([(new, ["img:1"])])))
+    assert res.rc == 0 and "replacing image: img:1" in res.err
+    assert stored_config(udocker, "img:1") == new.config_data
+    assert verifies(udocker, "img:1")
 
 
-def test_load_refuses_to_replace_protected_tag(tmpdir):
-    path = write(tmpdir, "o.tar", classic_archive([(Image([rootfs("old")]), ["img:1"])]))
-    ok(tmpdir, "load", "-i", path)
-    ok(tmpdir, "protect", "img:1")
-    new = write(tmpdir, "n.tar", classic_archive([(Image([rootfs("new")]), ["img:1"])]))
-    code, _, err = run(tmpdir, "load", "-i", new)
-    assert code != 0 and "protected" in one_error_line(err)
-    assert len(layer_files(tmpdir)) == 2
+def test_load_refuses_to_replace_a_protected_tag(udocker, tmpdir):
+    ok(udocker, "load", "-i", archive(tmpdir.join("o.tar"), docker_archive_files(
+        [(Image([layer("old")]), ["img:1"])])))
+    ok(udocker, "protect", "img:1")
+    res = udocker("load", "-i", archive(tmpdir.join("n.tar"), docker_archive_files(
+        [(Image([layer("new")]), ["img:1"])])))
+    assert "protected" in one_error_line(res)
+    assert len(layer_files(udocker)) == 2
 
 
-# -- load: OCI layouts
+# -- load: OCI layouts and Docker 25
 
-def test_load_oci_layout_with_nested_index(tmpdir):
-    other = "arm64" if HOST.arch != "arm64" else "amd64"
-    mine = Image([rootfs("host", compress=True)])
-    theirs = Image([rootfs("other")], arch=other)
-    attestation = b'{"schemaVersion":2,"layers":[],"config":{}}'
-    nested = json.dumps({"schemaVersion": 2,
-                         "mediaType": "application/vnd.oci.image.index.v1+json",
-                         "manifests": [
-                             dict(theirs.descriptor(), platform={"os": "linux",
-                                                                 "architecture": other}),
-                             dict(mine.descriptor(), platform={"os": "linux",
-                                                               "architecture": HOST.arch}),
-                             {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                              "digest": "sha256:" + sha(attestation),
-                              "size": len(attestation),
-                              "platform": {"os": "unknown", "architecture": "unknown"}}]
-                         }).encode()
-    index_desc = {"mediaType": "application/vnd.oci.image.index.v1+json",
-                  "digest": "sha256:" + sha(nested), "size": len(nested),
-                  "annotations": {"org.opencontainers.image.ref.name": "3.1"}}
-    path = write(tmpdir, "o.tar", oci_archive([index_desc], [mine, theirs],
-                                              [(index_desc["digest"], nested)]))
-    assert ok(tmpdir, "load", "-i", path, "multi") == "multi:3.1\n"
-    assert tag_dir(tmpdir, "multi:3.1").join("manifest").read_binary() == mine.manifest
-    assert_verifies(tmpdir, "multi:3.1")
+def test_load_oci_layout_with_nested_index(udocker, tmpdir):
+    mine = Image([layer("host", "gzip")])
+    other_arch = "arm64" if mine.architecture != "arm64" else "amd64"
+    theirs = Image([layer("other", "gzip")], architecture=other_arch)
+    attestation = Blob(b'{"schemaVersion":2,"config":{},"layers":[]}',
+                       "application/vnd.oci.image.manifest.v1+json")
+    index = ImageIndex([theirs, mine], extra=[
+        (attestation, {"platform": {"os": "unknown", "architecture": "unknown"}})])
+    path = archive(tmpdir.join("o.tar"), oci_layout_files([(index, "3.1")]))
+    assert ok(udocker, "load", "-i", path, "multi") == "multi:3.1\n"
+    assert read(os.path.join(tag_dir(udocker, "multi:3.1"), "manifest")) == \
+        mine.manifest("oci").data
+    assert verifies(udocker, "multi:3.1")
 
 
-def test_load_oci_layout_names(tmpdir):
-    a, b = Image([rootfs("a")]), Image([rootfs("b")])
-    path = write(tmpdir, "o.tar", oci_archive([
-        a.descriptor(org_opencontainers_image_ref_name="example.com/ns/app:2"),
-        a.descriptor(org_opencontainers_image_ref_name="example.com/ns/app:latest"),
-        b.descriptor(io_containerd_image_name="docker.io/library/busybox:1.36",
-                     org_opencontainers_image_ref_name="1.36")], [a, b]))
-    assert ok(tmpdir, "load", "-i", path).split() == \
+def test_load_oci_layout_names(udocker, tmpdir):
+    a, b = Image([layer("a", "gzip")]), Image([layer("b", "gzip")])
+    path = archive(tmpdir.join("o.tar"), oci_layout_files([
+        (a, "example.com/ns/app:2"), (a, "example.com/ns/app:latest"),
+        (b, {"io.containerd.image.name": "docker.io/library/busybox:1.36",
+             "org.opencontainers.image.ref.name": "1.36"})]))
+    assert ok(udocker, "load", "-i", path).split() == \
         ["example.com/ns/app:2", "example.com/ns/app:latest", "busybox:1.36"]
-    assert tag_dir(tmpdir, "busybox:1.36").join("manifest").read_binary() == b.manifest
+    assert stored_layers(udocker, "busybox:1.36") == [b.layers[0].digest]
 
 
-def test_load_docker25_archive(tmpdir):
-    a = Image([rootfs("a"), rootfs("b")])
-    b = Image([rootfs("a"), rootfs("c")])
-    path = write(tmpdir, "d.tar", docker25_archive([(a, "first:1"), (b, "second:2")]))
-    assert ok(tmpdir, "load", "-i", path).split() == ["first:1", "second:2"]
-    # the OCI manifest docker stored is kept (so is the image's digest)
-    assert tag_dir(tmpdir, "first:1").join("manifest").read_binary() == a.manifest
-    assert tag_dir(tmpdir, "second:2").join("manifest").read_binary() == b.manifest
-    assert len(layer_files(tmpdir)) == 5
+def test_load_docker25_archive(udocker, tmpdir):
+    a = Image([layer("a"), layer("b")])
+    b = Image([layer("a"), layer("c")])
+    files = docker_archive_files([(a, ["first:1"]), (b, ["second:2"])], style="oci")
+    assert ok(udocker, "load", "-i", archive(tmpdir.join("d.tar"), files)).split() == \
+        ["first:1", "second:2"]
+    index = json.loads(to_text(files["index.json"]))
+    for ref, entry in zip(("first:1", "second:2"), index["manifests"]):
+        # the OCI manifest docker stored is kept, so is the image's digest
+        assert sha256_digest(read(os.path.join(tag_dir(udocker, ref), "manifest"))) == \
+            entry["digest"]
+    assert stored_layers(udocker, "second:2") == tar_diff_ids(b)
+    assert len(layer_files(udocker)) == 5
 
 
-# -- load: bad input changes nothing
+# -- load: bad input is refused and changes nothing
 
 def _bad_archives():
-    good = Image([rootfs("good")])
-    full = classic_archive([(good, ["bad:1"])])
-    entries = dict((m.name, m) for m in tarfile.open(fileobj=io.BytesIO(full)))
-    missing_layer = tar_bytes([(n, (tarfile.open(fileobj=io.BytesIO(full))
-                                    .extractfile(n).read()))
-                               for n, m in sorted(entries.items())
-                               if m.isreg() and not n.endswith("layer.tar")])
-    no_manifest = tar_bytes([("etc/passwd", b"root:x:0:0::/root:/bin/sh\n")])
-    corrupt = Image([rootfs("corrupt")])
-    blobs = [(d, data if not d == corrupt.layer_digests[0] else data + b"\0" * 512)
-             for d, data in corrupt.blobs()]
-    corrupt_blob = tar_bytes([("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
-                              ("index.json", json.dumps({"schemaVersion": 2, "manifests": [
-                                  corrupt.descriptor()]}).encode())] +
-                             [("blobs/sha256/" + d[7:], data) for d, data in blobs])
-    evil = tar_bytes([("manifest.json", b"[]"), ("../evil", b"x")])
-    lying = Image([rootfs("lying")])
-    lying.layers = [rootfs("other")]
-    lying.layer_digests = ["sha256:" + sha(lying.layers[0])]
+    good = docker_archive_files([(Image([layer("good")]), ["bad:1"])])
+    full = build_tar(with_parents([f(n, good[n]) for n in sorted(good)]))
+    no_layer = dict((n, v) for n, v in good.items() if not n.endswith("layer.tar"))
+    corrupt = oci_layout_files([(Image([layer("corrupt", "gzip")]), "1")])
+    for name in corrupt:
+        if corrupt[name][:2] == b"\x1f\x8b":
+            corrupt[name] += b"\0" * 512
+    lying = docker_archive_files([(Image([layer("lying")]), ["lying:1"])])
+    for name in lying:
+        if name.endswith("layer.tar"):
+            lying[name] = layer("other").tar
+    tarred = lambda files: build_tar(with_parents([f(n, files[n]) for n in sorted(files)]))
     return [
         ("truncated", full[:len(full) // 2 + 100], "truncated"),
         ("not a tar", b"this is not an archive\n" * 100, "not a tar archive"),
-        ("no manifest", no_manifest, "not a docker-save or OCI archive"),
-        ("missing layer", missing_layer, "is not in the archive"),
-        ("blob digest", corrupt_blob, "does not match its digest"),
-        ("unsafe name", evil, "unsafe member name"),
-        ("diff_id", classic_archive([(lying, ["lying:1"])]), "does not match the image config"),
         ("empty", b"", "not a tar archive"),
+        ("no manifest", tarred({"etc/passwd": b"root:x:0:0::/root:/bin/sh\n"}),
+         "not a docker-save or OCI archive"),
+        ("missing layer", tarred(no_layer), "is not in the archive"),
+        ("blob digest", tarred(corrupt), "does not match its digest"),
+        ("diff_id", tarred(lying), "does not match the image config"),
+        ("unsafe name", build_tar([f("manifest.json", b"[]"), f("../evil", b"x")]),
+         "unsafe member name"),
     ]
 
 
-@pytest.mark.parametrize("what,data,message", _bad_archives(), ids=lambda v: str(v)[:12])
-def test_load_bad_input_leaves_nothing_behind(tmpdir, what, data, message):
-    keep = Image([rootfs("keep")])
-    ok(tmpdir, "load", "-i", write(tmpdir, "keep.tar", classic_archive([(keep, ["keep:1"])])))
-    before = layer_files(tmpdir)
-    for args, stdin in ((["-i", write(tmpdir, "bad.tar", data)], None), ([], data)):
-        code, out, err = run(tmpdir, "load", *args, stdin=stdin)
-        assert code != 0 and out == b""
-        assert message in one_error_line(err), err
-        assert images(tmpdir) == ["keep:1"]
-        assert layer_files(tmpdir) == before
-        assert_verifies(tmpdir, "keep:1")
-    assert not tmpdir.join("evil").check() and not tmpdir.join("ud", "evil").check()
+@pytest.mark.parametrize("what,data,message", _bad_archives(),
+                         ids=[case[0] for case in _bad_archives()])
+def test_load_bad_input_leaves_nothing_behind(udocker, tmpdir, what, data, message):
+    ok(udocker, "load", "-i", archive(tmpdir.join("keep.tar"), docker_archive_files(
+        [(Image([layer("keep")]), ["keep:1"])])))
+    before = layer_files(udocker)
+    tmpdir.join("bad.tar").write_binary(data)
+    for args, data_in in ((["-i", str(tmpdir.join("bad.tar"))], None), ([], data)):
+        res = udocker("load", *args, input=data_in)
+        assert message in one_error_line(res) and res.out == ""
+        assert images(udocker) == ["keep:1"]
+        assert layer_files(udocker) == before
+        assert verifies(udocker, "keep:1")
+    assert not tmpdir.join("evil").check() and not os.path.exists(
+        os.path.join(udocker.udocker_dir, "evil"))
 
 
-def test_load_usage_errors(tmpdir):
-    code, _, err = run(tmpdir, "load", "-i", str(tmpdir.join("nope.tar")))
-    assert code != 0 and "does not exist" in one_error_line(err)
-    path = write(tmpdir, "a.tar", classic_archive([(Image([rootfs("a")]), ["a:1"])]))
-    code, _, err = run(tmpdir, "load", "-i", path, "Bad Name")
-    assert code != 0 and "invalid image reference" in one_error_line(err)
-    code, _, err = run(tmpdir, "load", "-i", path, "x", "y")
-    assert code != 0 and "unexpected argument" in one_error_line(err)
-    assert images(tmpdir) == [] and layer_files(tmpdir) == []
+def test_load_usage_errors(udocker, tmpdir):
+    res = udocker("load", "-i", str(tmpdir.join("nope.tar")))
+    assert "does not exist" in one_error_line(res)
+    path = archive(tmpdir.join("a.tar"), docker_archive_files([(Image([layer("a")]),
+                                                                ["a:1"])]))
+    assert "invalid image reference" in one_error_line(udocker("load", "-i", path, "Bad Name"))
+    assert "unexpected argument" in one_error_line(udocker("load", "-i", path, "x", "y"))
+    assert images(udocker) == [] and layer_files(udocker) == []
 
 
 # -- save
 
-def _load_sample(tmpdir, udir="ud"):
-    image = Image([rootfs("base"), rootfs("top", compress=True)])
-    ok(tmpdir, "load", "-i", write(tmpdir, "in.tar", classic_archive([(image, ["sample:1"])])),
-       udir=udir)
+def _load_sample(run, tmpdir):
+    image = Image([layer("base"), layer("top", "gzip")])
+    files = docker_archive_files([(image, ["sample:1"])], compressed=True)
+    ok(run, "load", "-i", archive(tmpdir.join("in.tar"), files))
     return image
 
 
-def test_save_round_trip_is_exact_and_deterministic(tmpdir):
-    image = _load_sample(tmpdir)
-    ok(tmpdir, "tag", "sample:1", "sample:2")
+def test_save_round_trip_is_exact_and_deterministic(udocker, tmpdir):
+    image = _load_sample(udocker, tmpdir)
+    ok(udocker, "tag", "sample:1", "sample:2")
     first, second = str(tmpdir.join("s1.tar")), str(tmpdir.join("s2.tar"))
-    ok(tmpdir, "save", "-o", first, "sample:1", "sample:2")
-    ok(tmpdir, "save", "--output=" + second, "sample:1", "sample:2")
-    assert open(first, "rb").read() == open(second, "rb").read()
-    archive = tarfile.open(first)
-    names = archive.getnames()
-    assert names == sorted(names) and all(m.mtime == 0 for m in archive)
-    manifest = json.loads(archive.extractfile("manifest.json").read().decode())
+    ok(udocker, "save", "-o", first, "sample:1", "sample:2")
+    ok(udocker, "save", "--output=" + second, "sample:1", "sample:2")
+    assert read(first) == read(second)
+    saved = tarfile.open(first)
+    names = saved.getnames()
+    assert names == sorted(names) and all(m.mtime == 0 for m in saved)
+    manifest = json.loads(to_text(saved.extractfile("manifest.json").read()))
     assert len(manifest) == 1 and manifest[0]["RepoTags"] == ["sample:1", "sample:2"]
-    assert archive.extractfile(manifest[0]["Config"]).read() == image.config
-    repositories = json.loads(archive.extractfile("repositories").read().decode())
+    assert saved.extractfile(manifest[0]["Config"]).read() == image.config_data
+    repositories = json.loads(to_text(saved.extractfile("repositories").read()))
     assert repositories["sample"]["1"] == manifest[0]["Layers"][-1].split("/")[0]
     for name in manifest[0]["Layers"]:
-        layer_id = name.split("/")[0]
-        assert archive.extractfile(layer_id + "/VERSION").read() == b"1.0"
-    assert ok(tmpdir, "load", "-i", first, udir="back").split() == ["sample:1", "sample:2"]
-    assert stored_manifest(tmpdir, "sample:1", "back") == stored_manifest(tmpdir, "sample:1")
-    assert stored_config(tmpdir, "sample:2", "back") == image.config
+        assert saved.extractfile(name.split("/")[0] + "/VERSION").read() == b"1.0"
+    back = Udocker(str(tmpdir.join("back")))
+    assert ok(back, "load", "-i", first).split() == ["sample:1", "sample:2"]
+    assert stored_manifest(back, "sample:1") == stored_manifest(udocker, "sample:1")
+    assert stored_config(back, "sample:2") == image.config_data
 
 
-def test_save_to_stdout_and_refusals(tmpdir):
-    _load_sample(tmpdir)
-    code, data, err = run(tmpdir, "save", "sample:1")
-    assert code == 0, err
-    code, dash, err = run(tmpdir, "save", "-o", "-", "sample:1")
-    assert code == 0 and dash == data
-    path = write(tmpdir, "exists.tar", b"keep me")
-    code, _, err = run(tmpdir, "save", "-o", path, "sample:1")
-    assert code != 0 and "already exists" in one_error_line(err)
-    assert open(path, "rb").read() == b"keep me"
-    code, _, err = run(tmpdir, "save", "-o", str(tmpdir.join("x.tar")), "nosuch:1")
-    assert code != 0 and "not found" in one_error_line(err)
+def test_save_to_stdout_and_refusals(udocker, tmpdir):
+    _load_sample(udocker, tmpdir)
+    data = raw_stdout(udocker, "save", "sample:1")
+    assert raw_stdout(udocker, "save", "-o", "-", "sample:1") == data
+    assert tarfile.open(fileobj=io.BytesIO(data)).getmember("manifest.json")
+    tmpdir.join("exists.tar").write_binary(b"keep me")
+    res = udocker("save", "-o", str(tmpdir.join("exists.tar")), "sample:1")
+    assert "already exists" in one_error_line(res)
+    assert tmpdir.join("exists.tar").read_binary() == b"keep me"
+    res = udocker("save", "-o", str(tmpdir.join("x.tar")), "sample:1", "nosuch:1")
+    assert "not found" in one_error_line(res)
     assert not tmpdir.join("x.tar").check()
-    assert [f for f in os.listdir(str(tmpdir)) if f.startswith(".udocker-save")] == []
+    assert [n for n in os.listdir(str(tmpdir)) if n.startswith(".udocker-save")] == []
 
 
 @needs_skopeo
-def test_save_is_read_by_skopeo(tmpdir):
-    image = _load_sample(tmpdir)
+def test_save_is_read_by_skopeo(udocker, tmpdir):
+    image = _load_sample(udocker, tmpdir)
     path = str(tmpdir.join("s.tar"))
-    ok(tmpdir, "save", "-o", path, "sample:1")
+    ok(udocker, "save", "-o", path, "sample:1")
     info = json.loads(skopeo("inspect", "docker-archive:" + path + ":sample:1"))
-    assert info["Layers"] == image.diff_ids
+    assert info["Layers"] == tar_diff_ids(image)
     skopeo("copy", "docker-archive:" + path, "oci:" + str(tmpdir.join("oci")) + ":t")
+    blobs = tmpdir.join("oci", "blobs", "sha256")
     index = json.loads(tmpdir.join("oci", "index.json").read())
-    blob = tmpdir.join("oci", "blobs", "sha256")
-    manifest = json.loads(blob.join(index["manifests"][0]["digest"][7:]).read())
-    config = json.loads(blob.join(manifest["config"]["digest"][7:]).read())
-    assert config["rootfs"]["diff_ids"] == image.diff_ids
+    manifest = json.loads(blobs.join(index["manifests"][0]["digest"][7:]).read())
+    config = json.loads(blobs.join(manifest["config"]["digest"][7:]).read())
+    assert config["rootfs"]["diff_ids"] == tar_diff_ids(image)
 
 
 @needs_skopeo
-def test_load_archives_made_by_skopeo(tmpdir):
-    image = Image([rootfs("one"), rootfs("two", compress=True)])
-    layout = tmpdir.mkdir("layout")
-    for name, data in oci_entries([image.descriptor(org_opencontainers_image_ref_name="v1")],
-                                  [image]).items():
-        target = layout.join(*name.split("/"))
-        target.dirpath().ensure(dir=True)
-        target.write_binary(data)
-    src = "oci:" + str(layout) + ":v1"
-    docker_archive = str(tmpdir.join("d.tar"))
-    oci_archive_path = str(tmpdir.join("o.tar"))
-    skopeo("copy", src, "docker-archive:" + docker_archive + ":example.com/sk/img:3")
-    skopeo("copy", src, "oci-archive:" + oci_archive_path + ":example.com/sk/img:4")
-    assert ok(tmpdir, "load", "-i", docker_archive) == "example.com/sk/img:3\n"
-    assert ok(tmpdir, "load", "-i", oci_archive_path) == "example.com/sk/img:4\n"
+def test_load_archives_made_by_skopeo(udocker, tmpdir):
+    image = Image([layer("one"), layer("two", "gzip")])
+    layout = write_tree(str(tmpdir.mkdir("layout")), oci_layout_files([(image, "v1")]))
+    docker_archive, oci_archive = str(tmpdir.join("d.tar")), str(tmpdir.join("o.tar"))
+    skopeo("copy", "oci:%s:v1" % layout, "docker-archive:%s:example.com/sk/img:3"
+           % docker_archive)
+    skopeo("copy", "oci:%s:v1" % layout, "oci-archive:%s:example.com/sk/img:4" % oci_archive)
+    assert ok(udocker, "load", "-i", docker_archive) == "example.com/sk/img:3\n"
+    assert ok(udocker, "load", "-i", oci_archive) == "example.com/sk/img:4\n"
     for ref in ("example.com/sk/img:3", "example.com/sk/img:4"):
-        config = json.loads(stored_config(tmpdir, ref).decode())
-        assert config["rootfs"]["diff_ids"] == image.diff_ids
-        assert_verifies(tmpdir, ref)
+        config = json.loads(to_text(stored_config(udocker, ref)))
+        assert config["rootfs"]["diff_ids"] == tar_diff_ids(image)
+        assert verifies(udocker, ref)
 
 
 # -- upstream udocker 1.3.17 reads what we write, and we read what it writes
 
 @needs_upstream
-def test_upstream_reads_loaded_images(tmpdir):
-    _load_sample(tmpdir)
-    code, out = upstream(tmpdir, "images")
-    assert code == 0 and "sample:1" in out
-    code, out = upstream(tmpdir, "verify", "sample:1")
-    assert code == 0 and "Ok" in out, out
-    code, out = upstream(tmpdir, "create", "--name=c1", "sample:1")
-    assert code == 0, out
-    root = tmpdir.join("ud", "containers", "c1", "ROOT")
-    assert root.join("etc", "base").read() == "content of base\n"
-    assert root.join("etc", "top").read() == "content of top\n"
+def test_upstream_reads_loaded_images(udocker, tmpdir):
+    _load_sample(udocker, tmpdir)
+    old = upstream(udocker)
+    assert "sample:1" in ok(old, "images")
+    assert "image Ok" in ok(old, "verify", "sample:1")
+    ok(old, "create", "--name=c1", "sample:1")
+    root = os.path.join(udocker.udocker_dir, "containers", "c1", "ROOT", "etc")
+    assert read(os.path.join(root, "base")) == b"content of base\n"
+    assert read(os.path.join(root, "top")) == b"content of top\n"
 
 
 @needs_upstream
-def test_upstream_loads_our_save(tmpdir):
-    _load_sample(tmpdir)
+def test_upstream_loads_our_save(udocker, tmpdir):
+    _load_sample(udocker, tmpdir)
     path = str(tmpdir.join("s.tar"))
-    ok(tmpdir, "save", "-o", path, "sample:1")
-    code, out = upstream(tmpdir, "load", "-i", path, udir="up")
-    assert code == 0 and "sample:1" in out, out
-    code, out = upstream(tmpdir, "images", udir="up")
-    assert "sample:1" in out
-    code, out = upstream(tmpdir, "verify", "sample:1", udir="up")
-    assert code == 0 and "Ok" in out, out
-    code, out = upstream(tmpdir, "create", "--name=c2", "sample:1", udir="up")
-    assert code == 0, out
-    assert tmpdir.join("up", "containers", "c2", "ROOT", "etc", "top").check()
+    ok(udocker, "save", "-o", path, "sample:1")
+    old = upstream(Udocker(str(tmpdir.join("up"))))
+    assert "sample:1" in ok(old, "load", "-i", path)
+    assert "sample:1" in ok(old, "images")
+    assert "image Ok" in ok(old, "verify", "sample:1")
+    ok(old, "create", "--name=c2", "sample:1")
+    assert os.path.exists(os.path.join(old.udocker_dir, "containers", "c2", "ROOT", "etc",
+                                       "top"))
 
 
 @needs_upstream
-def test_we_load_upstream_save_of_an_imported_image(tmpdir):
-    tarball = write(tmpdir, "root.tar.gz", rootfs("imported", compress=True))
-    code, out = upstream(tmpdir, "import", tarball, "upimg:7", udir="up")
-    assert code == 0, out
+def test_we_load_upstream_save_and_save_its_v1_images(udocker, tmpdir):
+    rootfs = layer("imported", "gzip")
+    tarball = str(tmpdir.join("root.tar.gz"))
+    tmpdir.join("root.tar.gz").write_binary(rootfs.data)
+    other = Udocker(str(tmpdir.join("up")))
+    old = upstream(other)
+    ok(old, "import", tarball, "upimg:7")
     path = str(tmpdir.join("up.tar"))
-    code, out = upstream(tmpdir, "save", "-o", path, "upimg:7", udir="up")
-    assert code == 0, out
-    assert ok(tmpdir, "load", "-i", path) == "upimg:7\n"
-    assert_verifies(tmpdir, "upimg:7")
-    # ... and we save upstream's v1 image (its config gets the real diff_ids)
+    ok(old, "save", "-o", path, "upimg:7")
+    assert ok(udocker, "load", "-i", path) == "upimg:7\n"
+    assert verifies(udocker, "upimg:7")
+    # our save of upstream's v1 image: its config gets the real diff_ids
     again = str(tmpdir.join("again.tar"))
-    ok(tmpdir, "save", "-o", again, "upimg:7", udir="up")
-    archive = tarfile.open(again)
-    manifest = json.loads(archive.extractfile("manifest.json").read().decode())
-    config = json.loads(archive.extractfile(manifest[0]["Config"]).read().decode())
-    plain = gzip.GzipFile(fileobj=io.BytesIO(open(tarball, "rb").read())).read()
-    assert config["rootfs"]["diff_ids"] == ["sha256:" + sha(plain)]
+    ok(other, "save", "-o", again, "upimg:7")
+    saved = tarfile.open(again)
+    manifest = json.loads(to_text(saved.extractfile("manifest.json").read()))
+    config = json.loads(to_text(saved.extractfile(manifest[0]["Config"]).read()))
+    assert config["rootfs"]["diff_ids"] == [rootfs.diff_id]
 
 
 # -- import
 
-def test_import_plain_and_gzip(tmpdir):
-    plain = rootfs("imp")
-    for name, data in (("p.tar", plain), ("g.tar.gz", gz(plain))):
-        path = write(tmpdir, name, data)
-        ok(tmpdir, "import", path, "imp:" + name[0])
-        assert os.path.exists(path)
-        manifest = stored_manifest(tmpdir, "imp:" + name[0])
-        assert [l["digest"] for l in manifest["layers"]] == ["sha256:" + sha(data)]
-        config = json.loads(stored_config(tmpdir, "imp:" + name[0]).decode())
-        assert config["rootfs"]["diff_ids"] == ["sha256:" + sha(plain)]
-        assert config["architecture"] == HOST.arch and config["os"] == "linux"
+def test_import_plain_and_gzip(udocker, tmpdir):
+    rootfs = layer("imp")
+    for tag, data in (("p", rootfs.tar), ("g", compress(rootfs.tar, "gzip"))):
+        tmpdir.join(tag).write_binary(data)
+        ok(udocker, "import", str(tmpdir.join(tag)), "imp:" + tag)
+        assert tmpdir.join(tag).check()
+        assert stored_layers(udocker, "imp:" + tag) == [sha256_digest(data)]
+        config = json.loads(to_text(stored_config(udocker, "imp:" + tag)))
+        assert config["rootfs"]["diff_ids"] == [rootfs.diff_id]
+        assert (config["os"], config["architecture"]) == ("linux", Image([]).architecture)
         assert config["history"][0]["comment"] == "created by udocker.py import"
-        assert_verifies(tmpdir, "imp:" + name[0])
+        assert verifies(udocker, "imp:" + tag)
 
 
-def test_import_mv_stdin_platform_and_replace(tmpdir):
-    data = gz(rootfs("moved"))
-    path = write(tmpdir, "m.tar.gz", data)
-    ok(tmpdir, "import", "--mv", "--platform=linux/arm64/v8", path, "moved:1")
-    assert not os.path.exists(path)
-    config = json.loads(stored_config(tmpdir, "moved:1").decode())
+def test_import_mv_stdin_platform_and_replace(udocker, tmpdir):
+    path = tmpdir.join("m.tar.gz")
+    path.write_binary(layer("moved", "gzip").data)
+    ok(udocker, "import", "--mv", "--platform=linux/arm64/v8", str(path), "moved:1")
+    assert not path.check()
+    config = json.loads(to_text(stored_config(udocker, "moved:1")))
     assert (config["os"], config["architecture"], config["variant"]) == \
         ("linux", "arm64", "v8")
-    code, _, err = run(tmpdir, "import", "-", "moved:1", stdin=rootfs("stdin"))
-    assert code == 0 and "replacing image: moved:1" in err
-    assert json.loads(stored_config(tmpdir, "moved:1").decode())["rootfs"]["diff_ids"] == \
-        ["sha256:" + sha(rootfs("stdin"))]
-    assert_verifies(tmpdir, "moved:1")
+    res = udocker("import", "-", "moved:1", input=layer("stdin").tar)
+    assert res.rc == 0 and "replacing image: moved:1" in res.err
+    config = json.loads(to_text(stored_config(udocker, "moved:1")))
+    assert config["rootfs"]["diff_ids"] == [layer("stdin").diff_id]
+    assert verifies(udocker, "moved:1")
 
 
-def test_import_from_url(tmpdir):
-    try:
-        from http.server import HTTPServer, BaseHTTPRequestHandler
-    except ImportError:                                   # Python 2
-        from BaseHTTPServer import HTTPServer, BaseHTTPRequestHandler
-    body = gz(rootfs("web"))
+def test_import_from_url(udocker):
+    body = layer("web", "gzip").data
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -672,24 +512,23 @@ def test_import_from_url(tmpdir):
     thread.start()
     try:
         base = "http://127.0.0.1:%d/" % server.server_address[1]
-        ok(tmpdir, "import", base + "rootfs.tar.gz", "web:1")
-        assert [l["digest"] for l in stored_manifest(tmpdir, "web:1")["layers"]] == \
-            ["sha256:" + sha(body)]
-        code, _, err = run(tmpdir, "import", base + "missing", "web:2")
-        assert code != 0 and "404" in one_error_line(err)
+        ok(udocker, "import", base + "rootfs.tar.gz", "web:1")
+        assert stored_layers(udocker, "web:1") == [sha256_digest(body)]
+        assert "404" in one_error_line(udocker("import", base + "missing", "web:2"))
     finally:
         server.shutdown()
         server.server_close()
 
 
-def test_import_bad_input_leaves_nothing_behind(tmpdir):
-    for data in (b"not a tarball at all\n" * 50, gz(b"not a tarball at all\n" * 50), b""):
-        path = write(tmpdir, "bad.tar", data)
-        code, _, err = run(tmpdir, "import", "--mv", path, "bad:1")
-        assert code != 0 and "not a tar archive" in one_error_line(err)
-        assert os.path.exists(path)
-        assert images(tmpdir) == [] and layer_files(tmpdir) == []
-    code, _, err = run(tmpdir, "import", str(tmpdir.join("nope.tar")), "bad:1")
-    assert code != 0 and "does not exist" in one_error_line(err)
-    code, _, err = run(tmpdir, "import", path)
-    assert code != 0 and "missing argument" in one_error_line(err)
+def test_import_bad_input_leaves_nothing_behind(udocker, tmpdir):
+    path = tmpdir.join("bad.tar")
+    for data in (b"not a tarball at all\n" * 50,
+                 compress(b"not a tarball at all\n" * 50, "gzip"), b""):
+        path.write_binary(data)
+        res = udocker("import", "--mv", str(path), "bad:1")
+        assert "not a tar archive" in one_error_line(res)
+        assert path.check()
+        assert images(udocker) == [] and layer_files(udocker) == []
+    res = udocker("import", str(tmpdir.join("nope.tar")), "bad:1")
+    assert "does not exist" in one_error_line(res)
+    assert "missing argument" in one_error_line(udocker("import", str(path)))
