@@ -2664,13 +2664,15 @@ def _save_config(image):
     if image.config_path and os.path.exists(image.config_path):
         with open(image.config_path, "rb") as handle:
             raw = handle.read()
+    schema2 = image.version == "v2" and "layers" in (image.manifest or {})
+    if schema2 and raw is None:
+        raise RepositoryError("image %s is incomplete: its config blob is missing" % image.ref)
     try:
         doc = json_loads(raw) if raw else dict(image.config)
     except ValueError:
         raise RepositoryError("image %s: its config is not JSON" % image.ref)
     diff_ids = (doc.get("rootfs") or {}).get("diff_ids")
-    if image.version == "v2" and image.manifest and "layers" in image.manifest and raw and \
-            isinstance(diff_ids, list) and len(diff_ids) == len(image.layers):
+    if schema2 and isinstance(diff_ids, list) and len(diff_ids) == len(image.layers):
         return raw, diff_ids
     actual = [uncompressed_digest(path) for path in image.layers]
     if raw and diff_ids == actual:
@@ -2716,14 +2718,14 @@ class SavePlan(object):
             parent = layer_id
         if not layer_names:
             raise RepositoryError("image %s has no layers" % image.ref)
-        self.repositories.setdefault(image.name, {})[image.tag] = parent
         key = (config_name, tuple(layer_names))
-        if key in self.entry_of:
-            self.entry_of[key]["RepoTags"].append(image.ref)
-        else:
-            self.entry_of[key] = {"Config": config_name, "RepoTags": [image.ref],
+        if key not in self.entry_of:
+            self.entry_of[key] = {"Config": config_name, "RepoTags": [],
                                   "Layers": layer_names}
             self.manifest.append(self.entry_of[key])
+        if not DIGEST_RE.match(image.tag):      # a by-digest "tag" is no docker tag: unnamed
+            self.repositories.setdefault(image.name, {})[image.tag] = parent
+            self.entry_of[key]["RepoTags"].append(image.ref)
 
     def _add_layer(self, image, path, layer_id, parent, config_doc):
         try:

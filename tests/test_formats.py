@@ -380,6 +380,20 @@ def test_save_to_stdout_and_refusals(udocker, tmpdir):
     assert [n for n in os.listdir(str(tmpdir)) if n.startswith(".udocker-save")] == []
 
 
+def test_save_by_digest_tag_writes_an_unnamed_image(udocker, tmpdir):
+    image = _load_sample(udocker, tmpdir)
+    by_digest = "sample@" + sha256_digest(b"any")
+    ok(udocker, "tag", "sample:1", by_digest)
+    path = str(tmpdir.join("d.tar"))
+    ok(udocker, "save", "-o", path, by_digest)
+    saved = tarfile.open(path)
+    assert json.loads(to_text(saved.extractfile("manifest.json").read()))[0]["RepoTags"] == []
+    assert json.loads(to_text(saved.extractfile("repositories").read())) == {}
+    back = Udocker(str(tmpdir.join("back")))
+    assert ok(back, "load", "-i", path, "again") == "again:latest\n"
+    assert stored_config(back, "again:latest") == image.config_data
+
+
 @needs_skopeo
 def test_save_is_read_by_skopeo(udocker, tmpdir):
     image = _load_sample(udocker, tmpdir)
