@@ -99,10 +99,9 @@ def free_port():
         sock.close()
 
 
-def which(name, env_override=None):
-    """Return the path of executable name (or $env_override), else None."""
-    if env_override and os.environ.get(env_override):
-        return os.environ[env_override]
+def which(name):
+    """Return the path of executable name (PATH, then the usual
+    directories), else None."""
     dirs = os.environ.get("PATH", "").split(os.pathsep)
     for directory in dirs + ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]:
         path = os.path.join(directory, name)

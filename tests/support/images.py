@@ -13,8 +13,11 @@ Build:
 
 Same spec, same bytes: every member has a fixed mtime (EPOCH unless given),
 uid/gid 0 unless given, gzip has mtime 0 and no file name, JSON is dumped
-with sorted keys. (Compressed bytes depend on the zlib/bzip2/xz in use, so
-digests may differ between interpreters or hosts, never between two builds.)
+with sorted keys. Digests are stable within one interpreter on one host,
+not across them: the busybox layer is the host's /bin/busybox, compressed
+bytes depend on the zlib/bzip2/xz in use, and tarfile of newer Pythons
+(3.13 here) leaves devmajor/devminor empty where 2.7/3.6 write "0000000".
+Tests must compare with what was pushed (registry.images), not constants.
 
 Push:  push_image(client, repo, tags, image, kind) / push_index(...)
        push_standard_images(registry) -> {"repo:tag": info}
