@@ -85,6 +85,10 @@ ssl = LazyModule("ssl")
 tempfile = LazyModule("tempfile")
 threading = LazyModule("threading")
 uuid = LazyModule("uuid")
+io = LazyModule("io")
+posixpath = LazyModule("posixpath")
+tarfile = LazyModule("tarfile")
+zlib = LazyModule("zlib")
 
 if PY3:
     configparser = LazyModule("configparser")
@@ -1000,6 +1004,33 @@ class LocalRepository(object):
             except OSError:
                 return
             path = os.path.dirname(path)
+
+    def store_blob(self, path, digest, move=False):
+        """Make layers/DIGEST hold the content of path, which the caller has verified.
+
+        A hard link to path (a copy across file systems; move=True renames path instead),
+        made durable and published by rename. Returns False if the blob was already there.
+        """
+        final = self.blob_path(digest)
+        if os.path.isfile(final):
+            return False
+        tmp = os.path.join(self.layersdir, ".%s.store-%d" % (digest, os.getpid()))
+        remove_quietly(tmp)
+        try:
+            try:
+                (os.rename if move else os.link)(path, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                shutil.copyfile(path, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, final)
+        except BaseException:
+            remove_quietly(tmp)
+            raise
+        return True
 
 
 class ContainerStore(object):
@@ -2274,7 +2305,877 @@ class Puller(object):
 
 
 # ==== 7. Image formats ====
-# docker-save and OCI image layout archives (load, save, import, export): see issue "formats".
+# docker-save archives of every vintage and OCI image layouts in (load), docker-save archives
+# out (save), root file system tarballs in as one-layer images (import). An archive is read
+# in one streaming pass (stdin cannot seek): every regular member is copied into a staging
+# directory under layers/ while it is hashed; member names are dictionary keys, never paths
+# on disk. Images are stored in the v2 layout (manifest + sha256 links), which upstream reads.
+
+MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+IMAGE_MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_DOCKER_V2)
+ARCHIVE_CHUNK = 1 << 20
+LINK_HOPS = 16                  # a longer chain of links inside an archive is treated as broken
+SAVE_MTIME = 0                  # mtime of every member save writes: the same images, same bytes
+BLOB_NAME_RE = LazyRegex(r"^blobs/sha256/([a-f0-9]{64})$")
+COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+                     (b"\x28\xb5\x2f\xfd", "zstd"))
+LAYER_MEDIA_SUFFIX = {"": "", "gzip": "+gzip", "zstd": "+zstd"}
+
+
+class ArchiveError(UdockerError):
+    """An image archive or tarball that cannot be used: not a tar, truncated, inconsistent."""
+
+
+def binary_stdin():
+    return getattr(sys.stdin, "buffer", sys.stdin)
+
+
+def binary_stdout():
+    return getattr(sys.stdout, "buffer", sys.stdout)
+
+
+def utc_now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def compression_of(head):
+    """'gzip', 'bzip2', 'xz', 'zstd' or '' (none) from the first bytes of a file."""
+    for magic, kind in COMPRESSION_MAGIC:
+        if head.startswith(magic):
+            return kind
+    return ""
+
+
+class Decompressor(object):
+    """Incremental decompression of gzip (several members too), bzip2 or xz."""
+
+    def __init__(self, kind, label):
+        self.kind, self.label = kind, label
+        self.errors = (zlib.error, EOFError, IOError, OSError, ValueError)
+        self.engine = self._new()
+
+    def _new(self):
+        if self.kind == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        if self.kind == "bzip2":
+            import bz2
+            return bz2.BZ2Decompressor()
+        if self.kind == "xz" and PY3:
+            import lzma
+            self.errors += (lzma.LZMAError,)
+            return lzma.LZMADecompressor()
+        raise ArchiveError("%s: %s compression is not supported%s" % (
+            self.label, self.kind, " under Python 2" if self.kind == "xz" else ""))
+
+    def feed(self, data):
+        chunks = []
+        try:
+            while data:
+                chunks.append(self.engine.decompress(data))
+                data = getattr(self.engine, "unused_data", b"")
+                if data and not data.strip(b"\0"):
+                    break                               # zero padding after the last member
+                if data:
+                    self.engine = self._new()           # the next gzip/bzip2 member
+        except self.errors as exc:
+            raise ArchiveError("%s: corrupt %s data (%s)" % (self.label, self.kind, exc))
+        return b"".join(chunks)
+
+
+def uncompressed_digest(path):
+    """sha256:HEX of a layer file's uncompressed content: its diff_id."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        data = handle.read(ARCHIVE_CHUNK)
+        kind = compression_of(data)
+        decompressor = Decompressor(kind, path) if kind else None
+        while data:
+            hasher.update(decompressor.feed(data) if decompressor else data)
+            data = handle.read(ARCHIVE_CHUNK)
+    return "sha256:" + hasher.hexdigest()
+
+
+def _reason(exc):
+    """The first line of an exception's text (Python 3.13's tarfile writes several)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _inside(path):
+    """The normalised archive path, or None when it is absolute or leaves the archive."""
+    if not path or path.startswith("/"):
+        return None
+    norm = posixpath.normpath(path)
+    if norm == ".." or norm.startswith("../"):
+        return None
+    return norm
+
+
+def member_name(raw, label):
+    """The canonical name of an archive member ('./a//b' -> 'a/b').
+
+    Raises ArchiveError for absolute names and names with a '..' component: no docker or
+    OCI tool writes them, so the archive is broken or hostile.
+    """
+    name = to_text(raw)
+    if name.startswith("/") or ".." in name.split("/"):
+        raise ArchiveError("%s: unsafe member name in archive: %r" % (label, name))
+    return posixpath.normpath(name)
+
+
+class StagedFile(object):
+    """A regular archive member copied to the staging directory: path, sha256 hex, size,
+    first bytes (to tell the compression)."""
+    __slots__ = ("name", "path", "hexdigest", "size", "head")
+
+    def __init__(self, name, path, hexdigest, size, head):
+        self.name, self.path, self.hexdigest, self.size, self.head = \
+            name, path, hexdigest, size, head
+
+    @property
+    def digest(self):
+        return "sha256:" + self.hexdigest
+
+
+class ArchiveReader(object):
+    """The members of an image archive, read in one pass into a staging directory.
+
+    files: member name -> StagedFile; links: member name -> target member name (symlinks
+    resolved against their directory, None when they point out of the archive).
+    """
+
+    def __init__(self, staging, label):
+        self.staging, self.label = staging, label
+        self.files, self.links = {}, {}
+        self.count = 0
+
+    def read(self, stream):
+        """Copy every regular member of the tar stream; raises ArchiveError if unreadable."""
+        try:
+            archive = tarfile.open(fileobj=stream, mode="r|*")
+            try:
+                for member in archive:
+                    self._take(archive, member)
+            finally:
+                archive.close()
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            if not self.count:
+                raise ArchiveError("%s is not a tar archive (%s)" % (self.label, _reason(exc)))
+            raise ArchiveError("%s is truncated or corrupt (%s)" % (self.label, _reason(exc)))
+        if not self.count:
+            raise ArchiveError("%s is empty or not a tar archive" % self.label)
+
+    def _take(self, archive, member):
+        name = member_name(member.name, self.label)
+        self.count += 1
+        if member.isreg():
+            self._spool(archive.extractfile(member), member.size, name)
+        elif member.issym():
+            self._forget(name)
+            self.links[name] = None if member.linkname.startswith("/") else \
+                _inside(posixpath.join(posixpath.dirname(name), to_text(member.linkname)))
+        elif member.islnk():
+            self._forget(name)
+            self.links[name] = _inside(to_text(member.linkname))
+
+    def _forget(self, name):
+        """A later member of the same name wins, as it would when extracting."""
+        old = self.files.pop(name, None)
+        if old is not None:
+            remove_quietly(old.path)
+        self.links.pop(name, None)
+
+    def _spool(self, source, size, name):
+        path = os.path.join(self.staging, "m%d" % self.count)
+        hasher = hashlib.sha256()
+        head, copied = b"", 0
+        with open(path, "wb") as handle:
+            while True:
+                data = source.read(ARCHIVE_CHUNK)
+                if not data:
+                    break
+                head = head or data[:8]
+                hasher.update(data)
+                handle.write(data)
+                copied += len(data)
+        if copied != size:               # Python 2 returns short data instead of raising
+            raise ArchiveError("%s is truncated (in member %s)" % (self.label, name))
+        self._forget(name)
+        self.files[name] = StagedFile(name, path, hasher.hexdigest(), size, head)
+
+    def find(self, name):
+        """The StagedFile a member name leads to (following links), or None."""
+        key = _inside(name or "")
+        for _ in range(LINK_HOPS):
+            if key is None:
+                return None
+            if key in self.files:
+                return self.files[key]
+            key = self.links.get(key)
+        return None
+
+    def entry(self, name, what="member"):
+        """Like find(), but raises ArchiveError when it is missing, or when a blobs/sha256/HEX
+        member (asked for, or reached through links) does not hash to HEX."""
+        found = self.find(name)
+        if found is None:
+            raise ArchiveError("%s: %s %s is not in the archive" % (self.label, what, name))
+        for path in (_inside(name), found.name):
+            match = BLOB_NAME_RE.match(path or "")
+            if match and match.group(1) != found.hexdigest:
+                raise ArchiveError("%s: %s does not match its digest (corrupt archive)"
+                                   % (self.label, path))
+        return found
+
+    def blob(self, descriptor, what="blob"):
+        """The verified StagedFile an OCI descriptor names (digest and size checked)."""
+        digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
+        if not DIGEST_RE.match(str(digest)):
+            raise ArchiveError("%s: unsupported or invalid digest %r" % (self.label, digest))
+        found = self.entry("blobs/sha256/" + digest[7:], what)
+        size = descriptor.get("size")
+        if size is not None and size != found.size:
+            raise ArchiveError("%s: %s %s has %d bytes, its descriptor says %s"
+                               % (self.label, what, digest, found.size, size))
+        return found
+
+    def data(self, staged):
+        if staged.size > MANIFEST_MAX:
+            raise ArchiveError("%s: %s is too large for a JSON document" % (self.label,
+                                                                          staged.name))
+        with open(staged.path, "rb") as handle:
+            return handle.read()
+
+    def json(self, staged, kind=dict):
+        """The parsed JSON of a staged member; raises ArchiveError unless it is a `kind`."""
+        try:
+            doc = json_loads(self.data(staged))
+        except ValueError:
+            doc = None
+        if not isinstance(doc, kind):
+            raise ArchiveError("%s: %s is not a valid JSON %s" % (
+                self.label, staged.name, "list" if kind is list else "object"))
+        return doc
+
+
+class ArchiveImage(object):
+    """One image found in an archive: its manifest (bytes as stored, or made for a classic
+    docker-save), the staged config and layers, and its names [(name or None, tag)]."""
+
+    def __init__(self, manifest, media, config, layers, names, config_doc):
+        self.manifest, self.media, self.config, self.layers = manifest, media, config, layers
+        self.names = list(names)
+        self.config_doc = config_doc
+        self.digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+    def blobs(self):
+        """[(digest, StagedFile)], config first, each digest once."""
+        seen, found = set(), []
+        for staged in [self.config] + self.layers:
+            if staged.digest not in seen:
+                seen.add(staged.digest)
+                found.append((staged.digest, staged))
+        return found
+
+    @property
+    def platform(self):
+        cfg = self.config_doc
+        return "/".join(str(p) for p in (cfg.get("os"), cfg.get("architecture"),
+                                         cfg.get("variant")) if p) or "unknown/unknown"
+
+
+def make_manifest(config, layers):
+    """OCI manifest bytes for a config and layers given as (digest, size, compression)."""
+    doc = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+           "config": {"mediaType": MT_OCI_CONFIG, "digest": config[0], "size": config[1]},
+           "layers": [{"mediaType": MT_OCI_LAYER + LAYER_MEDIA_SUFFIX.get(kind, ""),
+                       "digest": digest, "size": size} for digest, size, kind in layers]}
+    return to_bytes(json_dumps(doc))
+
+
+def _staged_blob(staged):
+    return (staged.digest, staged.size, compression_of(staged.head))
+
+
+def _check_layers(reader, config_doc, layers, what):
+    """The config's diff_ids must list the layers: their number always, their digests when
+    a layer is not compressed (a compressed one would have to be inflated to tell)."""
+    diff_ids = (config_doc.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list):
+        return
+    if len(diff_ids) != len(layers):
+        raise ArchiveError("%s: %s: the image config lists %d layers, the manifest %d"
+                           % (reader.label, what, len(diff_ids), len(layers)))
+    for diff_id, layer in zip(diff_ids, layers):
+        if not compression_of(layer.head) and diff_id != layer.digest:
+            raise ArchiveError("%s: layer %s does not match the image config (diff_id %s)"
+                               % (reader.label, layer.name, diff_id))
+
+
+def _archive_name(text, reader):
+    """(name, tag) of an image name found in an archive; name is None for a bare tag (OCI
+    ref.name "latest"). Raises ArchiveError for names that cannot be stored."""
+    text = to_text(text or "").strip()
+    if "/" not in text and ":" not in text and "@" not in text and TAG_RE.match(text):
+        return (None, text)
+    try:
+        ref = ImageRef.parse(text)
+    except UsageError:
+        raise ArchiveError("%s: invalid image name in archive: %r" % (reader.label, text))
+    return (ref.name, ref.local_tag)
+
+
+def _familiar(name):
+    """containerd's names are fully qualified, docker's are not: 'docker.io/library/x:1'
+    -> 'x:1', 'docker.io/ns/x:1' -> 'ns/x:1'."""
+    for prefix in ("docker.io/library/", "docker.io/"):
+        rest = name[len(prefix):]
+        if name.startswith(prefix) and (prefix == "docker.io/" or "/" not in rest):
+            return rest
+    return name
+
+
+def _annotation_names(descriptor, reader):
+    notes = descriptor.get("annotations") or {}
+    if notes.get("io.containerd.image.name"):
+        return [_archive_name(_familiar(notes["io.containerd.image.name"]), reader)]
+    if notes.get("org.opencontainers.image.ref.name"):
+        return [_archive_name(notes["org.opencontainers.image.ref.name"], reader)]
+    return []
+
+
+def _index_entries(doc, reader, what):
+    entries = doc.get("manifests")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ArchiveError("%s: %s has no list of manifests" % (reader.label, what))
+    return entries
+
+
+def _descriptor_doc(reader, descriptor):
+    """(bytes, media type, parsed document) of the manifest or index a descriptor names."""
+    staged = reader.blob(descriptor, "manifest")
+    body = reader.data(staged)
+    doc = reader.json(staged)
+    media = descriptor.get("mediaType") or doc.get("mediaType") or _guess_media_type(doc)
+    return body, media, doc
+
+
+def _pick_manifest(reader, descriptor, depth=0):
+    """(bytes, media, doc) of the image manifest a descriptor leads to. In an image index:
+    the host's platform, else the first platform whose manifest is in the archive."""
+    body, media, doc = _descriptor_doc(reader, descriptor)
+    if media in IMAGE_MANIFEST_TYPES:
+        return body, media, doc
+    if media not in INDEX_TYPES or depth > 4:
+        raise ArchiveError("%s: unsupported manifest type %s" % (reader.label, media))
+    present = [d for d in _index_entries(doc, reader, "image index")
+               if DIGEST_RE.match(str(d.get("digest")))
+               and reader.find("blobs/sha256/" + d["digest"][7:])]
+    if not present:
+        raise ArchiveError("%s: no manifest of image index %s is in the archive"
+                           % (reader.label, descriptor.get("digest")))
+    try:
+        chosen = select_platform({"manifests": present}, Platform.host(), reader.label)
+    except RegistryError:
+        real = [d for d in present if (d.get("platform") or {}).get("os") != "unknown"]
+        chosen = (real or present)[0]
+        MSG.warning("%s: no manifest for this host (%s) in image index %s: loading %s"
+                    % (reader.label, Platform.host(), descriptor.get("digest"),
+                       chosen.get("digest")))
+    return _pick_manifest(reader, chosen, depth + 1)
+
+
+def _manifest_image(reader, body, media, doc, names):
+    try:
+        config_desc, layer_descs = doc["config"], list(doc["layers"])
+    except (KeyError, TypeError):
+        raise ArchiveError("%s: a manifest has no config or layers" % reader.label)
+    config = reader.blob(config_desc, "image config")
+    layers = [reader.blob(d, "layer") for d in layer_descs]
+    config_doc = reader.json(config)
+    _check_layers(reader, config_doc, layers, config.digest)
+    return ArchiveImage(body, media, config, layers, names, config_doc)
+
+
+def _oci_images(reader):
+    """The images of an OCI layout: one per manifest index.json leads to, names from the
+    annotations of its entries (an image several entries lead to gets all their names)."""
+    index = reader.json(reader.entry("index.json"))
+    images, by_digest = [], {}
+    for descriptor in _index_entries(index, reader, "index.json"):
+        names = _annotation_names(descriptor, reader)
+        body, media, doc = _pick_manifest(reader, descriptor)
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if digest in by_digest:
+            by_digest[digest].names.extend(names)
+            continue
+        image = _manifest_image(reader, body, media, doc, names)
+        by_digest[digest] = image
+        images.append(image)
+    if not images:
+        raise ArchiveError("%s: index.json lists no images" % reader.label)
+    return images
+
+
+def _known_manifests(reader):
+    """{(config hex, (layer hexes)): (manifest bytes, media)} of every manifest reachable from
+    index.json whose blob is in the archive: a Docker 25 archive holds both an OCI layout and
+    a manifest.json, and the stored manifest keeps the image's digest."""
+    found, seen = {}, set()
+    todo = list(_index_entries(reader.json(reader.entry("index.json")), reader, "index.json"))
+    while todo:
+        descriptor = todo.pop(0)
+        digest = str(descriptor.get("digest"))
+        if digest in seen or not DIGEST_RE.match(digest) or \
+                not reader.find("blobs/sha256/" + digest[7:]):
+            continue
+        seen.add(digest)
+        body, media, doc = _descriptor_doc(reader, descriptor)
+        if media in INDEX_TYPES:
+            todo.extend(_index_entries(doc, reader, "image index " + digest))
+        elif media in IMAGE_MANIFEST_TYPES:
+            try:
+                key = (doc["config"]["digest"][7:],
+                       tuple(l["digest"][7:] for l in doc["layers"]))
+            except (KeyError, TypeError, AttributeError):
+                continue
+            found[key] = (body, media)
+    return found
+
+
+def _docker_images(reader):
+    """The images of a docker-save manifest.json, layers in its Layers order (base first)."""
+    entries = reader.json(reader.entry("manifest.json"), list)
+    known = _known_manifests(reader) if reader.find("index.json") else {}
+    images = []
+    for item in entries:
+        if not isinstance(item, dict) or not isinstance(item.get("Config"), (str, text_type)) \
+                or not isinstance(item.get("Layers"), list):
+            raise ArchiveError("%s: manifest.json: an entry has no Config or Layers"
+                               % reader.label)
+        config = reader.entry(item["Config"], "image config")
+        layers = [reader.entry(name, "layer") for name in item["Layers"]]
+        config_doc = reader.json(config)
+        _check_layers(reader, config_doc, layers, item["Config"])
+        key = (config.hexdigest, tuple(l.hexdigest for l in layers))
+        if key in known:
+            body, media = known[key]
+        else:
+            body = make_manifest(_staged_blob(config)[:2], [_staged_blob(l) for l in layers])
+            media = MT_OCI_MANIFEST
+        names = [_archive_name(tag, reader) for tag in item.get("RepoTags") or []]
+        images.append(ArchiveImage(body, media, config, layers, names, config_doc))
+    if not images:
+        raise ArchiveError("%s: manifest.json lists no images" % reader.label)
+    return images
+
+
+def find_images(reader):
+    """Every image in a read archive: docker-save (manifest.json) or OCI layout."""
+    if reader.find("manifest.json"):
+        return _docker_images(reader)
+    if reader.find("index.json"):
+        return _oci_images(reader)
+    raise ArchiveError("%s is not a docker-save or OCI archive (no manifest.json or "
+                       "index.json); a root file system tarball is loaded with: import"
+                       % reader.label)
+
+
+def _parse_rename(text):
+    """load's NAME argument -> (name, tag or None when NAME has no tag)."""
+    ref = ImageRef.parse(text)
+    has_tag = ":" in text.rsplit("/", 1)[-1] or "@" in text
+    return ref.name, (ref.local_tag if has_tag else None)
+
+
+def name_targets(images, rename=None):
+    """[(image, [(name, tag)])]: where each image goes. load NAME replaces the image name
+    (tags kept), NAME:TAG names the one image. Raises, before anything is written, when two
+    different images would get one name; an image with no name gets loaded-CONFIGID."""
+    new_name, new_tag = _parse_rename(rename) if rename else (None, None)
+    owner, targets = {}, []
+    for image in images:
+        if new_tag:
+            names = [(new_name, new_tag)]
+        elif new_name:
+            names = [(new_name, tag) for _, tag in image.names] or [(new_name, "latest")]
+        else:
+            names = [(name, tag) for name, tag in image.names if name]
+            if not names:
+                names = [("loaded-" + image.config.hexdigest[:12],
+                          ([t for _, t in image.names] or ["latest"])[0])]
+                MSG.warning("an image in the archive has no name: loading it as %s:%s "
+                            "(load NAME chooses one)" % names[0])
+        unique = []
+        for target in names:
+            if owner.setdefault(target, image.digest) != image.digest:
+                raise ArchiveError("the archive has two different images for %s:%s"
+                                   % target + (" (NAME:TAG names only one)" if new_tag
+                                               else ""))
+            if target not in unique:
+                unique.append(target)
+        targets.append((image, unique))
+    return targets
+
+
+def store_images(repo, targets, label):
+    """Put every image's blobs into layers/ and commit its tags (an existing tag is
+    replaced, as docker does). Returns the stored 'name:tag's."""
+    for _, names in targets:
+        for name, tag in names:
+            check_local_name(name)
+            if os.path.exists(os.path.join(repo.tag_dir(name, tag), "PROTECT")):
+                raise RepositoryError("image is protected: %s:%s (unprotect it to replace it)"
+                                      % (name, tag))
+    stored = []
+    for image, names in targets:
+        record = {"source": "load", "archive": label, "manifest_digest": image.digest,
+                  "media_type": image.media, "platform": image.platform, "loaded": utc_now()}
+        for name, tag in names:
+            if repo.has_image(name, tag):
+                MSG.info("replacing image: %s:%s" % (name, tag))
+            commit_staged(repo, name, tag, image.manifest, image.blobs(), record)
+            stored.append("%s:%s" % (name, tag))
+    return stored
+
+
+def commit_staged(repo, name, tag, manifest, blobs, record):
+    """Link staged blobs [(digest, StagedFile)] into layers/ and commit the tag; once more
+    if an rmi running meanwhile removed a blob another image shared with this one."""
+    for attempt in (1, 2):
+        for digest, staged in blobs:
+            repo.store_blob(staged.path, digest)
+        try:
+            repo.commit_image_v2(name, tag, manifest, [d for d, _ in blobs], record)
+            return
+        except RepositoryError:
+            if attempt == 2:
+                raise
+
+
+def load_archive(repo, source, rename=None):
+    """Load every image of a docker-save or OCI archive (source: a path, '-' for stdin).
+
+    Nothing is stored until the whole archive has been read and checked. Returns the
+    'name:tag's stored; raises ArchiveError for unusable archives.
+    """
+    if rename:
+        _parse_rename(rename)
+    repo.check_writable()
+    staging = tempfile.mkdtemp(prefix=".load-", dir=repo.layersdir)
+    try:
+        if source == "-":
+            reader = ArchiveReader(staging, "standard input")
+            reader.read(binary_stdin())
+        else:
+            reader = ArchiveReader(staging, source)
+            with open(source, "rb") as handle:
+                reader.read(handle)
+        targets = name_targets(find_images(reader), rename)
+        return store_images(repo, targets, reader.label)
+    finally:
+        remove_tree(staging)
+
+
+# -- save: docker-save archives (classic layout, which docker, skopeo, podman and upstream
+# udocker load; upstream 1.3 would name images at random if an oci-layout were added)
+
+def _save_config(image):
+    """(config bytes, diff_ids) for saving an image. A pulled or loaded v2 image's config is
+    kept byte for byte (its digest is the image id); v1 and schema 1 images get one built,
+    with diff_ids computed from their layers."""
+    raw = None
+    if image.config_path and os.path.exists(image.config_path):
+        with open(image.config_path, "rb") as handle:
+            raw = handle.read()
+    schema2 = image.version == "v2" and "layers" in (image.manifest or {})
+    if schema2 and raw is None:
+        raise RepositoryError("image %s is incomplete: its config blob is missing" % image.ref)
+    try:
+        doc = json_loads(raw) if raw else dict(image.config)
+    except ValueError:
+        raise RepositoryError("image %s: its config is not JSON" % image.ref)
+    diff_ids = (doc.get("rootfs") or {}).get("diff_ids")
+    if schema2 and isinstance(diff_ids, list) and len(diff_ids) == len(image.layers):
+        return raw, diff_ids
+    actual = [uncompressed_digest(path) for path in image.layers]
+    if raw and diff_ids == actual:
+        return raw, diff_ids
+    for key in ("id", "parent", "Size", "size", "container", "throwaway"):
+        doc.pop(key, None)
+    doc["rootfs"] = {"type": "layers", "diff_ids": actual}
+    MSG.verbose("image %s: config rebuilt with the layers' diff_ids" % image.ref)
+    return to_bytes(json_dumps(doc)), actual
+
+
+class SavePlan(object):
+    """The members of a docker-save archive for some images, sources opened up front (an
+    rmi running meanwhile cannot take a layer away from an open file).
+
+    members: {name: bytes, an open file, or None for a directory}.
+    """
+
+    def __init__(self, images):
+        self.members, self.handles = {}, []
+        self.manifest, self.repositories, self.entry_of = [], {}, {}
+        try:
+            for image in images:
+                self._add(image)
+        except BaseException:
+            self.close()
+            raise
+        self.members["manifest.json"] = to_bytes(json_dumps(self.manifest))
+        self.members["repositories"] = to_bytes(json_dumps(self.repositories))
+
+    def _add(self, image):
+        config, diff_ids = _save_config(image)
+        config_doc = json_loads(config)
+        config_name = hashlib.sha256(config).hexdigest() + ".json"
+        self.members[config_name] = config
+        parent, layer_names = "", []
+        for path, diff_id in zip(image.layers, diff_ids):
+            layer_id = hashlib.sha256(to_bytes("%s %s %s" % (
+                parent, os.path.basename(path), diff_id))).hexdigest()
+            if layer_id + "/layer.tar" not in self.members:
+                self._add_layer(image, path, layer_id, parent, config_doc)
+            layer_names.append(layer_id + "/layer.tar")
+            parent = layer_id
+        if not layer_names:
+            raise RepositoryError("image %s has no layers" % image.ref)
+        key = (config_name, tuple(layer_names))
+        if key not in self.entry_of:
+            self.entry_of[key] = {"Config": config_name, "RepoTags": [],
+                                  "Layers": layer_names}
+            self.manifest.append(self.entry_of[key])
+        if not DIGEST_RE.match(image.tag):      # a by-digest "tag" is no docker tag: unnamed
+            self.repositories.setdefault(image.name, {})[image.tag] = parent
+            self.entry_of[key]["RepoTags"].append(image.ref)
+
+    def _add_layer(self, image, path, layer_id, parent, config_doc):
+        try:
+            handle = open(path, "rb")
+        except (IOError, OSError) as exc:
+            raise RepositoryError("image %s: cannot read layer %s: %s"
+                                  % (image.ref, os.path.basename(path), exc.strerror))
+        self.handles.append(handle)
+        legacy = {"id": layer_id, "created": config_doc.get("created") or
+                  "1970-01-01T00:00:00Z", "container_config": {}}
+        for key in ("os", "architecture", "variant"):
+            if config_doc.get(key):
+                legacy[key] = config_doc[key]
+        if parent:
+            legacy["parent"] = parent
+        self.members[layer_id] = None
+        self.members[layer_id + "/VERSION"] = b"1.0"
+        self.members[layer_id + "/json"] = to_bytes(json_dumps(legacy))
+        self.members[layer_id + "/layer.tar"] = handle
+
+    def write(self, stream):
+        """The archive as a tar stream: members sorted, fixed times and owners."""
+        archive = tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT)
+        try:
+            for name in sorted(self.members):
+                source = self.members[name]
+                info = tarfile.TarInfo(name)
+                info.mtime, info.uid, info.gid, info.uname, info.gname = \
+                    SAVE_MTIME, 0, 0, "", ""
+                if source is None:
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    archive.addfile(info)
+                    continue
+                info.mode = 0o644
+                if isinstance(source, bytes):
+                    info.size = len(source)
+                    archive.addfile(info, io.BytesIO(source))
+                else:
+                    source.seek(0)
+                    info.size = os.fstat(source.fileno()).st_size
+                    archive.addfile(info, source)
+        finally:
+            archive.close()
+
+    def close(self):
+        for handle in self.handles:
+            handle.close()
+        self.handles = []
+
+
+def _publish_new(tmp, output):
+    """Give tmp the name output, refusing to replace a file that appeared meanwhile."""
+    try:
+        os.link(tmp, output)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise UsageError("output file already exists: %s" % output)
+        if os.path.lexists(output):
+            raise UsageError("output file already exists: %s" % output)
+        os.rename(tmp, output)                   # no hard links on this file system
+
+
+def save_archive(repo, images, output):
+    """Write LocalImages as one docker-save archive to output ('-': stdout)."""
+    lock = repo.lock("metadata")
+    lock.acquire(shared=True)
+    try:
+        plan = SavePlan(images)
+    finally:
+        lock.release()
+    try:
+        if output == "-":
+            sys.stdout.flush()
+            stream = binary_stdout()
+            plan.write(stream)
+            stream.flush()
+            return
+        directory = os.path.dirname(os.path.abspath(output))
+        fd, tmp = tempfile.mkstemp(prefix=".udocker-save-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                plan.write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            _publish_new(tmp, output)
+        finally:
+            remove_quietly(tmp)
+    finally:
+        plan.close()
+
+
+# -- import: a root file system tarball becomes a one-layer image
+
+def spool_layer(stream, path, label):
+    """Copy a tar stream (plain, gzip, bzip2 or xz) to path while hashing it.
+
+    gzip and plain tars are stored as they come; bzip2 and xz are stored inflated (layer
+    media types have no name for them); zstd is refused. path None: only hash (the
+    stream must then be plain or gzip). Returns (blob digest, size, diff_id, compression).
+    """
+    head = stream.read(ARCHIVE_CHUNK)
+    kind = compression_of(head)
+    if kind == "zstd":
+        raise ArchiveError("%s: zstd-compressed tarballs are not supported" % label)
+    inflate = Decompressor(kind, label) if kind else None
+    keep = kind in ("", "gzip")
+    blob, diff, size = hashlib.sha256(), hashlib.sha256(), 0
+    handle = open(path, "wb") if path else None
+    try:
+        data = head
+        while data:
+            plain = inflate.feed(data) if inflate else data
+            diff.update(plain)
+            stored = data if keep else plain
+            blob.update(stored)
+            size += len(stored)
+            if handle:
+                handle.write(stored)
+            data = stream.read(ARCHIVE_CHUNK)
+    finally:
+        if handle:
+            handle.close()
+    return ("sha256:" + blob.hexdigest(), size, "sha256:" + diff.hexdigest(),
+            kind if keep else "")
+
+
+def check_tarball(path, kind, label):
+    """Raise ArchiveError unless path is a tar archive (plain or gzip: kind) with a member."""
+    try:
+        archive = tarfile.open(path, "r:gz" if kind == "gzip" else "r:")
+        try:
+            if archive.next() is None:
+                raise tarfile.ReadError("no members")
+        finally:
+            archive.close()
+    except (tarfile.TarError, EOFError, zlib.error, IOError) as exc:
+        raise ArchiveError("%s is not a tar archive, or is empty (%s)" % (label, _reason(exc)))
+
+
+def _open_source(cfg, source):
+    """(readable binary stream, HttpClient or None) for a path, an http(s) URL or '-'."""
+    if source == "-":
+        return binary_stdin(), None
+    if re.match(r"^https?://", source):
+        client = HttpClient(cfg)
+        try:
+            resp = client.request("GET", source)
+        except NETWORK_ERRORS as exc:
+            client.close()
+            raise RegistryError("cannot download %s: %s" % (source, exc))
+        if resp.status != 200:
+            client.close()
+            raise RegistryError("cannot download %s: HTTP %d %s" % (source, resp.status,
+                                                                   resp.reason))
+        return resp, client
+    return open(source, "rb"), None
+
+
+def import_config(platform, diff_id, created):
+    """The config of an imported image: platform, one layer, a history line."""
+    config = {"architecture": platform.arch, "os": platform.os, "created": created,
+              "config": {}, "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+              "history": [{"created": created, "comment": "created by udocker.py import"}]}
+    if platform.variant:
+        config["variant"] = platform.variant
+    return to_bytes(json_dumps(config))
+
+
+def import_tarball(repo, cfg, source, name, tag, platform, move=False):
+    """Store a root file system tarball (path, URL or '-') as the one-layer image name:tag.
+
+    move: a local file is renamed into layers/ (or copied and then removed). An existing
+    tag is replaced. Returns the image's config digest.
+    """
+    check_local_name(name)
+    repo.check_writable()
+    if os.path.exists(os.path.join(repo.tag_dir(name, tag), "PROTECT")):
+        raise RepositoryError("image is protected: %s:%s" % (name, tag))
+    local = source != "-" and not re.match(r"^https?://", source)
+    staging = tempfile.mkdtemp(prefix=".import-", dir=repo.layersdir)
+    try:
+        layer_path = os.path.join(staging, "layer")
+        stream, client = _open_source(cfg, source)
+        try:
+            if move and local and compression_of(stream.read(8)) in ("", "gzip"):
+                stream.seek(0)
+                layer_path = source                     # hashed where it is, then renamed
+                digest, size, diff_id, kind = spool_layer(stream, None, source)
+            else:
+                if local:
+                    stream.seek(0)
+                digest, size, diff_id, kind = spool_layer(stream, layer_path, source)
+        except NETWORK_ERRORS as exc:
+            if local or source == "-":
+                raise
+            raise RegistryError("download of %s failed: %s" % (source, exc))
+        finally:
+            if client:
+                client.close()
+            elif local:
+                stream.close()
+        check_tarball(layer_path, kind, source)
+        created = utc_now()
+        config = import_config(platform, diff_id, created)
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        config_path = os.path.join(staging, "config")
+        write_atomic(config_path, config)
+        manifest = make_manifest((config_digest, len(config)), [(digest, size, kind)])
+        record = {"source": "import", "imported_from": source, "platform": str(platform),
+                  "manifest_digest": "sha256:" + hashlib.sha256(manifest).hexdigest(),
+                  "media_type": MT_OCI_MANIFEST, "imported": created}
+        repo.store_blob(layer_path, digest, move=layer_path == source)
+        if repo.has_image(name, tag):
+            MSG.info("replacing image: %s:%s" % (name, tag))
+        blobs = [(config_digest, StagedFile("config", config_path, config_digest[7:],
+                                            len(config), b"{")),
+                 (digest, StagedFile("layer", repo.blob_path(digest), digest[7:], size, b""))]
+        commit_staged(repo, name, tag, manifest, blobs, record)
+        if move and local and os.path.exists(source):
+            os.unlink(source)
+        return config_digest
+    finally:
+        remove_tree(staging)
 
 
 # ==== 8. Container creation ====
@@ -2588,6 +3489,62 @@ def cmd_manifest(session, opts, args):
     return 0
 
 
+# -- image format commands
+
+def _check_input(what, source):
+    if source == "-":
+        if sys.stdin.isatty():
+            raise UsageError("%s: standard input is a terminal: give a file or redirect "
+                             "the input" % what)
+    elif not re.match(r"^https?://", source) and not os.path.isfile(source):
+        raise UsageError("%s: file does not exist: %s" % (what, source))
+
+
+def cmd_load(session, opts, args):
+    source = opts["input"]
+    if args and args[0] == "-":
+        source, args = source or "-", args[1:]
+    source = source or "-"
+    if len(args) > 1:
+        raise UsageError("load: unexpected argument: %s" % args[1])
+    _check_input("load", source)
+    for ref in load_archive(session.repo, source, args[0] if args else None):
+        out(ref)
+    return 0
+
+
+def cmd_save(session, opts, args):
+    output = opts["output"]
+    if args[0] == "-":
+        output, args = output or "-", args[1:]
+    output = output or "-"
+    if not args:
+        raise UsageError("save: missing argument: IMAGE (see: %s save --help)" % __program__)
+    if output == "-" and sys.stdout.isatty():
+        raise UsageError("save: refusing to write an archive to a terminal (use -o FILE)")
+    if output != "-" and os.path.lexists(output):
+        raise UsageError("save: output file already exists: %s" % output)
+    images = [session.image_ref(text) for text in args]
+    save_archive(session.repo, images, output)
+    return 0
+
+
+def cmd_import(session, opts, args):
+    if opts["tocontainer"] or opts["clone"]:
+        raise UdockerError("import --tocontainer/--clone: not implemented yet in udocker.py "
+                           "%s" % __version__)
+    if len(args) < 2:
+        raise UsageError("import: missing argument: IMAGE[:TAG] (see: %s import --help)"
+                         % __program__)
+    ref = ImageRef.parse(args[1])
+    platform = session.platform(opts)
+    _check_input("import", args[0])
+    digest = import_tarball(session.repo, session.cfg, args[0], ref.name, ref.local_tag,
+                            platform, move=opts["mv"])
+    MSG.info("imported %s:%s (%s, %s)" % (ref.name, ref.local_tag, platform, digest))
+    return 0
+
+
 def cmd_search(session, opts, args):
     cfg = session.cfg
     term = args[0]
@@ -2839,13 +3796,13 @@ COMMANDS = dict((c.name, c) for c in [
                 _o("--clone", help="the tarball is an `export --clone`"),
                 _o("--name", VALUE, "name the new container", metavar="NAME"),
                 _o("--platform", VALUE, "platform to record", metavar="OS/ARCH")],
-            func=cmd_not_yet),
-    Command("load", "load images from a docker-save or OCI archive", ["[NAME]"], [
+            func=cmd_import),
+    Command("load", "load images from a docker-save or OCI archive", ["[-]", "[NAME]"], [
         _o("-i|--input", VALUE, "archive file ('-' or none: stdin)", metavar="FILE")],
-        func=cmd_not_yet),
+        func=cmd_load),
     Command("save", "write images as a docker-save archive", ["IMAGE..."], [
         _o("-o|--output", VALUE, "archive file ('-' for stdout)", metavar="FILE")],
-        func=cmd_not_yet),
+        func=cmd_save),
     Command("login", "store credentials for a registry", opts=[
         _o("--username", VALUE, metavar="NAME", help="user name"),
         _o("--password", VALUE, metavar="PASSWORD", help="password"),
