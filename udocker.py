@@ -79,6 +79,7 @@ json = LazyModule("json")
 re = LazyModule("re")
 shutil = LazyModule("shutil")
 signal = LazyModule("signal")
+subprocess = LazyModule("subprocess")
 random = LazyModule("random")
 socket = LazyModule("socket")
 ssl = LazyModule("ssl")
@@ -159,6 +160,52 @@ class TransportError(IOError):
 # Everything the network can throw at us: socket, TLS and timeout errors are all IOErrors,
 # and the HTTP client turns http.client's own exceptions into TransportError.
 NETWORK_ERRORS = (EnvironmentError,)
+
+# Files: what flattening layers and copying containers need.
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+TAR_ERRORS = "surrogateescape" if PY3 else "strict"   # tar names round-trip to their bytes
+
+if PY3:
+    import bz2 as bz2_module
+    try:
+        import lzma as lzma_module
+    except ImportError:                                   # a Python built without liblzma
+        lzma_module = None
+
+    def hardlink(source, target):
+        """link(2) that links a symlink itself, never what it points to."""
+        os.link(source, target, follow_symlinks=False)
+
+    def set_times(path, mtime, fd=None, symlink=False):
+        """Set atime and mtime; on the open fd if given, on a symlink itself if symlink."""
+        try:
+            if fd is not None:
+                os.utime(fd, (mtime, mtime))
+            else:
+                os.utime(path, (mtime, mtime), follow_symlinks=not symlink)
+        except (OverflowError, ValueError):
+            pass
+else:                                                     # pragma: no cover (2.7)
+    bz2_module = lzma_module = None     # 2.7's decompressors cannot bound their output
+    hardlink = os.link                  # Linux link(2) does not follow a final symlink
+
+    def set_times(path, mtime, fd=None, symlink=False):
+        if not symlink:                 # 2.7 has no lutimes: symlinks keep their time
+            try:
+                os.utime(path, (mtime, mtime))
+            except (OverflowError, ValueError):
+                pass
+
+def binary_stdout():
+    """Standard output for bytes (tar streams)."""
+    return getattr(sys.stdout, "buffer", sys.stdout)
+
+
+try:
+    from compression import zstd as zstd_module          # Python 3.14+
+except ImportError:
+    zstd_module = None
 
 # ==== 2. Errors and messages ====
 # Code raises where something fails; main() prints one "Error: ..." line (-D adds the traceback).
@@ -1111,13 +1158,26 @@ class ContainerStore(object):
         return name
 
     def add_name(self, cid, name, force=False):
-        """Point NAME at cid; an existing name is an error unless force."""
+        """Point NAME at cid; an existing name is an error unless force.
+
+        The container is checked under the names lock: rm removes names under it too, so
+        a name never outlives its container."""
         self.check_name(name)
         path = os.path.join(self.dir, name)
         with self.repo.lock("container-names"):
+            if not os.path.isdir(self.path(cid)):
+                raise RepositoryError("container not found: %s" % cid)
             if os.path.lexists(path) and not force:
                 raise RepositoryError("container name already in use: %s" % name)
             symlink_atomic(cid, path)
+
+    def remove_names_of(self, cid):
+        """Remove every name pointing at cid."""
+        with self.repo.lock("container-names"):
+            for entry in os.listdir(self.dir):
+                path = os.path.join(self.dir, entry)
+                if os.path.islink(path) and os.path.basename(os.readlink(path)) == cid:
+                    os.unlink(path)
 
     def remove_name(self, name):
         path = os.path.join(self.dir, name)
@@ -3179,7 +3239,1110 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
 
 
 # ==== 8. Container creation ====
-# Flattening image layers into containers/ID/ROOT.
+# Flattening image layers into containers/ID/ROOT, and what the container commands do to a
+# container directory as a whole (remove, clone, export, list).
+#
+# The flattener reads each layer once, newest layer first, and writes every path at most
+# once: the newest layer that mentions a path decides it, so a file that a newer layer
+# deletes or replaces is never written. What newer layers decided is an index in memory,
+#     path -> (kind, layer)   kind: dir, implied dir, file, symlink, pending hardlink
+# plus the whiteouts and opaque directories of the layers already done, which hide the
+# entries of every older layer below them (OCI image-spec layer.md: a whiteout applies to
+# lower layers only, whatever its place in its own tar). An older entry is skipped when its
+# path, or a parent, was whited out, when a parent is opaque, or when a newer layer made a
+# parent something other than a directory. An older directory entry still gives its mode and
+# time to a directory that newer layers only implied (created as a parent of their files).
+#
+# Safety follows from the same index: ROOT is a fresh private directory that only this
+# process writes, and every path in it was made here from the index, so a path is written
+# only after each of its parents is known to be a directory this code made with mkdir().
+# No path is ever resolved through a symlink: a member below a symlink of its own layer is
+# skipped, a symlink an older layer puts where a newer layer implied a directory is dropped
+# (both with a warning). Members are normalised first (leading '/' stripped, '.' dropped);
+# '..', NUL, over-long names are skipped with a warning. Files are opened with
+# O_CREAT|O_EXCL|O_NOFOLLOW and links made without following, as a second line of defence.
+#
+# Hardlinks name a path as it was when their layer was applied. Target earlier in the same
+# layer: link to it. Target in an older layer: the link waits (reserved in the index) until
+# the older layer's member goes by; it is linked to that file, or gets a copy of its data if
+# a newer layer replaced the file meanwhile. A target earlier in the same layer that a newer
+# layer hides has already gone by: that layer is read a second time, for those members only.
+#
+# Content: regular files, directories, symlinks (targets untouched), hardlinks, FIFOs; device
+# nodes are skipped. Modes lose setuid/setgid, the owner always gets rw (rwx on directories
+# and executables) and the umask applies; what the tar said (owner, group, full mode) is kept
+# in ID/.udocker-py/attrs where it differs from (0, 0, mode on disk), for export.
+
+LAYER_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+               (b"\x28\xb5\x2f\xfd", "zstd"))
+DECOMPRESS_PROGRAMS = {"gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "zstd": "zstd"}
+IN_CHUNK = 1 << 18              # compressed bytes read at a time
+OUT_CHUNK = 1 << 20             # most decompressed bytes produced at a time (bounds memory)
+TAR_BLOCK = 512
+MAX_NAME, MAX_PATH = 255, 4095
+ATTRS_HEADER = b"# udocker.py attrs 1: UID GID MODE(octal) PATH (below ROOT)\n"
+
+# Index kinds; an index value is layer << 3 | kind (small ints: no allocation per entry).
+K_DIR, K_IMPLIED, K_FILE, K_SYMLINK, K_PENDING = 1, 2, 3, 4, 5
+
+
+def _buffered_decompressors():
+    """kind -> decompressor factory whose decompress() takes max_length (bounded output)."""
+    found = {}
+    if bz2_module is not None:
+        found["bzip2"] = bz2_module.BZ2Decompressor
+    if lzma_module is not None:
+        found["xz"] = lzma_module.LZMADecompressor
+    if zstd_module is not None:
+        found["zstd"] = zstd_module.ZstdDecompressor
+    return found
+
+
+def find_program(name):
+    """Full path of an executable found in $PATH, or None."""
+    for directory in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep):
+        path = os.path.join(directory or ".", name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def layer_compression(handle):
+    """'gzip', 'bzip2', 'xz', 'zstd' or 'tar', from the magic bytes (never the name)."""
+    handle.seek(0)
+    head = handle.read(6)
+    handle.seek(0)
+    for magic, kind in LAYER_MAGIC:
+        if head.startswith(magic):
+            return kind
+    return "tar"
+
+
+def _file_chunks(handle):
+    while True:
+        data = handle.read(IN_CHUNK)
+        if not data:
+            return
+        yield data
+
+
+def _zlib_ended(dec):
+    """True once a gzip member is complete (2.7's decompressobj has no eof: probe it)."""
+    ended = getattr(dec, "eof", None)
+    if ended is not None:
+        return ended
+    if dec.unused_data:
+        return True
+    try:
+        dec.decompress(b"\0")        # an ended stream keeps the byte as unused data
+    except zlib.error:
+        return False
+    return bool(dec.unused_data)
+
+
+def _inflate_gzip(handle, label):
+    """Decompressed chunks of one or more concatenated gzip members."""
+    dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    for data in _file_chunks(handle):
+        while data:
+            out = dec.decompress(data, OUT_CHUNK)
+            if out:
+                yield out
+            data = dec.unconsumed_tail
+            if not data and dec.unused_data:        # a member ended; another may follow
+                data = dec.unused_data
+                if not data.strip(b"\0"):
+                    break                           # zero padding after the last member
+                dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    while True:                  # output still held back by the OUT_CHUNK limit
+        out = dec.decompress(b"", OUT_CHUNK)
+        if not out:
+            break
+        yield out
+    if not _zlib_ended(dec):
+        raise RepositoryError("layer %s: truncated gzip data" % label)
+
+
+def _inflate_buffered(handle, factory, kind, label):
+    """Decompressed chunks of concatenated bzip2/xz/zstd streams (Python 3 decompressors)."""
+    dec = factory()
+    for data in _file_chunks(handle):
+        while True:
+            if dec.eof:
+                data = dec.unused_data + data
+                if not data.strip(b"\0"):
+                    break
+                dec = factory()
+            out = dec.decompress(data, OUT_CHUNK)
+            data = b""
+            if out:
+                yield out
+            if not dec.eof and dec.needs_input:
+                break
+    if not dec.eof:
+        raise RepositoryError("layer %s: truncated %s data" % (label, kind))
+
+
+def _program_chunks(handle, program, kind, label):
+    """Decompressed chunks from `program -dc` reading the layer file on its stdin."""
+    os.lseek(handle.fileno(), 0, os.SEEK_SET)
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen([program, "-dc"], stdin=handle.fileno(), stdout=subprocess.PIPE,
+                            stderr=errors, close_fds=True)
+    try:
+        while True:
+            data = proc.stdout.read(OUT_CHUNK)
+            if not data:
+                break
+            yield data
+        if proc.wait() != 0:
+            errors.seek(0)
+            lines = to_text(errors.read()).strip().splitlines() or ["exit status %d"
+                                                                   % proc.returncode]
+            raise RepositoryError("layer %s: %s -dc failed: %s" % (label, kind, lines[-1]))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        errors.close()
+
+
+def layer_chunks(handle, label):
+    """Generator of the decompressed bytes of an open layer file, whatever its compression.
+
+    Raises RepositoryError (naming the layer) for truncated or corrupt compressed data, or
+    when neither Python nor a program on $PATH can decompress it.
+    """
+    kind = layer_compression(handle)
+    if kind == "tar":
+        return _file_chunks(handle)
+    if kind == "gzip":
+        return _inflate_gzip(handle, label)
+    factory = _buffered_decompressors().get(kind)
+    if factory is not None:
+        return _inflate_buffered(handle, factory, kind, label)
+    program = find_program(DECOMPRESS_PROGRAMS[kind])
+    if program:
+        return _program_chunks(handle, program, kind, label)
+    raise RepositoryError("layer %s is %s-compressed: this Python cannot decompress it and "
+                          "no %s program was found" % (label, kind, DECOMPRESS_PROGRAMS[kind]))
+
+
+class LayerStream(object):
+    """The decompressed bytes of a layer as a file object for tarfile: read, tell, seek.
+
+    Forward only: seeking back is possible within the last block (tarfile checks the byte
+    before each header). Holds at most about one decompressed chunk in memory.
+    """
+
+    def __init__(self, handle, label):
+        self.label = label
+        self._chunks = layer_chunks(handle, label)
+        self._buf = b""
+        self._off = 0          # stream offset of _buf[0]
+        self._pos = 0          # current stream offset
+        self._eof = False
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=os.SEEK_SET):
+        if whence == os.SEEK_CUR:
+            pos += self._pos
+        elif whence != os.SEEK_SET:
+            raise IOError(errno.ESPIPE, "layer stream: cannot seek from the end")
+        if pos < self._off:
+            raise IOError(errno.ESPIPE, "layer stream: cannot seek backwards")
+        self._pos = pos
+        return pos
+
+    def _more(self):
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            self._eof = True
+            return
+        except UdockerError:
+            raise
+        except Exception as exc:              # zlib.error, LZMAError, OSError from bz2 ...
+            if isinstance(exc, EnvironmentError) and exc.errno:
+                raise
+            raise RepositoryError("layer %s: corrupt compressed data (%s)" % (self.label, exc))
+        drop = min(len(self._buf), max(0, self._pos - self._off - TAR_BLOCK))
+        if drop:
+            self._buf = self._buf[drop:]
+            self._off += drop
+        self._buf = self._buf + chunk if self._buf else chunk
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            parts = []
+            while True:
+                data = self.read(OUT_CHUNK)
+                if not data:
+                    return b"".join(parts)
+                parts.append(data)
+        end = self._pos + size
+        while self._off + len(self._buf) < end and not self._eof:
+            self._more()
+        start = self._pos - self._off
+        data = self._buf[start:start + size]
+        self._pos += len(data)
+        return data
+
+    def finish(self, offset):
+        """Check what follows the last member (end blocks, not garbage), then drain.
+
+        tarfile ends quietly at a header it cannot parse: a layer cut at a member boundary or
+        with garbage inside would pass for complete without this.
+        """
+        self.seek(offset)
+        block = self.read(TAR_BLOCK)
+        if block and (len(block) < TAR_BLOCK or block.strip(b"\0")):
+            raise RepositoryError("layer %s: corrupt or truncated tar data at offset %d"
+                                  % (self.label, offset))
+        while self.read(OUT_CHUNK):       # lets the decompressor check the end of its data
+            pass
+
+    def close(self):
+        close = getattr(self._chunks, "close", None)
+        if close:
+            close()
+
+
+def clean_member_path(name):
+    """A tar member name as a relative bytes path ('' for the top), or None if hostile.
+
+    Leading '/' and '.' components are dropped; '..' anywhere, NUL, a component longer than
+    255 bytes or a path longer than 4095 bytes make the name hostile.
+    """
+    raw = to_bytes(name)
+    if b"\0" in raw or len(raw) > MAX_PATH:
+        return None
+    parts = [p for p in raw.split(b"/") if p and p != b"."]
+    for part in parts:
+        if part == b".." or len(part) > MAX_NAME:
+            return None
+    return b"/".join(parts)
+
+
+def disk_mode(mode, is_dir, umask):
+    """The mode a tar entry gets on disk: no setuid/setgid, owner rw (rwx for directories
+    and executables), then the umask (never taking the owner's bits)."""
+    if is_dir:
+        owner = 0o700
+        mode &= 0o1777
+    else:
+        owner = 0o700 if mode & 0o111 else 0o600
+        mode &= 0o777
+    return (mode & ~umask) | owner
+
+
+class _LinkGroup(object):
+    """Paths waiting to become hardlinks of one file (reserved in the index meanwhile);
+    layer: the layer whose hardlink made the group (its own later members cannot serve)."""
+    __slots__ = ("paths", "layer")
+
+    def __init__(self, paths, layer):
+        self.paths = paths
+        self.layer = layer
+
+
+class Flattener(object):
+    """Builds one ROOT from layer files (base layer first), as described above section 8.
+
+    run() raises RepositoryError for unreadable layers and OSError for write failures; it
+    warns about and skips hostile or impossible members.
+    """
+
+    WARN_LIMIT = 20
+
+    def __init__(self, root, umask):
+        self.root = to_bytes(root).rstrip(b"/")
+        self.umask = umask
+        self.index = {}                 # path -> layer << 3 | kind
+        self.gone = set()               # paths whited out by the layers done
+        self.opaque = set()             # directories made opaque by the layers done
+        self.dirs = {b"": (disk_mode(0o755, True, umask), None)}   # -> (mode, mtime)
+        self.attrs = {}                 # path -> (uid, gid, mode) where the tar differs
+        self.waiting = {}               # hardlink target -> _LinkGroup, for older layers
+        self.reserved = {}              # path of a waiting hardlink -> its _LinkGroup
+        self.rereads = {}               # layer -> {offset_data: _LinkGroup}
+        self.devices = []
+        self.warnings = 0
+        self.layer = 0
+        self.label = "create"
+
+    # -- messages
+
+    def warn(self, text):
+        self.warnings += 1
+        if self.warnings <= self.WARN_LIMIT:
+            MSG.warning("%s: %s" % (self.label, text))
+
+    @staticmethod
+    def show(path):
+        return to_text(path) or "/"
+
+    # -- the passes
+
+    def run(self, handles):
+        """handles: [(open layer file, label)], base layer first."""
+        total = len(handles)
+        for number, (handle, label) in enumerate(reversed(handles)):
+            self.layer, self.label = number, label
+            MSG.verbose("flattening layer %d/%d: %s" % (total - number, total, label))
+            self._pass(handle, self._member)
+        self.label = "create"
+        for target, group in sorted(self.waiting.items()):
+            if group.paths:
+                self.warn("hardlink target not found: %s -> %s"
+                          % (self.show(group.paths[0]), self.show(target)))
+        self.waiting.clear()
+        for number, wanted in sorted(self.rereads.items()):
+            handle, label = handles[total - 1 - number]
+            self.layer, self.label = number, label
+            MSG.verbose("reading layer %s again for hardlinked data" % label)
+            self._pass(handle, lambda member, archive: self._reread(wanted, member, archive))
+        self._finish_dirs()
+        if self.devices:
+            MSG.debug("skipped %d device node(s), e.g. %s"
+                      % (len(self.devices), self.show(self.devices[0])))
+        if self.warnings > self.WARN_LIMIT:
+            MSG.warning("%d more warnings not shown" % (self.warnings - self.WARN_LIMIT))
+
+    def _pass(self, handle, visit):
+        import tarfile
+        label = self.label
+        self.stream = LayerStream(handle, label)
+        try:
+            try:
+                archive = tarfile.open(fileobj=self.stream, mode="r:", encoding="utf-8",
+                                       errors=TAR_ERRORS)
+            except tarfile.TarError as exc:
+                raise RepositoryError("layer %s: corrupt or not a tar archive (%s)"
+                                      % (label, exc))
+            self.layer_gone, self.layer_opaque = set(), set()
+            self.parents_ok = set()
+            self.skipped = {}
+            try:
+                while True:
+                    member = archive.next()
+                    if member is None:
+                        break
+                    del archive.members[:]          # tarfile keeps them all otherwise
+                    visit(member, archive)
+            except (tarfile.TarError, UnicodeError) as exc:
+                raise RepositoryError("layer %s: corrupt tar data (%s)" % (label, exc))
+            self.stream.finish(archive.offset)
+            self._end_layer()
+        finally:
+            self.stream.close()
+
+    def _end_layer(self):
+        """This layer's whiteouts now hide what older layers have; drop broken waiters."""
+        for target in [t for t in self.waiting if self._hidden_here(t)]:
+            group = self.waiting.pop(target)
+            if group.paths:
+                self.warn("hardlink target removed by a newer layer: %s -> %s"
+                          % (self.show(group.paths[0]), self.show(target)))
+            self._unreserve(group)
+        self.gone |= self.layer_gone
+        self.opaque |= self.layer_opaque
+
+    def _hidden_here(self, path):
+        """True if this layer's whiteouts or entries hide older content at path."""
+        if path in self.layer_gone:
+            return True
+        value = self.index.get(path)
+        if value is not None and value >> 3 == self.layer and value & 7 in (K_DIR, K_IMPLIED):
+            return True
+        prefix = path
+        while b"/" in prefix:
+            prefix = prefix.rpartition(b"/")[0]
+            if prefix in self.layer_gone or prefix in self.layer_opaque:
+                return True
+            value = self.index.get(prefix)
+            if value is not None and value >> 3 == self.layer and \
+                    value & 7 not in (K_DIR, K_IMPLIED):
+                return True
+        return False
+
+    # -- one member
+
+    def _member(self, member, archive):
+        path = clean_member_path(member.name)
+        if path is None:
+            self.warn("skipped hostile name: %r" % member.name[:200])
+            return
+        parent, _, base = path.rpartition(b"/")
+        if base.startswith(b".wh."):
+            self._whiteout(parent, base[4:])
+            return
+        if not path:
+            if member.isdir() and b"" not in self.index:      # the newest "./" entry
+                self.index[b""] = self.layer << 3 | K_DIR
+                self._dir_attrs(b"", member)
+            return
+        group = self.waiting.get(path) if self.waiting else None
+        if group is not None:
+            if group.layer == self.layer:     # only older layers can serve the link
+                group = None
+            else:
+                del self.waiting[path]
+        state = self._parent_state(parent)
+        made = False
+        if state is True:
+            made = self._decide(path, member, archive)
+        elif state is not False:
+            self.warn("skipped %s: its parent %s is not a directory in this layer"
+                      % (self.show(path), self.show(state)))
+        if group is not None:
+            self._provide(group, path, member, archive, made, state is True or state is False)
+        elif not made and (state is True or state is False) and not member.isdir():
+            self.skipped[path] = member.offset_data if member.isreg() else member
+
+    def _whiteout(self, parent, name):
+        if name == b".wh..opq":
+            self.layer_opaque.add(parent)
+        elif name.startswith(b".wh.") or name in (b"", b".", b".."):
+            MSG.debug("ignored whiteout meta file: %s/.wh.%s"
+                      % (self.show(parent), to_text(name)))
+        else:
+            self.layer_gone.add(parent + b"/" + name if parent else name)
+
+    def _parent_state(self, parent):
+        """True: parent is a directory (made now if missing); False: hidden by a newer
+        layer; a path: the ancestor that this layer made something other than a directory.
+        """
+        if not parent or parent in self.parents_ok:
+            return True
+        index, gone, opaque, layer = self.index, self.gone, self.opaque, self.layer
+        prefix = b""
+        for part in parent.split(b"/"):
+            prefix = prefix + b"/" + part if prefix else part
+            if prefix in gone or prefix in opaque:
+                return False
+            value = index.get(prefix)
+            if value is None:
+                os.mkdir(self.root + b"/" + prefix, 0o700)
+                index[prefix] = layer << 3 | K_IMPLIED
+                self.dirs[prefix] = (disk_mode(0o755, True, self.umask), None)
+            elif value & 7 not in (K_DIR, K_IMPLIED):
+                return False if value >> 3 != layer else prefix
+        self.parents_ok.add(parent)
+        return True
+
+    def _decide(self, path, member, archive):
+        """Create the member unless newer layers decided its path; True if created."""
+        if path in self.gone:
+            return False
+        value = self.index.get(path)
+        if value is not None:
+            kind = value & 7
+            if value >> 3 != self.layer:                         # a newer layer decided
+                if kind == K_IMPLIED and member.isdir():         # older attributes apply
+                    self.index[path] = value & ~7 | K_DIR
+                    self._dir_attrs(path, member)
+                elif kind == K_IMPLIED:
+                    self.warn("dropped %s%s: a newer layer has a directory there"
+                              % (self.show(path), (" -> " + member.linkname)
+                                 if member.issym() else ""))
+                return False
+            if kind in (K_DIR, K_IMPLIED) and member.isdir():    # same layer: last wins
+                self.index[path] = value & ~7 | K_DIR
+                self._dir_attrs(path, member)
+                return False
+            self._replace(path, kind)                            # duplicate in one layer
+        return self._create(path, member, archive)
+
+    def _create(self, path, member, archive):
+        full = self.root + b"/" + path
+        layer = self.layer << 3
+        if member.isreg():
+            self._write_file(full, member, archive)
+            self.index[path] = layer | K_FILE
+        elif member.isdir():
+            os.mkdir(full, 0o700)
+            self.index[path] = layer | K_DIR
+            self._dir_attrs(path, member)
+            return True
+        elif member.issym():
+            os.symlink(to_bytes(member.linkname), full)
+            set_times(full, member.mtime, symlink=True)
+            self.index[path] = layer | K_SYMLINK
+            return True
+        elif member.islnk():
+            target = clean_member_path(member.linkname)
+            if not target or target == path:
+                self.warn("skipped hardlink %s: bad target %r" % (self.show(path),
+                                                                 member.linkname[:200]))
+                return False
+            self.index[path] = layer | K_PENDING
+            group = _LinkGroup([path], self.layer)
+            self.reserved[path] = group
+            self._link(group, target)
+            return path in self.index
+        elif member.isfifo():
+            os.mkfifo(full, 0o600)
+            os.chmod(full, disk_mode(member.mode, False, self.umask))
+            set_times(full, member.mtime)
+            self.index[path] = layer | K_FILE
+        elif member.ischr() or member.isblk():
+            self.devices.append(path)
+            return False
+        else:
+            self.warn("skipped %s: unsupported tar member type %r" % (self.show(path),
+                                                                      member.type))
+            return False
+        self._record(path, member)
+        return True
+
+    def _write_file(self, full, member, archive):
+        mode = disk_mode(member.mode, False, self.umask)
+        fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                     0o600)
+        try:
+            if getattr(member, "sparse", None):
+                source = archive.extractfile(member)
+            else:
+                self.stream.seek(member.offset_data)
+                source = self.stream
+            remaining = member.size
+            while remaining > 0:
+                data = source.read(min(remaining, OUT_CHUNK))
+                if not data:
+                    raise RepositoryError("layer %s: truncated data in %s"
+                                          % (self.label, member.name))
+                remaining -= len(data)
+                while data:
+                    data = data[os.write(fd, data):]
+            os.fchmod(fd, mode)
+            set_times(full, member.mtime, fd=fd)
+        finally:
+            os.close(fd)
+
+    def _dir_attrs(self, path, member):
+        self.dirs[path] = (disk_mode(member.mode, True, self.umask), member.mtime)
+        self._record(path, member)
+
+    def _record(self, path, member):
+        """Remember owner and mode when the tar asked for more than the disk has."""
+        mode = member.mode & 0o7777
+        if member.uid or member.gid or mode != disk_mode(mode, member.isdir(), self.umask):
+            self.attrs[path] = (member.uid, member.gid, mode)
+        elif path in self.attrs:
+            del self.attrs[path]
+
+    def _replace(self, path, kind):
+        """Remove what this layer already put at path (a duplicate member)."""
+        full = self.root + b"/" + path
+        if kind in (K_DIR, K_IMPLIED):
+            remove_tree(full)
+            below = path + b"/"
+            for other in [p for p in self.index if p.startswith(below)]:
+                del self.index[other]
+                self.dirs.pop(other, None)
+                self.attrs.pop(other, None)
+                group = self.reserved.pop(other, None)
+                if group is not None:
+                    group.paths.remove(other)
+            self.dirs.pop(path, None)
+            self.parents_ok = set()
+        elif kind == K_PENDING:
+            self.reserved.pop(path).paths.remove(path)
+        else:
+            os.unlink(full)
+        del self.index[path]
+        self.attrs.pop(path, None)
+
+    # -- hardlinks
+
+    def _link(self, group, target):
+        """Make the group's paths hardlinks of target as it is at this point of this layer."""
+        for _ in range(64):                                  # bounds chains of links
+            value = self.index.get(target)
+            if value is not None and value >> 3 == self.layer:      # made by this layer
+                kind = value & 7
+                if kind in (K_FILE, K_SYMLINK):
+                    return self._make_links(group, target)
+                if kind == K_PENDING:
+                    return self._merge(group, self.reserved[target])
+                break
+            done = self.skipped.get(target)      # a member of this layer that is hidden
+            if done is None:                     # an older layer's: wait for it
+                other = self.waiting.get(target)
+                if other is not None:
+                    return self._merge(group, other)
+                self.waiting[target] = group
+                return None
+            if isinstance(done, bytes):                      # its data was copied there
+                return self._make_links(group, done)
+            if isinstance(done, _LinkGroup):                 # already to be read again
+                return self._merge(group, done)
+            if isinstance(done, int):                        # a file: read the layer again
+                self.rereads.setdefault(self.layer, {})[done] = group
+                self.skipped[target] = group
+                return None
+            if done.issym() or done.isfifo():
+                return self._copy_special(group, done)
+            if not done.islnk():
+                break
+            target = clean_member_path(done.linkname)
+            if not target:
+                break
+        self.warn("skipped hardlink %s: target %s is not a file"
+                  % (self.show(group.paths[0]), self.show(target)))
+        self._unreserve(group)
+        return None
+
+    def _provide(self, group, path, member, archive, made, visible):
+        """An older layer's member at a path that waiting hardlinks name."""
+        if not group.paths:
+            return None
+        if made:
+            kind = self.index[path] & 7
+            if kind in (K_FILE, K_SYMLINK):
+                return self._make_links(group, path)
+            if kind == K_PENDING:
+                return self._merge(group, self.reserved[path])
+        elif visible and member.isreg():                     # hidden now: copy its data
+            first = group.paths[0]
+            self._write_file(self.root + b"/" + first, member, archive)
+            self._settle(first, member)
+            self.skipped[path] = first
+            return self._make_links(group, first)
+        elif visible and member.islnk():
+            target = clean_member_path(member.linkname)
+            if target:
+                return self._link(group, target)
+        elif visible and (member.issym() or member.isfifo()):
+            return self._copy_special(group, member)
+        self.warn("skipped hardlink %s: target %s is not a file"
+                  % (self.show(group.paths[0]), self.show(path)))
+        self._unreserve(group)
+        return None
+
+    def _settle(self, path, member):
+        self.reserved.pop(path, None)
+        self.index[path] = self.index[path] & ~7 | K_FILE
+        self._record(path, member)
+
+    def _make_links(self, group, source):
+        for path in group.paths:
+            if path != source:
+                hardlink(self.root + b"/" + source, self.root + b"/" + path)
+                self.reserved.pop(path, None)
+                self.index[path] = self.index[path] & ~7 | K_FILE
+                if source in self.attrs:
+                    self.attrs[path] = self.attrs[source]
+        group.paths = []
+
+    def _merge(self, group, into):
+        into.paths.extend(group.paths)
+        for path in group.paths:
+            self.reserved[path] = into
+        group.paths = []
+
+    def _unreserve(self, group):
+        for path in group.paths:
+            self.reserved.pop(path, None)
+            self.index.pop(path, None)
+        group.paths = []
+
+    def _copy_special(self, group, member):
+        """A hardlink to a symlink or FIFO that a newer layer hides: make the same thing."""
+        first = group.paths[0]
+        full = self.root + b"/" + first
+        if member.issym():
+            os.symlink(to_bytes(member.linkname), full)
+            kind = K_SYMLINK
+        else:
+            os.mkfifo(full, disk_mode(member.mode, False, self.umask))
+            kind = K_FILE
+        self.reserved.pop(first, None)
+        self.index[first] = self.index[first] & ~7 | kind
+        self._record(first, member)
+        return self._make_links(group, first)
+
+    def _reread(self, wanted, member, archive):
+        group = wanted.get(member.offset_data)
+        if group is None or not group.paths or not member.isreg():
+            return
+        first = group.paths[0]
+        self._write_file(self.root + b"/" + first, member, archive)
+        self._settle(first, member)
+        self._make_links(group, first)
+
+    # -- the end
+
+    def _finish_dirs(self):
+        """Directory modes and times last, deepest first: children no longer change them."""
+        for path in sorted(self.dirs, key=lambda p: -p.count(b"/") - (1 if p else 0)):
+            mode, mtime = self.dirs[path]
+            full = self.root + b"/" + path if path else self.root
+            if not stat.S_ISDIR(os.lstat(full).st_mode):
+                continue
+            os.chmod(full, mode)
+            if mtime is not None:
+                set_times(full, mtime)
+
+    def write_attrs(self, path):
+        """Write the owners and modes the tar asked for (see ATTRS_HEADER) to path."""
+        lines = [ATTRS_HEADER]
+        for name in sorted(self.attrs):
+            uid, gid, mode = self.attrs[name]
+            lines.append(b"%d %d %o %s\n" % (uid, gid, mode, escape_attr_path(name)))
+        write_atomic(path, b"".join(lines))
+
+
+def escape_attr_path(path):
+    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n")
+
+
+def read_attrs(path):
+    """{bytes path below ROOT: (uid, gid, mode)} from an attrs file ({} if there is none)."""
+    found = {}
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except (IOError, OSError):
+        return found
+    for line in data.split(b"\n"):
+        if not line or line.startswith(b"#"):
+            continue
+        fields = line.split(b" ", 3)
+        if len(fields) != 4:
+            continue
+        name = re.sub(b"\\\\(.)", lambda m: b"\n" if m.group(1) == b"n" else m.group(1),
+                      fields[3])
+        try:
+            found[name] = (int(fields[0]), int(fields[1]), int(fields[2], 8))
+        except ValueError:
+            continue
+    return found
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def open_layers(repo, image):
+    """[(open file, label)] of the image's layers, base first, opened under the repository
+    lock so that an rmi running meanwhile cannot take a layer away from under create."""
+    handles = []
+    with repo.lock("metadata"):
+        try:
+            for path in image.layers:
+                label = os.path.basename(path)
+                if not os.path.exists(path):
+                    raise RepositoryError("image %s: layer file missing: %s" % (image.ref,
+                                                                                label))
+                handles.append((open(path, "rb"), label))
+        except BaseException:
+            for handle, _ in handles:
+                handle.close()
+            raise
+    return handles
+
+
+def create_container(store, image, name=None, force=False):
+    """Flatten image into a new container; returns its id.
+
+    The container is built in a hidden directory of containers/ and renamed into place only
+    when complete, so a failure (or a kill) never leaves a half container under an id.
+    """
+    if name:
+        store.check_name(name)
+        if not force and store.find(name):
+            raise RepositoryError("container name already exists: %s" % name)
+    if not image.layers:
+        raise RepositoryError("image %s has no layers" % image.ref)
+    cid = store.new_id(image.name)
+    handles = open_layers(store.repo, image)
+    build = tempfile.mkdtemp(prefix=".create-", dir=store.dir)
+    try:
+        root = os.path.join(build, "ROOT")
+        os.mkdir(root, 0o700)
+        flattener = Flattener(root, current_umask())
+        flattener.run(handles)
+        makedirs(os.path.join(build, META_DIR))
+        flattener.write_attrs(os.path.join(build, META_DIR, "attrs"))
+        config = b"{}"
+        if image.config_path and os.path.exists(image.config_path):
+            with open(image.config_path, "rb") as handle:
+                config = handle.read()
+        elif image.config:
+            config = to_bytes(json_dumps(image.config))
+        write_atomic(os.path.join(build, "container.json"), config)
+        write_atomic(os.path.join(build, "imagerepo.name"), image.ref)
+        os.chmod(build, 0o755 & ~current_umask() | 0o700)
+        os.rename(build, store.path(cid))
+    except BaseException:
+        remove_tree(build)
+        raise
+    finally:
+        for handle, _ in handles:
+            handle.close()
+    if name:
+        try:
+            store.add_name(cid, name, force=force)
+        except BaseException:
+            remove_container(store, cid, quiet=True)
+            raise
+    return cid
+
+
+META_DIR = ".udocker-py"        # udocker.py's own files in a container directory
+
+
+def remove_container(store, id_or_name, quiet=False):
+    """Delete a container and its names; refuses protected ones.
+
+    Under the container's lock the directory is first renamed to a hidden trash name (one
+    atomic step: other commands see the container or nothing), then deleted.
+    """
+    cid = store.get(id_or_name)
+    with store.lock(cid):
+        if not os.path.isdir(store.path(cid)):
+            raise RepositoryError("container not found: %s" % id_or_name)
+        if store.is_protected(cid):
+            raise RepositoryError("container is protected: %s" % id_or_name)
+        if not quiet:
+            MSG.info("deleting container: %s" % cid)
+        trash = os.path.join(store.dir, ".trash-%s-%d" % (cid, os.getpid()))
+        os.rename(store.path(cid), trash)
+        store.remove_names_of(cid)
+    try:
+        remove_tree(trash)
+    except OSError as exc:
+        raise RepositoryError("container %s removed, but its files could not all be "
+                              "deleted (%s): %s" % (cid, exc.strerror or exc, trash))
+    return cid
+
+
+def copy_tree(src, dst):
+    """Copy a directory tree: hardlinks stay hardlinks, symlinks are copied as symlinks,
+    modes and times kept, FIFOs re-made, sockets and devices skipped. dst must not exist."""
+    seen = {}
+    dirs = []
+    stack = [(to_bytes(src), to_bytes(dst))]
+    while stack:
+        source, target = stack.pop()
+        st = os.lstat(source)
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(target, 0o700)
+            dirs.append((target, mode | 0o700, st.st_mtime))
+            stack.extend((os.path.join(source, name), os.path.join(target, name))
+                         for name in os.listdir(source))
+            continue
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in seen:
+            hardlink(seen[key], target)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(source), target)
+            set_times(target, st.st_mtime, symlink=True)
+        elif stat.S_ISREG(st.st_mode):
+            copy_file_data(source, target, mode)
+            set_times(target, st.st_mtime)
+        elif stat.S_ISFIFO(st.st_mode):
+            os.mkfifo(target, mode)
+            set_times(target, st.st_mtime)
+        else:
+            continue
+        if st.st_nlink > 1:
+            seen[key] = target
+    for path, mode, mtime in reversed(dirs):        # children before their parents
+        os.chmod(path, mode)
+        set_times(path, mtime)
+
+
+def copy_file_data(source, target, mode):
+    fdin = os.open(source, os.O_RDONLY | O_NOFOLLOW)
+    try:
+        fdout = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o600)
+        try:
+            while True:
+                data = os.read(fdin, OUT_CHUNK)
+                if not data:
+                    break
+                while data:
+                    data = data[os.write(fdout, data):]
+            os.fchmod(fdout, mode)
+        finally:
+            os.close(fdout)
+    finally:
+        os.close(fdin)
+
+
+def clone_container(store, id_or_name, name=None):
+    """Copy a container to a new id (and name); returns the new id.
+
+    The copy is made in a hidden directory while the source is locked, then renamed into
+    place: an rm of the source waits, and nobody sees a half clone.
+    """
+    if name:
+        store.check_name(name)
+        if store.find(name):
+            raise RepositoryError("container name already exists: %s" % name)
+    cid = store.get(id_or_name)
+    build = os.path.join(store.dir, ".clone-%s-%d" % (cid, os.getpid()))
+    with store.lock(cid):
+        if not os.path.isdir(store.path(cid)):
+            raise RepositoryError("container not found: %s" % id_or_name)
+        image = ""
+        try:
+            image = read_text(store.path(cid, "imagerepo.name"))
+        except (IOError, OSError):
+            pass
+        new = store.new_id(image.partition(":")[0] or cid)
+        try:
+            copy_tree(store.path(cid), build)
+            os.rename(build, store.path(new))
+        except BaseException:
+            remove_tree(build)
+            raise
+    if name:
+        try:
+            store.add_name(new, name)
+        except BaseException:
+            remove_container(store, new, quiet=True)
+            raise
+    mode = container_execmode(store, new, None)
+    if mode and mode.startswith("F"):
+        MSG.warning("clone %s is in mode %s: run `setup --execmode=%s --force %s`"
+                    % (new, mode, mode, new))
+    return new
+
+
+def container_execmode(store, cid, cfg):
+    """The execution mode recorded for a container, else the configured default."""
+    try:
+        mode = read_text(store.path(cid, "execmode")).strip()
+    except (IOError, OSError):
+        mode = ""
+    if mode or cfg is None:
+        return mode
+    return cfg.override_default_execution_mode or cfg.default_execution_mode
+
+
+def container_platform(store, cid):
+    """os/arch[/variant] from the container's container.json, as upstream prints it."""
+    config = read_json(store.path(cid, "container.json"))
+    if not isinstance(config, dict):
+        return "unknown/unknown"
+    return "/".join([config.get("os") or "unknown", config.get("architecture") or "unknown"]
+                    + ([config["variant"]] if config.get("variant") else []))
+
+
+def container_root_state(store, cid):
+    """ps's M column: W writable ROOT, R read-only, N no ROOT, D ROOT not a directory."""
+    root = store.path(cid, "ROOT")
+    if not os.path.lexists(root):
+        return "N"
+    if not os.path.isdir(root):
+        return "D"
+    return "W" if os.access(root, os.W_OK) else "R"
+
+
+def tree_size_mb(top):
+    """Disk usage in MiB, rounded up, of a tree on one file system (du -s -m -x), or -1."""
+    try:
+        top_st = os.lstat(top)
+    except OSError:
+        return -1
+    total = top_st.st_blocks * 512
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(to_bytes(top)):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if st.st_dev != top_st.st_dev:
+                if name in dirnames:
+                    dirnames.remove(name)
+                continue
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return (total + (1 << 20) - 1) >> 20
+
+
+def export_container(store, id_or_name, output, whole=False):
+    """Write a tar of the container's ROOT (members ./...) with the owners and modes the
+    image asked for, or of the whole container directory (whole=True) as it is on disk.
+
+    output: a path, or a binary file object (stdout). A file is written beside its final
+    name and renamed into place, so a failed export leaves no partial FILE.
+    """
+    import tarfile
+    cid = store.get(id_or_name)
+    with store.lock(cid):
+        top = store.path(cid) if whole else store.path(cid, "ROOT")
+        if not os.path.isdir(top):
+            raise RepositoryError("container %s has no ROOT directory" % cid)
+        attrs = {} if whole else read_attrs(store.path(cid, META_DIR, "attrs"))
+        if hasattr(output, "write"):
+            with tarfile.open(fileobj=output, mode="w|", format=tarfile.GNU_FORMAT,
+                              encoding="utf-8", errors=TAR_ERRORS) as archive:
+                _export_tree(archive, to_bytes(top), attrs, whole)
+            return cid
+        tmp = "%s.tmp-%d" % (output, os.getpid())
+        try:
+            with tarfile.open(tmp, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                              errors=TAR_ERRORS) as archive:
+                _export_tree(archive, to_bytes(top), attrs, whole)
+            os.rename(tmp, output)
+        except BaseException:
+            remove_quietly(tmp)
+            raise
+    return cid
+
+
+def _export_tree(archive, top, attrs, whole):
+    import tarfile
+    seen = {}
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        full = top + b"/" + rel if rel else top
+        st = os.lstat(full)
+        info = tarfile.TarInfo(to_text(b"./" + rel if rel else b"."))
+        info.mtime = int(st.st_mtime)
+        mode = stat.S_IMODE(st.st_mode)
+        if whole:
+            info.uid, info.gid, info.mode = st.st_uid, st.st_gid, mode
+        else:
+            info.uid, info.gid, info.mode = attrs.get(rel, (0, 0, mode))
+        key = (st.st_dev, st.st_ino)
+        if stat.S_ISDIR(st.st_mode):
+            info.type = tarfile.DIRTYPE
+            archive.addfile(info)
+            stack.extend(sorted((rel + b"/" + n if rel else n for n in os.listdir(full)),
+                                reverse=True))
+        elif stat.S_ISLNK(st.st_mode):
+            info.type, info.linkname = tarfile.SYMTYPE, to_text(os.readlink(full))
+            archive.addfile(info)
+        elif st.st_nlink > 1 and key in seen:
+            info.type, info.linkname = tarfile.LNKTYPE, seen[key]
+            archive.addfile(info)
+        elif stat.S_ISREG(st.st_mode):
+            info.type, info.size = tarfile.REGTYPE, st.st_size
+            with open(full, "rb") as handle:
+                archive.addfile(info, handle)
+            if st.st_nlink > 1:
+                seen[key] = info.name
+        elif stat.S_ISFIFO(st.st_mode):
+            info.type = tarfile.FIFOTYPE
+            archive.addfile(info)
 
 
 # ==== 9. Execution engines ====
@@ -3721,6 +4884,93 @@ def cmd_help(session, opts, args):
     return 0
 
 
+# -- container commands
+
+def cmd_create(session, opts, args):
+    ref = ImageRef.parse(args[0])
+    if not session.repo.has_image(ref.name, ref.local_tag):
+        MSG.info("image not found locally, pulling: %s" % ref)
+        session.puller(opts).pull(ref, session.platform(opts))
+    image = session.repo.image(ref.name, ref.local_tag)
+    out(create_container(session.containers, image, opts["name"], opts["force"]))
+    return 0
+
+
+def cmd_ps(session, opts, args):
+    store = session.containers
+    head = fmt = "%-36.36s %c %c "
+    if opts["m"]:
+        head, fmt = head + "MOD ", fmt + "%2.2s "
+    if opts["s"]:
+        head, fmt = head + "SIZE ", fmt + "%5.5s "
+    if opts["p"]:
+        head, fmt = head + "PLATFORM           ", fmt + "%-18.18s "
+    out((head + "%-18s %-20.20s") % ("CONTAINER ID", "P", "M", "NAMES", "IMAGE"))
+    fmt += "%-18.100s %-20.100s"
+    for cid, names, image in store.list():
+        row = [cid, "P" if store.is_protected(cid) else ".", container_root_state(store, cid)]
+        if opts["m"]:
+            row.append(container_execmode(store, cid, session.cfg))
+        if opts["s"]:
+            row.append(tree_size_mb(store.path(cid, "ROOT")))
+        if opts["p"]:
+            row.append(container_platform(store, cid))
+        row += [str([str(n) for n in names]) if names else "", image]
+        out(fmt % tuple(row))
+    return 0
+
+
+def cmd_rm(session, opts, args):
+    status = 0
+    for arg in args:
+        try:
+            remove_container(session.containers, arg)
+        except UdockerError as exc:
+            if len(args) == 1:
+                raise
+            MSG.error(str(exc))
+            status = exc.exit_code
+    return status
+
+
+def cmd_name(session, opts, args):
+    session.containers.add_name(session.containers.get(args[0]), args[1])
+    return 0
+
+
+def cmd_rmname(session, opts, args):
+    session.containers.remove_name(args[0])
+    MSG.info("container name: %s removed." % args[0])
+    return 0
+
+
+def cmd_rename(session, opts, args):
+    session.containers.rename(args[0], args[1])
+    return 0
+
+
+def cmd_clone(session, opts, args):
+    out(clone_container(session.containers, args[0], opts["name"]))
+    return 0
+
+
+def cmd_export(session, opts, args):
+    output = opts["output"]
+    if output is None and args[:1] == ["-"]:
+        output, args = "-", args[1:]
+    if len(args) != 1:
+        raise UsageError("export: usage: export [-o FILE | -] [--clone] CONTAINER")
+    if output in (None, "-"):
+        if sys.stdout.isatty():
+            raise UsageError("export: refusing to write a tar to a terminal (use -o FILE)")
+        sys.stdout.flush()
+        export_container(session.containers, args[0], binary_stdout(), opts["clone"])
+        return 0
+    MSG.info("exporting to file %s" % output)
+    export_container(session.containers, args[0], output, opts["clone"])
+    return 0
+
+
 def cmd_not_yet(session, opts, args):
     raise UdockerError("this command is not implemented yet in udocker.py %s" % __version__)
 
@@ -3759,14 +5009,14 @@ COMMANDS = dict((c.name, c) for c in [
     Command("create", "create a container from an image", ["IMAGE"], [
         _o("--name", VALUE, "name the container", metavar="NAME"),
         _o("--force", help="allow a name that already exists")] + PULL_OPTS,
-        func=cmd_not_yet),
+        func=cmd_create),
     Command("run", "run a command in a container (or image)",
             ["CONTAINER|IMAGE", "[COMMAND...]"], RUN_OPTS, cmd_not_yet, rest=0),
     Command("ps", "list containers", opts=[
         _o("-m", help="show the execution mode"), _o("-s", help="show the size in MB"),
-        _o("-p", help="show the platform")], func=cmd_not_yet),
+        _o("-p", help="show the platform")], func=cmd_ps),
     Command("rm", "remove containers", ["CONTAINER..."], [
-        _o("-f", help="force: fix permissions first")], func=cmd_not_yet),
+        _o("-f", help="force: fix permissions first")], func=cmd_rm),
     Command("rmi", "remove an image", ["IMAGE"], [
         _o("-f", help="ignore errors removing layers")], func=cmd_rmi),
     Command("tag", "give an image another name", ["IMAGE", "NEWIMAGE"], func=cmd_tag),
@@ -3780,15 +5030,15 @@ COMMANDS = dict((c.name, c) for c in [
     Command("unprotect", "remove the protection", ["IMAGE|CONTAINER"], func=cmd_unprotect),
     Command("manifest", "show an image's manifest as the registry sends it",
             ["inspect", "IMAGE"], PULL_OPTS, cmd_manifest),
-    Command("name", "give a container a name", ["CONTAINER", "NAME"], func=cmd_not_yet),
-    Command("rmname", "remove a container name", ["NAME"], func=cmd_not_yet),
-    Command("rename", "rename a container", ["NAME", "NEWNAME"], func=cmd_not_yet),
+    Command("name", "give a container a name", ["CONTAINER", "NAME"], func=cmd_name),
+    Command("rmname", "remove a container name", ["NAME"], func=cmd_rmname),
+    Command("rename", "rename a container", ["NAME", "NEWNAME"], func=cmd_rename),
     Command("clone", "duplicate a container", ["CONTAINER"], [
-        _o("--name", VALUE, "name the new container", metavar="NAME")], func=cmd_not_yet),
+        _o("--name", VALUE, "name the new container", metavar="NAME")], func=cmd_clone),
     Command("export", "write a container's files as a tar archive", ["[-]", "[CONTAINER]"], [
         _o("-o|--output", VALUE, "output file ('-' for stdout)", metavar="FILE"),
         _o("--clone", help="export the whole container, metadata included")],
-        func=cmd_not_yet),
+        func=cmd_export),
     Command("import", "import a rootfs tarball as an image or container",
             ["FILE|URL|-", "[IMAGE[:TAG]]"], [
                 _o("--mv", help="move the tarball instead of copying it"),
