@@ -11,8 +11,10 @@ Fixtures (see tests/support/ for the details):
     test_images      session: the standard Image objects (for save/load)
     udocker          per test: runner of udocker.py with a private
                      UDOCKER_DIR and HOME; udocker("pull", ...) -> Result
+    slurm            session: a single-node Slurm cluster on 127.0.0.1
+                     (support.slurm.SlurmCluster), run as the test user
 Registries start only when a test asks for them. A missing docker-registry
-is an error, not a skip.
+(or Slurm) is an error, not a skip.
 
 Also importable: REPO_ROOT, UDOCKER_SCRIPT (and `import udocker` works, the
 repository root is put on sys.path).
@@ -35,6 +37,7 @@ from support.faultproxy import FaultProxy  # noqa: E402
 from support.images import push_standard_images, standard_images  # noqa
 from support.registry import start_registry  # noqa: E402
 from support.runner import Udocker  # noqa: E402
+from support.slurm import SlurmCluster  # noqa: E402
 
 __all__ = ["REPO_ROOT", "UDOCKER_SCRIPT"]
 
@@ -130,3 +133,19 @@ def udocker(tmp_path):
     """Runner of udocker.py: udocker(*args, env=, input=, timeout=) ->
     Result(rc, out, err). udocker.udocker_dir / .home / .env / .tmpdir."""
     return Udocker(str(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A started SlurmCluster (munged, mariadbd, slurmdbd, slurmctld, one
+    slurmd with all the host's CPUs), stopped at the end of the session."""
+    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
+    error = None
+    try:
+        cluster.start()
+    except SupportError as exc:
+        error = "cannot start the Slurm test cluster: %s" % exc
+    if error:
+        pytest.fail(error, pytrace=False)
+    yield cluster
+    cluster.stop()

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# build_mpi_image.sh - the Debian root file systems of the batch tests, as plain tarballs
+#
+# OUTPUTS (in OUTDIR, default /var/cache/udocker-test; all readable by everyone)
+#   bookworm-minbase.tar  `debootstrap --variant=minbase bookworm`: a plain glibc system
+#   mpi-bookworm.tar      the same plus Open MPI 4.1 (openmpi-bin and its libraries) and
+#                         /usr/local/bin/mpi_hello, compiled inside the chroot from
+#                         tests/images/mpi_hello.c (source kept in /usr/local/src); the
+#                         compiler and the -dev packages are purged after the build
+#   Both: no documentation, man pages or locales (a dpkg path-exclude file stays in
+#   /etc/dpkg/dpkg.cfg.d so later installs stay small too), no apt lists, no logs, an empty
+#   /dev, a neutral /etc/hosts, /etc/resolv.conf and /etc/hostname ("bookworm").
+#   Members are named without a leading "./", sorted, owned by numeric ids, all with the
+#   mtime SOURCE_DATE_EPOCH (default 2024-01-01): deterministic-ish (the package versions
+#   are whatever the mirror serves today).
+#
+# CACHING
+#   A tarball is rebuilt only when this script or mpi_hello.c changes: OUT.tar.built-by
+#   holds the hash of both. A bookworm-minbase.tar without that stamp file was made by
+#   someone else and is left alone. --force rebuilds what this script made.
+#
+# SOURCES
+#   Only the Debian mirror the host already uses (the first non-security "URIs:" of
+#   /etc/apt/sources.list.d/debian.sources, else /etc/apt/sources.list, or $MIRROR).
+#
+# REQUIREMENTS
+#   Debian 12, run as root (debootstrap and chroot), packages debootstrap and tar.
+#
+# USAGE
+#   tests/images/build_mpi_image.sh [--force] [OUTDIR]
+#   Environment: MIRROR, SOURCE_DATE_EPOCH, WORKDIR (default /var/tmp/udocker-test-images,
+#   removed after a successful build).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+force=0
+if [[ ${1:-} == --force ]]; then force=1; shift; fi
+OUTDIR=${1:-/var/cache/udocker-test}
+W=${WORKDIR:-/var/tmp/udocker-test-images}
+SUITE=bookworm
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1704067200}   # 2024-01-01T00:00:00Z
+
+say() { echo "build_mpi_image: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+[[ $(id -u) == 0 ]] || die "run as root (debootstrap and chroot need it)"
+command -v debootstrap >/dev/null || die "debootstrap not found: apt-get install debootstrap"
+
+detect_mirror() {
+    local m=""
+    if [[ -r /etc/apt/sources.list.d/debian.sources ]]; then
+        m=$(awk 'BEGIN { RS = ""; IGNORECASE = 1 }
+                 { types = ""; uris = ""
+                   n = split($0, l, "\n")
+                   for (i = 1; i <= n; i++) {
+                     if (l[i] ~ /^Types:/) types = l[i]
+                     if (l[i] ~ /^URIs:/) { sub(/^URIs:[ \t]*/, "", l[i]); split(l[i], u, /[ \t]+/); uris = u[1] }
+                   }
+                   if (types ~ /[ \t]deb([ \t]|$)/ && uris != "" && uris !~ /security/) { print uris; exit } }' \
+                /etc/apt/sources.list.d/debian.sources)
+    fi
+    if [[ -z $m && -r /etc/apt/sources.list ]]; then
+        m=$(sed -n -E 's/^[ \t]*deb[ \t]+(\[[^]]*\][ \t]+)?([^ \t]+)[ \t].*/\2/p' /etc/apt/sources.list |
+            grep -v security | head -n 1 || true)
+    fi
+    printf '%s\n' "${m%/}"
+}
+
+stamp=$(cat "$0" "$here/mpi_hello.c" | sha256sum | cut -c1-16)
+
+# up_to_date NAME: true if OUTDIR/NAME.tar was built by this version of the script, or (for
+# the minbase tarball) by someone else (no stamp file: left alone, even with --force)
+up_to_date() {
+    local tar=$OUTDIR/$1.tar
+    [[ -f $tar ]] || return 1
+    if [[ ! -f $tar.built-by ]]; then
+        [[ $1 == "$SUITE-minbase" ]] || return 1
+        say "$tar was made by someone else: kept"
+        return 0
+    fi
+    [[ $force == 0 && $(cat "$tar.built-by") == "$stamp" ]]
+}
+
+need_minbase=1; need_mpi=1
+up_to_date "$SUITE-minbase" && need_minbase=0
+up_to_date "mpi-$SUITE" && need_mpi=0
+if [[ $need_minbase == 0 && $need_mpi == 0 ]]; then
+    say "up to date: $OUTDIR/$SUITE-minbase.tar $OUTDIR/mpi-$SUITE.tar"
+    exit 0
+fi
+
+MIRROR=${MIRROR:-$(detect_mirror)}
+[[ -n $MIRROR ]] || die "cannot find the Debian mirror (set MIRROR=...)"
+
+CHROOT_ENV=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C TZ=UTC
+            DEBIAN_FRONTEND=noninteractive SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH")
+APT=(apt-get -o APT::Sandbox::User=root -o Acquire::Check-Valid-Until=false -q -y)
+
+# slim TREE: what every image loses before it is packed
+slim() {
+    local R=$1
+    chroot "$R" "${CHROOT_ENV[@]}" apt-get clean
+    rm -rf "$R"/var/lib/apt/lists/* "$R"/var/cache/apt/*.bin "$R"/var/cache/debconf/*-old \
+        "$R"/var/lib/dpkg/*-old "$R"/var/cache/ldconfig/aux-cache "$R"/usr/share/doc/* \
+        "$R"/usr/share/man/* "$R"/usr/share/info/* "$R"/usr/share/locale/* \
+        "$R"/usr/share/lintian/* "$R"/tmp/* "$R"/var/tmp/* "$R"/root/.bash_history \
+        "$R"/usr/sbin/policy-rc.d
+    find "$R/var/log" -type f -delete
+    : >"$R/etc/machine-id"
+    echo "$SUITE" >"$R/etc/hostname"
+    printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$R/etc/hosts"
+    : >"$R/etc/resolv.conf"
+}
+
+# pack TREE NAME: OUTDIR/NAME.tar (+ .built-by), atomically
+pack() {
+    local R=$1 out=$OUTDIR/$2.tar
+    mkdir -p "$OUTDIR"
+    (cd "$R" && ls -A) >"$W/members"
+    tar -C "$R" --format=gnu --sort=name --numeric-owner --mtime="@$SOURCE_DATE_EPOCH" \
+        --anchored --exclude='dev/*' --exclude='proc/*' --exclude='sys/*' \
+        -cf "$out.tmp" -T "$W/members"
+    chmod 644 "$out.tmp"
+    mv -f "$out.tmp" "$out"
+    echo "$stamp" >"$out.built-by"
+    say "$out: $(du -m "$out" | cut -f1) MB"
+}
+
+start=$(date +%s)
+rm -rf "$W"
+mkdir -p "$W"
+say "debootstrap --variant=minbase $SUITE from $MIRROR"
+debootstrap --variant=minbase "$SUITE" "$W/minbase" "$MIRROR" >"$W/debootstrap.log" 2>&1 ||
+    { tail -n 30 "$W/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
+cat >"$W/minbase/etc/dpkg/dpkg.cfg.d/01-udocker-test-nodoc" <<'EOF'
+# test images: no documentation, man pages or translations
+path-exclude=/usr/share/doc/*
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/locale/*
+path-exclude=/usr/share/lintian/*
+EOF
+
+if [[ $need_mpi == 1 ]]; then      # copy before slimming: apt needs /dev/null and friends
+    cp -a "$W/minbase" "$W/mpi"
+fi
+if [[ $need_minbase == 1 ]]; then
+    slim "$W/minbase"
+    pack "$W/minbase" "$SUITE-minbase"
+fi
+
+if [[ $need_mpi == 1 ]]; then
+    R=$W/mpi
+    printf '#!/bin/sh\nexit 101\n' >"$R/usr/sbin/policy-rc.d"      # start no services
+    chmod 755 "$R/usr/sbin/policy-rc.d"
+    cp /etc/resolv.conf "$R/etc/resolv.conf" 2>/dev/null || true
+    cp /etc/hosts "$R/etc/hosts"
+    say "installing Open MPI and a compiler in the chroot"
+    chroot "$R" "${CHROOT_ENV[@]}" "${APT[@]}" update >"$W/apt.log" 2>&1 ||
+        { tail -n 30 "$W/apt.log" >&2; die "apt-get update failed"; }
+    chroot "$R" "${CHROOT_ENV[@]}" "${APT[@]}" install --no-install-recommends \
+        openmpi-bin libopenmpi-dev gcc libc6-dev >>"$W/apt.log" 2>&1 ||
+        { tail -n 30 "$W/apt.log" >&2; die "apt-get install failed"; }
+    mkdir -p "$R/usr/local/src" "$R/usr/local/bin"
+    install -m 644 "$here/mpi_hello.c" "$R/usr/local/src/mpi_hello.c"
+    chroot "$R" "${CHROOT_ENV[@]}" mpicc -O2 -o /usr/local/bin/mpi_hello /usr/local/src/mpi_hello.c
+    say "purging the compiler and the -dev packages"
+    chroot "$R" "${CHROOT_ENV[@]}" "${APT[@]}" purge --auto-remove \
+        libopenmpi-dev gcc libc6-dev >>"$W/apt.log" 2>&1 ||
+        { tail -n 30 "$W/apt.log" >&2; die "apt-get purge failed"; }
+    chroot "$R" "${CHROOT_ENV[@]}" ldd /usr/local/bin/mpi_hello | grep -q 'not found' &&
+        die "mpi_hello misses libraries after the purge"
+    slim "$R"
+    pack "$R" "mpi-$SUITE"
+fi
+rm -rf "$W"
+say "done in $(( $(date +%s) - start )) s"
