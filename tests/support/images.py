@@ -843,3 +843,62 @@ def write_tar(path, files, compression=None, prefix=""):
     with open(path, "wb") as out:
         out.write(compress(build_tar(entries, prefix), compression))
     return path
+
+
+# ---------------------------------------------------------------------------
+# layers from root file system tarballs (tests/images/build_mpi_image.sh)
+# ---------------------------------------------------------------------------
+
+TEST_IMAGE_CACHE = "/var/cache/udocker-test"   # where the script writes them
+
+
+class TarballLayer(object):
+    """A layer made of an existing tar file, with the attributes a Layer has
+    for building and pushing Images (no .entries: Image.files() is not
+    available for it). .data is gzip (level given) or the tar itself."""
+
+    def __init__(self, path, compression="gzip", level=1):
+        if compression not in (None, "gzip"):
+            raise ValueError("compression must be None or gzip")
+        with open(path, "rb") as tarf:
+            tar = tarf.read()
+        self.path = path
+        self.compression = compression
+        self.comment = os.path.basename(path)
+        self.diff_id = sha256_digest(tar)
+        if compression == "gzip":
+            buf = io.BytesIO()
+            gz = gzip.GzipFile(filename="", mode="wb", fileobj=buf,
+                               compresslevel=level, mtime=0)
+            gz.write(tar)
+            gz.close()
+            self.data = buf.getvalue()
+        else:
+            self.data = tar
+        self.digest = sha256_digest(self.data)
+        self.size = len(self.data)
+
+    media_type = Layer.__dict__["media_type"]
+    blob = Layer.__dict__["blob"]
+
+
+def layer_from_tarball(path, compression="gzip", level=1):
+    """A TarballLayer of the tar file at path (a root file system such as
+    /var/cache/udocker-test/mpi-bookworm.tar). Raises SupportError, naming
+    the script that builds it, if the file is missing."""
+    if not os.path.isfile(path):
+        raise SupportError(
+            "%s not found: build it as root with tests/images/"
+            "build_mpi_image.sh (CI does this in .ci/run)" % path)
+    return TarballLayer(path, compression, level)
+
+
+DEBIAN_CONFIG = {"Env": ["PATH=" + DEFAULT_PATH], "Cmd": ["bash"]}
+
+
+def image_from_tarball(path, config=None, name=""):
+    """A one-layer Image of the root file system tarball at path (config:
+    DEBIAN_CONFIG unless given)."""
+    return Image([layer_from_tarball(path)],
+                 DEBIAN_CONFIG if config is None else config,
+                 name=name or os.path.basename(path))

@@ -265,7 +265,8 @@ def _proc_read(pid, name):
 
 def find_processes(marker, uid=None):
     """Processes of uid (default: ours) with marker (text) in their command
-    line or environment: [(pid, command line text)], this process and its
+    line (arguments joined by spaces) or environment (NAME=VALUE entries
+    separated by NULs): [(pid, command line text)], this process and its
     ancestors excluded."""
     uid = os.getuid() if uid is None else uid
     needle = marker.encode("utf-8")
@@ -286,10 +287,9 @@ def find_processes(marker, uid=None):
                 continue
         except OSError:
             continue
-        cmdline = _proc_read(pid, "cmdline")
+        cmdline = _proc_read(pid, "cmdline").replace(b"\0", b" ").strip()
         if needle in cmdline or needle in _proc_read(pid, "environ"):
-            found.append((pid, to_text(cmdline.replace(b"\0", b" "),
-                                       errors="replace").strip()))
+            found.append((pid, to_text(cmdline, errors="replace")))
     return sorted(found)
 
 
@@ -519,7 +519,7 @@ class SlurmCluster(object):
         if self.env is not None and self._procs and \
                 dict(self._procs).get("slurmctld") is not None:
             try:
-                self._cancel_all()
+                self.cancel_all()
             except SupportError:
                 pass
         while self._procs:
@@ -531,7 +531,8 @@ class SlurmCluster(object):
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
 
-    def _cancel_all(self, timeout=KILL_WAIT + 15):
+    def cancel_all(self, timeout=KILL_WAIT + 15):
+        """scancel every job of the cluster and wait until none is left."""
         rc, out, _ = run_command(["squeue", "-h", "-o", "%i"], env=self.env,
                                  timeout=30)
         if rc != 0 or not out.strip():
