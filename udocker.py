@@ -1436,9 +1436,9 @@ class HttpClient(object):
     """
     REDIRECTS = (301, 302, 303, 307, 308)
 
-    def __init__(self, cfg, proxy=None):
+    def __init__(self, cfg, proxy=None, insecure=None):
         self.timeout = cfg.timeout
-        self.insecure = cfg.http_insecure
+        self.insecure = cfg.http_insecure if insecure is None else insecure
         self.ca_bundle = cfg.ca_bundle
         self.agent = cfg.http_agent or ("udocker.py/%s" % __version__)
         self.proxy = proxy or cfg.http_proxy
@@ -1449,8 +1449,7 @@ class HttpClient(object):
     def ssl_context(self):
         if self._ssl is None:
             if self.insecure:
-                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS if hasattr(ssl, "PROTOCOL_TLS")
-                                     else ssl.PROTOCOL_SSLv23)
+                ctx = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_CLIENT", ssl.PROTOCOL_SSLv23))
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             else:
@@ -1582,10 +1581,12 @@ class RegistryClient(object):
     Thread-safe: blob downloads of one pull share it (and its token cache).
     """
 
-    def __init__(self, cfg, url, keystore, proxy=None):
+    def __init__(self, cfg, url, keystore, proxy=None, insecure=None):
         self.cfg = cfg
         self.url = url.rstrip("/")
-        self.http = HttpClient(cfg, proxy)
+        self.insecure = cfg.http_insecure if insecure is None else insecure
+        self.spoke = False          # a response came back: the scheme is settled
+        self.http = HttpClient(cfg, proxy, self.insecure)
         self.keystore = keystore
         self.tokens = {}            # scope -> (header value, expiry time)
         self.basic = None           # "Basic ..." once the registry asked for it
@@ -1597,11 +1598,10 @@ class RegistryClient(object):
         """The client for an ImageRef host; --registry/UDOCKER_REGISTRY applied as upstream."""
         if registry_url:
             url = registry_url if "//" in registry_url else "https://" + registry_url
-        elif host == DOCKER_HUB:
-            url = cfg.dockerio_registry_url
-        else:
-            url = ("http://" if _plain_http_default(host, cfg) else "https://") + host
-        return cls(cfg, url, keystore, proxy)
+            return cls(cfg, url, keystore, proxy)
+        if host == DOCKER_HUB:
+            return cls(cfg, cfg.dockerio_registry_url, keystore, proxy)
+        return cls(cfg, "https://" + host, keystore, proxy, _insecure_host(host, cfg))
 
     # -- authentication
 
@@ -1674,7 +1674,8 @@ class RegistryClient(object):
         """
         url = path if "//" in path else self.url + path
         headers = dict(headers or {})
-        for attempt in (1, 2, 3):
+        auth_rounds = 0
+        while True:
             auth = self._auth_header(scope)
             if auth:
                 headers["Authorization"] = auth
@@ -1685,17 +1686,38 @@ class RegistryClient(object):
             except socket.gaierror as exc:
                 raise RegistryError("cannot resolve the registry host %s: %s"
                                     % (urlsplit(url).netloc, exc.args[-1]))
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                if self._fall_back_to_http(url, exc):
+                    url = "http://" + url.split("://", 1)[1]
+                    continue
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc) or \
+                        isinstance(exc, ssl.CertificateError):
+                    raise RegistryError("TLS certificate of %s is not trusted (%s): use "
+                                        "--insecure, or set ca_bundle" % (
+                                            urlsplit(url).netloc,
+                                            getattr(exc, "reason", None) or exc))
+                raise TransientError("%s %s: %s" % (method, url.split("?")[0], exc))
             except NETWORK_ERRORS as exc:
+                if self._fall_back_to_http(url, exc):
+                    url = "http://" + url.split("://", 1)[1]
+                    continue
                 raise TransientError("%s %s: %s" % (method, url.split("?")[0],
                                                     exc or type(exc).__name__))
-            if resp.status == 401 and attempt < 3:
+            self.spoke = True
+            if resp.status == 401:
                 challenge = resp.header("www-authenticate")
                 if not challenge:
                     raise RegistryError("%s refused access without a challenge" % self.url)
                 with self.lock:
                     self.tokens.pop(scope, None)
-                if attempt == 2 and "insufficient_scope" in challenge:
-                    break
+                if auth_rounds and challenge.lower().startswith("basic"):
+                    raise RegistryError("authentication failed at %s: bad username or "
+                                        "password" % self.url)
+                # a second round renews an expired token; a third would loop forever
+                if auth_rounds == 2 or (auth_rounds and "insufficient_scope" in challenge):
+                    raise RegistryError("access denied by %s: %s (not found, or you are "
+                                        "not authorised)" % (self.url, _scope_name(scope)))
+                auth_rounds += 1
                 self._authenticate(challenge, scope)
                 continue
             if resp.status == 429 or resp.status >= 500:
@@ -1703,8 +1725,16 @@ class RegistryClient(object):
                 raise TransientError("%s answered %d for %s" % (self.url, resp.status, path),
                                      _seconds(retry_after))
             return resp
-        raise RegistryError("access denied by %s: %s (not found, or you are not authorised)"
-                            % (self.url, _scope_name(scope)))
+
+    def _fall_back_to_http(self, url, exc):
+        """An insecure registry that cannot be reached with TLS at first contact (its port
+        speaks http, or a proxy refuses to tunnel): switch to http, once."""
+        if self.spoke or not (self.insecure and url.startswith("https://") and
+                              self.url.startswith("https:")):
+            return False
+        MSG.verbose("%s does not speak TLS (%s): using http" % (self.url, exc))
+        self.url = "http://" + self.url.split("://", 1)[1]
+        return True
 
     # -- manifests
 
@@ -1777,10 +1807,12 @@ class RegistryClient(object):
             path = urljoin(self.url + "/", match.group(1)) if match else None
 
 
-def _plain_http_default(host, cfg):
-    """Docker's rule: localhost registries, and any with --insecure, may be plain http."""
+def _insecure_host(host, cfg):
+    """Docker's rule: localhost registries, and any with --insecure, are tried with https
+    without verifying the certificate, then with plain http."""
     hostname = host.rsplit(":", 1)[0].strip("[]")
-    return cfg.http_insecure or hostname in ("localhost", "127.0.0.1", "::1")
+    return cfg.http_insecure or hostname == "localhost" or hostname.startswith("127.") \
+        or hostname == "::1"
 
 
 def _seconds(value):
