@@ -2007,8 +2007,616 @@ class Puller(object):
 # P1/P2 proot, R1-R3 runc/crun, F1-F4 fakechroot, S1 singularity.
 
 
+def which(name, path=None):
+    """The first executable called name in path (default $PATH), or None."""
+    if "/" in name:
+        return name if is_executable(name) else None
+    for directory in (path if path is not None else os.environ.get("PATH", "")).split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if is_executable(candidate):
+            return candidate
+    return None
+
+
+def is_executable(path):
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def run_capture(argv, env=None, timeout=30.0):
+    """Run a short probe command; returns (exit status, stdout + stderr as text).
+
+    A command that cannot be started gives (127, reason); one that outlives timeout is
+    killed (status -9).
+    """
+    import subprocess
+    try:
+        proc = subprocess.Popen(argv, stdin=open(os.devnull, "rb"), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env, close_fds=True)
+    except OSError as exc:
+        return 127, "%s: %s" % (argv[0], exc.strerror or exc)
+    timer = threading.Timer(timeout, _kill_quietly, (proc.pid, signal.SIGKILL))
+    timer.daemon = True
+    timer.start()
+    try:
+        output = proc.communicate()[0]
+    finally:
+        timer.cancel()
+    return proc.returncode, to_text(output)
+
+
+def _kill_quietly(pid, signum):
+    try:
+        os.kill(pid, signum)
+        return True
+    except OSError:
+        return False
+
+
 # ==== 10. Tools installer ====
-# The tools tarball with the engine binaries.
+# The tools tarball with the engine binaries: udocker_dir/{bin,lib,doc}/ (ours: proot-x86_64,
+# runc-x86_64, crun-x86_64, patchelf-x86_64, lib/libfakechroot-glibc2.36-x86_64.so, lib/VERSION;
+# upstream's 1.2.11 layout is accepted too). Sources come from `tarball` (UDOCKER_TARBALL): local
+# files or URLs tried in order; each is checked against a sha256, its lib/VERSION against
+# `tarball_release`, then unpacked into a staging directory inside topdir and renamed into
+# bin/ lib/ doc/ file by file (lib/VERSION last), under the repository lock "install".
+
+TOOLS_SHA256 = {
+    # tarball file name -> sha256 of a published release, used when no other sum is given
+}
+TOOLS_PARTS = ("bin", "lib", "doc")
+SHA256_RE = re.compile(r"\b([a-fA-F0-9]{64})\b")
+
+
+def version_tuple(text):
+    """'1.2.11' -> (1, 2, 11); reading stops at the first part that is not a number."""
+    numbers = []
+    for part in (text or "").strip().split("."):
+        match = re.match(r"\d+", part)
+        if not match:
+            break
+        numbers.append(int(match.group()))
+        if match.end() != len(part):
+            break
+    return tuple(numbers)
+
+
+def version_at_least(version, minimum):
+    have, want = list(version_tuple(version)), list(version_tuple(minimum))
+    width = max(len(have), len(want))
+    return bool(have) and have + [0] * (width - len(have)) >= want + [0] * (width - len(want))
+
+
+def _is_url(source):
+    return re.match(r"^(https?|file)://", source) is not None
+
+
+def _local_path(source):
+    return source[len("file://"):] if source.startswith("file://") else source
+
+
+class ToolsInstaller(object):
+    """Fetches, verifies and installs the tools tarball into bindir, libdir and docdir."""
+
+    NEXT_STEP = "set UDOCKER_TARBALL to a local copy of the tools tarball"
+
+    def __init__(self, cfg, repo):
+        self.cfg = cfg
+        self.repo = repo
+
+    # -- state
+
+    def installed_version(self):
+        try:
+            return read_text(os.path.join(self.cfg.libdir, "VERSION")).strip() or None
+        except (IOError, OSError):
+            return None
+
+    def is_installed(self):
+        version = self.installed_version()
+        return bool(version) and version_at_least(version, self.cfg.tarball_release)
+
+    def sources(self):
+        return self.cfg.tarball.split()
+
+    def disabled(self):
+        """An explicitly empty `tarball` (UDOCKER_TARBALL="") turns installation off."""
+        return not self.sources() and self.cfg.sources.get("tarball", "default") != "default"
+
+    # -- commands
+
+    def ensure(self):
+        """Install on first use (autoinstall); returns True when the tools are installed.
+
+        Raises EngineError when an installation was tried and failed.
+        """
+        if self.is_installed():
+            return True
+        if not self.cfg.autoinstall or self.disabled():
+            MSG.verbose("tools not installed, installation skipped")
+            return False
+        return self.install()
+
+    def install(self, force=False, purge=False):
+        """Install (again with force); returns True when the tools are installed after it."""
+        if self.disabled():
+            if purge:
+                with self.repo.lock("install"):
+                    self._purge(keep=())
+            MSG.info("installation skipped (UDOCKER_TARBALL is empty)")
+            return False
+        if not self.sources():
+            raise EngineError("no tools tarball configured: set UDOCKER_TARBALL to the "
+                              "udocker tools tarball (a file or URL)")
+        with self.repo.lock("install"):
+            if self.is_installed() and not force:
+                MSG.info("tools already installed: version %s" % self.installed_version())
+                return True
+            makedirs(self.cfg.topdir)
+            staging = tempfile.mkdtemp(prefix=".install-", dir=self.cfg.topdir)
+            try:
+                version, source = self._fetch_any(staging)
+                self._commit(os.path.join(staging, "tree"), purge)
+            finally:
+                remove_tree(staging)
+        MSG.info("tools installed: version %s from %s" % (version, source))
+        return True
+
+    # -- fetching and checking
+
+    def _fetch_any(self, staging):
+        """Try each source in order; returns (version, source) of the one unpacked."""
+        errors = []
+        for source in self.sources():
+            try:
+                return self._fetch_one(source, staging), source
+            except EngineError as exc:
+                MSG.verbose("tools tarball %s: %s" % (source, exc))
+                errors.append(str(exc))
+                remove_tree(os.path.join(staging, "tree"))
+        if len(errors) == 1:
+            raise EngineError(errors[0])
+        raise EngineError("%s (and %d other source(s) failed)" % (errors[-1], len(errors) - 1))
+
+    def _fetch_one(self, source, staging):
+        MSG.info("installing tools from %s" % source)
+        if _is_url(source) and not source.startswith("file://"):
+            path = os.path.join(staging, "tarball")
+            digest = self._download(source, path)
+        else:
+            path = os.path.abspath(os.path.expanduser(_local_path(source)))
+            if not os.path.isfile(path):
+                raise EngineError("tools tarball not found: %s" % path)
+            digest = sha256_file(path)
+        self._check_sha256(source, digest)
+        tree = os.path.join(staging, "tree")
+        version = unpack_tools(path, tree, source)
+        if not version_at_least(version, self.cfg.tarball_release):
+            raise EngineError("tools tarball %s has version %s, older than the required %s "
+                              "(tarball_release): set UDOCKER_TARBALL to a newer one"
+                              % (source, version, self.cfg.tarball_release))
+        return version
+
+    def _download(self, url, path):
+        """Download url to path; returns the sha256 of what was received."""
+        attempts = max(1, self.cfg.installretry)
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._download_once(url, path)
+            except NETWORK_ERRORS as exc:
+                reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                if attempt >= attempts:
+                    raise EngineError("cannot download tools tarball %s: %s: %s"
+                                      % (url, reason, self.NEXT_STEP))
+                MSG.verbose("download failed (%s), retrying" % reason)
+                time.sleep(0.2 * attempt)
+
+    def _download_once(self, url, path):
+        client = HttpClient(self.cfg)
+        digest = hashlib.sha256()
+        received = 0
+        try:
+            resp = client.request("GET", url)
+            if resp.status != 200:
+                resp.close(reuse=False)
+                raise EngineError("cannot download tools tarball %s: HTTP %d %s: %s"
+                                  % (url, resp.status, resp.reason, self.NEXT_STEP))
+            expected = resp.header("content-length")
+            with open(path, "wb") as handle:
+                while True:
+                    data = resp.read(1 << 16)
+                    if not data:
+                        break
+                    handle.write(data)
+                    digest.update(data)
+                    received += len(data)
+        finally:
+            client.close()
+        if expected and expected.isdigit() and int(expected) != received:
+            raise EngineError("tools tarball %s: download truncated (%d of %s bytes): %s"
+                              % (url, received, expected, self.NEXT_STEP))
+        return digest.hexdigest()
+
+    def expected_sha256(self, source):
+        """The sha256 sums a source must match: configured, a .sha256 beside it, or pinned.
+
+        Returns a (possibly empty) list of lower-case hex digests.
+        """
+        configured = SHA256_RE.findall(self.cfg.tarball_sha256 or "")
+        if configured:
+            return [d.lower() for d in configured]
+        sidecar = self._read_sidecar(source + ".sha256")
+        if sidecar:
+            return [sidecar.lower()]
+        pinned = TOOLS_SHA256.get(os.path.basename(source.split("?")[0]))
+        return [pinned] if pinned else []
+
+    def _read_sidecar(self, source):
+        if not _is_url(source) or source.startswith("file://"):
+            try:
+                match = SHA256_RE.search(read_text(os.path.expanduser(_local_path(source))))
+            except (IOError, OSError):
+                return None
+            return match.group(1) if match else None
+        client = HttpClient(self.cfg)
+        try:
+            resp = client.request("GET", source)
+            body = resp.read_all(1 << 16) if resp.status == 200 else b""
+        except NETWORK_ERRORS + (RegistryError,):
+            return None
+        finally:
+            client.close()
+        match = SHA256_RE.search(to_text(body))
+        return match.group(1) if match else None
+
+    def _check_sha256(self, source, digest):
+        wanted = self.expected_sha256(source)
+        if not wanted:
+            if _is_url(source) and not source.startswith("file://"):
+                raise EngineError("no sha256 for tools tarball %s: set UDOCKER_TARBALL_SHA256 "
+                                  "or publish %s.sha256 beside it" % (source, source))
+            MSG.warning("tools tarball %s: no sha256 to check it against" % source)
+            return
+        if digest not in wanted:
+            raise EngineError("tools tarball %s: sha256 mismatch (got %s, expected %s): the "
+                              "file is corrupt or not the one published: %s"
+                              % (source, digest[:16], wanted[0][:16], self.NEXT_STEP))
+        MSG.verbose("tools tarball sha256 ok: %s" % digest)
+
+    # -- putting files in place
+
+    def _destinations(self):
+        return {"bin": self.cfg.bindir, "lib": self.cfg.libdir, "doc": self.cfg.docdir}
+
+    def _commit(self, tree, purge):
+        """Move every staged file into place; lib/VERSION last, so a reader never sees
+        a new VERSION with old binaries."""
+        dests = self._destinations()
+        placed = []
+        for part in TOOLS_PARTS:
+            top = os.path.join(tree, part)
+            for dirpath, _, filenames in os.walk(top):
+                rel_dir = os.path.relpath(dirpath, top)
+                for name in sorted(filenames):
+                    rel = os.path.normpath(os.path.join(rel_dir, name))
+                    if (part, rel) != ("lib", "VERSION"):
+                        placed.append((part, rel))
+        if purge:
+            self._purge(keep=placed + [("lib", "VERSION")])
+        for part, rel in placed + [("lib", "VERSION")]:
+            _move_into_place(os.path.join(tree, part, rel), os.path.join(dests[part], rel))
+
+    def _purge(self, keep):
+        """Remove every file in bin/ lib/ doc/ except the (part, relpath) pairs in keep."""
+        keep = set(keep)
+        for part, top in sorted(self._destinations().items()):
+            if not os.path.isdir(top):
+                continue
+            for name in os.listdir(top):
+                if (part, name) in keep:
+                    continue
+                MSG.verbose("purging %s" % os.path.join(top, name))
+                remove_tree(os.path.join(top, name))
+
+
+def _move_into_place(src, dest):
+    makedirs(os.path.dirname(dest))
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        remove_tree(dest)
+    try:
+        os.rename(src, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    tmp = "%s.tmp-%d" % (dest, os.getpid())         # another file system: copy, then rename
+    remove_quietly(tmp)
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), tmp)
+    else:
+        shutil.copy2(src, tmp)
+    os.rename(tmp, dest)
+
+
+def _member_parts(name):
+    """'udocker_dir/bin/x' -> ['bin', 'x']; None for members outside bin/ lib/ doc/.
+
+    Raises EngineError for names that try to leave the tree.
+    """
+    name = to_text(name)
+    while name.startswith("./"):
+        name = name[2:]
+    parts = name.rstrip("/").split("/")
+    if name.startswith("/") or ".." in parts:
+        raise EngineError("tools tarball has an unsafe member: %s" % name)
+    if len(parts) < 3 or parts[0] != "udocker_dir" or parts[1] not in TOOLS_PARTS:
+        return None
+    if any(p in ("", ".") for p in parts[2:]):
+        raise EngineError("tools tarball has an unsafe member: %s" % name)
+    return parts[1:]
+
+
+def _safe_link_target(parts, target):
+    """A symlink member may only point inside its own bin/ lib/ or doc/ directory."""
+    target = to_text(target)
+    if not target or target.startswith("/"):
+        return False
+    resolved = os.path.normpath(os.path.join(os.path.join(*parts[:-1]), target))
+    return resolved.split(os.sep)[0] == parts[0] and not resolved.startswith("..")
+
+
+def unpack_tools(path, tree, source):
+    """Extract the bin/ lib/ doc/ members of a tools tarball into tree; returns lib/VERSION.
+
+    Only regular files and symlinks that stay inside are taken. Raises EngineError for a
+    file that is not a (complete) tar archive, an unsafe member or a missing VERSION.
+    """
+    import tarfile
+    import zlib
+    makedirs(tree)
+    seen = {}
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
+                parts = _member_parts(member.name)
+                if parts is None or member.isdir():
+                    continue
+                dest = os.path.join(tree, *parts)
+                makedirs(os.path.dirname(dest))
+                if member.isreg():
+                    _extract_file(archive, member, dest, parts[0] == "bin")
+                elif member.issym() and _safe_link_target(parts, member.linkname):
+                    remove_quietly(dest)
+                    os.symlink(to_text(member.linkname), dest)
+                elif member.islnk() and to_text(member.linkname) in seen:
+                    shutil.copy2(seen[to_text(member.linkname)], dest)
+                else:
+                    MSG.verbose("tools tarball: skipped %s" % to_text(member.name))
+                    continue
+                seen[to_text(member.name).lstrip("./")] = dest
+    except (tarfile.TarError, EOFError, zlib.error, IOError, OSError) as exc:
+        if isinstance(exc, EnvironmentError) and exc.errno in (errno.ENOSPC, errno.EACCES,
+                                                               errno.EDQUOT):
+            raise
+        reason = (str(exc) or type(exc).__name__).splitlines()[0].rstrip(":")
+        raise EngineError("tools tarball %s is truncated or not a tar.gz file (%s): %s"
+                          % (source, reason, ToolsInstaller.NEXT_STEP))
+    version_file = os.path.join(tree, "lib", "VERSION")
+    if not os.path.isfile(version_file):
+        raise EngineError("%s is not a udocker tools tarball (no udocker_dir/lib/VERSION): %s"
+                          % (source, ToolsInstaller.NEXT_STEP))
+    version = read_text(version_file).strip()
+    if not version_tuple(version):
+        raise EngineError("tools tarball %s: unreadable lib/VERSION %r" % (source, version))
+    return version
+
+
+def _extract_file(archive, member, dest, executable):
+    source = archive.extractfile(member)
+    try:
+        with open(dest, "wb") as handle:
+            shutil.copyfileobj(source, handle, 1 << 20)
+    finally:
+        source.close()
+    mode = (member.mode & 0o755) | (0o700 if executable else 0o600)
+    os.chmod(dest, mode)
+
+
+def probe_proot(path):
+    """What a proot can do; Debian's 5.1.0 (no --kill-on-exit, no statx) is refused."""
+    _, help_text = run_capture([path, "--help"])
+    _, version_text = run_capture([path, "-V"])
+    found = re.search(r"\b(\d+\.\d+\.\d+)\b", version_text)
+    info = {"version": found.group(1) if found else "?",
+            "kill_on_exit": "--kill-on-exit" in help_text,
+            "seccomp": "seccomp_filter = yes" in version_text,
+            "port": "--port" in help_text, "netcoop": "--netcoop" in help_text}
+    info["ok"] = info["kill_on_exit"]
+    if not info["ok"]:
+        info["why"] = ("proot %s is too old: no --kill-on-exit and no statx translation "
+                       "(Debian's proot 5.1.0 breaks glibc 2.33+ containers)%s"
+                       % (info["version"], "" if info["seccomp"] else ", no seccomp"))
+    return info
+
+
+def probe_runtime(path):
+    status, text = run_capture([path, "--version"])
+    flavour = "crun" if "crun version" in text else "runc" if "runc version" in text else None
+    info = {"ok": status == 0 and flavour is not None, "flavour": flavour,
+            "version": (text.split("\n")[0].split() or ["?"])[-1]}
+    if not info["ok"]:
+        info["why"] = "`%s --version` does not say runc or crun" % path
+    return info
+
+
+def probe_version_word(word):
+    def probe(path):
+        status, text = run_capture([path, "--version"])
+        info = {"ok": status == 0 and word in text.lower(), "flavour": word}
+        if not info["ok"]:
+            info["why"] = "`%s --version` failed or does not say %s" % (path, word)
+        return info
+    return probe
+
+
+def probe_singularity(path):
+    status, text = run_capture([path, "--version"])
+    flavour = "apptainer" if "apptainer" in text.lower() else "singularity"
+    return {"ok": status == 0, "flavour": flavour, "why": "`%s --version` failed" % path}
+
+
+TOOL_PROBES = {"proot": probe_proot, "runc": probe_runtime, "crun": probe_runtime,
+               "patchelf": probe_version_word("patchelf"),
+               "apptainer": probe_singularity, "singularity": probe_singularity}
+
+
+class Tools(object):
+    """Finds the engine executables. Per tool: the configured executable
+    (UDOCKER_USE_*_EXECUTABLE: a path, or a program name), else the installed tools for
+    this architecture (bin/NAME-ARCH; installed on first use), else a program on PATH that
+    passes a capability probe. Probe results are cached per path, mtime and size in
+    topdir/.probes.json, so runs stay fast."""
+
+    def __init__(self, cfg, repo):
+        self.cfg = cfg
+        self.installer = ToolsInstaller(cfg, repo)
+        host = Platform.host().arch
+        self.arch = TOOL_ARCH.get(host, host)
+        self.cache_path = os.path.join(cfg.topdir, ".probes.json")
+        self.found = {}
+
+    def proot(self):
+        return self.find("proot", self.cfg.use_proot_executable, ["proot"])
+
+    def runc(self):
+        path, info = self.find("runc", self.cfg.use_runc_executable, ["runc", "crun"])
+        return path, info
+
+    def patchelf(self):
+        return self.find("patchelf", self.cfg.use_patchelf_executable, ["patchelf"])
+
+    def singularity(self):
+        setting = self.cfg.use_singularity_executable
+        if not setting or setting == "UDOCKER":
+            for name in ("apptainer", "singularity"):
+                path = which(name)
+                if path:
+                    return path, self.probe(name, path)
+            raise EngineError("mode S1 needs apptainer or singularity, and neither is in PATH "
+                              "(or set UDOCKER_USE_SINGULARITY_EXECUTABLE): use P1 or R1")
+        return self.find("singularity", setting, ["apptainer", "singularity"])
+
+    def find(self, kind, setting, names):
+        """(path, probe info) of the tool to use; raises EngineError naming the fix."""
+        key = (kind, setting)
+        if key not in self.found:
+            self.found[key] = self._find(kind, setting, names)
+        return self.found[key]
+
+    def _find(self, kind, setting, names):
+        if setting and "/" in setting:
+            path = os.path.abspath(os.path.expanduser(setting))
+            if not is_executable(path):
+                raise EngineError("%s executable not found: %s (UDOCKER_USE_%s_EXECUTABLE)"
+                                  % (kind, path, kind.upper()))
+            info = self.probe(self._kind_of(path, kind), path)
+            if not info.get("ok"):
+                MSG.warning("%s: %s (used anyway: you asked for it)" % (path, info.get("why")))
+            return path, info
+        if setting and setting != "UDOCKER":
+            names = [setting]
+        install_error = None
+        try:
+            self.installer.ensure()
+        except EngineError as exc:
+            install_error = exc
+        for name in names:
+            for candidate in ("%s-%s-4_8_0" % (name, self.arch), "%s-%s" % (name, self.arch),
+                              name):
+                path = os.path.join(self.cfg.bindir, candidate)
+                if is_executable(path):
+                    return path, self.probe(name, path)
+        rejected = []
+        for name in names:
+            path = which(name)
+            if not path:
+                continue
+            info = self.probe(name, path)
+            if info.get("ok"):
+                if install_error is not None:
+                    MSG.warning("%s (using %s from PATH)" % (install_error, path))
+                return path, info
+            rejected.append("%s: %s" % (path, info.get("why")))
+        if install_error is not None:
+            raise install_error
+        if rejected:
+            raise EngineError("no usable %s: %s; install the tools (udocker.py install, "
+                              "UDOCKER_TARBALL)" % (kind, "; ".join(rejected)))
+        raise EngineError("no %s found: install the tools (udocker.py install, with "
+                          "UDOCKER_TARBALL set) or set UDOCKER_USE_%s_EXECUTABLE"
+                          % ("/".join(names), kind.upper()))
+
+    @staticmethod
+    def _kind_of(path, kind):
+        base = os.path.basename(path)
+        for name in TOOL_PROBES:
+            if base.startswith(name):
+                return name
+        return kind
+
+    def probe(self, kind, path):
+        """The probe result for path, from the cache when path has not changed."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return {"ok": False, "why": "cannot stat %s" % path}
+        key = "%s|%s|%d|%d" % (kind, path, int(st.st_mtime), st.st_size)
+        cache = read_json(self.cache_path)
+        cache = cache if isinstance(cache, dict) else {}
+        if key in cache:
+            return cache[key]
+        info = TOOL_PROBES.get(kind, probe_version_word(kind))(path)
+        cache = dict((k, v) for k, v in cache.items() if k.split("|")[1] != path)
+        cache[key] = info
+        try:
+            write_atomic(self.cache_path, json_dumps(cache, pretty=True))
+        except (IOError, OSError) as exc:
+            MSG.debug("cannot cache the probe of %s: %s" % (path, exc))
+        return info
+
+    def fakechroot_so(self, arch, glibc, distro):
+        """The libfakechroot for a container (arch, glibc version, (distro, version)):
+        UDOCKER_FAKECHROOT_SO, else ours for the newest glibc not newer than the container's
+        (libfakechroot-glibcX.Y-ARCH.so), else upstream's per-distro names."""
+        setting = self.cfg.fakechroot_so
+        if setting:
+            path = setting if "/" in setting else os.path.join(self.cfg.libdir, setting)
+            if not os.path.isfile(path):
+                raise EngineError("libfakechroot not found: %s (UDOCKER_FAKECHROOT_SO)" % path)
+            return path
+        self.installer.ensure()
+        suffix = TOOL_ARCH.get(arch, arch)
+        try:
+            names = os.listdir(self.cfg.libdir)
+        except OSError:
+            names = []
+        ours = []
+        for name in names:
+            match = re.match(r"^libfakechroot-glibc(\d+\.\d+)-%s\.so$" % re.escape(suffix), name)
+            if match and (not glibc or version_at_least(glibc, match.group(1))):
+                ours.append((version_tuple(match.group(1)), name))
+        if ours:
+            return os.path.join(self.cfg.libdir, max(ours)[1])
+        name, version = distro
+        for candidate in ("libfakechroot-%s-%s-%s.so" % (name, version, suffix),
+                          "libfakechroot-%s-%s-%s.so" % (name, version.split(".")[0], suffix),
+                          "libfakechroot-%s-%s.so" % (name, suffix),
+                          "libfakechroot-%s.so" % suffix, "libfakechroot.so"):
+            if candidate in names:
+                return os.path.join(self.cfg.libdir, candidate)
+        have = sorted(n for n in names if n.startswith("libfakechroot"))
+        raise EngineError("no libfakechroot for this container (%s, glibc %s; have: %s): use "
+                          "P1, or set UDOCKER_FAKECHROOT_SO" % (suffix, glibc or "?",
+                                                               ", ".join(have) or "none"))
 
 
 # ==== 11. Command line ====
@@ -2452,6 +3060,13 @@ def cmd_mkrepo(session, opts, args):
     return 0
 
 
+# -- run, setup and install commands
+
+def cmd_install(session, opts, args):
+    ToolsInstaller(session.cfg, session.repo).install(force=opts["force"], purge=opts["purge"])
+    return 0
+
+
 def cmd_version(session, opts, args):
     out("version: %s" % COMPAT_VERSION)
     out("tarball: %s" % session.cfg.tarball)
@@ -2509,7 +3124,7 @@ COMMANDS = dict((c.name, c) for c in [
             needs_repo=False),
     Command("install", "install the engines (tools tarball)", opts=[
         _o("--force", help="reinstall even if installed"),
-        _o("--purge", help="remove installed tools first")], func=cmd_not_yet),
+        _o("--purge", help="remove installed tools first")], func=cmd_install),
     Command("search", "search a registry for images, or list an image's tags",
             ["EXPRESSION"], opts=[
                 _o("-a", help="show all results without paging"),
