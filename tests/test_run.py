@@ -201,24 +201,33 @@ def test_syscall_heavy_walk_of_usr(world, mode):
         assert owner == "root"                     # files the user owns look root-owned
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_signal_reaches_the_container_and_nothing_is_left(world, mode):
+SIGNAL_CASES = [(mode, "TERM", "shell") for mode in sorted(MODES)] + \
+    [(mode, sig, form) for mode in ("P1", "R1", "R1-crun", "F1")
+     for sig, form in (("INT", "shell"), ("HUP", "shell"), ("TERM", "direct"))]
+
+
+@pytest.mark.parametrize("mode,sig,form", SIGNAL_CASES)
+def test_signal_reaches_the_container_and_nothing_is_left(world, mode, sig, form):
+    """A signal to udocker.py ends the container's command with 128+N, and no process of
+    the container survives. 'direct': the sleep is the main process (pid 1 in R modes,
+    where the kernel drops signals it has no handler for)."""
     cid = world.container(mode)
     marker = random.randint(800000, 899999)
-    argv, env = world.command(["run", "--nobanner", cid, "sh", "-c",
-                               "sleep %d & sleep %d; echo after" % (marker + 1, marker)], mode)
+    command = ["sleep", str(marker)] if form == "direct" else \
+        ["sh", "-c", "sleep %d & sleep %d; echo after" % (marker + 1, marker)]
+    argv, env = world.command(["run", "--nobanner", cid] + command, mode)
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: processes_matching("sleep %d$" % marker), "the container's sleep")
-        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: processes_matching("(^|/)sleep %d$" % marker), "the sleep to start")
+        proc.send_signal(getattr(signal, "SIG" + sig))
         out, err = proc.communicate()
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + getattr(signal, "SIG" + sig), err
     assert b"after" not in out
-    wait_for(lambda: not processes_matching("sleep %d$" % marker) and
-             not processes_matching("sleep %d$" % (marker + 1)), "no process left", 30)
+    wait_for(lambda: not processes_matching("(^|/)sleep %d$" % marker) and
+             not processes_matching("(^|/)sleep %d$" % (marker + 1)), "no process left", 30)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
