@@ -98,6 +98,7 @@ if PY3:
     urllib_request = LazyModule("urllib.request")
     urllib_parse = urllib_quote = LazyModule("urllib.parse")
     text_type = str
+    string_types = (str,)
     input_line = input
 else:                                                     # pragma: no cover (2.7)
     configparser = LazyModule("ConfigParser")
@@ -106,6 +107,7 @@ else:                                                     # pragma: no cover (2.
     urllib_request = urllib_quote = LazyModule("urllib")
     urllib_parse = LazyModule("urlparse")
     text_type = unicode                                   # noqa: F821
+    string_types = (str, unicode)                         # noqa: F821
     input_line = raw_input                                # noqa: F821
 
 
@@ -7046,13 +7048,18 @@ def cmd_mkrepo(session, opts, args):
 
 # -- run, setup and install commands
 
-def create_container(session, image_ref_text, name, platform, opts):
-    """Create a container from an image (pulling it as --pull says); returns its id.
-
-    Placeholder until the `create` command lands: the lead wires this to it at merge time.
-    """
-    raise RepositoryError("container not found: %s (creating one from an image is not "
-                          "available yet in this build)" % image_ref_text)
+def local_image(session, text, opts, pull="missing"):
+    """The LocalImage for an image reference, pulled first as `pull` says: missing (or
+    reuse) pulls when it is not local, always pulls, never refuses a missing image."""
+    ref = ImageRef.parse(text)
+    present = session.repo.has_image(ref.name, ref.local_tag)
+    if pull == "always" or (not present and pull != "never"):
+        if not present:
+            MSG.info("image not found locally, pulling: %s" % ref)
+        session.puller(opts).pull(ref, session.platform(opts))
+    elif not present:
+        raise RepositoryError("image not found locally and --pull=never: %s" % ref)
+    return session.repo.image(ref.name, ref.local_tag)
 
 
 def _run_target(session, opts, target):
@@ -7068,7 +7075,8 @@ def _run_target(session, opts, target):
         if opts.get("name") and opts["name"] not in session.containers.names(cid):
             session.containers.add_name(cid, opts["name"])
         return cid
-    return create_container(session, target, opts.get("name"), opts.get("platform"), opts)
+    image = local_image(session, target, opts, pull)
+    return create_container(session.containers, image, opts.get("name"))
 
 
 def cmd_run(session, opts, args):
@@ -7171,11 +7179,7 @@ def cmd_help(session, opts, args):
 # -- container commands
 
 def cmd_create(session, opts, args):
-    ref = ImageRef.parse(args[0])
-    if not session.repo.has_image(ref.name, ref.local_tag):
-        MSG.info("image not found locally, pulling: %s" % ref)
-        session.puller(opts).pull(ref, session.platform(opts))
-    image = session.repo.image(ref.name, ref.local_tag)
+    image = local_image(session, args[0], opts)
     out(create_container(session.containers, image, opts["name"], opts["force"]))
     return 0
 

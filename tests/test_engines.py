@@ -266,7 +266,7 @@ def test_setup_shows_mode_and_refuses_what_cannot_work(bb_container):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["run", "nosuch"], "container not found: nosuch"),
+    (["run", "--pull=never", "nosuch"], "image not found locally and --pull=never"),
     (["run", "-v", "/nonexistent-path:/x", "named", "true"], "invalid volume"),
     (["run", "-v", "relative:/x", "named", "true"], "invalid volume"),
     (["run", "-w", "/nonexistent", "named", "true"], "invalid working directory"),
