@@ -169,12 +169,6 @@ O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 TAR_ERRORS = "surrogateescape" if PY3 else "strict"   # tar names round-trip to their bytes
 
 if PY3:
-    import bz2 as bz2_module
-    try:
-        import lzma as lzma_module
-    except ImportError:                                   # a Python built without liblzma
-        lzma_module = None
-
     def hardlink(source, target):
         """link(2) that links a symlink itself, never what it points to."""
         os.link(source, target, follow_symlinks=False)
@@ -189,7 +183,6 @@ if PY3:
         except (OverflowError, ValueError):
             pass
 else:                                                     # pragma: no cover (2.7)
-    bz2_module = lzma_module = None     # 2.7's decompressors cannot bound their output
     hardlink = os.link                  # Linux link(2) does not follow a final symlink
 
     def set_times(path, mtime, fd=None, symlink=False):
@@ -203,11 +196,6 @@ def binary_stdout():
     """Standard output for bytes (tar streams)."""
     return getattr(sys.stdout, "buffer", sys.stdout)
 
-
-try:
-    from compression import zstd as zstd_module          # Python 3.14+
-except ImportError:
-    zstd_module = None
 
 # ==== 2. Errors and messages ====
 # Code raises where something fails; main() prints one "Error: ..." line (-D adds the traceback).
@@ -3326,14 +3314,18 @@ K_DIR, K_IMPLIED, K_FILE, K_SYMLINK, K_PENDING = 1, 2, 3, 4, 5
 
 
 def _buffered_decompressors():
-    """kind -> decompressor factory whose decompress() takes max_length (bounded output)."""
+    """kind -> decompressor factory whose decompress() takes max_length (bounded output).
+    Python 2.7's cannot bound their output: none there. zstd needs Python 3.14+."""
     found = {}
-    if bz2_module is not None:
-        found["bzip2"] = bz2_module.BZ2Decompressor
-    if lzma_module is not None:
-        found["xz"] = lzma_module.LZMADecompressor
-    if zstd_module is not None:
-        found["zstd"] = zstd_module.ZstdDecompressor
+    if not PY3:
+        return found
+    for kind, module, factory in (("bzip2", "bz2", "BZ2Decompressor"),
+                                  ("xz", "lzma", "LZMADecompressor"),
+                                  ("zstd", "compression.zstd", "ZstdDecompressor")):
+        try:
+            found[kind] = getattr(__import__(module, fromlist=["_"]), factory)
+        except ImportError:                      # a Python built without it
+            pass
     return found
 
 
@@ -4397,8 +4389,8 @@ EXEC_MODES = ("P1", "P2", "F1", "F2", "F3", "F4", "R1", "R2", "R3", "S1")
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
                      "SIGWINCH")
 HOST_FILES = ("/etc/hosts",)     # bound like the sysdirs: the container shares the host network
-USER_RE = re.compile(r"^([A-Za-z0-9_.][A-Za-z0-9_.-]*\$?)?(:([A-Za-z0-9_.][A-Za-z0-9_.-]*))?$")
-ENV_NAME_RE = re.compile(r"^[^=\s]+$")
+USER_RE = LazyRegex(r"^([A-Za-z0-9_.][A-Za-z0-9_.-]*\$?)?(:([A-Za-z0-9_.][A-Za-z0-9_.-]*))?$")
+ENV_NAME_RE = LazyRegex(r"^[^=\s]+$")
 ELF_MACHINES = {3: "386", 62: "amd64", 40: "arm", 183: "arm64", 21: "ppc64le", 22: "s390x",
                 243: "riscv64"}
 LIB_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu",
@@ -5991,7 +5983,7 @@ TOOLS_SHA256 = {
         "641ae13e290a1cf93324b3d77bb6f6d3665dee6e7cc0276f079d5771e31c8e1d",
 }
 TOOLS_PARTS = ("bin", "lib", "doc")
-SHA256_RE = re.compile(r"\b([a-fA-F0-9]{64})\b")
+SHA256_RE = LazyRegex(r"\b([a-fA-F0-9]{64})\b")
 
 
 def version_tuple(text):

@@ -135,3 +135,16 @@ def test_unknown_option_rejected_before_anything_is_done(tmpdir):
     rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
     assert rc == 1
     assert not tmpdir.join("ud").check()          # not even the repository was created
+
+
+def test_start_up_imports_stay_lazy():
+    """`version` must not pay for the heavy modules (start-up is a benchmark target)."""
+    code = ("import sys; sys.path.insert(0, %r); import udocker; "
+            "udocker.main(['--allow-root', 'version']); "
+            "print('LOADED:' + ' '.join(m for m in ('re', 'json', 'ssl', 'socket', "
+            "'http.client', 'tarfile', 'subprocess', 'threading', 'email', 'bz2', 'lzma') "
+            "if m in sys.modules))" % os.path.dirname(SCRIPT))
+    proc = subprocess.Popen([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE)
+    out = proc.communicate()[0].decode().splitlines()
+    assert proc.returncode == 0
+    assert out[-1] == "LOADED:" or sys.version_info[0] == 2, out
