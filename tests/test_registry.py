@@ -906,3 +906,83 @@ def test_localhost_registry_is_tried_with_tls_first(udocker, tls_registry):
     record = json.load(open(os.path.join(udocker.udocker_dir, "repos", tls_registry.host,
                                          "test", "busybox", ".latest.json")))
     assert record["registry"] == "https://" + tls_registry.host
+
+
+# -- redirects to blob storage --------------------------------------------------------------
+
+class RedirectingRegistry(LoopbackServer):
+    """Demands Basic auth, and redirects blob GETs to a storage server on another port (as
+    registries do to S3); the storage server records the headers it receives."""
+
+    def __init__(self, manifest, content_type, blobs, relative=False):
+        from support import BaseHTTPRequestHandler
+        outer = self
+        self.storage_headers = []
+
+        class Storage(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):                       # noqa: N802
+                outer.storage_headers.append(dict((k.lower(), v)
+                                                  for k, v in self.headers.items()))
+                data = blobs[self.path.split("?")[0].rsplit("/", 1)[-1]]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        class Registry(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):                       # noqa: N802
+                if self.headers.get("Authorization") != "Basic " + udocker_b64("alice:secret1"):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="test"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if "/blobs/" in self.path:
+                    digest = self.path.rsplit("/", 1)[-1]
+                    self.send_response(307)
+                    self.send_header("Location", "%s/store/%s?Signature=x" % (
+                        outer.storage.url, digest))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(manifest)))
+                self.end_headers()
+                self.wfile.write(manifest)
+
+        self.storage = LoopbackServer()
+        self.storage.serve(Storage, threaded=True)
+        self.serve(Registry, threaded=True)
+
+    def stop(self):
+        LoopbackServer.stop(self)
+        self.storage.stop()
+
+
+def test_redirect_to_storage_drops_authorization(udocker, registry, test_images):
+    info = registry.images["test/busybox:latest"]
+    image = test_images["busybox"]
+    blobs = dict((b.digest, b.data) for b in image.blobs("docker"))
+    fake = RedirectingRegistry(info["manifest"], info["media_type"], blobs)
+    try:
+        udocker("login", "--registry=" + fake.url, "--username=alice",
+                "--password=secret1").check()
+        udocker("pull", "--registry=" + fake.url, "test/busybox").check()
+    finally:
+        fake.stop()
+    assert len(fake.storage_headers) == len(blobs)
+    assert not [h for h in fake.storage_headers if "authorization" in h]
+    udocker("verify", "test/busybox").check()
+
+
+def test_udocker_registry_replaces_docker_hub(udocker, registry):
+    udocker("pull", "busybox", env={"UDOCKER_REGISTRY": registry.url}).check()
+    assert registry.images["library/busybox:latest"]["digest"] in open(os.path.join(
+        udocker.udocker_dir, "repos", "busybox", ".latest.json")).read()
