@@ -230,6 +230,23 @@ def test_signal_reaches_the_container_and_nothing_is_left(world, mode, sig, form
              not processes_matching("(^|/)sleep %d$" % (marker + 1)), "no process left", 30)
 
 
+@pytest.mark.parametrize("mode", ["P1", "R1", "R2", "F3"])
+def test_sigkilled_udocker_leaves_nothing(world, mode):
+    """Even SIGKILL to udocker.py: proot gets SIGQUIT (PDEATHSIG) and kills its tracees; for
+    runc a watchdog kills the container; for fakechroot it finds the orphans."""
+    cid = world.container(mode)
+    marker = random.randint(700000, 799999)
+    argv, env = world.command(["run", "--nobanner", cid, "sh", "-c",
+                               "sleep %d & sleep %d" % (marker + 1, marker)], mode)
+    with open(os.devnull, "wb") as null:
+        proc = subprocess.Popen(argv, env=env, stdout=null, stderr=null)
+        wait_for(lambda: processes_matching("(^|/)sleep %d$" % marker), "the sleep to start")
+        proc.kill()
+        proc.wait()
+    wait_for(lambda: not processes_matching("(^|/)sleep %d$" % marker) and
+             not processes_matching("(^|/)sleep %d$" % (marker + 1)), "no process left", 30)
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_exit_code_with_a_terminal(world, mode):
     if not udocker.which("script"):
