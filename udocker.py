@@ -3681,7 +3681,7 @@ def engine_for(session, container, opts, args, tools):
             container.state("execmode").upper() != mode or
             container.state("root.path") != container.root):
         MSG.info("setting up container %s for mode %s" % (container.cid, mode))
-        set_execmode(session, container, mode, tools, force=True)
+        set_execmode(session, container, mode, tools)
     return cls(session, container, opts, args, tools)
 
 

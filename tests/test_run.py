@@ -356,6 +356,19 @@ def test_leaving_f3_restores_the_binaries(world):
     assert rc == 0 and "usr" in out.split()
 
 
+def test_moved_f_container_is_set_up_again(world):
+    cid = world.container("F3", fresh=True)
+    moved = "%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48))
+    containers = os.path.join(world.ud_dir, "containers")
+    os.rename(os.path.join(containers, cid), os.path.join(containers, moved))
+    rc, out, err = world.run("F3", ["sh", "-c", "ls -d /usr; readlink /lib64/ld-linux-*"],
+                             name=moved)
+    assert rc == 0 and "setting up container" in err, err
+    assert out == "/usr\n/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2\n"
+    interp = udocker.elf_info(os.path.join(containers, moved, "ROOT", "usr/bin/ls"))["interp"]
+    assert interp.startswith(os.path.join(containers, moved, "ROOT") + "/")
+
+
 def test_singularity_mode_explains_when_absent(world):
     if udocker.which("apptainer") or udocker.which("singularity"):
         pytest.skip("apptainer/singularity present: S1 not tested here")
