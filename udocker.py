@@ -4096,8 +4096,11 @@ def probe_version_word(word):
 
 def probe_singularity(path):
     status, text = run_capture([path, "--version"])
-    flavour = "apptainer" if "apptainer" in text.lower() else "singularity"
-    return {"ok": status == 0, "flavour": flavour, "why": "`%s --version` failed" % path}
+    info = {"ok": status == 0,
+            "flavour": "apptainer" if "apptainer" in text.lower() else "singularity"}
+    if not info["ok"]:
+        info["why"] = "`%s --version` failed" % path
+    return info
 
 
 TOOL_PROBES = {"proot": probe_proot, "runc": probe_runtime, "crun": probe_runtime,
@@ -4124,8 +4127,7 @@ class Tools(object):
         return self.find("proot", self.cfg.use_proot_executable, ["proot"])
 
     def runc(self):
-        path, info = self.find("runc", self.cfg.use_runc_executable, ["runc", "crun"])
-        return path, info
+        return self.find("runc", self.cfg.use_runc_executable, ["runc", "crun"])
 
     def patchelf(self):
         return self.find("patchelf", self.cfg.use_patchelf_executable, ["patchelf"])
