@@ -4484,6 +4484,27 @@ def _process_tree():
     return tree
 
 
+def kill_marked(marker):
+    """SIGKILL every process of ours whose environment holds marker (NAME=VALUE), until
+    none is left: how a watchdog finds a container's processes once they are orphans."""
+    wanted = to_bytes(marker)
+    for _ in range(20):
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                try:
+                    with open("/proc/%s/environ" % entry, "rb") as handle:
+                        if wanted in handle.read().split(b"\0"):
+                            found.append(int(entry))
+                except (IOError, OSError):
+                    continue
+        if not found:
+            return
+        for pid in found:
+            _kill_quietly(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
 def descendants(pid):
     """Pids of every process below pid, parents before their children."""
     tree = _process_tree()
@@ -4859,6 +4880,7 @@ class Engine(object):
     runs_as_host_user = False      # F and S modes: always the host uid/gid
     keeps_sysdirs = None           # None: every sysdirs_list entry; else the ones kept
     unavailable = None             # why this mode cannot run with our tools (F2, F4)
+    death_signal = "SIGKILL"       # what the engine gets if udocker.py dies (PDEATHSIG)
 
     def __init__(self, session, container, opts, args, tools):
         self.session = session
@@ -4884,6 +4906,7 @@ class Engine(object):
     def run(self):
         """Prepare, start the engine and wait; returns the container command's status."""
         self.prepare()
+        watchdog = None
         try:
             argv, env, cwd = self.command()
             prefix = self.affinity()
@@ -4891,9 +4914,12 @@ class Engine(object):
                 argv, self.executable = [self.executable] + argv[1:], None
             self.banner()
             MSG.debug("engine command: %s" % (prefix + argv))
-            return Supervisor(self).run(prefix + argv, env, cwd)
+            watchdog = self.watchdog()
+            return Supervisor(self, watchdog).run(prefix + argv, env, cwd)
         finally:
             self.cleanup()
+            if watchdog is not None:
+                watchdog.release()
 
     def prepare(self):
         if self.unavailable:
@@ -5076,6 +5102,7 @@ class Engine(object):
         env["container_uuid"] = self.container.cid
         env["container_execmode"] = self.mode
         env["container_names"] = " ".join(self.container.names)
+        env["container_run"] = uuid.uuid4().hex[:16]      # this run's processes carry it
 
     # -- working directory and command
 
@@ -5165,6 +5192,10 @@ class Engine(object):
     def exit_status(self, status):
         return status
 
+    def watchdog(self):
+        """A Watchdog to clean up if udocker.py is killed during the run, or None."""
+        return None
+
     def cleanup(self):
         pass
 
@@ -5185,14 +5216,53 @@ def _as_argv(value):
     return [to_text(v) for v in value]
 
 
+class Watchdog(object):
+    """A forked process that calls work() only if udocker.py dies (even by SIGKILL) before
+    release(): for engines whose container would outlive it (runc/crun keep a pid-1
+    process running when the runtime is killed). It learns of the death by EOF on a pipe."""
+
+    def __init__(self, work):
+        read_fd, self.write_fd = os.pipe()
+        for fd in (read_fd, self.write_fd):               # the engine must not hold them
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:                                 # pragma: no cover (child)
+            status = 0
+            try:
+                os.close(self.write_fd)
+                for name in FORWARDED_SIGNALS:
+                    signal.signal(getattr(signal, name), signal.SIG_IGN)
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                if not os.read(read_fd, 1):
+                    work()
+            except BaseException:
+                status = 1
+            os._exit(status)
+        os.close(read_fd)
+
+    def release(self):
+        """udocker.py is done with the container: the watchdog exits without working."""
+        if self.write_fd is not None:
+            os.write(self.write_fd, b"x")
+            os.close(self.write_fd)
+            self.write_fd = None
+            try:
+                os.waitpid(self.pid, 0)
+            except OSError:
+                pass
+
+
 class Supervisor(object):
     """Runs an engine as udocker.py's child: stdin/stdout/stderr and other fds inherited,
     the terminating signals forwarded through Engine.forward_signal, and once the engine
     exits every process the container left behind (reparented to us: we are a child
     subreaper) killed. run() returns the exit status (128+N when killed by signal N)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, watchdog=None):
         self.engine = engine
+        self.watchdog = watchdog
         self.pid = None
         self.pending = []
 
@@ -5205,13 +5275,14 @@ class Supervisor(object):
             if signal.getsignal(signum) != signal.SIG_IGN:    # nohup & co: stays ignored
                 previous[signum] = signal.signal(signum, self._on_signal)
         try:
-            proc = _spawn(argv, env, cwd, self.engine.executable, prctl)
+            proc = _spawn(argv, env, cwd, self.engine.executable,
+                          lambda: _engine_child_setup(prctl, self.engine.death_signal))
             self.pid = proc.pid
             for signum in self.pending:
                 self.engine.forward_signal(self.pid, signum)
             status = _wait_status(proc.pid)
             proc.returncode = status
-            _reap_leftovers()
+            _reap_leftovers(keep=(self.watchdog.pid,) if self.watchdog else ())
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -5226,25 +5297,25 @@ class Supervisor(object):
             self.engine.forward_signal(self.pid, signum)
 
 
-def _spawn(argv, env, cwd, executable, prctl):
+def _spawn(argv, env, cwd, executable, child_setup):
     """Start the engine with every fd inherited; raises EngineError if it cannot start."""
     import subprocess
     try:
         return subprocess.Popen([_native(a) for a in argv], cwd=cwd, close_fds=False,
                                 executable=executable and _native(executable),
                                 env=dict((_native(k), _native(v)) for k, v in env.items()),
-                                preexec_fn=lambda: _engine_child_setup(prctl))
+                                preexec_fn=child_setup)
     except OSError as exc:
         raise EngineError("cannot execute %s: %s" % (argv[0], exc.strerror or exc))
 
 
-def _engine_child_setup(prctl):
-    """In the engine process before exec: default SIGPIPE (Python ignores it), and die with
-    udocker.py."""
+def _engine_child_setup(prctl, death_signal):
+    """In the engine process before exec: default SIGPIPE (Python ignores it), and a
+    signal when udocker.py dies, whatever kills it."""
     for name in ("SIGPIPE", "SIGXFSZ"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_PDEATHSIG, getattr(signal, death_signal))
 
 
 def _wait_status(pid):
@@ -5260,10 +5331,10 @@ def _wait_status(pid):
     return os.WEXITSTATUS(status)
 
 
-def _reap_leftovers():
+def _reap_leftovers(keep=()):
     """Kill and reap every remaining child (orphans of the container adopted by us)."""
     for _ in range(100):
-        children = child_pids(os.getpid())
+        children = [p for p in child_pids(os.getpid()) if p not in keep]
         if not children:
             break
         for pid in children:
@@ -5283,6 +5354,7 @@ class ProotEngine(Engine):
     mode = "P1"
     banner_char = "*"
     noseccomp = False
+    death_signal = "SIGQUIT"       # proot kills all its tracees on SIGQUIT, not on SIGKILL
 
     def command(self):
         proot, info = self.tools.proot()
@@ -5533,6 +5605,13 @@ class RuncEngine(Engine):
             return 128 + self.killed_by
         return status
 
+    def watchdog(self):
+        return Watchdog(self._kill_and_cleanup)
+
+    def _kill_and_cleanup(self):
+        run_capture(self.runtime_argv("kill", self.run_id, "KILL"), timeout=10)
+        self.cleanup()
+
     def cleanup(self):
         if self.rundir:
             run_capture(self.runtime_argv("delete", "--force", self.run_id), timeout=10)
@@ -5671,6 +5750,12 @@ class FakechrootEngine(Engine):
             raise EngineError("%s is statically linked: fakechroot cannot confine it, use P1"
                               % cont)
         return host, [argv0] + list(args)
+
+    def watchdog(self):
+        """If udocker.py is killed, the container's orphans are found by a marker in
+        their environment (they have no common parent left to look under)."""
+        marker = "container_run=%s" % self.env["container_run"]
+        return Watchdog(lambda: kill_marked(marker))
 
     def _symlink_volume(self, vol):
         link = resolve_in_root(self.root, vol.cont, follow_last=False)
@@ -5964,7 +6049,7 @@ def engine_for(session, container, opts, args, tools):
             container.state("execmode").upper() != mode or
             container.state("root.path") != container.root):
         MSG.info("setting up container %s for mode %s" % (container.cid, mode))
-        set_execmode(session, container, mode, tools, force=True)
+        set_execmode(session, container, mode, tools)
     return cls(session, container, opts, args, tools)
 
 
@@ -6379,8 +6464,11 @@ def probe_version_word(word):
 
 def probe_singularity(path):
     status, text = run_capture([path, "--version"])
-    flavour = "apptainer" if "apptainer" in text.lower() else "singularity"
-    return {"ok": status == 0, "flavour": flavour, "why": "`%s --version` failed" % path}
+    info = {"ok": status == 0,
+            "flavour": "apptainer" if "apptainer" in text.lower() else "singularity"}
+    if not info["ok"]:
+        info["why"] = "`%s --version` failed" % path
+    return info
 
 
 TOOL_PROBES = {"proot": probe_proot, "runc": probe_runtime, "crun": probe_runtime,
@@ -6407,8 +6495,7 @@ class Tools(object):
         return self.find("proot", self.cfg.use_proot_executable, ["proot"])
 
     def runc(self):
-        path, info = self.find("runc", self.cfg.use_runc_executable, ["runc", "crun"])
-        return path, info
+        return self.find("runc", self.cfg.use_runc_executable, ["runc", "crun"])
 
     def patchelf(self):
         return self.find("patchelf", self.cfg.use_patchelf_executable, ["patchelf"])

@@ -230,6 +230,23 @@ def test_signal_reaches_the_container_and_nothing_is_left(world, mode, sig, form
              not processes_matching("(^|/)sleep %d$" % (marker + 1)), "no process left", 30)
 
 
+@pytest.mark.parametrize("mode", ["P1", "R1", "R2", "F3"])
+def test_sigkilled_udocker_leaves_nothing(world, mode):
+    """Even SIGKILL to udocker.py: proot gets SIGQUIT (PDEATHSIG) and kills its tracees; for
+    runc a watchdog kills the container; for fakechroot it finds the orphans."""
+    cid = world.container(mode)
+    marker = random.randint(700000, 799999)
+    argv, env = world.command(["run", "--nobanner", cid, "sh", "-c",
+                               "sleep %d & sleep %d" % (marker + 1, marker)], mode)
+    with open(os.devnull, "wb") as null:
+        proc = subprocess.Popen(argv, env=env, stdout=null, stderr=null)
+        wait_for(lambda: processes_matching("(^|/)sleep %d$" % marker), "the sleep to start")
+        proc.kill()
+        proc.wait()
+    wait_for(lambda: not processes_matching("(^|/)sleep %d$" % marker) and
+             not processes_matching("(^|/)sleep %d$" % (marker + 1)), "no process left", 30)
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_exit_code_with_a_terminal(world, mode):
     if not udocker.which("script"):
@@ -337,6 +354,19 @@ def test_leaving_f3_restores_the_binaries(world):
     assert not os.path.exists(os.path.join(root, "..", "patch.json"))
     rc, out, err = world.run("P1", ["ls", "/"], name=cid)
     assert rc == 0 and "usr" in out.split()
+
+
+def test_moved_f_container_is_set_up_again(world):
+    cid = world.container("F3", fresh=True)
+    moved = "%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48))
+    containers = os.path.join(world.ud_dir, "containers")
+    os.rename(os.path.join(containers, cid), os.path.join(containers, moved))
+    rc, out, err = world.run("F3", ["sh", "-c", "ls -d /usr; readlink /lib64/ld-linux-*"],
+                             name=moved)
+    assert rc == 0 and "setting up container" in err, err
+    assert out == "/usr\n/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2\n"
+    interp = udocker.elf_info(os.path.join(containers, moved, "ROOT", "usr/bin/ls"))["interp"]
+    assert interp.startswith(os.path.join(containers, moved, "ROOT") + "/")
 
 
 def test_singularity_mode_explains_when_absent(world):
