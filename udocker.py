@@ -42,6 +42,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -2240,31 +2241,128 @@ def layer_chunks(handle, label):
     if kind == "tar":
         return _file_chunks(handle)
     if kind == "gzip":
-        return _inflate_gzip(handle, label)
+        return _prefetch(_inflate_gzip(handle, label))
     factory = _buffered_decompressors().get(kind)
     if factory is not None:
-        return _inflate_buffered(handle, factory, kind, label)
+        return _prefetch(_inflate_buffered(handle, factory, kind, label))
     program = find_program(DECOMPRESS_PROGRAMS[kind])
     if program:
-        return _program_chunks(handle, program, kind, label)
+        return _prefetch(_program_chunks(handle, program, kind, label))
     raise RepositoryError("layer %s is %s-compressed: this Python cannot decompress it and "
                           "no %s program was found" % (label, kind, DECOMPRESS_PROGRAMS[kind]))
+
+
+def _prefetch(chunks, depth=4):
+    """Chunks of a generator computed ahead in a thread: zlib and file reads release the
+    GIL, so decompression runs on another core while files are written."""
+    todo = queue.Queue(depth)
+    stop = []
+
+    def put(item):
+        while not stop:
+            try:
+                todo.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work():
+        try:
+            for chunk in chunks:
+                put((chunk, None))
+                if stop:
+                    return
+            put((None, None))
+        except BaseException:              # handed over to the reading thread
+            put((None, sys.exc_info()))
+
+    thread = threading.Thread(target=work)
+    thread.daemon = True
+    thread.start()
+    try:
+        while True:
+            chunk, failure = todo.get()
+            if chunk is None:
+                break
+            yield chunk
+        if failure is not None:
+            if PY3:
+                raise failure[1].with_traceback(failure[2])
+            raise failure[1]
+    finally:
+        stop.append(True)
+        while thread.is_alive():
+            try:
+                todo.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
+        chunks.close()
+
+
+def _octal(field):
+    return int(field.partition(b"\0")[0].strip() or b"0", 8)
+
+
+class FastTarInfo(tarfile.TarInfo):
+    """TarInfo with a quicker parser for the usual header (octal numbers, no old GNU
+    sparse map, valid unsigned checksum); any other header goes to tarfile's own."""
+    __slots__ = ("buf",)
+
+    @classmethod
+    def frombuf(cls, buf, *names):           # names: (encoding, errors), none on 2.7
+        try:
+            if len(buf) != TAR_BLOCK or buf[156:157] == tarfile.GNUTYPE_SPARSE:
+                raise ValueError("not for the quick parser")
+            chksum = _octal(buf[148:156])
+            if chksum != 256 + sum(bytearray(buf)) - sum(bytearray(buf[148:156])):
+                raise ValueError("checksum")
+            numbers = (_octal(buf[100:108]), _octal(buf[108:116]), _octal(buf[116:124]),
+                       _octal(buf[124:136]), _octal(buf[136:148]))
+            kind = buf[156:157]
+            devices = (_octal(buf[329:337]), _octal(buf[337:345])) \
+                if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE) else (0, 0)
+        except ValueError:
+            return super(FastTarInfo, cls).frombuf(buf, *names)
+
+        def text(start, end):
+            raw = buf[start:end].partition(b"\0")[0]
+            return raw.decode(*names) if names else raw
+
+        obj = cls()
+        obj.buf = buf
+        obj.name = text(0, 100)
+        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = numbers
+        obj.devmajor, obj.devminor = devices
+        obj.chksum = chksum
+        obj.type = kind
+        obj.linkname = text(157, 257) if buf[157:158] != b"\0" else obj.linkname
+        obj.uname = obj.gname = obj.linkname[:0]            # unused here: not decoded
+        prefix = text(345, 500) if buf[345:346] != b"\0" else ""
+        if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):
+            obj.type = tarfile.DIRTYPE
+        if obj.isdir():
+            obj.name = obj.name.rstrip("/")
+        if prefix and obj.type not in tarfile.GNU_TYPES:
+            obj.name = prefix + "/" + obj.name
+        return obj
 
 
 class LayerStream(object):
     """The decompressed bytes of a layer as a file object for tarfile: read, tell, seek.
 
-    Forward only: seeking back is possible within the last block (tarfile checks the byte
-    before each header). Holds at most about one decompressed chunk in memory.
+    Forward only, one decompressed chunk in memory; seeking back is possible into the last
+    block of the previous chunk (tarfile may check the byte before a header). Reads inside
+    the current chunk are plain slices: no buffer is ever rebuilt.
     """
 
     def __init__(self, handle, label):
         self.label = label
         self._chunks = layer_chunks(handle, label)
-        self._buf = b""
+        self._buf = b""        # the current chunk
         self._off = 0          # stream offset of _buf[0]
         self._pos = 0          # current stream offset
-        self._eof = False
+        self._tail = b""       # the last bytes before _buf
 
     def tell(self):
         return self._pos
@@ -2275,27 +2373,29 @@ class LayerStream(object):
         elif whence != os.SEEK_SET:
             raise IOError(errno.ESPIPE, "layer stream: cannot seek from the end")
         if pos < self._off:
-            raise IOError(errno.ESPIPE, "layer stream: cannot seek backwards")
+            if self._off - pos > len(self._tail):
+                raise IOError(errno.ESPIPE, "layer stream: cannot seek backwards")
+            self._buf, self._off, self._tail = (self._tail + self._buf,
+                                                self._off - len(self._tail), b"")
         self._pos = pos
         return pos
 
-    def _more(self):
+    def _next_chunk(self):
+        """Move on to the next chunk; False at the end of the data."""
         try:
             chunk = next(self._chunks)
         except StopIteration:
-            self._eof = True
-            return
+            return False
         except UdockerError:
             raise
         except Exception as exc:              # zlib.error, LZMAError, OSError from bz2 ...
             if isinstance(exc, EnvironmentError) and exc.errno:
                 raise
             raise RepositoryError("layer %s: corrupt compressed data (%s)" % (self.label, exc))
-        drop = min(len(self._buf), max(0, self._pos - self._off - TAR_BLOCK))
-        if drop:
-            self._buf = self._buf[drop:]
-            self._off += drop
-        self._buf = self._buf + chunk if self._buf else chunk
+        self._tail = (self._tail + self._buf)[-TAR_BLOCK:]
+        self._off += len(self._buf)
+        self._buf = chunk
+        return True
 
     def read(self, size=-1):
         if size is None or size < 0:
@@ -2305,13 +2405,22 @@ class LayerStream(object):
                 if not data:
                     return b"".join(parts)
                 parts.append(data)
-        end = self._pos + size
-        while self._off + len(self._buf) < end and not self._eof:
-            self._more()
         start = self._pos - self._off
-        data = self._buf[start:start + size]
-        self._pos += len(data)
-        return data
+        if start + size <= len(self._buf):                 # the usual case
+            self._pos += size
+            return self._buf[start:start + size]
+        parts = []
+        while size > 0:
+            start = self._pos - self._off
+            if start >= len(self._buf):
+                if not self._next_chunk():
+                    break
+                continue
+            piece = self._buf[start:start + size]
+            parts.append(piece)
+            size -= len(piece)
+            self._pos += len(piece)
+        return b"".join(parts)
 
     def finish(self, offset):
         """Check what follows the last member (end blocks, not garbage), then drain.
@@ -2390,7 +2499,7 @@ class Flattener(object):
         self.attrs = {}                 # path -> (uid, gid, mode) where the tar differs
         self.waiting = {}               # hardlink target -> _LinkGroup, for older layers
         self.reserved = {}              # path of a waiting hardlink -> its _LinkGroup
-        self.rereads = {}               # layer -> {offset_data: _LinkGroup}
+        self.rereads = {}               # layer -> [(hidden member, _LinkGroup)] to read again
         self.devices = []
         self.warnings = 0
         self.layer = 0
@@ -2426,7 +2535,7 @@ class Flattener(object):
             handle, label = handles[total - 1 - number]
             self.layer, self.label = number, label
             MSG.verbose("reading layer %s again for hardlinked data" % label)
-            self._pass(handle, lambda member, archive: self._reread(wanted, member, archive))
+            self._reread(handle, wanted)
         self._finish_dirs()
         if self.devices:
             MSG.debug("skipped %d device node(s), e.g. %s"
@@ -2435,13 +2544,12 @@ class Flattener(object):
             MSG.warning("%d more warnings not shown" % (self.warnings - self.WARN_LIMIT))
 
     def _pass(self, handle, visit):
-        import tarfile
         label = self.label
         self.stream = LayerStream(handle, label)
         try:
             try:
                 archive = tarfile.open(fileobj=self.stream, mode="r:", encoding="utf-8",
-                                       errors=TAR_ERRORS)
+                                       errors=TAR_ERRORS, tarinfo=FastTarInfo)
             except tarfile.TarError as exc:
                 raise RepositoryError("layer %s: corrupt or not a tar archive (%s)"
                                       % (label, exc))
@@ -2523,7 +2631,7 @@ class Flattener(object):
         if group is not None:
             self._provide(group, path, member, archive, made, state is True or state is False)
         elif not made and (state is True or state is False) and not member.isdir():
-            self.skipped[path] = member.offset_data if member.isreg() else member
+            self.skipped[path] = member
 
     def _whiteout(self, parent, name):
         if name == b".wh..opq":
@@ -2624,8 +2732,10 @@ class Flattener(object):
     def _write_file(self, full, member, archive):
         mode = disk_mode(member.mode, False, self.umask)
         fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                     0o600)
+                     mode)
         try:
+            if mode & self.umask:                 # the umask took the owner's bits
+                os.fchmod(fd, mode)
             if getattr(member, "sparse", None):
                 source = archive.extractfile(member)
             else:
@@ -2640,7 +2750,6 @@ class Flattener(object):
                 remaining -= len(data)
                 while data:
                     data = data[os.write(fd, data):]
-            os.fchmod(fd, mode)
             set_times(full, member.mtime, fd=fd)
         finally:
             os.close(fd)
@@ -2703,8 +2812,8 @@ class Flattener(object):
                 return self._make_links(group, done)
             if isinstance(done, _LinkGroup):                 # already to be read again
                 return self._merge(group, done)
-            if isinstance(done, int):                        # a file: read the layer again
-                self.rereads.setdefault(self.layer, {})[done] = group
+            if done.isreg():                                 # read this layer again later
+                self.rereads.setdefault(self.layer, []).append((done, group))
                 self.skipped[target] = group
                 return None
             if done.issym() or done.isfifo():
@@ -2730,11 +2839,8 @@ class Flattener(object):
             if kind == K_PENDING:
                 return self._merge(group, self.reserved[path])
         elif visible and member.isreg():                     # hidden now: copy its data
-            first = group.paths[0]
-            self._write_file(self.root + b"/" + first, member, archive)
-            self._settle(first, member)
-            self.skipped[path] = first
-            return self._make_links(group, first)
+            self.skipped[path] = group.paths[0]
+            return self._materialize(group, member, archive)
         elif visible and member.islnk():
             target = clean_member_path(member.linkname)
             if target:
@@ -2746,10 +2852,14 @@ class Flattener(object):
         self._unreserve(group)
         return None
 
-    def _settle(self, path, member):
-        self.reserved.pop(path, None)
-        self.index[path] = self.index[path] & ~7 | K_FILE
-        self._record(path, member)
+    def _materialize(self, group, member, archive):
+        """Write the member's data to the group's first path and link the others to it."""
+        first = group.paths[0]
+        self._write_file(self.root + b"/" + first, member, archive)
+        self.reserved.pop(first, None)
+        self.index[first] = self.index[first] & ~7 | K_FILE
+        self._record(first, member)
+        return self._make_links(group, first)
 
     def _make_links(self, group, source):
         for path in group.paths:
@@ -2788,14 +2898,26 @@ class Flattener(object):
         self._record(first, member)
         return self._make_links(group, first)
 
-    def _reread(self, wanted, member, archive):
-        group = wanted.get(member.offset_data)
-        if group is None or not group.paths or not member.isreg():
-            return
-        first = group.paths[0]
-        self._write_file(self.root + b"/" + first, member, archive)
-        self._settle(first, member)
-        self._make_links(group, first)
+    def _reread(self, handle, wanted):
+        """Second read of a layer: the data of hidden files that hardlinks still need.
+
+        Only the stream is read, straight to each member's data (headers are not parsed
+        again); old GNU sparse members need tarfile, so then the whole layer is parsed."""
+        by_offset = dict((member.offset_data, (member, group)) for member, group in wanted)
+        if any(getattr(member, "sparse", None) for member, _ in wanted):
+            def visit(member, archive):
+                found = by_offset.get(member.offset_data)
+                if found and found[1].paths and member.isreg():
+                    self._materialize(found[1], member, archive)
+            return self._pass(handle, visit)
+        self.stream = LayerStream(handle, self.label)
+        try:
+            for offset in sorted(by_offset):
+                member, group = by_offset[offset]
+                if group.paths:
+                    self._materialize(group, member, None)
+        finally:
+            self.stream.close()
 
     # -- the end
 
@@ -3105,7 +3227,6 @@ def export_container(store, id_or_name, output, whole=False):
     output: a path, or a binary file object (stdout). A file is written beside its final
     name and renamed into place, so a failed export leaves no partial FILE.
     """
-    import tarfile
     cid = store.get(id_or_name)
     with store.lock(cid):
         top = store.path(cid) if whole else store.path(cid, "ROOT")
@@ -3130,7 +3251,6 @@ def export_container(store, id_or_name, output, whole=False):
 
 
 def _export_tree(archive, top, attrs, whole):
-    import tarfile
     seen = {}
     stack = [b""]
     while stack:
