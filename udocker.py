@@ -2231,27 +2231,6 @@ def _program_chunks(handle, program, kind, label):
         errors.close()
 
 
-def layer_chunks(handle, label):
-    """Generator of the decompressed bytes of an open layer file, whatever its compression.
-
-    Raises RepositoryError (naming the layer) for truncated or corrupt compressed data, or
-    when neither Python nor a program on $PATH can decompress it.
-    """
-    kind = layer_compression(handle)
-    if kind == "tar":
-        return _file_chunks(handle)
-    if kind == "gzip":
-        return _prefetch(_inflate_gzip(handle, label))
-    factory = _buffered_decompressors().get(kind)
-    if factory is not None:
-        return _prefetch(_inflate_buffered(handle, factory, kind, label))
-    program = find_program(DECOMPRESS_PROGRAMS[kind])
-    if program:
-        return _prefetch(_program_chunks(handle, program, kind, label))
-    raise RepositoryError("layer %s is %s-compressed: this Python cannot decompress it and "
-                          "no %s program was found" % (label, kind, DECOMPRESS_PROGRAMS[kind]))
-
-
 def _prefetch(chunks, depth=4):
     """Chunks of a generator computed ahead in a thread: zlib and file reads release the
     GIL, so decompression runs on another core while files are written."""
@@ -2298,6 +2277,27 @@ def _prefetch(chunks, depth=4):
                 pass
         thread.join()
         chunks.close()
+
+
+def layer_chunks(handle, label):
+    """Generator of the decompressed bytes of an open layer file, whatever its compression.
+
+    Raises RepositoryError (naming the layer) for truncated or corrupt compressed data, or
+    when neither Python nor a program on $PATH can decompress it.
+    """
+    kind = layer_compression(handle)
+    if kind == "tar":
+        return _file_chunks(handle)
+    if kind == "gzip":
+        return _prefetch(_inflate_gzip(handle, label))
+    factory = _buffered_decompressors().get(kind)
+    if factory is not None:
+        return _prefetch(_inflate_buffered(handle, factory, kind, label))
+    program = find_program(DECOMPRESS_PROGRAMS[kind])
+    if program:
+        return _prefetch(_program_chunks(handle, program, kind, label))
+    raise RepositoryError("layer %s is %s-compressed: this Python cannot decompress it and "
+                          "no %s program was found" % (label, kind, DECOMPRESS_PROGRAMS[kind]))
 
 
 def _octal(field):
@@ -2468,6 +2468,39 @@ def disk_mode(mode, is_dir, umask):
         owner = 0o700 if mode & 0o111 else 0o600
         mode &= 0o777
     return (mode & ~umask) | owner
+
+
+def escape_attr_path(path):
+    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n")
+
+
+def read_attrs(path):
+    """{bytes path below ROOT: (uid, gid, mode)} from an attrs file ({} if there is none)."""
+    found = {}
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except (IOError, OSError):
+        return found
+    for line in data.split(b"\n"):
+        if not line or line.startswith(b"#"):
+            continue
+        fields = line.split(b" ", 3)
+        if len(fields) != 4:
+            continue
+        name = re.sub(b"\\\\(.)", lambda m: b"\n" if m.group(1) == b"n" else m.group(1),
+                      fields[3])
+        try:
+            found[name] = (int(fields[0]), int(fields[1]), int(fields[2], 8))
+        except ValueError:
+            continue
+    return found
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class _LinkGroup(object):
@@ -2941,37 +2974,7 @@ class Flattener(object):
         write_atomic(path, b"".join(lines))
 
 
-def escape_attr_path(path):
-    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n")
-
-
-def read_attrs(path):
-    """{bytes path below ROOT: (uid, gid, mode)} from an attrs file ({} if there is none)."""
-    found = {}
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except (IOError, OSError):
-        return found
-    for line in data.split(b"\n"):
-        if not line or line.startswith(b"#"):
-            continue
-        fields = line.split(b" ", 3)
-        if len(fields) != 4:
-            continue
-        name = re.sub(b"\\\\(.)", lambda m: b"\n" if m.group(1) == b"n" else m.group(1),
-                      fields[3])
-        try:
-            found[name] = (int(fields[0]), int(fields[1]), int(fields[2], 8))
-        except ValueError:
-            continue
-    return found
-
-
-def current_umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+META_DIR = ".udocker-py"        # udocker.py's own files in a container directory
 
 
 def open_layers(repo, image):
@@ -2991,6 +2994,31 @@ def open_layers(repo, image):
                 handle.close()
             raise
     return handles
+
+
+def remove_container(store, id_or_name, quiet=False):
+    """Delete a container and its names; refuses protected ones.
+
+    Under the container's lock the directory is first renamed to a hidden trash name (one
+    atomic step: other commands see the container or nothing), then deleted.
+    """
+    cid = store.get(id_or_name)
+    with store.lock(cid):
+        if not os.path.isdir(store.path(cid)):
+            raise RepositoryError("container not found: %s" % id_or_name)
+        if store.is_protected(cid):
+            raise RepositoryError("container is protected: %s" % id_or_name)
+        if not quiet:
+            MSG.info("deleting container: %s" % cid)
+        trash = os.path.join(store.dir, ".trash-%s-%d" % (cid, os.getpid()))
+        os.rename(store.path(cid), trash)
+        store.remove_names_of(cid)
+    try:
+        remove_tree(trash)
+    except OSError as exc:
+        raise RepositoryError("container %s removed, but its files could not all be "
+                              "deleted (%s): %s" % (cid, exc.strerror or exc, trash))
+    return cid
 
 
 def create_container(store, image, name=None, force=False):
@@ -3037,34 +3065,6 @@ def create_container(store, image, name=None, force=False):
         except BaseException:
             remove_container(store, cid, quiet=True)
             raise
-    return cid
-
-
-META_DIR = ".udocker-py"        # udocker.py's own files in a container directory
-
-
-def remove_container(store, id_or_name, quiet=False):
-    """Delete a container and its names; refuses protected ones.
-
-    Under the container's lock the directory is first renamed to a hidden trash name (one
-    atomic step: other commands see the container or nothing), then deleted.
-    """
-    cid = store.get(id_or_name)
-    with store.lock(cid):
-        if not os.path.isdir(store.path(cid)):
-            raise RepositoryError("container not found: %s" % id_or_name)
-        if store.is_protected(cid):
-            raise RepositoryError("container is protected: %s" % id_or_name)
-        if not quiet:
-            MSG.info("deleting container: %s" % cid)
-        trash = os.path.join(store.dir, ".trash-%s-%d" % (cid, os.getpid()))
-        os.rename(store.path(cid), trash)
-        store.remove_names_of(cid)
-    try:
-        remove_tree(trash)
-    except OSError as exc:
-        raise RepositoryError("container %s removed, but its files could not all be "
-                              "deleted (%s): %s" % (cid, exc.strerror or exc, trash))
     return cid
 
 
@@ -3124,6 +3124,17 @@ def copy_file_data(source, target, mode):
         os.close(fdin)
 
 
+def container_execmode(store, cid, cfg):
+    """The execution mode recorded for a container, else the configured default."""
+    try:
+        mode = read_text(store.path(cid, "execmode")).strip()
+    except (IOError, OSError):
+        mode = ""
+    if mode or cfg is None:
+        return mode
+    return cfg.override_default_execution_mode or cfg.default_execution_mode
+
+
 def clone_container(store, id_or_name, name=None):
     """Copy a container to a new id (and name); returns the new id.
 
@@ -3162,17 +3173,6 @@ def clone_container(store, id_or_name, name=None):
         MSG.warning("clone %s is in mode %s: run `setup --execmode=%s --force %s`"
                     % (new, mode, mode, new))
     return new
-
-
-def container_execmode(store, cid, cfg):
-    """The execution mode recorded for a container, else the configured default."""
-    try:
-        mode = read_text(store.path(cid, "execmode")).strip()
-    except (IOError, OSError):
-        mode = ""
-    if mode or cfg is None:
-        return mode
-    return cfg.override_default_execution_mode or cfg.default_execution_mode
 
 
 def container_platform(store, cid):

@@ -463,6 +463,16 @@ def test_every_compression_gives_the_same_tree(env, kind):
     assert tree(env.root(env.create("img"))) == tree(env.root(env.create("ref")))
 
 
+@pytest.mark.skipif(udocker.zstd_module is not None or not have("zstd"),
+                    reason="this Python decompresses zstd itself, or no zstd to make a layer")
+def test_zstd_without_a_decompressor_names_the_layer(env):
+    image = env.add("z", Image([busybox_layer()], "zstd"))
+    rc, out, err = env.run("create", "z", env={"PATH": "/nonexistent"})
+    assert rc == 1 and out == b"" and err.count("\n") == 1
+    assert sha(image.blobs[0]) in err and "zstd" in err
+    assert env.containers_dir_entries() == []
+
+
 def test_concatenated_gzip_members_and_mixed_layers(env):
     layers = whiteout_layers()
     raw = tar_bytes(layers[0])
