@@ -1,53 +1,39 @@
-#!/usr/bin/env python
+#!/bin/sh
 # -*- coding: utf-8 -*-
-"""udocker.py: pull Docker/OCI images and run them as an ordinary user.
-
-One file, standard library only, Python 2.7 and 3.6+. A drop-in for udocker 1.3:
-the same commands, options, environment, udocker.conf and ~/.udocker layout.
-
-Contents (each section opens with a banner "# ==== N. NAME ====", in data-flow order):
-  1. Compat                  one spelling of every name that differs between Python 2 and 3
-  2. Errors and messages     the exception tree and the message printer
-  3. Configuration           defaults, udocker.conf files, environment, options -> Config
-  4. Files, processes, host  atomic writes, locks, hashing, host platform
-  5. Local repository        the ~/.udocker tree: image tags, layers, containers, keystore
-  6. Registry client         image references, HTTP, auth, manifests, parallel verified pulls
-  7. Image formats           docker-save and OCI layout archives
-  8. Container creation      safe flattening of layers into containers/ID/ROOT
-  9. Execution engines       P1/P2 proot, R1-R3 runc/crun, F1-F4 fakechroot, S1 singularity
- 10. Tools installer         the tools tarball: fetch, verify, install
- 11. Command line            the command table, the parser and one function per command
- 12. main                    argv -> exit code
-
-Bytes and text: registry bodies, digests being computed and tar member names are bytes
-until parsed; messages, JSON documents and paths are text (native str).
-"""
+# ./udocker.py starts here as a shell script that runs Python on this file as an imported
+# module, so its bytecode is cached (__pycache__, or ~/.cache/udocker.py where this directory
+# is not writable) instead of recompiled at every start. To Python the line is a string.
+''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c 'import sys,os;sys.dont_write_bytecode=False;p=os.path.abspath(sys.argv.pop(1));d=os.path.dirname(p);getattr(sys,"pycache_prefix",0) is None and not os.access(d,os.W_OK) and setattr(sys,"pycache_prefix",os.path.expanduser("~/.cache/udocker.py"));sys.path.insert(0,d);n=os.path.basename(p);sys.exit(__import__(n[:-3]).main() if n.endswith(".py") else __import__("runpy").run_path(p,run_name="__main__"))' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''
+# udocker.py: pull Docker/OCI images and run them as an ordinary user.
+#
+# One file, standard library only, Python 2.7 and 3.6+. A drop-in for udocker 1.3:
+# the same commands, options, environment, udocker.conf and ~/.udocker layout.
+#
+# Contents (each section opens with a banner "# ==== N. NAME ====", in data-flow order):
+#   1. Compat                  one spelling of every name that differs between Python 2 and 3
+#   2. Errors and messages     the exception tree and the message printer
+#   3. Configuration           defaults, udocker.conf files, environment, options -> Config
+#   4. Files, processes, host  atomic writes, locks, hashing, host platform
+#   5. Local repository        the ~/.udocker tree: image tags, layers, containers, keystore
+#   6. Registry client         image references, HTTP, auth, manifests, parallel verified pulls
+#   7. Image formats           docker-save and OCI layout archives
+#   8. Container creation      safe flattening of layers into containers/ID/ROOT
+#   9. Execution engines       P1/P2 proot, R1-R3 runc/crun, F1-F4 fakechroot, S1 singularity
+#  10. Tools installer         the tools tarball: fetch, verify, install
+#  11. Command line            the command table, the parser and one function per command
+#  12. main                    argv -> exit code
+#
+# Bytes and text: registry bodies, digests being computed and tar member names are bytes
+# until parsed; messages, JSON documents and paths are text (native str).
 
 from __future__ import print_function, absolute_import, division
 
-import base64
-import binascii
 import errno
 import fcntl
-import hashlib
-import json
 import os
-import platform
-import random
-import re
-import shutil
-import signal
-import socket
-import ssl
 import stat
-import subprocess
 import sys
-import tarfile
-import tempfile
-import threading
 import time
-import uuid
-import zlib
 
 __version__ = "0.1.0"           # udocker.py's own version
 COMPAT_VERSION = "1.3.17"        # the udocker release whose interface we reproduce
@@ -59,29 +45,84 @@ TOOLS_MIN_VERSION = "1.2.11"     # oldest tools tarball (lib/VERSION) we accept
 
 PY3 = sys.version_info[0] >= 3
 
+
+class LazyModule(object):
+    """A module imported on first attribute access: start-up pays only for what a command
+    uses (http.client alone, with the email package it pulls in, costs ~13 ms)."""
+
+    def __init__(self, name):
+        self.__dict__["_name"] = name
+
+    def __getattr__(self, attr):
+        module = __import__(self._name, fromlist=["_"])
+        self.__dict__.update(module.__dict__)
+        return getattr(module, attr)
+
+
+class LazyRegex(object):
+    """A regular expression compiled on first use (importing re alone costs ~4 ms)."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self.compiled = None
+
+    def __getattr__(self, attr):
+        if self.compiled is None:
+            self.compiled = re.compile(self.pattern)
+        return getattr(self.compiled, attr)
+
+
+base64 = LazyModule("base64")
+binascii = LazyModule("binascii")
+hashlib = LazyModule("hashlib")
+json = LazyModule("json")
+re = LazyModule("re")
+shutil = LazyModule("shutil")
+signal = LazyModule("signal")
+subprocess = LazyModule("subprocess")
+random = LazyModule("random")
+socket = LazyModule("socket")
+ssl = LazyModule("ssl")
+tempfile = LazyModule("tempfile")
+threading = LazyModule("threading")
+uuid = LazyModule("uuid")
+io = LazyModule("io")
+posixpath = LazyModule("posixpath")
+tarfile = LazyModule("tarfile")
+zlib = LazyModule("zlib")
+
 if PY3:
-    import configparser
-    import http.client as httplib
-    import queue
-    from urllib.parse import (urlsplit, urlunsplit, urljoin, urlencode, quote,
-                              unquote, parse_qsl)
-    from urllib.request import getproxies, proxy_bypass
+    configparser = LazyModule("configparser")
+    httplib = LazyModule("http.client")
+    queue = LazyModule("queue")
+    urllib_request = LazyModule("urllib.request")
+    urllib_parse = urllib_quote = LazyModule("urllib.parse")
     text_type = str
-    string_types = (str,)
     input_line = input
-    RawConfigParser = configparser.RawConfigParser
-    ConfigError = configparser.Error
 else:                                                     # pragma: no cover (2.7)
-    import ConfigParser as configparser
-    import httplib
-    import Queue as queue
-    from urlparse import urlsplit, urlunsplit, urljoin, parse_qsl
-    from urllib import urlencode, quote, unquote, getproxies, proxy_bypass
+    configparser = LazyModule("ConfigParser")
+    httplib = LazyModule("httplib")
+    queue = LazyModule("Queue")
+    urllib_request = urllib_quote = LazyModule("urllib")
+    urllib_parse = LazyModule("urlparse")
     text_type = unicode                                   # noqa: F821
-    string_types = (str, unicode)                         # noqa: F821
     input_line = raw_input                                # noqa: F821
-    RawConfigParser = configparser.RawConfigParser
-    ConfigError = configparser.Error
+
+
+def urlsplit(url):
+    return urllib_parse.urlsplit(url)
+
+
+def urljoin(base, url):
+    return urllib_parse.urljoin(base, url)
+
+
+def urlencode(query):
+    return urllib_quote.urlencode(query)
+
+
+def unquote(text):
+    return urllib_quote.unquote(text)
 
 
 def to_bytes(value, encoding="utf-8"):
@@ -111,8 +152,14 @@ def json_dumps(obj, pretty=False):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-NETWORK_ERRORS = (socket.error, socket.timeout, httplib.HTTPException, ssl.SSLError,
-                  IOError, OSError)
+class TransportError(IOError):
+    """An HTTP protocol failure (bad status line, short read) raised as an IOError, so that
+    NETWORK_ERRORS stays a plain tuple and http.client is imported only when used."""
+
+
+# Everything the network can throw at us: socket, TLS and timeout errors are all IOErrors,
+# and the HTTP client turns http.client's own exceptions into TransportError.
+NETWORK_ERRORS = (EnvironmentError,)
 
 # Files: what flattening layers and copying containers need.
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -120,11 +167,16 @@ O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 TAR_ERRORS = "surrogateescape" if PY3 else "strict"   # tar names round-trip to their bytes
 
 if PY3:
-    import bz2 as bz2_module
-    try:
-        import lzma as lzma_module
-    except ImportError:                                   # a Python built without liblzma
-        lzma_module = None
+    def buffered_decompressor(kind):
+        """The decompressor class of 'bzip2', 'xz' or 'zstd' whose decompress() bounds its
+        output (max_length), or None when this Python lacks the module."""
+        module, name = {"bzip2": ("bz2", "BZ2Decompressor"),
+                        "xz": ("lzma", "LZMADecompressor"),
+                        "zstd": ("compression.zstd", "ZstdDecompressor")}[kind]  # zstd: 3.14+
+        try:
+            return getattr(__import__(module, fromlist=["_"]), name)
+        except ImportError:
+            return None
 
     def hardlink(source, target):
         """link(2) that links a symlink itself, never what it points to."""
@@ -140,7 +192,9 @@ if PY3:
         except (OverflowError, ValueError):
             pass
 else:                                                     # pragma: no cover (2.7)
-    bz2_module = lzma_module = None     # 2.7's decompressors cannot bound their output
+    def buffered_decompressor(kind):
+        return None                     # 2.7's decompressors cannot bound their output
+
     hardlink = os.link                  # Linux link(2) does not follow a final symlink
 
     def set_times(path, mtime, fd=None, symlink=False):
@@ -150,15 +204,6 @@ else:                                                     # pragma: no cover (2.
             except (OverflowError, ValueError):
                 pass
 
-def binary_stdout():
-    """Standard output for bytes (tar streams)."""
-    return getattr(sys.stdout, "buffer", sys.stdout)
-
-
-try:
-    from compression import zstd as zstd_module          # Python 3.14+
-except ImportError:
-    zstd_module = None
 
 # ==== 2. Errors and messages ====
 # Code raises where something fails; main() prints one "Error: ..." line (-D adds the traceback).
@@ -300,6 +345,9 @@ CONFIG_DEFAULTS = (
     ("ca_bundle", "", "UDOCKER_CA_BUNDLE"),
     ("pull_parallel", 4, "UDOCKER_PULL_PARALLEL"),
     ("pull_retries", 5, None),
+    ("pull_split_size", 48 << 20, None),      # blobs this large are fetched in segments
+    ("pull_segment_size", 16 << 20, None),
+    ("pull_split_rate", 50e6, None),          # ... once a connection proved slower than this
     ("dockerio_index_url", "https://hub.docker.com", "UDOCKER_INDEX"),
     ("dockerio_registry_url", "https://registry-1.docker.io", "UDOCKER_REGISTRY"),
     ("search_page_size", 25, None),
@@ -396,11 +444,11 @@ class Config(object):
             if required:
                 raise ConfigurationError("config file not found: %s" % path)
             return
-        parser = RawConfigParser()
+        parser = configparser.RawConfigParser()
         try:
             parser.read(path)
             items = parser.items("DEFAULT")
-        except (ConfigError, IOError, OSError) as exc:
+        except (configparser.Error, IOError, OSError) as exc:
             raise ConfigurationError("cannot read config file %s: %s"
                                      % (path, str(exc).splitlines()[0]))
         for key, raw in items:
@@ -538,7 +586,9 @@ class FileLock(object):
         self.description = description or os.path.basename(path)
         self.fd = None
 
-    def acquire(self, shared=False):
+    def acquire(self, shared=False, wait=True):
+        """Take the lock (waiting for it unless wait is False); returns self, or None when
+        wait is False and another process holds it."""
         makedirs(os.path.dirname(self.path))
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
@@ -547,6 +597,10 @@ class FileLock(object):
         except (IOError, OSError) as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
+            if not wait:
+                os.close(self.fd)
+                self.fd = None
+                return None
             MSG.verbose("waiting for lock: %s" % self.description)
             fcntl.flock(self.fd, kind)
         return self
@@ -624,7 +678,7 @@ class Platform(object):
 
     @classmethod
     def host(cls):
-        machine = platform.machine().lower()
+        machine = os.uname()[4].lower()
         arch, variant = HOST_ARCHES.get(machine, (machine, ""))
         return cls("linux", arch, variant)
 
@@ -648,9 +702,9 @@ class Platform(object):
 # What upstream does not record (manifest digest, index digest, platform) goes to
 # repos/NAME/.TAG.json, beside the tag directory, where upstream never looks.
 
-LOCAL_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/-]*$")
-TAG_RE = re.compile(r"^([a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
-DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+LOCAL_NAME_RE = LazyRegex(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/-]*$")
+TAG_RE = LazyRegex(r"^([a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
+DIGEST_RE = LazyRegex(r"^sha256:[a-f0-9]{64}$")
 
 
 def check_local_name(name):
@@ -996,6 +1050,33 @@ class LocalRepository(object):
                 return
             path = os.path.dirname(path)
 
+    def store_blob(self, path, digest, move=False):
+        """Make layers/DIGEST hold the content of path, which the caller has verified.
+
+        A hard link to path (a copy across file systems; move=True renames path instead),
+        made durable and published by rename. Returns False if the blob was already there.
+        """
+        final = self.blob_path(digest)
+        if os.path.isfile(final):
+            return False
+        tmp = os.path.join(self.layersdir, ".%s.store-%d" % (digest, os.getpid()))
+        remove_quietly(tmp)
+        try:
+            try:
+                (os.rename if move else os.link)(path, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                shutil.copyfile(path, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, final)
+        except BaseException:
+            remove_quietly(tmp)
+            raise
+        return True
+
 
 class ContainerStore(object):
     """containers/: one directory per container id, names as relative symlinks beside them.
@@ -1003,8 +1084,8 @@ class ContainerStore(object):
     Layout (upstream 1.3): ID/ROOT, ID/container.json, ID/imagerepo.name, ID/PROTECT,
     ID/execmode; NAME -> ID. Ids are uuid3(uuid4(), image+time) strings.
     """
-    ID_RE = re.compile(r"^[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+$")
-    NAME_RE = re.compile(r"^[^/. \[\]]+$")
+    ID_RE = LazyRegex(r"^[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+$")
+    NAME_RE = LazyRegex(r"^[^/. \[\]]+$")
 
     def __init__(self, repo):
         self.repo = repo
@@ -1233,7 +1314,7 @@ class ImageRef(object):
     host: the registry host ("docker.io" when none was named); remote: the repository path
     on the registry (library/ added for single-component Docker Hub names); tag, digest.
     """
-    REF_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/@-]*$")
+    REF_RE = LazyRegex(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/@-]*$")
 
     def __init__(self, name, host, remote, tag, digest):
         self.name, self.host, self.remote, self.tag, self.digest = \
@@ -1313,6 +1394,9 @@ class Response(object):
     def read(self, amount=None):
         try:
             data = self.raw.read(amount) if amount else self.raw.read()
+        except httplib.HTTPException as exc:
+            self.close(reuse=False)
+            raise TransportError("%s: %s" % (type(exc).__name__, exc))
         except BaseException:
             self.close(reuse=False)
             raise
@@ -1377,11 +1461,11 @@ class HttpClient(object):
             return self.proxy
         hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         try:
-            if proxy_bypass(hostname):
+            if urllib_request.proxy_bypass(hostname):
                 return None
         except (OSError, ValueError, socket.error):
             pass
-        return getproxies().get(scheme)
+        return urllib_request.getproxies().get(scheme)
 
     def _connect(self, scheme, host):
         proxy = self._proxy_for(scheme, host)
@@ -1468,6 +1552,11 @@ class HttpClient(object):
                 all_headers.update(extra)
                 conn.request(method, url if absolute else path, body, all_headers)
                 raw = conn.getresponse()
+            except httplib.HTTPException as exc:
+                conn.close()
+                if reused:          # a kept-alive connection the server closed: retry once
+                    continue
+                raise TransportError("%s: %s" % (type(exc).__name__, exc))
             except NETWORK_ERRORS:
                 conn.close()
                 if reused:          # a kept-alive connection the server closed: retry once
@@ -1524,7 +1613,7 @@ class RegistryClient(object):
     def _auth_header(self, scope):
         with self.lock:
             entry = self.tokens.get(scope)
-            if entry and entry[1] > time.time() + 5:
+            if entry and entry[1] > time.time():
                 return entry[0]
             return self.basic
 
@@ -1571,8 +1660,9 @@ class RegistryClient(object):
             token = None
         if not token:
             raise RegistryError("token server of %s sent no token" % self.url)
-        with self.lock:
-            self.tokens[scope] = ("Bearer " + token, time.time() + lifetime)
+        with self.lock:           # renew a little early: a request may take a while to arrive
+            self.tokens[scope] = ("Bearer " + token,
+                                  time.time() + lifetime - min(10.0, lifetime * 0.2))
 
     def request(self, method, path, scope, headers=None, stream=False):
         """An authenticated request to the registry; retries once after a 401 challenge.
@@ -1651,8 +1741,11 @@ class RegistryClient(object):
 
     # -- blobs
 
-    def open_blob(self, remote, digest, offset=0):
-        headers = {"Range": "bytes=%d-" % offset} if offset else {}
+    def open_blob(self, remote, digest, offset=0, end=None):
+        """GET a blob from offset (to end, exclusive, when given); the body is unread."""
+        headers = {}
+        if offset or end:
+            headers["Range"] = "bytes=%d-%s" % (offset, "" if end is None else end - 1)
         resp = self.request("GET", "/v2/%s/blobs/%s" % (remote, digest),
                             "repository:%s:pull" % remote, headers, stream=True)
         if resp.status == 404:
@@ -1791,41 +1884,167 @@ class Progress(object):
         self.drawn = len(lines)
 
 
-class BlobFetcher(object):
-    """Downloads blobs into layers/, verified by sha256 while streaming.
+class BlobDownloads(object):
+    """Fetches the missing blobs of one pull into layers/ with a few worker threads.
 
-    A blob is written to layers/.DIGEST.partial and renamed to layers/DIGEST only when its
-    digest matches. The partial file survives interruption and the next attempt resumes
-    it with Range (or restarts when the server ignores Range). One lock per digest keeps
-    concurrent pulls from downloading the same blob twice.
+    Every blob is verified by sha256 before it is renamed from layers/.DIGEST.partial to
+    layers/DIGEST. A blob is a job, largest first; once a finished blob showed that one
+    connection is slow, each further blob of SPLIT_MIN bytes or more becomes SEGMENT-sized
+    Range jobs written in place into one pre-sized partial file (so a few large layers keep
+    every connection busy on a slow link), and is hashed once all segments are in (config:
+    pull_split_size, pull_segment_size). Whole
+    blobs are hashed while they stream and resume with Range; split blobs resume by the
+    segments listed in layers/.DIGEST.partial.json.
+
+    Other processes: one lock file per digest stripe. A worker never waits on it: a blob
+    that another pull is fetching goes back to the queue, so pulls cannot deadlock.
     """
     CHUNK = 1 << 20
 
-    def __init__(self, repo, client, remote, progress):
-        self.repo, self.client, self.remote, self.progress = repo, client, remote, progress
+    def __init__(self, repo, client, remote, progress, workers):
+        self.repo, self.client, self.remote = repo, client, remote
+        self.SPLIT_MIN = max(repo.cfg.pull_split_size, 1)
+        self.SEGMENT = max(repo.cfg.pull_segment_size, 4096)
+        self.split_rate = repo.cfg.pull_split_rate
+        self.rate = None                 # bytes/s of the last whole blob of 1 MB or more
+        self.progress, self.workers = progress, max(1, workers)
+        self.jobs = []                   # [("blob", digest, size) | ("segment", split, i)]
+        self.cond = threading.Condition()
+        self.active = 0
+        self.failures = []
+        self.stripes = {}                # stripe -> [FileLock, holders in this process]
 
-    def fetch(self, digest, size):
-        """Make layers/DIGEST present and verified; returns True if it was downloaded."""
+    # -- scheduling
+
+    def run(self, blobs):
+        """Download every missing (digest, size); raises the first failure."""
+        self.jobs = [("blob", d, s) for d, s in sorted(blobs, key=lambda b: -b[1])
+                     if not self.repo.has_blob(d)]       # largest first: balanced lanes
+        threads = [threading.Thread(target=self._worker)
+                   for _ in range(min(self.workers, max(1, len(self.jobs))))]
+        for thread in threads:
+            thread.daemon = True
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+        if self.failures:
+            exc_info = self.failures[0]
+            if PY3:
+                raise exc_info[1].with_traceback(exc_info[2])
+            raise exc_info[1]
+
+    def _worker(self):
+        while True:
+            with self.cond:
+                while not self.jobs and self.active and not self.failures:
+                    self.cond.wait(0.5)
+                if not self.jobs or self.failures:
+                    self.cond.notify_all()
+                    return
+                job = self.jobs.pop(0)
+                self.active += 1
+            try:
+                done = self._do(job)
+            except BaseException:                       # the first one is re-raised by run
+                with self.cond:
+                    self.failures.append(sys.exc_info())
+                    self.active -= 1
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.active -= 1
+                if not done:                            # busy in another process: later
+                    self.jobs.append(job)
+                self.cond.notify_all()
+            if not done:
+                time.sleep(0.05)
+
+    def _do(self, job):
+        """Run one job; False when the blob is being fetched by another process."""
+        if job[0] == "segment":
+            self._segment(job[1], job[2])
+            return True
+        digest, size = job[1], job[2]
         if self.repo.has_blob(digest):
+            return True
+        stripe = digest[7:9]
+        if not self._hold(stripe):
             return False
-        with self.repo.lock("blob-%s" % digest[7:9]):          # 256 stripes
-            if self.repo.has_blob(digest):
+        if self.repo.has_blob(digest):
+            self._release(stripe)
+            return True
+        if size >= self.SPLIT_MIN and self.workers > 1 and self._slow_link():
+            split = SplitBlob(self, digest, size, stripe)
+            with self.cond:
+                self.jobs[0:0] = [("segment", split, i) for i in split.todo[1:]]
+                self.cond.notify_all()
+            if split.todo:
+                self._segment(split, split.todo[0])
+            else:
+                split.finish()
+            return True
+        try:
+            self.whole(digest, size)
+        finally:
+            self._release(stripe)
+        return True
+
+    def _slow_link(self):
+        """Split only where it pays: on a link where one connection proved slow (on a fast
+        one, segments cost more in requests and re-reading than they save)."""
+        if self.split_rate == float("inf"):
+            return True
+        return self.rate is not None and self.rate < self.split_rate
+
+    def _hold(self, stripe):
+        """Take the stripe's lock file without waiting (shared by this process's threads)."""
+        with self.cond:
+            entry = self.stripes.get(stripe)
+            if entry:
+                entry[1] += 1
+                return True
+            lock = self.repo.lock("blob-" + stripe)
+            if not lock.acquire(wait=False):
                 return False
-            row = self.progress.add(digest, size)
-            state = {"restarted": False}
-            _retrying(self.repo.cfg, lambda: self._attempt(digest, size, row, state))
-            self.progress.finish(row)
+            self.stripes[stripe] = [lock, 1]
             return True
 
+    def _release(self, stripe):
+        with self.cond:
+            entry = self.stripes[stripe]
+            entry[1] -= 1
+            if not entry[1]:
+                entry[0].release()
+                del self.stripes[stripe]
+
+    # -- whole blobs
+
+    def partial(self, digest):
+        return os.path.join(self.repo.layersdir, "." + digest + ".partial")
+
+    def whole(self, digest, size):
+        """Download one blob in one stream (resuming a partial file), verify, rename."""
+        if os.path.exists(self.partial(digest) + ".json"):      # left by a split download
+            remove_quietly(self.partial(digest))
+            remove_quietly(self.partial(digest) + ".json")
+        row = self.progress.add(digest, size)
+        state = {"restarted": False}
+        started = time.time()
+        _retrying(self.repo.cfg, lambda: self._attempt(digest, size, row, state))
+        if size >= (1 << 20):
+            self.rate = size / max(time.time() - started, 1e-6)
+        self.progress.finish(row)
+
     def _attempt(self, digest, size, row, state):
-        partial = os.path.join(self.repo.layersdir, "." + digest + ".partial")
+        partial = self.partial(digest)
         offset = os.path.getsize(partial) if os.path.exists(partial) else 0
         if size and offset > size:
             remove_quietly(partial)
             offset = 0
         hasher = hashlib.sha256()
         if offset:
-            self._feed(partial, hasher)
+            _feed(partial, hasher)
         row[1] = offset
         if not size or offset < size:
             resp = self.client.open_blob(self.remote, digest, offset)
@@ -1836,7 +2055,8 @@ class BlobFetcher(object):
                 elif offset and not _range_starts_at(resp.header("content-range"), offset):
                     remove_quietly(partial)
                     raise TransientError("bad Content-Range for %s" % digest[:19], 0)
-                self._stream(resp, partial, hasher, offset, size, row)
+                with open(partial, "ab" if offset else "wb") as handle:
+                    self._stream(resp, handle, size - offset if size else 0, row, hasher)
             except NETWORK_ERRORS as exc:
                 raise TransientError("download of %s interrupted: %s" % (digest[:19], exc))
             finally:
@@ -1852,38 +2072,150 @@ class BlobFetcher(object):
                 raise TransientError("digest mismatch after resume for %s" % digest[:19], 0)
             raise DigestMismatch("downloaded blob does not match its digest %s "
                                  "(corrupt data from the registry)" % digest)
+        self.publish(digest)
+
+    def _stream(self, resp, handle, limit, row, hasher=None, stop=None):
+        """Copy the body to handle (at most limit bytes when limit); returns bytes copied."""
+        copied = 0
+        while True:
+            data = resp.read(self.CHUNK)
+            if not data:
+                return copied
+            copied += len(data)
+            if limit and copied > limit:
+                raise DigestMismatch("blob %s is larger than its manifest says"
+                                     % resp.url.split("?")[0])
+            if hasher is not None:
+                hasher.update(data)
+            handle.write(data)
+            self.progress.update(row, len(data))
+            if stop is not None and stop():
+                return copied
+
+    def publish(self, digest):
+        partial = self.partial(digest)
         os.chmod(partial, 0o644)
         os.rename(partial, self.repo.blob_path(digest))
 
-    def _stream(self, resp, partial, hasher, offset, size, row):
-        with open(partial, "ab" if offset else "wb") as handle:
-            if not offset:
-                handle.truncate(0)
-            written = offset
-            while True:
-                data = resp.read(self.CHUNK)
-                if not data:
-                    break
-                written += len(data)
-                if size and written > size:
-                    resp.close(reuse=False)
-                    handle.truncate(0)
-                    raise DigestMismatch("blob %s is larger than its manifest says (%d bytes)"
-                                         % (resp.url.split("?")[0], size))
-                hasher.update(data)
-                handle.write(data)
-                self.progress.update(row, len(data))
-            handle.flush()
-            os.fsync(handle.fileno())
+    # -- segments of split blobs
 
-    @staticmethod
-    def _feed(path, hasher):
-        with open(path, "rb") as handle:
-            while True:
-                data = handle.read(1 << 20)
-                if not data:
+    def _segment(self, split, index):
+        _retrying(self.repo.cfg, lambda: self._segment_attempt(split, index))
+        split.done_segment(index)
+
+    def _segment_attempt(self, split, index):
+        start, end = split.bounds(index)
+        offset = start + split.written.get(index, 0)
+        if split.whole or offset >= end:
+            return
+        resp = self.client.open_blob(self.remote, split.digest, offset, end)
+        try:
+            if resp.status == 200:                   # no Range support: one stream instead
+                split.whole = True
+                return
+            if not _range_starts_at(resp.header("content-range"), offset):
+                raise TransientError("bad Content-Range for %s" % split.digest[:19], 0)
+            fd = os.open(self.partial(split.digest), os.O_WRONLY)
+            with os.fdopen(fd, "wb") as handle:
+                handle.seek(offset)
+                counter = _Counter(handle, end - offset)
+                try:
+                    self._stream(resp, counter, 0, split.row, stop=counter.full)
+                finally:                             # a retry resumes where this one ended
+                    split.written[index] = offset + counter.count - start
+        except NETWORK_ERRORS as exc:
+            raise TransientError("download of %s interrupted: %s" % (split.digest[:19], exc))
+        finally:
+            resp.close(reuse=False)
+        if split.written.get(index, 0) < end - start:
+            raise TransientError("segment %d of %s ended early" % (index, split.digest[:19]))
+
+
+class _Counter(object):
+    """A file wrapper that writes at most `limit` bytes and counts them."""
+
+    def __init__(self, handle, limit):
+        self.handle, self.limit, self.count = handle, limit, 0
+
+    def write(self, data):
+        data = data[:self.limit - self.count]
+        self.handle.write(data)
+        self.count += len(data)
+
+    def full(self):
+        return self.count >= self.limit
+
+
+class SplitBlob(object):
+    """One large blob being fetched in segments; the last segment in hashes and renames it."""
+
+    def __init__(self, downloads, digest, size, stripe):
+        self.dl, self.digest, self.size, self.stripe = downloads, digest, size, stripe
+        self.lock = threading.Lock()
+        self.whole = False
+        self.written = {}
+        self.row = downloads.progress.add(digest, size)
+        self.count = (size + downloads.SEGMENT - 1) // downloads.SEGMENT
+        partial = downloads.partial(digest)
+        record = read_json(partial + ".json") or {}
+        done = []
+        if record.get("size") == size and record.get("segment") == downloads.SEGMENT and \
+                os.path.exists(partial) and os.path.getsize(partial) == size:
+            done = [i for i in record.get("done", []) if 0 <= i < self.count]
+        else:
+            with open(partial, "wb") as handle:
+                handle.truncate(size)
+        self.done = set(done)
+        for i in done:
+            self.row[1] += self.bounds(i)[1] - self.bounds(i)[0]
+        self.todo = [i for i in range(self.count) if i not in self.done]
+        self.pending = set(self.todo)
+
+    def bounds(self, index):
+        start = index * self.dl.SEGMENT
+        return start, min(self.size, start + self.dl.SEGMENT)
+
+    def done_segment(self, index):
+        with self.lock:
+            self.pending.discard(index)
+            if not self.whole:
+                self.done.add(index)
+                write_atomic(self.dl.partial(self.digest) + ".json", json_dumps(
+                    {"size": self.size, "segment": self.dl.SEGMENT,
+                     "done": sorted(self.done)}))
+            last = not self.pending
+        if last:
+            self.finish()
+
+    def finish(self):
+        """Hash the assembled file (from the page cache), then publish it."""
+        partial = self.dl.partial(self.digest)
+        try:
+            if not self.whole:
+                hasher = hashlib.sha256()
+                _feed(partial, hasher)
+                if "sha256:" + hasher.hexdigest() == self.digest:
+                    remove_quietly(partial + ".json")
+                    self.dl.publish(self.digest)
+                    self.dl.progress.finish(self.row)
                     return
-                hasher.update(data)
+                MSG.verbose("segments of %s do not add up: downloading it whole"
+                            % self.digest[:19])
+            remove_quietly(partial + ".json")
+            remove_quietly(partial)
+            self.dl.whole(self.digest, self.size)
+        finally:
+            self.dl._release(self.stripe)
+
+
+def _feed(path, hasher):
+    """Update hasher with a file's content."""
+    with open(path, "rb") as handle:
+        while True:
+            data = handle.read(1 << 20)
+            if not data:
+                return
+            hasher.update(data)
 
 
 def _range_starts_at(content_range, offset):
@@ -2021,44 +2353,887 @@ class Puller(object):
         return found or str(wanted)
 
     def _fetch_all(self, client, ref, blobs):
-        """Download missing blobs, pull_parallel at a time; the first failure is raised."""
+        """Download the missing blobs, pull_parallel connections at a time."""
         progress = Progress(self.quiet)
-        fetcher = BlobFetcher(self.repo, client, ref.remote, progress)
-        todo = queue.Queue()
-        for item in blobs:
-            todo.put(item)
-        failures = []
-
-        def worker():
-            while not failures:
-                try:
-                    digest, size = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    fetcher.fetch(digest, size)
-                except BaseException as exc:                  # reported by the caller
-                    failures.append(sys.exc_info())
-                    return
-
-        count = max(1, min(self.cfg.pull_parallel, len(blobs)))
-        threads = [threading.Thread(target=worker) for _ in range(count)]
-        for thread in threads:
-            thread.daemon = True
-            thread.start()
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.2)
-        progress.close()
-        if failures:
-            exc_info = failures[0]
-            if PY3:
-                raise exc_info[1].with_traceback(exc_info[2])
-            raise exc_info[1]
+        try:
+            BlobDownloads(self.repo, client, ref.remote, progress,
+                          self.cfg.pull_parallel).run(blobs)
+        finally:
+            progress.close()
 
 
 # ==== 7. Image formats ====
-# docker-save and OCI image layout archives (load, save, import, export): see issue "formats".
+# docker-save archives of every vintage and OCI image layouts in (load), docker-save archives
+# out (save), root file system tarballs in as one-layer images (import). An archive is read
+# in one streaming pass (stdin cannot seek): every regular member is copied into a staging
+# directory under layers/ while it is hashed; member names are dictionary keys, never paths
+# on disk. Images are stored in the v2 layout (manifest + sha256 links), which upstream reads.
+
+MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+IMAGE_MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_DOCKER_V2)
+ARCHIVE_CHUNK = 1 << 20
+LINK_HOPS = 16                  # a longer chain of links inside an archive is treated as broken
+SAVE_MTIME = 0                  # mtime of every member save writes: the same images, same bytes
+BLOB_NAME_RE = LazyRegex(r"^blobs/sha256/([a-f0-9]{64})$")
+COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+                     (b"\x28\xb5\x2f\xfd", "zstd"))
+LAYER_MEDIA_SUFFIX = {"": "", "gzip": "+gzip", "zstd": "+zstd"}
+
+
+class ArchiveError(UdockerError):
+    """An image archive or tarball that cannot be used: not a tar, truncated, inconsistent."""
+
+
+def binary_stdin():
+    return getattr(sys.stdin, "buffer", sys.stdin)
+
+
+def binary_stdout():
+    return getattr(sys.stdout, "buffer", sys.stdout)
+
+
+def utc_now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def compression_of(head):
+    """'gzip', 'bzip2', 'xz', 'zstd' or '' (none) from the first bytes of a file."""
+    for magic, kind in COMPRESSION_MAGIC:
+        if head.startswith(magic):
+            return kind
+    return ""
+
+
+class Decompressor(object):
+    """Incremental decompression of gzip (several members too), bzip2 or xz."""
+
+    def __init__(self, kind, label):
+        self.kind, self.label = kind, label
+        self.errors = (zlib.error, EOFError, IOError, OSError, ValueError)
+        self.engine = self._new()
+
+    def _new(self):
+        if self.kind == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        if self.kind == "bzip2":
+            import bz2
+            return bz2.BZ2Decompressor()
+        if self.kind == "xz" and PY3:
+            import lzma
+            self.errors += (lzma.LZMAError,)
+            return lzma.LZMADecompressor()
+        raise ArchiveError("%s: %s compression is not supported%s" % (
+            self.label, self.kind, " under Python 2" if self.kind == "xz" else ""))
+
+    def feed(self, data):
+        chunks = []
+        try:
+            while data:
+                chunks.append(self.engine.decompress(data))
+                data = getattr(self.engine, "unused_data", b"")
+                if data and not data.strip(b"\0"):
+                    break                               # zero padding after the last member
+                if data:
+                    self.engine = self._new()           # the next gzip/bzip2 member
+        except self.errors as exc:
+            raise ArchiveError("%s: corrupt %s data (%s)" % (self.label, self.kind, exc))
+        return b"".join(chunks)
+
+
+def uncompressed_digest(path):
+    """sha256:HEX of a layer file's uncompressed content: its diff_id."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        data = handle.read(ARCHIVE_CHUNK)
+        kind = compression_of(data)
+        decompressor = Decompressor(kind, path) if kind else None
+        while data:
+            hasher.update(decompressor.feed(data) if decompressor else data)
+            data = handle.read(ARCHIVE_CHUNK)
+    return "sha256:" + hasher.hexdigest()
+
+
+def _reason(exc):
+    """The first line of an exception's text (Python 3.13's tarfile writes several)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _inside(path):
+    """The normalised archive path, or None when it is absolute or leaves the archive."""
+    if not path or path.startswith("/"):
+        return None
+    norm = posixpath.normpath(path)
+    if norm == ".." or norm.startswith("../"):
+        return None
+    return norm
+
+
+def member_name(raw, label):
+    """The canonical name of an archive member ('./a//b' -> 'a/b').
+
+    Raises ArchiveError for absolute names and names with a '..' component: no docker or
+    OCI tool writes them, so the archive is broken or hostile.
+    """
+    name = to_text(raw)
+    if name.startswith("/") or ".." in name.split("/"):
+        raise ArchiveError("%s: unsafe member name in archive: %r" % (label, name))
+    return posixpath.normpath(name)
+
+
+class StagedFile(object):
+    """A regular archive member copied to the staging directory: path, sha256 hex, size,
+    first bytes (to tell the compression)."""
+    __slots__ = ("name", "path", "hexdigest", "size", "head")
+
+    def __init__(self, name, path, hexdigest, size, head):
+        self.name, self.path, self.hexdigest, self.size, self.head = \
+            name, path, hexdigest, size, head
+
+    @property
+    def digest(self):
+        return "sha256:" + self.hexdigest
+
+
+class ArchiveReader(object):
+    """The members of an image archive, read in one pass into a staging directory.
+
+    files: member name -> StagedFile; links: member name -> target member name (symlinks
+    resolved against their directory, None when they point out of the archive).
+    """
+
+    def __init__(self, staging, label):
+        self.staging, self.label = staging, label
+        self.files, self.links = {}, {}
+        self.count = 0
+
+    def read(self, stream):
+        """Copy every regular member of the tar stream; raises ArchiveError if unreadable."""
+        try:
+            archive = tarfile.open(fileobj=stream, mode="r|*")
+            try:
+                for member in archive:
+                    self._take(archive, member)
+            finally:
+                archive.close()
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            if not self.count:
+                raise ArchiveError("%s is not a tar archive (%s)" % (self.label, _reason(exc)))
+            raise ArchiveError("%s is truncated or corrupt (%s)" % (self.label, _reason(exc)))
+        if not self.count:
+            raise ArchiveError("%s is empty or not a tar archive" % self.label)
+
+    def _take(self, archive, member):
+        name = member_name(member.name, self.label)
+        self.count += 1
+        if member.isreg():
+            self._spool(archive.extractfile(member), member.size, name)
+        elif member.issym():
+            self._forget(name)
+            self.links[name] = None if member.linkname.startswith("/") else \
+                _inside(posixpath.join(posixpath.dirname(name), to_text(member.linkname)))
+        elif member.islnk():
+            self._forget(name)
+            self.links[name] = _inside(to_text(member.linkname))
+
+    def _forget(self, name):
+        """A later member of the same name wins, as it would when extracting."""
+        old = self.files.pop(name, None)
+        if old is not None:
+            remove_quietly(old.path)
+        self.links.pop(name, None)
+
+    def _spool(self, source, size, name):
+        path = os.path.join(self.staging, "m%d" % self.count)
+        hasher = hashlib.sha256()
+        head, copied = b"", 0
+        with open(path, "wb") as handle:
+            while True:
+                data = source.read(ARCHIVE_CHUNK)
+                if not data:
+                    break
+                head = head or data[:8]
+                hasher.update(data)
+                handle.write(data)
+                copied += len(data)
+        if copied != size:               # Python 2 returns short data instead of raising
+            raise ArchiveError("%s is truncated (in member %s)" % (self.label, name))
+        self._forget(name)
+        self.files[name] = StagedFile(name, path, hasher.hexdigest(), size, head)
+
+    def find(self, name):
+        """The StagedFile a member name leads to (following links), or None."""
+        key = _inside(name or "")
+        for _ in range(LINK_HOPS):
+            if key is None:
+                return None
+            if key in self.files:
+                return self.files[key]
+            key = self.links.get(key)
+        return None
+
+    def entry(self, name, what="member"):
+        """Like find(), but raises ArchiveError when it is missing, or when a blobs/sha256/HEX
+        member (asked for, or reached through links) does not hash to HEX."""
+        found = self.find(name)
+        if found is None:
+            raise ArchiveError("%s: %s %s is not in the archive" % (self.label, what, name))
+        for path in (_inside(name), found.name):
+            match = BLOB_NAME_RE.match(path or "")
+            if match and match.group(1) != found.hexdigest:
+                raise ArchiveError("%s: %s does not match its digest (corrupt archive)"
+                                   % (self.label, path))
+        return found
+
+    def blob(self, descriptor, what="blob"):
+        """The verified StagedFile an OCI descriptor names (digest and size checked)."""
+        digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
+        if not DIGEST_RE.match(str(digest)):
+            raise ArchiveError("%s: unsupported or invalid digest %r" % (self.label, digest))
+        found = self.entry("blobs/sha256/" + digest[7:], what)
+        size = descriptor.get("size")
+        if size is not None and size != found.size:
+            raise ArchiveError("%s: %s %s has %d bytes, its descriptor says %s"
+                               % (self.label, what, digest, found.size, size))
+        return found
+
+    def data(self, staged):
+        if staged.size > MANIFEST_MAX:
+            raise ArchiveError("%s: %s is too large for a JSON document" % (self.label,
+                                                                          staged.name))
+        with open(staged.path, "rb") as handle:
+            return handle.read()
+
+    def json(self, staged, kind=dict):
+        """The parsed JSON of a staged member; raises ArchiveError unless it is a `kind`."""
+        try:
+            doc = json_loads(self.data(staged))
+        except ValueError:
+            doc = None
+        if not isinstance(doc, kind):
+            raise ArchiveError("%s: %s is not a valid JSON %s" % (
+                self.label, staged.name, "list" if kind is list else "object"))
+        return doc
+
+
+class ArchiveImage(object):
+    """One image found in an archive: its manifest (bytes as stored, or made for a classic
+    docker-save), the staged config and layers, and its names [(name or None, tag)]."""
+
+    def __init__(self, manifest, media, config, layers, names, config_doc):
+        self.manifest, self.media, self.config, self.layers = manifest, media, config, layers
+        self.names = list(names)
+        self.config_doc = config_doc
+        self.digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+    def blobs(self):
+        """[(digest, StagedFile)], config first, each digest once."""
+        seen, found = set(), []
+        for staged in [self.config] + self.layers:
+            if staged.digest not in seen:
+                seen.add(staged.digest)
+                found.append((staged.digest, staged))
+        return found
+
+    @property
+    def platform(self):
+        cfg = self.config_doc
+        return "/".join(str(p) for p in (cfg.get("os"), cfg.get("architecture"),
+                                         cfg.get("variant")) if p) or "unknown/unknown"
+
+
+def make_manifest(config, layers):
+    """OCI manifest bytes for a config and layers given as (digest, size, compression)."""
+    doc = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+           "config": {"mediaType": MT_OCI_CONFIG, "digest": config[0], "size": config[1]},
+           "layers": [{"mediaType": MT_OCI_LAYER + LAYER_MEDIA_SUFFIX.get(kind, ""),
+                       "digest": digest, "size": size} for digest, size, kind in layers]}
+    return to_bytes(json_dumps(doc))
+
+
+def _staged_blob(staged):
+    return (staged.digest, staged.size, compression_of(staged.head))
+
+
+def _check_layers(reader, config_doc, layers, what):
+    """The config's diff_ids must list the layers: their number always, their digests when
+    a layer is not compressed (a compressed one would have to be inflated to tell)."""
+    diff_ids = (config_doc.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list):
+        return
+    if len(diff_ids) != len(layers):
+        raise ArchiveError("%s: %s: the image config lists %d layers, the manifest %d"
+                           % (reader.label, what, len(diff_ids), len(layers)))
+    for diff_id, layer in zip(diff_ids, layers):
+        if not compression_of(layer.head) and diff_id != layer.digest:
+            raise ArchiveError("%s: layer %s does not match the image config (diff_id %s)"
+                               % (reader.label, layer.name, diff_id))
+
+
+def _archive_name(text, reader):
+    """(name, tag) of an image name found in an archive; name is None for a bare tag (OCI
+    ref.name "latest"). Raises ArchiveError for names that cannot be stored."""
+    text = to_text(text or "").strip()
+    if "/" not in text and ":" not in text and "@" not in text and TAG_RE.match(text):
+        return (None, text)
+    try:
+        ref = ImageRef.parse(text)
+    except UsageError:
+        raise ArchiveError("%s: invalid image name in archive: %r" % (reader.label, text))
+    return (ref.name, ref.local_tag)
+
+
+def _familiar(name):
+    """containerd's names are fully qualified, docker's are not: 'docker.io/library/x:1'
+    -> 'x:1', 'docker.io/ns/x:1' -> 'ns/x:1'."""
+    for prefix in ("docker.io/library/", "docker.io/"):
+        rest = name[len(prefix):]
+        if name.startswith(prefix) and (prefix == "docker.io/" or "/" not in rest):
+            return rest
+    return name
+
+
+def _annotation_names(descriptor, reader):
+    notes = descriptor.get("annotations") or {}
+    if notes.get("io.containerd.image.name"):
+        return [_archive_name(_familiar(notes["io.containerd.image.name"]), reader)]
+    if notes.get("org.opencontainers.image.ref.name"):
+        return [_archive_name(notes["org.opencontainers.image.ref.name"], reader)]
+    return []
+
+
+def _index_entries(doc, reader, what):
+    entries = doc.get("manifests")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ArchiveError("%s: %s has no list of manifests" % (reader.label, what))
+    return entries
+
+
+def _descriptor_doc(reader, descriptor):
+    """(bytes, media type, parsed document) of the manifest or index a descriptor names."""
+    staged = reader.blob(descriptor, "manifest")
+    body = reader.data(staged)
+    doc = reader.json(staged)
+    media = descriptor.get("mediaType") or doc.get("mediaType") or _guess_media_type(doc)
+    return body, media, doc
+
+
+def _pick_manifest(reader, descriptor, depth=0):
+    """(bytes, media, doc) of the image manifest a descriptor leads to. In an image index:
+    the host's platform, else the first platform whose manifest is in the archive."""
+    body, media, doc = _descriptor_doc(reader, descriptor)
+    if media in IMAGE_MANIFEST_TYPES:
+        return body, media, doc
+    if media not in INDEX_TYPES or depth > 4:
+        raise ArchiveError("%s: unsupported manifest type %s" % (reader.label, media))
+    present = [d for d in _index_entries(doc, reader, "image index")
+               if DIGEST_RE.match(str(d.get("digest")))
+               and reader.find("blobs/sha256/" + d["digest"][7:])]
+    if not present:
+        raise ArchiveError("%s: no manifest of image index %s is in the archive"
+                           % (reader.label, descriptor.get("digest")))
+    try:
+        chosen = select_platform({"manifests": present}, Platform.host(), reader.label)
+    except RegistryError:
+        real = [d for d in present if (d.get("platform") or {}).get("os") != "unknown"]
+        chosen = (real or present)[0]
+        MSG.warning("%s: no manifest for this host (%s) in image index %s: loading %s"
+                    % (reader.label, Platform.host(), descriptor.get("digest"),
+                       chosen.get("digest")))
+    return _pick_manifest(reader, chosen, depth + 1)
+
+
+def _manifest_image(reader, body, media, doc, names):
+    try:
+        config_desc, layer_descs = doc["config"], list(doc["layers"])
+    except (KeyError, TypeError):
+        raise ArchiveError("%s: a manifest has no config or layers" % reader.label)
+    config = reader.blob(config_desc, "image config")
+    layers = [reader.blob(d, "layer") for d in layer_descs]
+    config_doc = reader.json(config)
+    _check_layers(reader, config_doc, layers, config.digest)
+    return ArchiveImage(body, media, config, layers, names, config_doc)
+
+
+def _oci_images(reader):
+    """The images of an OCI layout: one per manifest index.json leads to, names from the
+    annotations of its entries (an image several entries lead to gets all their names)."""
+    index = reader.json(reader.entry("index.json"))
+    images, by_digest = [], {}
+    for descriptor in _index_entries(index, reader, "index.json"):
+        names = _annotation_names(descriptor, reader)
+        body, media, doc = _pick_manifest(reader, descriptor)
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if digest in by_digest:
+            by_digest[digest].names.extend(names)
+            continue
+        image = _manifest_image(reader, body, media, doc, names)
+        by_digest[digest] = image
+        images.append(image)
+    if not images:
+        raise ArchiveError("%s: index.json lists no images" % reader.label)
+    return images
+
+
+def _known_manifests(reader):
+    """{(config hex, (layer hexes)): (manifest bytes, media)} of every manifest reachable from
+    index.json whose blob is in the archive: a Docker 25 archive holds both an OCI layout and
+    a manifest.json, and the stored manifest keeps the image's digest."""
+    found, seen = {}, set()
+    todo = list(_index_entries(reader.json(reader.entry("index.json")), reader, "index.json"))
+    while todo:
+        descriptor = todo.pop(0)
+        digest = str(descriptor.get("digest"))
+        if digest in seen or not DIGEST_RE.match(digest) or \
+                not reader.find("blobs/sha256/" + digest[7:]):
+            continue
+        seen.add(digest)
+        body, media, doc = _descriptor_doc(reader, descriptor)
+        if media in INDEX_TYPES:
+            todo.extend(_index_entries(doc, reader, "image index " + digest))
+        elif media in IMAGE_MANIFEST_TYPES:
+            try:
+                key = (doc["config"]["digest"][7:],
+                       tuple(l["digest"][7:] for l in doc["layers"]))
+            except (KeyError, TypeError, AttributeError):
+                continue
+            found[key] = (body, media)
+    return found
+
+
+def _docker_images(reader):
+    """The images of a docker-save manifest.json, layers in its Layers order (base first)."""
+    entries = reader.json(reader.entry("manifest.json"), list)
+    known = _known_manifests(reader) if reader.find("index.json") else {}
+    images = []
+    for item in entries:
+        if not isinstance(item, dict) or not isinstance(item.get("Config"), (str, text_type)) \
+                or not isinstance(item.get("Layers"), list):
+            raise ArchiveError("%s: manifest.json: an entry has no Config or Layers"
+                               % reader.label)
+        config = reader.entry(item["Config"], "image config")
+        layers = [reader.entry(name, "layer") for name in item["Layers"]]
+        config_doc = reader.json(config)
+        _check_layers(reader, config_doc, layers, item["Config"])
+        key = (config.hexdigest, tuple(l.hexdigest for l in layers))
+        if key in known:
+            body, media = known[key]
+        else:
+            body = make_manifest(_staged_blob(config)[:2], [_staged_blob(l) for l in layers])
+            media = MT_OCI_MANIFEST
+        names = [_archive_name(tag, reader) for tag in item.get("RepoTags") or []]
+        images.append(ArchiveImage(body, media, config, layers, names, config_doc))
+    if not images:
+        raise ArchiveError("%s: manifest.json lists no images" % reader.label)
+    return images
+
+
+def find_images(reader):
+    """Every image in a read archive: docker-save (manifest.json) or OCI layout."""
+    if reader.find("manifest.json"):
+        return _docker_images(reader)
+    if reader.find("index.json"):
+        return _oci_images(reader)
+    raise ArchiveError("%s is not a docker-save or OCI archive (no manifest.json or "
+                       "index.json); a root file system tarball is loaded with: import"
+                       % reader.label)
+
+
+def _parse_rename(text):
+    """load's NAME argument -> (name, tag or None when NAME has no tag)."""
+    ref = ImageRef.parse(text)
+    has_tag = ":" in text.rsplit("/", 1)[-1] or "@" in text
+    return ref.name, (ref.local_tag if has_tag else None)
+
+
+def name_targets(images, rename=None):
+    """[(image, [(name, tag)])]: where each image goes. load NAME replaces the image name
+    (tags kept), NAME:TAG names the one image. Raises, before anything is written, when two
+    different images would get one name; an image with no name gets loaded-CONFIGID."""
+    new_name, new_tag = _parse_rename(rename) if rename else (None, None)
+    owner, targets = {}, []
+    for image in images:
+        if new_tag:
+            names = [(new_name, new_tag)]
+        elif new_name:
+            names = [(new_name, tag) for _, tag in image.names] or [(new_name, "latest")]
+        else:
+            names = [(name, tag) for name, tag in image.names if name]
+            if not names:
+                names = [("loaded-" + image.config.hexdigest[:12],
+                          ([t for _, t in image.names] or ["latest"])[0])]
+                MSG.warning("an image in the archive has no name: loading it as %s:%s "
+                            "(load NAME chooses one)" % names[0])
+        unique = []
+        for target in names:
+            if owner.setdefault(target, image.digest) != image.digest:
+                raise ArchiveError("the archive has two different images for %s:%s"
+                                   % target + (" (NAME:TAG names only one)" if new_tag
+                                               else ""))
+            if target not in unique:
+                unique.append(target)
+        targets.append((image, unique))
+    return targets
+
+
+def store_images(repo, targets, label):
+    """Put every image's blobs into layers/ and commit its tags (an existing tag is
+    replaced, as docker does). Returns the stored 'name:tag's."""
+    for _, names in targets:
+        for name, tag in names:
+            check_local_name(name)
+            if os.path.exists(os.path.join(repo.tag_dir(name, tag), "PROTECT")):
+                raise RepositoryError("image is protected: %s:%s (unprotect it to replace it)"
+                                      % (name, tag))
+    stored = []
+    for image, names in targets:
+        record = {"source": "load", "archive": label, "manifest_digest": image.digest,
+                  "media_type": image.media, "platform": image.platform, "loaded": utc_now()}
+        for name, tag in names:
+            if repo.has_image(name, tag):
+                MSG.info("replacing image: %s:%s" % (name, tag))
+            commit_staged(repo, name, tag, image.manifest, image.blobs(), record)
+            stored.append("%s:%s" % (name, tag))
+    return stored
+
+
+def commit_staged(repo, name, tag, manifest, blobs, record):
+    """Link staged blobs [(digest, StagedFile)] into layers/ and commit the tag; once more
+    if an rmi running meanwhile removed a blob another image shared with this one."""
+    for attempt in (1, 2):
+        for digest, staged in blobs:
+            repo.store_blob(staged.path, digest)
+        try:
+            repo.commit_image_v2(name, tag, manifest, [d for d, _ in blobs], record)
+            return
+        except RepositoryError:
+            if attempt == 2:
+                raise
+
+
+def load_archive(repo, source, rename=None):
+    """Load every image of a docker-save or OCI archive (source: a path, '-' for stdin).
+
+    Nothing is stored until the whole archive has been read and checked. Returns the
+    'name:tag's stored; raises ArchiveError for unusable archives.
+    """
+    if rename:
+        _parse_rename(rename)
+    repo.check_writable()
+    staging = tempfile.mkdtemp(prefix=".load-", dir=repo.layersdir)
+    try:
+        if source == "-":
+            reader = ArchiveReader(staging, "standard input")
+            reader.read(binary_stdin())
+        else:
+            reader = ArchiveReader(staging, source)
+            with open(source, "rb") as handle:
+                reader.read(handle)
+        targets = name_targets(find_images(reader), rename)
+        return store_images(repo, targets, reader.label)
+    finally:
+        remove_tree(staging)
+
+
+# -- save: docker-save archives (classic layout, which docker, skopeo, podman and upstream
+# udocker load; upstream 1.3 would name images at random if an oci-layout were added)
+
+def _save_config(image):
+    """(config bytes, diff_ids) for saving an image. A pulled or loaded v2 image's config is
+    kept byte for byte (its digest is the image id); v1 and schema 1 images get one built,
+    with diff_ids computed from their layers."""
+    raw = None
+    if image.config_path and os.path.exists(image.config_path):
+        with open(image.config_path, "rb") as handle:
+            raw = handle.read()
+    schema2 = image.version == "v2" and "layers" in (image.manifest or {})
+    if schema2 and raw is None:
+        raise RepositoryError("image %s is incomplete: its config blob is missing" % image.ref)
+    try:
+        doc = json_loads(raw) if raw else dict(image.config)
+    except ValueError:
+        raise RepositoryError("image %s: its config is not JSON" % image.ref)
+    diff_ids = (doc.get("rootfs") or {}).get("diff_ids")
+    if schema2 and isinstance(diff_ids, list) and len(diff_ids) == len(image.layers):
+        return raw, diff_ids
+    actual = [uncompressed_digest(path) for path in image.layers]
+    if raw and diff_ids == actual:
+        return raw, diff_ids
+    for key in ("id", "parent", "Size", "size", "container", "throwaway"):
+        doc.pop(key, None)
+    doc["rootfs"] = {"type": "layers", "diff_ids": actual}
+    MSG.verbose("image %s: config rebuilt with the layers' diff_ids" % image.ref)
+    return to_bytes(json_dumps(doc)), actual
+
+
+class SavePlan(object):
+    """The members of a docker-save archive for some images, sources opened up front (an
+    rmi running meanwhile cannot take a layer away from an open file).
+
+    members: {name: bytes, an open file, or None for a directory}.
+    """
+
+    def __init__(self, images):
+        self.members, self.handles = {}, []
+        self.manifest, self.repositories, self.entry_of = [], {}, {}
+        try:
+            for image in images:
+                self._add(image)
+        except BaseException:
+            self.close()
+            raise
+        self.members["manifest.json"] = to_bytes(json_dumps(self.manifest))
+        self.members["repositories"] = to_bytes(json_dumps(self.repositories))
+
+    def _add(self, image):
+        config, diff_ids = _save_config(image)
+        config_doc = json_loads(config)
+        config_name = hashlib.sha256(config).hexdigest() + ".json"
+        self.members[config_name] = config
+        parent, layer_names = "", []
+        for path, diff_id in zip(image.layers, diff_ids):
+            layer_id = hashlib.sha256(to_bytes("%s %s %s" % (
+                parent, os.path.basename(path), diff_id))).hexdigest()
+            if layer_id + "/layer.tar" not in self.members:
+                self._add_layer(image, path, layer_id, parent, config_doc)
+            layer_names.append(layer_id + "/layer.tar")
+            parent = layer_id
+        if not layer_names:
+            raise RepositoryError("image %s has no layers" % image.ref)
+        key = (config_name, tuple(layer_names))
+        if key not in self.entry_of:
+            self.entry_of[key] = {"Config": config_name, "RepoTags": [],
+                                  "Layers": layer_names}
+            self.manifest.append(self.entry_of[key])
+        if not DIGEST_RE.match(image.tag):      # a by-digest "tag" is no docker tag: unnamed
+            self.repositories.setdefault(image.name, {})[image.tag] = parent
+            self.entry_of[key]["RepoTags"].append(image.ref)
+
+    def _add_layer(self, image, path, layer_id, parent, config_doc):
+        try:
+            handle = open(path, "rb")
+        except (IOError, OSError) as exc:
+            raise RepositoryError("image %s: cannot read layer %s: %s"
+                                  % (image.ref, os.path.basename(path), exc.strerror))
+        self.handles.append(handle)
+        legacy = {"id": layer_id, "created": config_doc.get("created") or
+                  "1970-01-01T00:00:00Z", "container_config": {}}
+        for key in ("os", "architecture", "variant"):
+            if config_doc.get(key):
+                legacy[key] = config_doc[key]
+        if parent:
+            legacy["parent"] = parent
+        self.members[layer_id] = None
+        self.members[layer_id + "/VERSION"] = b"1.0"
+        self.members[layer_id + "/json"] = to_bytes(json_dumps(legacy))
+        self.members[layer_id + "/layer.tar"] = handle
+
+    def write(self, stream):
+        """The archive as a tar stream: members sorted, fixed times and owners."""
+        archive = tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT)
+        try:
+            for name in sorted(self.members):
+                source = self.members[name]
+                info = tarfile.TarInfo(name)
+                info.mtime, info.uid, info.gid, info.uname, info.gname = \
+                    SAVE_MTIME, 0, 0, "", ""
+                if source is None:
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    archive.addfile(info)
+                    continue
+                info.mode = 0o644
+                if isinstance(source, bytes):
+                    info.size = len(source)
+                    archive.addfile(info, io.BytesIO(source))
+                else:
+                    source.seek(0)
+                    info.size = os.fstat(source.fileno()).st_size
+                    archive.addfile(info, source)
+        finally:
+            archive.close()
+
+    def close(self):
+        for handle in self.handles:
+            handle.close()
+        self.handles = []
+
+
+def _publish_new(tmp, output):
+    """Give tmp the name output, refusing to replace a file that appeared meanwhile."""
+    try:
+        os.link(tmp, output)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise UsageError("output file already exists: %s" % output)
+        if os.path.lexists(output):
+            raise UsageError("output file already exists: %s" % output)
+        os.rename(tmp, output)                   # no hard links on this file system
+
+
+def save_archive(repo, images, output):
+    """Write LocalImages as one docker-save archive to output ('-': stdout)."""
+    lock = repo.lock("metadata")
+    lock.acquire(shared=True)
+    try:
+        plan = SavePlan(images)
+    finally:
+        lock.release()
+    try:
+        if output == "-":
+            sys.stdout.flush()
+            stream = binary_stdout()
+            plan.write(stream)
+            stream.flush()
+            return
+        directory = os.path.dirname(os.path.abspath(output))
+        fd, tmp = tempfile.mkstemp(prefix=".udocker-save-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                plan.write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            _publish_new(tmp, output)
+        finally:
+            remove_quietly(tmp)
+    finally:
+        plan.close()
+
+
+# -- import: a root file system tarball becomes a one-layer image
+
+def spool_layer(stream, path, label):
+    """Copy a tar stream (plain, gzip, bzip2 or xz) to path while hashing it.
+
+    gzip and plain tars are stored as they come; bzip2 and xz are stored inflated (layer
+    media types have no name for them); zstd is refused. path None: only hash (the
+    stream must then be plain or gzip). Returns (blob digest, size, diff_id, compression).
+    """
+    head = stream.read(ARCHIVE_CHUNK)
+    kind = compression_of(head)
+    if kind == "zstd":
+        raise ArchiveError("%s: zstd-compressed tarballs are not supported" % label)
+    inflate = Decompressor(kind, label) if kind else None
+    keep = kind in ("", "gzip")
+    blob, diff, size = hashlib.sha256(), hashlib.sha256(), 0
+    handle = open(path, "wb") if path else None
+    try:
+        data = head
+        while data:
+            plain = inflate.feed(data) if inflate else data
+            diff.update(plain)
+            stored = data if keep else plain
+            blob.update(stored)
+            size += len(stored)
+            if handle:
+                handle.write(stored)
+            data = stream.read(ARCHIVE_CHUNK)
+    finally:
+        if handle:
+            handle.close()
+    return ("sha256:" + blob.hexdigest(), size, "sha256:" + diff.hexdigest(),
+            kind if keep else "")
+
+
+def check_tarball(path, kind, label):
+    """Raise ArchiveError unless path is a tar archive (plain or gzip: kind) with a member."""
+    try:
+        archive = tarfile.open(path, "r:gz" if kind == "gzip" else "r:")
+        try:
+            if archive.next() is None:
+                raise tarfile.ReadError("no members")
+        finally:
+            archive.close()
+    except (tarfile.TarError, EOFError, zlib.error, IOError) as exc:
+        raise ArchiveError("%s is not a tar archive, or is empty (%s)" % (label, _reason(exc)))
+
+
+def _open_source(cfg, source):
+    """(readable binary stream, HttpClient or None) for a path, an http(s) URL or '-'."""
+    if source == "-":
+        return binary_stdin(), None
+    if re.match(r"^https?://", source):
+        client = HttpClient(cfg)
+        try:
+            resp = client.request("GET", source)
+        except NETWORK_ERRORS as exc:
+            client.close()
+            raise RegistryError("cannot download %s: %s" % (source, exc))
+        if resp.status != 200:
+            client.close()
+            raise RegistryError("cannot download %s: HTTP %d %s" % (source, resp.status,
+                                                                   resp.reason))
+        return resp, client
+    return open(source, "rb"), None
+
+
+def import_config(platform, diff_id, created):
+    """The config of an imported image: platform, one layer, a history line."""
+    config = {"architecture": platform.arch, "os": platform.os, "created": created,
+              "config": {}, "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+              "history": [{"created": created, "comment": "created by udocker.py import"}]}
+    if platform.variant:
+        config["variant"] = platform.variant
+    return to_bytes(json_dumps(config))
+
+
+def import_tarball(repo, cfg, source, name, tag, platform, move=False):
+    """Store a root file system tarball (path, URL or '-') as the one-layer image name:tag.
+
+    move: a local file is renamed into layers/ (or copied and then removed). An existing
+    tag is replaced. Returns the image's config digest.
+    """
+    check_local_name(name)
+    repo.check_writable()
+    if os.path.exists(os.path.join(repo.tag_dir(name, tag), "PROTECT")):
+        raise RepositoryError("image is protected: %s:%s" % (name, tag))
+    local = source != "-" and not re.match(r"^https?://", source)
+    staging = tempfile.mkdtemp(prefix=".import-", dir=repo.layersdir)
+    try:
+        layer_path = os.path.join(staging, "layer")
+        stream, client = _open_source(cfg, source)
+        try:
+            if move and local and compression_of(stream.read(8)) in ("", "gzip"):
+                stream.seek(0)
+                layer_path = source                     # hashed where it is, then renamed
+                digest, size, diff_id, kind = spool_layer(stream, None, source)
+            else:
+                if local:
+                    stream.seek(0)
+                digest, size, diff_id, kind = spool_layer(stream, layer_path, source)
+        except NETWORK_ERRORS as exc:
+            if local or source == "-":
+                raise
+            raise RegistryError("download of %s failed: %s" % (source, exc))
+        finally:
+            if client:
+                client.close()
+            elif local:
+                stream.close()
+        check_tarball(layer_path, kind, source)
+        created = utc_now()
+        config = import_config(platform, diff_id, created)
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        config_path = os.path.join(staging, "config")
+        write_atomic(config_path, config)
+        manifest = make_manifest((config_digest, len(config)), [(digest, size, kind)])
+        record = {"source": "import", "imported_from": source, "platform": str(platform),
+                  "manifest_digest": "sha256:" + hashlib.sha256(manifest).hexdigest(),
+                  "media_type": MT_OCI_MANIFEST, "imported": created}
+        repo.store_blob(layer_path, digest, move=layer_path == source)
+        if repo.has_image(name, tag):
+            MSG.info("replacing image: %s:%s" % (name, tag))
+        blobs = [(config_digest, StagedFile("config", config_path, config_digest[7:],
+                                            len(config), b"{")),
+                 (digest, StagedFile("layer", repo.blob_path(digest), digest[7:], size, b""))]
+        commit_staged(repo, name, tag, manifest, blobs, record)
+        if move and local and os.path.exists(source):
+            os.unlink(source)
+        return config_digest
+    finally:
+        remove_tree(staging)
 
 
 # ==== 8. Container creation ====
@@ -2096,8 +3271,6 @@ class Puller(object):
 # and executables) and the umask applies; what the tar said (owner, group, full mode) is kept
 # in ID/.udocker-py/attrs where it differs from (0, 0, mode on disk), for export.
 
-LAYER_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
-               (b"\x28\xb5\x2f\xfd", "zstd"))
 DECOMPRESS_PROGRAMS = {"gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "zstd": "zstd"}
 IN_CHUNK = 1 << 18              # compressed bytes read at a time
 OUT_CHUNK = 1 << 20             # most decompressed bytes produced at a time (bounds memory)
@@ -2107,18 +3280,6 @@ ATTRS_HEADER = b"# udocker.py attrs 1: UID GID MODE(octal) PATH (below ROOT)\n"
 
 # Index kinds; an index value is layer << 3 | kind (small ints: no allocation per entry).
 K_DIR, K_IMPLIED, K_FILE, K_SYMLINK, K_PENDING = 1, 2, 3, 4, 5
-
-
-def _buffered_decompressors():
-    """kind -> decompressor factory whose decompress() takes max_length (bounded output)."""
-    found = {}
-    if bz2_module is not None:
-        found["bzip2"] = bz2_module.BZ2Decompressor
-    if lzma_module is not None:
-        found["xz"] = lzma_module.LZMADecompressor
-    if zstd_module is not None:
-        found["zstd"] = zstd_module.ZstdDecompressor
-    return found
 
 
 def find_program(name):
@@ -2135,10 +3296,7 @@ def layer_compression(handle):
     handle.seek(0)
     head = handle.read(6)
     handle.seek(0)
-    for magic, kind in LAYER_MAGIC:
-        if head.startswith(magic):
-            return kind
-    return "tar"
+    return compression_of(head) or "tar"
 
 
 def _file_chunks(handle):
@@ -2290,7 +3448,7 @@ def layer_chunks(handle, label):
         return _file_chunks(handle)
     if kind == "gzip":
         return _prefetch(_inflate_gzip(handle, label))
-    factory = _buffered_decompressors().get(kind)
+    factory = buffered_decompressor(kind)
     if factory is not None:
         return _prefetch(_inflate_buffered(handle, factory, kind, label))
     program = find_program(DECOMPRESS_PROGRAMS[kind])
@@ -2304,48 +3462,57 @@ def _octal(field):
     return int(field.partition(b"\0")[0].strip() or b"0", 8)
 
 
-class FastTarInfo(tarfile.TarInfo):
-    """TarInfo with a quicker parser for the usual header (octal numbers, no old GNU
-    sparse map, valid unsigned checksum); any other header goes to tarfile's own."""
-    __slots__ = ("buf",)
+def fast_tarinfo_class():
+    """TarInfo with a quicker parser for the usual header (octal numbers, no old GNU sparse
+    map, valid unsigned checksum); any other header goes to tarfile's own. Built on first
+    use, so that importing udocker.py does not import tarfile."""
+    cached = getattr(fast_tarinfo_class, "cls", None)
+    if cached is not None:
+        return cached
 
-    @classmethod
-    def frombuf(cls, buf, *names):           # names: (encoding, errors), none on 2.7
-        try:
-            if len(buf) != TAR_BLOCK or buf[156:157] == tarfile.GNUTYPE_SPARSE:
-                raise ValueError("not for the quick parser")
-            chksum = _octal(buf[148:156])
-            if chksum != 256 + sum(bytearray(buf)) - sum(bytearray(buf[148:156])):
-                raise ValueError("checksum")
-            numbers = (_octal(buf[100:108]), _octal(buf[108:116]), _octal(buf[116:124]),
-                       _octal(buf[124:136]), _octal(buf[136:148]))
-            kind = buf[156:157]
-            devices = (_octal(buf[329:337]), _octal(buf[337:345])) \
-                if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE) else (0, 0)
-        except ValueError:
-            return super(FastTarInfo, cls).frombuf(buf, *names)
+    class FastTarInfo(tarfile.TarInfo):
+        __slots__ = ("buf",)
 
-        def text(start, end):
-            raw = buf[start:end].partition(b"\0")[0]
-            return raw.decode(*names) if names else raw
+        @classmethod
+        def frombuf(cls, buf, *names):           # names: (encoding, errors), none on 2.7
+            try:
+                if len(buf) != TAR_BLOCK or buf[156:157] == tarfile.GNUTYPE_SPARSE:
+                    raise ValueError("not for the quick parser")
+                chksum = _octal(buf[148:156])
+                if chksum != 256 + sum(bytearray(buf)) - sum(bytearray(buf[148:156])):
+                    raise ValueError("checksum")
+                numbers = (_octal(buf[100:108]), _octal(buf[108:116]), _octal(buf[116:124]),
+                           _octal(buf[124:136]), _octal(buf[136:148]))
+                kind = buf[156:157]
+                devices = (_octal(buf[329:337]), _octal(buf[337:345])) \
+                    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE) else (0, 0)
+            except ValueError:
+                return super(FastTarInfo, cls).frombuf(buf, *names)
 
-        obj = cls()
-        obj.buf = buf
-        obj.name = text(0, 100)
-        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = numbers
-        obj.devmajor, obj.devminor = devices
-        obj.chksum = chksum
-        obj.type = kind
-        obj.linkname = text(157, 257) if buf[157:158] != b"\0" else obj.linkname
-        obj.uname = obj.gname = obj.linkname[:0]            # unused here: not decoded
-        prefix = text(345, 500) if buf[345:346] != b"\0" else ""
-        if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):
-            obj.type = tarfile.DIRTYPE
-        if obj.isdir():
-            obj.name = obj.name.rstrip("/")
-        if prefix and obj.type not in tarfile.GNU_TYPES:
-            obj.name = prefix + "/" + obj.name
-        return obj
+            def text(start, end):
+                raw = buf[start:end].partition(b"\0")[0]
+                return raw.decode(*names) if names else raw
+
+            obj = cls()
+            obj.buf = buf
+            obj.name = text(0, 100)
+            obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = numbers
+            obj.devmajor, obj.devminor = devices
+            obj.chksum = chksum
+            obj.type = kind
+            obj.linkname = text(157, 257) if buf[157:158] != b"\0" else obj.linkname
+            obj.uname = obj.gname = obj.linkname[:0]            # unused here: not decoded
+            prefix = text(345, 500) if buf[345:346] != b"\0" else ""
+            if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):
+                obj.type = tarfile.DIRTYPE
+            if obj.isdir():
+                obj.name = obj.name.rstrip("/")
+            if prefix and obj.type not in tarfile.GNU_TYPES:
+                obj.name = prefix + "/" + obj.name
+            return obj
+
+    fast_tarinfo_class.cls = FastTarInfo
+    return FastTarInfo
 
 
 class LayerStream(object):
@@ -2582,7 +3749,7 @@ class Flattener(object):
         try:
             try:
                 archive = tarfile.open(fileobj=self.stream, mode="r:", encoding="utf-8",
-                                       errors=TAR_ERRORS, tarinfo=FastTarInfo)
+                                       errors=TAR_ERRORS, tarinfo=fast_tarinfo_class())
             except tarfile.TarError as exc:
                 raise RepositoryError("layer %s: corrupt or not a tar archive (%s)"
                                       % (label, exc))
@@ -3594,6 +4761,62 @@ def cmd_manifest(session, opts, args):
     return 0
 
 
+# -- image format commands
+
+def _check_input(what, source):
+    if source == "-":
+        if sys.stdin.isatty():
+            raise UsageError("%s: standard input is a terminal: give a file or redirect "
+                             "the input" % what)
+    elif not re.match(r"^https?://", source) and not os.path.isfile(source):
+        raise UsageError("%s: file does not exist: %s" % (what, source))
+
+
+def cmd_load(session, opts, args):
+    source = opts["input"]
+    if args and args[0] == "-":
+        source, args = source or "-", args[1:]
+    source = source or "-"
+    if len(args) > 1:
+        raise UsageError("load: unexpected argument: %s" % args[1])
+    _check_input("load", source)
+    for ref in load_archive(session.repo, source, args[0] if args else None):
+        out(ref)
+    return 0
+
+
+def cmd_save(session, opts, args):
+    output = opts["output"]
+    if args[0] == "-":
+        output, args = output or "-", args[1:]
+    output = output or "-"
+    if not args:
+        raise UsageError("save: missing argument: IMAGE (see: %s save --help)" % __program__)
+    if output == "-" and sys.stdout.isatty():
+        raise UsageError("save: refusing to write an archive to a terminal (use -o FILE)")
+    if output != "-" and os.path.lexists(output):
+        raise UsageError("save: output file already exists: %s" % output)
+    images = [session.image_ref(text) for text in args]
+    save_archive(session.repo, images, output)
+    return 0
+
+
+def cmd_import(session, opts, args):
+    if opts["tocontainer"] or opts["clone"]:
+        raise UdockerError("import --tocontainer/--clone: not implemented yet in udocker.py "
+                           "%s" % __version__)
+    if len(args) < 2:
+        raise UsageError("import: missing argument: IMAGE[:TAG] (see: %s import --help)"
+                         % __program__)
+    ref = ImageRef.parse(args[1])
+    platform = session.platform(opts)
+    _check_input("import", args[0])
+    digest = import_tarball(session.repo, session.cfg, args[0], ref.name, ref.local_tag,
+                            platform, move=opts["mv"])
+    MSG.info("imported %s:%s (%s, %s)" % (ref.name, ref.local_tag, platform, digest))
+    return 0
+
+
 def cmd_search(session, opts, args):
     cfg = session.cfg
     term = args[0]
@@ -3932,13 +5155,13 @@ COMMANDS = dict((c.name, c) for c in [
                 _o("--clone", help="the tarball is an `export --clone`"),
                 _o("--name", VALUE, "name the new container", metavar="NAME"),
                 _o("--platform", VALUE, "platform to record", metavar="OS/ARCH")],
-            func=cmd_not_yet),
-    Command("load", "load images from a docker-save or OCI archive", ["[NAME]"], [
+            func=cmd_import),
+    Command("load", "load images from a docker-save or OCI archive", ["[-]", "[NAME]"], [
         _o("-i|--input", VALUE, "archive file ('-' or none: stdin)", metavar="FILE")],
-        func=cmd_not_yet),
+        func=cmd_load),
     Command("save", "write images as a docker-save archive", ["IMAGE..."], [
         _o("-o|--output", VALUE, "archive file ('-' for stdout)", metavar="FILE")],
-        func=cmd_not_yet),
+        func=cmd_save),
     Command("login", "store credentials for a registry", opts=[
         _o("--username", VALUE, metavar="NAME", help="user name"),
         _o("--password", VALUE, metavar="PASSWORD", help="password"),

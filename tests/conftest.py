@@ -1,0 +1,132 @@
+# -*- coding: utf-8 -*-
+"""Shared pytest fixtures: real registries, a fault proxy, a udocker runner.
+
+Fixtures (see tests/support/ for the details):
+    registry         session: anonymous docker-registry, standard images
+    registry_basic   session: htpasswd registry (alice/secret1), same images
+    registry_token   token-auth registry (+ public/busybox); its token server
+                     (registry_token.tokens) is reset before every test
+    fault_proxy      per test: a FaultProxy in front of `registry`
+    fault_proxy_factory  per test: make(url) -> FaultProxy in front of url
+    test_images      session: the standard Image objects (for save/load)
+    udocker          per test: runner of udocker.py with a private
+                     UDOCKER_DIR and HOME; udocker("pull", ...) -> Result
+Registries start only when a test asks for them. A missing docker-registry
+is an error, not a skip.
+
+Also importable: REPO_ROOT, UDOCKER_SCRIPT (and `import udocker` works, the
+repository root is put on sys.path).
+"""
+
+from __future__ import print_function, absolute_import, division
+
+import os
+import sys
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+for _path in (TESTS_DIR, os.path.dirname(TESTS_DIR)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from support import REPO_ROOT, UDOCKER_SCRIPT, SupportError  # noqa: E402
+from support.faultproxy import FaultProxy  # noqa: E402
+from support.images import push_standard_images, standard_images  # noqa
+from support.registry import start_registry  # noqa: E402
+from support.runner import Udocker  # noqa: E402
+
+__all__ = ["REPO_ROOT", "UDOCKER_SCRIPT"]
+
+
+def _start(tmp_path_factory, flavour):
+    workdir = str(tmp_path_factory.mktemp("registry-" + flavour))
+    error = None
+    try:
+        reg = start_registry(workdir, flavour)
+    except SupportError as exc:
+        error = "cannot start the %s registry: %s" % (flavour, exc)
+    if error:
+        pytest.fail(error, pytrace=False)
+    try:
+        push_standard_images(reg)
+    except Exception:
+        reg.stop()
+        raise
+    return reg
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    """Anonymous registry with the standard images (reg.images)."""
+    reg = _start(tmp_path_factory, "anonymous")
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_basic(tmp_path_factory):
+    """Basic-auth registry: users alice/secret1 and pusher/pushsecret."""
+    reg = _start(tmp_path_factory, "basic")
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_token_session(tmp_path_factory):
+    """Token-auth registry, shared by the session (see registry_token)."""
+    reg = _start(tmp_path_factory, "token")
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def registry_token(registry_token_session):
+    """Token-auth registry whose token server has default settings and no
+    recorded requests at the start of the test."""
+    registry_token_session.tokens.reset()
+    yield registry_token_session
+    registry_token_session.tokens.reset()
+
+
+@pytest.fixture
+def fault_proxy(registry):
+    """A FaultProxy (mode "pass") in front of the anonymous registry."""
+    proxy = FaultProxy(registry.url).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def fault_proxy_factory():
+    """make(upstream_url, keepalive=True) -> a started FaultProxy; all are
+    stopped after the test (for proxies in front of registry_basic, ...)."""
+    proxies = []
+
+    def make(upstream_url, keepalive=True):
+        proxy = FaultProxy(upstream_url, keepalive).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def test_images():
+    """The standard images as objects: busybox, multilayer, multiarch,
+    multiarch-oci (see support.images.standard_images)."""
+    error = None
+    try:
+        return standard_images()
+    except SupportError as exc:
+        error = str(exc)
+    pytest.fail(error, pytrace=False)
+
+
+@pytest.fixture
+def udocker(tmp_path):
+    """Runner of udocker.py: udocker(*args, env=, input=, timeout=) ->
+    Result(rc, out, err). udocker.udocker_dir / .home / .env / .tmpdir."""
+    return Udocker(str(tmp_path))

@@ -1,0 +1,110 @@
+# -*- coding: utf-8 -*-
+"""Test infrastructure for udocker.py: real registries, images, faults.
+
+Modules:
+    procs        spawn helper processes that die with the test run
+    client       a small HTTP client and a registry API v2 client
+    tokenserver  a Docker token server (JWT signed with the openssl command)
+    registry     start a real docker-registry (anonymous, basic, token)
+    images       deterministic layers, configs, manifests; push; save/OCI
+    faultproxy   a reverse proxy that misbehaves on blob downloads
+    runner       run udocker.py as a subprocess with a private UDOCKER_DIR
+
+Everything here runs on Python 2.7 and 3.6+, stdlib only, loopback only.
+This file holds the few Python 2/3 differences and the shared paths.
+"""
+
+from __future__ import print_function, absolute_import, division
+
+import os
+import socket
+import sys
+
+# ---------------------------------------------------------------------------
+# compat
+# ---------------------------------------------------------------------------
+
+PY2 = sys.version_info[0] == 2
+
+if PY2:  # pragma: no cover - exercised only on 2.7
+    import httplib
+    import BaseHTTPServer as _http_server
+    import SocketServer as _socketserver
+    from urlparse import urlsplit, parse_qs
+    from urllib import urlencode, quote
+    text_type = unicode  # noqa: F821
+    binary_type = str
+else:
+    import http.client as httplib
+    import http.server as _http_server
+    import socketserver as _socketserver
+    from urllib.parse import urlsplit, parse_qs, urlencode, quote
+    text_type = str
+    binary_type = bytes
+
+HTTPServer = _http_server.HTTPServer
+BaseHTTPRequestHandler = _http_server.BaseHTTPRequestHandler
+ThreadingMixIn = _socketserver.ThreadingMixIn
+
+__all__ = ["PY2", "httplib", "urlsplit", "parse_qs", "urlencode", "quote",
+           "text_type", "binary_type", "HTTPServer",
+           "BaseHTTPRequestHandler", "ThreadingMixIn", "to_bytes", "to_text",
+           "native_str", "REPO_ROOT", "TESTS_DIR", "UDOCKER_SCRIPT",
+           "SupportError", "free_port", "which"]
+
+
+def to_bytes(value, encoding="utf-8"):
+    """Return value as bytes (text is encoded, bytes returned as is)."""
+    if isinstance(value, binary_type):
+        return value
+    return value.encode(encoding)
+
+
+def to_text(value, encoding="utf-8", errors="strict"):
+    """Return value as text (bytes are decoded, text returned as is)."""
+    if isinstance(value, text_type):
+        return value
+    return value.decode(encoding, errors)
+
+
+def native_str(value):
+    """Return value as the native str type of this Python."""
+    if PY2:
+        return to_bytes(value)
+    return to_text(value)
+
+
+# ---------------------------------------------------------------------------
+# paths and small helpers
+# ---------------------------------------------------------------------------
+
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+UDOCKER_SCRIPT = os.path.join(REPO_ROOT, "udocker.py")
+
+LOOPBACK = "127.0.0.1"
+
+
+class SupportError(Exception):
+    """A piece of test infrastructure could not be set up."""
+
+
+def free_port():
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def which(name):
+    """Return the path of executable name (PATH, then the usual
+    directories), else None."""
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    for directory in dirs + ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]:
+        path = os.path.join(directory, name)
+        if directory and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None

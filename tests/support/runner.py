@@ -1,0 +1,147 @@
+# -*- coding: utf-8 -*-
+"""Run udocker.py as a subprocess with a private repository and home.
+
+    run = Udocker(tmpdir)                # what the `udocker` fixture gives
+    res = run("pull", "--insecure", "127.0.0.1:5000/test/busybox")
+    res.rc, res.out, res.err             # exit code, stdout, stderr (text)
+    assert res.rc == 0, res              # repr shows argv, rc, out, err
+    res = run("login", "--username=alice", "--password-stdin",
+              input="secret1\\n", env={"UDOCKER_LOGLEVEL": "5"}, timeout=60)
+
+Command: [python, UDOCKER_SCRIPT] + args, where python is sys.executable
+unless $UDOCKER_TEST_PYTHON or python= says otherwise. Environment: the
+test process's, minus every UDOCKER_* variable and every *_proxy variable,
+plus HOME=<tmp>/home, UDOCKER_DIR=<tmp>/udocker, UDOCKER_NOSYSCONF=1, plus
+run.env (persistent per test), plus env= (None removes a variable).
+The process runs in its own session; on timeout the whole group is killed
+and UdockerTimeout (an AssertionError) is raised.
+"""
+
+from __future__ import print_function, absolute_import, division
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from . import UDOCKER_SCRIPT, to_bytes, to_text
+
+DEFAULT_TIMEOUT = 300
+
+
+class UdockerTimeout(AssertionError):
+    """udocker.py ran longer than its timeout (its group was killed)."""
+
+
+class Result(object):
+    """Outcome of one udocker.py run."""
+
+    def __init__(self, argv, rc, out, err, duration):
+        self.argv = argv
+        self.rc = rc
+        self.out = out
+        self.err = err
+        self.duration = duration
+
+    @property
+    def output(self):
+        """stdout followed by stderr."""
+        return self.out + self.err
+
+    def check(self, rc=0):
+        """Assert the exit code; return self (for chaining)."""
+        assert self.rc == rc, "expected rc %d\n%r" % (rc, self)
+        return self
+
+    def __repr__(self):
+        return ("<udocker %s\nrc=%s (%.1f s)\n--- stdout ---\n%s"
+                "--- stderr ---\n%s>"
+                % (" ".join(self.argv[2:]), self.rc, self.duration,
+                   self.out[-6000:], self.err[-6000:]))
+
+
+def clean_environ():
+    """os.environ without UDOCKER_* and *_proxy variables."""
+    env = {}
+    for name, value in os.environ.items():
+        if name.upper().startswith("UDOCKER_") and \
+                name != "UDOCKER_TEST_PYTHON":
+            continue
+        if name.lower().endswith("_proxy"):
+            continue
+        env[name] = value
+    return env
+
+
+class Udocker(object):
+    """A callable runner bound to one temporary directory."""
+
+    def __init__(self, tmpdir, script=UDOCKER_SCRIPT, python=None):
+        self.tmpdir = str(tmpdir)
+        self.home = os.path.join(self.tmpdir, "home")
+        self.udocker_dir = os.path.join(self.tmpdir, "udocker")
+        self.script = script
+        self.python = python or os.environ.get("UDOCKER_TEST_PYTHON") or \
+            sys.executable
+        self.env = {}
+        if not os.path.isdir(self.home):
+            os.makedirs(self.home)
+
+    def environ(self, extra=None):
+        """The environment a run gets (see the module docstring)."""
+        env = clean_environ()
+        env.update({"HOME": self.home, "UDOCKER_DIR": self.udocker_dir,
+                    "UDOCKER_NOSYSCONF": "1"})
+        for source in (self.env, extra or {}):
+            for name, value in source.items():
+                if value is None:
+                    env.pop(name, None)
+                else:
+                    env[name] = str(value)
+        env.pop("UDOCKER_TEST_PYTHON", None)
+        return env
+
+    def __call__(self, *args, **kwargs):
+        """Run udocker.py with args. Keyword arguments: env (dict),
+        input (text or bytes for stdin), timeout (seconds, default 300),
+        cwd, python (interpreter path)."""
+        unknown = set(kwargs) - set(["env", "input", "timeout", "cwd",
+                                     "python"])
+        if unknown:
+            raise TypeError("unknown arguments: %s" % ", ".join(unknown))
+        python = kwargs.get("python") or self.python
+        argv = [python, self.script] + [str(a) for a in args]
+        timeout = kwargs.get("timeout") or DEFAULT_TIMEOUT
+        data = kwargs.get("input")
+        start = time.time()
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=self.environ(kwargs.get("env")),
+            cwd=kwargs.get("cwd") or self.tmpdir, close_fds=True,
+            preexec_fn=os.setsid)
+        expired = []
+
+        def kill():
+            expired.append(True)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+        timer = threading.Timer(timeout, kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            out, err = proc.communicate(to_bytes(data) if data is not None
+                                        else b"")
+        finally:
+            timer.cancel()
+        result = Result(argv, proc.returncode,
+                        to_text(out, errors="replace"),
+                        to_text(err, errors="replace"), time.time() - start)
+        if expired:
+            raise UdockerTimeout("timed out after %s s\n%r"
+                                 % (timeout, result))
+        return result

