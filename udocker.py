@@ -4828,11 +4828,12 @@ def cmd_search(session, opts, args):
                                 "repository:%s:pull" % ref.remote, "tags"):
             out(tag)
         return 0
-    index = opts["index"] or (None if opts["registry"] else cfg.dockerio_index_url)
-    if index and _registry_host(index) in ("docker.io", "hub.docker.com"):
-        return _search_hub(session, index, term, opts)
-    client = RegistryClient.for_host(cfg, _registry_host(opts["registry"] or index),
-                                     session.keystore, opts["registry"] or index,
+    if not opts["registry"]:
+        index = opts["index"] or cfg.dockerio_index_url
+        if _search_hub(session, index, term, opts):
+            return 0
+    url = opts["registry"] or index               # a registry: list its catalog
+    client = RegistryClient.for_host(cfg, _registry_host(url), session.keystore, url,
                                      opts["httpproxy"])
     if MSG.level >= Messages.INF:
         out("NAME")
@@ -4843,11 +4844,10 @@ def cmd_search(session, opts, args):
 
 
 def _search_hub(session, index, term, opts):
+    """Docker Hub's search API at index, page by page; False if the index has no such API."""
     http = HttpClient(session.cfg, opts["httpproxy"])
-    page, shown = 1, 0
+    page = 1
     fmt = "%-55.55s %8.8s %-70.70s %5.5s" if not opts["no_trunc"] else "%s %s %s %s"
-    if MSG.level >= Messages.INF:
-        out(fmt % ("NAME", "OFFICIAL", "DESCRIPTION", "STARS"))
     while True:
         url = "%s/v2/search/repositories?%s" % (index.rstrip("/"), urlencode(
             [("query", term), ("page_size", session.cfg.search_page_size), ("page", page)]))
@@ -4856,6 +4856,8 @@ def _search_hub(session, index, term, opts):
             body = resp.read_all()
         except NETWORK_ERRORS as exc:
             raise RegistryError("search at %s failed: %s" % (index, exc))
+        if resp.status in (401, 404) and page == 1:
+            return False
         if resp.status != 200:
             raise RegistryError("search at %s answered %d" % (index, resp.status))
         try:
@@ -4863,21 +4865,22 @@ def _search_hub(session, index, term, opts):
             results = answer.get("results") or []
         except (ValueError, AttributeError):
             raise RegistryError("search at %s sent invalid JSON" % index)
+        if page == 1 and MSG.level >= Messages.INF:
+            out(fmt % ("NAME", "OFFICIAL", "DESCRIPTION", "STARS"))
         for item in results:
             out(fmt % (item.get("repo_name") or item.get("name", ""),
                        "[OK]" if item.get("is_official") else "----",
                        (item.get("short_description") or item.get("description") or "")
                        .replace("\n", " "), item.get("star_count", 0)))
-            shown += 1
         if not results or not answer.get("next"):
-            return 0
+            return True
         if not opts["a"]:
             if not sys.stdin.isatty():
-                return 0
+                return True
             sys.stdout.write("[return or q to quit]")
             sys.stdout.flush()
             if input_line().strip().lower().startswith("q"):
-                return 0
+                return True
         page += 1
 
 

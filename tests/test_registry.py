@@ -542,7 +542,7 @@ class LoopbackServer(object):
 class FakeRegistry(LoopbackServer):
     """A registry that sends a chosen manifest body and content type."""
 
-    def __init__(self, body, content_type):
+    def __init__(self, body, content_type, blobs=None):
         from support import BaseHTTPRequestHandler
         outer = self
 
@@ -551,7 +551,8 @@ class FakeRegistry(LoopbackServer):
                 pass
 
             def do_GET(self):                       # noqa: N802
-                data = outer.body if "/manifests/" in self.path else b"{}"
+                data = outer.body if "/manifests/" in self.path else \
+                    (blobs or {}).get(self.path.rsplit("/", 1)[-1], b"{}")
                 self.send_response(200)
                 self.send_header("Content-Type", outer.content_type)
                 self.send_header("Content-Length", str(len(data)))
@@ -686,3 +687,123 @@ def test_httpproxy_option(udocker, registry, forward_proxy):
     udocker("pull", "--httpproxy=" + forward_proxy.url, "%s/test/busybox" % registry.host,
             env={"no_proxy": ""}).check()
     assert forward_proxy.seen
+
+
+# -- progress, Docker Hub search, schema 1 ------------------------------------------------
+
+def test_progress_is_live_on_a_terminal(udocker, registry):
+    """On a tty: one line per layer redrawn in place, and a total line."""
+    import pty
+    import select
+    import subprocess
+    import sys
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, udocker.script, "pull",
+                             "%s/test/multilayer" % registry.host],
+                            stdin=slave, stdout=slave, stderr=slave,
+                            env=udocker.environ(), close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        ready = select.select([master], [], [], 60)[0]
+        if not ready:
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait()
+    os.close(master)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, text
+    assert "total" in text and "\x1b[" in text            # redrawn in place
+    assert "downloaded sha256:" not in text                # no per-line log on a tty
+
+
+def test_progress_in_a_pipe_is_one_line_per_layer(udocker, registry):
+    res = udocker("pull", "%s/test/multilayer" % registry.host).check()
+    info = registry.images["test/multilayer:latest"]
+    lines = [l for l in res.err.splitlines() if l.startswith("Info: downloaded")]
+    assert len(lines) == len(info["layers"]) + 1            # layers and the config
+    assert "\x1b[" not in res.err
+    res = udocker("-q", "pull", "%s/test/busybox" % registry.host).check()
+    assert res.err == ""
+
+
+class FakeHub(LoopbackServer):
+    """Docker Hub's search API: /v2/search/repositories?query=&page_size=&page=."""
+
+    def __init__(self, pages):
+        from support import BaseHTTPRequestHandler, parse_qs, urlsplit
+        outer = self
+        self.pages = pages
+        self.seen = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):                       # noqa: N802
+                query = parse_qs(urlsplit(self.path).query)
+                outer.seen.append(query)
+                page = int(query.get("page", ["1"])[0])
+                body = json.dumps({
+                    "count": sum(len(p) for p in outer.pages),
+                    "next": "more" if page < len(outer.pages) else None,
+                    "results": outer.pages[page - 1]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.serve(Handler)
+
+
+def test_search_docker_hub_api(udocker):
+    pages = [[{"repo_name": "busybox", "short_description": "Busybox base image.",
+               "star_count": 3000, "is_official": True}],
+             [{"repo_name": "someone/busybox-extra", "short_description": "x" * 200,
+               "star_count": 2, "is_official": False}]]
+    hub = FakeHub(pages)
+    try:
+        res = udocker("search", "-a", "busybox", env={"UDOCKER_INDEX": hub.url})
+        first_page_only = udocker("search", "--index=" + hub.url, "busybox")
+    finally:
+        hub.stop()
+    assert res.rc == 0, res
+    lines = res.out.splitlines()
+    assert lines[0].split() == ["NAME", "OFFICIAL", "DESCRIPTION", "STARS"]
+    assert lines[1].startswith("busybox ") and "[OK]" in lines[1] and "3000" in lines[1]
+    assert lines[2].startswith("someone/busybox-extra") and "----" in lines[2]
+    assert len(lines[2]) < 150                               # descriptions truncated
+    assert [q["page"] for q in hub.seen] == [["1"], ["2"], ["1"]]
+    assert first_page_only.rc == 0 and "someone" not in first_page_only.out   # no tty: 1 page
+
+
+def test_search_index_without_search_api_lists_catalog(udocker, registry):
+    res = udocker("search", "--index=" + registry.url, "multi").check()
+    assert res.out.split()[1:] == ["test/multiarch", "test/multiarch-oci", "test/multilayer"]
+
+
+def test_schema1_manifest_is_pulled_read_only(udocker, test_images):
+    layer = test_images["busybox"].layers[0]
+    v1config = {"id": "a" * 64, "architecture": "amd64", "os": "linux",
+                "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]}}
+    manifest = json.dumps({
+        "schemaVersion": 1, "name": "x/old", "tag": "latest", "architecture": "amd64",
+        "fsLayers": [{"blobSum": layer.digest}],
+        "history": [{"v1Compatibility": json.dumps(v1config)}]}).encode()
+    fake = FakeRegistry(manifest, ud.MT_DOCKER_V1, {layer.digest: layer.data})
+    try:
+        udocker("pull", "%s/x/old" % fake.host).check()
+    finally:
+        fake.stop()
+    name = "%s/x/old" % fake.host
+    udocker("verify", name).check()
+    config = json.loads(udocker("inspect", name).check().out)
+    assert config["config"]["Cmd"] == ["sh"]
+    assert "linux/amd64" in udocker("images", "-p").check().out
