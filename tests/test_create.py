@@ -741,3 +741,53 @@ def test_rm_racing_clone_leaves_a_consistent_repository(env):
         assert entries == sorted([new, "copy"]) and tree(env.root(new)) == expected
     else:                                      # the rm won: nothing left
         assert "not found" in results[0][1].decode() and entries == []
+
+
+# ==== create from a registry (the shared registry fixture)
+
+ID_RE = udocker.ContainerStore.ID_RE
+
+
+def test_create_pulls_a_missing_image_and_matches_its_layers(udocker, registry):
+    from support.images import standard_images
+    ref = "%s/test/multilayer" % registry.host
+    res = udocker("create", "--name=multi", ref).check()
+    cid = str(res.out.strip())
+    assert res.out == cid + "\n" and ID_RE.match(cid)
+    root = os.path.join(udocker.udocker_dir, "containers", cid, "ROOT")
+    expected = dict((str(path), entry) for path, entry in
+                    standard_images()["multilayer"].files().items()
+                    if entry["type"] not in ("chardev", "blockdev"))
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            found[os.path.relpath(path, root)] = os.lstat(path)
+    assert sorted(found) == sorted(expected)
+    for path, entry in expected.items():
+        st, full = found[path], os.path.join(root, path)
+        kind = entry["type"]
+        if kind == "hardlink":
+            assert st.st_ino == found[str(entry["target"])].st_ino, path
+            entry = expected[str(entry["target"])]
+            kind = "file"
+        if kind == "file":
+            with open(full, "rb") as handle:
+                assert handle.read() == entry["data"], path
+        elif kind == "symlink":
+            assert os.readlink(full) == entry["target"], path
+        else:
+            assert {"dir": stat.S_ISDIR, "fifo": stat.S_ISFIFO}[kind](st.st_mode), path
+    listing = udocker("ps").check().out
+    assert "%s . W ['multi']" % cid in listing and ref + ":latest" in listing
+    assert udocker("images").check().out.count(ref) == 1
+
+
+def test_create_with_platform_pulls_that_platform(udocker, registry):
+    ref = "%s/test/multiarch" % registry.host
+    cid = str(udocker("create", "--platform=linux/arm64", ref).check().out.strip())
+    marker = os.path.join(udocker.udocker_dir, "containers", cid, "ROOT", "etc",
+                          "test-platform")
+    with open(marker) as handle:
+        assert handle.read() == "linux/arm64/v8\n"
+    assert "linux/arm64" in udocker("ps", "-p").check().out
