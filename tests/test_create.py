@@ -241,17 +241,19 @@ def tree(root, umoci=False):
     """
     found = {}
     inodes = {}
+    modes = {}                      # inode -> mode before this function made it readable
     umask = udocker.current_umask()
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root)
             st = os.lstat(path)
-            mode = stat.S_IMODE(st.st_mode)
+            mode = modes.setdefault(st.st_ino, stat.S_IMODE(st.st_mode))
             kind = stat.S_IFMT(st.st_mode)
             if umoci and not stat.S_ISLNK(st.st_mode):
+                if mode & 0o700 != 0o700:                  # umoci keeps 0000, 0555 ...
+                    os.chmod(path, mode | 0o700)
                 mode = udocker.disk_mode(mode, stat.S_ISDIR(st.st_mode), umask)
-                os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700)      # umoci keeps 0000
             if stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as handle:
                     what = hashlib.sha256(handle.read()).hexdigest()
