@@ -3789,7 +3789,7 @@ class Flattener(object):
         if value is not None and value >> 3 == self.layer and value & 7 in (K_DIR, K_IMPLIED):
             return True
         prefix = path
-        while b"/" in prefix:
+        while prefix:
             prefix = prefix.rpartition(b"/")[0]
             if prefix in self.layer_gone or prefix in self.layer_opaque:
                 return True
@@ -3846,11 +3846,13 @@ class Flattener(object):
         """True: parent is a directory (made now if missing); False: hidden by a newer
         layer; a path: the ancestor that this layer made something other than a directory.
         """
-        if not parent or parent in self.parents_ok:
+        if parent in self.parents_ok:
             return True
+        if b"" in self.opaque:                 # an opaque top: older layers add nothing
+            return False
         index, gone, opaque, layer = self.index, self.gone, self.opaque, self.layer
         prefix = b""
-        for part in parent.split(b"/"):
+        for part in parent.split(b"/") if parent else ():
             prefix = prefix + b"/" + part if prefix else part
             if prefix in gone or prefix in opaque:
                 return False

@@ -382,6 +382,9 @@ IMAGES = {
     "whiteouts": lambda: Image(whiteout_layers()),
     "hardlinks": lambda: Image(hardlink_layers()),
     "odd": lambda: Image(odd_layers(), "tar"),
+    "root-opaque": lambda: Image(whiteout_layers()[:2] + [[
+        f(".wh..wh..opq"), f("new", b"n"), d("etc"), f("etc/passwd", b"new"),
+        hard("again", "etc/passwd")]]),
     "glibc": lambda: Image([glibc_layer()]),
 }
 
