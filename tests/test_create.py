@@ -644,10 +644,10 @@ def test_rm_names_protection_and_errors(env):
     env.add("busybox", Image([busybox_layer()]))
     cid = env.create("busybox", name="box")
     env.store.add_name(cid, "alias")
-    env.store.set_protected(cid, True)
-    rc, out, err = env.run("rm", "box")
+    assert env.run("protect", "box")[0] == 0
+    rc, out, err = env.run("rm", "alias")
     assert rc == 1 and "protected" in err and os.path.isdir(env.store.path(cid))
-    env.store.set_protected(cid, False)
+    assert env.run("unprotect", cid)[0] == 0
     os.chmod(os.path.join(env.root(cid), "etc"), 0o500)
     rc, out, err = env.run("rm", "box", "nosuch")
     assert rc == 1 and "Info: deleting container: %s" % cid in err and "nosuch" in err
