@@ -169,6 +169,17 @@ O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 TAR_ERRORS = "surrogateescape" if PY3 else "strict"   # tar names round-trip to their bytes
 
 if PY3:
+    def buffered_decompressor(kind):
+        """The decompressor class of 'bzip2', 'xz' or 'zstd' whose decompress() bounds its
+        output (max_length), or None when this Python lacks the module."""
+        module, name = {"bzip2": ("bz2", "BZ2Decompressor"),
+                        "xz": ("lzma", "LZMADecompressor"),
+                        "zstd": ("compression.zstd", "ZstdDecompressor")}[kind]  # zstd: 3.14+
+        try:
+            return getattr(__import__(module, fromlist=["_"]), name)
+        except ImportError:
+            return None
+
     def hardlink(source, target):
         """link(2) that links a symlink itself, never what it points to."""
         os.link(source, target, follow_symlinks=False)
@@ -183,6 +194,9 @@ if PY3:
         except (OverflowError, ValueError):
             pass
 else:                                                     # pragma: no cover (2.7)
+    def buffered_decompressor(kind):
+        return None                     # 2.7's decompressors cannot bound their output
+
     hardlink = os.link                  # Linux link(2) does not follow a final symlink
 
     def set_times(path, mtime, fd=None, symlink=False):
@@ -191,10 +205,6 @@ else:                                                     # pragma: no cover (2.
                 os.utime(path, (mtime, mtime))
             except (OverflowError, ValueError):
                 pass
-
-def binary_stdout():
-    """Standard output for bytes (tar streams)."""
-    return getattr(sys.stdout, "buffer", sys.stdout)
 
 
 # ==== 2. Errors and messages ====
@@ -3300,8 +3310,6 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
 # and executables) and the umask applies; what the tar said (owner, group, full mode) is kept
 # in ID/.udocker-py/attrs where it differs from (0, 0, mode on disk), for export.
 
-LAYER_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
-               (b"\x28\xb5\x2f\xfd", "zstd"))
 DECOMPRESS_PROGRAMS = {"gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "zstd": "zstd"}
 IN_CHUNK = 1 << 18              # compressed bytes read at a time
 OUT_CHUNK = 1 << 20             # most decompressed bytes produced at a time (bounds memory)
@@ -3311,22 +3319,6 @@ ATTRS_HEADER = b"# udocker.py attrs 1: UID GID MODE(octal) PATH (below ROOT)\n"
 
 # Index kinds; an index value is layer << 3 | kind (small ints: no allocation per entry).
 K_DIR, K_IMPLIED, K_FILE, K_SYMLINK, K_PENDING = 1, 2, 3, 4, 5
-
-
-def _buffered_decompressors():
-    """kind -> decompressor factory whose decompress() takes max_length (bounded output).
-    Python 2.7's cannot bound their output: none there. zstd needs Python 3.14+."""
-    found = {}
-    if not PY3:
-        return found
-    for kind, module, factory in (("bzip2", "bz2", "BZ2Decompressor"),
-                                  ("xz", "lzma", "LZMADecompressor"),
-                                  ("zstd", "compression.zstd", "ZstdDecompressor")):
-        try:
-            found[kind] = getattr(__import__(module, fromlist=["_"]), factory)
-        except ImportError:                      # a Python built without it
-            pass
-    return found
 
 
 def find_program(name):
@@ -3343,10 +3335,7 @@ def layer_compression(handle):
     handle.seek(0)
     head = handle.read(6)
     handle.seek(0)
-    for magic, kind in LAYER_MAGIC:
-        if head.startswith(magic):
-            return kind
-    return "tar"
+    return compression_of(head) or "tar"
 
 
 def _file_chunks(handle):
@@ -3439,6 +3428,54 @@ def _program_chunks(handle, program, kind, label):
         errors.close()
 
 
+def _prefetch(chunks, depth=4):
+    """Chunks of a generator computed ahead in a thread: zlib and file reads release the
+    GIL, so decompression runs on another core while files are written."""
+    todo = queue.Queue(depth)
+    stop = []
+
+    def put(item):
+        while not stop:
+            try:
+                todo.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work():
+        try:
+            for chunk in chunks:
+                put((chunk, None))
+                if stop:
+                    return
+            put((None, None))
+        except BaseException:              # handed over to the reading thread
+            put((None, sys.exc_info()))
+
+    thread = threading.Thread(target=work)
+    thread.daemon = True
+    thread.start()
+    try:
+        while True:
+            chunk, failure = todo.get()
+            if chunk is None:
+                break
+            yield chunk
+        if failure is not None:
+            if PY3:
+                raise failure[1].with_traceback(failure[2])
+            raise failure[1]
+    finally:
+        stop.append(True)
+        while thread.is_alive():
+            try:
+                todo.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
+        chunks.close()
+
+
 def layer_chunks(handle, label):
     """Generator of the decompressed bytes of an open layer file, whatever its compression.
 
@@ -3449,31 +3486,89 @@ def layer_chunks(handle, label):
     if kind == "tar":
         return _file_chunks(handle)
     if kind == "gzip":
-        return _inflate_gzip(handle, label)
-    factory = _buffered_decompressors().get(kind)
+        return _prefetch(_inflate_gzip(handle, label))
+    factory = buffered_decompressor(kind)
     if factory is not None:
-        return _inflate_buffered(handle, factory, kind, label)
+        return _prefetch(_inflate_buffered(handle, factory, kind, label))
     program = find_program(DECOMPRESS_PROGRAMS[kind])
     if program:
-        return _program_chunks(handle, program, kind, label)
+        return _prefetch(_program_chunks(handle, program, kind, label))
     raise RepositoryError("layer %s is %s-compressed: this Python cannot decompress it and "
                           "no %s program was found" % (label, kind, DECOMPRESS_PROGRAMS[kind]))
+
+
+def _octal(field):
+    return int(field.partition(b"\0")[0].strip() or b"0", 8)
+
+
+def fast_tarinfo_class():
+    """TarInfo with a quicker parser for the usual header (octal numbers, no old GNU sparse
+    map, valid unsigned checksum); any other header goes to tarfile's own. Built on first
+    use, so that importing udocker.py does not import tarfile."""
+    cached = getattr(fast_tarinfo_class, "cls", None)
+    if cached is not None:
+        return cached
+
+    class FastTarInfo(tarfile.TarInfo):
+        __slots__ = ("buf",)
+
+        @classmethod
+        def frombuf(cls, buf, *names):           # names: (encoding, errors), none on 2.7
+            try:
+                if len(buf) != TAR_BLOCK or buf[156:157] == tarfile.GNUTYPE_SPARSE:
+                    raise ValueError("not for the quick parser")
+                chksum = _octal(buf[148:156])
+                if chksum != 256 + sum(bytearray(buf)) - sum(bytearray(buf[148:156])):
+                    raise ValueError("checksum")
+                numbers = (_octal(buf[100:108]), _octal(buf[108:116]), _octal(buf[116:124]),
+                           _octal(buf[124:136]), _octal(buf[136:148]))
+                kind = buf[156:157]
+                devices = (_octal(buf[329:337]), _octal(buf[337:345])) \
+                    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE) else (0, 0)
+            except ValueError:
+                return super(FastTarInfo, cls).frombuf(buf, *names)
+
+            def text(start, end):
+                raw = buf[start:end].partition(b"\0")[0]
+                return raw.decode(*names) if names else raw
+
+            obj = cls()
+            obj.buf = buf
+            obj.name = text(0, 100)
+            obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = numbers
+            obj.devmajor, obj.devminor = devices
+            obj.chksum = chksum
+            obj.type = kind
+            obj.linkname = text(157, 257) if buf[157:158] != b"\0" else obj.linkname
+            obj.uname = obj.gname = obj.linkname[:0]            # unused here: not decoded
+            prefix = text(345, 500) if buf[345:346] != b"\0" else ""
+            if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):
+                obj.type = tarfile.DIRTYPE
+            if obj.isdir():
+                obj.name = obj.name.rstrip("/")
+            if prefix and obj.type not in tarfile.GNU_TYPES:
+                obj.name = prefix + "/" + obj.name
+            return obj
+
+    fast_tarinfo_class.cls = FastTarInfo
+    return FastTarInfo
 
 
 class LayerStream(object):
     """The decompressed bytes of a layer as a file object for tarfile: read, tell, seek.
 
-    Forward only: seeking back is possible within the last block (tarfile checks the byte
-    before each header). Holds at most about one decompressed chunk in memory.
+    Forward only, one decompressed chunk in memory; seeking back is possible into the last
+    block of the previous chunk (tarfile may check the byte before a header). Reads inside
+    the current chunk are plain slices: no buffer is ever rebuilt.
     """
 
     def __init__(self, handle, label):
         self.label = label
         self._chunks = layer_chunks(handle, label)
-        self._buf = b""
+        self._buf = b""        # the current chunk
         self._off = 0          # stream offset of _buf[0]
         self._pos = 0          # current stream offset
-        self._eof = False
+        self._tail = b""       # the last bytes before _buf
 
     def tell(self):
         return self._pos
@@ -3484,27 +3579,29 @@ class LayerStream(object):
         elif whence != os.SEEK_SET:
             raise IOError(errno.ESPIPE, "layer stream: cannot seek from the end")
         if pos < self._off:
-            raise IOError(errno.ESPIPE, "layer stream: cannot seek backwards")
+            if self._off - pos > len(self._tail):
+                raise IOError(errno.ESPIPE, "layer stream: cannot seek backwards")
+            self._buf, self._off, self._tail = (self._tail + self._buf,
+                                                self._off - len(self._tail), b"")
         self._pos = pos
         return pos
 
-    def _more(self):
+    def _next_chunk(self):
+        """Move on to the next chunk; False at the end of the data."""
         try:
             chunk = next(self._chunks)
         except StopIteration:
-            self._eof = True
-            return
+            return False
         except UdockerError:
             raise
         except Exception as exc:              # zlib.error, LZMAError, OSError from bz2 ...
             if isinstance(exc, EnvironmentError) and exc.errno:
                 raise
             raise RepositoryError("layer %s: corrupt compressed data (%s)" % (self.label, exc))
-        drop = min(len(self._buf), max(0, self._pos - self._off - TAR_BLOCK))
-        if drop:
-            self._buf = self._buf[drop:]
-            self._off += drop
-        self._buf = self._buf + chunk if self._buf else chunk
+        self._tail = (self._tail + self._buf)[-TAR_BLOCK:]
+        self._off += len(self._buf)
+        self._buf = chunk
+        return True
 
     def read(self, size=-1):
         if size is None or size < 0:
@@ -3514,13 +3611,22 @@ class LayerStream(object):
                 if not data:
                     return b"".join(parts)
                 parts.append(data)
-        end = self._pos + size
-        while self._off + len(self._buf) < end and not self._eof:
-            self._more()
         start = self._pos - self._off
-        data = self._buf[start:start + size]
-        self._pos += len(data)
-        return data
+        if start + size <= len(self._buf):                 # the usual case
+            self._pos += size
+            return self._buf[start:start + size]
+        parts = []
+        while size > 0:
+            start = self._pos - self._off
+            if start >= len(self._buf):
+                if not self._next_chunk():
+                    break
+                continue
+            piece = self._buf[start:start + size]
+            parts.append(piece)
+            size -= len(piece)
+            self._pos += len(piece)
+        return b"".join(parts)
 
     def finish(self, offset):
         """Check what follows the last member (end blocks, not garbage), then drain.
@@ -3570,6 +3676,39 @@ def disk_mode(mode, is_dir, umask):
     return (mode & ~umask) | owner
 
 
+def escape_attr_path(path):
+    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n")
+
+
+def read_attrs(path):
+    """{bytes path below ROOT: (uid, gid, mode)} from an attrs file ({} if there is none)."""
+    found = {}
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except (IOError, OSError):
+        return found
+    for line in data.split(b"\n"):
+        if not line or line.startswith(b"#"):
+            continue
+        fields = line.split(b" ", 3)
+        if len(fields) != 4:
+            continue
+        name = re.sub(b"\\\\(.)", lambda m: b"\n" if m.group(1) == b"n" else m.group(1),
+                      fields[3])
+        try:
+            found[name] = (int(fields[0]), int(fields[1]), int(fields[2], 8))
+        except ValueError:
+            continue
+    return found
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class _LinkGroup(object):
     """Paths waiting to become hardlinks of one file (reserved in the index meanwhile);
     layer: the layer whose hardlink made the group (its own later members cannot serve)."""
@@ -3599,7 +3738,7 @@ class Flattener(object):
         self.attrs = {}                 # path -> (uid, gid, mode) where the tar differs
         self.waiting = {}               # hardlink target -> _LinkGroup, for older layers
         self.reserved = {}              # path of a waiting hardlink -> its _LinkGroup
-        self.rereads = {}               # layer -> {offset_data: _LinkGroup}
+        self.rereads = {}               # layer -> [(hidden member, _LinkGroup)] to read again
         self.devices = []
         self.warnings = 0
         self.layer = 0
@@ -3635,7 +3774,7 @@ class Flattener(object):
             handle, label = handles[total - 1 - number]
             self.layer, self.label = number, label
             MSG.verbose("reading layer %s again for hardlinked data" % label)
-            self._pass(handle, lambda member, archive: self._reread(wanted, member, archive))
+            self._reread(handle, wanted)
         self._finish_dirs()
         if self.devices:
             MSG.debug("skipped %d device node(s), e.g. %s"
@@ -3644,13 +3783,12 @@ class Flattener(object):
             MSG.warning("%d more warnings not shown" % (self.warnings - self.WARN_LIMIT))
 
     def _pass(self, handle, visit):
-        import tarfile
         label = self.label
         self.stream = LayerStream(handle, label)
         try:
             try:
                 archive = tarfile.open(fileobj=self.stream, mode="r:", encoding="utf-8",
-                                       errors=TAR_ERRORS)
+                                       errors=TAR_ERRORS, tarinfo=fast_tarinfo_class())
             except tarfile.TarError as exc:
                 raise RepositoryError("layer %s: corrupt or not a tar archive (%s)"
                                       % (label, exc))
@@ -3690,7 +3828,7 @@ class Flattener(object):
         if value is not None and value >> 3 == self.layer and value & 7 in (K_DIR, K_IMPLIED):
             return True
         prefix = path
-        while b"/" in prefix:
+        while prefix:
             prefix = prefix.rpartition(b"/")[0]
             if prefix in self.layer_gone or prefix in self.layer_opaque:
                 return True
@@ -3732,7 +3870,7 @@ class Flattener(object):
         if group is not None:
             self._provide(group, path, member, archive, made, state is True or state is False)
         elif not made and (state is True or state is False) and not member.isdir():
-            self.skipped[path] = member.offset_data if member.isreg() else member
+            self.skipped[path] = member
 
     def _whiteout(self, parent, name):
         if name == b".wh..opq":
@@ -3747,11 +3885,13 @@ class Flattener(object):
         """True: parent is a directory (made now if missing); False: hidden by a newer
         layer; a path: the ancestor that this layer made something other than a directory.
         """
-        if not parent or parent in self.parents_ok:
+        if parent in self.parents_ok:
             return True
+        if b"" in self.opaque:                 # an opaque top: older layers add nothing
+            return False
         index, gone, opaque, layer = self.index, self.gone, self.opaque, self.layer
         prefix = b""
-        for part in parent.split(b"/"):
+        for part in parent.split(b"/") if parent else ():
             prefix = prefix + b"/" + part if prefix else part
             if prefix in gone or prefix in opaque:
                 return False
@@ -3833,8 +3973,10 @@ class Flattener(object):
     def _write_file(self, full, member, archive):
         mode = disk_mode(member.mode, False, self.umask)
         fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                     0o600)
+                     mode)
         try:
+            if mode & self.umask:                 # the umask took the owner's bits
+                os.fchmod(fd, mode)
             if getattr(member, "sparse", None):
                 source = archive.extractfile(member)
             else:
@@ -3849,7 +3991,6 @@ class Flattener(object):
                 remaining -= len(data)
                 while data:
                     data = data[os.write(fd, data):]
-            os.fchmod(fd, mode)
             set_times(full, member.mtime, fd=fd)
         finally:
             os.close(fd)
@@ -3912,8 +4053,8 @@ class Flattener(object):
                 return self._make_links(group, done)
             if isinstance(done, _LinkGroup):                 # already to be read again
                 return self._merge(group, done)
-            if isinstance(done, int):                        # a file: read the layer again
-                self.rereads.setdefault(self.layer, {})[done] = group
+            if done.isreg():                                 # read this layer again later
+                self.rereads.setdefault(self.layer, []).append((done, group))
                 self.skipped[target] = group
                 return None
             if done.issym() or done.isfifo():
@@ -3939,11 +4080,8 @@ class Flattener(object):
             if kind == K_PENDING:
                 return self._merge(group, self.reserved[path])
         elif visible and member.isreg():                     # hidden now: copy its data
-            first = group.paths[0]
-            self._write_file(self.root + b"/" + first, member, archive)
-            self._settle(first, member)
-            self.skipped[path] = first
-            return self._make_links(group, first)
+            self.skipped[path] = group.paths[0]
+            return self._materialize(group, member, archive)
         elif visible and member.islnk():
             target = clean_member_path(member.linkname)
             if target:
@@ -3955,10 +4093,14 @@ class Flattener(object):
         self._unreserve(group)
         return None
 
-    def _settle(self, path, member):
-        self.reserved.pop(path, None)
-        self.index[path] = self.index[path] & ~7 | K_FILE
-        self._record(path, member)
+    def _materialize(self, group, member, archive):
+        """Write the member's data to the group's first path and link the others to it."""
+        first = group.paths[0]
+        self._write_file(self.root + b"/" + first, member, archive)
+        self.reserved.pop(first, None)
+        self.index[first] = self.index[first] & ~7 | K_FILE
+        self._record(first, member)
+        return self._make_links(group, first)
 
     def _make_links(self, group, source):
         for path in group.paths:
@@ -3997,14 +4139,26 @@ class Flattener(object):
         self._record(first, member)
         return self._make_links(group, first)
 
-    def _reread(self, wanted, member, archive):
-        group = wanted.get(member.offset_data)
-        if group is None or not group.paths or not member.isreg():
-            return
-        first = group.paths[0]
-        self._write_file(self.root + b"/" + first, member, archive)
-        self._settle(first, member)
-        self._make_links(group, first)
+    def _reread(self, handle, wanted):
+        """Second read of a layer: the data of hidden files that hardlinks still need.
+
+        Only the stream is read, straight to each member's data (headers are not parsed
+        again); old GNU sparse members need tarfile, so then the whole layer is parsed."""
+        by_offset = dict((member.offset_data, (member, group)) for member, group in wanted)
+        if any(getattr(member, "sparse", None) for member, _ in wanted):
+            def visit(member, archive):
+                found = by_offset.get(member.offset_data)
+                if found and found[1].paths and member.isreg():
+                    self._materialize(found[1], member, archive)
+            return self._pass(handle, visit)
+        self.stream = LayerStream(handle, self.label)
+        try:
+            for offset in sorted(by_offset):
+                member, group = by_offset[offset]
+                if group.paths:
+                    self._materialize(group, member, None)
+        finally:
+            self.stream.close()
 
     # -- the end
 
@@ -4028,37 +4182,7 @@ class Flattener(object):
         write_atomic(path, b"".join(lines))
 
 
-def escape_attr_path(path):
-    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n")
-
-
-def read_attrs(path):
-    """{bytes path below ROOT: (uid, gid, mode)} from an attrs file ({} if there is none)."""
-    found = {}
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except (IOError, OSError):
-        return found
-    for line in data.split(b"\n"):
-        if not line or line.startswith(b"#"):
-            continue
-        fields = line.split(b" ", 3)
-        if len(fields) != 4:
-            continue
-        name = re.sub(b"\\\\(.)", lambda m: b"\n" if m.group(1) == b"n" else m.group(1),
-                      fields[3])
-        try:
-            found[name] = (int(fields[0]), int(fields[1]), int(fields[2], 8))
-        except ValueError:
-            continue
-    return found
-
-
-def current_umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+META_DIR = ".udocker-py"        # udocker.py's own files in a container directory
 
 
 def open_layers(repo, image):
@@ -4078,6 +4202,31 @@ def open_layers(repo, image):
                 handle.close()
             raise
     return handles
+
+
+def remove_container(store, id_or_name, quiet=False):
+    """Delete a container and its names; refuses protected ones.
+
+    Under the container's lock the directory is first renamed to a hidden trash name (one
+    atomic step: other commands see the container or nothing), then deleted.
+    """
+    cid = store.get(id_or_name)
+    with store.lock(cid):
+        if not os.path.isdir(store.path(cid)):
+            raise RepositoryError("container not found: %s" % id_or_name)
+        if store.is_protected(cid):
+            raise RepositoryError("container is protected: %s" % id_or_name)
+        if not quiet:
+            MSG.info("deleting container: %s" % cid)
+        trash = os.path.join(store.dir, ".trash-%s-%d" % (cid, os.getpid()))
+        os.rename(store.path(cid), trash)
+        store.remove_names_of(cid)
+    try:
+        remove_tree(trash)
+    except OSError as exc:
+        raise RepositoryError("container %s removed, but its files could not all be "
+                              "deleted (%s): %s" % (cid, exc.strerror or exc, trash))
+    return cid
 
 
 def create_container(store, image, name=None, force=False):
@@ -4124,34 +4273,6 @@ def create_container(store, image, name=None, force=False):
         except BaseException:
             remove_container(store, cid, quiet=True)
             raise
-    return cid
-
-
-META_DIR = ".udocker-py"        # udocker.py's own files in a container directory
-
-
-def remove_container(store, id_or_name, quiet=False):
-    """Delete a container and its names; refuses protected ones.
-
-    Under the container's lock the directory is first renamed to a hidden trash name (one
-    atomic step: other commands see the container or nothing), then deleted.
-    """
-    cid = store.get(id_or_name)
-    with store.lock(cid):
-        if not os.path.isdir(store.path(cid)):
-            raise RepositoryError("container not found: %s" % id_or_name)
-        if store.is_protected(cid):
-            raise RepositoryError("container is protected: %s" % id_or_name)
-        if not quiet:
-            MSG.info("deleting container: %s" % cid)
-        trash = os.path.join(store.dir, ".trash-%s-%d" % (cid, os.getpid()))
-        os.rename(store.path(cid), trash)
-        store.remove_names_of(cid)
-    try:
-        remove_tree(trash)
-    except OSError as exc:
-        raise RepositoryError("container %s removed, but its files could not all be "
-                              "deleted (%s): %s" % (cid, exc.strerror or exc, trash))
     return cid
 
 
@@ -4211,6 +4332,17 @@ def copy_file_data(source, target, mode):
         os.close(fdin)
 
 
+def container_execmode(store, cid, cfg):
+    """The execution mode recorded for a container, else the configured default."""
+    try:
+        mode = read_text(store.path(cid, "execmode")).strip()
+    except (IOError, OSError):
+        mode = ""
+    if mode or cfg is None:
+        return mode
+    return cfg.override_default_execution_mode or cfg.default_execution_mode
+
+
 def clone_container(store, id_or_name, name=None):
     """Copy a container to a new id (and name); returns the new id.
 
@@ -4249,17 +4381,6 @@ def clone_container(store, id_or_name, name=None):
         MSG.warning("clone %s is in mode %s: run `setup --execmode=%s --force %s`"
                     % (new, mode, mode, new))
     return new
-
-
-def container_execmode(store, cid, cfg):
-    """The execution mode recorded for a container, else the configured default."""
-    try:
-        mode = read_text(store.path(cid, "execmode")).strip()
-    except (IOError, OSError):
-        mode = ""
-    if mode or cfg is None:
-        return mode
-    return cfg.override_default_execution_mode or cfg.default_execution_mode
 
 
 def container_platform(store, cid):
@@ -4314,7 +4435,6 @@ def export_container(store, id_or_name, output, whole=False):
     output: a path, or a binary file object (stdout). A file is written beside its final
     name and renamed into place, so a failed export leaves no partial FILE.
     """
-    import tarfile
     cid = store.get(id_or_name)
     with store.lock(cid):
         top = store.path(cid) if whole else store.path(cid, "ROOT")
@@ -4339,7 +4459,6 @@ def export_container(store, id_or_name, output, whole=False):
 
 
 def _export_tree(archive, top, attrs, whole):
-    import tarfile
     seen = {}
     stack = [b""]
     while stack:
