@@ -170,3 +170,13 @@ def test_showconf_prints_effective_typed_values(tmpdir):
     assert "pull_parallel = 7    # %s" % conf in out
     assert 'sysdirs_list = ["/dev", "/proc"' in out
     assert "topdir = %s    # env UDOCKER_DIR" % tmpdir.join("ud") in out
+
+
+def test_table_of_contents_matches_the_banners():
+    """The contents list at the top names every section banner, in order."""
+    import re
+    with open(SCRIPT) as handle:
+        text = handle.read()
+    listed = re.findall(r"^#\s+(\d+)\. (\S+(?: \S+)*?)\s{2,}", text, re.M)
+    banners = re.findall(r"^# ==== (\d+)\. (.+?) ====$", text, re.M)
+    assert banners and listed == banners
