@@ -7661,6 +7661,13 @@ def main(argv=None, environ=None):
         MSG.error("%s%s" % (exc.strerror or exc,
                             (": " + exc.filename) if getattr(exc, "filename", None) else ""))
         return 1
+    except Exception as exc:                   # a bug: still one line, -D shows where
+        if debug:
+            import traceback
+            traceback.print_exc()
+        MSG.error("internal error: %s: %s (run with -D for the traceback, and please "
+                  "report it)" % (type(exc).__name__, exc))
+        return 1
 
 
 if __name__ == "__main__":

@@ -180,3 +180,15 @@ def test_table_of_contents_matches_the_banners():
     listed = re.findall(r"^#\s+(\d+)\. (\S+(?: \S+)*?)\s{2,}", text, re.M)
     banners = re.findall(r"^# ==== (\d+)\. (.+?) ====$", text, re.M)
     assert banners and listed == banners
+
+
+def test_an_internal_error_is_one_line(monkeypatch, capsys, tmpdir):
+    def broken(session, opts, args):
+        raise KeyError("boom")
+    monkeypatch.setattr(udocker.COMMANDS["images"], "func", broken)
+    env = {"HOME": str(tmpdir), "UDOCKER_NOSYSCONF": "1", "UDOCKER_DIR": str(tmpdir.join("u"))}
+    assert udocker.main(["--allow-root", "images"], env) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: internal error: KeyError") and len(err.splitlines()) == 1
+    assert udocker.main(["--allow-root", "-D", "images"], env) == 1
+    assert "Traceback" in capsys.readouterr().err
