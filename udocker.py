@@ -358,6 +358,9 @@ CONFIG_DEFAULTS = (
                            "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
                            "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"], None),
     ("singularity_options", ["-w"], None),
+    ("runc_map_subids", "user", None),         # user, always or never (see RuncEngine)
+    ("pass_host_env", ["OMPI_*", "PMI_*", "PMIX_*", "SLURM_*", "HYDRA_*", "I_MPI_*", "MPI_*",
+                       "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"], None),
 )
 
 
@@ -4519,6 +4522,23 @@ LIB_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu",
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
+def name_matches(name, patterns):
+    """True if name matches one of the shell-style patterns: NAME, PREFIX* (the common
+    case, without fnmatch and the re it imports) or any other glob."""
+    for pattern in patterns:
+        if "*" not in pattern and "?" not in pattern and "[" not in pattern:
+            if name == pattern:
+                return True
+        elif pattern.endswith("*") and not any(c in pattern[:-1] for c in "*?["):
+            if name.startswith(pattern[:-1]):
+                return True
+        else:
+            import fnmatch
+            if fnmatch.fnmatchcase(name, pattern):
+                return True
+    return False
+
+
 def which(name, path=None):
     """The first executable called name in path (default $PATH), or None."""
     if "/" in name:
@@ -4845,11 +4865,12 @@ def host_user():
 class Volume(object):
     """A host path made visible at a container path (a bind, or its engine's equivalent)."""
 
-    def __init__(self, host, cont, readonly=False, system=False):
+    def __init__(self, host, cont, readonly=False, system=False, device=False):
         self.host = host
         self.cont = cont
         self.readonly = readonly
         self.system = system             # a default (sysdirs, host files): missing is no error
+        self.device = device             # a device node (--device, /dev/nvidia*)
 
     @classmethod
     def parse(cls, spec):
@@ -4997,6 +5018,10 @@ class Engine(object):
     mode = None
     banner_char = "*"
     runs_as_host_user = False      # F and S modes: always the host uid/gid
+    can_publish = False            # -p with another host port (proot -p)
+    can_set_hostname = False       # --hostname (a UTS namespace)
+    can_set_kernel = False         # -k/--kernel (proot -k)
+    devices_at_own_path = False    # F: the host /dev is seen as it is, no device elsewhere
     keeps_sysdirs = None           # None: every sysdirs_list entry; else the ones kept
     unavailable = None             # why this mode cannot run with our tools (F2, F4)
     death_signal = "SIGKILL"       # what the engine gets if udocker.py dies (PDEATHSIG)
@@ -5028,7 +5053,7 @@ class Engine(object):
         watchdog = None
         try:
             argv, env, cwd = self.command()
-            prefix = self.affinity()
+            prefix = self.affinity(env)
             if prefix and self.executable:          # numactl/taskset start it by its path
                 argv, self.executable = [self.executable] + argv[1:], None
             self.banner()
@@ -5044,6 +5069,7 @@ class Engine(object):
         if self.unavailable:
             raise EngineError(self.unavailable)
         meta = {} if self.opts.get("nometa") else self.container.image_config()
+        self.check_options()
         self.passwd_rows, self.group_rows = self.identity_sources()
         self.user = self.choose_user(meta)
         self.volumes = self.choose_volumes()
@@ -5052,6 +5078,22 @@ class Engine(object):
         self.cwd = self.choose_cwd(meta)
         self.argv = self.choose_command(meta)
         self.exe = self.find_executable(self.argv[0])
+
+    def check_options(self):
+        """One line for each run option this mode cannot honour: an error where ignoring it
+        would change what the container reaches (a port), a warning where it would not."""
+        for spec in self.opts.get("publish") or []:
+            host_port, cont_port = parse_publish(spec)
+            if host_port != cont_port and not self.can_publish:
+                raise UsageError("mode %s shares the host network and cannot map ports: -p %s "
+                                 "(use a P mode, or the same port on both sides)"
+                                 % (self.mode, spec))
+        for option, able in (("hostname", self.can_set_hostname),
+                             ("kernel", self.can_set_kernel)):
+            if self.opts.get(option) and not able:
+                MSG.warning("mode %s cannot set the %s: --%s ignored"
+                            % (self.mode, "host name" if option == "hostname"
+                               else "kernel release", option))
 
     # -- user and identity
 
@@ -5138,6 +5180,7 @@ class Engine(object):
             if os.path.isdir(home):
                 volumes.append(Volume(home, home))
         volumes += [Volume.parse(spec) for spec in self.opts.get("volume") or []]
+        volumes += self.device_volumes(volumes)
         novol = set(self.opts.get("novol") or [])
         kept = {}
         for vol in volumes:
@@ -5146,6 +5189,28 @@ class Engine(object):
                 continue
             kept[vol.cont] = vol                        # the last one for a path wins
         return [v for v in volumes if kept.get(v.cont) is v]
+
+    def device_volumes(self, volumes):
+        """--device HOST[:CONT[:PERMISSIONS]] as Volumes, but for a device a volume already
+        shows at its own path (P and F modes bind the host /dev)."""
+        found = []
+        for spec in self.opts.get("device") or []:
+            parts = spec.split(":")
+            host = os.path.normpath(parts[0])
+            cont = cont_path(parts[1]) if len(parts) > 1 and parts[1].startswith("/") else host
+            try:
+                st = os.stat(host)
+            except OSError:
+                raise UsageError("--device %s: no such device" % host)
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise UsageError("--device %s: not a device" % host)
+            if self.devices_at_own_path and cont != host:
+                raise UsageError("mode %s shows host devices only at their own path: --device "
+                                 "%s (use a P or R mode)" % (self.mode, spec))
+            if not any(v.host == v.cont and (host == v.host or host.startswith(v.host + "/"))
+                       and host == cont for v in volumes):
+                found.append(Volume(host, cont, system=True, device=True))
+        return found
 
     def cont2host(self, path, follow_last=True):
         """The host path a container path reaches, through volumes and ROOT symlinks."""
@@ -5170,6 +5235,8 @@ class Engine(object):
         else:
             env.update((k, os.environ[k]) for k in self.cfg.valid_host_env
                        if k in os.environ and k != "PATH")
+            env.update((k, v) for k, v in os.environ.items()
+                       if name_matches(k, self.cfg.pass_host_env))
         given = self._env_words(self.opts.get("env") or [], "-e")
         image = self._env_words(meta.get("Env") or [], "image Env")
         from_files = []
@@ -5180,6 +5247,8 @@ class Engine(object):
         for name, value in from_files:
             if name not in dict(given) and name not in dict(image):
                 env[name] = value
+        if self.opts.get("bindhome") and "HOME" not in dict(given):
+            env["HOME"] = host_user()[3]
         self._add_run_env(env)
         return env
 
@@ -5273,10 +5342,19 @@ class Engine(object):
 
     # -- start-up
 
-    def affinity(self):
+    def affinity(self, env):
+        """--cpuset-cpus: udocker.py binds itself to the CPUs (sched_setaffinity), which
+        the engine inherits; where that call is missing, a command prefix from
+        cpu_affinity_exec_tools (numactl, taskset), but not under fakechroot's LD_PRELOAD."""
         cpus = self.opts.get("cpuset_cpus")
         if not cpus:
             return []
+        wanted = parse_cpu_list(cpus)
+        if set_cpu_affinity(wanted):
+            return []
+        if "LD_PRELOAD" in env:
+            raise EngineError("--cpuset-cpus: this Python cannot set the CPU affinity and "
+                              "mode %s cannot run numactl/taskset" % self.mode)
         for tool in self.cfg.cpu_affinity_exec_tools:
             if tool and which(tool[0]):
                 return [which(tool[0])] + [w.replace("%s", cpus) for w in tool[1:]]
@@ -5325,6 +5403,50 @@ class Engine(object):
     @classmethod
     def leave(cls, container, tools):
         """Undo what setup() changed, before the container moves to another mode."""
+
+
+def parse_cpu_list(text):
+    """'0-3,8' -> set of CPU numbers; raises UsageError."""
+    cpus = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise UsageError("invalid --cpuset-cpus: %s (e.g. 0-3,8)" % text)
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def set_cpu_affinity(cpus):
+    """Bind this process (and so what it starts) to cpus; False if this Python has no way
+    to; raises UsageError if the host refuses the set."""
+    try:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cpus)
+            return True
+        import ctypes
+        mask = (ctypes.c_ulong * 16)()                     # cpu_set_t: 1024 bits
+        for cpu in cpus:
+            if cpu >= 1024:
+                raise OSError(errno.EINVAL, "CPU number too large")
+            mask[cpu // 64] |= 1 << (cpu % 64)
+        setaffinity = ctypes.CDLL(None, use_errno=True).sched_setaffinity
+        if setaffinity(0, ctypes.sizeof(mask), ctypes.byref(mask)) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return True
+    except (ImportError, AttributeError):
+        return False
+    except OSError as exc:
+        raise UsageError("--cpuset-cpus %s: %s" % (",".join(str(c) for c in sorted(cpus)),
+                                                    exc.strerror or exc))
+
+
+def parse_publish(spec):
+    """-p [IP:]HOST:CONT[/tcp] or CONT -> (host port, container port) as text."""
+    match = re.match(r"^(?:[\d.]+:)?(\d+):(\d+)(?:/tcp)?$", spec) or \
+        re.match(r"^()(\d+)(?:/tcp)?$", spec)
+    if not match:
+        raise UsageError("invalid port mapping: %s (HOST:CONT)" % spec)
+    return match.group(1) or match.group(2), match.group(2)
 
 
 def _as_argv(value):
@@ -5473,6 +5595,8 @@ class ProotEngine(Engine):
     mode = "P1"
     banner_char = "*"
     noseccomp = False
+    can_publish = True
+    can_set_kernel = True
     death_signal = "SIGQUIT"       # proot kills all its tracees on SIGQUIT, not on SIGKILL
 
     def command(self):
@@ -5508,15 +5632,12 @@ class ProotEngine(Engine):
     def _network_options(self, info):
         options = []
         for spec in self.opts.get("publish") or []:
-            match = re.match(r"^(?:[\d.]+:)?(\d+):(\d+)(?:/tcp)?$", spec) or \
-                re.match(r"^()(\d+)(?:/tcp)?$", spec)
-            if not match:
-                raise UsageError("invalid port mapping: %s (HOST:CONT)" % spec)
-            host_port, cont_port = match.group(1) or match.group(2), match.group(2)
+            host_port, cont_port = parse_publish(spec)
+            if host_port == cont_port:
+                continue
             if not info.get("port"):
-                MSG.warning("this proot cannot map ports: -p %s ignored" % spec)
-            elif host_port != cont_port:
-                options += ["-p", "%s:%s" % (cont_port, host_port)]
+                raise EngineError("this proot cannot map ports (no --port): -p %s" % spec)
+            options += ["-p", "%s:%s" % (cont_port, host_port)]
         if self.opts.get("publish_all"):
             if info.get("netcoop"):
                 options.append("-n")
@@ -5583,6 +5704,7 @@ class RuncEngine(Engine):
 
     mode = "R1"
     banner_char = "%"
+    can_set_hostname = True
     keeps_sysdirs = ("/etc/resolv.conf", "/etc/host.conf") + HOST_FILES
 
     def __init__(self, *args):
@@ -5596,22 +5718,40 @@ class RuncEngine(Engine):
 
     def choose_user(self, meta):
         user = Engine.choose_user(self, meta)
-        if user.uid != 0 and not self._subid_range():
-            MSG.warning("R modes without newuidmap and a /etc/subuid range run as root: "
-                        "--user %s ignored" % user.name)
+        if user.uid != 0 and not self._subid_ranges():
+            why = "runc_map_subids = never" if self.cfg.runc_map_subids == "never" else \
+                "no newuidmap/newgidmap or no /etc/subuid and /etc/subgid range"
+            MSG.warning("R modes run as root here (%s): --user %s ignored" % (why, user.name))
             return _lookup_user(self.passwd_rows, self.group_rows, "0")
         return user
 
-    @staticmethod
-    def _subid_range():
-        """(start, count) of the user's /etc/subuid range when newuidmap can use it."""
-        if not (which("newuidmap") and which("newgidmap")):
+    def _subid_ranges(self):
+        """((uid start, count), (gid start, count)) of the user's /etc/subuid and
+        /etc/subgid ranges when newuidmap/newgidmap can map them, else None."""
+        if self.cfg.runc_map_subids not in ("user", "always", "never"):
+            raise ConfigurationError("runc_map_subids: %r is not user, always or never"
+                                     % self.cfg.runc_map_subids)
+        if self.cfg.runc_map_subids == "never" or \
+                not (which("newuidmap") and which("newgidmap")):
             return None
         name, uid = host_user()[:2]
-        for row in read_identity_db("/etc/subuid"):
-            if len(row) == 3 and row[0] in (name, str(uid)) and row[1].isdigit():
-                return int(row[1]), int(row[2])
-        return None
+        ranges = []
+        for path in ("/etc/subuid", "/etc/subgid"):
+            found = [(int(row[1]), int(row[2])) for row in read_identity_db(path)
+                     if len(row) == 3 and row[0] in (name, str(uid)) and row[1].isdigit()
+                     and row[2].isdigit() and int(row[2]) > 0]
+            if not found:
+                return None
+            ranges.append(found[0])
+        return tuple(ranges)
+
+    def _maps_subids(self):
+        """Map the subordinate ids: always for a non-root user (else it could not run as
+        that uid); for root only with runc_map_subids = always, since files a container
+        gives to other uids can then only be removed from inside a container."""
+        if self.user.uid == 0 and self.cfg.runc_map_subids != "always":
+            return None
+        return self._subid_ranges()
 
     def command(self):
         self.runtime, info = self.tools.runc()
@@ -5655,14 +5795,13 @@ class RuncEngine(Engine):
                 "uidMappings": [{"containerID": 0, "hostID": uid, "size": 1}],
                 "gidMappings": [{"containerID": 0, "hostID": gid, "size": 1}],
                 "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
-                "maskedPaths": RUNC_MASKED, "readonlyPaths": RUNC_READONLY,
-                "devices": self._devices()},
+                "maskedPaths": RUNC_MASKED, "readonlyPaths": RUNC_READONLY},
         }
-        subids = self._subid_range() if self.user.uid != 0 else None
+        subids = self._maps_subids()
         if subids:
-            for key in ("uidMappings", "gidMappings"):
-                spec["linux"][key].append({"containerID": 1, "hostID": subids[0],
-                                           "size": subids[1]})
+            for key, (start, count) in zip(("uidMappings", "gidMappings"), subids):
+                spec["linux"][key].append({"containerID": 1, "hostID": start,
+                                           "size": count})
         return spec
 
     def _hostname(self):
@@ -5673,30 +5812,18 @@ class RuncEngine(Engine):
         return socket.gethostname()
 
     def _volume_mounts(self):
+        """Volumes as bind mounts, devices too: a rootless runtime cannot mknod, it binds
+        linux.devices entries itself, and crun refuses them outright here ("unshare
+        CLONE_NEWNS: Operation not permitted"). A device bind has no nodev."""
         mounts = []
         for vol in self.volumes:
             if vol.cont in ("/dev", "/proc", "/sys"):
                 raise UsageError("R modes cannot bind %s (the runtime provides it)" % vol.cont)
-            options = ["rbind" if os.path.isdir(vol.host) else "bind", "nosuid", "nodev",
-                       "ro" if vol.readonly else "rw"]
+            options = ["rbind" if os.path.isdir(vol.host) else "bind", "nosuid"] + \
+                ([] if vol.device else ["nodev"]) + ["ro" if vol.readonly else "rw"]
             mounts.append({"destination": vol.cont, "type": "none", "source": vol.host,
                            "options": options})
         return mounts
-
-    def _devices(self):
-        devices = []
-        for path in self.opts.get("device") or []:
-            path = path.split(":")[0]
-            try:
-                st = os.stat(path)
-            except OSError:
-                raise UsageError("--device %s: no such device" % path)
-            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                raise UsageError("--device %s: not a device" % path)
-            devices.append({"path": path, "type": "c" if stat.S_ISCHR(st.st_mode) else "b",
-                            "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
-                            "fileMode": stat.S_IMODE(st.st_mode), "uid": 0, "gid": 0})
-        return devices
 
     def forward_signal(self, pid, signum):
         if signum == signal.SIGWINCH:
@@ -5787,12 +5914,18 @@ class FakechrootEngine(Engine):
     banner_char = "#"
     runs_as_host_user = True
     uses_loader = True
+    devices_at_own_path = True
 
     def arrange_identity(self):
+        """The container's passwd and group extended in place (F modes cannot show a copy
+        at another path); --hostauth: the host's files, seen at their own path."""
+        if self.opts.get("hostauth"):
+            if not any(v.cont in ("/etc/passwd", "/etc/group") for v in self.volumes):
+                self.volumes += [Volume(p, p, readonly=True, system=True)
+                                 for p in ("/etc/passwd", "/etc/group")]
+            return
         files = self.identity_files()
-        if files is None or self.opts.get("hostauth"):
-            if self.opts.get("hostauth"):
-                MSG.warning("F modes cannot use the host passwd: --hostauth ignored")
+        if files is None:
             return
         for cont, text in zip(("/etc/passwd", "/etc/group"), files):
             path = resolve_in_root(self.root, cont)
@@ -5814,11 +5947,12 @@ class FakechrootEngine(Engine):
                 excluded.append(vol.host)
             else:
                 self._symlink_volume(vol)
-        env = dict(self.env)
+        env = dict((k, v) for k, v in self.env.items() if not k.startswith("FAKECHROOT_"))
         env.update({"FAKECHROOT_BASE": self.root, "LD_PRELOAD": library,
-                    "LD_LIBRARY_PATH": libpath, "FAKECHROOT_EXCLUDE_PATH": ":".join(excluded),
-                    "FAKECHROOT_AF_UNIX_PATH": self.cfg.tmpdir,
+                    "LD_LIBRARY_PATH": libpath, "FAKECHROOT_AF_UNIX_PATH": self.cfg.tmpdir,
                     "FAKECHROOT_CMD_SUBST": self.cfg.fakechroot_cmd_subst, "PWD": self.cwd})
+        if excluded:           # an empty FAKECHROOT_EXCLUDE_PATH (or entry) excludes everything
+            env["FAKECHROOT_EXCLUDE_PATH"] = ":".join(excluded)
         if MSG.level >= Messages.DBG:
             env["FAKECHROOT_DEBUG"] = "true"
         program, argv = self._start_argv(self.exe, self._command_path(self.argv[0]),

@@ -13,7 +13,7 @@ BUSYBOX = "/bin/busybox"
 GLIBC_PROGRAMS = ["dash", "bash", "ls", "cat", "id", "env", "pwd", "sleep", "find", "echo",
                   "true", "false", "touch", "stat", "wc", "head", "mkdir", "rm", "uname",
                   "readlink", "chmod", "ln", "sort", "tr", "tail", "dd", "date", "basename",
-                  "dirname", "xargs"]
+                  "dirname", "xargs", "grep", "chown"]
 PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
           "user:x:1000:1000:user:/home/user:/bin/sh\n"
           "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")

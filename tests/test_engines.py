@@ -294,3 +294,55 @@ def test_run_without_tools_says_how_to_get_them(bb_container):
                                      PATH="/usr/bin:/bin"))
     err = proc.communicate()[1].decode("utf-8")
     assert proc.returncode == 1 and "set UDOCKER_TARBALL" in err
+
+
+def test_name_patterns_cpu_lists_and_port_specs():
+    assert udocker.name_matches("OMPI_COMM_WORLD_RANK", ["SLURM_*", "OMPI_*"])
+    assert udocker.name_matches("CUDA_VISIBLE_DEVICES", ["CUDA_VISIBLE_DEVICES"])
+    assert not udocker.name_matches("CUDA_VISIBLE_DEVICESX", ["CUDA_VISIBLE_DEVICES"])
+    assert udocker.name_matches("PMI_FD", ["PM?_[FR]*"])
+    assert not udocker.name_matches("XOMPI_X", ["OMPI_*"])
+    assert udocker.parse_cpu_list("0-2,5") == set([0, 1, 2, 5])
+    for bad in ("", "a", "1-", "-1", "1,,2"):
+        with pytest.raises(udocker.UsageError):
+            udocker.parse_cpu_list(bad)
+    assert udocker.parse_publish("8080:80") == ("8080", "80")
+    assert udocker.parse_publish("127.0.0.1:8080:80/tcp") == ("8080", "80")
+    assert udocker.parse_publish("80") == ("80", "80")
+    with pytest.raises(udocker.UsageError):
+        udocker.parse_publish("80:80/udp")
+
+
+def test_launcher_variables_pass_without_hostenv(tmpdir, glibc_tree, monkeypatch):
+    for name, value in (("SLURM_JOB_ID", "7"), ("PMI_RANK", "1"), ("I_MPI_PIN", "0"),
+                        ("NVIDIA_VISIBLE_DEVICES", "all"), ("NOT_PASSED", "x")):
+        monkeypatch.setenv(name, value)
+    engine = engine_for(tmpdir, glibc_tree, config={"Env": ["SLURM_JOB_ID=image"]},
+                        opts={"env": ["PMI_RANK=cli"]})
+    engine.prepare()
+    env = engine.env
+    assert env["SLURM_JOB_ID"] == "image" and env["PMI_RANK"] == "cli"
+    assert env["I_MPI_PIN"] == "0" and env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert "NOT_PASSED" not in env
+    config = tmpdir.join("ud").ensure(dir=True).join("udocker.conf")
+    config.write("[DEFAULT]\npass_host_env = SLURM_*\n")
+    engine = engine_for(tmpdir, glibc_tree)
+    engine.prepare()
+    assert "I_MPI_PIN" not in engine.env and engine.env["SLURM_JOB_ID"] == "7"
+
+
+def test_devices_and_mode_limits(tmpdir, glibc_tree):
+    engine = engine_for(tmpdir, glibc_tree, opts={"device": ["/dev/full", "/dev/zero:/dev/z"]})
+    engine.prepare()
+    devices = [(v.host, v.cont) for v in engine.volumes if v.device]
+    assert devices == [("/dev/zero", "/dev/z")]              # /dev/full: in the /dev bind
+    engine = engine_for(tmpdir, glibc_tree, mode="R1", opts={"device": ["/dev/full"]})
+    engine.prepare()
+    mounts = dict((m["destination"], m) for m in engine.spec()["mounts"])
+    assert mounts["/dev/full"]["source"] == "/dev/full"
+    assert "nodev" not in mounts["/dev/full"]["options"]
+    with pytest.raises(udocker.UsageError):
+        engine_for(tmpdir, glibc_tree, mode="F1", opts={"device": ["/dev/zero:/dev/z"]}) \
+            .prepare()
+    with pytest.raises(udocker.UsageError):
+        engine_for(tmpdir, glibc_tree, mode="R1", opts={"publish": ["80:8080"]}).prepare()

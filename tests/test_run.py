@@ -99,9 +99,10 @@ class World(object):
         env.update(MODES[mode][1] if mode else {})
         return [sys.executable, SCRIPT] + list(args), env
 
-    def ud(self, args, mode=None, stdin=None, timeout=300):
-        """Run udocker.py; returns (exit code, stdout, stderr) as text."""
-        argv, env = self.command(args, mode)
+    def ud(self, args, mode=None, stdin=None, timeout=300, env=None):
+        """Run udocker.py (env: extra environment); returns (exit code, stdout, stderr)."""
+        argv, environ = self.command(args, mode)
+        env = dict(environ, **(env or {}))
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         timer = threading.Timer(timeout, proc.kill)
@@ -112,9 +113,10 @@ class World(object):
             timer.cancel()
         return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
-    def run(self, mode, argv, options=(), kind="glibc", stdin=None, name=None):
+    def run(self, mode, argv, options=(), kind="glibc", stdin=None, name=None, env=None):
         cid = name or self.container(mode, kind)
-        return self.ud(["run", "--nobanner"] + list(options) + [cid] + list(argv), mode, stdin)
+        return self.ud(["run", "--nobanner"] + list(options) + [cid] + list(argv), mode, stdin,
+                       env=env)
 
 
 def processes_matching(pattern):
@@ -377,3 +379,180 @@ def test_singularity_mode_explains_when_absent(world):
     rc, out, err = world.ud(["run", cid, "true"])
     assert rc == 1 and "apptainer or singularity" in err and "use P1 or R1" in err
     print("S1 not tested: Singularity/Apptainer is not installable on this host")
+
+
+# -- run options in every mode
+
+def _launcher_env(**extra):
+    env = {"OMPI_COMM_WORLD_RANK": "3", "SLURM_JOB_ID": "77", "PMIX_RANK": "5",
+           "CUDA_VISIBLE_DEVICES": "0,1", "HOSTENV_ONLY": "h"}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_options_that_work_in_every_mode(world, mode):
+    """--env-file, --cpuset-cpus (taskset), --device at its own path, --hostauth,
+    --bindhome, -i/-t, the launcher variables (MPI, Slurm, CUDA) without --hostenv."""
+    import pwd
+    me = pwd.getpwuid(os.getuid())
+    envfile = os.path.join(world.top, "env-" + mode)
+    with open(envfile, "w") as handle:
+        handle.write("# a comment\nFILEVAR=fromfile\n")
+    script = ('echo "$OMPI_COMM_WORLD_RANK $SLURM_JOB_ID $PMIX_RANK $CUDA_VISIBLE_DEVICES '
+              '${HOSTENV_ONLY:-unset} $FILEVAR"; grep Cpus_allowed_list: /proc/self/status; '
+              'test -c /dev/full && echo device; grep -c "^%s:" /etc/passwd; echo $HOME; '
+              'test -d "$HOME" && echo home-is-there' % me.pw_name)
+    rc, out, err = world.run(mode, ["sh", "-c", script],
+                             ["--env-file=" + envfile, "--cpuset-cpus=0", "--device=/dev/full",
+                              "--hostauth", "--bindhome", "-i", "-t"],
+                             env=_launcher_env())
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "3 77 5 0,1 unset fromfile"
+    assert lines[1].split() == ["Cpus_allowed_list:", "0"]
+    assert lines[2:] == ["device", "1", me.pw_dir, "home-is-there"], err
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_hostenv_nosysdirs_novol_and_entrypoint(world, mode):
+    script = ('echo ${HOSTENV_ONLY:-unset}; test -s /etc/resolv.conf && echo resolv || '
+              'echo no-resolv; test -e /proc/self/status && echo proc || echo no-proc')
+    rc, out, err = world.run(mode, ["-c", script], ["--hostenv", "--nosysdirs",
+                                                    "--entrypoint=/bin/sh"],
+                             env=_launcher_env())
+    assert rc == 0, err
+    runtime_proc = "proc" if mode.startswith("R") else "no-proc"   # runc/crun mount their own
+    assert out.splitlines() == ["h", "no-resolv", runtime_proc]
+    rc, out, err = world.run(mode, ["sh", "-c", "test -s /etc/resolv.conf || echo none"],
+                             ["--novol=/etc/resolv.conf"])
+    assert (rc, out) == (0, "none\n"), err
+
+
+@pytest.mark.parametrize("mode", ["P1", "P2"])
+def test_proot_kernel_and_port_options(world, mode):
+    rc, out, err = world.run(mode, ["uname", "-r"], ["-k", "9.9.9-fake", "-P"])
+    assert (rc, out) == (0, "9.9.9-fake\n"), err
+
+
+def _free_port():
+    import socket
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def test_publish_maps_a_port_in_p1(world):
+    import socket
+    if not rootfs.busybox_available():
+        pytest.skip("no static busybox (nc)")
+    cont_port, host_port = _free_port(), _free_port()
+    cid = world.container("P1", "busybox")
+    argv, env = world.command(["run", "--nobanner", "-p", "%d:%d" % (host_port, cont_port), cid,
+                               "sh", "-c", "echo hello | nc -l -p %d" % cont_port], "P1")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        data = b""
+        deadline = time.time() + 60
+        while time.time() < deadline and not data:
+            try:
+                conn = socket.create_connection(("127.0.0.1", host_port), timeout=5)
+            except socket.error:
+                time.sleep(0.05)
+                continue
+            data = conn.recv(100)
+            conn.close()
+        assert data == b"hello\n"
+    finally:
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("mode", ["R1", "R1-crun", "R2"])
+def test_hostname_in_r_modes(world, mode):
+    rc, out, err = world.run(mode, ["uname", "-n"], ["--hostname=box.example"])
+    assert (rc, out) == (0, "box.example\n"), err
+
+
+@pytest.mark.parametrize("mode,options,needle", [
+    ("R1", ["-p", "8080:80"], "Error: mode R1 shares the host network and cannot map ports"),
+    ("F3", ["--device=/dev/full:/dev/myfull"], "Error: mode F3 shows host devices only at"),
+    ("F3", ["-p", "8080:80"], "Error: mode F3 shares the host network"),
+    ("P1", ["--device=/etc/passwd"], "Error: --device /etc/passwd: not a device"),
+])
+def test_options_a_mode_cannot_honour_are_one_error_line(world, mode, options, needle):
+    rc, out, err = world.run(mode, ["true"], options)
+    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith(needle), err
+
+
+@pytest.mark.parametrize("mode,options", [("P1", ["--hostname=x"]), ("R1", ["-k", "9.9"]),
+                                          ("F3", ["--hostname=x", "-p", "8080:8080"])])
+def test_cosmetic_options_a_mode_cannot_honour_warn(world, mode, options):
+    rc, out, err = world.run(mode, ["true"], options)
+    assert rc == 0 and err.count("Warning: mode %s cannot" % mode) == \
+        len([o for o in options if o.startswith("--hostname") or o == "-k"]), err
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1", "R1-crun", "R2"])
+def test_device_at_another_path(world, mode):
+    rc, out, err = world.run(mode, ["sh", "-c", "test -c /dev/myfull && echo ok; "
+                                    "echo x > /dev/myfull || echo full"],
+                             ["--device=/dev/full:/dev/myfull"])
+    assert rc == 0 and out.split() == ["ok", "full"], err
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1"])
+def test_containerauth_uses_the_container_files_as_they_are(world, mode):
+    rc, out, err = world.run(mode, ["sh", "-c", "id -u; grep -c udoc /etc/passwd"],
+                             ["--containerauth", "-u", "4321"])
+    assert out.splitlines() == ["4321", "0"], err
+
+
+def test_dri_without_dri_dirs_is_a_quiet_no_op(world):
+    present = [p for p in dict((k, d) for k, d, _ in udocker.CONFIG_DEFAULTS)["dri_list"] if os.path.isdir(p)]
+    rc, out, err = world.run("P1", ["sh", "-c", "for d in %s; do ls -d $d; done"
+                                    % " ".join(present or ["/nonexistent"])], ["--dri"])
+    if present:
+        assert rc == 0 and out.split() == present, err
+    else:
+        assert rc != 0 and "Error" not in err and "Warning" not in err
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1"])
+def test_image_user_and_workdir_applied(world, mode):
+    cid = world.container(mode, config={"Env": ["PATH=/usr/bin:/bin"], "User": "user",
+                                        "WorkingDir": "/srv/new", "Cmd": ["sh", "-c",
+                                                                         "id -un; pwd"]},
+                          fresh=True)
+    rc, out, err = world.run(mode, [], name=cid)
+    assert (rc, out) == (0, "user\n/srv/new\n"), err
+    rc, out, err = world.run(mode, ["id", "-u"], ["-u", "root"], name=cid)
+    assert out == "0\n", err
+
+
+# -- R1 with other users: newuidmap and the /etc/subuid range
+
+def test_r1_runs_as_another_user_through_subuid_ranges(world):
+    if not (udocker.which("newuidmap") and udocker.which("newgidmap")):
+        pytest.skip("no newuidmap/newgidmap (package uidmap)")
+    rc, out, err = world.run("R1", ["sh", "-c", "id -u; id -g; wc -l < /proc/self/uid_map"],
+                             ["--user=1000:1000"])
+    assert (rc, out.split()) == (0, ["1000", "1000", "2"]), err
+    rc, out, err = world.run("R1", ["sh", "-c", "touch /tmp/own; chown 123:456 /tmp/own"])
+    assert rc != 0                                 # root's own uid only: chown cannot work
+    config = os.path.join(world.top, "always.conf")
+    with open(config, "w") as handle:
+        handle.write("[DEFAULT]\nrunc_map_subids = always\n")
+    rc, out, err = world.ud(["--config=" + config, "run", "--nobanner", world.container("R1"),
+                             "sh", "-c", "touch /tmp/own; chown 123:456 /tmp/own; "
+                             "stat -c %u:%g /tmp/own; rm /tmp/own"], "R1")
+    assert (rc, out) == (0, "123:456\n"), err
+
+
+def test_r1_without_newuidmap_runs_as_root_with_one_warning(world):
+    rc, out, err = world.run("R1", ["id", "-u"], ["--user=1000:1000"],
+                             env={"PATH": "/nonexistent"})
+    assert (rc, out) == (0, "0\n"), err
+    assert err.count("Warning:") == 1 and "--user user ignored" in err
