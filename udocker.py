@@ -98,6 +98,7 @@ if PY3:
     urllib_request = LazyModule("urllib.request")
     urllib_parse = urllib_quote = LazyModule("urllib.parse")
     text_type = str
+    string_types = (str,)
     input_line = input
 else:                                                     # pragma: no cover (2.7)
     configparser = LazyModule("ConfigParser")
@@ -106,6 +107,7 @@ else:                                                     # pragma: no cover (2.
     urllib_request = urllib_quote = LazyModule("urllib")
     urllib_parse = LazyModule("urlparse")
     text_type = unicode                                   # noqa: F821
+    string_types = (str, unicode)                         # noqa: F821
     input_line = raw_input                                # noqa: F821
 
 
@@ -167,11 +169,16 @@ O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 TAR_ERRORS = "surrogateescape" if PY3 else "strict"   # tar names round-trip to their bytes
 
 if PY3:
-    import bz2 as bz2_module
-    try:
-        import lzma as lzma_module
-    except ImportError:                                   # a Python built without liblzma
-        lzma_module = None
+    def buffered_decompressor(kind):
+        """The decompressor class of 'bzip2', 'xz' or 'zstd' whose decompress() bounds its
+        output (max_length), or None when this Python lacks the module."""
+        module, name = {"bzip2": ("bz2", "BZ2Decompressor"),
+                        "xz": ("lzma", "LZMADecompressor"),
+                        "zstd": ("compression.zstd", "ZstdDecompressor")}[kind]  # zstd: 3.14+
+        try:
+            return getattr(__import__(module, fromlist=["_"]), name)
+        except ImportError:
+            return None
 
     def hardlink(source, target):
         """link(2) that links a symlink itself, never what it points to."""
@@ -187,7 +194,9 @@ if PY3:
         except (OverflowError, ValueError):
             pass
 else:                                                     # pragma: no cover (2.7)
-    bz2_module = lzma_module = None     # 2.7's decompressors cannot bound their output
+    def buffered_decompressor(kind):
+        return None                     # 2.7's decompressors cannot bound their output
+
     hardlink = os.link                  # Linux link(2) does not follow a final symlink
 
     def set_times(path, mtime, fd=None, symlink=False):
@@ -197,15 +206,6 @@ else:                                                     # pragma: no cover (2.
             except (OverflowError, ValueError):
                 pass
 
-def binary_stdout():
-    """Standard output for bytes (tar streams)."""
-    return getattr(sys.stdout, "buffer", sys.stdout)
-
-
-try:
-    from compression import zstd as zstd_module          # Python 3.14+
-except ImportError:
-    zstd_module = None
 
 # ==== 2. Errors and messages ====
 # Code raises where something fails; main() prints one "Error: ..." line (-D adds the traceback).
@@ -353,6 +353,14 @@ CONFIG_DEFAULTS = (
     ("dockerio_index_url", "https://hub.docker.com", "UDOCKER_INDEX"),
     ("dockerio_registry_url", "https://registry-1.docker.io", "UDOCKER_REGISTRY"),
     ("search_page_size", 25, None),
+    ("runc_capabilities", ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER",
+                           "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID",
+                           "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+                           "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"], None),
+    ("singularity_options", ["-w"], None),
+    ("runc_map_subids", "user", None),         # user, always or never (see RuncEngine)
+    ("pass_host_env", ["OMPI_*", "PMI_*", "PMIX_*", "SLURM_*", "HYDRA_*", "I_MPI_*", "MPI_*",
+                       "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"], None),
 )
 
 
@@ -1436,9 +1444,9 @@ class HttpClient(object):
     """
     REDIRECTS = (301, 302, 303, 307, 308)
 
-    def __init__(self, cfg, proxy=None):
+    def __init__(self, cfg, proxy=None, insecure=None):
         self.timeout = cfg.timeout
-        self.insecure = cfg.http_insecure
+        self.insecure = cfg.http_insecure if insecure is None else insecure
         self.ca_bundle = cfg.ca_bundle
         self.agent = cfg.http_agent or ("udocker.py/%s" % __version__)
         self.proxy = proxy or cfg.http_proxy
@@ -1449,8 +1457,7 @@ class HttpClient(object):
     def ssl_context(self):
         if self._ssl is None:
             if self.insecure:
-                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS if hasattr(ssl, "PROTOCOL_TLS")
-                                     else ssl.PROTOCOL_SSLv23)
+                ctx = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_CLIENT", ssl.PROTOCOL_SSLv23))
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             else:
@@ -1582,10 +1589,12 @@ class RegistryClient(object):
     Thread-safe: blob downloads of one pull share it (and its token cache).
     """
 
-    def __init__(self, cfg, url, keystore, proxy=None):
+    def __init__(self, cfg, url, keystore, proxy=None, insecure=None):
         self.cfg = cfg
         self.url = url.rstrip("/")
-        self.http = HttpClient(cfg, proxy)
+        self.insecure = cfg.http_insecure if insecure is None else insecure
+        self.spoke = False          # a response came back: the scheme is settled
+        self.http = HttpClient(cfg, proxy, self.insecure)
         self.keystore = keystore
         self.tokens = {}            # scope -> (header value, expiry time)
         self.basic = None           # "Basic ..." once the registry asked for it
@@ -1597,11 +1606,10 @@ class RegistryClient(object):
         """The client for an ImageRef host; --registry/UDOCKER_REGISTRY applied as upstream."""
         if registry_url:
             url = registry_url if "//" in registry_url else "https://" + registry_url
-        elif host == DOCKER_HUB:
-            url = cfg.dockerio_registry_url
-        else:
-            url = ("http://" if _plain_http_default(host, cfg) else "https://") + host
-        return cls(cfg, url, keystore, proxy)
+            return cls(cfg, url, keystore, proxy)
+        if host == DOCKER_HUB:
+            return cls(cfg, cfg.dockerio_registry_url, keystore, proxy)
+        return cls(cfg, "https://" + host, keystore, proxy, _insecure_host(host, cfg))
 
     # -- authentication
 
@@ -1674,7 +1682,8 @@ class RegistryClient(object):
         """
         url = path if "//" in path else self.url + path
         headers = dict(headers or {})
-        for attempt in (1, 2, 3):
+        auth_rounds = 0
+        while True:
             auth = self._auth_header(scope)
             if auth:
                 headers["Authorization"] = auth
@@ -1685,17 +1694,38 @@ class RegistryClient(object):
             except socket.gaierror as exc:
                 raise RegistryError("cannot resolve the registry host %s: %s"
                                     % (urlsplit(url).netloc, exc.args[-1]))
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                if self._fall_back_to_http(url, exc):
+                    url = "http://" + url.split("://", 1)[1]
+                    continue
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc) or \
+                        isinstance(exc, ssl.CertificateError):
+                    raise RegistryError("TLS certificate of %s is not trusted (%s): use "
+                                        "--insecure, or set ca_bundle" % (
+                                            urlsplit(url).netloc,
+                                            getattr(exc, "reason", None) or exc))
+                raise TransientError("%s %s: %s" % (method, url.split("?")[0], exc))
             except NETWORK_ERRORS as exc:
+                if self._fall_back_to_http(url, exc):
+                    url = "http://" + url.split("://", 1)[1]
+                    continue
                 raise TransientError("%s %s: %s" % (method, url.split("?")[0],
                                                     exc or type(exc).__name__))
-            if resp.status == 401 and attempt < 3:
+            self.spoke = True
+            if resp.status == 401:
                 challenge = resp.header("www-authenticate")
                 if not challenge:
                     raise RegistryError("%s refused access without a challenge" % self.url)
                 with self.lock:
                     self.tokens.pop(scope, None)
-                if attempt == 2 and "insufficient_scope" in challenge:
-                    break
+                if auth_rounds and challenge.lower().startswith("basic"):
+                    raise RegistryError("authentication failed at %s: bad username or "
+                                        "password" % self.url)
+                # a second round renews an expired token; a third would loop forever
+                if auth_rounds == 2 or (auth_rounds and "insufficient_scope" in challenge):
+                    raise RegistryError("access denied by %s: %s (not found, or you are "
+                                        "not authorised)" % (self.url, _scope_name(scope)))
+                auth_rounds += 1
                 self._authenticate(challenge, scope)
                 continue
             if resp.status == 429 or resp.status >= 500:
@@ -1703,8 +1733,16 @@ class RegistryClient(object):
                 raise TransientError("%s answered %d for %s" % (self.url, resp.status, path),
                                      _seconds(retry_after))
             return resp
-        raise RegistryError("access denied by %s: %s (not found, or you are not authorised)"
-                            % (self.url, _scope_name(scope)))
+
+    def _fall_back_to_http(self, url, exc):
+        """An insecure registry that cannot be reached with TLS at first contact (its port
+        speaks http, or a proxy refuses to tunnel): switch to http, once."""
+        if self.spoke or not (self.insecure and url.startswith("https://") and
+                              self.url.startswith("https:")):
+            return False
+        MSG.verbose("%s does not speak TLS (%s): using http" % (self.url, exc))
+        self.url = "http://" + self.url.split("://", 1)[1]
+        return True
 
     # -- manifests
 
@@ -1777,10 +1815,12 @@ class RegistryClient(object):
             path = urljoin(self.url + "/", match.group(1)) if match else None
 
 
-def _plain_http_default(host, cfg):
-    """Docker's rule: localhost registries, and any with --insecure, may be plain http."""
+def _insecure_host(host, cfg):
+    """Docker's rule: localhost registries, and any with --insecure, are tried with https
+    without verifying the certificate, then with plain http."""
     hostname = host.rsplit(":", 1)[0].strip("[]")
-    return cfg.http_insecure or hostname in ("localhost", "127.0.0.1", "::1")
+    return cfg.http_insecure or hostname == "localhost" or hostname.startswith("127.") \
+        or hostname == "::1"
 
 
 def _seconds(value):
@@ -3273,8 +3313,6 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
 # and executables) and the umask applies; what the tar said (owner, group, full mode) is kept
 # in ID/.udocker-py/attrs where it differs from (0, 0, mode on disk), for export.
 
-LAYER_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
-               (b"\x28\xb5\x2f\xfd", "zstd"))
 DECOMPRESS_PROGRAMS = {"gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "zstd": "zstd"}
 IN_CHUNK = 1 << 18              # compressed bytes read at a time
 OUT_CHUNK = 1 << 20             # most decompressed bytes produced at a time (bounds memory)
@@ -3284,18 +3322,6 @@ ATTRS_HEADER = b"# udocker.py attrs 1: UID GID MODE(octal) PATH (below ROOT)\n"
 
 # Index kinds; an index value is layer << 3 | kind (small ints: no allocation per entry).
 K_DIR, K_IMPLIED, K_FILE, K_SYMLINK, K_PENDING = 1, 2, 3, 4, 5
-
-
-def _buffered_decompressors():
-    """kind -> decompressor factory whose decompress() takes max_length (bounded output)."""
-    found = {}
-    if bz2_module is not None:
-        found["bzip2"] = bz2_module.BZ2Decompressor
-    if lzma_module is not None:
-        found["xz"] = lzma_module.LZMADecompressor
-    if zstd_module is not None:
-        found["zstd"] = zstd_module.ZstdDecompressor
-    return found
 
 
 def find_program(name):
@@ -3312,10 +3338,7 @@ def layer_compression(handle):
     handle.seek(0)
     head = handle.read(6)
     handle.seek(0)
-    for magic, kind in LAYER_MAGIC:
-        if head.startswith(magic):
-            return kind
-    return "tar"
+    return compression_of(head) or "tar"
 
 
 def _file_chunks(handle):
@@ -3408,6 +3431,54 @@ def _program_chunks(handle, program, kind, label):
         errors.close()
 
 
+def _prefetch(chunks, depth=4):
+    """Chunks of a generator computed ahead in a thread: zlib and file reads release the
+    GIL, so decompression runs on another core while files are written."""
+    todo = queue.Queue(depth)
+    stop = []
+
+    def put(item):
+        while not stop:
+            try:
+                todo.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work():
+        try:
+            for chunk in chunks:
+                put((chunk, None))
+                if stop:
+                    return
+            put((None, None))
+        except BaseException:              # handed over to the reading thread
+            put((None, sys.exc_info()))
+
+    thread = threading.Thread(target=work)
+    thread.daemon = True
+    thread.start()
+    try:
+        while True:
+            chunk, failure = todo.get()
+            if chunk is None:
+                break
+            yield chunk
+        if failure is not None:
+            if PY3:
+                raise failure[1].with_traceback(failure[2])
+            raise failure[1]
+    finally:
+        stop.append(True)
+        while thread.is_alive():
+            try:
+                todo.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
+        chunks.close()
+
+
 def layer_chunks(handle, label):
     """Generator of the decompressed bytes of an open layer file, whatever its compression.
 
@@ -3418,31 +3489,89 @@ def layer_chunks(handle, label):
     if kind == "tar":
         return _file_chunks(handle)
     if kind == "gzip":
-        return _inflate_gzip(handle, label)
-    factory = _buffered_decompressors().get(kind)
+        return _prefetch(_inflate_gzip(handle, label))
+    factory = buffered_decompressor(kind)
     if factory is not None:
-        return _inflate_buffered(handle, factory, kind, label)
+        return _prefetch(_inflate_buffered(handle, factory, kind, label))
     program = find_program(DECOMPRESS_PROGRAMS[kind])
     if program:
-        return _program_chunks(handle, program, kind, label)
+        return _prefetch(_program_chunks(handle, program, kind, label))
     raise RepositoryError("layer %s is %s-compressed: this Python cannot decompress it and "
                           "no %s program was found" % (label, kind, DECOMPRESS_PROGRAMS[kind]))
+
+
+def _octal(field):
+    return int(field.partition(b"\0")[0].strip() or b"0", 8)
+
+
+def fast_tarinfo_class():
+    """TarInfo with a quicker parser for the usual header (octal numbers, no old GNU sparse
+    map, valid unsigned checksum); any other header goes to tarfile's own. Built on first
+    use, so that importing udocker.py does not import tarfile."""
+    cached = getattr(fast_tarinfo_class, "cls", None)
+    if cached is not None:
+        return cached
+
+    class FastTarInfo(tarfile.TarInfo):
+        __slots__ = ("buf",)
+
+        @classmethod
+        def frombuf(cls, buf, *names):           # names: (encoding, errors), none on 2.7
+            try:
+                if len(buf) != TAR_BLOCK or buf[156:157] == tarfile.GNUTYPE_SPARSE:
+                    raise ValueError("not for the quick parser")
+                chksum = _octal(buf[148:156])
+                if chksum != 256 + sum(bytearray(buf)) - sum(bytearray(buf[148:156])):
+                    raise ValueError("checksum")
+                numbers = (_octal(buf[100:108]), _octal(buf[108:116]), _octal(buf[116:124]),
+                           _octal(buf[124:136]), _octal(buf[136:148]))
+                kind = buf[156:157]
+                devices = (_octal(buf[329:337]), _octal(buf[337:345])) \
+                    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE) else (0, 0)
+            except ValueError:
+                return super(FastTarInfo, cls).frombuf(buf, *names)
+
+            def text(start, end):
+                raw = buf[start:end].partition(b"\0")[0]
+                return raw.decode(*names) if names else raw
+
+            obj = cls()
+            obj.buf = buf
+            obj.name = text(0, 100)
+            obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = numbers
+            obj.devmajor, obj.devminor = devices
+            obj.chksum = chksum
+            obj.type = kind
+            obj.linkname = text(157, 257) if buf[157:158] != b"\0" else obj.linkname
+            obj.uname = obj.gname = obj.linkname[:0]            # unused here: not decoded
+            prefix = text(345, 500) if buf[345:346] != b"\0" else ""
+            if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):
+                obj.type = tarfile.DIRTYPE
+            if obj.isdir():
+                obj.name = obj.name.rstrip("/")
+            if prefix and obj.type not in tarfile.GNU_TYPES:
+                obj.name = prefix + "/" + obj.name
+            return obj
+
+    fast_tarinfo_class.cls = FastTarInfo
+    return FastTarInfo
 
 
 class LayerStream(object):
     """The decompressed bytes of a layer as a file object for tarfile: read, tell, seek.
 
-    Forward only: seeking back is possible within the last block (tarfile checks the byte
-    before each header). Holds at most about one decompressed chunk in memory.
+    Forward only, one decompressed chunk in memory; seeking back is possible into the last
+    block of the previous chunk (tarfile may check the byte before a header). Reads inside
+    the current chunk are plain slices: no buffer is ever rebuilt.
     """
 
     def __init__(self, handle, label):
         self.label = label
         self._chunks = layer_chunks(handle, label)
-        self._buf = b""
+        self._buf = b""        # the current chunk
         self._off = 0          # stream offset of _buf[0]
         self._pos = 0          # current stream offset
-        self._eof = False
+        self._tail = b""       # the last bytes before _buf
 
     def tell(self):
         return self._pos
@@ -3453,27 +3582,29 @@ class LayerStream(object):
         elif whence != os.SEEK_SET:
             raise IOError(errno.ESPIPE, "layer stream: cannot seek from the end")
         if pos < self._off:
-            raise IOError(errno.ESPIPE, "layer stream: cannot seek backwards")
+            if self._off - pos > len(self._tail):
+                raise IOError(errno.ESPIPE, "layer stream: cannot seek backwards")
+            self._buf, self._off, self._tail = (self._tail + self._buf,
+                                                self._off - len(self._tail), b"")
         self._pos = pos
         return pos
 
-    def _more(self):
+    def _next_chunk(self):
+        """Move on to the next chunk; False at the end of the data."""
         try:
             chunk = next(self._chunks)
         except StopIteration:
-            self._eof = True
-            return
+            return False
         except UdockerError:
             raise
         except Exception as exc:              # zlib.error, LZMAError, OSError from bz2 ...
             if isinstance(exc, EnvironmentError) and exc.errno:
                 raise
             raise RepositoryError("layer %s: corrupt compressed data (%s)" % (self.label, exc))
-        drop = min(len(self._buf), max(0, self._pos - self._off - TAR_BLOCK))
-        if drop:
-            self._buf = self._buf[drop:]
-            self._off += drop
-        self._buf = self._buf + chunk if self._buf else chunk
+        self._tail = (self._tail + self._buf)[-TAR_BLOCK:]
+        self._off += len(self._buf)
+        self._buf = chunk
+        return True
 
     def read(self, size=-1):
         if size is None or size < 0:
@@ -3483,13 +3614,22 @@ class LayerStream(object):
                 if not data:
                     return b"".join(parts)
                 parts.append(data)
-        end = self._pos + size
-        while self._off + len(self._buf) < end and not self._eof:
-            self._more()
         start = self._pos - self._off
-        data = self._buf[start:start + size]
-        self._pos += len(data)
-        return data
+        if start + size <= len(self._buf):                 # the usual case
+            self._pos += size
+            return self._buf[start:start + size]
+        parts = []
+        while size > 0:
+            start = self._pos - self._off
+            if start >= len(self._buf):
+                if not self._next_chunk():
+                    break
+                continue
+            piece = self._buf[start:start + size]
+            parts.append(piece)
+            size -= len(piece)
+            self._pos += len(piece)
+        return b"".join(parts)
 
     def finish(self, offset):
         """Check what follows the last member (end blocks, not garbage), then drain.
@@ -3539,6 +3679,39 @@ def disk_mode(mode, is_dir, umask):
     return (mode & ~umask) | owner
 
 
+def escape_attr_path(path):
+    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n")
+
+
+def read_attrs(path):
+    """{bytes path below ROOT: (uid, gid, mode)} from an attrs file ({} if there is none)."""
+    found = {}
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except (IOError, OSError):
+        return found
+    for line in data.split(b"\n"):
+        if not line or line.startswith(b"#"):
+            continue
+        fields = line.split(b" ", 3)
+        if len(fields) != 4:
+            continue
+        name = re.sub(b"\\\\(.)", lambda m: b"\n" if m.group(1) == b"n" else m.group(1),
+                      fields[3])
+        try:
+            found[name] = (int(fields[0]), int(fields[1]), int(fields[2], 8))
+        except ValueError:
+            continue
+    return found
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class _LinkGroup(object):
     """Paths waiting to become hardlinks of one file (reserved in the index meanwhile);
     layer: the layer whose hardlink made the group (its own later members cannot serve)."""
@@ -3568,7 +3741,7 @@ class Flattener(object):
         self.attrs = {}                 # path -> (uid, gid, mode) where the tar differs
         self.waiting = {}               # hardlink target -> _LinkGroup, for older layers
         self.reserved = {}              # path of a waiting hardlink -> its _LinkGroup
-        self.rereads = {}               # layer -> {offset_data: _LinkGroup}
+        self.rereads = {}               # layer -> [(hidden member, _LinkGroup)] to read again
         self.devices = []
         self.warnings = 0
         self.layer = 0
@@ -3604,7 +3777,7 @@ class Flattener(object):
             handle, label = handles[total - 1 - number]
             self.layer, self.label = number, label
             MSG.verbose("reading layer %s again for hardlinked data" % label)
-            self._pass(handle, lambda member, archive: self._reread(wanted, member, archive))
+            self._reread(handle, wanted)
         self._finish_dirs()
         if self.devices:
             MSG.debug("skipped %d device node(s), e.g. %s"
@@ -3613,13 +3786,12 @@ class Flattener(object):
             MSG.warning("%d more warnings not shown" % (self.warnings - self.WARN_LIMIT))
 
     def _pass(self, handle, visit):
-        import tarfile
         label = self.label
         self.stream = LayerStream(handle, label)
         try:
             try:
                 archive = tarfile.open(fileobj=self.stream, mode="r:", encoding="utf-8",
-                                       errors=TAR_ERRORS)
+                                       errors=TAR_ERRORS, tarinfo=fast_tarinfo_class())
             except tarfile.TarError as exc:
                 raise RepositoryError("layer %s: corrupt or not a tar archive (%s)"
                                       % (label, exc))
@@ -3659,7 +3831,7 @@ class Flattener(object):
         if value is not None and value >> 3 == self.layer and value & 7 in (K_DIR, K_IMPLIED):
             return True
         prefix = path
-        while b"/" in prefix:
+        while prefix:
             prefix = prefix.rpartition(b"/")[0]
             if prefix in self.layer_gone or prefix in self.layer_opaque:
                 return True
@@ -3701,7 +3873,7 @@ class Flattener(object):
         if group is not None:
             self._provide(group, path, member, archive, made, state is True or state is False)
         elif not made and (state is True or state is False) and not member.isdir():
-            self.skipped[path] = member.offset_data if member.isreg() else member
+            self.skipped[path] = member
 
     def _whiteout(self, parent, name):
         if name == b".wh..opq":
@@ -3716,11 +3888,13 @@ class Flattener(object):
         """True: parent is a directory (made now if missing); False: hidden by a newer
         layer; a path: the ancestor that this layer made something other than a directory.
         """
-        if not parent or parent in self.parents_ok:
+        if parent in self.parents_ok:
             return True
+        if b"" in self.opaque:                 # an opaque top: older layers add nothing
+            return False
         index, gone, opaque, layer = self.index, self.gone, self.opaque, self.layer
         prefix = b""
-        for part in parent.split(b"/"):
+        for part in parent.split(b"/") if parent else ():
             prefix = prefix + b"/" + part if prefix else part
             if prefix in gone or prefix in opaque:
                 return False
@@ -3802,8 +3976,10 @@ class Flattener(object):
     def _write_file(self, full, member, archive):
         mode = disk_mode(member.mode, False, self.umask)
         fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                     0o600)
+                     mode)
         try:
+            if mode & self.umask:                 # the umask took the owner's bits
+                os.fchmod(fd, mode)
             if getattr(member, "sparse", None):
                 source = archive.extractfile(member)
             else:
@@ -3818,7 +3994,6 @@ class Flattener(object):
                 remaining -= len(data)
                 while data:
                     data = data[os.write(fd, data):]
-            os.fchmod(fd, mode)
             set_times(full, member.mtime, fd=fd)
         finally:
             os.close(fd)
@@ -3881,8 +4056,8 @@ class Flattener(object):
                 return self._make_links(group, done)
             if isinstance(done, _LinkGroup):                 # already to be read again
                 return self._merge(group, done)
-            if isinstance(done, int):                        # a file: read the layer again
-                self.rereads.setdefault(self.layer, {})[done] = group
+            if done.isreg():                                 # read this layer again later
+                self.rereads.setdefault(self.layer, []).append((done, group))
                 self.skipped[target] = group
                 return None
             if done.issym() or done.isfifo():
@@ -3908,11 +4083,8 @@ class Flattener(object):
             if kind == K_PENDING:
                 return self._merge(group, self.reserved[path])
         elif visible and member.isreg():                     # hidden now: copy its data
-            first = group.paths[0]
-            self._write_file(self.root + b"/" + first, member, archive)
-            self._settle(first, member)
-            self.skipped[path] = first
-            return self._make_links(group, first)
+            self.skipped[path] = group.paths[0]
+            return self._materialize(group, member, archive)
         elif visible and member.islnk():
             target = clean_member_path(member.linkname)
             if target:
@@ -3924,10 +4096,14 @@ class Flattener(object):
         self._unreserve(group)
         return None
 
-    def _settle(self, path, member):
-        self.reserved.pop(path, None)
-        self.index[path] = self.index[path] & ~7 | K_FILE
-        self._record(path, member)
+    def _materialize(self, group, member, archive):
+        """Write the member's data to the group's first path and link the others to it."""
+        first = group.paths[0]
+        self._write_file(self.root + b"/" + first, member, archive)
+        self.reserved.pop(first, None)
+        self.index[first] = self.index[first] & ~7 | K_FILE
+        self._record(first, member)
+        return self._make_links(group, first)
 
     def _make_links(self, group, source):
         for path in group.paths:
@@ -3966,14 +4142,26 @@ class Flattener(object):
         self._record(first, member)
         return self._make_links(group, first)
 
-    def _reread(self, wanted, member, archive):
-        group = wanted.get(member.offset_data)
-        if group is None or not group.paths or not member.isreg():
-            return
-        first = group.paths[0]
-        self._write_file(self.root + b"/" + first, member, archive)
-        self._settle(first, member)
-        self._make_links(group, first)
+    def _reread(self, handle, wanted):
+        """Second read of a layer: the data of hidden files that hardlinks still need.
+
+        Only the stream is read, straight to each member's data (headers are not parsed
+        again); old GNU sparse members need tarfile, so then the whole layer is parsed."""
+        by_offset = dict((member.offset_data, (member, group)) for member, group in wanted)
+        if any(getattr(member, "sparse", None) for member, _ in wanted):
+            def visit(member, archive):
+                found = by_offset.get(member.offset_data)
+                if found and found[1].paths and member.isreg():
+                    self._materialize(found[1], member, archive)
+            return self._pass(handle, visit)
+        self.stream = LayerStream(handle, self.label)
+        try:
+            for offset in sorted(by_offset):
+                member, group = by_offset[offset]
+                if group.paths:
+                    self._materialize(group, member, None)
+        finally:
+            self.stream.close()
 
     # -- the end
 
@@ -3997,37 +4185,7 @@ class Flattener(object):
         write_atomic(path, b"".join(lines))
 
 
-def escape_attr_path(path):
-    return path.replace(b"\\", b"\\\\").replace(b"\n", b"\\n")
-
-
-def read_attrs(path):
-    """{bytes path below ROOT: (uid, gid, mode)} from an attrs file ({} if there is none)."""
-    found = {}
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except (IOError, OSError):
-        return found
-    for line in data.split(b"\n"):
-        if not line or line.startswith(b"#"):
-            continue
-        fields = line.split(b" ", 3)
-        if len(fields) != 4:
-            continue
-        name = re.sub(b"\\\\(.)", lambda m: b"\n" if m.group(1) == b"n" else m.group(1),
-                      fields[3])
-        try:
-            found[name] = (int(fields[0]), int(fields[1]), int(fields[2], 8))
-        except ValueError:
-            continue
-    return found
-
-
-def current_umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+META_DIR = ".udocker-py"        # udocker.py's own files in a container directory
 
 
 def open_layers(repo, image):
@@ -4047,6 +4205,31 @@ def open_layers(repo, image):
                 handle.close()
             raise
     return handles
+
+
+def remove_container(store, id_or_name, quiet=False):
+    """Delete a container and its names; refuses protected ones.
+
+    Under the container's lock the directory is first renamed to a hidden trash name (one
+    atomic step: other commands see the container or nothing), then deleted.
+    """
+    cid = store.get(id_or_name)
+    with store.lock(cid):
+        if not os.path.isdir(store.path(cid)):
+            raise RepositoryError("container not found: %s" % id_or_name)
+        if store.is_protected(cid):
+            raise RepositoryError("container is protected: %s" % id_or_name)
+        if not quiet:
+            MSG.info("deleting container: %s" % cid)
+        trash = os.path.join(store.dir, ".trash-%s-%d" % (cid, os.getpid()))
+        os.rename(store.path(cid), trash)
+        store.remove_names_of(cid)
+    try:
+        remove_tree(trash)
+    except OSError as exc:
+        raise RepositoryError("container %s removed, but its files could not all be "
+                              "deleted (%s): %s" % (cid, exc.strerror or exc, trash))
+    return cid
 
 
 def create_container(store, image, name=None, force=False):
@@ -4093,34 +4276,6 @@ def create_container(store, image, name=None, force=False):
         except BaseException:
             remove_container(store, cid, quiet=True)
             raise
-    return cid
-
-
-META_DIR = ".udocker-py"        # udocker.py's own files in a container directory
-
-
-def remove_container(store, id_or_name, quiet=False):
-    """Delete a container and its names; refuses protected ones.
-
-    Under the container's lock the directory is first renamed to a hidden trash name (one
-    atomic step: other commands see the container or nothing), then deleted.
-    """
-    cid = store.get(id_or_name)
-    with store.lock(cid):
-        if not os.path.isdir(store.path(cid)):
-            raise RepositoryError("container not found: %s" % id_or_name)
-        if store.is_protected(cid):
-            raise RepositoryError("container is protected: %s" % id_or_name)
-        if not quiet:
-            MSG.info("deleting container: %s" % cid)
-        trash = os.path.join(store.dir, ".trash-%s-%d" % (cid, os.getpid()))
-        os.rename(store.path(cid), trash)
-        store.remove_names_of(cid)
-    try:
-        remove_tree(trash)
-    except OSError as exc:
-        raise RepositoryError("container %s removed, but its files could not all be "
-                              "deleted (%s): %s" % (cid, exc.strerror or exc, trash))
     return cid
 
 
@@ -4180,6 +4335,17 @@ def copy_file_data(source, target, mode):
         os.close(fdin)
 
 
+def container_execmode(store, cid, cfg):
+    """The execution mode recorded for a container, else the configured default."""
+    try:
+        mode = read_text(store.path(cid, "execmode")).strip()
+    except (IOError, OSError):
+        mode = ""
+    if mode or cfg is None:
+        return mode
+    return cfg.override_default_execution_mode or cfg.default_execution_mode
+
+
 def clone_container(store, id_or_name, name=None):
     """Copy a container to a new id (and name); returns the new id.
 
@@ -4218,17 +4384,6 @@ def clone_container(store, id_or_name, name=None):
         MSG.warning("clone %s is in mode %s: run `setup --execmode=%s --force %s`"
                     % (new, mode, mode, new))
     return new
-
-
-def container_execmode(store, cid, cfg):
-    """The execution mode recorded for a container, else the configured default."""
-    try:
-        mode = read_text(store.path(cid, "execmode")).strip()
-    except (IOError, OSError):
-        mode = ""
-    if mode or cfg is None:
-        return mode
-    return cfg.override_default_execution_mode or cfg.default_execution_mode
 
 
 def container_platform(store, cid):
@@ -4283,7 +4438,6 @@ def export_container(store, id_or_name, output, whole=False):
     output: a path, or a binary file object (stdout). A file is written beside its final
     name and renamed into place, so a failed export leaves no partial FILE.
     """
-    import tarfile
     cid = store.get(id_or_name)
     with store.lock(cid):
         top = store.path(cid) if whole else store.path(cid, "ROOT")
@@ -4308,7 +4462,6 @@ def export_container(store, id_or_name, output, whole=False):
 
 
 def _export_tree(archive, top, attrs, whole):
-    import tarfile
     seen = {}
     stack = [b""]
     while stack:
@@ -4346,11 +4499,2383 @@ def _export_tree(archive, top, attrs, whole):
 
 
 # ==== 9. Execution engines ====
-# P1/P2 proot, R1-R3 runc/crun, F1-F4 fakechroot, S1 singularity.
+# A run: the container (or a --location tree) and the Engine class of its execution mode
+# (ENGINES: mode -> class). The base class Engine decides what every mode shares: the command
+# (Entrypoint + Cmd), the user, the environment, the working directory, the volumes and the
+# passwd/group copies; each subclass turns that into its engine's command line. The engine
+# runs as a child of udocker.py (Supervisor): stdio inherited, the terminating signals
+# forwarded to the container, what the container leaves behind killed, its status returned.
+# Tools (engine executables) are found by a section-10 object handed in by the command.
+
+EXEC_MODES = ("P1", "P2", "F1", "F2", "F3", "F4", "R1", "R2", "R3", "S1")
+FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
+                     "SIGWINCH")
+HOST_FILES = ("/etc/hosts",)     # bound like the sysdirs: the container shares the host network
+USER_RE = LazyRegex(r"^([A-Za-z0-9_.][A-Za-z0-9_.-]*\$?)?(:([A-Za-z0-9_.][A-Za-z0-9_.-]*))?$")
+ENV_NAME_RE = LazyRegex(r"^[^=\s]+$")
+ELF_MACHINES = {3: "386", 62: "amd64", 40: "arm", 183: "arm64", 21: "ppc64le", 22: "s390x",
+                243: "riscv64"}
+LIB_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu",
+                "386": "i386-linux-gnu", "arm": "arm-linux-gnueabihf",
+                "ppc64le": "powerpc64le-linux-gnu", "s390x": "s390x-linux-gnu",
+                "riscv64": "riscv64-linux-gnu"}
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+def name_matches(name, patterns):
+    """True if name matches one of the shell-style patterns: NAME, PREFIX* (the common
+    case, without fnmatch and the re it imports) or any other glob."""
+    for pattern in patterns:
+        if "*" not in pattern and "?" not in pattern and "[" not in pattern:
+            if name == pattern:
+                return True
+        elif pattern.endswith("*") and not any(c in pattern[:-1] for c in "*?["):
+            if name.startswith(pattern[:-1]):
+                return True
+        else:
+            import fnmatch
+            if fnmatch.fnmatchcase(name, pattern):
+                return True
+    return False
+
+
+def which(name, path=None):
+    """The first executable called name in path (default $PATH), or None."""
+    if "/" in name:
+        return name if is_executable(name) else None
+    for directory in (path if path is not None else os.environ.get("PATH", "")).split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if is_executable(candidate):
+            return candidate
+    return None
+
+
+def is_executable(path):
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def _native(value):
+    """argv and environment strings as the native str of this Python."""
+    return to_text(value) if PY3 else to_bytes(value)
+
+
+def run_capture(argv, env=None, timeout=30.0):
+    """Run a short probe command; returns (exit status, stdout + stderr as text).
+
+    A command that cannot be started gives (127, reason); one that outlives timeout is
+    killed (status -9).
+    """
+    import subprocess
+    try:
+        with open(os.devnull, "rb") as devnull:
+            proc = subprocess.Popen([_native(a) for a in argv], stdin=devnull,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=env, close_fds=True)
+    except OSError as exc:
+        return 127, "%s: %s" % (argv[0], exc.strerror or exc)
+    timer = threading.Timer(timeout, _kill_quietly, (proc.pid, signal.SIGKILL))
+    timer.daemon = True
+    timer.start()
+    try:
+        output = proc.communicate()[0]
+    finally:
+        timer.cancel()
+    return proc.returncode, to_text(output)
+
+
+def _kill_quietly(pid, signum):
+    try:
+        os.kill(pid, signum)
+        return True
+    except OSError:
+        return False
+
+
+def prctl_function():
+    """prctl(option, value) -> bool through ctypes, or a stand-in returning False where
+    ctypes is missing. Loaded before a fork, so the child imports nothing."""
+    try:
+        import ctypes
+        call = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return lambda option, value: False
+    return lambda option, value: call(option, value, 0, 0, 0) == 0
+
+
+def child_pids(pid):
+    """Pids of the direct children of pid (from /proc)."""
+    try:
+        return [int(p) for p in read_text("/proc/%d/task/%d/children" % (pid, pid)).split()]
+    except (IOError, OSError, ValueError):
+        return _process_tree().get(pid, [])
+
+
+def _process_tree():
+    """{parent pid: [child pids]} of every process visible in /proc."""
+    tree = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = read_text("/proc/%s/stat" % entry).rpartition(")")[2].split()
+                tree.setdefault(int(fields[1]), []).append(int(entry))
+            except (IOError, OSError, IndexError, ValueError):
+                continue
+    return tree
+
+
+def kill_marked(marker):
+    """SIGKILL every process of ours whose environment holds marker (NAME=VALUE), until
+    none is left: how a watchdog finds a container's processes once they are orphans."""
+    wanted = to_bytes(marker)
+    for _ in range(20):
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                try:
+                    with open("/proc/%s/environ" % entry, "rb") as handle:
+                        if wanted in handle.read().split(b"\0"):
+                            found.append(int(entry))
+                except (IOError, OSError):
+                    continue
+        if not found:
+            return
+        for pid in found:
+            _kill_quietly(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def descendants(pid):
+    """Pids of every process below pid, parents before their children."""
+    tree = _process_tree()
+    found, todo = [], list(tree.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        if child not in found:
+            found.append(child)
+            todo.extend(tree.get(child, []))
+    return found
+
+
+def signal_is_handled(pid, signum):
+    """True if process pid catches or ignores signum (from /proc/PID/status)."""
+    try:
+        status = read_text("/proc/%d/status" % pid)
+    except (IOError, OSError):
+        return True
+    bit = 1 << (signum - 1)
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigCgt", "SigIgn") and int(value.strip(), 16) & bit:
+            return True
+    return False
+
+
+def cont_path(path):
+    """A container path normalised: absolute, no '.', '..' or '//' ('//x' stays '//x' in
+    os.path.normpath)."""
+    return "/" + os.path.normpath("/" + path).lstrip("/")
+
+
+def resolve_in_root(root, path, follow_last=True):
+    """The host path of a container path, following symlinks as the container sees them:
+    absolute targets restart at root (a target already under root counts as inside) and
+    '..' never climbs above it."""
+    todo = [p for p in path.split("/") if p]
+    done = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        candidate = os.path.join(root, *(done + [part]))
+        if (todo or follow_last) and os.path.islink(candidate):
+            hops += 1
+            if hops > 40:
+                raise EngineError("too many levels of symbolic links: %s" % path)
+            target = os.readlink(candidate)
+            if target == root or target.startswith(root.rstrip("/") + "/"):
+                target = target[len(root.rstrip("/")):] or "/"     # made by F-mode setup
+            if target.startswith("/"):
+                done = []
+            todo = [p for p in target.split("/") if p] + todo
+            continue
+        done.append(part)
+    return os.path.join(root, *done) if done else root
+
+
+def elf_info(path):
+    """None if path is not an ELF file; else a dict: bits, type (2 exec, 3 shared), machine
+    (docker arch name), interp (container path or None), dynamic, rpath (has DT_RPATH or
+    DT_RUNPATH)."""
+    import struct
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+            if len(head) < 52 or head[:4] != b"\x7fELF":
+                return None
+            is64 = head[4:5] == b"\x02"
+            end = "<" if head[5:6] == b"\x01" else ">"
+            e_type, e_machine = struct.unpack(end + "HH", head[16:20])
+            if is64:
+                phoff = struct.unpack(end + "Q", head[32:40])[0]
+                phentsize, phnum = struct.unpack(end + "HH", head[54:58])
+            else:
+                phoff = struct.unpack(end + "I", head[28:32])[0]
+                phentsize, phnum = struct.unpack(end + "HH", head[42:46])
+            info = {"bits": 64 if is64 else 32, "type": e_type, "interp": None,
+                    "machine": ELF_MACHINES.get(e_machine, str(e_machine)),
+                    "dynamic": False, "rpath": False}
+            handle.seek(phoff)
+            table = handle.read(phentsize * phnum)
+            for i in range(phnum):
+                header = table[i * phentsize:(i + 1) * phentsize]
+                if is64:
+                    p_type, _, offset, _, _, size = struct.unpack(end + "IIQQQQ", header[:40])
+                else:
+                    p_type, offset, _, _, size = struct.unpack(end + "IIIII", header[:20])
+                if p_type == 3:                                  # PT_INTERP
+                    handle.seek(offset)
+                    info["interp"] = to_text(handle.read(min(size, 4096)).rstrip(b"\0"))
+                elif p_type == 2:                                # PT_DYNAMIC
+                    info["dynamic"] = True
+                    handle.seek(offset)
+                    info["rpath"] = _dynamic_has_rpath(handle.read(min(size, 1 << 16)),
+                                                       is64, end)
+            return info
+    except (IOError, OSError, struct.error):
+        return None
+
+
+def _dynamic_has_rpath(data, is64, end):
+    import struct
+    fmt, size = (end + "qQ", 16) if is64 else (end + "iI", 8)
+    for pos in range(0, len(data) - size + 1, size):
+        tag = struct.unpack(fmt, data[pos:pos + size])[0]
+        if tag == 0:
+            return False
+        if tag in (15, 29):                                      # DT_RPATH, DT_RUNPATH
+            return True
+    return False
+
+
+def read_os_release(root):
+    """(distro name, version id) of a tree, from etc/os-release; ('', '') if unknown."""
+    values = {}
+    for rel in ("etc/os-release", "usr/lib/os-release"):
+        try:
+            text = read_text(resolve_in_root(root, rel))
+        except (IOError, OSError):
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip().strip("\"'")
+        break
+    name = (values.get("NAME") or values.get("ID") or "").split()
+    return (name[0] if name else ""), values.get("VERSION_ID", "")
+
+
+def container_libc(root, arch):
+    """('glibc', '2.36'), ('musl', '') or (None, '') for the C library of a tree."""
+    import glob
+    if glob.glob(os.path.join(resolve_in_root(root, "/lib"), "ld-musl-*.so.1")):
+        return "musl", ""
+    triplet = LIB_TRIPLETS.get(arch, "")
+    for rel in ("lib/%s/libc.so.6" % triplet, "usr/lib/%s/libc.so.6" % triplet,
+                "lib64/libc.so.6", "usr/lib64/libc.so.6", "lib/libc.so.6", "usr/lib/libc.so.6"):
+        path = resolve_in_root(root, rel)
+        if not os.path.isfile(path):
+            continue
+        match = re.match(r"^libc-(\d+\.\d+)\.so$", os.path.basename(path))
+        if match:
+            return "glibc", match.group(1)
+        with open(path, "rb") as handle:
+            found = re.search(br"release version (\d+\.\d+)", handle.read())
+        return "glibc", to_text(found.group(1)) if found else ""
+    return None, ""
+
+
+def container_loader(root, arch):
+    """(container path, host path) of the tree's ELF loader; raises EngineError."""
+    for probe in ("/bin/sh", "/usr/bin/env", "/bin/ls"):
+        info = elf_info(resolve_in_root(root, probe))
+        if info and info["interp"]:
+            interp = info["interp"]
+            if interp.startswith(root.rstrip("/") + "/"):           # patched for F3
+                interp = interp[len(root.rstrip("/")):]
+            host = resolve_in_root(root, interp)
+            if os.path.isfile(host):
+                return interp, host
+    raise EngineError("cannot find the container's ELF loader (ld.so)")
+
+
+def container_lib_dirs(root, arch):
+    """Host paths of the tree's library directories (ld.so.conf first, then the usual)."""
+    import glob
+    wanted = []
+    pending = [resolve_in_root(root, "/etc/ld.so.conf")]
+    seen_conf = set()
+    while pending:
+        conf = pending.pop(0)
+        if conf in seen_conf or not os.path.isfile(conf):
+            continue
+        seen_conf.add(conf)
+        for line in read_text(conf).splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("include "):
+                pattern = line.split(None, 1)[1]
+                pending.extend(sorted(glob.glob(resolve_in_root(root, os.path.dirname(
+                    pattern)) + "/" + os.path.basename(pattern))))
+            elif line.startswith("/"):
+                wanted.append(line)
+    triplet = LIB_TRIPLETS.get(arch, "")
+    wanted += ["/lib/" + triplet, "/usr/lib/" + triplet, "/lib64", "/usr/lib64", "/lib",
+               "/usr/lib"]
+    found = []
+    for path in wanted:
+        host = resolve_in_root(root, path)
+        if os.path.isdir(host) and host not in found:
+            found.append(host)
+    return found
+
+
+def read_identity_db(path):
+    """Lines of a passwd/group file as lists of fields ([] if it cannot be read)."""
+    try:
+        text = read_text(path)
+    except (IOError, OSError):
+        return []
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def host_user():
+    """(name, uid, gid, home) of the user running udocker.py."""
+    import pwd
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        entry = pwd.getpwuid(uid)
+        return entry.pw_name, uid, gid, entry.pw_dir
+    except KeyError:
+        return "udoc%d" % uid, uid, gid, os.environ.get("HOME", "/")
+
+
+class Volume(object):
+    """A host path made visible at a container path (a bind, or its engine's equivalent)."""
+
+    def __init__(self, host, cont, readonly=False, system=False, device=False):
+        self.host = host
+        self.cont = cont
+        self.readonly = readonly
+        self.system = system             # a default (sysdirs, host files): missing is no error
+        self.device = device             # a device node (--device, /dev/nvidia*)
+
+    @classmethod
+    def parse(cls, spec):
+        """'HOST[:CONT[:ro|rw]]' -> Volume; raises UsageError for a bad spec."""
+        parts = spec.split(":")
+        readonly = False
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            readonly = parts.pop() == "ro"
+        if len(parts) == 1:
+            parts.append(parts[0])
+        host, cont = parts[0], parts[1] if len(parts) == 2 else ""
+        if len(parts) != 2 or not host.startswith("/") or not cont.startswith("/"):
+            raise UsageError("invalid volume: %s (HOST[:CONT], both absolute paths)" % spec)
+        cont = cont_path(cont)
+        if cont == "/":
+            raise UsageError("invalid volume: %s (cannot bind over /)" % spec)
+        host = os.path.normpath(host)
+        if not os.path.exists(host):
+            raise UsageError("invalid volume: %s (host path does not exist)" % spec)
+        return cls(host, cont, readonly)
+
+    def __repr__(self):
+        return "Volume(%s:%s)" % (self.host, self.cont)
+
+
+class RunContainer(object):
+    """A container as run sees it: id, directory (None for --location), ROOT, image config."""
+
+    def __init__(self, cid, cdir, root, config, names=()):
+        self.cid = cid
+        self.dir = cdir
+        self.root = os.path.realpath(root)
+        self.config = config if isinstance(config, dict) else {}
+        self.names = list(names)
+
+    @classmethod
+    def from_store(cls, store, cid):
+        cdir = store.path(cid)
+        root = os.path.join(cdir, "ROOT")
+        if not os.path.isdir(root):
+            raise RepositoryError("container %s has no ROOT directory" % cid)
+        return cls(cid, cdir, root, read_json(os.path.join(cdir, "container.json")),
+                   store.names(cid))
+
+    @classmethod
+    def from_location(cls, path):
+        if not os.path.isdir(path):
+            raise UsageError("invalid --location: %s is not a directory" % path)
+        return cls("location", None, path, {})
+
+    def image_config(self):
+        """The image's run config (Env, Cmd, Entrypoint, WorkingDir, User, ...), or {}."""
+        section = self.config.get("config") or self.config.get("container_config") or {}
+        return section if isinstance(section, dict) else {}
+
+    def arch(self):
+        arch = self.config.get("architecture")
+        if arch:
+            return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
+        info = elf_info(resolve_in_root(self.root, "/bin/sh"))
+        return info["machine"] if info else Platform.host().arch
+
+    def state(self, name):
+        """Contents of a small state file in the container directory, or ''."""
+        if not self.dir:
+            return ""
+        try:
+            return read_text(os.path.join(self.dir, name)).strip()
+        except (IOError, OSError):
+            return ""
+
+    def set_state(self, name, text):
+        write_atomic(os.path.join(self.dir, name), text)
+
+    def execmode(self, cfg):
+        mode = self.state("execmode").upper() or default_execmode(cfg)
+        if mode not in EXEC_MODES:
+            raise EngineError("container %s has an unknown execution mode: %s"
+                              % (self.cid, mode))
+        return mode
+
+    def run_dir(self, cfg):
+        """A directory for files the runs of this container share (passwd copies, ...)."""
+        path = os.path.join(self.dir, ".run") if self.dir else \
+            os.path.join(cfg.tmpdir, "udocker-%d-location" % os.getuid())
+        makedirs(path, 0o700)
+        return path
+
+
+def default_execmode(cfg):
+    mode = (cfg.override_default_execution_mode or cfg.default_execution_mode or "P1").upper()
+    if mode not in EXEC_MODES:
+        raise ConfigurationError("invalid default execution mode: %s (one of %s)"
+                                 % (mode, " ".join(EXEC_MODES)))
+    return mode
+
+
+class RunUser(object):
+    """Who runs inside: name, uid, gid, home and shell as the container will see them."""
+
+    def __init__(self, name, uid, gid, home="/", shell="/bin/sh", known=True):
+        self.name, self.uid, self.gid = name, uid, gid
+        self.home, self.shell, self.known = home or "/", shell or "/bin/sh", known
+
+    def passwd_line(self):
+        return "%s:x:%d:%d:*UDOCKER*:%s:%s" % (self.name, self.uid, self.gid, self.home,
+                                                self.shell)
+
+
+def _lookup_user(passwd, groups, text):
+    """RunUser for 'NAME', 'UID', 'NAME:GROUP' or 'UID:GID' given passwd/group rows."""
+    match = USER_RE.match(text)
+    if not match or not match.group(1):
+        raise UsageError("invalid user: %s (NAME or UID[:GID])" % text)
+    who, group = match.group(1), match.group(3)
+    entry = None
+    for row in passwd:
+        if len(row) >= 7 and (row[0] == who or (who.isdigit() and row[2] == who)):
+            entry = row
+            break
+    if entry is None and not who.isdigit():
+        raise EngineError("user %s not found in the container's /etc/passwd" % who)
+    if entry is not None:
+        user = RunUser(entry[0], int(entry[2]), int(entry[3] or 0), entry[5], entry[6])
+    else:
+        user = RunUser("udoc%s" % who, int(who), int(who), known=False)
+    if group is not None:
+        user.gid = _lookup_group(groups, group)
+    return user
+
+
+def _lookup_group(groups, group):
+    if group.isdigit():
+        return int(group)
+    for row in groups:
+        if len(row) >= 3 and row[0] == group:
+            return int(row[2])
+    raise EngineError("group %s not found in the container's /etc/group" % group)
+
+
+class Engine(object):
+    """What every execution mode shares; a subclass implements command() and may override
+    the hooks below. Use: Engine(session, container, opts, command_args, tools).run()."""
+
+    mode = None
+    banner_char = "*"
+    runs_as_host_user = False      # F and S modes: always the host uid/gid
+    can_publish = False            # -p with another host port (proot -p)
+    can_set_hostname = False       # --hostname (a UTS namespace)
+    can_set_kernel = False         # -k/--kernel (proot -k)
+    devices_at_own_path = False    # F: the host /dev is seen as it is, no device elsewhere
+    keeps_sysdirs = None           # None: every sysdirs_list entry; else the ones kept
+    unavailable = None             # why this mode cannot run with our tools (F2, F4)
+    death_signal = "SIGKILL"       # what the engine gets if udocker.py dies (PDEATHSIG)
+
+    def __init__(self, session, container, opts, args, tools):
+        self.session = session
+        self.cfg = session.cfg
+        self.container = container
+        self.opts = opts
+        self.args = list(args)
+        self.tools = tools
+        self.root = container.root
+        self.volumes = []
+        self.env = {}
+        self.user = None
+        self.cwd = "/"
+        self.argv = []
+        self.exe = None                # host path of argv[0]
+        self.executable = None         # the program to start when not argv[0] (F3)
+        self.passwd_rows = []
+        self.group_rows = []
+        self.signalled = None          # the last terminating signal forwarded
+
+    # -- the steps every mode takes, in order
+
+    def run(self):
+        """Prepare, start the engine and wait; returns the container command's status."""
+        self.prepare()
+        watchdog = None
+        try:
+            argv, env, cwd = self.command()
+            prefix = self.affinity(env)
+            if prefix and self.executable:          # numactl/taskset start it by its path
+                argv, self.executable = [self.executable] + argv[1:], None
+            self.banner()
+            MSG.debug("engine command: %s" % (prefix + argv))
+            watchdog = self.watchdog()
+            return Supervisor(self, watchdog).run(prefix + argv, env, cwd)
+        finally:
+            self.cleanup()
+            if watchdog is not None:
+                watchdog.release()
+
+    def prepare(self):
+        if self.unavailable:
+            raise EngineError(self.unavailable)
+        meta = {} if self.opts.get("nometa") else self.container.image_config()
+        self.check_options()
+        self.passwd_rows, self.group_rows = self.identity_sources()
+        self.user = self.choose_user(meta)
+        self.volumes = self.choose_volumes()
+        self.arrange_identity()
+        self.env = self.build_env(meta)
+        self.cwd = self.choose_cwd(meta)
+        self.argv = self.choose_command(meta)
+        self.exe = self.find_executable(self.argv[0])
+
+    def check_options(self):
+        """One line for each run option this mode cannot honour: an error where ignoring it
+        would change what the container reaches (a port), a warning where it would not."""
+        for spec in self.opts.get("publish") or []:
+            host_port, cont_port = parse_publish(spec)
+            if host_port != cont_port and not self.can_publish:
+                raise UsageError("mode %s shares the host network and cannot map ports: -p %s "
+                                 "(use a P mode, or the same port on both sides)"
+                                 % (self.mode, spec))
+        for option, able in (("hostname", self.can_set_hostname),
+                             ("kernel", self.can_set_kernel)):
+            if self.opts.get(option) and not able:
+                MSG.warning("mode %s cannot set the %s: --%s ignored"
+                            % (self.mode, "host name" if option == "hostname"
+                               else "kernel release", option))
+
+    # -- user and identity
+
+    def identity_sources(self):
+        if self.opts.get("hostauth"):
+            return read_identity_db("/etc/passwd"), read_identity_db("/etc/group")
+        return (read_identity_db(resolve_in_root(self.root, "/etc/passwd")),
+                read_identity_db(resolve_in_root(self.root, "/etc/group")))
+
+    def choose_user(self, meta):
+        wanted = self.opts.get("user") or meta.get("User") or ""
+        if self.runs_as_host_user:
+            return self._host_user(wanted)
+        if not wanted:
+            wanted = "0"
+        user = _lookup_user(self.passwd_rows, self.group_rows, wanted)
+        if user.uid == 0 and not user.known:
+            user.name, user.home = "root", "/root"
+        return user
+
+    def _host_user(self, wanted):
+        name, uid, gid, home = host_user()
+        if wanted and wanted.split(":")[0] in ("root", "0"):
+            MSG.warning("mode %s runs as your own user, not root" % self.mode)
+        elif wanted:
+            try:
+                name = _lookup_user(self.passwd_rows, self.group_rows, wanted).name
+            except EngineError:
+                pass
+        for row in self.passwd_rows:
+            if len(row) >= 7 and row[2] == str(uid):
+                return RunUser(row[0], uid, gid, row[5], row[6])
+        home = home if self.opts.get("bindhome") else "/"
+        return RunUser(name, uid, gid, home, "/bin/sh", known=False)
+
+    def identity_files(self):
+        """(passwd text, group text) for the run, or None when the container's own serve."""
+        if self.opts.get("containerauth") or \
+                any(v.cont in ("/etc/passwd", "/etc/group") for v in self.volumes):
+            return None
+        passwd = [":".join(row) for row in self.passwd_rows]
+        group = [":".join(row) for row in self.group_rows]
+        changed = self.opts.get("hostauth")
+        if not any(len(r) > 2 and r[2] == str(self.user.uid) for r in self.passwd_rows):
+            passwd.append(self.user.passwd_line())
+            changed = True
+        if not any(len(r) > 2 and r[2] == str(self.user.gid) for r in self.group_rows):
+            group.append("%s:x:%d:" % (self.user.name, self.user.gid))
+            changed = True
+        if not changed:
+            return None
+        return "\n".join(passwd) + "\n", "\n".join(group) + "\n"
+
+    def arrange_identity(self):
+        """Default: copies bound over /etc/passwd and /etc/group (P, R, S modes)."""
+        files = self.identity_files()
+        if files is None:
+            return
+        run_dir = self.container.run_dir(self.cfg)
+        for cont, text in zip(("/etc/passwd", "/etc/group"), files):
+            digest = hashlib.sha256(to_bytes(text)).hexdigest()[:16]
+            path = os.path.join(run_dir, "%s-%s" % (os.path.basename(cont), digest))
+            if not os.path.exists(path):
+                write_atomic(path, text, mode=0o644)
+            self.volumes.append(Volume(path, cont, readonly=True, system=True))
+
+    # -- volumes
+
+    def sysdirs(self):
+        wanted = list(self.cfg.sysdirs_list) + list(HOST_FILES)
+        if self.keeps_sysdirs is not None:
+            wanted = [p for p in wanted if p in self.keeps_sysdirs]
+        return wanted
+
+    def choose_volumes(self):
+        volumes = []
+        if not self.opts.get("nosysdirs"):
+            volumes += [Volume(p, p, system=True) for p in self.sysdirs() if os.path.exists(p)]
+        if self.opts.get("dri"):
+            volumes += [Volume(p, p, system=True) for p in self.cfg.dri_list
+                        if os.path.exists(p)]
+        if self.opts.get("bindhome"):
+            home = host_user()[3]
+            if os.path.isdir(home):
+                volumes.append(Volume(home, home))
+        volumes += [Volume.parse(spec) for spec in self.opts.get("volume") or []]
+        volumes += self.device_volumes(volumes)
+        novol = set(self.opts.get("novol") or [])
+        kept = {}
+        for vol in volumes:
+            if vol.host in novol or vol.cont in novol or \
+                    "%s:%s" % (vol.host, vol.cont) in novol:
+                continue
+            kept[vol.cont] = vol                        # the last one for a path wins
+        return [v for v in volumes if kept.get(v.cont) is v]
+
+    def device_volumes(self, volumes):
+        """--device HOST[:CONT[:PERMISSIONS]] as Volumes, but for a device a volume already
+        shows at its own path (P and F modes bind the host /dev)."""
+        found = []
+        for spec in self.opts.get("device") or []:
+            parts = spec.split(":")
+            host = os.path.normpath(parts[0])
+            cont = cont_path(parts[1]) if len(parts) > 1 and parts[1].startswith("/") else host
+            try:
+                st = os.stat(host)
+            except OSError:
+                raise UsageError("--device %s: no such device" % host)
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise UsageError("--device %s: not a device" % host)
+            if self.devices_at_own_path and cont != host:
+                raise UsageError("mode %s shows host devices only at their own path: --device "
+                                 "%s (use a P or R mode)" % (self.mode, spec))
+            if not any(v.host == v.cont and (host == v.host or host.startswith(v.host + "/"))
+                       and host == cont for v in volumes):
+                found.append(Volume(host, cont, system=True, device=True))
+        return found
+
+    def cont2host(self, path, follow_last=True):
+        """The host path a container path reaches, through volumes and ROOT symlinks."""
+        path = cont_path(path)
+        best = None
+        for vol in self.volumes:
+            if path == vol.cont or path.startswith(vol.cont.rstrip("/") + "/"):
+                if best is None or len(vol.cont) > len(best.cont):
+                    best = vol
+        if best is not None:
+            rest = path[len(best.cont):].lstrip("/")
+            return os.path.join(best.host, rest) if rest else best.host
+        return resolve_in_root(self.root, path, follow_last)
+
+    # -- environment
+
+    def build_env(self, meta):
+        env = {}
+        if self.opts.get("hostenv"):
+            env.update((k, v) for k, v in os.environ.items()
+                       if k not in self.cfg.invalid_host_env)
+        else:
+            env.update((k, os.environ[k]) for k in self.cfg.valid_host_env
+                       if k in os.environ and k != "PATH")
+            env.update((k, v) for k, v in os.environ.items()
+                       if name_matches(k, self.cfg.pass_host_env))
+        given = self._env_words(self.opts.get("env") or [], "-e")
+        image = self._env_words(meta.get("Env") or [], "image Env")
+        from_files = []
+        for path in self.opts.get("env_file") or []:
+            from_files += self._env_words(self._read_env_file(path), path)
+        env.update(image)
+        env.update(given)
+        for name, value in from_files:
+            if name not in dict(given) and name not in dict(image):
+                env[name] = value
+        if self.opts.get("bindhome") and "HOME" not in dict(given):
+            env["HOME"] = host_user()[3]
+        self._add_run_env(env)
+        return env
+
+    @staticmethod
+    def _env_words(words, origin):
+        pairs = []
+        for word in words:
+            name, has_value, value = word.partition("=")
+            if not ENV_NAME_RE.match(name):
+                raise UsageError("invalid environment variable in %s: %r" % (origin, word))
+            if not has_value:
+                if name not in os.environ:
+                    continue
+                value = os.environ[name]
+            pairs.append((name, value))
+        return pairs
+
+    @staticmethod
+    def _read_env_file(path):
+        try:
+            text = read_text(path)
+        except (IOError, OSError) as exc:
+            raise UsageError("cannot read --env-file %s: %s" % (path, exc.strerror or exc))
+        return [line.strip() for line in text.splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+
+    def _add_run_env(self, env):
+        user = self.user
+        if "PATH" not in env:
+            env["PATH"] = self.cfg.root_path if user.uid == 0 else self.cfg.user_path
+        env.setdefault("HOME", user.home)
+        for name in ("USER", "LOGNAME", "USERNAME"):
+            env[name] = user.name
+        env.setdefault("SHLVL", "0")
+        env["PS1"] = "%s$ " % self.container.cid[:8] if user.uid else \
+            "%s# " % self.container.cid[:8]
+        env["container_ruser"] = host_user()[0]
+        env["container_root"] = self.root
+        env["container_uuid"] = self.container.cid
+        env["container_execmode"] = self.mode
+        env["container_names"] = " ".join(self.container.names)
+        env["container_run"] = uuid.uuid4().hex[:16]      # this run's processes carry it
+
+    # -- working directory and command
+
+    def choose_cwd(self, meta):
+        wanted = self.opts.get("workdir")
+        if wanted:
+            if not wanted.startswith("/") or not os.path.isdir(self.cont2host(wanted)):
+                raise EngineError("invalid working directory: %s" % wanted)
+            return cont_path(wanted)
+        wanted = meta.get("WorkingDir") or ""
+        if wanted.startswith("/"):
+            host = self.cont2host(wanted)
+            if not os.path.isdir(host):
+                MSG.verbose("creating the image's working directory %s" % wanted)
+                try:
+                    makedirs(host)
+                except OSError as exc:
+                    raise EngineError("cannot create the working directory %s: %s"
+                                      % (wanted, exc.strerror))
+            return cont_path(wanted)
+        home = self.env.get("HOME") or self.user.home
+        if home.startswith("/") and os.path.isdir(self.cont2host(home)):
+            return cont_path(home)
+        return "/"
+
+    def choose_command(self, meta):
+        entrypoint = self.opts.get("entrypoint")
+        if entrypoint is not None:
+            argv = entrypoint.split() + self.args
+        else:
+            argv = _as_argv(meta.get("Entrypoint")) + (self.args or _as_argv(meta.get("Cmd")))
+        if not argv:
+            argv = list(self.cfg.cmd)
+            MSG.warning("no command assuming: %s" % argv)
+        return argv
+
+    def find_executable(self, name):
+        """Host path of the command, searched like execvp in the container's PATH."""
+        if "/" in name:
+            candidates = [name if name.startswith("/") else os.path.join(self.cwd, name)]
+        else:
+            candidates = [os.path.join(d or ".", name)
+                          for d in self.env.get("PATH", "").split(":") if d.startswith("/")]
+        for candidate in candidates:
+            host = self.cont2host(candidate)
+            if os.path.isfile(host) and os.access(host, os.X_OK):
+                return host
+        raise EngineError("command not found or has no execute bit set: %s" % name)
+
+    # -- start-up
+
+    def affinity(self, env):
+        """--cpuset-cpus: udocker.py binds itself to the CPUs (sched_setaffinity), which
+        the engine inherits; where that call is missing, a command prefix from
+        cpu_affinity_exec_tools (numactl, taskset), but not under fakechroot's LD_PRELOAD."""
+        cpus = self.opts.get("cpuset_cpus")
+        if not cpus:
+            return []
+        wanted = parse_cpu_list(cpus)
+        if set_cpu_affinity(wanted):
+            return []
+        if "LD_PRELOAD" in env:
+            raise EngineError("--cpuset-cpus: this Python cannot set the CPU affinity and "
+                              "mode %s cannot run numactl/taskset" % self.mode)
+        for tool in self.cfg.cpu_affinity_exec_tools:
+            if tool and which(tool[0]):
+                return [which(tool[0])] + [w.replace("%s", cpus) for w in tool[1:]]
+        MSG.warning("--cpuset-cpus: neither numactl nor taskset found, ignored")
+        return []
+
+    def banner(self):
+        if self.opts.get("nobanner") or MSG.level < Messages.INF:
+            return
+        char = self.banner_char
+        lines = ["", char * 78, char + " " * 76 + char,
+                 char + ("STARTING " + self.container.cid).center(76) + char,
+                 char + " " * 76 + char, char * 78,
+                 "executing: %s" % os.path.basename(self.argv[0])]
+        sys.stderr.write("\n".join(" " + line for line in lines) + "\n")
+        sys.stderr.flush()
+
+    # -- hooks for the modes
+
+    def command(self):
+        """(argv, environment, host working directory) of the engine process."""
+        raise NotImplementedError
+
+    def forward_signal(self, pid, signum):
+        """Deliver a signal udocker.py received to the container's processes, as a
+        terminal does to a process group (default: the engine process and all below it).
+        SIGWINCH only goes to the engine process."""
+        targets = [pid] if signum == signal.SIGWINCH else [pid] + descendants(pid)
+        for target in targets:
+            _kill_quietly(target, signum)
+
+    def exit_status(self, status):
+        return status
+
+    def watchdog(self):
+        """A Watchdog to clean up if udocker.py is killed during the run, or None."""
+        return None
+
+    def cleanup(self):
+        pass
+
+    @classmethod
+    def setup(cls, container, tools, force=False):
+        """Prepare a container for this mode (setup --execmode); default: nothing to do."""
+
+    @classmethod
+    def leave(cls, container, tools):
+        """Undo what setup() changed, before the container moves to another mode."""
+
+
+def parse_cpu_list(text):
+    """'0-3,8' -> set of CPU numbers; raises UsageError."""
+    cpus = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise UsageError("invalid --cpuset-cpus: %s (e.g. 0-3,8)" % text)
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def set_cpu_affinity(cpus):
+    """Bind this process (and so what it starts) to cpus; False if this Python has no way
+    to; raises UsageError if the host refuses the set."""
+    try:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cpus)
+            return True
+        import ctypes
+        mask = (ctypes.c_ulong * 16)()                     # cpu_set_t: 1024 bits
+        for cpu in cpus:
+            if cpu >= 1024:
+                raise OSError(errno.EINVAL, "CPU number too large")
+            mask[cpu // 64] |= 1 << (cpu % 64)
+        setaffinity = ctypes.CDLL(None, use_errno=True).sched_setaffinity
+        if setaffinity(0, ctypes.sizeof(mask), ctypes.byref(mask)) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return True
+    except (ImportError, AttributeError):
+        return False
+    except OSError as exc:
+        raise UsageError("--cpuset-cpus %s: %s" % (",".join(str(c) for c in sorted(cpus)),
+                                                    exc.strerror or exc))
+
+
+def parse_publish(spec):
+    """-p [IP:]HOST:CONT[/tcp] or CONT -> (host port, container port) as text."""
+    match = re.match(r"^(?:[\d.]+:)?(\d+):(\d+)(?:/tcp)?$", spec) or \
+        re.match(r"^()(\d+)(?:/tcp)?$", spec)
+    if not match:
+        raise UsageError("invalid port mapping: %s (HOST:CONT)" % spec)
+    return match.group(1) or match.group(2), match.group(2)
+
+
+def _as_argv(value):
+    if not value:
+        return []
+    if isinstance(value, string_types):
+        return ["/bin/sh", "-c", value]
+    return [to_text(v) for v in value]
+
+
+class Watchdog(object):
+    """A forked process that calls work() only if udocker.py dies (even by SIGKILL) before
+    release(): for engines whose container would outlive it (runc/crun keep a pid-1
+    process running when the runtime is killed). It learns of the death by EOF on a pipe."""
+
+    def __init__(self, work):
+        read_fd, self.write_fd = os.pipe()
+        for fd in (read_fd, self.write_fd):               # the engine must not hold them
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:                                 # pragma: no cover (child)
+            status = 0
+            try:
+                os.close(self.write_fd)
+                for name in FORWARDED_SIGNALS:
+                    signal.signal(getattr(signal, name), signal.SIG_IGN)
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                if not os.read(read_fd, 1):
+                    work()
+            except BaseException:
+                status = 1
+            os._exit(status)
+        os.close(read_fd)
+
+    def release(self):
+        """udocker.py is done with the container: the watchdog exits without working."""
+        if self.write_fd is not None:
+            os.write(self.write_fd, b"x")
+            os.close(self.write_fd)
+            self.write_fd = None
+            try:
+                os.waitpid(self.pid, 0)
+            except OSError:
+                pass
+
+
+class Supervisor(object):
+    """Runs an engine as udocker.py's child: stdin/stdout/stderr and other fds inherited,
+    the terminating signals forwarded through Engine.forward_signal, and once the engine
+    exits every process the container left behind (reparented to us: we are a child
+    subreaper) killed. run() returns the exit status (128+N when killed by signal N)."""
+
+    def __init__(self, engine, watchdog=None):
+        self.engine = engine
+        self.watchdog = watchdog
+        self.pid = None
+        self.pending = []
+
+    def run(self, argv, env, cwd):
+        prctl = prctl_function()
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+        previous = {}
+        for name in FORWARDED_SIGNALS:
+            signum = getattr(signal, name)
+            if signal.getsignal(signum) != signal.SIG_IGN:    # nohup & co: stays ignored
+                previous[signum] = signal.signal(signum, self._on_signal)
+        try:
+            proc = _spawn(argv, env, cwd, self.engine.executable,
+                          lambda: _engine_child_setup(prctl, self.engine.death_signal))
+            self.pid = proc.pid
+            for signum in self.pending:
+                self.engine.forward_signal(self.pid, signum)
+            status = _wait_status(proc.pid)
+            proc.returncode = status
+            _reap_leftovers(keep=(self.watchdog.pid,) if self.watchdog else ())
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return self.engine.exit_status(status)
+
+    def _on_signal(self, signum, frame):
+        if signum != signal.SIGWINCH:
+            self.engine.signalled = signum
+        if self.pid is None:
+            self.pending.append(signum)
+        else:
+            self.engine.forward_signal(self.pid, signum)
+
+
+def _spawn(argv, env, cwd, executable, child_setup):
+    """Start the engine with every fd inherited; raises EngineError if it cannot start."""
+    import subprocess
+    try:
+        return subprocess.Popen([_native(a) for a in argv], cwd=cwd, close_fds=False,
+                                executable=executable and _native(executable),
+                                env=dict((_native(k), _native(v)) for k, v in env.items()),
+                                preexec_fn=child_setup)
+    except OSError as exc:
+        raise EngineError("cannot execute %s: %s" % (argv[0], exc.strerror or exc))
+
+
+def _engine_child_setup(prctl, death_signal):
+    """In the engine process before exec: default SIGPIPE (Python ignores it), and a
+    signal when udocker.py dies, whatever kills it."""
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    prctl(PR_SET_PDEATHSIG, getattr(signal, death_signal))
+
+
+def _wait_status(pid):
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except OSError as exc:
+            if exc.errno != errno.EINTR:
+                raise
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def _reap_leftovers(keep=()):
+    """Kill and reap every remaining child (orphans of the container adopted by us)."""
+    for _ in range(100):
+        children = [p for p in child_pids(os.getpid()) if p not in keep]
+        if not children:
+            break
+        for pid in children:
+            _kill_quietly(pid, signal.SIGKILL)
+        for pid in children:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+
+
+class ProotEngine(Engine):
+    """P1: PRoot with seccomp acceleration; every volume is a -b bind, nothing in ROOT
+    changes. proot ignores SIGTERM/SIGINT/SIGHUP itself, so signals go to its first child
+    (the container's main process); --kill-on-exit takes the rest down with it."""
+
+    mode = "P1"
+    banner_char = "*"
+    noseccomp = False
+    can_publish = True
+    can_set_kernel = True
+    death_signal = "SIGQUIT"       # proot kills all its tracees on SIGQUIT, not on SIGKILL
+
+    def command(self):
+        proot, info = self.tools.proot()
+        argv = [proot]
+        if self.cfg.proot_killonexit and info.get("kill_on_exit"):
+            argv.append("--kill-on-exit")
+        if self.cfg.proot_link2symlink:
+            argv.append("--link2symlink")
+        argv += ["-r", self.root, "-w", self.cwd]
+        for vol in self.volumes:
+            if vol.readonly and not vol.system:
+                MSG.warning("P modes cannot make volumes read-only: %s" % vol.cont)
+            argv += ["-b", vol.host if vol.host == vol.cont else "%s:%s" % (vol.host, vol.cont)]
+        if self.user.uid == 0:
+            argv.append("-0")
+        else:
+            argv += ["-i", "%d:%d" % (self.user.uid, self.user.gid)]
+        if self.opts.get("kernel"):
+            argv += ["-k", self.opts["kernel"]]
+        argv += self._network_options(info)
+        env = dict(self.env)
+        env["PROOT_TMP_DIR"] = self._proot_tmp_dir()
+        for name in ("PROOT_NO_SECCOMP", "PROOT_NEW_SECCOMP"):
+            if name in os.environ:
+                env[name] = os.environ[name]
+        if self.noseccomp or self.cfg.proot_noseccomp:
+            env["PROOT_NO_SECCOMP"] = "1"
+        elif not info.get("seccomp"):
+            MSG.verbose("this proot has no seccomp acceleration: P1 runs like P2")
+        return argv + self.argv, env, None
+
+    def _network_options(self, info):
+        options = []
+        for spec in self.opts.get("publish") or []:
+            host_port, cont_port = parse_publish(spec)
+            if host_port == cont_port:
+                continue
+            if not info.get("port"):
+                raise EngineError("this proot cannot map ports (no --port): -p %s" % spec)
+            options += ["-p", "%s:%s" % (cont_port, host_port)]
+        if self.opts.get("publish_all"):
+            if info.get("netcoop"):
+                options.append("-n")
+            else:
+                MSG.warning("this proot has no network cooperation mode: -P ignored")
+        return options
+
+    def _proot_tmp_dir(self):
+        """An exec-able directory where proot unpacks its loader (PROOT_TMP_DIR)."""
+        for path in (os.environ.get("PROOT_TMP_DIR"), self.cfg.tmpdir):
+            if path and os.path.isdir(path) and os.access(path, os.W_OK) and \
+                    not os.statvfs(path).f_flag & 8:                 # ST_NOEXEC
+                return path
+        path = os.path.join(self.cfg.topdir, "tmp")
+        makedirs(path, 0o700)
+        return path
+
+    def forward_signal(self, pid, signum):
+        if signum != signal.SIGWINCH:
+            for target in descendants(pid):           # the tracees, not proot itself
+                _kill_quietly(target, signum)
+
+    def exit_status(self, status):
+        return proot_status(status, self.signalled)
+
+
+def proot_status(status, signalled):
+    """proot exits 255 when its first process dies of a signal: report 128+N for the
+    signal we forwarded."""
+    return 128 + signalled if status == 255 and signalled else status
+
+
+class ProotNoSeccompEngine(ProotEngine):
+    """P2: PRoot without seccomp (PROOT_NO_SECCOMP=1): slower, for kernels where P1 fails."""
+    mode = "P2"
+    noseccomp = True
+
+
+RUNC_MOUNTS = [
+    {"destination": "/proc", "type": "proc", "source": "proc"},
+    {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+     "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+    {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+     "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+    {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+     "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=2g"]},
+    {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+     "options": ["nosuid", "noexec", "nodev"]},
+    {"destination": "/sys", "type": "none", "source": "/sys",
+     "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
+]
+RUNC_MASKED = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+               "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+               "/proc/scsi"]
+RUNC_READONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+
+
+class RuncEngine(Engine):
+    """R1: runc, or crun with --cgroup-manager=disabled, rootless. Each run has its own
+    bundle and state directory (removed afterwards), so runs of one container can overlap.
+    The container's main process is pid 1 of its pid namespace, where the kernel drops a
+    signal it has no handler for: such a signal becomes `runc kill KILL`, as it would
+    have terminated the process outside a namespace."""
+
+    mode = "R1"
+    banner_char = "%"
+    can_set_hostname = True
+    keeps_sysdirs = ("/etc/resolv.conf", "/etc/host.conf") + HOST_FILES
+
+    def __init__(self, *args):
+        Engine.__init__(self, *args)
+        self.runtime = None
+        self.flavour = "runc"
+        self.rundir = None
+        self.run_id = None
+        self.killed_by = None
+        self.init_pid = None
+
+    def choose_user(self, meta):
+        user = Engine.choose_user(self, meta)
+        if user.uid != 0 and not self._subid_ranges():
+            why = "runc_map_subids = never" if self.cfg.runc_map_subids == "never" else \
+                "no newuidmap/newgidmap or no /etc/subuid and /etc/subgid range"
+            MSG.warning("R modes run as root here (%s): --user %s ignored" % (why, user.name))
+            return _lookup_user(self.passwd_rows, self.group_rows, "0")
+        return user
+
+    def _subid_ranges(self):
+        """((uid start, count), (gid start, count)) of the user's /etc/subuid and
+        /etc/subgid ranges when newuidmap/newgidmap can map them, else None."""
+        if self.cfg.runc_map_subids not in ("user", "always", "never"):
+            raise ConfigurationError("runc_map_subids: %r is not user, always or never"
+                                     % self.cfg.runc_map_subids)
+        if self.cfg.runc_map_subids == "never" or \
+                not (which("newuidmap") and which("newgidmap")):
+            return None
+        name, uid = host_user()[:2]
+        ranges = []
+        for path in ("/etc/subuid", "/etc/subgid"):
+            found = [(int(row[1]), int(row[2])) for row in read_identity_db(path)
+                     if len(row) == 3 and row[0] in (name, str(uid)) and row[1].isdigit()
+                     and row[2].isdigit() and int(row[2]) > 0]
+            if not found:
+                return None
+            ranges.append(found[0])
+        return tuple(ranges)
+
+    def _maps_subids(self):
+        """Map the subordinate ids: always for a non-root user (else it could not run as
+        that uid); for root only with runc_map_subids = always, since files a container
+        gives to other uids can then only be removed from inside a container."""
+        if self.user.uid == 0 and self.cfg.runc_map_subids != "always":
+            return None
+        return self._subid_ranges()
+
+    def command(self):
+        self.runtime, info = self.tools.runc()
+        self.flavour = info.get("flavour", "runc")
+        self.rundir = tempfile.mkdtemp(prefix="udocker-%s-" % self.flavour,
+                                       dir=self.cfg.tmpdir)
+        self.run_id = "udocker-%s" % uuid.uuid4().hex[:16]
+        write_atomic(os.path.join(self.rundir, "config.json"),
+                     json_dumps(self.spec(), pretty=True))
+        argv = self.runtime_argv("run", "--bundle", self.rundir, self.run_id)
+        return argv, dict(os.environ), None
+
+    def runtime_argv(self, *words):
+        argv = [self.runtime]
+        if self.flavour == "crun":
+            argv.append("--cgroup-manager=disabled")
+        return argv + ["--root", os.path.join(self.rundir, "state")] + list(words)
+
+    def process_args(self):
+        return list(self.argv)
+
+    def spec(self):
+        """The OCI runtime spec of this run (runc's rootless template, edited)."""
+        tty = sys.stdin.isatty() and sys.stdout.isatty()
+        uid, gid = os.getuid(), os.getgid()
+        caps = list(self.cfg.runc_capabilities) if self.user.uid == 0 else []
+        spec = {
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": tty, "user": {"uid": self.user.uid, "gid": self.user.gid},
+                "args": self.process_args(), "cwd": self.cwd,
+                "env": ["%s=%s" % kv for kv in sorted(self.env.items())],
+                "capabilities": dict((k, caps) for k in ("bounding", "effective",
+                                                         "inheritable", "permitted",
+                                                         "ambient")),
+                "noNewPrivileges": True},
+            "root": {"path": self.root, "readonly": False},
+            "hostname": self._hostname(),
+            "mounts": [dict(m) for m in RUNC_MOUNTS] + self._volume_mounts(),
+            "linux": {
+                "uidMappings": [{"containerID": 0, "hostID": uid, "size": 1}],
+                "gidMappings": [{"containerID": 0, "hostID": gid, "size": 1}],
+                "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
+                "maskedPaths": RUNC_MASKED, "readonlyPaths": RUNC_READONLY},
+        }
+        subids = self._maps_subids()
+        if subids:
+            for key, (start, count) in zip(("uidMappings", "gidMappings"), subids):
+                spec["linux"][key].append({"containerID": 1, "hostID": start,
+                                           "size": count})
+        return spec
+
+    def _hostname(self):
+        meta = {} if self.opts.get("nometa") else self.container.image_config()
+        name = self.opts.get("hostname") or meta.get("Hostname") or ""
+        if "." in name or self.opts.get("hostname"):
+            return name
+        return socket.gethostname()
+
+    def _volume_mounts(self):
+        """Volumes as bind mounts, devices too: a rootless runtime cannot mknod, it binds
+        linux.devices entries itself, and crun refuses them outright here ("unshare
+        CLONE_NEWNS: Operation not permitted"). A device bind has no nodev."""
+        mounts = []
+        for vol in self.volumes:
+            if vol.cont in ("/dev", "/proc", "/sys"):
+                raise UsageError("R modes cannot bind %s (the runtime provides it)" % vol.cont)
+            options = ["rbind" if os.path.isdir(vol.host) else "bind", "nosuid"] + \
+                ([] if vol.device else ["nodev"]) + ["ro" if vol.readonly else "rw"]
+            mounts.append({"destination": vol.cont, "type": "none", "source": vol.host,
+                           "options": options})
+        return mounts
+
+    def forward_signal(self, pid, signum):
+        if signum == signal.SIGWINCH:
+            _kill_quietly(pid, signum)              # runc/crun resize the container's tty
+            return
+        init = self._init_pid()
+        if init and not signal_is_handled(init, signum):
+            self.killed_by = signum
+            run_capture(self.runtime_argv("kill", self.run_id, "KILL"), timeout=10)
+            return
+        for target in descendants(pid):             # the container's processes, not runc
+            _kill_quietly(target, signum)
+
+    def _init_pid(self):
+        if self.init_pid is None and self.run_id:
+            status, text = run_capture(self.runtime_argv("state", self.run_id), timeout=10)
+            try:
+                self.init_pid = int(json_loads(text).get("pid")) if status == 0 else None
+            except (ValueError, TypeError, AttributeError):
+                self.init_pid = None
+        return self.init_pid
+
+    def exit_status(self, status):
+        if self.killed_by and status in (137, 255):
+            return 128 + self.killed_by
+        return status
+
+    def watchdog(self):
+        return Watchdog(self._kill_and_cleanup)
+
+    def _kill_and_cleanup(self):
+        run_capture(self.runtime_argv("kill", self.run_id, "KILL"), timeout=10)
+        self.cleanup()
+
+    def cleanup(self):
+        if self.rundir:
+            run_capture(self.runtime_argv("delete", "--force", self.run_id), timeout=10)
+            remove_tree(self.rundir)
+            self.rundir = None
+
+
+class RuncProotEngine(RuncEngine):
+    """R2: runc with PRoot inside (bound at /.udocker/bin/proot) to emulate root for
+    chown and friends; always root in the container."""
+
+    mode = "R2"
+    noseccomp = False
+    PROOT_IN = "/.udocker/bin/proot"
+
+    def choose_user(self, meta):
+        user = Engine.choose_user(self, meta)
+        if user.uid != 0:
+            MSG.warning("mode %s runs as root in the container: --user %s ignored"
+                        % (self.mode, user.name))
+            user = _lookup_user(self.passwd_rows, self.group_rows, "0")
+        return user
+
+    def prepare(self):
+        RuncEngine.prepare(self)
+        proot = self.tools.proot()[0]
+        self.volumes.append(Volume(proot, self.PROOT_IN, readonly=True, system=True))
+        self.env["PROOT_TMP_DIR"] = "/tmp"
+        if self.noseccomp:
+            self.env["PROOT_NO_SECCOMP"] = "1"
+
+    def process_args(self):
+        return [self.PROOT_IN, "--kill-on-exit", "-0", "-w", self.cwd] + list(self.argv)
+
+    def exit_status(self, status):
+        return proot_status(RuncEngine.exit_status(self, status), self.signalled)
+
+
+class RuncProotNoSeccompEngine(RuncProotEngine):
+    """R3: like R2 with PRoot's seccomp acceleration off."""
+    mode = "R3"
+    noseccomp = True
+
+
+class FakechrootEngine(Engine):
+    """F1: libfakechroot preloaded, programs started through the container's own ld.so.
+    Runs as the host user. Debian's libfakechroot only knows FAKECHROOT_EXCLUDE_PATH, so a
+    volume is seen at its host path; HOST:CONT with another CONT becomes a symlink CONT ->
+    HOST in ROOT. The host user is added to the container's passwd/group in place.
+    Absolute symlinks in ROOT are made to point into ROOT (setup), else the kernel would
+    follow them on the host."""
+
+    mode = "F1"
+    banner_char = "#"
+    runs_as_host_user = True
+    uses_loader = True
+    devices_at_own_path = True
+
+    def arrange_identity(self):
+        """The container's passwd and group extended in place (F modes cannot show a copy
+        at another path); --hostauth: the host's files, seen at their own path."""
+        if self.opts.get("hostauth"):
+            if not any(v.cont in ("/etc/passwd", "/etc/group") for v in self.volumes):
+                self.volumes += [Volume(p, p, readonly=True, system=True)
+                                 for p in ("/etc/passwd", "/etc/group")]
+            return
+        files = self.identity_files()
+        if files is None:
+            return
+        for cont, text in zip(("/etc/passwd", "/etc/group"), files):
+            path = resolve_in_root(self.root, cont)
+            if os.path.isdir(os.path.dirname(path)):
+                write_atomic(path, text, mode=0o644)
+
+    def command(self):
+        arch = self.container.arch()
+        kind, version = container_libc(self.root, arch)
+        if kind != "glibc":
+            raise EngineError("F modes need a glibc container (this one: %s): use P1"
+                              % (kind or "no C library found"))
+        library = self._library(arch, version)
+        loader = container_loader(self.root, arch)[1]
+        libpath = ":".join(container_lib_dirs(self.root, arch))
+        excluded = []
+        for vol in self.volumes:
+            if vol.host == vol.cont:
+                excluded.append(vol.host)
+            else:
+                self._symlink_volume(vol)
+        env = dict((k, v) for k, v in self.env.items() if not k.startswith("FAKECHROOT_"))
+        env.update({"FAKECHROOT_BASE": self.root, "LD_PRELOAD": library,
+                    "LD_LIBRARY_PATH": libpath, "FAKECHROOT_AF_UNIX_PATH": self.cfg.tmpdir,
+                    "FAKECHROOT_CMD_SUBST": self.cfg.fakechroot_cmd_subst, "PWD": self.cwd})
+        if excluded:           # an empty FAKECHROOT_EXCLUDE_PATH (or entry) excludes everything
+            env["FAKECHROOT_EXCLUDE_PATH"] = ":".join(excluded)
+        if MSG.level >= Messages.DBG:
+            env["FAKECHROOT_DEBUG"] = "true"
+        program, argv = self._start_argv(self.exe, self._command_path(self.argv[0]),
+                                         self.argv[0], self.argv[1:])
+        if not self.uses_loader:
+            self.executable = program            # the kernel runs it; argv[0] stays as given
+            return argv, env, self.cont2host(self.cwd)
+        env["FAKECHROOT_ELFLOADER"] = loader
+        argv0 = ["--argv0", argv[0]] if version_at_least(version, "2.33") else []
+        return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
+
+    def _library(self, arch, version):
+        own = os.path.join(self.container.dir or "", "libfakechroot.so")
+        if self.container.dir and os.path.isfile(own) and not self.cfg.fakechroot_so:
+            return own
+        distro = read_os_release(self.root)
+        return self.tools.fakechroot_so(arch, version, distro)
+
+    def _command_path(self, name):
+        """The container path of the command (searched in PATH like find_executable)."""
+        if "/" in name:
+            return name if name.startswith("/") else os.path.join(self.cwd, name)
+        for directory in self.env.get("PATH", "").split(":"):
+            if directory.startswith("/") and \
+                    self.cont2host(os.path.join(directory, name)) == self.exe:
+                return os.path.join(directory, name)
+        return name
+
+    def _start_argv(self, host, cont, argv0, args, depth=0):
+        """(host path of the ELF program to start, its argv). The first program must be an
+        ELF: a #! script starts its interpreter (found in the container) with the script's
+        container path."""
+        with open(host, "rb") as handle:
+            head = handle.read(256)
+        if head[:2] == b"#!" and depth < 4:
+            words = to_text(head[2:].split(b"\n")[0]).strip().split(None, 1)
+            if not words:
+                raise EngineError("bad #! line in %s" % cont)
+            interp_host = self.cont2host(words[0])
+            if not is_executable(interp_host):
+                raise EngineError("interpreter not found in the container: %s" % words[0])
+            return self._start_argv(interp_host, words[0], words[0],
+                                    words[1:] + [cont] + list(args), depth + 1)
+        info = elf_info(host)
+        if info is None:
+            raise EngineError("cannot execute %s: not an ELF program or #! script" % cont)
+        if not info["interp"]:
+            raise EngineError("%s is statically linked: fakechroot cannot confine it, use P1"
+                              % cont)
+        return host, [argv0] + list(args)
+
+    def watchdog(self):
+        """If udocker.py is killed, the container's orphans are found by a marker in
+        their environment (they have no common parent left to look under)."""
+        marker = "container_run=%s" % self.env["container_run"]
+        return Watchdog(lambda: kill_marked(marker))
+
+    def _symlink_volume(self, vol):
+        link = resolve_in_root(self.root, vol.cont, follow_last=False)
+        if os.path.islink(link) and os.readlink(link) == vol.host:
+            return
+        if os.path.lexists(link) and not (os.path.isdir(link) and not os.listdir(link)):
+            raise EngineError("F modes can bind %s only at its own path or where the container "
+                              "has nothing (-v %s:%s)" % (vol.host, vol.host, vol.host))
+        makedirs(os.path.dirname(link))
+        if os.path.isdir(link):
+            os.rmdir(link)
+        symlink_atomic(vol.host, link)
+        mountpoints = os.path.join(self.container.dir or "", ".mountpoints")
+        if self.container.dir:
+            makedirs(mountpoints)
+            symlink_atomic(vol.host, os.path.join(mountpoints, vol.cont.replace("/", "#")))
+
+    @classmethod
+    def setup(cls, container, tools, force=False):
+        kind = container_libc(container.root, container.arch())[0]
+        if kind != "glibc":
+            raise EngineError("F modes need a glibc container (this one: %s): use P1"
+                              % (kind or "no C library found"))
+        old_root = container.state("root.path")
+        skip = mountpoint_links(container)
+        if old_root and old_root != container.root:
+            convert_symlinks(container.root, old_root, False, skip)
+        convert_symlinks(container.root, container.root, True, skip)
+
+    @classmethod
+    def leave(cls, container, tools):
+        convert_symlinks(container.root, container.state("root.path") or container.root,
+                         False, mountpoint_links(container))
+
+
+class FakechrootPatchedEngine(FakechrootEngine):
+    """F3: as F1, but the container's ELF files carry the host path of the container's
+    ld.so (PT_INTERP) and library directories (RUNPATH), set by patchelf at setup; the
+    original values are kept in patch.json and put back when the container leaves F3."""
+
+    mode = "F3"
+    uses_loader = False
+
+    def prepare(self):
+        FakechrootEngine.prepare(self)
+        if self.container.state("patch.path") != self.root:
+            raise EngineError("container %s was moved since it was patched for F3: run "
+                              "setup --execmode=F3 --force" % self.container.cid)
+
+    @classmethod
+    def setup(cls, container, tools, force=False):
+        if container.state("patch.path") == container.root and not force:
+            FakechrootEngine.setup(container, tools, force)
+            return
+        cls.leave(container, tools)
+        FakechrootEngine.setup(container, tools, force)
+        arch = container.arch()
+        loader = container_loader(container.root, arch)
+        libpath = ":".join(container_lib_dirs(container.root, arch))
+        patcher = ElfPatcher(tools.patchelf()[0], container)
+        patcher.patch(loader[1], libpath)
+        container.set_state("patch.path", container.root)
+
+    @classmethod
+    def leave(cls, container, tools):
+        if os.path.exists(os.path.join(container.dir, "patch.json")):
+            ElfPatcher(tools.patchelf()[0], container).restore()
+            remove_quietly(os.path.join(container.dir, "patch.path"))
+        FakechrootEngine.leave(container, tools)
+
+
+def mountpoint_links(container):
+    """Host paths of the volume symlinks F modes made in ROOT (recorded in .mountpoints)."""
+    records = os.path.join(container.dir or "", ".mountpoints")
+    if not container.dir or not os.path.isdir(records):
+        return set()
+    return set(resolve_in_root(container.root, name.replace("#", "/"), follow_last=False)
+               for name in os.listdir(records))
+
+
+def convert_symlinks(root, prefix, to_host, skip=()):
+    """to_host: make absolute symlinks in root (owned by us) point to prefix+target; else
+    strip prefix from the targets that carry it. Links in skip stay. Returns the count."""
+    prefix = prefix.rstrip("/")
+    uid = os.getuid()
+    changed = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                if path in skip or not os.path.islink(path) or os.lstat(path).st_uid != uid:
+                    continue
+                target = os.readlink(path)
+            except OSError:
+                continue
+            has_prefix = target == prefix or target.startswith(prefix + "/")
+            if to_host and target.startswith("/") and not has_prefix:
+                symlink_atomic(prefix + target, path)
+            elif not to_host and has_prefix:
+                symlink_atomic(target[len(prefix):] or "/", path)
+            else:
+                continue
+            changed += 1
+    return changed
+
+
+class ElfPatcher(object):
+    """Sets (and puts back) the PT_INTERP and RUNPATH of a container's ELF files with
+    patchelf, many files per call; what was there before is kept in patch.json."""
+
+    BATCH = 200
+
+    def __init__(self, patchelf, container):
+        self.patchelf = patchelf
+        self.container = container
+        self.record_path = os.path.join(container.dir, "patch.json")
+
+    def _elf_files(self, loader):
+        """(executables, libraries): host paths of the ELF files we own and may patch."""
+        uid = os.getuid()
+        loader_real = os.path.realpath(loader)
+        executables, libraries = [], []
+        for dirpath, dirnames, filenames in os.walk(self.container.root):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or st.st_size < 64 \
+                        or path == loader_real:
+                    continue
+                info = elf_info(path)
+                if info is None or not info["dynamic"]:
+                    continue
+                if info["interp"]:
+                    executables.append((path, info))
+                elif info["type"] == 3 and ".so" in name and not name.startswith("libc.so") \
+                        and not name.startswith("ld-"):
+                    libraries.append((path, info))
+        return executables, libraries
+
+    def patch(self, loader, libpath):
+        executables, libraries = self._elf_files(loader)
+        record = {}
+        for path, info in executables + libraries:
+            rpath = self._print_rpath(path) if info["rpath"] else None
+            record[os.path.relpath(path, self.container.root)] = [info["interp"], rpath]
+        write_atomic(self.record_path, json_dumps(record))
+        failed = self._run(["--set-interpreter", loader, "--set-rpath", libpath],
+                           [p for p, _ in executables])
+        failed += self._run(["--set-rpath", libpath], [p for p, _ in libraries])
+        MSG.info("patched %d executables and %d libraries%s"
+                 % (len(executables), len(libraries),
+                    (" (%d failed)" % len(failed)) if failed else ""))
+        for path in failed[:5]:
+            MSG.verbose("patchelf failed: %s" % path)
+
+    def restore(self):
+        record = read_json(self.record_path) or {}
+        groups = {}
+        for rel, (interp, rpath) in record.items():
+            groups.setdefault((interp, rpath), []).append(
+                os.path.join(self.container.root, rel))
+        for (interp, rpath), paths in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            options = ["--set-interpreter", interp] if interp else []
+            options += ["--set-rpath", rpath] if rpath else ["--remove-rpath"]
+            self._run(options, [p for p in paths if os.path.isfile(p)])
+        remove_quietly(self.record_path)
+
+    def _print_rpath(self, path):
+        status, text = run_capture([self.patchelf, "--print-rpath", path])
+        return text.strip() if status == 0 and text.strip() else None
+
+    def _run(self, options, paths):
+        """patchelf options on paths in batches; a failing batch is redone file by file.
+        Returns the paths that could not be patched."""
+        failed = []
+        for start in range(0, len(paths), self.BATCH):
+            batch = paths[start:start + self.BATCH]
+            modes = _make_writable(batch)
+            try:
+                if run_capture([self.patchelf] + options + batch, timeout=300)[0] == 0:
+                    continue
+                for path in batch:
+                    if run_capture([self.patchelf] + options + [path])[0] != 0:
+                        failed.append(path)
+            finally:
+                for path, mode in modes:
+                    os.chmod(path, mode)
+        return failed
+
+
+def _make_writable(paths):
+    changed = []
+    for path in paths:
+        mode = stat.S_IMODE(os.lstat(path).st_mode)
+        if not mode & stat.S_IWUSR:
+            os.chmod(path, mode | stat.S_IWUSR)
+            changed.append((path, mode))
+    return changed
+
+
+class UnavailableEngine(Engine):
+    """A mode our tools cannot provide; setup refuses it and run explains why."""
+
+    @classmethod
+    def setup(cls, container, tools, force=False):
+        raise EngineError(cls.unavailable)
+
+
+class FakechrootLoaderEngine(UnavailableEngine):
+    mode = "F2"
+    unavailable = ("F2 needs upstream udocker's patched ld.so and libfakechroot "
+                   "(LD_LIBRARY_REAL), which these tools do not have: use F3 (or F1)")
+
+
+class FakechrootAutoPatchEngine(UnavailableEngine):
+    mode = "F4"
+    unavailable = ("F4 needs upstream udocker's patchelf and libfakechroot forks (patching on "
+                   "exec), which these tools do not have: use F3")
+
+
+class SingularityEngine(Engine):
+    """S1: Singularity or Apptainer from the host (not shipped in the tools tarball); runs
+    as the host user; the environment passes as SINGULARITYENV_/APPTAINERENV_ variables."""
+
+    mode = "S1"
+    banner_char = "/"
+    runs_as_host_user = True
+    keeps_sysdirs = ("/etc/resolv.conf", "/etc/host.conf", "/lib/modules") + HOST_FILES
+
+    def command(self):
+        exe, info = self.tools.singularity()
+        prefix = "APPTAINERENV_" if info.get("flavour") == "apptainer" else "SINGULARITYENV_"
+        argv = [exe, "--quiet" if MSG.level < Messages.VER else "--verbose", "exec"]
+        argv += list(self.cfg.singularity_options) + ["--pwd", self.cwd]
+        bound = set(v.cont for v in self.volumes)
+        for vol in self.volumes:
+            argv += ["-B", "%s:%s%s" % (vol.host, vol.cont, ":ro" if vol.readonly else "")]
+        for sub in ("tmp", "var/tmp", "root"):
+            makedirs(os.path.join(self.root, sub))
+        if "/root" not in bound and self.user.home == "/root":
+            argv += ["--home", "%s/root:/root" % self.root]
+        for sub in ("/tmp", "/var/tmp"):
+            if sub not in bound:
+                argv += ["-B", "%s%s:%s" % (self.root, sub, sub)]
+        env = dict((k, v) for k, v in os.environ.items() if not k.startswith(prefix))
+        env.update((prefix + k, v) for k, v in self.env.items())
+        return argv + [self.root] + self.argv, env, None
+
+
+ENGINES = {
+    "P1": ProotEngine, "P2": ProotNoSeccompEngine,
+    "F1": FakechrootEngine, "F2": FakechrootLoaderEngine, "F3": FakechrootPatchedEngine,
+    "F4": FakechrootAutoPatchEngine,
+    "R1": RuncEngine, "R2": RuncProotEngine, "R3": RuncProotNoSeccompEngine,
+    "S1": SingularityEngine,
+}
+
+
+def set_execmode(session, container, mode, tools, force=False):
+    """Move a container to an execution mode (setup --execmode): undo what the old mode
+    changed in ROOT, do what the new one needs, record execmode and root.path. Runs under
+    the container's lock; the same mode again is a no-op unless force."""
+    mode = mode.upper()
+    if mode not in ENGINES:
+        raise UsageError("invalid execution mode: %s (one of %s)" % (mode, " ".join(EXEC_MODES)))
+    new = ENGINES[mode]
+    if new.unavailable:
+        raise EngineError(new.unavailable)
+    with session.containers.lock(container.cid):
+        current = container.state("execmode").upper() or default_execmode(session.cfg)
+        same_place = container.state("root.path") in ("", container.root)
+        if current == mode and same_place and not force and container.state("execmode"):
+            return False
+        old = ENGINES.get(current)
+        if old is not None and old is not new and container.state("execmode"):
+            old.leave(container, tools)
+        new.setup(container, tools, force=force or not same_place)
+        container.set_state("execmode", mode)
+        container.set_state("root.path", container.root)
+    return True
+
+
+def engine_for(session, container, opts, args, tools):
+    """The Engine that runs this container; F modes set up on first use (or after a move)."""
+    mode = container.execmode(session.cfg)
+    cls = ENGINES[mode]
+    if container.dir and mode.startswith("F") and not cls.unavailable and (
+            container.state("execmode").upper() != mode or
+            container.state("root.path") != container.root):
+        MSG.info("setting up container %s for mode %s" % (container.cid, mode))
+        set_execmode(session, container, mode, tools)
+    return cls(session, container, opts, args, tools)
 
 
 # ==== 10. Tools installer ====
-# The tools tarball with the engine binaries.
+# The tools tarball with the engine binaries: udocker_dir/{bin,lib,doc}/ (ours: proot-x86_64,
+# runc-x86_64, crun-x86_64, patchelf-x86_64, lib/libfakechroot-glibc2.36-x86_64.so, lib/VERSION;
+# upstream's 1.2.11 layout is accepted too). Sources come from `tarball` (UDOCKER_TARBALL): local
+# files or URLs tried in order; each is checked against a sha256, its lib/VERSION against
+# `tarball_release`, then unpacked into a staging directory inside topdir and renamed into
+# bin/ lib/ doc/ file by file (lib/VERSION last), under the repository lock "install".
+
+TOOLS_SHA256 = {
+    # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
+    # other sum is given
+    "udocker-tools-2.0.0.tar.gz":
+        "641ae13e290a1cf93324b3d77bb6f6d3665dee6e7cc0276f079d5771e31c8e1d",
+}
+TOOLS_PARTS = ("bin", "lib", "doc")
+SHA256_RE = LazyRegex(r"\b([a-fA-F0-9]{64})\b")
+
+
+def version_tuple(text):
+    """'1.2.11' -> (1, 2, 11); reading stops at the first part that is not a number."""
+    numbers = []
+    for part in (text or "").strip().split("."):
+        match = re.match(r"\d+", part)
+        if not match:
+            break
+        numbers.append(int(match.group()))
+        if match.end() != len(part):
+            break
+    return tuple(numbers)
+
+
+def version_at_least(version, minimum):
+    have, want = list(version_tuple(version)), list(version_tuple(minimum))
+    width = max(len(have), len(want))
+    return bool(have) and have + [0] * (width - len(have)) >= want + [0] * (width - len(want))
+
+
+def _is_url(source):
+    return re.match(r"^(https?|file)://", source) is not None
+
+
+def _local_path(source):
+    return source[len("file://"):] if source.startswith("file://") else source
+
+
+class ToolsInstaller(object):
+    """Fetches, verifies and installs the tools tarball into bindir, libdir and docdir."""
+
+    NEXT_STEP = "set UDOCKER_TARBALL to a local copy of the tools tarball"
+
+    def __init__(self, cfg, repo):
+        self.cfg = cfg
+        self.repo = repo
+
+    # -- state
+
+    def installed_version(self):
+        try:
+            return read_text(os.path.join(self.cfg.libdir, "VERSION")).strip() or None
+        except (IOError, OSError):
+            return None
+
+    def is_installed(self):
+        version = self.installed_version()
+        return bool(version) and version_at_least(version, self.cfg.tarball_release)
+
+    def sources(self):
+        return self.cfg.tarball.split()
+
+    def disabled(self):
+        """An explicitly empty `tarball` (UDOCKER_TARBALL="") turns installation off."""
+        return not self.sources() and self.cfg.sources.get("tarball", "default") != "default"
+
+    # -- commands
+
+    def ensure(self):
+        """Install on first use (autoinstall); returns True when the tools are installed.
+
+        Raises EngineError when an installation was tried and failed.
+        """
+        if self.is_installed():
+            return True
+        if not self.cfg.autoinstall or self.disabled():
+            MSG.verbose("tools not installed, installation skipped")
+            return False
+        return self.install()
+
+    def install(self, force=False, purge=False):
+        """Install (again with force); returns True when the tools are installed after it."""
+        if self.disabled():
+            if purge:
+                with self.repo.lock("install"):
+                    self._purge(keep=())
+            MSG.info("installation skipped (UDOCKER_TARBALL is empty)")
+            return False
+        if not self.sources():
+            raise EngineError("no tools tarball configured: set UDOCKER_TARBALL to the "
+                              "udocker tools tarball (a file or URL)")
+        with self.repo.lock("install"):
+            if self.is_installed() and not force:
+                MSG.info("tools already installed: version %s" % self.installed_version())
+                return True
+            makedirs(self.cfg.topdir)
+            staging = tempfile.mkdtemp(prefix=".install-", dir=self.cfg.topdir)
+            try:
+                version, source = self._fetch_any(staging)
+                self._commit(os.path.join(staging, "tree"), purge)
+            finally:
+                remove_tree(staging)
+        MSG.info("tools installed: version %s from %s" % (version, source))
+        return True
+
+    # -- fetching and checking
+
+    def _fetch_any(self, staging):
+        """Try each source in order; returns (version, source) of the one unpacked."""
+        errors = []
+        for source in self.sources():
+            try:
+                return self._fetch_one(source, staging), source
+            except EngineError as exc:
+                MSG.verbose("tools tarball %s: %s" % (source, exc))
+                errors.append(str(exc))
+                remove_tree(os.path.join(staging, "tree"))
+        if len(errors) == 1:
+            raise EngineError(errors[0])
+        raise EngineError("%s (and %d other source(s) failed)" % (errors[-1], len(errors) - 1))
+
+    def _fetch_one(self, source, staging):
+        MSG.info("installing tools from %s" % source)
+        if _is_url(source) and not source.startswith("file://"):
+            path = os.path.join(staging, "tarball")
+            digest = self._download(source, path)
+        else:
+            path = os.path.abspath(os.path.expanduser(_local_path(source)))
+            if not os.path.isfile(path):
+                raise EngineError("tools tarball not found: %s" % path)
+            digest = sha256_file(path)
+        self._check_sha256(source, digest)
+        tree = os.path.join(staging, "tree")
+        version = unpack_tools(path, tree, source)
+        if not version_at_least(version, self.cfg.tarball_release):
+            raise EngineError("tools tarball %s has version %s, older than the required %s "
+                              "(tarball_release): set UDOCKER_TARBALL to a newer one"
+                              % (source, version, self.cfg.tarball_release))
+        return version
+
+    def _download(self, url, path):
+        """Download url to path; returns the sha256 of what was received."""
+        attempts = max(1, self.cfg.installretry)
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._download_once(url, path)
+            except NETWORK_ERRORS as exc:
+                reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                if attempt >= attempts:
+                    raise EngineError("cannot download tools tarball %s: %s: %s"
+                                      % (url, reason, self.NEXT_STEP))
+                MSG.verbose("download failed (%s), retrying" % reason)
+                time.sleep(0.2 * attempt)
+
+    def _download_once(self, url, path):
+        client = HttpClient(self.cfg)
+        digest = hashlib.sha256()
+        received = 0
+        try:
+            resp = client.request("GET", url)
+            if resp.status != 200:
+                resp.close(reuse=False)
+                raise EngineError("cannot download tools tarball %s: HTTP %d %s: %s"
+                                  % (url, resp.status, resp.reason, self.NEXT_STEP))
+            expected = resp.header("content-length")
+            with open(path, "wb") as handle:
+                while True:
+                    data = resp.read(1 << 16)
+                    if not data:
+                        break
+                    handle.write(data)
+                    digest.update(data)
+                    received += len(data)
+        finally:
+            client.close()
+        if expected and expected.isdigit() and int(expected) != received:
+            raise EngineError("tools tarball %s: download truncated (%d of %s bytes): %s"
+                              % (url, received, expected, self.NEXT_STEP))
+        return digest.hexdigest()
+
+    def expected_sha256(self, source):
+        """The sha256 sums a source must match: configured, a .sha256 beside it, or pinned.
+
+        Returns a (possibly empty) list of lower-case hex digests.
+        """
+        configured = SHA256_RE.findall(self.cfg.tarball_sha256 or "")
+        if configured:
+            return [d.lower() for d in configured]
+        sidecar = self._read_sidecar(source + ".sha256")
+        if sidecar:
+            return [sidecar.lower()]
+        pinned = TOOLS_SHA256.get(os.path.basename(source.split("?")[0]))
+        return [pinned] if pinned else []
+
+    def _read_sidecar(self, source):
+        if not _is_url(source) or source.startswith("file://"):
+            try:
+                match = SHA256_RE.search(read_text(os.path.expanduser(_local_path(source))))
+            except (IOError, OSError):
+                return None
+            return match.group(1) if match else None
+        client = HttpClient(self.cfg)
+        try:
+            resp = client.request("GET", source)
+            body = resp.read_all(1 << 16) if resp.status == 200 else b""
+        except NETWORK_ERRORS + (RegistryError,):
+            return None
+        finally:
+            client.close()
+        match = SHA256_RE.search(to_text(body))
+        return match.group(1) if match else None
+
+    def _check_sha256(self, source, digest):
+        wanted = self.expected_sha256(source)
+        if not wanted:
+            if _is_url(source) and not source.startswith("file://"):
+                raise EngineError("no sha256 for tools tarball %s: set UDOCKER_TARBALL_SHA256 "
+                                  "or publish %s.sha256 beside it" % (source, source))
+            MSG.warning("tools tarball %s: no sha256 to check it against" % source)
+            return
+        if digest not in wanted:
+            raise EngineError("tools tarball %s: sha256 mismatch (got %s, expected %s): the "
+                              "file is corrupt or not the one published: %s"
+                              % (source, digest[:16], wanted[0][:16], self.NEXT_STEP))
+        MSG.verbose("tools tarball sha256 ok: %s" % digest)
+
+    # -- putting files in place
+
+    def _destinations(self):
+        return {"bin": self.cfg.bindir, "lib": self.cfg.libdir, "doc": self.cfg.docdir}
+
+    def _commit(self, tree, purge):
+        """Move every staged file into place; lib/VERSION last, so a reader never sees
+        a new VERSION with old binaries."""
+        dests = self._destinations()
+        placed = []
+        for part in TOOLS_PARTS:
+            top = os.path.join(tree, part)
+            for dirpath, _, filenames in os.walk(top):
+                rel_dir = os.path.relpath(dirpath, top)
+                for name in sorted(filenames):
+                    rel = os.path.normpath(os.path.join(rel_dir, name))
+                    if (part, rel) != ("lib", "VERSION"):
+                        placed.append((part, rel))
+        if purge:
+            self._purge(keep=placed + [("lib", "VERSION")])
+        for part, rel in placed + [("lib", "VERSION")]:
+            _move_into_place(os.path.join(tree, part, rel), os.path.join(dests[part], rel))
+
+    def _purge(self, keep):
+        """Remove every file in bin/ lib/ doc/ except the (part, relpath) pairs in keep."""
+        keep = set(keep)
+        for part, top in sorted(self._destinations().items()):
+            if not os.path.isdir(top):
+                continue
+            for name in os.listdir(top):
+                if (part, name) in keep:
+                    continue
+                MSG.verbose("purging %s" % os.path.join(top, name))
+                remove_tree(os.path.join(top, name))
+
+
+def _move_into_place(src, dest):
+    makedirs(os.path.dirname(dest))
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        remove_tree(dest)
+    try:
+        os.rename(src, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    tmp = "%s.tmp-%d" % (dest, os.getpid())         # another file system: copy, then rename
+    remove_quietly(tmp)
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), tmp)
+    else:
+        shutil.copy2(src, tmp)
+    os.rename(tmp, dest)
+
+
+def _member_parts(name):
+    """'udocker_dir/bin/x' -> ['bin', 'x']; None for members outside bin/ lib/ doc/.
+
+    Raises EngineError for names that try to leave the tree.
+    """
+    name = to_text(name)
+    while name.startswith("./"):
+        name = name[2:]
+    parts = name.rstrip("/").split("/")
+    if name.startswith("/") or ".." in parts:
+        raise EngineError("tools tarball has an unsafe member: %s" % name)
+    if len(parts) < 3 or parts[0] != "udocker_dir" or parts[1] not in TOOLS_PARTS:
+        return None
+    if any(p in ("", ".") for p in parts[2:]):
+        raise EngineError("tools tarball has an unsafe member: %s" % name)
+    return parts[1:]
+
+
+def _safe_link_target(parts, target):
+    """A symlink member may only point inside its own bin/ lib/ or doc/ directory."""
+    target = to_text(target)
+    if not target or target.startswith("/"):
+        return False
+    resolved = os.path.normpath(os.path.join(os.path.join(*parts[:-1]), target))
+    return resolved.split(os.sep)[0] == parts[0] and not resolved.startswith("..")
+
+
+def unpack_tools(path, tree, source):
+    """Extract the bin/ lib/ doc/ members of a tools tarball into tree; returns lib/VERSION.
+
+    Only regular files and symlinks that stay inside are taken. Raises EngineError for a
+    file that is not a (complete) tar archive, an unsafe member or a missing VERSION.
+    """
+    import tarfile
+    import zlib
+    makedirs(tree)
+    seen = {}
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
+                parts = _member_parts(member.name)
+                if parts is None or member.isdir():
+                    continue
+                dest = os.path.join(tree, *parts)
+                makedirs(os.path.dirname(dest))
+                if member.isreg():
+                    _extract_file(archive, member, dest, parts[0] == "bin")
+                elif member.issym() and _safe_link_target(parts, member.linkname):
+                    remove_quietly(dest)
+                    os.symlink(to_text(member.linkname), dest)
+                elif member.islnk() and to_text(member.linkname) in seen:
+                    shutil.copy2(seen[to_text(member.linkname)], dest)
+                else:
+                    MSG.verbose("tools tarball: skipped %s" % to_text(member.name))
+                    continue
+                seen[to_text(member.name).lstrip("./")] = dest
+    except (tarfile.TarError, EOFError, zlib.error, IOError, OSError) as exc:
+        if isinstance(exc, EnvironmentError) and exc.errno in (errno.ENOSPC, errno.EACCES,
+                                                               errno.EDQUOT):
+            raise
+        reason = (str(exc) or type(exc).__name__).splitlines()[0].rstrip(":")
+        raise EngineError("tools tarball %s is truncated or not a tar.gz file (%s): %s"
+                          % (source, reason, ToolsInstaller.NEXT_STEP))
+    version_file = os.path.join(tree, "lib", "VERSION")
+    if not os.path.isfile(version_file):
+        raise EngineError("%s is not a udocker tools tarball (no udocker_dir/lib/VERSION): %s"
+                          % (source, ToolsInstaller.NEXT_STEP))
+    version = read_text(version_file).strip()
+    if not version_tuple(version):
+        raise EngineError("tools tarball %s: unreadable lib/VERSION %r" % (source, version))
+    return version
+
+
+def _extract_file(archive, member, dest, executable):
+    source = archive.extractfile(member)
+    try:
+        with open(dest, "wb") as handle:
+            shutil.copyfileobj(source, handle, 1 << 20)
+    finally:
+        source.close()
+    mode = (member.mode & 0o755) | (0o700 if executable else 0o600)
+    os.chmod(dest, mode)
+
+
+def probe_proot(path):
+    """What a proot can do; Debian's 5.1.0 (no --kill-on-exit, no statx) is refused."""
+    _, help_text = run_capture([path, "--help"])
+    _, version_text = run_capture([path, "-V"])
+    found = re.search(r"\b(\d+\.\d+\.\d+)\b", version_text)
+    info = {"version": found.group(1) if found else "?",
+            "kill_on_exit": "--kill-on-exit" in help_text,
+            "seccomp": "seccomp_filter = yes" in version_text,
+            "port": "--port" in help_text, "netcoop": "--netcoop" in help_text}
+    info["ok"] = info["kill_on_exit"]
+    if not info["ok"]:
+        info["why"] = ("proot %s is too old: no --kill-on-exit and no statx translation "
+                       "(Debian's proot 5.1.0 breaks glibc 2.33+ containers)%s"
+                       % (info["version"], "" if info["seccomp"] else ", no seccomp"))
+    return info
+
+
+def probe_runtime(path):
+    status, text = run_capture([path, "--version"])
+    flavour = "crun" if "crun version" in text else "runc" if "runc version" in text else None
+    info = {"ok": status == 0 and flavour is not None, "flavour": flavour,
+            "version": (text.split("\n")[0].split() or ["?"])[-1]}
+    if not info["ok"]:
+        info["why"] = "`%s --version` does not say runc or crun" % path
+    return info
+
+
+def probe_version_word(word):
+    def probe(path):
+        status, text = run_capture([path, "--version"])
+        info = {"ok": status == 0 and word in text.lower(), "flavour": word}
+        if not info["ok"]:
+            info["why"] = "`%s --version` failed or does not say %s" % (path, word)
+        return info
+    return probe
+
+
+def probe_singularity(path):
+    status, text = run_capture([path, "--version"])
+    info = {"ok": status == 0,
+            "flavour": "apptainer" if "apptainer" in text.lower() else "singularity"}
+    if not info["ok"]:
+        info["why"] = "`%s --version` failed" % path
+    return info
+
+
+TOOL_PROBES = {"proot": probe_proot, "runc": probe_runtime, "crun": probe_runtime,
+               "patchelf": probe_version_word("patchelf"),
+               "apptainer": probe_singularity, "singularity": probe_singularity}
+
+
+class Tools(object):
+    """Finds the engine executables. Per tool: the configured executable
+    (UDOCKER_USE_*_EXECUTABLE: a path, or a program name), else the installed tools for
+    this architecture (bin/NAME-ARCH; installed on first use), else a program on PATH that
+    passes a capability probe. Probe results are cached per path, mtime and size in
+    topdir/.probes.json, so runs stay fast."""
+
+    def __init__(self, cfg, repo):
+        self.cfg = cfg
+        self.installer = ToolsInstaller(cfg, repo)
+        host = Platform.host().arch
+        self.arch = TOOL_ARCH.get(host, host)
+        self.cache_path = os.path.join(cfg.topdir, ".probes.json")
+        self.found = {}
+
+    def proot(self):
+        return self.find("proot", self.cfg.use_proot_executable, ["proot"])
+
+    def runc(self):
+        return self.find("runc", self.cfg.use_runc_executable, ["runc", "crun"])
+
+    def patchelf(self):
+        return self.find("patchelf", self.cfg.use_patchelf_executable, ["patchelf"])
+
+    def singularity(self):
+        setting = self.cfg.use_singularity_executable
+        if not setting or setting == "UDOCKER":
+            for name in ("apptainer", "singularity"):
+                path = which(name)
+                if path:
+                    return path, self.probe(name, path)
+            raise EngineError("mode S1 needs apptainer or singularity, and neither is in PATH "
+                              "(or set UDOCKER_USE_SINGULARITY_EXECUTABLE): use P1 or R1")
+        return self.find("singularity", setting, ["apptainer", "singularity"])
+
+    def find(self, kind, setting, names):
+        """(path, probe info) of the tool to use; raises EngineError naming the fix."""
+        key = (kind, setting)
+        if key not in self.found:
+            self.found[key] = self._find(kind, setting, names)
+        return self.found[key]
+
+    def _find(self, kind, setting, names):
+        if setting and "/" in setting:
+            path = os.path.abspath(os.path.expanduser(setting))
+            if not is_executable(path):
+                raise EngineError("%s executable not found: %s (UDOCKER_USE_%s_EXECUTABLE)"
+                                  % (kind, path, kind.upper()))
+            info = self.probe(self._kind_of(path, kind), path)
+            if not info.get("ok"):
+                MSG.warning("%s: %s (used anyway: you asked for it)" % (path, info.get("why")))
+            return path, info
+        if setting and setting != "UDOCKER":
+            names = [setting]
+        install_error = None
+        try:
+            self.installer.ensure()
+        except EngineError as exc:
+            install_error = exc
+        for name in names:
+            for candidate in ("%s-%s-4_8_0" % (name, self.arch), "%s-%s" % (name, self.arch),
+                              name):
+                path = os.path.join(self.cfg.bindir, candidate)
+                if is_executable(path):
+                    return path, self.probe(name, path)
+        rejected = []
+        for name in names:
+            path = which(name)
+            if not path:
+                continue
+            info = self.probe(name, path)
+            if info.get("ok"):
+                if install_error is not None:
+                    MSG.warning("%s (using %s from PATH)" % (install_error, path))
+                return path, info
+            rejected.append("%s: %s" % (path, info.get("why")))
+        if install_error is not None:
+            raise install_error
+        if rejected:
+            raise EngineError("no usable %s: %s; install the tools (udocker.py install, "
+                              "UDOCKER_TARBALL)" % (kind, "; ".join(rejected)))
+        raise EngineError("no %s found: install the tools (udocker.py install, with "
+                          "UDOCKER_TARBALL set) or set UDOCKER_USE_%s_EXECUTABLE"
+                          % ("/".join(names), kind.upper()))
+
+    @staticmethod
+    def _kind_of(path, kind):
+        base = os.path.basename(path)
+        for name in TOOL_PROBES:
+            if base.startswith(name):
+                return name
+        return kind
+
+    def probe(self, kind, path):
+        """The probe result for path, from the cache when path has not changed."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return {"ok": False, "why": "cannot stat %s" % path}
+        key = "%s|%s|%d|%d" % (kind, path, int(st.st_mtime), st.st_size)
+        cache = read_json(self.cache_path)
+        cache = cache if isinstance(cache, dict) else {}
+        if key in cache:
+            return cache[key]
+        info = TOOL_PROBES.get(kind, probe_version_word(kind))(path)
+        cache = dict((k, v) for k, v in cache.items() if k.split("|")[1] != path)
+        cache[key] = info
+        try:
+            write_atomic(self.cache_path, json_dumps(cache, pretty=True))
+        except (IOError, OSError) as exc:
+            MSG.debug("cannot cache the probe of %s: %s" % (path, exc))
+        return info
+
+    def fakechroot_so(self, arch, glibc, distro):
+        """The libfakechroot for a container (arch, glibc version, (distro, version)):
+        UDOCKER_FAKECHROOT_SO, else ours for the newest glibc not newer than the container's
+        (libfakechroot-glibcX.Y-ARCH.so), else upstream's per-distro names."""
+        setting = self.cfg.fakechroot_so
+        if setting:
+            path = setting if "/" in setting else os.path.join(self.cfg.libdir, setting)
+            if not os.path.isfile(path):
+                raise EngineError("libfakechroot not found: %s (UDOCKER_FAKECHROOT_SO)" % path)
+            return path
+        self.installer.ensure()
+        suffix = TOOL_ARCH.get(arch, arch)
+        try:
+            names = os.listdir(self.cfg.libdir)
+        except OSError:
+            names = []
+        ours = []
+        for name in names:
+            match = re.match(r"^libfakechroot-glibc(\d+\.\d+)-%s\.so$" % re.escape(suffix), name)
+            if match and (not glibc or version_at_least(glibc, match.group(1))):
+                ours.append((version_tuple(match.group(1)), name))
+        if ours:
+            return os.path.join(self.cfg.libdir, max(ours)[1])
+        name, version = distro
+        for candidate in ("libfakechroot-%s-%s-%s.so" % (name, version, suffix),
+                          "libfakechroot-%s-%s-%s.so" % (name, version.split(".")[0], suffix),
+                          "libfakechroot-%s-%s.so" % (name, suffix),
+                          "libfakechroot-%s.so" % suffix, "libfakechroot.so"):
+            if candidate in names:
+                return os.path.join(self.cfg.libdir, candidate)
+        have = sorted(n for n in names if n.startswith("libfakechroot"))
+        raise EngineError("no libfakechroot for this container (%s, glibc %s; have: %s): use "
+                          "P1, or set UDOCKER_FAKECHROOT_SO" % (suffix, glibc or "?",
+                                                               ", ".join(have) or "none"))
 
 
 # ==== 11. Command line ====
@@ -4853,6 +7378,102 @@ def cmd_mkrepo(session, opts, args):
     return 0
 
 
+# -- run, setup and install commands
+
+def local_image(session, text, opts, pull="missing"):
+    """The LocalImage for an image reference, pulled first as `pull` says: missing (or
+    reuse) pulls when it is not local, always pulls, never refuses a missing image."""
+    ref = ImageRef.parse(text)
+    present = session.repo.has_image(ref.name, ref.local_tag)
+    if pull == "always" or (not present and pull != "never"):
+        if not present:
+            MSG.info("image not found locally, pulling: %s" % ref)
+        session.puller(opts).pull(ref, session.platform(opts))
+    elif not present:
+        raise RepositoryError("image not found locally and --pull=never: %s" % ref)
+    return session.repo.image(ref.name, ref.local_tag)
+
+
+def _run_target(session, opts, target):
+    """The container id that `run TARGET` runs: an existing container (or, with
+    --pull=reuse, the one named --name), else a new one created from the image TARGET."""
+    pull = opts.get("pull") or "missing"
+    if pull not in ("missing", "never", "always", "reuse"):
+        raise UsageError("invalid --pull: %s (missing, never, always or reuse)" % pull)
+    cid = session.containers.find(target)
+    if cid is None and pull == "reuse" and opts.get("name"):
+        cid = session.containers.find(opts["name"])
+    if cid is not None:
+        if opts.get("name") and opts["name"] not in session.containers.names(cid):
+            session.containers.add_name(cid, opts["name"])
+        return cid
+    image = local_image(session, target, opts, pull)
+    return create_container(session.containers, image, opts.get("name"))
+
+
+def cmd_run(session, opts, args):
+    tools = Tools(session.cfg, session.repo)
+    if opts.get("location"):
+        container = RunContainer.from_location(opts["location"])
+        command = args
+    else:
+        cid = _run_target(session, opts, args[0])
+        container = RunContainer.from_store(session.containers, cid)
+        command = args[1:]
+    engine = engine_for(session, container, opts, command, tools)
+    status = engine.run()
+    if opts.get("rm") and container.dir:
+        _remove_after_run(session, container.cid)
+    return status
+
+
+def _remove_after_run(session, cid):
+    """run --rm: delete the container (its names too) unless it is protected."""
+    if session.containers.is_protected(cid):
+        MSG.warning("container is protected, not removed: %s" % cid)
+        return
+    with session.containers.lock(cid):
+        for name in session.containers.names(cid):
+            session.containers.remove_name(name)
+        remove_tree(session.containers.path(cid))
+
+
+def cmd_setup(session, opts, args):
+    cid = session.containers.get(args[0])
+    container = RunContainer.from_store(session.containers, cid)
+    changing = opts["execmode"] or opts["purge"] or opts["fixperm"] or opts["nvidia"]
+    if not changing:
+        out("execmode: %s" % container.execmode(session.cfg))
+        out("nvidiamode: %s" % os.path.exists(session.containers.path(cid, "nvidia")))
+        return 0
+    if session.containers.is_protected(cid):
+        raise RepositoryError("container is protected: %s" % cid)
+    if opts["nvidia"]:
+        raise EngineError("setup --nvidia is not supported by udocker.py yet")
+    if opts["purge"]:
+        _purge_mountpoints(container)
+    if opts["fixperm"]:
+        make_tree_removable(container.root)
+    if opts["execmode"]:
+        tools = Tools(session.cfg, session.repo)
+        set_execmode(session, container, opts["execmode"], tools, force=opts["force"])
+    return 0
+
+
+def _purge_mountpoints(container):
+    """setup --purge: remove the mount points F modes made in ROOT (.mountpoints)."""
+    records = os.path.join(container.dir, ".mountpoints")
+    for link in mountpoint_links(container):
+        if os.path.islink(link):
+            os.unlink(link)
+    remove_tree(records)
+
+
+def cmd_install(session, opts, args):
+    ToolsInstaller(session.cfg, session.repo).install(force=opts["force"], purge=opts["purge"])
+    return 0
+
+
 def cmd_version(session, opts, args):
     out("version: %s" % COMPAT_VERSION)
     out("tarball: %s" % session.cfg.tarball)
@@ -4890,11 +7511,7 @@ def cmd_help(session, opts, args):
 # -- container commands
 
 def cmd_create(session, opts, args):
-    ref = ImageRef.parse(args[0])
-    if not session.repo.has_image(ref.name, ref.local_tag):
-        MSG.info("image not found locally, pulling: %s" % ref)
-        session.puller(opts).pull(ref, session.platform(opts))
-    image = session.repo.image(ref.name, ref.local_tag)
+    image = local_image(session, args[0], opts)
     out(create_container(session.containers, image, opts["name"], opts["force"]))
     return 0
 
@@ -4997,7 +7614,7 @@ COMMANDS = dict((c.name, c) for c in [
             needs_repo=False),
     Command("install", "install the engines (tools tarball)", opts=[
         _o("--force", help="reinstall even if installed"),
-        _o("--purge", help="remove installed tools first")], func=cmd_not_yet),
+        _o("--purge", help="remove installed tools first")], func=cmd_install),
     Command("search", "search a registry for images, or list an image's tags",
             ["EXPRESSION"], opts=[
                 _o("-a", help="show all results without paging"),
@@ -5014,7 +7631,7 @@ COMMANDS = dict((c.name, c) for c in [
         _o("--force", help="allow a name that already exists")] + PULL_OPTS,
         func=cmd_create),
     Command("run", "run a command in a container (or image)",
-            ["CONTAINER|IMAGE", "[COMMAND...]"], RUN_OPTS, cmd_not_yet, rest=0),
+            ["CONTAINER|IMAGE", "[COMMAND...]"], RUN_OPTS, cmd_run, rest=0),
     Command("ps", "list containers", opts=[
         _o("-m", help="show the execution mode"), _o("-s", help="show the size in MB"),
         _o("-p", help="show the platform")], func=cmd_ps),
@@ -5073,7 +7690,7 @@ COMMANDS = dict((c.name, c) for c in [
         _o("--force", help="redo the setup"), _o("--purge", help="undo mount points"),
         _o("--fixperm", help="make every file accessible again"),
         _o("--nvidia", help="make the host's NVIDIA libraries available")],
-        func=cmd_not_yet),
+        func=cmd_setup),
 ])
 
 GENERAL_OPTS = [
@@ -5177,6 +7794,13 @@ def main(argv=None, environ=None):
             traceback.print_exc()
         MSG.error("%s%s" % (exc.strerror or exc,
                             (": " + exc.filename) if getattr(exc, "filename", None) else ""))
+        return 1
+    except Exception as exc:                   # a bug: still one line, -D shows where
+        if debug:
+            import traceback
+            traceback.print_exc()
+        MSG.error("internal error: %s: %s (run with -D for the traceback, and please "
+                  "report it)" % (type(exc).__name__, exc))
         return 1
 
 

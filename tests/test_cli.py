@@ -135,3 +135,60 @@ def test_unknown_option_rejected_before_anything_is_done(tmpdir):
     rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
     assert rc == 1
     assert not tmpdir.join("ud").check()          # not even the repository was created
+
+
+def test_start_up_imports_stay_lazy():
+    """`version` must not pay for the heavy modules (start-up is a benchmark target)."""
+    code = ("import sys; sys.path.insert(0, %r); import udocker; "
+            "udocker.main(['--allow-root', 'version']); "
+            "print('LOADED:' + ' '.join(m for m in ('re', 'json', 'ssl', 'socket', "
+            "'http.client', 'tarfile', 'subprocess', 'threading', 'email', 'bz2', 'lzma') "
+            "if m in sys.modules))" % os.path.dirname(SCRIPT))
+    proc = subprocess.Popen([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE)
+    out = proc.communicate()[0].decode().splitlines()
+    assert proc.returncode == 0
+    assert out[-1] == "LOADED:" or sys.version_info[0] == 2, out
+
+
+def test_root_refused_without_allow_root_in_process(monkeypatch, capsys, tmpdir):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    env = {"HOME": str(tmpdir), "UDOCKER_NOSYSCONF": "1", "UDOCKER_DIR": str(tmpdir.join("u"))}
+    assert udocker.main(["images"], env) == 1
+    assert "do not run as root" in capsys.readouterr().err
+    assert not tmpdir.join("u").check()                    # refused before anything
+    assert udocker.main(["--allow-root", "images"], env) == 0
+
+
+def test_showconf_prints_effective_typed_values(tmpdir):
+    conf = tmpdir.join("c.conf")
+    conf.write("[DEFAULT]\npull_parallel = 7\n")
+    rc, out, err = run_script(["--config=" + str(conf), "showconf"], tmpdir,
+                              env={"UDOCKER_LOGLEVEL": "4"})
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0] == lines[2] == lines[-1] == "-" * 79
+    assert "pull_parallel = 7    # %s" % conf in out
+    assert 'sysdirs_list = ["/dev", "/proc"' in out
+    assert "topdir = %s    # env UDOCKER_DIR" % tmpdir.join("ud") in out
+
+
+def test_table_of_contents_matches_the_banners():
+    """The contents list at the top names every section banner, in order."""
+    import re
+    with open(SCRIPT) as handle:
+        text = handle.read()
+    listed = re.findall(r"^#\s+(\d+)\. (\S+(?: \S+)*?)\s{2,}", text, re.M)
+    banners = re.findall(r"^# ==== (\d+)\. (.+?) ====$", text, re.M)
+    assert banners and listed == banners
+
+
+def test_an_internal_error_is_one_line(monkeypatch, capsys, tmpdir):
+    def broken(session, opts, args):
+        raise KeyError("boom")
+    monkeypatch.setattr(udocker.COMMANDS["images"], "func", broken)
+    env = {"HOME": str(tmpdir), "UDOCKER_NOSYSCONF": "1", "UDOCKER_DIR": str(tmpdir.join("u"))}
+    assert udocker.main(["--allow-root", "images"], env) == 1
+    errors = [l for l in capsys.readouterr().err.splitlines() if not l.startswith("Info:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: internal error: KeyError")
+    assert udocker.main(["--allow-root", "-D", "images"], env) == 1
+    assert "Traceback" in capsys.readouterr().err

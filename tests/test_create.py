@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -241,17 +240,19 @@ def tree(root, umoci=False):
     """
     found = {}
     inodes = {}
+    modes = {}                      # inode -> mode before this function made it readable
     umask = udocker.current_umask()
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root)
             st = os.lstat(path)
-            mode = stat.S_IMODE(st.st_mode)
+            mode = modes.setdefault(st.st_ino, stat.S_IMODE(st.st_mode))
             kind = stat.S_IFMT(st.st_mode)
             if umoci and not stat.S_ISLNK(st.st_mode):
+                if mode & 0o700 != 0o700:                  # umoci keeps 0000, 0555 ...
+                    os.chmod(path, mode | 0o700)
                 mode = udocker.disk_mode(mode, stat.S_ISDIR(st.st_mode), umask)
-                os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700)      # umoci keeps 0000
             if stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as handle:
                     what = hashlib.sha256(handle.read()).hexdigest()
@@ -380,6 +381,9 @@ IMAGES = {
     "whiteouts": lambda: Image(whiteout_layers()),
     "hardlinks": lambda: Image(hardlink_layers()),
     "odd": lambda: Image(odd_layers(), "tar"),
+    "root-opaque": lambda: Image(whiteout_layers()[:2] + [[
+        f(".wh..wh..opq"), f("new", b"n"), d("etc"), f("etc/passwd", b"new"),
+        hard("again", "etc/passwd")]]),
     "glibc": lambda: Image([glibc_layer()]),
 }
 
@@ -461,6 +465,16 @@ def test_every_compression_gives_the_same_tree(env, kind):
     env.add("ref", Image(layers, "tar"))
     env.add("img", Image(layers, kind))
     assert tree(env.root(env.create("img"))) == tree(env.root(env.create("ref")))
+
+
+@pytest.mark.skipif(udocker.buffered_decompressor("zstd") is not None or not have("zstd"),
+                    reason="this Python decompresses zstd itself, or no zstd to make a layer")
+def test_zstd_without_a_decompressor_names_the_layer(env):
+    image = env.add("z", Image([busybox_layer()], "zstd"))
+    rc, out, err = env.run("create", "z", env={"PATH": "/nonexistent"})
+    assert rc == 1 and out == b"" and err.count("\n") == 1
+    assert sha(image.blobs[0]) in err and "zstd" in err
+    assert env.containers_dir_entries() == []
 
 
 def test_concatenated_gzip_members_and_mixed_layers(env):
@@ -629,10 +643,10 @@ def test_rm_names_protection_and_errors(env):
     env.add("busybox", Image([busybox_layer()]))
     cid = env.create("busybox", name="box")
     env.store.add_name(cid, "alias")
-    env.store.set_protected(cid, True)
-    rc, out, err = env.run("rm", "box")
+    assert env.run("protect", "box")[0] == 0
+    rc, out, err = env.run("rm", "alias")
     assert rc == 1 and "protected" in err and os.path.isdir(env.store.path(cid))
-    env.store.set_protected(cid, False)
+    assert env.run("unprotect", cid)[0] == 0
     os.chmod(os.path.join(env.root(cid), "etc"), 0o500)
     rc, out, err = env.run("rm", "box", "nosuch")
     assert rc == 1 and "Info: deleting container: %s" % cid in err and "nosuch" in err
@@ -731,3 +745,53 @@ def test_rm_racing_clone_leaves_a_consistent_repository(env):
         assert entries == sorted([new, "copy"]) and tree(env.root(new)) == expected
     else:                                      # the rm won: nothing left
         assert "not found" in results[0][1].decode() and entries == []
+
+
+# ==== create from a registry (the shared registry fixture)
+
+ID_RE = udocker.ContainerStore.ID_RE
+
+
+def test_create_pulls_a_missing_image_and_matches_its_layers(udocker, registry):
+    from support.images import standard_images
+    ref = "%s/test/multilayer" % registry.host
+    res = udocker("create", "--name=multi", ref).check()
+    cid = str(res.out.strip())
+    assert res.out == cid + "\n" and ID_RE.match(cid)
+    root = os.path.join(udocker.udocker_dir, "containers", cid, "ROOT")
+    expected = dict((str(path), entry) for path, entry in
+                    standard_images()["multilayer"].files().items()
+                    if entry["type"] not in ("chardev", "blockdev"))
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            found[os.path.relpath(path, root)] = os.lstat(path)
+    assert sorted(found) == sorted(expected)
+    for path, entry in expected.items():
+        st, full = found[path], os.path.join(root, path)
+        kind = entry["type"]
+        if kind == "hardlink":
+            assert st.st_ino == found[str(entry["target"])].st_ino, path
+            entry = expected[str(entry["target"])]
+            kind = "file"
+        if kind == "file":
+            with open(full, "rb") as handle:
+                assert handle.read() == entry["data"], path
+        elif kind == "symlink":
+            assert os.readlink(full) == entry["target"], path
+        else:
+            assert {"dir": stat.S_ISDIR, "fifo": stat.S_ISFIFO}[kind](st.st_mode), path
+    listing = udocker("ps").check().out
+    assert "%s . W ['multi']" % cid in listing and ref + ":latest" in listing
+    assert udocker("images").check().out.count(ref) == 1
+
+
+def test_create_with_platform_pulls_that_platform(udocker, registry):
+    ref = "%s/test/multiarch" % registry.host
+    cid = str(udocker("create", "--platform=linux/arm64", ref).check().out.strip())
+    marker = os.path.join(udocker.udocker_dir, "containers", cid, "ROOT", "etc",
+                          "test-platform")
+    with open(marker) as handle:
+        assert handle.read() == "linux/arm64/v8\n"
+    assert "linux/arm64" in udocker("ps", "-p").check().out

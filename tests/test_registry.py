@@ -807,3 +807,182 @@ def test_schema1_manifest_is_pulled_read_only(udocker, test_images):
     config = json.loads(udocker("inspect", name).check().out)
     assert config["config"]["Cmd"] == ["sh"]
     assert "linux/amd64" in udocker("images", "-p").check().out
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+class TLSRelay(object):
+    """A TLS front (self-signed certificate for 127.0.0.1) relaying bytes to a registry."""
+
+    def __init__(self, upstream_host, workdir):
+        import socket
+        import ssl
+        import subprocess
+        self.cert = os.path.join(workdir, "cert.pem")
+        key = os.path.join(workdir, "key.pem")
+        subprocess.check_call(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+             "-out", self.cert, "-days", "1", "-subj", "/CN=localhost", "-addext",
+             "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.context = ssl.SSLContext(getattr(ssl, "PROTOCOL_TLS_SERVER",
+                                              ssl.PROTOCOL_SSLv23))
+        self.context.load_cert_chain(self.cert, key)
+        self.upstream = upstream_host.split(":")
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.host = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        thread = threading.Thread(target=self._accept)
+        thread.daemon = True
+        thread.start()
+
+    def _accept(self):
+        import socket
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except (OSError, socket.error):
+                return
+            thread = threading.Thread(target=self._serve, args=(client,))
+            thread.daemon = True
+            thread.start()
+
+    def _serve(self, client):
+        import socket
+        try:
+            tls = self.context.wrap_socket(client, server_side=True)
+        except Exception:                            # a client that gave up on the TLS
+            client.close()
+            return
+        upstream = socket.create_connection((self.upstream[0], int(self.upstream[1])))
+
+        def pump(src, dst):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    dst.sendall(data)
+            except Exception:
+                pass
+            for s in (src, dst):
+                try:
+                    s.close()
+                except Exception:
+                    pass
+
+        other = threading.Thread(target=pump, args=(upstream, tls))
+        other.daemon = True
+        other.start()
+        pump(tls, upstream)
+
+    def stop(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def tls_registry(registry, tmpdir):
+    relay = TLSRelay(registry.host, str(tmpdir))
+    yield relay
+    relay.stop()
+
+
+def test_tls_registry_needs_trust(udocker, tls_registry):
+    url = "--registry=https://" + tls_registry.host
+    res = udocker("pull", url, "test/busybox")
+    assert res.rc == 1 and "not trusted" in res.err and "Traceback" not in res.err
+    udocker("--insecure", "pull", url, "test/busybox").check()
+    udocker("rmi", "test/busybox").check()
+    by_name = "--registry=https://localhost:" + tls_registry.host.split(":")[1]
+    udocker("pull", by_name, "test/busybox",
+            env={"UDOCKER_CA_BUNDLE": tls_registry.cert}).check()
+    udocker("verify", "test/busybox").check()
+
+
+def test_localhost_registry_is_tried_with_tls_first(udocker, tls_registry):
+    # like Docker: a localhost registry is insecure by default (unverified TLS, or http)
+    udocker("pull", "%s/test/busybox" % tls_registry.host).check()
+    record = json.load(open(os.path.join(udocker.udocker_dir, "repos", tls_registry.host,
+                                         "test", "busybox", ".latest.json")))
+    assert record["registry"] == "https://" + tls_registry.host
+
+
+# -- redirects to blob storage --------------------------------------------------------------
+
+class RedirectingRegistry(LoopbackServer):
+    """Demands Basic auth, and redirects blob GETs to a storage server on another port (as
+    registries do to S3); the storage server records the headers it receives."""
+
+    def __init__(self, manifest, content_type, blobs, relative=False):
+        from support import BaseHTTPRequestHandler
+        outer = self
+        self.storage_headers = []
+
+        class Storage(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):                       # noqa: N802
+                outer.storage_headers.append(dict((k.lower(), v)
+                                                  for k, v in self.headers.items()))
+                data = blobs[self.path.split("?")[0].rsplit("/", 1)[-1]]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        class Registry(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):                       # noqa: N802
+                if self.headers.get("Authorization") != "Basic " + udocker_b64("alice:secret1"):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="test"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if "/blobs/" in self.path:
+                    digest = self.path.rsplit("/", 1)[-1]
+                    self.send_response(307)
+                    self.send_header("Location", "%s/store/%s?Signature=x" % (
+                        outer.storage.url, digest))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(manifest)))
+                self.end_headers()
+                self.wfile.write(manifest)
+
+        self.storage = LoopbackServer()
+        self.storage.serve(Storage, threaded=True)
+        self.serve(Registry, threaded=True)
+
+    def stop(self):
+        LoopbackServer.stop(self)
+        self.storage.stop()
+
+
+def test_redirect_to_storage_drops_authorization(udocker, registry, test_images):
+    info = registry.images["test/busybox:latest"]
+    image = test_images["busybox"]
+    blobs = dict((b.digest, b.data) for b in image.blobs("docker"))
+    fake = RedirectingRegistry(info["manifest"], info["media_type"], blobs)
+    try:
+        udocker("login", "--registry=" + fake.url, "--username=alice",
+                "--password=secret1").check()
+        udocker("pull", "--registry=" + fake.url, "test/busybox").check()
+    finally:
+        fake.stop()
+    assert len(fake.storage_headers) == len(blobs)
+    assert not [h for h in fake.storage_headers if "authorization" in h]
+    udocker("verify", "test/busybox").check()
+
+
+def test_udocker_registry_replaces_docker_hub(udocker, registry):
+    udocker("pull", "busybox", env={"UDOCKER_REGISTRY": registry.url}).check()
+    assert registry.images["library/busybox:latest"]["digest"] in open(os.path.join(
+        udocker.udocker_dir, "repos", "busybox", ".latest.json")).read()

@@ -1,0 +1,558 @@
+"""`run` with the real engines from the real tools tarball (UDOCKER_TEST_TARBALL), as a
+non-root user, on a glibc tree built from the host's own programs and on a static busybox
+tree: identity, environment, working directory, volumes, exit codes, stdin, #! scripts, a
+syscall-heavy walk of /usr, signals (nothing left behind), a terminal, concurrent runs.
+Every mode that cannot be tested here says why in a skip."""
+from __future__ import print_function, absolute_import
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import udocker
+import rootfs
+
+try:
+    from shlex import quote
+except ImportError:                                              # Python 2.7
+    from pipes import quote
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "udocker.py")
+TARBALL = os.environ.get("UDOCKER_TEST_TARBALL", "")
+# mode name in the tests -> (execmode, extra environment)
+MODES = {"P1": ("P1", {}), "P2": ("P2", {}), "R1": ("R1", {}),
+         "R1-crun": ("R1", {"UDOCKER_USE_RUNC_EXECUTABLE": "crun"}),
+         "R2": ("R2", {}), "R3": ("R3", {}), "F1": ("F1", {}), "F3": ("F3", {})}
+STATIC_MODES = ["P1", "P2", "R1", "R1-crun", "R2", "R3"]     # fakechroot cannot run static
+
+
+def _why_not():
+    if not TARBALL or not os.path.isfile(TARBALL):
+        return "UDOCKER_TEST_TARBALL does not name the tools tarball (%r)" % TARBALL
+    if os.geteuid() == 0:
+        return "the engines are tested as a non-root user (run: bash tests/run)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def world(tmpdir_factory):
+    reason = _why_not()
+    if reason:
+        print("skipped: " + reason)
+        pytest.skip(reason)
+    return World(tmpdir_factory.mktemp("run"))
+
+
+class World(object):
+    """A udocker directory with the tools installed (by the first run) and containers
+    made on demand, one per (mode, tree)."""
+
+    def __init__(self, top):
+        self.top = str(top)
+        self.ud_dir = os.path.join(self.top, "ud")
+        self.trees = {}
+        self.containers = {}
+        self.env = dict(os.environ, UDOCKER_DIR=self.ud_dir, HOME=self.top,
+                        UDOCKER_NOSYSCONF="1", UDOCKER_TARBALL=TARBALL)
+        for name in list(self.env):
+            if name.startswith("UDOCKER_USE_") or name == "UDOCKER_DEFAULT_EXECUTION_MODE":
+                del self.env[name]
+        os.makedirs(os.path.join(self.ud_dir, "containers"))
+        self.volume = os.path.join(self.top, "vol")
+        os.makedirs(self.volume)
+
+    def tree(self, kind):
+        if kind not in self.trees:
+            path = os.path.join(self.top, "tree-" + kind)
+            if kind == "busybox":
+                if not rootfs.busybox_available():
+                    pytest.skip("no static /bin/busybox (busybox-static) on this host")
+                rootfs.make_busybox_rootfs(path)
+            else:
+                rootfs.make_glibc_rootfs(path)
+            self.trees[kind] = path
+        return self.trees[kind]
+
+    def container(self, mode, kind="glibc", config=None, fresh=False):
+        """The name of a container of this tree set up for mode (created once)."""
+        key = (mode, kind)
+        if key in self.containers and not fresh:
+            return self.containers[key]
+        cid = "%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48))
+        config = config or {"Env": ["PATH=/usr/bin:/bin", "IMGVAR=fromimage"], "Cmd": ["sh"],
+                            "WorkingDir": "/tmp"}
+        rootfs.write_container(self.ud_dir, cid, self.tree(kind), config=config)
+        rc, out, err = self.ud(["setup", "--execmode=" + MODES[mode][0], cid])
+        assert rc == 0, err
+        if not fresh:
+            self.containers[key] = cid
+        return cid
+
+    def command(self, args, mode=None):
+        env = dict(self.env)
+        env.update(MODES[mode][1] if mode else {})
+        return [sys.executable, SCRIPT] + list(args), env
+
+    def ud(self, args, mode=None, stdin=None, timeout=300, env=None):
+        """Run udocker.py (env: extra environment); returns (exit code, stdout, stderr)."""
+        argv, environ = self.command(args, mode)
+        env = dict(environ, **(env or {}))
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            out, err = proc.communicate(stdin)
+        finally:
+            timer.cancel()
+        return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+    def run(self, mode, argv, options=(), kind="glibc", stdin=None, name=None, env=None):
+        cid = name or self.container(mode, kind)
+        return self.ud(["run", "--nobanner"] + list(options) + [cid] + list(argv), mode, stdin,
+                       env=env)
+
+
+def processes_matching(pattern):
+    out = subprocess.Popen(["pgrep", "-f", pattern], stdout=subprocess.PIPE).communicate()[0]
+    return out.decode("ascii").split()
+
+
+def wait_for(predicate, what, limit=120.0):
+    """Poll predicate until true; the limit only stops a broken test from hanging."""
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for " + what)
+
+
+# -- every mode, glibc tree
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_identity_env_workdir_and_volumes(world, mode):
+    with open(os.path.join(world.volume, "in-" + mode), "w") as handle:
+        handle.write("from-host\n")
+    script = ('id -u; id -un; echo "$IMGVAR $CLIVAR"; pwd; cat /data/in-%s; '
+              'echo written > /data/out-%s; cat /etc/os-release | head -n 1; '
+              'test -s /etc/resolv.conf && echo resolv-ok' % (mode, mode))
+    rc, out, err = world.run(mode, ["sh", "-c", script], ["-e", "CLIVAR=fromcli", "-v",
+                                                         world.volume + ":/data"])
+    assert rc == 0, err
+    lines = out.splitlines()
+    if mode.startswith("F"):
+        assert lines[0] == str(os.getuid())                  # F modes: the host user
+    else:
+        assert lines[:2] == ["0", "root"]
+    assert lines[2] == "fromimage fromcli"
+    assert lines[3] == "/tmp"                                 # the image WorkingDir
+    assert lines[4] == "from-host"
+    assert "Debian" in lines[5] and lines[6] == "resolv-ok"
+    with open(os.path.join(world.volume, "out-" + mode)) as handle:
+        assert handle.read() == "written\n"
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_exit_codes(world, mode):
+    for code in (0, 1, 42):
+        rc, out, err = world.run(mode, ["sh", "-c", "exit %d" % code])
+        assert rc == code, err
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_stdin_passes_through(world, mode):
+    data = b"".join(b"line %d\n" % i for i in range(20000))
+    rc, out, err = world.run(mode, ["sh", "-c", "wc -c; echo done"], stdin=data)
+    assert rc == 0, err
+    assert out.split() == [str(len(data)), "done"]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_shebang_script_with_arguments(world, mode):
+    cid = world.container(mode)
+    path = os.path.join(world.ud_dir, "containers", cid, "ROOT", "usr", "bin", "hello-script")
+    with open(path, "w") as handle:
+        handle.write("#!/bin/sh -e\necho \"script $(basename $0): $*\"\n")
+    os.chmod(path, 0o755)
+    rc, out, err = world.run(mode, ["hello-script", "a", "b c"])
+    assert rc == 0, err
+    assert out == "script hello-script: a b c\n"
+    rc, out, err = world.run(mode, ["sh", "-c", "hello-script x"])
+    assert out == "script hello-script: x\n"
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_syscall_heavy_walk_of_usr(world, mode):
+    cid = world.container(mode)
+    usr = os.path.join(world.ud_dir, "containers", cid, "ROOT", "usr")
+    expected = sum(1 for d, _, files in os.walk(usr) for f in files
+                   if not os.path.islink(os.path.join(d, f)))
+    rc, out, err = world.run(mode, ["sh", "-c", "ls -lR /usr > /dev/null && "
+                                                "find /usr -type f | wc -l && stat -c %U /usr"])
+    assert rc == 0, err
+    count, owner = out.split()
+    assert int(count) == expected
+    if not mode.startswith("F"):
+        assert owner == "root"                     # files the user owns look root-owned
+
+
+SIGNAL_CASES = [(mode, "TERM", "shell") for mode in sorted(MODES)] + \
+    [(mode, sig, form) for mode in ("P1", "R1", "R1-crun", "F1")
+     for sig, form in (("INT", "shell"), ("HUP", "shell"), ("TERM", "direct"))]
+
+
+@pytest.mark.parametrize("mode,sig,form", SIGNAL_CASES)
+def test_signal_reaches_the_container_and_nothing_is_left(world, mode, sig, form):
+    """A signal to udocker.py ends the container's command with 128+N, and no process of
+    the container survives. 'direct': the sleep is the main process (pid 1 in R modes,
+    where the kernel drops signals it has no handler for)."""
+    cid = world.container(mode)
+    marker = random.randint(800000, 899999)
+    command = ["sleep", str(marker)] if form == "direct" else \
+        ["sh", "-c", "sleep %d & sleep %d; echo after" % (marker + 1, marker)]
+    argv, env = world.command(["run", "--nobanner", cid] + command, mode)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: processes_matching("(^|/)sleep %d$" % marker), "the sleep to start")
+        proc.send_signal(getattr(signal, "SIG" + sig))
+        out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + getattr(signal, "SIG" + sig), err
+    assert b"after" not in out
+    wait_for(lambda: not processes_matching("(^|/)sleep %d$" % marker) and
+             not processes_matching("(^|/)sleep %d$" % (marker + 1)), "no process left", 30)
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1", "R2", "F3"])
+def test_sigkilled_udocker_leaves_nothing(world, mode):
+    """Even SIGKILL to udocker.py: proot gets SIGQUIT (PDEATHSIG) and kills its tracees; for
+    runc a watchdog kills the container; for fakechroot it finds the orphans."""
+    cid = world.container(mode)
+    marker = random.randint(700000, 799999)
+    argv, env = world.command(["run", "--nobanner", cid, "sh", "-c",
+                               "sleep %d & sleep %d" % (marker + 1, marker)], mode)
+    with open(os.devnull, "wb") as null:
+        proc = subprocess.Popen(argv, env=env, stdout=null, stderr=null)
+        wait_for(lambda: processes_matching("(^|/)sleep %d$" % marker), "the sleep to start")
+        proc.kill()
+        proc.wait()
+    wait_for(lambda: not processes_matching("(^|/)sleep %d$" % marker) and
+             not processes_matching("(^|/)sleep %d$" % (marker + 1)), "no process left", 30)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_exit_code_with_a_terminal(world, mode):
+    if not udocker.which("script"):
+        print("skipped: no `script` (util-linux) to make a terminal")
+        pytest.skip("no script(1) to provide a pty")
+    cid = world.container(mode)
+    argv, env = world.command(["run", "--nobanner", cid, "sh", "-c", "test -t 0 && exit 42"],
+                              mode)
+    proc = subprocess.Popen(["script", "-qec", " ".join(quote(a) for a in argv), "/dev/null"],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    out, err = proc.communicate()
+    assert proc.returncode == 42, (out, err)
+
+
+# -- static busybox tree (P and R modes)
+
+@pytest.mark.parametrize("mode", STATIC_MODES)
+def test_busybox_tree(world, mode):
+    rc, out, err = world.run(mode, ["sh", "-c", "id -u; cat; echo $IMGVAR; exit 3"],
+                             kind="busybox", stdin=b"piped\n")
+    assert rc == 3, err
+    assert out.splitlines() == ["0", "piped", "fromimage"]
+
+
+def test_fakechroot_refuses_static_trees(world):
+    cid = world.container("P1", "busybox")
+    rc, out, err = world.ud(["setup", "--execmode=F1", cid])
+    assert rc == 1 and "glibc" in err and "use P1" in err
+
+
+# -- behaviour beyond one mode
+
+def test_first_run_installs_the_tools(tmpdir):
+    if _why_not():
+        pytest.skip(_why_not())
+    top = str(tmpdir.join("ud"))
+    os.makedirs(os.path.join(top, "containers"))
+    rootfs.make_glibc_rootfs(str(tmpdir.join("tree")))
+    rootfs.write_container(top, "11111111-0000-4000-8000-000000000001", str(tmpdir.join("tree")),
+                           name="first")
+    env = dict(os.environ, UDOCKER_DIR=top, HOME=str(tmpdir), UDOCKER_NOSYSCONF="1",
+               UDOCKER_TARBALL=TARBALL)
+    proc = subprocess.Popen([sys.executable, SCRIPT, "run", "first", "echo", "hi"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == b"hi\n" and b"tools installed" in err and b"STARTING" in err
+    assert os.path.isfile(os.path.join(top, "bin", "proot-x86_64"))
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1", "F3"])
+def test_concurrent_runs_of_one_container(world, mode):
+    cid = world.container(mode)
+    flag = "conc-%s-%d" % (mode, random.getrandbits(32))
+    procs = []
+    for me, other in (("a", "b"), ("b", "a")):
+        script = ("touch /data/%s.%s; while [ ! -e /data/%s.%s ]; do sleep 0.05; done; echo %s"
+                  % (flag, me, flag, other, me))
+        argv, env = world.command(["run", "--nobanner", "-v", world.volume + ":/data", cid,
+                                   "sh", "-c", script], mode)
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    timers = [threading.Timer(120, p.kill) for p in procs]
+    for timer in timers:
+        timer.start()
+    results = [p.communicate() + (p.returncode,) for p in procs]
+    for timer in timers:
+        timer.cancel()
+    assert [r[2] for r in results] == [0, 0], results
+    assert [r[0] for r in results] == [b"a\n", b"b\n"]
+
+
+def test_user_option_and_entrypoint(world):
+    cid = world.container("P1", config={"Env": ["PATH=/usr/bin:/bin"],
+                                        "Entrypoint": ["/bin/echo", "E"], "Cmd": ["c"]},
+                          fresh=True)
+    assert world.run("P1", [], name=cid)[1] == "E c\n"
+    assert world.run("P1", ["x"], name=cid)[1] == "E x\n"
+    assert world.run("P1", ["id", "-un"], ["--entrypoint="], name=cid)[1] == "root\n"
+    rc, out, err = world.run("P1", ["sh", "-c", "id -u; id -un; echo $HOME; pwd"],
+                             ["--entrypoint=", "-u", "user"], name=cid)
+    assert out.splitlines() == ["1000", "user", "/home/user", "/home/user"], err
+
+
+def test_rm_and_location(world):
+    cid = world.container("P1", fresh=True)
+    rc, out, err = world.run("P1", ["true"], ["--rm"], name=cid)
+    assert rc == 0 and not os.path.exists(os.path.join(world.ud_dir, "containers", cid))
+    rc, out, err = world.ud(["run", "--nobanner", "--location=" + world.tree("glibc"),
+                             "sh", "-c", "echo $container_uuid"])
+    assert rc == 0 and out == "location\n", err
+
+
+def test_leaving_f3_restores_the_binaries(world):
+    cid = world.container("F3", fresh=True)
+    root = os.path.join(world.ud_dir, "containers", cid, "ROOT")
+    assert udocker.elf_info(os.path.join(root, "usr/bin/ls"))["interp"].startswith(root)
+    rc, out, err = world.ud(["setup", "--execmode=P1", cid])
+    assert rc == 0, err
+    assert udocker.elf_info(os.path.join(root, "usr/bin/ls"))["interp"] == \
+        "/lib64/ld-linux-x86-64.so.2"
+    assert os.readlink(os.path.join(root, "lib64/ld-linux-x86-64.so.2")) == \
+        "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    assert not os.path.exists(os.path.join(root, "..", "patch.json"))
+    rc, out, err = world.run("P1", ["ls", "/"], name=cid)
+    assert rc == 0 and "usr" in out.split()
+
+
+def test_moved_f_container_is_set_up_again(world):
+    cid = world.container("F3", fresh=True)
+    moved = "%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48))
+    containers = os.path.join(world.ud_dir, "containers")
+    os.rename(os.path.join(containers, cid), os.path.join(containers, moved))
+    rc, out, err = world.run("F3", ["sh", "-c", "ls -d /usr; readlink /lib64/ld-linux-*"],
+                             name=moved)
+    assert rc == 0 and "setting up container" in err, err
+    assert out == "/usr\n/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2\n"
+    interp = udocker.elf_info(os.path.join(containers, moved, "ROOT", "usr/bin/ls"))["interp"]
+    assert interp.startswith(os.path.join(containers, moved, "ROOT") + "/")
+
+
+def test_singularity_mode_explains_when_absent(world):
+    if udocker.which("apptainer") or udocker.which("singularity"):
+        pytest.skip("apptainer/singularity present: S1 not tested here")
+    cid = world.container("P1", fresh=True)
+    assert world.ud(["setup", "--execmode=S1", cid])[0] == 0
+    rc, out, err = world.ud(["run", cid, "true"])
+    assert rc == 1 and "apptainer or singularity" in err and "use P1 or R1" in err
+    print("S1 not tested: Singularity/Apptainer is not installable on this host")
+
+
+# -- run options in every mode
+
+def _launcher_env(**extra):
+    env = {"OMPI_COMM_WORLD_RANK": "3", "SLURM_JOB_ID": "77", "PMIX_RANK": "5",
+           "CUDA_VISIBLE_DEVICES": "0,1", "HOSTENV_ONLY": "h"}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_options_that_work_in_every_mode(world, mode):
+    """--env-file, --cpuset-cpus (taskset), --device at its own path, --hostauth,
+    --bindhome, -i/-t, the launcher variables (MPI, Slurm, CUDA) without --hostenv."""
+    import pwd
+    me = pwd.getpwuid(os.getuid())
+    envfile = os.path.join(world.top, "env-" + mode)
+    with open(envfile, "w") as handle:
+        handle.write("# a comment\nFILEVAR=fromfile\n")
+    script = ('echo "$OMPI_COMM_WORLD_RANK $SLURM_JOB_ID $PMIX_RANK $CUDA_VISIBLE_DEVICES '
+              '${HOSTENV_ONLY:-unset} $FILEVAR"; grep Cpus_allowed_list: /proc/self/status; '
+              'test -c /dev/full && echo device; grep -c "^%s:" /etc/passwd; echo $HOME; '
+              'test -d "$HOME" && echo home-is-there' % me.pw_name)
+    rc, out, err = world.run(mode, ["sh", "-c", script],
+                             ["--env-file=" + envfile, "--cpuset-cpus=0", "--device=/dev/full",
+                              "--hostauth", "--bindhome", "-i", "-t"],
+                             env=_launcher_env())
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "3 77 5 0,1 unset fromfile"
+    assert lines[1].split() == ["Cpus_allowed_list:", "0"]
+    assert lines[2:] == ["device", "1", me.pw_dir, "home-is-there"], err
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_hostenv_nosysdirs_novol_and_entrypoint(world, mode):
+    script = ('echo ${HOSTENV_ONLY:-unset}; test -s /etc/resolv.conf && echo resolv || '
+              'echo no-resolv; test -e /proc/self/status && echo proc || echo no-proc')
+    rc, out, err = world.run(mode, ["-c", script], ["--hostenv", "--nosysdirs",
+                                                    "--entrypoint=/bin/sh"],
+                             env=_launcher_env())
+    assert rc == 0, err
+    runtime_proc = "proc" if mode.startswith("R") else "no-proc"   # runc/crun mount their own
+    assert out.splitlines() == ["h", "no-resolv", runtime_proc]
+    rc, out, err = world.run(mode, ["sh", "-c", "test -s /etc/resolv.conf || echo none"],
+                             ["--novol=/etc/resolv.conf"])
+    assert (rc, out) == (0, "none\n"), err
+
+
+@pytest.mark.parametrize("mode", ["P1", "P2"])
+def test_proot_kernel_and_port_options(world, mode):
+    rc, out, err = world.run(mode, ["uname", "-r"], ["-k", "9.9.9-fake", "-P"])
+    assert (rc, out) == (0, "9.9.9-fake\n"), err
+
+
+def _free_port():
+    import socket
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def test_publish_maps_a_port_in_p1(world):
+    import socket
+    if not rootfs.busybox_available():
+        pytest.skip("no static busybox (nc)")
+    cont_port, host_port = _free_port(), _free_port()
+    cid = world.container("P1", "busybox")
+    argv, env = world.command(["run", "--nobanner", "-p", "%d:%d" % (host_port, cont_port), cid,
+                               "sh", "-c", "echo hello | nc -l -p %d" % cont_port], "P1")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        data = b""
+        deadline = time.time() + 60
+        while time.time() < deadline and not data:
+            try:
+                conn = socket.create_connection(("127.0.0.1", host_port), timeout=5)
+            except socket.error:
+                time.sleep(0.05)
+                continue
+            data = conn.recv(100)
+            conn.close()
+        assert data == b"hello\n"
+    finally:
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("mode", ["R1", "R1-crun", "R2"])
+def test_hostname_in_r_modes(world, mode):
+    rc, out, err = world.run(mode, ["uname", "-n"], ["--hostname=box.example"])
+    assert (rc, out) == (0, "box.example\n"), err
+
+
+@pytest.mark.parametrize("mode,options,needle", [
+    ("R1", ["-p", "8080:80"], "Error: mode R1 shares the host network and cannot map ports"),
+    ("F3", ["--device=/dev/full:/dev/myfull"], "Error: mode F3 shows host devices only at"),
+    ("F3", ["-p", "8080:80"], "Error: mode F3 shares the host network"),
+    ("P1", ["--device=/etc/passwd"], "Error: --device /etc/passwd: not a device"),
+])
+def test_options_a_mode_cannot_honour_are_one_error_line(world, mode, options, needle):
+    rc, out, err = world.run(mode, ["true"], options)
+    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith(needle), err
+
+
+@pytest.mark.parametrize("mode,options", [("P1", ["--hostname=x"]), ("R1", ["-k", "9.9"]),
+                                          ("F3", ["--hostname=x", "-p", "8080:8080"])])
+def test_cosmetic_options_a_mode_cannot_honour_warn(world, mode, options):
+    rc, out, err = world.run(mode, ["true"], options)
+    assert rc == 0 and err.count("Warning: mode %s cannot" % mode) == \
+        len([o for o in options if o.startswith("--hostname") or o == "-k"]), err
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1", "R1-crun", "R2"])
+def test_device_at_another_path(world, mode):
+    rc, out, err = world.run(mode, ["sh", "-c", "test -c /dev/myfull && echo ok; "
+                                    "echo x > /dev/myfull || echo full"],
+                             ["--device=/dev/full:/dev/myfull"])
+    assert rc == 0 and out.split() == ["ok", "full"], err
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1"])
+def test_containerauth_uses_the_container_files_as_they_are(world, mode):
+    rc, out, err = world.run(mode, ["sh", "-c", "id -u; grep -c udoc /etc/passwd"],
+                             ["--containerauth", "-u", "4321"])
+    assert out.splitlines() == ["4321", "0"], err
+
+
+def test_dri_without_dri_dirs_is_a_quiet_no_op(world):
+    present = [p for p in dict((k, d) for k, d, _ in udocker.CONFIG_DEFAULTS)["dri_list"] if os.path.isdir(p)]
+    rc, out, err = world.run("P1", ["sh", "-c", "for d in %s; do ls -d $d; done"
+                                    % " ".join(present or ["/nonexistent"])], ["--dri"])
+    if present:
+        assert rc == 0 and out.split() == present, err
+    else:
+        assert rc != 0 and "Error" not in err and "Warning" not in err
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1"])
+def test_image_user_and_workdir_applied(world, mode):
+    cid = world.container(mode, config={"Env": ["PATH=/usr/bin:/bin"], "User": "user",
+                                        "WorkingDir": "/srv/new", "Cmd": ["sh", "-c",
+                                                                         "id -un; pwd"]},
+                          fresh=True)
+    rc, out, err = world.run(mode, [], name=cid)
+    assert (rc, out) == (0, "user\n/srv/new\n"), err
+    rc, out, err = world.run(mode, ["id", "-u"], ["-u", "root"], name=cid)
+    assert out == "0\n", err
+
+
+# -- R1 with other users: newuidmap and the /etc/subuid range
+
+def test_r1_runs_as_another_user_through_subuid_ranges(world):
+    if not (udocker.which("newuidmap") and udocker.which("newgidmap")):
+        pytest.skip("no newuidmap/newgidmap (package uidmap)")
+    rc, out, err = world.run("R1", ["sh", "-c", "id -u; id -g; wc -l < /proc/self/uid_map"],
+                             ["--user=1000:1000"])
+    assert (rc, out.split()) == (0, ["1000", "1000", "2"]), err
+    rc, out, err = world.run("R1", ["sh", "-c", "touch /tmp/own; chown 123:456 /tmp/own"])
+    assert rc != 0                                 # root's own uid only: chown cannot work
+    config = os.path.join(world.top, "always.conf")
+    with open(config, "w") as handle:
+        handle.write("[DEFAULT]\nrunc_map_subids = always\n")
+    rc, out, err = world.ud(["--config=" + config, "run", "--nobanner", world.container("R1"),
+                             "sh", "-c", "touch /tmp/own; chown 123:456 /tmp/own; "
+                             "stat -c %u:%g /tmp/own; rm /tmp/own"], "R1")
+    assert (rc, out) == (0, "123:456\n"), err
+
+
+def test_r1_without_newuidmap_runs_as_root_with_one_warning(world):
+    rc, out, err = world.run("R1", ["id", "-u"], ["--user=1000:1000"],
+                             env={"PATH": "/nonexistent"})
+    assert (rc, out) == (0, "0\n"), err
+    assert err.count("Warning:") == 1 and "--user user ignored" in err

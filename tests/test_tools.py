@@ -1,0 +1,423 @@
+"""Tools installer (section 10): fetch, verify, unpack and install the tools tarball; and
+the engine lookup order (configured executable, installed tools, probed PATH)."""
+from __future__ import print_function, absolute_import
+
+import hashlib
+import io
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+import threading
+
+import pytest
+
+import udocker
+
+try:
+    from http.server import HTTPServer, BaseHTTPRequestHandler
+except ImportError:                                              # Python 2.7
+    from BaseHTTPServer import HTTPServer, BaseHTTPRequestHandler
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "udocker.py")
+ROOT_ARGS = ["--allow-root"] if os.geteuid() == 0 else []
+
+
+def make_tarball(path, version="2.0.0", extra=(), proot_text="#!/bin/sh\necho fake proot\n"):
+    """A small tools tarball: bin/proot-x86_64, lib/libfakechroot-glibc2.36-x86_64.so,
+    lib/VERSION, doc/COPYING, plus extra (name, bytes or ('link', target)) members.
+    Returns its sha256."""
+    members = [("udocker_dir/bin/proot-x86_64", proot_text.encode("ascii"), 0o755),
+               ("udocker_dir/lib/libfakechroot-glibc2.36-x86_64.so", b"\x7fELF fake", 0o644),
+               ("udocker_dir/doc/COPYING", b"license text\n", 0o644),
+               ("setup.py", b"# ignored\n", 0o644)]
+    with tarfile.open(str(path), "w:gz") as archive:
+        for name, data, mode in members + [(n, d, 0o644) for n, d in extra]:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, tuple):
+                info.type, info.linkname = tarfile.SYMTYPE, data[1]
+                archive.addfile(info)
+                continue
+            info.size, info.mode = len(data), mode
+            archive.addfile(info, io.BytesIO(data))
+        if version is not None:
+            data = (version + "\n").encode("ascii")
+            info = tarfile.TarInfo("udocker_dir/lib/VERSION")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    with open(str(path), "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def write_sidecar(path, digest):
+    with open(str(path) + ".sha256", "w") as handle:
+        handle.write("%s  %s\n" % (digest, os.path.basename(str(path))))
+
+
+def run_ud(tmpdir, args, env=None):
+    environ = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
+                   UDOCKER_NOSYSCONF="1", no_proxy="127.0.0.1,localhost")
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "UDOCKER_TARBALL",
+                 "UDOCKER_TARBALL_SHA256"):
+        environ.pop(name, None)
+    environ.update(env or {})
+    proc = subprocess.Popen([sys.executable, SCRIPT] + ROOT_ARGS + list(args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
+    out, err = proc.communicate()
+    return proc.returncode, out.decode("utf-8"), err.decode("utf-8")
+
+
+def one_error_line(err):
+    errors = [l for l in err.splitlines() if l.startswith("Error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    return errors[0]
+
+
+def installed(tmpdir, *parts):
+    return tmpdir.join("ud", *parts)
+
+
+@pytest.fixture
+def good(tmpdir):
+    path = tmpdir.join("udocker-tools-2.0.0.tar.gz")
+    write_sidecar(path, make_tarball(path))
+    return path
+
+
+class Server(object):
+    """A loopback HTTP server serving a dict path -> bytes; stopped by the fixture."""
+
+    def __init__(self):
+        files = self.files = {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = files.get(self.path)
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def server():
+    srv = Server()
+    yield srv
+    srv.stop()
+
+
+# -- versions
+
+def test_version_compare_is_numeric():
+    assert udocker.version_tuple("1.2.11") == (1, 2, 11)
+    assert udocker.version_at_least("1.2.11", "1.2.9")
+    assert udocker.version_at_least("2.0", "1.2.11")
+    assert udocker.version_at_least("2.0.0", "2.0")
+    assert not udocker.version_at_least("1.2.9", "1.2.11")
+    assert not udocker.version_at_least("", "1.0")
+    assert not udocker.version_at_least("garbage", "1.0")
+
+
+# -- installing
+
+def test_install_from_local_file(tmpdir, good):
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(good)})
+    assert rc == 0, err
+    assert "tools installed: version 2.0.0" in err
+    proot = installed(tmpdir, "bin", "proot-x86_64")
+    assert proot.read() == "#!/bin/sh\necho fake proot\n"
+    assert os.stat(str(proot)).st_mode & stat.S_IXUSR
+    assert installed(tmpdir, "lib", "VERSION").read().strip() == "2.0.0"
+    assert installed(tmpdir, "doc", "COPYING").check()
+    assert not installed(tmpdir, "setup.py").check()
+    assert not [p for p in tmpdir.join("ud").listdir() if p.basename.startswith(".install-")]
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(good)})
+    assert rc == 0 and "already installed" in err
+
+
+def test_install_from_url(tmpdir, good, server):
+    server.files["/t/tools.tar.gz"] = good.read_binary()
+    server.files["/t/tools.tar.gz.sha256"] = good.new(basename=good.basename + ".sha256") \
+        .read_binary()
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": server.url + "/t/tools.tar.gz"})
+    assert rc == 0, err
+    assert installed(tmpdir, "lib", "VERSION").read().strip() == "2.0.0"
+
+
+def test_url_without_any_checksum_is_refused(tmpdir, good, server):
+    server.files["/t.tar.gz"] = good.read_binary()
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": server.url + "/t.tar.gz"})
+    assert rc != 0 and "no sha256" in one_error_line(err)
+    assert not installed(tmpdir, "lib", "VERSION").check()
+    digest = hashlib.sha256(good.read_binary()).hexdigest()
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": server.url + "/t.tar.gz",
+                                                "UDOCKER_TARBALL_SHA256": digest})
+    assert rc == 0, err
+
+
+def test_sources_are_tried_in_order(tmpdir, good, server):
+    sources = "%s/missing.tar.gz %s" % (server.url, good)
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": sources})
+    assert rc == 0, err
+    assert installed(tmpdir, "lib", "VERSION").check()
+
+
+def install_old(tmpdir, good):
+    """Install the good tarball, then make it recognisable; returns the proot path."""
+    assert run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(good)})[0] == 0
+    return installed(tmpdir, "bin", "proot-x86_64")
+
+
+def test_bad_checksum_keeps_previous_install(tmpdir, good):
+    proot = install_old(tmpdir, good)
+    bad = tmpdir.join("bad.tar.gz")
+    make_tarball(bad, proot_text="#!/bin/sh\necho NEW\n")
+    write_sidecar(bad, "0" * 64)
+    rc, out, err = run_ud(tmpdir, ["install", "--force"], {"UDOCKER_TARBALL": str(bad)})
+    line = one_error_line(err)
+    assert rc != 0 and "sha256 mismatch" in line and "UDOCKER_TARBALL" in line
+    assert "fake proot" in proot.read()
+
+
+def test_configured_checksum_wins(tmpdir, good):
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(good),
+                                                "UDOCKER_TARBALL_SHA256": "1" * 64})
+    assert rc != 0 and "sha256 mismatch" in one_error_line(err)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-a-tar", "plain-tar-garbage"])
+def test_broken_tarball_keeps_previous_install(tmpdir, good, damage):
+    proot = install_old(tmpdir, good)
+    broken = tmpdir.join("broken.tar.gz")
+    data = good.read_binary()
+    if damage == "truncated":
+        broken.write_binary(data[:len(data) // 2])
+    elif damage == "not-a-tar":
+        broken.write_binary(b"<html>this is an error page, not a tarball</html>\n" * 20)
+    else:
+        broken.write_binary(b"\x1f\x8b" + b"\0" * 100)
+    rc, out, err = run_ud(tmpdir, ["install", "--force"], {"UDOCKER_TARBALL": str(broken)})
+    line = one_error_line(err)
+    assert rc != 0 and "truncated or not a tar.gz" in line, err
+    assert "UDOCKER_TARBALL" in line
+    assert "fake proot" in proot.read()
+    assert installed(tmpdir, "lib", "VERSION").read().strip() == "2.0.0"
+
+
+def test_missing_url_and_refused_connection(tmpdir, server):
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": server.url + "/nope.tgz"})
+    line = one_error_line(err)
+    assert rc != 0 and "HTTP 404" in line and "set UDOCKER_TARBALL to a local" in line
+    port = server.httpd.server_address[1]
+    server.stop()
+    server.stop = lambda: None
+    rc, out, err = run_ud(tmpdir, ["install"],
+                          {"UDOCKER_TARBALL": "http://127.0.0.1:%d/t.tgz" % port})
+    line = one_error_line(err)
+    assert rc != 0 and "cannot download" in line and "set UDOCKER_TARBALL" in line
+    assert not installed(tmpdir, "lib", "VERSION").check()
+
+
+def test_old_version_refused(tmpdir, good):
+    proot = install_old(tmpdir, good)
+    old = tmpdir.join("old.tar.gz")
+    write_sidecar(old, make_tarball(old, version="1.1.0", proot_text="#!/bin/sh\necho OLD\n"))
+    rc, out, err = run_ud(tmpdir, ["install", "--force"], {"UDOCKER_TARBALL": str(old)})
+    line = one_error_line(err)
+    assert rc != 0 and "version 1.1.0, older than the required 1.2.11" in line
+    assert "fake proot" in proot.read()
+
+
+def test_no_version_file_refused(tmpdir):
+    path = tmpdir.join("nov.tar.gz")
+    write_sidecar(path, make_tarball(path, version=None))
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(path)})
+    assert rc != 0 and "not a udocker tools tarball" in one_error_line(err)
+
+
+def test_empty_tarball_setting_skips_installation(tmpdir):
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": ""})
+    assert rc == 0 and "installation skipped" in err
+
+
+def test_no_tarball_configured_says_what_to_set(tmpdir):
+    rc, out, err = run_ud(tmpdir, ["install"])
+    assert rc != 0 and "set UDOCKER_TARBALL" in one_error_line(err)
+
+
+def test_unsafe_members_are_refused_or_skipped(tmpdir):
+    evil = tmpdir.join("evil.tar.gz")
+    write_sidecar(evil, make_tarball(evil, extra=[("udocker_dir/bin/../../../escaped", b"x")]))
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(evil)})
+    assert rc != 0 and "unsafe member" in one_error_line(err)
+    assert not tmpdir.join("escaped").check()
+    links = tmpdir.join("links.tar.gz")
+    write_sidecar(links, make_tarball(links, extra=[
+        ("udocker_dir/lib/libfakechroot-x86_64.so", ("link", "libfakechroot-glibc2.36-x86_64.so")),
+        ("udocker_dir/lib/outside", ("link", "../../../../etc/passwd")),
+        ("udocker_dir/lib/absolute", ("link", "/etc/passwd"))]))
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(links)})
+    assert rc == 0, err
+    lib = installed(tmpdir, "lib")
+    assert lib.join("libfakechroot-x86_64.so").readlink() == "libfakechroot-glibc2.36-x86_64.so"
+    assert not os.path.lexists(str(lib.join("outside")))
+    assert not os.path.lexists(str(lib.join("absolute")))
+
+
+def test_upstream_layout_accepted(tmpdir):
+    path = tmpdir.join("udocker-englib-1.2.11.tar.gz")
+    make_tarball(path, version="1.2.11", extra=[
+        ("udocker_dir/lib/libfakechroot-Ubuntu-22-x86_64.so", b"\x7fELF"),
+        ("udocker_dir/lib/libfakechroot-Debian-12-x86_64.so",
+         ("link", "libfakechroot-Ubuntu-22-x86_64.so")),
+        ("udocker_dir/bin/runc-x86_64", b"#!/bin/sh\n")])
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(path)})
+    assert rc == 0, err
+    assert "no sha256" in err                           # a local file: a warning only
+    assert installed(tmpdir, "lib", "VERSION").read().strip() == "1.2.11"
+    assert installed(tmpdir, "lib", "libfakechroot-Debian-12-x86_64.so").check()
+
+
+def test_purge_removes_what_the_new_tarball_lacks(tmpdir, good):
+    install_old(tmpdir, good)
+    stale = installed(tmpdir, "bin", "stale-tool")
+    stale.write("x")
+    rc, out, err = run_ud(tmpdir, ["install", "--force", "--purge"],
+                          {"UDOCKER_TARBALL": str(good)})
+    assert rc == 0, err
+    assert not stale.check() and installed(tmpdir, "bin", "proot-x86_64").check()
+
+
+def test_concurrent_installs_install_once(tmpdir, good):
+    environ = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
+                   UDOCKER_NOSYSCONF="1", UDOCKER_TARBALL=str(good), UDOCKER_LOGLEVEL="4")
+    procs = [subprocess.Popen([sys.executable, SCRIPT] + ROOT_ARGS + ["install"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
+             for _ in range(2)]
+    results = [(p.wait(), p.stderr.read().decode("utf-8")) for p in procs]
+    for proc in procs:
+        proc.stdout.close()
+        proc.stderr.close()
+    assert [rc for rc, _ in results] == [0, 0], results
+    errs = "".join(err for _, err in results)
+    assert errs.count("tools installed: version 2.0.0") == 1, errs
+    assert errs.count("already installed") == 1, errs
+
+
+def test_real_tarball_installs(tmpdir):
+    path = os.environ.get("UDOCKER_TEST_TARBALL")
+    if not path or not os.path.isfile(path):
+        print("skipped: UDOCKER_TEST_TARBALL does not name the real tools tarball")
+        pytest.skip("UDOCKER_TEST_TARBALL not set or missing")
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": path})
+    assert rc == 0, err
+    for tool in ("proot", "runc", "crun", "patchelf"):
+        assert installed(tmpdir, "bin", tool + "-x86_64").check(), tool
+    assert udocker.version_at_least(installed(tmpdir, "lib", "VERSION").read().strip(), "2.0")
+
+
+# -- finding the engines
+
+def tools_for(tmpdir, **env):
+    environ = {"HOME": str(tmpdir), "UDOCKER_NOSYSCONF": "1",
+               "UDOCKER_DIR": str(tmpdir.join("ud"))}
+    environ.update(env)
+    cfg = udocker.Config.load(environ, {})
+    repo = udocker.LocalRepository(cfg)
+    repo.create()
+    return udocker.Tools(cfg, repo)
+
+
+def fake_proot(directory, version, modern):
+    """A shell script answering --help and -V like proot 5.1.0 (Debian) or 5.4.0."""
+    directory.ensure(dir=True)
+    path = directory.join("proot")
+    help_text = "  -r *path*\\n" + ("  --kill-on-exit\\n  -p *port*, --port\\n" if modern else "")
+    path.write("#!/bin/sh\ncase \"$1\" in\n"
+               "  -V) printf ' proot %s\\n built-in accelerators: process_vm = yes, "
+               "seccomp_filter = %s\\n';;\n"
+               "  --help) printf '%s';;\nesac\n" % (version, "yes" if modern else "no",
+                                                   help_text))
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_debian_proot_on_path_is_rejected_with_the_reason(tmpdir, monkeypatch):
+    fake_proot(tmpdir.join("path"), "5.1.0", modern=False)
+    monkeypatch.setenv("PATH", str(tmpdir.join("path")) + ":/usr/bin:/bin")
+    tools = tools_for(tmpdir, UDOCKER_TARBALL="")
+    with pytest.raises(udocker.EngineError) as info:
+        tools.proot()
+    message = str(info.value)
+    assert "5.1.0" in message and "--kill-on-exit" in message and "udocker.py install" in message
+
+
+def test_good_proot_on_path_is_used_and_the_probe_cached(tmpdir, monkeypatch):
+    path = fake_proot(tmpdir.join("path"), "5.4.0", modern=True)
+    monkeypatch.setenv("PATH", str(tmpdir.join("path")) + ":/usr/bin:/bin")
+    tools = tools_for(tmpdir, UDOCKER_TARBALL="")
+    found, info = tools.proot()
+    assert found == path and info["ok"] and info["seccomp"] and info["port"]
+    cache = udocker.read_json(tools.cache_path)
+    (key,) = [k for k in cache if path in k]
+    cache[key]["version"] = "from-cache"          # a later lookup reads the cache, not proot
+    udocker.write_atomic(tools.cache_path, udocker.json_dumps(cache))
+    assert tools_for(tmpdir, UDOCKER_TARBALL="").proot()[1]["version"] == "from-cache"
+    st = os.stat(path)
+    os.utime(path, (st.st_atime, st.st_mtime - 100))   # a changed binary is probed again
+    assert tools_for(tmpdir, UDOCKER_TARBALL="").proot()[1]["version"] == "5.4.0"
+
+
+def test_lookup_order_configured_then_installed_then_path(tmpdir, monkeypatch, good):
+    on_path = fake_proot(tmpdir.join("path"), "5.4.0", modern=True)
+    monkeypatch.setenv("PATH", str(tmpdir.join("path")) + ":/usr/bin:/bin")
+    mine = fake_proot(tmpdir.join("mine"), "5.4.0", modern=True)
+    assert tools_for(tmpdir, UDOCKER_TARBALL="",
+                     UDOCKER_USE_PROOT_EXECUTABLE=mine).proot()[0] == mine
+    assert tools_for(tmpdir, UDOCKER_TARBALL="").proot()[0] == on_path
+    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good))    # installs on first use
+    assert tools.proot()[0] == str(installed(tmpdir, "bin", "proot-x86_64"))
+
+
+def test_missing_configured_executable_is_one_clear_error(tmpdir):
+    tools = tools_for(tmpdir, UDOCKER_USE_RUNC_EXECUTABLE="/nonexistent/runc")
+    with pytest.raises(udocker.EngineError) as info:
+        tools.runc()
+    assert "UDOCKER_USE_RUNC_EXECUTABLE" in str(info.value)
+
+
+def test_fakechroot_library_by_glibc_generation(tmpdir):
+    tools = tools_for(tmpdir, UDOCKER_TARBALL="")
+    lib = tmpdir.join("ud", "lib")
+    for name in ("libfakechroot-glibc2.31-x86_64.so", "libfakechroot-glibc2.36-x86_64.so",
+                 "VERSION"):
+        lib.join(name).write("2.0.0\n" if name == "VERSION" else "x")
+    pick = lambda glibc: os.path.basename(tools.fakechroot_so("amd64", glibc, ("Debian", "")))
+    assert pick("2.36") == "libfakechroot-glibc2.36-x86_64.so"
+    assert pick("2.41") == "libfakechroot-glibc2.36-x86_64.so"
+    assert pick("2.31") == "libfakechroot-glibc2.31-x86_64.so"
+    assert pick("2.35") == "libfakechroot-glibc2.31-x86_64.so"
+    with pytest.raises(udocker.EngineError) as info:
+        pick("2.28")
+    assert "no libfakechroot" in str(info.value) and "P1" in str(info.value)
