@@ -182,6 +182,18 @@ def test_cpu_seconds():
     assert cpu_seconds("") == 0.0
 
 
+def _start_time(pid):
+    """The start time of pid (clock ticks since boot), or None if it is gone
+    or a zombie: a pid and its start time name one process even if the pid
+    is reused (pid_max is 32768 on the test machines)."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as statf:
+            fields = statf.read().rsplit(b")", 1)[1].split()
+    except (IOError, OSError):
+        return None
+    return None if fields[0] == b"Z" else int(fields[19])
+
+
 def test_janitor_kills_marked_processes(tmp_path):
     """What the cluster's janitor does when it is stopped: it kills
     processes carrying the marker and their sessions."""
@@ -189,7 +201,6 @@ def test_janitor_kills_marked_processes(tmp_path):
     env = dict(os.environ)
     env[MARKER_VAR] = value
     sweeper = janitor(value, str(tmp_path / "janitor.log"))
-    time.sleep(0.5)                  # let it install its signal handler
     # a marked shell, and in its session a child that dropped its environment
     proc = subprocess.Popen(["sh", "-c", "env -i sleep 1000 & wait"],
                             env=env, preexec_fn=os.setsid)
@@ -198,15 +209,18 @@ def test_janitor_kills_marked_processes(tmp_path):
         while len(session_processes(proc.pid)) < 2 and \
                 time.time() < deadline:
             time.sleep(0.05)
-        victims = session_processes(proc.pid)
+        victims = [(pid, _start_time(pid))
+                   for pid in session_processes(proc.pid)]
         assert len(victims) == 2, victims        # sh and sleep
         sweeper.stop()
         proc.wait()
+
+        def alive():
+            return [v for v in victims if _start_time(v[0]) == v[1]]
         deadline = time.time() + 10
-        while [p for p in victims if os.path.exists("/proc/%d" % p)] and \
-                time.time() < deadline:
+        while alive() and time.time() < deadline:
             time.sleep(0.05)
-        assert [p for p in victims if os.path.exists("/proc/%d" % p)] == []
+        assert alive() == [], open(str(tmp_path / "janitor.log")).read()
     finally:
         try:
             os.killpg(proc.pid, 9)
