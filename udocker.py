@@ -361,6 +361,25 @@ CONFIG_DEFAULTS = (
     ("runc_map_subids", "user", None),         # user, always or never (see RuncEngine)
     ("pass_host_env", ["OMPI_*", "PMI_*", "PMIX_*", "SLURM_*", "HYDRA_*", "I_MPI_*", "MPI_*",
                        "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"], None),
+    # the host's NVIDIA driver (setup --nvidia, run --nvidia): upstream's names and lists,
+    # newer driver libraries added; where to look is configurable (nvi_ldconfig: the command
+    # printing the `ldconfig -p` listing)
+    ("nvi_lib_list", ["libOpenCL.", "libcuda.", "libnvcuvid.", "libnvidia-cfg.",
+                      "libnvidia-compiler.", "libnvidia-encode.", "libnvidia-fatbinaryloader.",
+                      "libnvidia-fbc.", "libnvidia-ifr.", "libnvidia-ml.", "libnvidia-opencl.",
+                      "libnvidia-ptxjitcompiler.", "libnvidia-tls.", "tls/libnvidia-tls.",
+                      "libcudadebugger.", "libnvidia-", "libnvoptix.", "libEGL_nvidia.",
+                      "libGLX_nvidia.", "libGLESv1_CM_nvidia.", "libGLESv2_nvidia.",
+                      "libvdpau_nvidia.", "vdpau/libvdpau_nvidia."], None),
+    ("nvi_bin_list", ["nvidia-bug-report.sh", "nvidia-cuda-mps-control",
+                      "nvidia-cuda-mps-server", "nvidia-debugdump", "nvidia-installer",
+                      "nvidia-persistenced", "nvidia-settings", "nvidia-smi", "nvidia-uninstall",
+                      "nvidia-xconfig"], None),
+    ("nvi_etc_list", ["vulkan/icd.d/nvidia_icd.json", "OpenCL/vendors/nvidia.icd"], None),
+    ("nvi_etc_dir", "/etc", None),
+    ("nvi_dev_list", ["/dev/nvidia"], None),
+    ("nvi_lib_dirs", [], None),
+    ("nvi_ldconfig", ["ldconfig", "-p"], None),
 )
 
 
@@ -5011,6 +5030,101 @@ def _lookup_group(groups, group):
     raise EngineError("group %s not found in the container's /etc/group" % group)
 
 
+NVIDIA_DIR = "/.udocker/nvidia"          # where a run shows the host's NVIDIA driver
+NVIDIA_MARKERS = ("libcuda.", "libnvidia-")    # library names that mean "a driver is here"
+LDCONFIG_ARCH = {"amd64": "x86-64", "arm64": "AArch64", "ppc64le": "64bit", "s390x": "64bit",
+                 "riscv64": "64bit"}
+LDCONFIG_LINE_RE = LazyRegex(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(/.*?)\s*$")
+
+
+class NvidiaDriver(object):
+    """The host's NVIDIA driver as found now, on this host: libraries (in the directories
+    where the ldconfig cache, LD_LIBRARY_PATH or nvi_lib_dirs show libcuda/libnvidia-*,
+    the nvi_lib_list names), tools (nvi_bin_list in PATH), icd files (nvi_etc_list) and
+    device files (nvi_dev_list*). A run binds them read-only under NVIDIA_DIR (lib, bin,
+    etc) and at /dev: nothing is copied into the container, which so keeps working with
+    another host's driver (upstream copies the files into ROOT at setup)."""
+
+    def __init__(self, files, devices, lib_dirs):
+        self.files = files            # [(host path, container path)], libraries, tools, icd
+        self.devices = devices        # [(host path, container path)]
+        self.lib_dirs = lib_dirs      # host directories the libraries came from
+
+    @classmethod
+    def find(cls, cfg, environ):
+        """The driver, or None when no NVIDIA library is found."""
+        lib_dirs = cls._library_dirs(cfg, environ)
+        files, seen = [], set()
+        for directory in lib_dirs:
+            for prefix in cfg.nvi_lib_list:
+                for path in sorted(_glob(os.path.join(directory, prefix) + "*")):
+                    rel = path[len(directory) + 1:]
+                    if rel not in seen and os.path.isfile(path):
+                        seen.add(rel)
+                        files.append((path, "%s/lib/%s" % (NVIDIA_DIR, rel)))
+        if not any(os.path.basename(c).startswith(NVIDIA_MARKERS) for _, c in files):
+            return None
+        path = environ.get("PATH", "")
+        for name in cfg.nvi_bin_list:
+            found = which(name, path)
+            if found:
+                files.append((os.path.abspath(found), "%s/bin/%s" % (NVIDIA_DIR, name)))
+        for rel in cfg.nvi_etc_list:
+            host = os.path.join(cfg.nvi_etc_dir, rel)
+            if os.path.isfile(host):
+                files.append((host, "%s/etc/%s" % (NVIDIA_DIR, rel)))
+        devices = []
+        for pattern in cfg.nvi_dev_list:
+            for host in sorted(_glob(pattern + "*")):
+                devices.append((host, "/dev/" + host[len(os.path.dirname(pattern)) + 1:]))
+        return cls(files, devices, lib_dirs)
+
+    @staticmethod
+    def _library_dirs(cfg, environ):
+        """Directories holding NVIDIA libraries: from the ldconfig cache listing (entries
+        of this host's architecture), then LD_LIBRARY_PATH and nvi_lib_dirs."""
+        found = []
+        argv = list(cfg.nvi_ldconfig)
+        if argv and "/" not in argv[0]:
+            argv[0] = which(argv[0], environ.get("PATH", "") + ":/sbin:/usr/sbin") or argv[0]
+        status, text = run_capture(argv) if argv else (1, "")
+        if status != 0:
+            MSG.verbose("nvidia: %s failed: %s" % (" ".join(argv), text.strip()[:200]))
+            text = ""
+        tag = LDCONFIG_ARCH.get(Platform.host().arch)
+        for line in text.splitlines():
+            match = LDCONFIG_LINE_RE.match(line)
+            if match and match.group(1).startswith(NVIDIA_MARKERS) and \
+                    (tag is None or tag in match.group(2)):
+                found.append(os.path.realpath(os.path.dirname(match.group(3))))
+        for directory in environ.get("LD_LIBRARY_PATH", "").split(":") + list(cfg.nvi_lib_dirs):
+            if directory.startswith("/") and any(
+                    _glob(os.path.join(directory, m) + "*") for m in NVIDIA_MARKERS):
+                found.append(os.path.realpath(directory))
+        unique = []
+        for directory in found:
+            if directory not in unique:
+                unique.append(directory)
+        return unique
+
+    def summary(self):
+        counts = dict((part, len([c for _, c in self.files
+                                  if c.startswith("%s/%s/" % (NVIDIA_DIR, part))]))
+                      for part in ("lib", "bin", "etc"))
+        return "%d libraries (from %s), %d tools, %d icd files, %d devices" % (
+            counts["lib"], ", ".join(self.lib_dirs), counts["bin"], counts["etc"],
+            len(self.devices))
+
+
+def _glob(pattern):
+    import glob
+    return glob.glob(pattern)
+
+
+NO_NVIDIA = ("no NVIDIA driver on this host (no libcuda or libnvidia-* in the ldconfig cache, "
+             "LD_LIBRARY_PATH or nvi_lib_dirs)")
+
+
 class Engine(object):
     """What every execution mode shares; a subclass implements command() and may override
     the hooks below. Use: Engine(session, container, opts, command_args, tools).run()."""
@@ -5044,6 +5158,7 @@ class Engine(object):
         self.passwd_rows = []
         self.group_rows = []
         self.signalled = None          # the last terminating signal forwarded
+        self.nvidia = None             # the host's NvidiaDriver when the run shows it
 
     # -- the steps every mode takes, in order
 
@@ -5073,8 +5188,21 @@ class Engine(object):
         self.passwd_rows, self.group_rows = self.identity_sources()
         self.user = self.choose_user(meta)
         self.volumes = self.choose_volumes()
+        self.nvidia = self.find_nvidia()
+        if self.nvidia:
+            self.volumes += self.nvidia_volumes()
         self.arrange_identity()
         self.env = self.build_env(meta)
+        if self.nvidia:
+            self.env["PATH"] = NVIDIA_DIR + "/bin:" + self.env["PATH"]
+            self.env["LD_LIBRARY_PATH"] = ":".join(
+                [NVIDIA_DIR + "/lib"] + [d for d in self.env.get("LD_LIBRARY_PATH", "")
+                                         .split(":") if d and d != NVIDIA_DIR + "/lib"])
+            for name, rel in (("VK_ICD_FILENAMES", "vulkan/icd.d/nvidia_icd.json"),
+                              ("OCL_ICD_VENDORS", "OpenCL/vendors")):
+                path = "%s/etc/%s" % (NVIDIA_DIR, rel)
+                if any(c == path or c.startswith(path + "/") for _, c in self.nvidia.files):
+                    self.env.setdefault(name, path)
         self.cwd = self.choose_cwd(meta)
         self.argv = self.choose_command(meta)
         self.exe = self.find_executable(self.argv[0])
@@ -5211,6 +5339,35 @@ class Engine(object):
                        and host == cont for v in volumes):
                 found.append(Volume(host, cont, system=True, device=True))
         return found
+
+    def find_nvidia(self):
+        """The host's NVIDIA driver when run --nvidia or setup --nvidia asks for it; a
+        container set up for it on a host without one runs without (one warning)."""
+        marked = bool(self.container.dir) and \
+            os.path.exists(os.path.join(self.container.dir, "nvidia"))
+        if not (self.opts.get("nvidia") or marked):
+            return None
+        driver = NvidiaDriver.find(self.cfg, os.environ)
+        if driver is None:
+            if self.opts.get("nvidia"):
+                raise EngineError("run --nvidia: %s" % NO_NVIDIA)
+            MSG.warning("container %s is set up for NVIDIA but %s: running without it"
+                        % (self.container.cid, NO_NVIDIA))
+            return None
+        MSG.verbose("nvidia: " + driver.summary())
+        return driver
+
+    def nvidia_volumes(self):
+        """The driver's files bound one by one under NVIDIA_DIR, and its devices but those
+        a /dev volume already shows (P modes; R and F override)."""
+        volumes = [Volume(host, cont, readonly=True, system=True)
+                   for host, cont in self.nvidia.files]
+        for host, cont in self.nvidia.devices:
+            if host == cont and any(v.host == v.cont and host.startswith(v.host + "/")
+                                    for v in self.volumes):
+                continue
+            volumes.append(Volume(host, cont, system=True, device=True))
+        return volumes
 
     def cont2host(self, path, follow_last=True):
         """The host path a container path reaches, through volumes and ROOT symlinks."""
@@ -5790,7 +5947,8 @@ class RuncEngine(Engine):
                 "noNewPrivileges": True},
             "root": {"path": self.root, "readonly": False},
             "hostname": self._hostname(),
-            "mounts": [dict(m) for m in RUNC_MOUNTS] + self._volume_mounts(),
+            "mounts": [dict(m) for m in RUNC_MOUNTS] + self._nvidia_mounts() +
+            self._volume_mounts(),
             "linux": {
                 "uidMappings": [{"containerID": 0, "hostID": uid, "size": 1}],
                 "gidMappings": [{"containerID": 0, "hostID": gid, "size": 1}],
@@ -5810,6 +5968,14 @@ class RuncEngine(Engine):
         if "." in name or self.opts.get("hostname"):
             return name
         return socket.gethostname()
+
+    def _nvidia_mounts(self):
+        """A tmpfs at NVIDIA_DIR holds the mount points of the driver's files, so only
+        that directory is made in ROOT."""
+        if not self.nvidia:
+            return []
+        return [{"destination": NVIDIA_DIR, "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "nodev", "mode=755", "size=1m"]}]
 
     def _volume_mounts(self):
         """Volumes as bind mounts, devices too: a rootless runtime cannot mknod, it binds
@@ -5940,7 +6106,8 @@ class FakechrootEngine(Engine):
                               % (kind or "no C library found"))
         library = self._library(arch, version)
         loader = container_loader(self.root, arch)[1]
-        libpath = ":".join(container_lib_dirs(self.root, arch))
+        libpath = ":".join(([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) +
+                           container_lib_dirs(self.root, arch))
         excluded = []
         for vol in self.volumes:
             if vol.host == vol.cont:
@@ -6009,6 +6176,36 @@ class FakechrootEngine(Engine):
         their environment (they have no common parent left to look under)."""
         marker = "container_run=%s" % self.env["container_run"]
         return Watchdog(lambda: kill_marked(marker))
+
+    def nvidia_volumes(self):
+        """The driver as one directory of symlinks to its host files (the kernel follows
+        them, fakechroot does not see them), seen at NVIDIA_DIR like any volume elsewhere:
+        through a symlink in ROOT. run_dir/nvidia points to the tree of this driver, so the
+        link in ROOT stays the same when the driver changes. Devices: at their own path."""
+        run_dir = self.container.run_dir(self.cfg)
+        files = sorted(self.nvidia.files)
+        tree = "nvidia-" + hashlib.sha256(to_bytes(repr(files))).hexdigest()[:16]
+        if not os.path.isdir(os.path.join(run_dir, tree)):
+            staging = tempfile.mkdtemp(prefix=".nvidia-", dir=run_dir)
+            for host, cont in files:
+                link = os.path.join(staging, cont[len(NVIDIA_DIR) + 1:])
+                makedirs(os.path.dirname(link))
+                os.symlink(host, link)
+            try:
+                os.rename(staging, os.path.join(run_dir, tree))
+            except OSError:                        # another run made it first
+                remove_tree(staging)
+        current = os.path.join(run_dir, "nvidia")
+        if not os.path.islink(current) or os.readlink(current) != tree:
+            symlink_atomic(tree, current)
+        volumes = [Volume(current, NVIDIA_DIR, readonly=True, system=True)]
+        for host, cont in self.nvidia.devices:
+            if host != cont:
+                MSG.verbose("nvidia: F modes show devices only at their own path: %s" % host)
+            elif not any(v.host == v.cont and host.startswith(v.host + "/")
+                         for v in self.volumes):
+                volumes.append(Volume(host, cont, system=True, device=True))
+        return volumes
 
     def _symlink_volume(self, vol):
         link = resolve_in_root(self.root, vol.cont, follow_last=False)
@@ -6947,6 +7144,7 @@ RUN_OPTS = [
     _o("-P|--publish-all|--netcoop", dest="publish_all",
        help="network cooperation mode (P modes)"),
     _o("--hostname", VALUE, "host name inside (R modes)", metavar="NAME"),
+    _o("--nvidia", help="bind the host's NVIDIA driver (as setup --nvidia does)"),
     _o("--volumes-from", LIST, "accepted, ignored", metavar="X"),
     _o("--dns", LIST, "accepted, ignored", metavar="X"),
     _o("--dns-search", LIST, "accepted, ignored", metavar="X"),
@@ -7448,10 +7646,11 @@ def cmd_setup(session, opts, args):
         return 0
     if session.containers.is_protected(cid):
         raise RepositoryError("container is protected: %s" % cid)
-    if opts["nvidia"]:
-        raise EngineError("setup --nvidia is not supported by udocker.py yet")
     if opts["purge"]:
-        _purge_mountpoints(container)
+        with session.containers.lock(cid):
+            _purge_mountpoints(container)
+    if opts["nvidia"]:
+        _set_nvidia(session, container, opts["force"])
     if opts["fixperm"]:
         make_tree_removable(container.root)
     if opts["execmode"]:
@@ -7461,12 +7660,40 @@ def cmd_setup(session, opts, args):
 
 
 def _purge_mountpoints(container):
-    """setup --purge: remove the mount points F modes made in ROOT (.mountpoints)."""
+    """setup --purge: remove the mount points F modes made in ROOT (.mountpoints), the empty
+    ones runtimes left under /.udocker, and the NVIDIA mode (marker and symlink trees)."""
     records = os.path.join(container.dir, ".mountpoints")
     for link in mountpoint_links(container):
         if os.path.islink(link):
             os.unlink(link)
     remove_tree(records)
+    own = os.path.join(container.root, ".udocker")
+    if os.path.isdir(own) and not os.path.islink(own):
+        for dirpath, dirnames, filenames in os.walk(own, topdown=False):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                if not os.path.islink(path) and os.path.getsize(path) == 0:
+                    os.unlink(path)                       # a file's mount point
+            if not os.listdir(dirpath):
+                os.rmdir(dirpath)
+    remove_quietly(os.path.join(container.dir, "nvidia"))
+    run_dir = os.path.join(container.dir, ".run")
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        if name == "nvidia" or name.startswith("nvidia-"):
+            remove_tree(os.path.join(run_dir, name))
+
+
+def _set_nvidia(session, container, force):
+    """setup --nvidia: record that every run shows the host's NVIDIA driver (the `nvidia`
+    file, as upstream); the driver must be here unless --force."""
+    driver = NvidiaDriver.find(session.cfg, os.environ)
+    if driver is None and not force:
+        raise EngineError("setup --nvidia: %s (--force sets the mode anyway)" % NO_NVIDIA)
+    with session.containers.lock(container.cid):
+        container.set_state("nvidia", "")
+    MSG.info("nvidia mode set: every run binds the host's driver under %s%s"
+             % (NVIDIA_DIR, " (here: %s)" % driver.summary() if driver else
+                " (none on this host)"))
 
 
 def cmd_install(session, opts, args):
