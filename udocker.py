@@ -3796,7 +3796,9 @@ class Flattener(object):
             self.parents_ok = set()
             self.skipped = {}
             try:
-                while True:
+                # A tar with no member (an empty layer) ends at open: asking again would
+                # seek back before the stream's start under Python < 3.8.
+                while archive.firstmember is not None or archive.offset:
                     member = archive.next()
                     if member is None:
                         break
