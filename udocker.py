@@ -4231,50 +4231,82 @@ def remove_container(store, id_or_name, quiet=False):
     return cid
 
 
-def create_container(store, image, name=None, force=False):
-    """Flatten image into a new container; returns its id.
-
-    The container is built in a hidden directory of containers/ and renamed into place only
-    when complete, so a failure (or a kill) never leaves a half container under an id.
-    """
+def check_new_name(store, name, force=False):
+    """Before a container is made: a valid name that is free (or force)."""
     if name:
         store.check_name(name)
         if not force and store.find(name):
             raise RepositoryError("container name already exists: %s" % name)
-    if not image.layers:
-        raise RepositoryError("image %s has no layers" % image.ref)
-    cid = store.new_id(image.name)
-    handles = open_layers(store.repo, image)
-    build = tempfile.mkdtemp(prefix=".create-", dir=store.dir)
-    try:
-        root = os.path.join(build, "ROOT")
-        os.mkdir(root, 0o700)
-        flattener = Flattener(root, current_umask())
-        flattener.run(handles)
-        makedirs(os.path.join(build, META_DIR))
-        flattener.write_attrs(os.path.join(build, META_DIR, "attrs"))
-        config = b"{}"
-        if image.config_path and os.path.exists(image.config_path):
-            with open(image.config_path, "rb") as handle:
-                config = handle.read()
-        elif image.config:
-            config = to_bytes(json_dumps(image.config))
-        write_atomic(os.path.join(build, "container.json"), config)
-        write_atomic(os.path.join(build, "imagerepo.name"), image.ref)
-        os.chmod(build, 0o755 & ~current_umask() | 0o700)
-        os.rename(build, store.path(cid))
-    except BaseException:
-        remove_tree(build)
-        raise
-    finally:
-        for handle, _ in handles:
-            handle.close()
+
+
+def name_new_container(store, cid, name, force=False):
+    """Give a container just made its name; if that fails the container goes too."""
     if name:
         try:
             store.add_name(cid, name, force=force)
         except BaseException:
             remove_container(store, cid, quiet=True)
             raise
+
+
+def build_container(store, prefix, make):
+    """A new container made by make(directory), which fills the directory and returns the
+    container's id. The directory is a hidden one of containers/, renamed into place only
+    when complete, so a failure (or a kill) never leaves a half container under an id."""
+    build = tempfile.mkdtemp(prefix=prefix, dir=store.dir)
+    try:
+        cid = make(build)
+        os.chmod(build, 0o755 & ~current_umask() | 0o700)
+        os.rename(build, store.path(cid))
+    except BaseException:
+        remove_tree(build)
+        raise
+    return cid
+
+
+def flatten_root(build, handles):
+    """build/ROOT from [(open layer file, label)] (base first), and the attrs file beside
+    it."""
+    root = os.path.join(build, "ROOT")
+    os.mkdir(root, 0o700)
+    flattener = Flattener(root, current_umask())
+    flattener.run(handles)
+    makedirs(os.path.join(build, META_DIR))
+    flattener.write_attrs(os.path.join(build, META_DIR, "attrs"))
+    return root
+
+
+def write_container_meta(build, config, image):
+    """container.json (config: bytes) and imagerepo.name ('NAME:TAG')."""
+    write_atomic(os.path.join(build, "container.json"), config)
+    write_atomic(os.path.join(build, "imagerepo.name"), image)
+
+
+def create_container(store, image, name=None, force=False):
+    """Flatten image into a new container (see build_container); returns its id."""
+    check_new_name(store, name, force)
+    if not image.layers:
+        raise RepositoryError("image %s has no layers" % image.ref)
+    cid = store.new_id(image.name)
+    handles = open_layers(store.repo, image)
+
+    def make(build):
+        flatten_root(build, handles)
+        config = b"{}"
+        if image.config_path and os.path.exists(image.config_path):
+            with open(image.config_path, "rb") as handle:
+                config = handle.read()
+        elif image.config:
+            config = to_bytes(json_dumps(image.config))
+        write_container_meta(build, config, image.ref)
+        return cid
+
+    try:
+        build_container(store, ".create-", make)
+    finally:
+        for handle, _ in handles:
+            handle.close()
+    name_new_container(store, cid, name, force)
     return cid
 
 
@@ -4351,10 +4383,7 @@ def clone_container(store, id_or_name, name=None):
     The copy is made in a hidden directory while the source is locked, then renamed into
     place: an rm of the source waits, and nobody sees a half clone.
     """
-    if name:
-        store.check_name(name)
-        if store.find(name):
-            raise RepositoryError("container name already exists: %s" % name)
+    check_new_name(store, name)
     cid = store.get(id_or_name)
     build = os.path.join(store.dir, ".clone-%s-%d" % (cid, os.getpid()))
     with store.lock(cid):
@@ -4372,12 +4401,7 @@ def clone_container(store, id_or_name, name=None):
         except BaseException:
             remove_tree(build)
             raise
-    if name:
-        try:
-            store.add_name(new, name)
-        except BaseException:
-            remove_container(store, new, quiet=True)
-            raise
+    name_new_container(store, new, name)
     mode = container_execmode(store, new, None)
     if mode and mode.startswith("F"):
         MSG.warning("clone %s is in mode %s: run `setup --execmode=%s --force %s`"
