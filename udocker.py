@@ -4485,40 +4485,68 @@ def export_container(store, id_or_name, output, whole=False):
 
 
 def _export_tree(archive, top, attrs, whole):
+    """Add the tree top to archive, depth first in name order. A directory or file of ours
+    that its owner cannot read (made so inside the container) is opened up for the moment
+    it is read: its mode is put back after its subtree, and in any case before returning."""
     seen = {}
     stack = [b""]
-    while stack:
-        rel = stack.pop()
-        full = top + b"/" + rel if rel else top
-        st = os.lstat(full)
-        info = tarfile.TarInfo(to_text(b"./" + rel if rel else b"."))
-        info.mtime = int(st.st_mtime)
-        mode = stat.S_IMODE(st.st_mode)
-        if whole:
-            info.uid, info.gid, info.mode = st.st_uid, st.st_gid, mode
-        else:
-            info.uid, info.gid, info.mode = attrs.get(rel, (0, 0, mode))
-        key = (st.st_dev, st.st_ino)
-        if stat.S_ISDIR(st.st_mode):
-            info.type = tarfile.DIRTYPE
-            archive.addfile(info)
-            stack.extend(sorted((rel + b"/" + n if rel else n for n in os.listdir(full)),
-                                reverse=True))
-        elif stat.S_ISLNK(st.st_mode):
-            info.type, info.linkname = tarfile.SYMTYPE, to_text(os.readlink(full))
-            archive.addfile(info)
-        elif st.st_nlink > 1 and key in seen:
-            info.type, info.linkname = tarfile.LNKTYPE, seen[key]
-            archive.addfile(info)
-        elif stat.S_ISREG(st.st_mode):
-            info.type, info.size = tarfile.REGTYPE, st.st_size
-            with open(full, "rb") as handle:
-                archive.addfile(info, handle)
-            if st.st_nlink > 1:
-                seen[key] = info.name
-        elif stat.S_ISFIFO(st.st_mode):
-            info.type = tarfile.FIFOTYPE
-            archive.addfile(info)
+    restore = []                                # (path, mode) of what was opened up
+    try:
+        while stack:
+            rel = stack.pop()
+            if isinstance(rel, tuple):                  # a directory's subtree is done
+                os.chmod(*rel)
+                restore.remove(rel)
+                continue
+            full = top + b"/" + rel if rel else top
+            st = os.lstat(full)
+            mode = stat.S_IMODE(st.st_mode)
+            info = tarfile.TarInfo(to_text(b"./" + rel if rel else b"."))
+            info.mtime = int(st.st_mtime)
+            if whole:
+                info.uid, info.gid, info.mode = st.st_uid, st.st_gid, mode
+            else:
+                info.uid, info.gid, info.mode = attrs.get(rel, (0, 0, mode))
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode):
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+                if mode & 0o500 != 0o500 and st.st_uid == os.getuid():
+                    os.chmod(full, mode | 0o500)
+                    restore.append((full, mode))
+                    stack.append(restore[-1])
+                stack.extend(sorted((rel + b"/" + n if rel else n for n in os.listdir(full)),
+                                    reverse=True))
+            elif stat.S_ISLNK(st.st_mode):
+                info.type, info.linkname = tarfile.SYMTYPE, to_text(os.readlink(full))
+                archive.addfile(info)
+            elif st.st_nlink > 1 and key in seen:
+                info.type, info.linkname = tarfile.LNKTYPE, seen[key]
+                archive.addfile(info)
+            elif stat.S_ISREG(st.st_mode):
+                info.type, info.size = tarfile.REGTYPE, st.st_size
+                _add_file(archive, info, full, mode, st.st_uid)
+                if st.st_nlink > 1:
+                    seen[key] = info.name
+            elif stat.S_ISFIFO(st.st_mode):
+                info.type = tarfile.FIFOTYPE
+                archive.addfile(info)
+    finally:
+        for path, mode in reversed(restore):
+            os.chmod(path, mode)
+
+
+def _add_file(archive, info, path, mode, uid):
+    """Add a regular file, giving its owner (us) read permission while it is read."""
+    opened = not mode & 0o400 and uid == os.getuid()
+    if opened:
+        os.chmod(path, mode | 0o400)
+    try:
+        with open(path, "rb") as handle:
+            archive.addfile(info, handle)
+    finally:
+        if opened:
+            os.chmod(path, mode)
 
 
 # ==== 9. Execution engines ====
