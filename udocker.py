@@ -3818,7 +3818,9 @@ class Flattener(object):
             self.parents_ok = set()
             self.skipped = {}
             try:
-                while True:
+                # A tar with no member (an empty layer) ends at open: asking again would
+                # seek back before the stream's start under Python < 3.8.
+                while archive.firstmember is not None or archive.offset:
                     member = archive.next()
                     if member is None:
                         break
@@ -4251,50 +4253,82 @@ def remove_container(store, id_or_name, quiet=False):
     return cid
 
 
-def create_container(store, image, name=None, force=False):
-    """Flatten image into a new container; returns its id.
-
-    The container is built in a hidden directory of containers/ and renamed into place only
-    when complete, so a failure (or a kill) never leaves a half container under an id.
-    """
+def check_new_name(store, name, force=False):
+    """Before a container is made: a valid name that is free (or force)."""
     if name:
         store.check_name(name)
         if not force and store.find(name):
             raise RepositoryError("container name already exists: %s" % name)
-    if not image.layers:
-        raise RepositoryError("image %s has no layers" % image.ref)
-    cid = store.new_id(image.name)
-    handles = open_layers(store.repo, image)
-    build = tempfile.mkdtemp(prefix=".create-", dir=store.dir)
-    try:
-        root = os.path.join(build, "ROOT")
-        os.mkdir(root, 0o700)
-        flattener = Flattener(root, current_umask())
-        flattener.run(handles)
-        makedirs(os.path.join(build, META_DIR))
-        flattener.write_attrs(os.path.join(build, META_DIR, "attrs"))
-        config = b"{}"
-        if image.config_path and os.path.exists(image.config_path):
-            with open(image.config_path, "rb") as handle:
-                config = handle.read()
-        elif image.config:
-            config = to_bytes(json_dumps(image.config))
-        write_atomic(os.path.join(build, "container.json"), config)
-        write_atomic(os.path.join(build, "imagerepo.name"), image.ref)
-        os.chmod(build, 0o755 & ~current_umask() | 0o700)
-        os.rename(build, store.path(cid))
-    except BaseException:
-        remove_tree(build)
-        raise
-    finally:
-        for handle, _ in handles:
-            handle.close()
+
+
+def name_new_container(store, cid, name, force=False):
+    """Give a container just made its name; if that fails the container goes too."""
     if name:
         try:
             store.add_name(cid, name, force=force)
         except BaseException:
             remove_container(store, cid, quiet=True)
             raise
+
+
+def build_container(store, prefix, make):
+    """A new container made by make(directory), which fills the directory and returns the
+    container's id. The directory is a hidden one of containers/, renamed into place only
+    when complete, so a failure (or a kill) never leaves a half container under an id."""
+    build = tempfile.mkdtemp(prefix=prefix, dir=store.dir)
+    try:
+        cid = make(build)
+        os.chmod(build, 0o755 & ~current_umask() | 0o700)
+        os.rename(build, store.path(cid))
+    except BaseException:
+        remove_tree(build)
+        raise
+    return cid
+
+
+def flatten_root(build, handles):
+    """build/ROOT from [(open layer file, label)] (base first), and the attrs file beside
+    it."""
+    root = os.path.join(build, "ROOT")
+    os.mkdir(root, 0o700)
+    flattener = Flattener(root, current_umask())
+    flattener.run(handles)
+    makedirs(os.path.join(build, META_DIR))
+    flattener.write_attrs(os.path.join(build, META_DIR, "attrs"))
+    return root
+
+
+def write_container_meta(build, config, image):
+    """container.json (config: bytes) and imagerepo.name ('NAME:TAG')."""
+    write_atomic(os.path.join(build, "container.json"), config)
+    write_atomic(os.path.join(build, "imagerepo.name"), image)
+
+
+def create_container(store, image, name=None, force=False):
+    """Flatten image into a new container (see build_container); returns its id."""
+    check_new_name(store, name, force)
+    if not image.layers:
+        raise RepositoryError("image %s has no layers" % image.ref)
+    cid = store.new_id(image.name)
+    handles = open_layers(store.repo, image)
+
+    def make(build):
+        flatten_root(build, handles)
+        config = b"{}"
+        if image.config_path and os.path.exists(image.config_path):
+            with open(image.config_path, "rb") as handle:
+                config = handle.read()
+        elif image.config:
+            config = to_bytes(json_dumps(image.config))
+        write_container_meta(build, config, image.ref)
+        return cid
+
+    try:
+        build_container(store, ".create-", make)
+    finally:
+        for handle, _ in handles:
+            handle.close()
+    name_new_container(store, cid, name, force)
     return cid
 
 
@@ -4371,10 +4405,7 @@ def clone_container(store, id_or_name, name=None):
     The copy is made in a hidden directory while the source is locked, then renamed into
     place: an rm of the source waits, and nobody sees a half clone.
     """
-    if name:
-        store.check_name(name)
-        if store.find(name):
-            raise RepositoryError("container name already exists: %s" % name)
+    check_new_name(store, name)
     cid = store.get(id_or_name)
     build = os.path.join(store.dir, ".clone-%s-%d" % (cid, os.getpid()))
     with store.lock(cid):
@@ -4392,12 +4423,7 @@ def clone_container(store, id_or_name, name=None):
         except BaseException:
             remove_tree(build)
             raise
-    if name:
-        try:
-            store.add_name(new, name)
-        except BaseException:
-            remove_container(store, new, quiet=True)
-            raise
+    name_new_container(store, new, name)
     mode = container_execmode(store, new, None)
     if mode and mode.startswith("F"):
         MSG.warning("clone %s is in mode %s: run `setup --execmode=%s --force %s`"
@@ -4481,40 +4507,68 @@ def export_container(store, id_or_name, output, whole=False):
 
 
 def _export_tree(archive, top, attrs, whole):
+    """Add the tree top to archive, depth first in name order. A directory or file of ours
+    that its owner cannot read (made so inside the container) is opened up for the moment
+    it is read: its mode is put back after its subtree, and in any case before returning."""
     seen = {}
     stack = [b""]
-    while stack:
-        rel = stack.pop()
-        full = top + b"/" + rel if rel else top
-        st = os.lstat(full)
-        info = tarfile.TarInfo(to_text(b"./" + rel if rel else b"."))
-        info.mtime = int(st.st_mtime)
-        mode = stat.S_IMODE(st.st_mode)
-        if whole:
-            info.uid, info.gid, info.mode = st.st_uid, st.st_gid, mode
-        else:
-            info.uid, info.gid, info.mode = attrs.get(rel, (0, 0, mode))
-        key = (st.st_dev, st.st_ino)
-        if stat.S_ISDIR(st.st_mode):
-            info.type = tarfile.DIRTYPE
-            archive.addfile(info)
-            stack.extend(sorted((rel + b"/" + n if rel else n for n in os.listdir(full)),
-                                reverse=True))
-        elif stat.S_ISLNK(st.st_mode):
-            info.type, info.linkname = tarfile.SYMTYPE, to_text(os.readlink(full))
-            archive.addfile(info)
-        elif st.st_nlink > 1 and key in seen:
-            info.type, info.linkname = tarfile.LNKTYPE, seen[key]
-            archive.addfile(info)
-        elif stat.S_ISREG(st.st_mode):
-            info.type, info.size = tarfile.REGTYPE, st.st_size
-            with open(full, "rb") as handle:
-                archive.addfile(info, handle)
-            if st.st_nlink > 1:
-                seen[key] = info.name
-        elif stat.S_ISFIFO(st.st_mode):
-            info.type = tarfile.FIFOTYPE
-            archive.addfile(info)
+    restore = []                                # (path, mode) of what was opened up
+    try:
+        while stack:
+            rel = stack.pop()
+            if isinstance(rel, tuple):                  # a directory's subtree is done
+                os.chmod(*rel)
+                restore.remove(rel)
+                continue
+            full = top + b"/" + rel if rel else top
+            st = os.lstat(full)
+            mode = stat.S_IMODE(st.st_mode)
+            info = tarfile.TarInfo(to_text(b"./" + rel if rel else b"."))
+            info.mtime = int(st.st_mtime)
+            if whole:
+                info.uid, info.gid, info.mode = st.st_uid, st.st_gid, mode
+            else:
+                info.uid, info.gid, info.mode = attrs.get(rel, (0, 0, mode))
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode):
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+                if mode & 0o500 != 0o500 and st.st_uid == os.getuid():
+                    os.chmod(full, mode | 0o500)
+                    restore.append((full, mode))
+                    stack.append(restore[-1])
+                stack.extend(sorted((rel + b"/" + n if rel else n for n in os.listdir(full)),
+                                    reverse=True))
+            elif stat.S_ISLNK(st.st_mode):
+                info.type, info.linkname = tarfile.SYMTYPE, to_text(os.readlink(full))
+                archive.addfile(info)
+            elif st.st_nlink > 1 and key in seen:
+                info.type, info.linkname = tarfile.LNKTYPE, seen[key]
+                archive.addfile(info)
+            elif stat.S_ISREG(st.st_mode):
+                info.type, info.size = tarfile.REGTYPE, st.st_size
+                _add_file(archive, info, full, mode, st.st_uid)
+                if st.st_nlink > 1:
+                    seen[key] = info.name
+            elif stat.S_ISFIFO(st.st_mode):
+                info.type = tarfile.FIFOTYPE
+                archive.addfile(info)
+    finally:
+        for path, mode in reversed(restore):
+            os.chmod(path, mode)
+
+
+def _add_file(archive, info, path, mode, uid):
+    """Add a regular file, giving its owner (us) read permission while it is read."""
+    opened = not mode & 0o400 and uid == os.getuid()
+    if opened:
+        os.chmod(path, mode | 0o400)
+    try:
+        with open(path, "rb") as handle:
+            archive.addfile(info, handle)
+    finally:
+        if opened:
+            os.chmod(path, mode)
 
 
 # ==== 9. Execution engines ====
