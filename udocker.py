@@ -3230,6 +3230,14 @@ def _open_source(cfg, source):
     return open(source, "rb"), None
 
 
+def close_source(stream, client):
+    """Close what _open_source opened (standard input stays open)."""
+    if client:
+        client.close()
+    elif stream is not binary_stdin():
+        stream.close()
+
+
 def import_config(platform, diff_id, created):
     """The config of an imported image: platform, one layer, a history line."""
     config = {"architecture": platform.arch, "os": platform.os, "created": created,
@@ -3269,10 +3277,7 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
                 raise
             raise RegistryError("download of %s failed: %s" % (source, exc))
         finally:
-            if client:
-                client.close()
-            elif local:
-                stream.close()
+            close_source(stream, client)
         check_tarball(layer_path, kind, source)
         created = utc_now()
         config = import_config(platform, diff_id, created)
@@ -3360,6 +3365,41 @@ def layer_compression(handle):
     return compression_of(head) or "tar"
 
 
+class Rewindable(object):
+    """A stream that cannot seek (a pipe, a download) made to go back to its start once,
+    after its first bytes were read: what layer_compression needs to look at them. It has
+    no fileno(), so a program decompressing it is fed through a pipe."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.head = b""         # the bytes read before the rewind
+        self.pos = 0            # offset in head; None once past it for good
+        self.rewound = False
+
+    def seek(self, pos, whence=os.SEEK_SET):
+        if pos != 0 or whence != os.SEEK_SET or self.pos is None:
+            raise IOError(errno.ESPIPE, "cannot seek in a stream")
+        self.rewound = self.rewound or self.pos > 0
+        self.pos = 0
+        return 0
+
+    def read(self, size=-1):
+        if self.pos is None:
+            return self.stream.read(size)
+        if self.pos < len(self.head):
+            end = len(self.head) if size is None or size < 0 else self.pos + size
+            data = self.head[self.pos:end]
+            self.pos += len(data)
+            return data
+        data = self.stream.read(size)
+        if self.rewound:
+            self.pos = None
+        else:
+            self.head += data
+            self.pos += len(data)
+        return data
+
+
 def _file_chunks(handle):
     while True:
         data = handle.read(IN_CHUNK)
@@ -3426,11 +3466,18 @@ def _inflate_buffered(handle, factory, kind, label):
 
 
 def _program_chunks(handle, program, kind, label):
-    """Decompressed chunks from `program -dc` reading the layer file on its stdin."""
-    os.lseek(handle.fileno(), 0, os.SEEK_SET)
+    """Decompressed chunks from `program -dc` reading the layer file on its stdin (fed by a
+    thread when the layer is a stream without a file descriptor)."""
+    fileno = getattr(handle, "fileno", None)
+    if fileno:
+        os.lseek(fileno(), 0, os.SEEK_SET)
     errors = tempfile.TemporaryFile()
-    proc = subprocess.Popen([program, "-dc"], stdin=handle.fileno(), stdout=subprocess.PIPE,
-                            stderr=errors, close_fds=True)
+    proc = subprocess.Popen([program, "-dc"], stdin=fileno() if fileno else subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=errors, close_fds=True)
+    if not fileno:
+        feeder = threading.Thread(target=_feed_program, args=(handle, proc.stdin))
+        feeder.daemon = True
+        feeder.start()
     try:
         while True:
             data = proc.stdout.read(OUT_CHUNK)
@@ -3448,6 +3495,20 @@ def _program_chunks(handle, program, kind, label):
             proc.wait()
         proc.stdout.close()
         errors.close()
+
+
+def _feed_program(handle, pipe):
+    """Copy a stream to a program's stdin (which may stop reading early: EPIPE)."""
+    try:
+        for data in _file_chunks(handle):
+            pipe.write(data)
+    except (IOError, OSError):
+        pass
+    finally:
+        try:
+            pipe.close()
+        except (IOError, OSError):
+            pass
 
 
 def _prefetch(chunks, depth=4):
@@ -3581,12 +3642,14 @@ class LayerStream(object):
 
     Forward only, one decompressed chunk in memory; seeking back is possible into the last
     block of the previous chunk (tarfile may check the byte before a header). Reads inside
-    the current chunk are plain slices: no buffer is ever rebuilt.
+    the current chunk are plain slices: no buffer is ever rebuilt. hasher (optional) is fed
+    every decompressed byte once (import records the diff_id of what it extracted).
     """
 
-    def __init__(self, handle, label):
+    def __init__(self, handle, label, hasher=None):
         self.label = label
         self._chunks = layer_chunks(handle, label)
+        self._hasher = hasher
         self._buf = b""        # the current chunk
         self._off = 0          # stream offset of _buf[0]
         self._pos = 0          # current stream offset
@@ -3623,6 +3686,8 @@ class LayerStream(object):
         self._tail = (self._tail + self._buf)[-TAR_BLOCK:]
         self._off += len(self._buf)
         self._buf = chunk
+        if self._hasher is not None:
+            self._hasher.update(chunk)
         return True
 
     def read(self, size=-1):
@@ -3764,7 +3829,9 @@ class Flattener(object):
         self.devices = []
         self.warnings = 0
         self.layer = 0
-        self.label = "create"
+        self.title = "create"           # starts the warnings that concern no single layer
+        self.label = self.title
+        self.hasher = None              # fed the decompressed bytes of the first pass
 
     # -- messages
 
@@ -3786,7 +3853,7 @@ class Flattener(object):
             self.layer, self.label = number, label
             MSG.verbose("flattening layer %d/%d: %s" % (total - number, total, label))
             self._pass(handle, self._member)
-        self.label = "create"
+        self.label, self.hasher = self.title, None
         for target, group in sorted(self.waiting.items()):
             if group.paths:
                 self.warn("hardlink target not found: %s -> %s"
@@ -3806,7 +3873,7 @@ class Flattener(object):
 
     def _pass(self, handle, visit):
         label = self.label
-        self.stream = LayerStream(handle, label)
+        self.stream = LayerStream(handle, label, self.hasher)
         try:
             try:
                 archive = tarfile.open(fileobj=self.stream, mode="r:", encoding="utf-8",
@@ -4286,12 +4353,13 @@ def build_container(store, prefix, make):
     return cid
 
 
-def flatten_root(build, handles):
+def flatten_root(build, handles, title="create", hasher=None):
     """build/ROOT from [(open layer file, label)] (base first), and the attrs file beside
-    it."""
+    it; hasher (optional) is fed the decompressed bytes of the layers."""
     root = os.path.join(build, "ROOT")
     os.mkdir(root, 0o700)
     flattener = Flattener(root, current_umask())
+    flattener.title, flattener.hasher = title, hasher
     flattener.run(handles)
     makedirs(os.path.join(build, META_DIR))
     flattener.write_attrs(os.path.join(build, META_DIR, "attrs"))
@@ -4424,11 +4492,135 @@ def clone_container(store, id_or_name, name=None):
             remove_tree(build)
             raise
     name_new_container(store, new, name)
-    mode = container_execmode(store, new, None)
-    if mode and mode.startswith("F"):
-        MSG.warning("clone %s is in mode %s: run `setup --execmode=%s --force %s`"
-                    % (new, mode, mode, new))
+    note_moved_mode(store, new)
     return new
+
+
+def note_moved_mode(store, cid):
+    """Say so when a container that moved (clone, import --clone) will be set up again: F
+    modes rewrite paths in ROOT, and a run redoes that where root.path is not ROOT."""
+    mode = container_execmode(store, cid, None)
+    if mode.upper().startswith("F"):
+        MSG.info("container %s (mode %s) is set up for its new place on its first run"
+                 % (cid, mode))
+
+
+# -- import: a root file system tarball, or an `export --clone`, becomes a container
+
+ROOTFS_TOP_NAMES = frozenset([b"bin", b"boot", b"dev", b"etc", b"home", b"lib", b"lib64",
+                              b"media", b"mnt", b"opt", b"proc", b"root", b"sbin", b"srv",
+                              b"sys", b"tmp", b"usr", b"var"])
+IMPORTED_IMAGE = "IMPORTED:unknown"     # imagerepo.name of a container imported without one
+
+
+class CloneFlattener(Flattener):
+    """Extracts an `export --clone` tarball (a whole container directory: ROOT/ and the
+    metadata beside it) as safely as create extracts a layer. Owners and modes are not
+    recorded: the attrs file of the container travels in the tarball. A member a root file
+    system has at its top (bin/, etc/, usr/ ...) stops the import: that is no clone."""
+
+    def _member(self, member, archive):
+        path = clean_member_path(member.name)
+        if path and path.partition(b"/")[0] in ROOTFS_TOP_NAMES:
+            raise ArchiveError("%s is a root file system tarball, not an `export --clone` of "
+                               "a container (%s): use import --tocontainer"
+                               % (self.label, member.name[:200]))
+        Flattener._member(self, member, archive)
+
+    def _record(self, path, member):
+        pass
+
+
+def _tarball_errors(label, action, *args):
+    """action(*args), the errors the flattener words for a layer naming the tarball."""
+    try:
+        return action(*args)
+    except RepositoryError as exc:
+        text, prefix = str(exc), "layer %s: " % label
+        if text.startswith(prefix):
+            raise ArchiveError("%s: %s" % (label, text[len(prefix):]))
+        raise
+
+
+def _drop_metadata_links(cdir):
+    """Remove the symlinks of a container directory outside ROOT/ (the volume records in
+    .mountpoints/ aside): its metadata is read and written by name, never through a link."""
+    records = os.path.join(cdir, ".mountpoints")
+    for dirpath, dirnames, filenames in os.walk(cdir):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) and dirpath != records:
+                MSG.warning("import --clone: skipped symlink outside ROOT: %s"
+                            % os.path.relpath(path, cdir))
+                os.unlink(path)
+        dirnames[:] = [n for n in dirnames if os.path.isdir(os.path.join(dirpath, n)) and
+                       not (dirpath == cdir and n == "ROOT")]
+
+
+def _fill_from_rootfs(build, handle, label, image, platform):
+    """import --tocontainer: ROOT from the tarball, metadata made up as upstream does."""
+    hasher = hashlib.sha256()
+    root = _tarball_errors(label, flatten_root, build, [(handle, label)], "import", hasher)
+    if not os.listdir(root):
+        raise ArchiveError("%s: the tarball has no files" % label)
+    write_container_meta(build, import_config(platform, "sha256:" + hasher.hexdigest(),
+                                              utc_now()), image)
+    if not [n for n in ("bin", "etc", "lib", "usr") if os.path.lexists(os.path.join(root, n))]:
+        MSG.warning("check the container's content: %s has no /bin, /etc, /lib or /usr"
+                    % label)
+    return image
+
+
+def _fill_from_clone(build, handle, label):
+    """import --clone: the whole container directory from the tarball, checked."""
+    flattener = CloneFlattener(build, current_umask())
+    flattener.title = "import --clone"
+    _tarball_errors(label, flattener.run, [(handle, label)])
+    root = os.path.join(build, "ROOT")
+    if os.path.islink(root) or not os.path.isdir(root):
+        raise ArchiveError("%s is not an `export --clone` tarball: it has no ROOT directory"
+                           % label)
+    _drop_metadata_links(build)
+    name_file = os.path.join(build, "imagerepo.name")
+    try:
+        image = read_text(name_file).strip()
+    except (IOError, OSError):
+        image = ""
+    if not image or not os.path.isfile(name_file):
+        image = IMPORTED_IMAGE
+        remove_tree(name_file)
+        write_atomic(name_file, image)
+    return image
+
+
+def import_container(store, cfg, source, name=None, image=None, platform=None):
+    """A new container from a tarball (path, http(s) URL or '-'); returns its id.
+
+    image None: the tarball is an `export --clone` (ROOT/, container.json, execmode ...);
+    else it is a root file system and the container records image ('NAME:TAG') and
+    platform. It is extracted like a layer by create (nothing is ever written outside the
+    container), in a hidden directory renamed into place once complete.
+    """
+    check_new_name(store, name)
+    label = "standard input" if source == "-" else source
+    stream, client = _open_source(cfg, source)
+    local = source != "-" and client is None
+    handle = stream if local else Rewindable(stream)
+
+    def make(build):
+        if image is None:
+            made = _fill_from_clone(build, handle, label)
+        else:
+            made = _fill_from_rootfs(build, handle, label, image, platform)
+        return store.new_id(made.partition(":")[0])
+
+    try:
+        cid = build_container(store, ".import-", make)
+    finally:
+        close_source(stream, client)
+    name_new_container(store, cid, name)
+    note_moved_mode(store, cid)
+    return cid
 
 
 def container_platform(store, cid):
@@ -7470,18 +7662,43 @@ def cmd_save(session, opts, args):
 
 
 def cmd_import(session, opts, args):
-    if opts["tocontainer"] or opts["clone"]:
-        raise UdockerError("import --tocontainer/--clone: not implemented yet in udocker.py "
-                           "%s" % __version__)
+    source = args[0]
+    if opts["clone"] or opts["tocontainer"]:
+        return _import_to_container(session, opts, args)
     if len(args) < 2:
         raise UsageError("import: missing argument: IMAGE[:TAG] (see: %s import --help)"
                          % __program__)
     ref = ImageRef.parse(args[1])
     platform = session.platform(opts)
-    _check_input("import", args[0])
-    digest = import_tarball(session.repo, session.cfg, args[0], ref.name, ref.local_tag,
+    _check_input("import", source)
+    if opts["name"]:
+        MSG.warning("import: --name is for --tocontainer and --clone: ignored")
+    digest = import_tarball(session.repo, session.cfg, source, ref.name, ref.local_tag,
                             platform, move=opts["mv"])
     MSG.info("imported %s:%s (%s, %s)" % (ref.name, ref.local_tag, platform, digest))
+    return 0
+
+
+def _import_to_container(session, opts, args):
+    """import --tocontainer / --clone: prints the new container's id."""
+    ignored = ["--mv"] if opts["mv"] else []
+    if opts["clone"]:
+        ignored += ["IMAGE"] if len(args) > 1 else []
+        ignored += ["--platform"] if opts["platform"] else []
+        image = platform = None
+    else:
+        image = IMPORTED_IMAGE
+        if len(args) > 1:
+            ref = ImageRef.parse(args[1])
+            image = "%s:%s" % (ref.name, ref.local_tag)
+        platform = session.platform(opts)
+    _check_input("import", args[0])
+    if ignored:
+        MSG.warning("import %s: ignored: %s (the tarball is extracted, not stored%s)" % (
+            "--clone" if opts["clone"] else "--tocontainer", " ".join(ignored),
+            "; a clone keeps its image name and platform" if opts["clone"] else ""))
+    out(import_container(session.containers, session.cfg, args[0], opts["name"], image,
+                         platform))
     return 0
 
 
@@ -7942,11 +8159,13 @@ COMMANDS = dict((c.name, c) for c in [
         func=cmd_export),
     Command("import", "import a rootfs tarball as an image or container",
             ["FILE|URL|-", "[IMAGE[:TAG]]"], [
-                _o("--mv", help="move the tarball instead of copying it"),
-                _o("--tocontainer", help="create a container, no image"),
-                _o("--clone", help="the tarball is an `export --clone`"),
+                _o("--mv", help="move the tarball into the repository (image import)"),
+                _o("--tocontainer", help="create a container (image name default "
+                   "IMPORTED:unknown), no image"),
+                _o("--clone", help="the tarball is an `export --clone` of a container"),
                 _o("--name", VALUE, "name the new container", metavar="NAME"),
-                _o("--platform", VALUE, "platform to record", metavar="OS/ARCH")],
+                _o("--platform", VALUE, "platform to record (default: this host)",
+                   metavar="OS/ARCH")],
             func=cmd_import),
     Command("load", "load images from a docker-save or OCI archive", ["[-]", "[NAME]"], [
         _o("-i|--input", VALUE, "archive file ('-' or none: stdin)", metavar="FILE")],
