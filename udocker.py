@@ -5143,6 +5143,7 @@ class Engine(object):
     keeps_sysdirs = None           # None: every sysdirs_list entry; else the ones kept
     unavailable = None             # why this mode cannot run with our tools (F2, F4)
     death_signal = "SIGKILL"       # what the engine gets if udocker.py dies (PDEATHSIG)
+    passed_fds = 0                 # fds 3..passed_fds handed to the container (runc)
 
     def __init__(self, session, container, opts, args, tools):
         self.session = session
@@ -5691,7 +5692,8 @@ class Supervisor(object):
                 previous[signum] = signal.signal(signum, self._on_signal)
         try:
             proc = _spawn(argv, env, cwd, self.engine.executable,
-                          lambda: _engine_child_setup(prctl, self.engine.death_signal))
+                          lambda: _engine_child_setup(prctl, self.engine.death_signal,
+                                                      self.engine.passed_fds))
             self.pid = proc.pid
             for signum in self.pending:
                 self.engine.forward_signal(self.pid, signum)
@@ -5724,13 +5726,40 @@ def _spawn(argv, env, cwd, executable, child_setup):
         raise EngineError("cannot execute %s: %s" % (argv[0], exc.strerror or exc))
 
 
-def _engine_child_setup(prctl, death_signal):
+def _engine_child_setup(prctl, death_signal, passed_fds=0):
     """In the engine process before exec: default SIGPIPE (Python ignores it), and a
-    signal when udocker.py dies, whatever kills it."""
+    signal when udocker.py dies, whatever kills it. passed_fds: fds 3..passed_fds must all
+    be open at exec (runc --preserve-fds): holes, and our own close-on-exec fds, become
+    /dev/null."""
     for name in ("SIGPIPE", "SIGXFSZ"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
     prctl(PR_SET_PDEATHSIG, getattr(signal, death_signal))
+    if passed_fds >= 3:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in range(3, passed_fds + 1):
+            if fd != null and not inheritable_fd(fd):
+                os.dup2(null, fd)
+        if null > passed_fds:
+            os.close(null)
+
+
+def inheritable_fd(fd):
+    """True if fd is open without close-on-exec."""
+    try:
+        return not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    except (IOError, OSError):
+        return False
+
+
+def highest_inherited_fd():
+    """The highest fd above 2 that a program we start inherits (0 if none): a launcher's
+    PMI_FD, a `3<file` of the shell."""
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd") if n.isdigit()]
+    except OSError:
+        return 0
+    return max([fd for fd in fds if fd > 2 and inheritable_fd(fd)] or [0])
 
 
 def _wait_status(pid):
@@ -6018,7 +6047,9 @@ class RuncEngine(Engine):
         self.run_id = "udocker-%s" % uuid.uuid4().hex[:16]
         write_atomic(os.path.join(self.rundir, "config.json"),
                      json_dumps(self.spec(), pretty=True))
-        argv = self.runtime_argv("run", "--bundle", self.rundir, self.run_id)
+        self.passed_fds = highest_inherited_fd()     # what P and F modes pass as they are
+        preserve = ["--preserve-fds", str(self.passed_fds - 2)] if self.passed_fds else []
+        argv = self.runtime_argv("run", *(preserve + ["--bundle", self.rundir, self.run_id]))
         return argv, dict(os.environ), None
 
     def runtime_argv(self, *words):

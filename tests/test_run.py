@@ -771,3 +771,25 @@ def test_fallback_reaches_f3_for_glibc_and_stops_for_static_trees(world):
         assert err.startswith("Error: no execution mode can run here: P1, P2: %s; R1: %s; "
                               "F3: F modes need a glibc container" % (PTRACE_ERROR,
                                                                        USERNS_ERROR)), err
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1", "R1-crun", "F3"])
+def test_inherited_fds_reach_the_container_as_mpi_launchers_need(world, mode):
+    """MPICH's PMI_FD (and a shell's 3<file): fd numbers above 2 pass through (runc and
+    crun get --preserve-fds), holes below them do not stop the run."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"pmi-hello\n")
+    os.close(write_end)
+    argv, env = world.command(["run", "--nobanner", world.container(mode), "sh", "-c",
+                               "echo $PMI_FD; cat /proc/self/fd/$PMI_FD"], mode)
+    fd = 57                                           # free in pytest; 3..56 mostly holes
+    env["PMI_FD"] = str(fd)
+    os.dup2(read_end, fd)                             # inheritable (dup2's default)
+    os.close(read_end)
+    try:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                close_fds=False)
+        out, err = proc.communicate()
+    finally:
+        os.close(fd)
+    assert proc.returncode == 0 and out == b"57\npmi-hello\n", err
