@@ -380,6 +380,9 @@ CONFIG_DEFAULTS = (
     ("nvi_dev_list", ["/dev/nvidia"], None),
     ("nvi_lib_dirs", [], None),
     ("nvi_ldconfig", ["ldconfig", "-p"], None),
+    # tried in this order when the default mode cannot start on this host and no mode was
+    # chosen (setup --execmode, UDOCKER_DEFAULT_EXECUTION_MODE, default_execution_mode)
+    ("fallback_execution_modes", ["P1", "P2", "R1", "F3"], None),
 )
 
 
@@ -5382,9 +5385,11 @@ class Engine(object):
     can_set_hostname = False       # --hostname (a UTS namespace)
     can_set_kernel = False         # -k/--kernel (proot -k)
     devices_at_own_path = False    # F: the host /dev is seen as it is, no device elsewhere
+    probe_group = None             # modes whose host probe is the same share its result
     keeps_sysdirs = None           # None: every sysdirs_list entry; else the ones kept
     unavailable = None             # why this mode cannot run with our tools (F2, F4)
     death_signal = "SIGKILL"       # what the engine gets if udocker.py dies (PDEATHSIG)
+    passed_fds = 0                 # fds 3..passed_fds handed to the container (runc)
 
     def __init__(self, session, container, opts, args, tools):
         self.session = session
@@ -5405,12 +5410,15 @@ class Engine(object):
         self.group_rows = []
         self.signalled = None          # the last terminating signal forwarded
         self.nvidia = None             # the host's NvidiaDriver when the run shows it
+        self.cannot_start = None       # an EngineError: why this mode cannot run here
 
     # -- the steps every mode takes, in order
 
     def run(self):
         """Prepare, start the engine and wait; returns the container command's status."""
         self.prepare()
+        if self.cannot_start is not None:
+            raise self.cannot_start
         watchdog = None
         try:
             argv, env, cwd = self.command()
@@ -5800,6 +5808,16 @@ class Engine(object):
         pass
 
     @classmethod
+    def host_probe(cls, session, tools):
+        """(engine executable, function returning {"ok", "why"}) that tells whether this
+        mode can start on this host, or None; raises EngineError when a tool is missing."""
+        return None
+
+    @classmethod
+    def check_container(cls, container, tools):
+        """Raises EngineError when this mode cannot run this container."""
+
+    @classmethod
     def setup(cls, container, tools, force=False):
         """Prepare a container for this mode (setup --execmode); default: nothing to do."""
 
@@ -5920,7 +5938,8 @@ class Supervisor(object):
                 previous[signum] = signal.signal(signum, self._on_signal)
         try:
             proc = _spawn(argv, env, cwd, self.engine.executable,
-                          lambda: _engine_child_setup(prctl, self.engine.death_signal))
+                          lambda: _engine_child_setup(prctl, self.engine.death_signal,
+                                                      self.engine.passed_fds))
             self.pid = proc.pid
             for signum in self.pending:
                 self.engine.forward_signal(self.pid, signum)
@@ -5953,13 +5972,40 @@ def _spawn(argv, env, cwd, executable, child_setup):
         raise EngineError("cannot execute %s: %s" % (argv[0], exc.strerror or exc))
 
 
-def _engine_child_setup(prctl, death_signal):
+def _engine_child_setup(prctl, death_signal, passed_fds=0):
     """In the engine process before exec: default SIGPIPE (Python ignores it), and a
-    signal when udocker.py dies, whatever kills it."""
+    signal when udocker.py dies, whatever kills it. passed_fds: fds 3..passed_fds must all
+    be open at exec (runc --preserve-fds): holes, and our own close-on-exec fds, become
+    /dev/null."""
     for name in ("SIGPIPE", "SIGXFSZ"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
     prctl(PR_SET_PDEATHSIG, getattr(signal, death_signal))
+    if passed_fds >= 3:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in range(3, passed_fds + 1):
+            if fd != null and not inheritable_fd(fd):
+                os.dup2(null, fd)
+        if null > passed_fds:
+            os.close(null)
+
+
+def inheritable_fd(fd):
+    """True if fd is open without close-on-exec."""
+    try:
+        return not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    except (IOError, OSError):
+        return False
+
+
+def highest_inherited_fd():
+    """The highest fd above 2 that a program we start inherits (0 if none): a launcher's
+    PMI_FD, a `3<file` of the shell."""
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd") if n.isdigit()]
+    except OSError:
+        return 0
+    return max([fd for fd in fds if fd > 2 and inheritable_fd(fd)] or [0])
 
 
 def _wait_status(pid):
@@ -6049,14 +6095,16 @@ class ProotEngine(Engine):
         return options
 
     def _proot_tmp_dir(self):
-        """An exec-able directory where proot unpacks its loader (PROOT_TMP_DIR)."""
-        for path in (os.environ.get("PROOT_TMP_DIR"), self.cfg.tmpdir):
-            if path and os.path.isdir(path) and os.access(path, os.W_OK) and \
-                    not os.statvfs(path).f_flag & 8:                 # ST_NOEXEC
-                return path
-        path = os.path.join(self.cfg.topdir, "tmp")
-        makedirs(path, 0o700)
-        return path
+        return proot_tmp_dir(self.cfg)
+
+    @classmethod
+    def host_probe(cls, session, tools):
+        proot = tools.proot()[0]
+        env = {"PATH": "/usr/bin:/bin", "PROOT_TMP_DIR": proot_tmp_dir(session.cfg)}
+        if cls.noseccomp:
+            env["PROOT_NO_SECCOMP"] = "1"
+        program = ["/bin/true"] if is_executable("/bin/true") else ["/bin/sh", "-c", "true"]
+        return proot, lambda: probe_command([proot, "-r", "/", "-w", "/"] + program, env)
 
     def forward_signal(self, pid, signum):
         if signum != signal.SIGWINCH:
@@ -6065,6 +6113,17 @@ class ProotEngine(Engine):
 
     def exit_status(self, status):
         return proot_status(status, self.signalled)
+
+
+def proot_tmp_dir(cfg):
+    """An exec-able directory where proot unpacks its loader (PROOT_TMP_DIR)."""
+    for path in (os.environ.get("PROOT_TMP_DIR"), cfg.tmpdir):
+        if path and os.path.isdir(path) and os.access(path, os.W_OK) and \
+                not os.statvfs(path).f_flag & 8:                 # ST_NOEXEC
+            return path
+    path = os.path.join(cfg.topdir, "tmp")
+    makedirs(path, 0o700)
+    return path
 
 
 def proot_status(status, signalled):
@@ -6098,6 +6157,75 @@ RUNC_MASKED = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc
 RUNC_READONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 
 
+def oci_spec(root, args, cwd, env, user, caps, hostname, mounts):
+    """A rootless OCI runtime spec: runc's `spec --rootless` template, edited (writable
+    root, host network, our uid as root, a terminal only when there is one)."""
+    uid, gid = os.getuid(), os.getgid()
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": sys.stdin.isatty() and sys.stdout.isatty(),
+            "user": {"uid": user.uid, "gid": user.gid}, "args": args, "cwd": cwd, "env": env,
+            "capabilities": dict((k, caps) for k in ("bounding", "effective", "inheritable",
+                                                     "permitted", "ambient")),
+            "noNewPrivileges": True},
+        "root": {"path": root, "readonly": False},
+        "hostname": hostname,
+        "mounts": [dict(m) for m in RUNC_MOUNTS] + mounts,
+        "linux": {
+            "uidMappings": [{"containerID": 0, "hostID": uid, "size": 1}],
+            "gidMappings": [{"containerID": 0, "hostID": gid, "size": 1}],
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
+            "maskedPaths": RUNC_MASKED, "readonlyPaths": RUNC_READONLY},
+    }
+
+
+def runtime_command(runtime, flavour, rundir, *words):
+    """argv of a runc/crun command with its state under rundir."""
+    argv = [runtime]
+    if flavour == "crun":
+        argv.append("--cgroup-manager=disabled")
+    return argv + ["--root", os.path.join(rundir, "state")] + list(words)
+
+
+def probe_command(argv, env=None):
+    """{"ok": True} if argv succeeds, else {"ok": False, "why": its first line of output}."""
+    status, text = run_capture(argv, env=env)
+    if status == 0:
+        return {"ok": True}
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()] or lines
+    return {"ok": False, "why": errors[0][:300] if errors else "exit status %d" % status}
+
+
+def probe_runtime_start(runtime, flavour, tmpdir):
+    """Can runc/crun start a rootless container here (user namespaces, mounts)? It runs the
+    host's `true` in a root that holds the host's /usr, /bin, /lib* read-only."""
+    rundir = tempfile.mkdtemp(prefix="udocker-probe-", dir=tmpdir)
+    run_id = "udocker-probe-%s" % uuid.uuid4().hex[:12]
+    try:
+        rootfs = os.path.join(rundir, "rootfs")
+        os.mkdir(rootfs)
+        mounts = []
+        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr", "/nix"):
+            if os.path.islink(top):
+                os.symlink(os.readlink(top), rootfs + top)
+            elif os.path.isdir(top):
+                mounts.append({"destination": top, "type": "none", "source": top,
+                               "options": ["rbind", "nosuid", "nodev", "ro"]})
+        args = ["/bin/true"] if is_executable("/bin/true") else ["/bin/sh", "-c", "true"]
+        spec = oci_spec(rootfs, args, "/", ["PATH=/usr/bin:/bin"], RunUser("root", 0, 0), [],
+                        "probe", mounts)
+        spec["process"]["terminal"] = False
+        write_atomic(os.path.join(rundir, "config.json"), json_dumps(spec))
+        return probe_command(runtime_command(runtime, flavour, rundir, "run", "--bundle",
+                                             rundir, run_id))
+    finally:
+        run_capture(runtime_command(runtime, flavour, rundir, "delete", "--force", run_id),
+                    timeout=10)
+        remove_tree(rundir)
+
+
 class RuncEngine(Engine):
     """R1: runc, or crun with --cgroup-manager=disabled, rootless. Each run has its own
     bundle and state directory (removed afterwards), so runs of one container can overlap.
@@ -6108,6 +6236,7 @@ class RuncEngine(Engine):
     mode = "R1"
     banner_char = "%"
     can_set_hostname = True
+    probe_group = "R"              # R2/R3 start the same way
     keeps_sysdirs = ("/etc/resolv.conf", "/etc/host.conf") + HOST_FILES
 
     def __init__(self, *args):
@@ -6164,43 +6293,29 @@ class RuncEngine(Engine):
         self.run_id = "udocker-%s" % uuid.uuid4().hex[:16]
         write_atomic(os.path.join(self.rundir, "config.json"),
                      json_dumps(self.spec(), pretty=True))
-        argv = self.runtime_argv("run", "--bundle", self.rundir, self.run_id)
+        self.passed_fds = highest_inherited_fd()     # what P and F modes pass as they are
+        preserve = ["--preserve-fds", str(self.passed_fds - 2)] if self.passed_fds else []
+        argv = self.runtime_argv("run", *(preserve + ["--bundle", self.rundir, self.run_id]))
         return argv, dict(os.environ), None
 
     def runtime_argv(self, *words):
-        argv = [self.runtime]
-        if self.flavour == "crun":
-            argv.append("--cgroup-manager=disabled")
-        return argv + ["--root", os.path.join(self.rundir, "state")] + list(words)
+        return runtime_command(self.runtime, self.flavour, self.rundir, *words)
+
+    @classmethod
+    def host_probe(cls, session, tools):
+        runtime, info = tools.runc()
+        return runtime, lambda: probe_runtime_start(runtime, info.get("flavour", "runc"),
+                                                    session.cfg.tmpdir)
 
     def process_args(self):
         return list(self.argv)
 
     def spec(self):
         """The OCI runtime spec of this run (runc's rootless template, edited)."""
-        tty = sys.stdin.isatty() and sys.stdout.isatty()
-        uid, gid = os.getuid(), os.getgid()
-        caps = list(self.cfg.runc_capabilities) if self.user.uid == 0 else []
-        spec = {
-            "ociVersion": "1.0.2",
-            "process": {
-                "terminal": tty, "user": {"uid": self.user.uid, "gid": self.user.gid},
-                "args": self.process_args(), "cwd": self.cwd,
-                "env": ["%s=%s" % kv for kv in sorted(self.env.items())],
-                "capabilities": dict((k, caps) for k in ("bounding", "effective",
-                                                         "inheritable", "permitted",
-                                                         "ambient")),
-                "noNewPrivileges": True},
-            "root": {"path": self.root, "readonly": False},
-            "hostname": self._hostname(),
-            "mounts": [dict(m) for m in RUNC_MOUNTS] + self._nvidia_mounts() +
-            self._volume_mounts(),
-            "linux": {
-                "uidMappings": [{"containerID": 0, "hostID": uid, "size": 1}],
-                "gidMappings": [{"containerID": 0, "hostID": gid, "size": 1}],
-                "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
-                "maskedPaths": RUNC_MASKED, "readonlyPaths": RUNC_READONLY},
-        }
+        spec = oci_spec(self.root, self.process_args(), self.cwd,
+                        ["%s=%s" % kv for kv in sorted(self.env.items())], self.user,
+                        list(self.cfg.runc_capabilities) if self.user.uid == 0 else [],
+                        self._hostname(), self._nvidia_mounts() + self._volume_mounts())
         subids = self._maps_subids()
         if subids:
             for key, (start, count) in zip(("uidMappings", "gidMappings"), subids):
@@ -6470,6 +6585,19 @@ class FakechrootEngine(Engine):
             symlink_atomic(vol.host, os.path.join(mountpoints, vol.cont.replace("/", "#")))
 
     @classmethod
+    def check_container(cls, container, tools):
+        arch = container.arch()
+        kind, version = container_libc(container.root, arch)
+        if kind != "glibc":
+            raise EngineError("F modes need a glibc container (this one: %s): use P1"
+                              % (kind or "no C library found"))
+        own = os.path.join(container.dir or "", "libfakechroot.so")
+        if not (container.dir and os.path.isfile(own)):
+            tools.fakechroot_so(arch, version, read_os_release(container.root))
+        if not cls.uses_loader:
+            tools.patchelf()
+
+    @classmethod
     def setup(cls, container, tools, force=False):
         kind = container_libc(container.root, container.arch())[0]
         if kind != "glibc":
@@ -6684,6 +6812,10 @@ class SingularityEngine(Engine):
     runs_as_host_user = True
     keeps_sysdirs = ("/etc/resolv.conf", "/etc/host.conf", "/lib/modules") + HOST_FILES
 
+    @classmethod
+    def check_container(cls, container, tools):
+        tools.singularity()
+
     def command(self):
         exe, info = self.tools.singularity()
         prefix = "APPTAINERENV_" if info.get("flavour") == "apptainer" else "SINGULARITYENV_"
@@ -6737,16 +6869,94 @@ def set_execmode(session, container, mode, tools, force=False):
     return True
 
 
-def engine_for(session, container, opts, args, tools):
-    """The Engine that runs this container; F modes set up on first use (or after a move)."""
-    mode = container.execmode(session.cfg)
+def mode_can_run(session, container, tools, mode, trust_failure=True):
+    """(True, "") or (False, why) for mode on this host and this container. The host probe
+    is cached per engine executable and kernel release (Tools.engine_probe); a cached
+    failure is probed again unless trust_failure. why is an EngineError when the mode's
+    tool is missing, else text."""
     cls = ENGINES[mode]
-    if container.dir and mode.startswith("F") and not cls.unavailable and (
+    if cls.unavailable:
+        return False, cls.unavailable
+    try:
+        probe = cls.host_probe(session, tools)
+    except EngineError as exc:
+        return False, exc
+    try:
+        if probe is not None:
+            result = tools.engine_probe(cls.probe_group or mode, probe[0], probe[1],
+                                        trust_failure)
+            if not result.get("ok"):
+                return False, result.get("why") or "probe failed"
+        cls.check_container(container, tools)
+    except EngineError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def choose_mode(session, container, tools):
+    """(mode, None), or (mode, EngineError) when it cannot run: the container's mode (setup
+    --execmode) or the configured default when it can start here. When neither was chosen
+    (no execmode file, no UDOCKER_DEFAULT_EXECUTION_MODE, no default_execution_mode in a
+    config file), the first of fallback_execution_modes that can, with one warning."""
+    cfg = session.cfg
+    mode = container.execmode(cfg)
+    explicit = bool(container.state("execmode") or cfg.override_default_execution_mode or
+                    cfg.sources.get("default_execution_mode", "default") != "default")
+    ok, why = mode_can_run(session, container, tools, mode, trust_failure=not explicit)
+    if ok:
+        return mode, None
+    missing_tool = why if isinstance(why, EngineError) else None
+    if missing_tool is not None and explicit:
+        return mode, missing_tool
+    why = str(why)
+    others = []
+    for other in cfg.fallback_execution_modes:
+        other = other.upper()
+        if other not in ENGINES:
+            raise ConfigurationError("fallback_execution_modes: invalid mode %s" % other)
+        if other != mode and other not in others and \
+                (container.dir or not other.startswith("F")):     # F needs a setup
+            others.append(other)
+    failed = [(mode, why)]
+    for other in others:
+        other_ok, other_why = mode_can_run(session, container, tools, other)
+        other_why = str(other_why)
+        if other_ok and explicit:
+            return mode, EngineError("mode %s cannot run on this host: %s (%s can: setup "
+                                     "--execmode=%s)" % (mode, why, other, other))
+        if other_ok:
+            MSG.warning("%s cannot run on this host (%s): using %s"
+                        % (", ".join(m for m, _ in failed), why, other))
+            return other, None
+        failed.append((other, other_why))
+    if explicit:
+        return mode, EngineError("mode %s cannot run on this host: %s" % (mode, why))
+    if missing_tool is not None:                # say how to get the tools
+        return mode, missing_tool
+    reasons = []
+    for _, reason in failed:
+        if reason not in reasons:
+            reasons.append(reason)
+    if len(reasons) == 1:
+        return mode, EngineError(reasons[0])
+    return mode, EngineError("no execution mode can run here: " + "; ".join(
+        "%s: %s" % (", ".join(m for m, r in failed if r == reason), reason)
+        for reason in reasons))
+
+
+def engine_for(session, container, opts, args, tools):
+    """The Engine that runs this container; F modes set up on first use (or after a move).
+    When no mode can start, the engine raises why after checking the options (run())."""
+    mode, cannot_start = choose_mode(session, container, tools)
+    cls = ENGINES[mode]
+    if container.dir and mode.startswith("F") and cannot_start is None and (
             container.state("execmode").upper() != mode or
             container.state("root.path") != container.root):
         MSG.info("setting up container %s for mode %s" % (container.cid, mode))
         set_execmode(session, container, mode, tools)
-    return cls(session, container, opts, args, tools)
+    engine = cls(session, container, opts, args, tools)
+    engine.cannot_start = cannot_start
+    return engine
 
 
 # ==== 10. Tools installer ====
@@ -7185,6 +7395,7 @@ class Tools(object):
         host = Platform.host().arch
         self.arch = TOOL_ARCH.get(host, host)
         self.cache_path = os.path.join(cfg.topdir, ".probes.json")
+        self.cache = None
         self.found = {}
 
     def proot(self):
@@ -7208,10 +7419,16 @@ class Tools(object):
         return self.find("singularity", setting, ["apptainer", "singularity"])
 
     def find(self, kind, setting, names):
-        """(path, probe info) of the tool to use; raises EngineError naming the fix."""
+        """(path, probe info) of the tool to use; raises EngineError naming the fix (once:
+        a second call raises the same error without trying again)."""
         key = (kind, setting)
         if key not in self.found:
-            self.found[key] = self._find(kind, setting, names)
+            try:
+                self.found[key] = self._find(kind, setting, names)
+            except EngineError as exc:
+                self.found[key] = exc
+        if isinstance(self.found[key], EngineError):
+            raise self.found[key]
         return self.found[key]
 
     def _find(self, kind, setting, names):
@@ -7272,18 +7489,52 @@ class Tools(object):
         except OSError:
             return {"ok": False, "why": "cannot stat %s" % path}
         key = "%s|%s|%d|%d" % (kind, path, int(st.st_mtime), st.st_size)
-        cache = read_json(self.cache_path)
-        cache = cache if isinstance(cache, dict) else {}
+        cache = self._cache()
         if key in cache:
             return cache[key]
         info = TOOL_PROBES.get(kind, probe_version_word(kind))(path)
-        cache = dict((k, v) for k, v in cache.items() if k.split("|")[1] != path)
+        self._remember(key, info, lambda k: not k.startswith("mode ") and
+                       k.split("|")[1] == path)
+        return info
+
+    def engine_probe(self, group, path, probe, trust_failure=True):
+        """Whether an execution mode can start on this host: probe() ({"ok", "why"}) run
+        once per engine executable (path, mtime, size) and kernel release, then cached
+        (a failure is probed again unless trust_failure)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return {"ok": False, "why": "cannot stat %s" % path}
+        key = "mode %s|%s|%d|%d|%s" % (group, path, int(st.st_mtime), st.st_size,
+                                       os.uname()[2])
+        info = self._cache().get(key)
+        if info is None or (not info.get("ok") and not trust_failure):
+            info = probe()
+            MSG.verbose("mode %s on this host: %s" % (group, "ok" if info.get("ok") else
+                                                       info.get("why")))
+            prefix = "mode %s|%s|" % (group, path)
+            self._remember(key, info, lambda k: k.startswith(prefix) and
+                           k.split("|")[2:4] != key.split("|")[2:4])
+        return info
+
+    def _cache(self):
+        """The probe cache (topdir/.probes.json), read once per command."""
+        if self.cache is None:
+            cache = read_json(self.cache_path)
+            self.cache = cache if isinstance(cache, dict) else {}
+        return self.cache
+
+    def _remember(self, key, info, stale):
+        """Add key to the cache file (as it is now on disk) and drop the keys stale(k)."""
+        cache = read_json(self.cache_path)
+        cache = dict((k, v) for k, v in (cache if isinstance(cache, dict) else {}).items()
+                     if not stale(k))
         cache[key] = info
+        self.cache = cache
         try:
             write_atomic(self.cache_path, json_dumps(cache, pretty=True))
         except (IOError, OSError) as exc:
-            MSG.debug("cannot cache the probe of %s: %s" % (path, exc))
-        return info
+            MSG.debug("cannot cache the probe result %s: %s" % (key, exc))
 
     def fakechroot_so(self, arch, glibc, distro):
         """The libfakechroot for a container (arch, glibc version, (distro, version)):

@@ -689,3 +689,107 @@ def test_run_nvidia_option_and_hosts_without_a_driver(world, fake_nvidia):
                             env=bare)
     assert (rc, out) == (0, "ran\n") and err.startswith("Warning: container") and \
         "set up for NVIDIA" in err and len(err.splitlines()) == 1, err
+
+
+# -- a mode that cannot start here: automatic fallback unless the mode was chosen
+
+def _failing_stub(world, name, real, message):
+    """An engine executable that answers the tool probes (--help, -V, --version) as the real
+    one does and fails like it does on a host that lacks what it needs; it logs its calls."""
+    path = os.path.join(world.top, name)
+    with open(path, "w") as handle:
+        handle.write('#!/bin/sh\necho "$*" >> "%s.calls"\ncase "$1" in --help|-V|--version) '
+                     'exec "%s" "$@";; esac\necho "%s" >&2\nexit 1\n' % (path, real, message))
+    os.chmod(path, 0o755)
+    return path
+
+
+def _calls(stub):
+    try:
+        with open(stub + ".calls") as handle:
+            return [line for line in handle.read().splitlines()
+                    if line.split()[0] not in ("--help", "-V", "--version")]
+    except IOError:
+        return []
+
+
+def _unset_container(world, kind="glibc"):
+    cid = "%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48))
+    rootfs.write_container(world.ud_dir, cid, world.tree(kind))
+    return cid
+
+
+PTRACE_ERROR = "proot error: ptrace(TRACEME): Operation not permitted"
+USERNS_ERROR = "rootless container requires user namespaces"
+
+
+def test_default_mode_that_cannot_start_falls_back_with_one_line(world):
+    assert world.run("P1", ["true"])[0] == 0                    # the tools are installed
+    stub = _failing_stub(world, "proot-noptrace", os.path.join(world.ud_dir, "bin",
+                                                               "proot-x86_64"), PTRACE_ERROR)
+    env = {"UDOCKER_USE_PROOT_EXECUTABLE": stub}
+    cid = _unset_container(world)
+    rc, out, err = world.ud(["run", "--nobanner", cid, "sh", "-c", "echo $container_execmode"],
+                            env=env)
+    assert (rc, out) == (0, "R1\n"), err
+    assert err.splitlines() == ["Warning: P1, P2 cannot run on this host (%s): using R1"
+                                % PTRACE_ERROR]
+    probes = len(_calls(stub))
+    assert probes == 2                                          # P1, P2 probed once each
+    rc, out, err = world.ud(["run", "--nobanner", cid, "true"], env=env)
+    assert rc == 0 and len(err.splitlines()) == 1 and len(_calls(stub)) == probes  # cached
+    assert not os.path.exists(os.path.join(world.ud_dir, "containers", cid, "execmode"))
+    # a mode that was chosen fails in one line, naming one that works
+    assert world.ud(["setup", "--execmode=P1", cid])[0] == 0
+    rc, out, err = world.ud(["run", "--nobanner", cid, "true"], env=env)
+    assert rc == 1 and err.splitlines() == [
+        "Error: mode P1 cannot run on this host: %s (R1 can: setup --execmode=R1)"
+        % PTRACE_ERROR], err
+    rc, out, err = world.ud(["run", "--nobanner", _unset_container(world), "true"],
+                            env=dict(env, UDOCKER_DEFAULT_EXECUTION_MODE="P2"))
+    assert rc == 1 and err.startswith("Error: mode P2 cannot run on this host: " +
+                                      PTRACE_ERROR) and len(err.splitlines()) == 1, err
+
+
+def test_fallback_reaches_f3_for_glibc_and_stops_for_static_trees(world):
+    assert world.run("R1", ["true"])[0] == 0
+    bindir = os.path.join(world.ud_dir, "bin")
+    env = {"UDOCKER_USE_PROOT_EXECUTABLE": _failing_stub(
+               world, "proot-noptrace2", os.path.join(bindir, "proot-x86_64"), PTRACE_ERROR),
+           "UDOCKER_USE_RUNC_EXECUTABLE": _failing_stub(
+               world, "runc-nouserns", os.path.join(bindir, "runc-x86_64"), USERNS_ERROR)}
+    cid = _unset_container(world)
+    rc, out, err = world.ud(["run", "--nobanner", cid, "sh", "-c", "echo $container_execmode"],
+                            env=env)
+    assert (rc, out) == (0, "F3\n"), err
+    assert [l for l in err.splitlines() if l.startswith("Warning")] == [
+        "Warning: P1, P2, R1 cannot run on this host (%s): using F3" % PTRACE_ERROR]
+    if rootfs.busybox_available():
+        rc, out, err = world.ud(["run", "--nobanner", _unset_container(world, "busybox"),
+                                 "true"], env=env)
+        assert rc == 1 and len(err.splitlines()) == 1, err
+        assert err.startswith("Error: no execution mode can run here: P1, P2: %s; R1: %s; "
+                              "F3: F modes need a glibc container" % (PTRACE_ERROR,
+                                                                       USERNS_ERROR)), err
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1", "R1-crun", "F3"])
+def test_inherited_fds_reach_the_container_as_mpi_launchers_need(world, mode):
+    """MPICH's PMI_FD (and a shell's 3<file): fd numbers above 2 pass through (runc and
+    crun get --preserve-fds), holes below them do not stop the run."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"pmi-hello\n")
+    os.close(write_end)
+    argv, env = world.command(["run", "--nobanner", world.container(mode), "sh", "-c",
+                               "echo $PMI_FD; cat /proc/self/fd/$PMI_FD"], mode)
+    fd = 57                                           # free in pytest; 3..56 mostly holes
+    env["PMI_FD"] = str(fd)
+    os.dup2(read_end, fd)                             # inheritable (dup2's default)
+    os.close(read_end)
+    try:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                close_fds=False)
+        out, err = proc.communicate()
+    finally:
+        os.close(fd)
+    assert proc.returncode == 0 and out == b"57\npmi-hello\n", err
