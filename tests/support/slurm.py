@@ -80,7 +80,7 @@ from .procs import Process
 MARKER_VAR = "UDOCKER_TEST_SLURM"
 PACKAGES = ("slurm-wlm slurmdbd munge mariadb-server openmpi-bin "
             "libopenmpi-dev")
-DAEMONS = ("munged", "mariadbd", "mariadb-install-db", "slurmdbd",
+PROGRAMS = ("munged", "mariadbd", "mariadb-install-db", "slurmdbd",
            "slurmctld", "slurmd", "sbatch", "sacct")
 TERMINAL_STATES = frozenset([
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
@@ -306,7 +306,7 @@ def session_processes(sid):
 
 def missing_programs():
     """Names of the programs of the cluster that are not installed."""
-    return [name for name in DAEMONS if not which(name)]
+    return [name for name in PROGRAMS if not which(name)]
 
 
 def node_line():
@@ -403,8 +403,8 @@ class SlurmCluster(object):
 
     def _environ(self):
         """The environment of the daemons and of every Slurm command: ours
-        without SLURM_*, UDOCKER_*, *_proxy and MYSQL_*, plus SLURM_CONF
-        and the marker."""
+        without SLURM_*, UDOCKER_*, MYSQL_*, PMI*, OMPI_* and *_proxy, plus
+        SLURM_CONF, the marker, LC_ALL=C and the sbin directories in PATH."""
         env = {}
         for name, value in os.environ.items():
             if name.startswith(("SLURM_", "UDOCKER_", "MYSQL_", "PMI",
