@@ -78,7 +78,7 @@ hashlib = LazyModule("hashlib")
 json = LazyModule("json")
 re = LazyModule("re")
 shutil = LazyModule("shutil")
-signal = LazyModule("signal")
+signal = LazyModule("_signal" if PY3 else "signal")   # 3: the C module, no enum (~3 ms)
 subprocess = LazyModule("subprocess")
 random = LazyModule("random")
 socket = LazyModule("socket")
@@ -361,6 +361,28 @@ CONFIG_DEFAULTS = (
     ("runc_map_subids", "user", None),         # user, always or never (see RuncEngine)
     ("pass_host_env", ["OMPI_*", "PMI_*", "PMIX_*", "SLURM_*", "HYDRA_*", "I_MPI_*", "MPI_*",
                        "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"], None),
+    # the host's NVIDIA driver (setup --nvidia, run --nvidia): upstream's names and lists,
+    # newer driver libraries added; where to look is configurable (nvi_ldconfig: the command
+    # printing the `ldconfig -p` listing)
+    ("nvi_lib_list", ["libOpenCL.", "libcuda.", "libnvcuvid.", "libnvidia-cfg.",
+                      "libnvidia-compiler.", "libnvidia-encode.", "libnvidia-fatbinaryloader.",
+                      "libnvidia-fbc.", "libnvidia-ifr.", "libnvidia-ml.", "libnvidia-opencl.",
+                      "libnvidia-ptxjitcompiler.", "libnvidia-tls.", "tls/libnvidia-tls.",
+                      "libcudadebugger.", "libnvidia-", "libnvoptix.", "libEGL_nvidia.",
+                      "libGLX_nvidia.", "libGLESv1_CM_nvidia.", "libGLESv2_nvidia.",
+                      "libvdpau_nvidia.", "vdpau/libvdpau_nvidia."], None),
+    ("nvi_bin_list", ["nvidia-bug-report.sh", "nvidia-cuda-mps-control",
+                      "nvidia-cuda-mps-server", "nvidia-debugdump", "nvidia-installer",
+                      "nvidia-persistenced", "nvidia-settings", "nvidia-smi", "nvidia-uninstall",
+                      "nvidia-xconfig"], None),
+    ("nvi_etc_list", ["vulkan/icd.d/nvidia_icd.json", "OpenCL/vendors/nvidia.icd"], None),
+    ("nvi_etc_dir", "/etc", None),
+    ("nvi_dev_list", ["/dev/nvidia"], None),
+    ("nvi_lib_dirs", [], None),
+    ("nvi_ldconfig", ["ldconfig", "-p"], None),
+    # tried in this order when the default mode cannot start on this host and no mode was
+    # chosen (setup --execmode, UDOCKER_DEFAULT_EXECUTION_MODE, default_execution_mode)
+    ("fallback_execution_modes", ["P1", "P2", "R1", "F3"], None),
 )
 
 
@@ -3211,6 +3233,14 @@ def _open_source(cfg, source):
     return open(source, "rb"), None
 
 
+def close_source(stream, client):
+    """Close what _open_source opened (standard input stays open)."""
+    if client:
+        client.close()
+    elif stream is not binary_stdin():
+        stream.close()
+
+
 def import_config(platform, diff_id, created):
     """The config of an imported image: platform, one layer, a history line."""
     config = {"architecture": platform.arch, "os": platform.os, "created": created,
@@ -3250,10 +3280,7 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
                 raise
             raise RegistryError("download of %s failed: %s" % (source, exc))
         finally:
-            if client:
-                client.close()
-            elif local:
-                stream.close()
+            close_source(stream, client)
         check_tarball(layer_path, kind, source)
         created = utc_now()
         config = import_config(platform, diff_id, created)
@@ -3341,6 +3368,41 @@ def layer_compression(handle):
     return compression_of(head) or "tar"
 
 
+class Rewindable(object):
+    """A stream that cannot seek (a pipe, a download) made to go back to its start once,
+    after its first bytes were read: what layer_compression needs to look at them. It has
+    no fileno(), so a program decompressing it is fed through a pipe."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.head = b""         # the bytes read before the rewind
+        self.pos = 0            # offset in head; None once past it for good
+        self.rewound = False
+
+    def seek(self, pos, whence=os.SEEK_SET):
+        if pos != 0 or whence != os.SEEK_SET or self.pos is None:
+            raise IOError(errno.ESPIPE, "cannot seek in a stream")
+        self.rewound = self.rewound or self.pos > 0
+        self.pos = 0
+        return 0
+
+    def read(self, size=-1):
+        if self.pos is None:
+            return self.stream.read(size)
+        if self.pos < len(self.head):
+            end = len(self.head) if size is None or size < 0 else self.pos + size
+            data = self.head[self.pos:end]
+            self.pos += len(data)
+            return data
+        data = self.stream.read(size)
+        if self.rewound:
+            self.pos = None
+        else:
+            self.head += data
+            self.pos += len(data)
+        return data
+
+
 def _file_chunks(handle):
     while True:
         data = handle.read(IN_CHUNK)
@@ -3407,11 +3469,18 @@ def _inflate_buffered(handle, factory, kind, label):
 
 
 def _program_chunks(handle, program, kind, label):
-    """Decompressed chunks from `program -dc` reading the layer file on its stdin."""
-    os.lseek(handle.fileno(), 0, os.SEEK_SET)
+    """Decompressed chunks from `program -dc` reading the layer file on its stdin (fed by a
+    thread when the layer is a stream without a file descriptor)."""
+    fileno = getattr(handle, "fileno", None)
+    if fileno:
+        os.lseek(fileno(), 0, os.SEEK_SET)
     errors = tempfile.TemporaryFile()
-    proc = subprocess.Popen([program, "-dc"], stdin=handle.fileno(), stdout=subprocess.PIPE,
-                            stderr=errors, close_fds=True)
+    proc = subprocess.Popen([program, "-dc"], stdin=fileno() if fileno else subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=errors, close_fds=True)
+    if not fileno:
+        feeder = threading.Thread(target=_feed_program, args=(handle, proc.stdin))
+        feeder.daemon = True
+        feeder.start()
     try:
         while True:
             data = proc.stdout.read(OUT_CHUNK)
@@ -3429,6 +3498,20 @@ def _program_chunks(handle, program, kind, label):
             proc.wait()
         proc.stdout.close()
         errors.close()
+
+
+def _feed_program(handle, pipe):
+    """Copy a stream to a program's stdin (which may stop reading early: EPIPE)."""
+    try:
+        for data in _file_chunks(handle):
+            pipe.write(data)
+    except (IOError, OSError):
+        pass
+    finally:
+        try:
+            pipe.close()
+        except (IOError, OSError):
+            pass
 
 
 def _prefetch(chunks, depth=4):
@@ -3562,12 +3645,14 @@ class LayerStream(object):
 
     Forward only, one decompressed chunk in memory; seeking back is possible into the last
     block of the previous chunk (tarfile may check the byte before a header). Reads inside
-    the current chunk are plain slices: no buffer is ever rebuilt.
+    the current chunk are plain slices: no buffer is ever rebuilt. hasher (optional) is fed
+    every decompressed byte once (import records the diff_id of what it extracted).
     """
 
-    def __init__(self, handle, label):
+    def __init__(self, handle, label, hasher=None):
         self.label = label
         self._chunks = layer_chunks(handle, label)
+        self._hasher = hasher
         self._buf = b""        # the current chunk
         self._off = 0          # stream offset of _buf[0]
         self._pos = 0          # current stream offset
@@ -3604,6 +3689,8 @@ class LayerStream(object):
         self._tail = (self._tail + self._buf)[-TAR_BLOCK:]
         self._off += len(self._buf)
         self._buf = chunk
+        if self._hasher is not None:
+            self._hasher.update(chunk)
         return True
 
     def read(self, size=-1):
@@ -3745,7 +3832,9 @@ class Flattener(object):
         self.devices = []
         self.warnings = 0
         self.layer = 0
-        self.label = "create"
+        self.title = "create"           # starts the warnings that concern no single layer
+        self.label = self.title
+        self.hasher = None              # fed the decompressed bytes of the first pass
 
     # -- messages
 
@@ -3767,7 +3856,7 @@ class Flattener(object):
             self.layer, self.label = number, label
             MSG.verbose("flattening layer %d/%d: %s" % (total - number, total, label))
             self._pass(handle, self._member)
-        self.label = "create"
+        self.label, self.hasher = self.title, None
         for target, group in sorted(self.waiting.items()):
             if group.paths:
                 self.warn("hardlink target not found: %s -> %s"
@@ -3787,7 +3876,7 @@ class Flattener(object):
 
     def _pass(self, handle, visit):
         label = self.label
-        self.stream = LayerStream(handle, label)
+        self.stream = LayerStream(handle, label, self.hasher)
         try:
             try:
                 archive = tarfile.open(fileobj=self.stream, mode="r:", encoding="utf-8",
@@ -3799,7 +3888,9 @@ class Flattener(object):
             self.parents_ok = set()
             self.skipped = {}
             try:
-                while True:
+                # A tar with no member (an empty layer) ends at open: asking again would
+                # seek back before the stream's start under Python < 3.8.
+                while archive.firstmember is not None or archive.offset:
                     member = archive.next()
                     if member is None:
                         break
@@ -4232,50 +4323,83 @@ def remove_container(store, id_or_name, quiet=False):
     return cid
 
 
-def create_container(store, image, name=None, force=False):
-    """Flatten image into a new container; returns its id.
-
-    The container is built in a hidden directory of containers/ and renamed into place only
-    when complete, so a failure (or a kill) never leaves a half container under an id.
-    """
+def check_new_name(store, name, force=False):
+    """Before a container is made: a valid name that is free (or force)."""
     if name:
         store.check_name(name)
         if not force and store.find(name):
             raise RepositoryError("container name already exists: %s" % name)
-    if not image.layers:
-        raise RepositoryError("image %s has no layers" % image.ref)
-    cid = store.new_id(image.name)
-    handles = open_layers(store.repo, image)
-    build = tempfile.mkdtemp(prefix=".create-", dir=store.dir)
-    try:
-        root = os.path.join(build, "ROOT")
-        os.mkdir(root, 0o700)
-        flattener = Flattener(root, current_umask())
-        flattener.run(handles)
-        makedirs(os.path.join(build, META_DIR))
-        flattener.write_attrs(os.path.join(build, META_DIR, "attrs"))
-        config = b"{}"
-        if image.config_path and os.path.exists(image.config_path):
-            with open(image.config_path, "rb") as handle:
-                config = handle.read()
-        elif image.config:
-            config = to_bytes(json_dumps(image.config))
-        write_atomic(os.path.join(build, "container.json"), config)
-        write_atomic(os.path.join(build, "imagerepo.name"), image.ref)
-        os.chmod(build, 0o755 & ~current_umask() | 0o700)
-        os.rename(build, store.path(cid))
-    except BaseException:
-        remove_tree(build)
-        raise
-    finally:
-        for handle, _ in handles:
-            handle.close()
+
+
+def name_new_container(store, cid, name, force=False):
+    """Give a container just made its name; if that fails the container goes too."""
     if name:
         try:
             store.add_name(cid, name, force=force)
         except BaseException:
             remove_container(store, cid, quiet=True)
             raise
+
+
+def build_container(store, prefix, make):
+    """A new container made by make(directory), which fills the directory and returns the
+    container's id. The directory is a hidden one of containers/, renamed into place only
+    when complete, so a failure (or a kill) never leaves a half container under an id."""
+    build = tempfile.mkdtemp(prefix=prefix, dir=store.dir)
+    try:
+        cid = make(build)
+        os.chmod(build, 0o755 & ~current_umask() | 0o700)
+        os.rename(build, store.path(cid))
+    except BaseException:
+        remove_tree(build)
+        raise
+    return cid
+
+
+def flatten_root(build, handles, title="create", hasher=None):
+    """build/ROOT from [(open layer file, label)] (base first), and the attrs file beside
+    it; hasher (optional) is fed the decompressed bytes of the layers."""
+    root = os.path.join(build, "ROOT")
+    os.mkdir(root, 0o700)
+    flattener = Flattener(root, current_umask())
+    flattener.title, flattener.hasher = title, hasher
+    flattener.run(handles)
+    makedirs(os.path.join(build, META_DIR))
+    flattener.write_attrs(os.path.join(build, META_DIR, "attrs"))
+    return root
+
+
+def write_container_meta(build, config, image):
+    """container.json (config: bytes) and imagerepo.name ('NAME:TAG')."""
+    write_atomic(os.path.join(build, "container.json"), config)
+    write_atomic(os.path.join(build, "imagerepo.name"), image)
+
+
+def create_container(store, image, name=None, force=False):
+    """Flatten image into a new container (see build_container); returns its id."""
+    check_new_name(store, name, force)
+    if not image.layers:
+        raise RepositoryError("image %s has no layers" % image.ref)
+    cid = store.new_id(image.name)
+    handles = open_layers(store.repo, image)
+
+    def make(build):
+        flatten_root(build, handles)
+        config = b"{}"
+        if image.config_path and os.path.exists(image.config_path):
+            with open(image.config_path, "rb") as handle:
+                config = handle.read()
+        elif image.config:
+            config = to_bytes(json_dumps(image.config))
+        write_container_meta(build, config, image.ref)
+        return cid
+
+    try:
+        build_container(store, ".create-", make)
+    finally:
+        for handle, _ in handles:
+            handle.close()
+    name_new_container(store, cid, name, force)
     return cid
 
 
@@ -4352,10 +4476,7 @@ def clone_container(store, id_or_name, name=None):
     The copy is made in a hidden directory while the source is locked, then renamed into
     place: an rm of the source waits, and nobody sees a half clone.
     """
-    if name:
-        store.check_name(name)
-        if store.find(name):
-            raise RepositoryError("container name already exists: %s" % name)
+    check_new_name(store, name)
     cid = store.get(id_or_name)
     build = os.path.join(store.dir, ".clone-%s-%d" % (cid, os.getpid()))
     with store.lock(cid):
@@ -4373,17 +4494,136 @@ def clone_container(store, id_or_name, name=None):
         except BaseException:
             remove_tree(build)
             raise
-    if name:
-        try:
-            store.add_name(new, name)
-        except BaseException:
-            remove_container(store, new, quiet=True)
-            raise
-    mode = container_execmode(store, new, None)
-    if mode and mode.startswith("F"):
-        MSG.warning("clone %s is in mode %s: run `setup --execmode=%s --force %s`"
-                    % (new, mode, mode, new))
+    name_new_container(store, new, name)
+    note_moved_mode(store, new)
     return new
+
+
+def note_moved_mode(store, cid):
+    """Say so when a container that moved (clone, import --clone) will be set up again: F
+    modes rewrite paths in ROOT, and a run redoes that where root.path is not ROOT."""
+    mode = container_execmode(store, cid, None)
+    if mode.upper().startswith("F"):
+        MSG.info("container %s (mode %s) is set up for its new place on its first run"
+                 % (cid, mode))
+
+
+# -- import: a root file system tarball, or an `export --clone`, becomes a container
+
+ROOTFS_TOP_NAMES = frozenset([b"bin", b"boot", b"dev", b"etc", b"home", b"lib", b"lib64",
+                              b"media", b"mnt", b"opt", b"proc", b"root", b"sbin", b"srv",
+                              b"sys", b"tmp", b"usr", b"var"])
+IMPORTED_IMAGE = "IMPORTED:unknown"     # imagerepo.name of a container imported without one
+
+
+class CloneFlattener(Flattener):
+    """Extracts an `export --clone` tarball (a whole container directory: ROOT/ and the
+    metadata beside it) as safely as create extracts a layer. Owners and modes are not
+    recorded: the attrs file of the container travels in the tarball. A member a root file
+    system has at its top (bin/, etc/, usr/ ...) stops the import: that is no clone."""
+
+    def _member(self, member, archive):
+        path = clean_member_path(member.name)
+        if path and path.partition(b"/")[0] in ROOTFS_TOP_NAMES:
+            raise ArchiveError("%s is a root file system tarball, not an `export --clone` of "
+                               "a container (%s): use import --tocontainer"
+                               % (self.label, member.name[:200]))
+        Flattener._member(self, member, archive)
+
+    def _record(self, path, member):
+        pass
+
+
+def _tarball_errors(label, action, *args):
+    """action(*args), the errors the flattener words for a layer naming the tarball."""
+    try:
+        return action(*args)
+    except RepositoryError as exc:
+        text, prefix = str(exc), "layer %s: " % label
+        if text.startswith(prefix):
+            raise ArchiveError("%s: %s" % (label, text[len(prefix):]))
+        raise
+
+
+def _drop_metadata_links(cdir):
+    """Remove the symlinks of a container directory outside ROOT/ (the volume records in
+    .mountpoints/ aside): its metadata is read and written by name, never through a link."""
+    records = os.path.join(cdir, ".mountpoints")
+    for dirpath, dirnames, filenames in os.walk(cdir):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) and dirpath != records:
+                MSG.warning("import --clone: skipped symlink outside ROOT: %s"
+                            % os.path.relpath(path, cdir))
+                os.unlink(path)
+        dirnames[:] = [n for n in dirnames if os.path.isdir(os.path.join(dirpath, n)) and
+                       not (dirpath == cdir and n == "ROOT")]
+
+
+def _fill_from_rootfs(build, handle, label, image, platform):
+    """import --tocontainer: ROOT from the tarball, metadata made up as upstream does."""
+    hasher = hashlib.sha256()
+    root = _tarball_errors(label, flatten_root, build, [(handle, label)], "import", hasher)
+    if not os.listdir(root):
+        raise ArchiveError("%s: the tarball has no files" % label)
+    write_container_meta(build, import_config(platform, "sha256:" + hasher.hexdigest(),
+                                              utc_now()), image)
+    if not [n for n in ("bin", "etc", "lib", "usr") if os.path.lexists(os.path.join(root, n))]:
+        MSG.warning("check the container's content: %s has no /bin, /etc, /lib or /usr"
+                    % label)
+    return image
+
+
+def _fill_from_clone(build, handle, label):
+    """import --clone: the whole container directory from the tarball, checked."""
+    flattener = CloneFlattener(build, current_umask())
+    flattener.title = "import --clone"
+    _tarball_errors(label, flattener.run, [(handle, label)])
+    root = os.path.join(build, "ROOT")
+    if os.path.islink(root) or not os.path.isdir(root):
+        raise ArchiveError("%s is not an `export --clone` tarball: it has no ROOT directory"
+                           % label)
+    _drop_metadata_links(build)
+    name_file = os.path.join(build, "imagerepo.name")
+    try:
+        image = read_text(name_file).strip()
+    except (IOError, OSError):
+        image = ""
+    if not image or not os.path.isfile(name_file):
+        image = IMPORTED_IMAGE
+        remove_tree(name_file)
+        write_atomic(name_file, image)
+    return image
+
+
+def import_container(store, cfg, source, name=None, image=None, platform=None):
+    """A new container from a tarball (path, http(s) URL or '-'); returns its id.
+
+    image None: the tarball is an `export --clone` (ROOT/, container.json, execmode ...);
+    else it is a root file system and the container records image ('NAME:TAG') and
+    platform. It is extracted like a layer by create (nothing is ever written outside the
+    container), in a hidden directory renamed into place once complete.
+    """
+    check_new_name(store, name)
+    label = "standard input" if source == "-" else source
+    stream, client = _open_source(cfg, source)
+    local = source != "-" and client is None
+    handle = stream if local else Rewindable(stream)
+
+    def make(build):
+        if image is None:
+            made = _fill_from_clone(build, handle, label)
+        else:
+            made = _fill_from_rootfs(build, handle, label, image, platform)
+        return store.new_id(made.partition(":")[0])
+
+    try:
+        cid = build_container(store, ".import-", make)
+    finally:
+        close_source(stream, client)
+    name_new_container(store, cid, name)
+    note_moved_mode(store, cid)
+    return cid
 
 
 def container_platform(store, cid):
@@ -4462,40 +4702,68 @@ def export_container(store, id_or_name, output, whole=False):
 
 
 def _export_tree(archive, top, attrs, whole):
+    """Add the tree top to archive, depth first in name order. A directory or file of ours
+    that its owner cannot read (made so inside the container) is opened up for the moment
+    it is read: its mode is put back after its subtree, and in any case before returning."""
     seen = {}
     stack = [b""]
-    while stack:
-        rel = stack.pop()
-        full = top + b"/" + rel if rel else top
-        st = os.lstat(full)
-        info = tarfile.TarInfo(to_text(b"./" + rel if rel else b"."))
-        info.mtime = int(st.st_mtime)
-        mode = stat.S_IMODE(st.st_mode)
-        if whole:
-            info.uid, info.gid, info.mode = st.st_uid, st.st_gid, mode
-        else:
-            info.uid, info.gid, info.mode = attrs.get(rel, (0, 0, mode))
-        key = (st.st_dev, st.st_ino)
-        if stat.S_ISDIR(st.st_mode):
-            info.type = tarfile.DIRTYPE
-            archive.addfile(info)
-            stack.extend(sorted((rel + b"/" + n if rel else n for n in os.listdir(full)),
-                                reverse=True))
-        elif stat.S_ISLNK(st.st_mode):
-            info.type, info.linkname = tarfile.SYMTYPE, to_text(os.readlink(full))
-            archive.addfile(info)
-        elif st.st_nlink > 1 and key in seen:
-            info.type, info.linkname = tarfile.LNKTYPE, seen[key]
-            archive.addfile(info)
-        elif stat.S_ISREG(st.st_mode):
-            info.type, info.size = tarfile.REGTYPE, st.st_size
-            with open(full, "rb") as handle:
-                archive.addfile(info, handle)
-            if st.st_nlink > 1:
-                seen[key] = info.name
-        elif stat.S_ISFIFO(st.st_mode):
-            info.type = tarfile.FIFOTYPE
-            archive.addfile(info)
+    restore = []                                # (path, mode) of what was opened up
+    try:
+        while stack:
+            rel = stack.pop()
+            if isinstance(rel, tuple):                  # a directory's subtree is done
+                os.chmod(*rel)
+                restore.remove(rel)
+                continue
+            full = top + b"/" + rel if rel else top
+            st = os.lstat(full)
+            mode = stat.S_IMODE(st.st_mode)
+            info = tarfile.TarInfo(to_text(b"./" + rel if rel else b"."))
+            info.mtime = int(st.st_mtime)
+            if whole:
+                info.uid, info.gid, info.mode = st.st_uid, st.st_gid, mode
+            else:
+                info.uid, info.gid, info.mode = attrs.get(rel, (0, 0, mode))
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode):
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+                if mode & 0o500 != 0o500 and st.st_uid == os.getuid():
+                    os.chmod(full, mode | 0o500)
+                    restore.append((full, mode))
+                    stack.append(restore[-1])
+                stack.extend(sorted((rel + b"/" + n if rel else n for n in os.listdir(full)),
+                                    reverse=True))
+            elif stat.S_ISLNK(st.st_mode):
+                info.type, info.linkname = tarfile.SYMTYPE, to_text(os.readlink(full))
+                archive.addfile(info)
+            elif st.st_nlink > 1 and key in seen:
+                info.type, info.linkname = tarfile.LNKTYPE, seen[key]
+                archive.addfile(info)
+            elif stat.S_ISREG(st.st_mode):
+                info.type, info.size = tarfile.REGTYPE, st.st_size
+                _add_file(archive, info, full, mode, st.st_uid)
+                if st.st_nlink > 1:
+                    seen[key] = info.name
+            elif stat.S_ISFIFO(st.st_mode):
+                info.type = tarfile.FIFOTYPE
+                archive.addfile(info)
+    finally:
+        for path, mode in reversed(restore):
+            os.chmod(path, mode)
+
+
+def _add_file(archive, info, path, mode, uid):
+    """Add a regular file, giving its owner (us) read permission while it is read."""
+    opened = not mode & 0o400 and uid == os.getuid()
+    if opened:
+        os.chmod(path, mode | 0o400)
+    try:
+        with open(path, "rb") as handle:
+            archive.addfile(info, handle)
+    finally:
+        if opened:
+            os.chmod(path, mode)
 
 
 # ==== 9. Execution engines ====
@@ -4511,8 +4779,7 @@ EXEC_MODES = ("P1", "P2", "F1", "F2", "F3", "F4", "R1", "R2", "R3", "S1")
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
                      "SIGWINCH")
 HOST_FILES = ("/etc/hosts",)     # bound like the sysdirs: the container shares the host network
-USER_RE = LazyRegex(r"^([A-Za-z0-9_.][A-Za-z0-9_.-]*\$?)?(:([A-Za-z0-9_.][A-Za-z0-9_.-]*))?$")
-ENV_NAME_RE = LazyRegex(r"^[^=\s]+$")
+USER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 ELF_MACHINES = {3: "386", 62: "amd64", 40: "arm", 183: "arm64", 21: "ppc64le", 22: "s390x",
                 243: "riscv64"}
 LIB_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu",
@@ -4537,6 +4804,49 @@ def name_matches(name, patterns):
             if fnmatch.fnmatchcase(name, pattern):
                 return True
     return False
+
+
+class _JsonScanContext(object):
+    """The attributes _json.make_scanner reads from a json.JSONDecoder."""
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    memo = None
+
+    @staticmethod
+    def parse_constant(name):
+        return {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}[name]
+
+
+def read_json_fast(path):
+    """read_json() for what every run reads (container.json, the probe cache): Python 3's C
+    JSON scanner used directly, since importing json imports re (~5 ms of a ~20 ms start).
+    Any doubt (Python 2, a parse error) goes through json. None if unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            text = to_text(handle.read())
+    except (IOError, OSError):
+        return None
+    if PY3:
+        try:
+            import _json
+            start = len(text) - len(text.lstrip(" \t\n\r"))
+            value, end = _json.make_scanner(_JsonScanContext())(text, start)
+            if not text[end:].strip(" \t\n\r"):
+                return value
+        except Exception:                 # noqa: B902 (any failure: let json decide)
+            pass
+    try:
+        return json_loads(text)
+    except ValueError:
+        return None
+
+
+def random_hex(count):
+    """count random bytes as hex text (the uuid module costs ~2 ms to import)."""
+    return "".join("%02x" % b for b in bytearray(os.urandom(count)))
 
 
 def which(name, path=None):
@@ -4580,6 +4890,7 @@ def run_capture(argv, env=None, timeout=30.0):
         output = proc.communicate()[0]
     finally:
         timer.cancel()
+        timer.join()                 # no thread left when an engine is forked
     return proc.returncode, to_text(output)
 
 
@@ -4780,22 +5091,54 @@ def read_os_release(root):
 
 def container_libc(root, arch):
     """('glibc', '2.36'), ('musl', '') or (None, '') for the C library of a tree."""
-    import glob
-    if glob.glob(os.path.join(resolve_in_root(root, "/lib"), "ld-musl-*.so.1")):
-        return "musl", ""
+    kind, path = container_libc_file(root, arch)
+    return kind, glibc_version(path) if kind == "glibc" else ""
+
+
+def container_libc_file(root, arch):
+    """('glibc', host path of libc.so.6), ('musl', path of its loader) or (None, None)."""
+    musl = _names_like(resolve_in_root(root, "/lib"), "ld-musl-*.so.1")
+    if musl:
+        return "musl", musl[0]
     triplet = LIB_TRIPLETS.get(arch, "")
     for rel in ("lib/%s/libc.so.6" % triplet, "usr/lib/%s/libc.so.6" % triplet,
                 "lib64/libc.so.6", "usr/lib64/libc.so.6", "lib/libc.so.6", "usr/lib/libc.so.6"):
         path = resolve_in_root(root, rel)
-        if not os.path.isfile(path):
-            continue
-        match = re.match(r"^libc-(\d+\.\d+)\.so$", os.path.basename(path))
-        if match:
-            return "glibc", match.group(1)
-        with open(path, "rb") as handle:
-            found = re.search(br"release version (\d+\.\d+)", handle.read())
-        return "glibc", to_text(found.group(1)) if found else ""
-    return None, ""
+        if os.path.isfile(path):
+            return "glibc", path
+    return None, None
+
+
+def glibc_version(path):
+    """'2.36' for a glibc libc.so.6 (its file name libc-X.Y.so, else the "release version"
+    string inside), '' if unknown."""
+    name = os.path.basename(path)
+    if name.startswith("libc-") and name.endswith(".so") and \
+            len(version_tuple(name[5:-3])) == 2:
+        return name[5:-3]
+    with open(path, "rb") as handle:
+        data = handle.read()
+    at = data.find(b"release version ")
+    if at < 0:
+        return ""
+    words = to_text(data[at + 16:at + 32]).split(".")
+    numbers = [w for w in words[:2] if w.isdigit()]
+    return ".".join(numbers) if len(numbers) == 2 else ""
+
+
+def _names_like(directory, pattern):
+    """Paths in directory whose names match pattern, sorted; PREFIX*SUFFIX patterns without
+    glob (it imports re, ~4 ms of an F-mode start)."""
+    prefix, star, suffix = pattern.partition("*")
+    if not star or any(c in prefix + suffix for c in "*?["):
+        return sorted(_glob(os.path.join(directory, pattern)))
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(os.path.join(directory, n) for n in names
+                  if n.startswith(prefix) and n.endswith(suffix) and
+                  len(n) >= len(prefix) + len(suffix) and not n.startswith("."))
 
 
 def container_loader(root, arch):
@@ -4814,7 +5157,6 @@ def container_loader(root, arch):
 
 def container_lib_dirs(root, arch):
     """Host paths of the tree's library directories (ld.so.conf first, then the usual)."""
-    import glob
     wanted = []
     pending = [resolve_in_root(root, "/etc/ld.so.conf")]
     seen_conf = set()
@@ -4827,8 +5169,8 @@ def container_lib_dirs(root, arch):
             line = line.split("#", 1)[0].strip()
             if line.startswith("include "):
                 pattern = line.split(None, 1)[1]
-                pending.extend(sorted(glob.glob(resolve_in_root(root, os.path.dirname(
-                    pattern)) + "/" + os.path.basename(pattern))))
+                pending.extend(_names_like(resolve_in_root(root, os.path.dirname(pattern)),
+                                           os.path.basename(pattern)))
             elif line.startswith("/"):
                 wanted.append(line)
     triplet = LIB_TRIPLETS.get(arch, "")
@@ -4905,6 +5247,7 @@ class RunContainer(object):
         self.root = os.path.realpath(root)
         self.config = config if isinstance(config, dict) else {}
         self.names = list(names)
+        self._libc = None              # (kind, version), see libc()
 
     @classmethod
     def from_store(cls, store, cid):
@@ -4912,8 +5255,13 @@ class RunContainer(object):
         root = os.path.join(cdir, "ROOT")
         if not os.path.isdir(root):
             raise RepositoryError("container %s has no ROOT directory" % cid)
-        return cls(cid, cdir, root, read_json(os.path.join(cdir, "container.json")),
-                   store.names(cid))
+        names = []
+        for entry in os.listdir(store.dir):             # not store.names(): no container
+            path = os.path.join(store.dir, entry)       # listing, no regex on the hot path
+            if os.path.islink(path) and os.path.basename(os.readlink(path)) == cid:
+                names.append(entry)
+        return cls(cid, cdir, root, read_json_fast(os.path.join(cdir, "container.json")),
+                   sorted(names))
 
     @classmethod
     def from_location(cls, path):
@@ -4932,6 +5280,33 @@ class RunContainer(object):
             return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
         info = elf_info(resolve_in_root(self.root, "/bin/sh"))
         return info["machine"] if info else Platform.host().arch
+
+    def libc(self):
+        """container_libc() of ROOT, remembered in .run/libc while that file is unchanged:
+        finding the version reads the whole libc, the costliest part of an F-mode start."""
+        if self._libc is None:
+            self._libc = self._remembered_libc()
+        return self._libc
+
+    def _remembered_libc(self):
+        record = os.path.join(self.dir, ".run", "libc") if self.dir else None
+        if record:
+            try:
+                kind, version, path, stamp = read_text(record).split("\n")[:4]
+                if kind in ("glibc", "musl") and _file_stamp(path) == stamp:
+                    return kind, version
+            except (IOError, OSError, ValueError):
+                pass
+        kind, path = container_libc_file(self.root, self.arch())
+        version = glibc_version(path) if kind == "glibc" else ""
+        if record and kind:
+            try:
+                makedirs(os.path.dirname(record), 0o700)
+                write_atomic(record, "%s\n%s\n%s\n%s\n" % (kind, version, path,
+                                                           _file_stamp(path)))
+            except (IOError, OSError):
+                pass
+        return kind, version
 
     def state(self, name):
         """Contents of a small state file in the container directory, or ''."""
@@ -4960,6 +5335,14 @@ class RunContainer(object):
         return path
 
 
+def _file_stamp(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return "%d:%d:%d" % (st.st_ino, int(st.st_mtime), st.st_size)
+
+
 def default_execmode(cfg):
     mode = (cfg.override_default_execution_mode or cfg.default_execution_mode or "P1").upper()
     if mode not in EXEC_MODES:
@@ -4982,10 +5365,11 @@ class RunUser(object):
 
 def _lookup_user(passwd, groups, text):
     """RunUser for 'NAME', 'UID', 'NAME:GROUP' or 'UID:GID' given passwd/group rows."""
-    match = USER_RE.match(text)
-    if not match or not match.group(1):
+    who, colon, group = text.partition(":")
+    if not (_user_word(who[:-1] if who.endswith("$") else who) and
+            (not colon or _user_word(group))):
         raise UsageError("invalid user: %s (NAME or UID[:GID])" % text)
-    who, group = match.group(1), match.group(3)
+    group = group if colon else None
     entry = None
     for row in passwd:
         if len(row) >= 7 and (row[0] == who or (who.isdigit() and row[2] == who)):
@@ -5002,6 +5386,11 @@ def _lookup_user(passwd, groups, text):
     return user
 
 
+def _user_word(word):
+    """A user or group name or number as --user takes it (no regex: re costs ~4 ms)."""
+    return bool(word) and word[0] != "-" and all(c in USER_CHARS for c in word)
+
+
 def _lookup_group(groups, group):
     if group.isdigit():
         return int(group)
@@ -5009,6 +5398,101 @@ def _lookup_group(groups, group):
         if len(row) >= 3 and row[0] == group:
             return int(row[2])
     raise EngineError("group %s not found in the container's /etc/group" % group)
+
+
+NVIDIA_DIR = "/.udocker/nvidia"          # where a run shows the host's NVIDIA driver
+NVIDIA_MARKERS = ("libcuda.", "libnvidia-")    # library names that mean "a driver is here"
+LDCONFIG_ARCH = {"amd64": "x86-64", "arm64": "AArch64", "ppc64le": "64bit", "s390x": "64bit",
+                 "riscv64": "64bit"}
+LDCONFIG_LINE_RE = LazyRegex(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(/.*?)\s*$")
+
+
+class NvidiaDriver(object):
+    """The host's NVIDIA driver as found now, on this host: libraries (in the directories
+    where the ldconfig cache, LD_LIBRARY_PATH or nvi_lib_dirs show libcuda/libnvidia-*,
+    the nvi_lib_list names), tools (nvi_bin_list in PATH), icd files (nvi_etc_list) and
+    device files (nvi_dev_list*). A run binds them read-only under NVIDIA_DIR (lib, bin,
+    etc) and at /dev: nothing is copied into the container, which so keeps working with
+    another host's driver (upstream copies the files into ROOT at setup)."""
+
+    def __init__(self, files, devices, lib_dirs):
+        self.files = files            # [(host path, container path)], libraries, tools, icd
+        self.devices = devices        # [(host path, container path)]
+        self.lib_dirs = lib_dirs      # host directories the libraries came from
+
+    @classmethod
+    def find(cls, cfg, environ):
+        """The driver, or None when no NVIDIA library is found."""
+        lib_dirs = cls._library_dirs(cfg, environ)
+        files, seen = [], set()
+        for directory in lib_dirs:
+            for prefix in cfg.nvi_lib_list:
+                for path in sorted(_glob(os.path.join(directory, prefix) + "*")):
+                    rel = path[len(directory) + 1:]
+                    if rel not in seen and os.path.isfile(path):
+                        seen.add(rel)
+                        files.append((path, "%s/lib/%s" % (NVIDIA_DIR, rel)))
+        if not any(os.path.basename(c).startswith(NVIDIA_MARKERS) for _, c in files):
+            return None
+        path = environ.get("PATH", "")
+        for name in cfg.nvi_bin_list:
+            found = which(name, path)
+            if found:
+                files.append((os.path.abspath(found), "%s/bin/%s" % (NVIDIA_DIR, name)))
+        for rel in cfg.nvi_etc_list:
+            host = os.path.join(cfg.nvi_etc_dir, rel)
+            if os.path.isfile(host):
+                files.append((host, "%s/etc/%s" % (NVIDIA_DIR, rel)))
+        devices = []
+        for pattern in cfg.nvi_dev_list:
+            for host in sorted(_glob(pattern + "*")):
+                devices.append((host, "/dev/" + host[len(os.path.dirname(pattern)) + 1:]))
+        return cls(files, devices, lib_dirs)
+
+    @staticmethod
+    def _library_dirs(cfg, environ):
+        """Directories holding NVIDIA libraries: from the ldconfig cache listing (entries
+        of this host's architecture), then LD_LIBRARY_PATH and nvi_lib_dirs."""
+        found = []
+        argv = list(cfg.nvi_ldconfig)
+        if argv and "/" not in argv[0]:
+            argv[0] = which(argv[0], environ.get("PATH", "") + ":/sbin:/usr/sbin") or argv[0]
+        status, text = run_capture(argv) if argv else (1, "")
+        if status != 0:
+            MSG.verbose("nvidia: %s failed: %s" % (" ".join(argv), text.strip()[:200]))
+            text = ""
+        tag = LDCONFIG_ARCH.get(Platform.host().arch)
+        for line in text.splitlines():
+            match = LDCONFIG_LINE_RE.match(line)
+            if match and match.group(1).startswith(NVIDIA_MARKERS) and \
+                    (tag is None or tag in match.group(2)):
+                found.append(os.path.realpath(os.path.dirname(match.group(3))))
+        for directory in environ.get("LD_LIBRARY_PATH", "").split(":") + list(cfg.nvi_lib_dirs):
+            if directory.startswith("/") and any(
+                    _glob(os.path.join(directory, m) + "*") for m in NVIDIA_MARKERS):
+                found.append(os.path.realpath(directory))
+        unique = []
+        for directory in found:
+            if directory not in unique:
+                unique.append(directory)
+        return unique
+
+    def summary(self):
+        counts = dict((part, len([c for _, c in self.files
+                                  if c.startswith("%s/%s/" % (NVIDIA_DIR, part))]))
+                      for part in ("lib", "bin", "etc"))
+        return "%d libraries (from %s), %d tools, %d icd files, %d devices" % (
+            counts["lib"], ", ".join(self.lib_dirs), counts["bin"], counts["etc"],
+            len(self.devices))
+
+
+def _glob(pattern):
+    import glob
+    return glob.glob(pattern)
+
+
+NO_NVIDIA = ("no NVIDIA driver on this host (no libcuda or libnvidia-* in the ldconfig cache, "
+             "LD_LIBRARY_PATH or nvi_lib_dirs)")
 
 
 class Engine(object):
@@ -5022,9 +5506,11 @@ class Engine(object):
     can_set_hostname = False       # --hostname (a UTS namespace)
     can_set_kernel = False         # -k/--kernel (proot -k)
     devices_at_own_path = False    # F: the host /dev is seen as it is, no device elsewhere
+    probe_group = None             # modes whose host probe is the same share its result
     keeps_sysdirs = None           # None: every sysdirs_list entry; else the ones kept
     unavailable = None             # why this mode cannot run with our tools (F2, F4)
     death_signal = "SIGKILL"       # what the engine gets if udocker.py dies (PDEATHSIG)
+    passed_fds = 0                 # fds 3..passed_fds handed to the container (runc)
 
     def __init__(self, session, container, opts, args, tools):
         self.session = session
@@ -5044,12 +5530,16 @@ class Engine(object):
         self.passwd_rows = []
         self.group_rows = []
         self.signalled = None          # the last terminating signal forwarded
+        self.nvidia = None             # the host's NvidiaDriver when the run shows it
+        self.cannot_start = None       # an EngineError: why this mode cannot run here
 
     # -- the steps every mode takes, in order
 
     def run(self):
         """Prepare, start the engine and wait; returns the container command's status."""
         self.prepare()
+        if self.cannot_start is not None:
+            raise self.cannot_start
         watchdog = None
         try:
             argv, env, cwd = self.command()
@@ -5073,8 +5563,21 @@ class Engine(object):
         self.passwd_rows, self.group_rows = self.identity_sources()
         self.user = self.choose_user(meta)
         self.volumes = self.choose_volumes()
+        self.nvidia = self.find_nvidia()
+        if self.nvidia:
+            self.volumes += self.nvidia_volumes()
         self.arrange_identity()
         self.env = self.build_env(meta)
+        if self.nvidia:
+            self.env["PATH"] = NVIDIA_DIR + "/bin:" + self.env["PATH"]
+            self.env["LD_LIBRARY_PATH"] = ":".join(
+                [NVIDIA_DIR + "/lib"] + [d for d in self.env.get("LD_LIBRARY_PATH", "")
+                                         .split(":") if d and d != NVIDIA_DIR + "/lib"])
+            for name, rel in (("VK_ICD_FILENAMES", "vulkan/icd.d/nvidia_icd.json"),
+                              ("OCL_ICD_VENDORS", "OpenCL/vendors")):
+                path = "%s/etc/%s" % (NVIDIA_DIR, rel)
+                if any(c == path or c.startswith(path + "/") for _, c in self.nvidia.files):
+                    self.env.setdefault(name, path)
         self.cwd = self.choose_cwd(meta)
         self.argv = self.choose_command(meta)
         self.exe = self.find_executable(self.argv[0])
@@ -5212,6 +5715,35 @@ class Engine(object):
                 found.append(Volume(host, cont, system=True, device=True))
         return found
 
+    def find_nvidia(self):
+        """The host's NVIDIA driver when run --nvidia or setup --nvidia asks for it; a
+        container set up for it on a host without one runs without (one warning)."""
+        marked = bool(self.container.dir) and \
+            os.path.exists(os.path.join(self.container.dir, "nvidia"))
+        if not (self.opts.get("nvidia") or marked):
+            return None
+        driver = NvidiaDriver.find(self.cfg, os.environ)
+        if driver is None:
+            if self.opts.get("nvidia"):
+                raise EngineError("run --nvidia: %s" % NO_NVIDIA)
+            MSG.warning("container %s is set up for NVIDIA but %s: running without it"
+                        % (self.container.cid, NO_NVIDIA))
+            return None
+        MSG.verbose("nvidia: " + driver.summary())
+        return driver
+
+    def nvidia_volumes(self):
+        """The driver's files bound one by one under NVIDIA_DIR, and its devices but those
+        a /dev volume already shows (P modes; R and F override)."""
+        volumes = [Volume(host, cont, readonly=True, system=True)
+                   for host, cont in self.nvidia.files]
+        for host, cont in self.nvidia.devices:
+            if host == cont and any(v.host == v.cont and host.startswith(v.host + "/")
+                                    for v in self.volumes):
+                continue
+            volumes.append(Volume(host, cont, system=True, device=True))
+        return volumes
+
     def cont2host(self, path, follow_last=True):
         """The host path a container path reaches, through volumes and ROOT symlinks."""
         path = cont_path(path)
@@ -5257,7 +5789,7 @@ class Engine(object):
         pairs = []
         for word in words:
             name, has_value, value = word.partition("=")
-            if not ENV_NAME_RE.match(name):
+            if not name or "=" in name or any(c.isspace() for c in name):
                 raise UsageError("invalid environment variable in %s: %r" % (origin, word))
             if not has_value:
                 if name not in os.environ:
@@ -5290,7 +5822,7 @@ class Engine(object):
         env["container_uuid"] = self.container.cid
         env["container_execmode"] = self.mode
         env["container_names"] = " ".join(self.container.names)
-        env["container_run"] = uuid.uuid4().hex[:16]      # this run's processes carry it
+        env["container_run"] = random_hex(8)      # this run's processes carry it
 
     # -- working directory and command
 
@@ -5395,6 +5927,16 @@ class Engine(object):
 
     def cleanup(self):
         pass
+
+    @classmethod
+    def host_probe(cls, session, tools):
+        """(engine executable, function returning {"ok", "why"}) that tells whether this
+        mode can start on this host, or None; raises EngineError when a tool is missing."""
+        return None
+
+    @classmethod
+    def check_container(cls, container, tools):
+        """Raises EngineError when this mode cannot run this container."""
 
     @classmethod
     def setup(cls, container, tools, force=False):
@@ -5516,13 +6058,12 @@ class Supervisor(object):
             if signal.getsignal(signum) != signal.SIG_IGN:    # nohup & co: stays ignored
                 previous[signum] = signal.signal(signum, self._on_signal)
         try:
-            proc = _spawn(argv, env, cwd, self.engine.executable,
-                          lambda: _engine_child_setup(prctl, self.engine.death_signal))
-            self.pid = proc.pid
+            self.pid = _spawn(argv, env, cwd, self.engine.executable,
+                              lambda: _engine_child_setup(prctl, self.engine.death_signal,
+                                                          self.engine.passed_fds))
             for signum in self.pending:
                 self.engine.forward_signal(self.pid, signum)
-            status = _wait_status(proc.pid)
-            proc.returncode = status
+            status = _wait_status(self.pid)
             _reap_leftovers(keep=(self.watchdog.pid,) if self.watchdog else ())
         finally:
             for signum, handler in previous.items():
@@ -5539,24 +6080,82 @@ class Supervisor(object):
 
 
 def _spawn(argv, env, cwd, executable, child_setup):
-    """Start the engine with every fd inherited; raises EngineError if it cannot start."""
-    import subprocess
-    try:
-        return subprocess.Popen([_native(a) for a in argv], cwd=cwd, close_fds=False,
-                                executable=executable and _native(executable),
-                                env=dict((_native(k), _native(v)) for k, v in env.items()),
-                                preexec_fn=child_setup)
-    except OSError as exc:
-        raise EngineError("cannot execute %s: %s" % (argv[0], exc.strerror or exc))
+    """Start the engine with every fd inherited, by fork and exec (the subprocess module
+    costs ~3 ms to import); returns its pid; raises EngineError if it cannot start (the
+    child reports a failed exec through a close-on-exec pipe)."""
+    program = _native(executable or argv[0])
+    args = [_native(a) for a in argv]
+    envp = dict((_native(k), _native(v)) for k, v in env.items())
+    read_fd, write_fd = os.pipe()
+    for fd in (read_fd, write_fd):
+        fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:                                          # pragma: no cover (child)
+        try:
+            os.close(read_fd)
+            if cwd:
+                os.chdir(cwd)
+            child_setup()
+            if "/" in program:
+                os.execve(program, args, envp)
+            os.execvpe(program, args, envp)
+        except BaseException as exc:
+            os.write(write_fd, to_bytes(getattr(exc, "strerror", None) or str(exc) or "?"))
+        finally:
+            os._exit(127)
+    os.close(write_fd)
+    failure = b""
+    while True:
+        try:
+            chunk = os.read(read_fd, 512)
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            raise
+        if not chunk:
+            break
+        failure += chunk
+    os.close(read_fd)
+    if failure:
+        _wait_status(pid)
+        raise EngineError("cannot execute %s: %s" % (argv[0], to_text(failure)))
+    return pid
 
 
-def _engine_child_setup(prctl, death_signal):
+def _engine_child_setup(prctl, death_signal, passed_fds=0):
     """In the engine process before exec: default SIGPIPE (Python ignores it), and a
-    signal when udocker.py dies, whatever kills it."""
+    signal when udocker.py dies, whatever kills it. passed_fds: fds 3..passed_fds must all
+    be open at exec (runc --preserve-fds): holes, and our own close-on-exec fds, become
+    /dev/null."""
     for name in ("SIGPIPE", "SIGXFSZ"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
     prctl(PR_SET_PDEATHSIG, getattr(signal, death_signal))
+    if passed_fds >= 3:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in range(3, passed_fds + 1):
+            if fd != null and not inheritable_fd(fd):
+                os.dup2(null, fd)
+        if null > passed_fds:
+            os.close(null)
+
+
+def inheritable_fd(fd):
+    """True if fd is open without close-on-exec."""
+    try:
+        return not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    except (IOError, OSError):
+        return False
+
+
+def highest_inherited_fd():
+    """The highest fd above 2 that a program we start inherits (0 if none): a launcher's
+    PMI_FD, a `3<file` of the shell."""
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd") if n.isdigit()]
+    except OSError:
+        return 0
+    return max([fd for fd in fds if fd > 2 and inheritable_fd(fd)] or [0])
 
 
 def _wait_status(pid):
@@ -5646,14 +6245,16 @@ class ProotEngine(Engine):
         return options
 
     def _proot_tmp_dir(self):
-        """An exec-able directory where proot unpacks its loader (PROOT_TMP_DIR)."""
-        for path in (os.environ.get("PROOT_TMP_DIR"), self.cfg.tmpdir):
-            if path and os.path.isdir(path) and os.access(path, os.W_OK) and \
-                    not os.statvfs(path).f_flag & 8:                 # ST_NOEXEC
-                return path
-        path = os.path.join(self.cfg.topdir, "tmp")
-        makedirs(path, 0o700)
-        return path
+        return proot_tmp_dir(self.cfg)
+
+    @classmethod
+    def host_probe(cls, session, tools):
+        proot = tools.proot()[0]
+        env = {"PATH": "/usr/bin:/bin", "PROOT_TMP_DIR": proot_tmp_dir(session.cfg)}
+        if cls.noseccomp:
+            env["PROOT_NO_SECCOMP"] = "1"
+        program = ["/bin/true"] if is_executable("/bin/true") else ["/bin/sh", "-c", "true"]
+        return proot, lambda: probe_command([proot, "-r", "/", "-w", "/"] + program, env)
 
     def forward_signal(self, pid, signum):
         if signum != signal.SIGWINCH:
@@ -5662,6 +6263,17 @@ class ProotEngine(Engine):
 
     def exit_status(self, status):
         return proot_status(status, self.signalled)
+
+
+def proot_tmp_dir(cfg):
+    """An exec-able directory where proot unpacks its loader (PROOT_TMP_DIR)."""
+    for path in (os.environ.get("PROOT_TMP_DIR"), cfg.tmpdir):
+        if path and os.path.isdir(path) and os.access(path, os.W_OK) and \
+                not os.statvfs(path).f_flag & 8:                 # ST_NOEXEC
+            return path
+    path = os.path.join(cfg.topdir, "tmp")
+    makedirs(path, 0o700)
+    return path
 
 
 def proot_status(status, signalled):
@@ -5695,6 +6307,75 @@ RUNC_MASKED = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc
 RUNC_READONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 
 
+def oci_spec(root, args, cwd, env, user, caps, hostname, mounts):
+    """A rootless OCI runtime spec: runc's `spec --rootless` template, edited (writable
+    root, host network, our uid as root, a terminal only when there is one)."""
+    uid, gid = os.getuid(), os.getgid()
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": sys.stdin.isatty() and sys.stdout.isatty(),
+            "user": {"uid": user.uid, "gid": user.gid}, "args": args, "cwd": cwd, "env": env,
+            "capabilities": dict((k, caps) for k in ("bounding", "effective", "inheritable",
+                                                     "permitted", "ambient")),
+            "noNewPrivileges": True},
+        "root": {"path": root, "readonly": False},
+        "hostname": hostname,
+        "mounts": [dict(m) for m in RUNC_MOUNTS] + mounts,
+        "linux": {
+            "uidMappings": [{"containerID": 0, "hostID": uid, "size": 1}],
+            "gidMappings": [{"containerID": 0, "hostID": gid, "size": 1}],
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
+            "maskedPaths": RUNC_MASKED, "readonlyPaths": RUNC_READONLY},
+    }
+
+
+def runtime_command(runtime, flavour, rundir, *words):
+    """argv of a runc/crun command with its state under rundir."""
+    argv = [runtime]
+    if flavour == "crun":
+        argv.append("--cgroup-manager=disabled")
+    return argv + ["--root", os.path.join(rundir, "state")] + list(words)
+
+
+def probe_command(argv, env=None):
+    """{"ok": True} if argv succeeds, else {"ok": False, "why": its first line of output}."""
+    status, text = run_capture(argv, env=env)
+    if status == 0:
+        return {"ok": True}
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()] or lines
+    return {"ok": False, "why": errors[0][:300] if errors else "exit status %d" % status}
+
+
+def probe_runtime_start(runtime, flavour, tmpdir):
+    """Can runc/crun start a rootless container here (user namespaces, mounts)? It runs the
+    host's `true` in a root that holds the host's /usr, /bin, /lib* read-only."""
+    rundir = tempfile.mkdtemp(prefix="udocker-probe-", dir=tmpdir)
+    run_id = "udocker-probe-%s" % random_hex(6)
+    try:
+        rootfs = os.path.join(rundir, "rootfs")
+        os.mkdir(rootfs)
+        mounts = []
+        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr", "/nix"):
+            if os.path.islink(top):
+                os.symlink(os.readlink(top), rootfs + top)
+            elif os.path.isdir(top):
+                mounts.append({"destination": top, "type": "none", "source": top,
+                               "options": ["rbind", "nosuid", "nodev", "ro"]})
+        args = ["/bin/true"] if is_executable("/bin/true") else ["/bin/sh", "-c", "true"]
+        spec = oci_spec(rootfs, args, "/", ["PATH=/usr/bin:/bin"], RunUser("root", 0, 0), [],
+                        "probe", mounts)
+        spec["process"]["terminal"] = False
+        write_atomic(os.path.join(rundir, "config.json"), json_dumps(spec))
+        return probe_command(runtime_command(runtime, flavour, rundir, "run", "--bundle",
+                                             rundir, run_id))
+    finally:
+        run_capture(runtime_command(runtime, flavour, rundir, "delete", "--force", run_id),
+                    timeout=10)
+        remove_tree(rundir)
+
+
 class RuncEngine(Engine):
     """R1: runc, or crun with --cgroup-manager=disabled, rootless. Each run has its own
     bundle and state directory (removed afterwards), so runs of one container can overlap.
@@ -5705,6 +6386,7 @@ class RuncEngine(Engine):
     mode = "R1"
     banner_char = "%"
     can_set_hostname = True
+    probe_group = "R"              # R2/R3 start the same way
     keeps_sysdirs = ("/etc/resolv.conf", "/etc/host.conf") + HOST_FILES
 
     def __init__(self, *args):
@@ -5758,45 +6440,32 @@ class RuncEngine(Engine):
         self.flavour = info.get("flavour", "runc")
         self.rundir = tempfile.mkdtemp(prefix="udocker-%s-" % self.flavour,
                                        dir=self.cfg.tmpdir)
-        self.run_id = "udocker-%s" % uuid.uuid4().hex[:16]
+        self.run_id = "udocker-%s" % random_hex(8)
         write_atomic(os.path.join(self.rundir, "config.json"),
                      json_dumps(self.spec(), pretty=True))
-        argv = self.runtime_argv("run", "--bundle", self.rundir, self.run_id)
+        self.passed_fds = highest_inherited_fd()     # what P and F modes pass as they are
+        preserve = ["--preserve-fds", str(self.passed_fds - 2)] if self.passed_fds else []
+        argv = self.runtime_argv("run", *(preserve + ["--bundle", self.rundir, self.run_id]))
         return argv, dict(os.environ), None
 
     def runtime_argv(self, *words):
-        argv = [self.runtime]
-        if self.flavour == "crun":
-            argv.append("--cgroup-manager=disabled")
-        return argv + ["--root", os.path.join(self.rundir, "state")] + list(words)
+        return runtime_command(self.runtime, self.flavour, self.rundir, *words)
+
+    @classmethod
+    def host_probe(cls, session, tools):
+        runtime, info = tools.runc()
+        return runtime, lambda: probe_runtime_start(runtime, info.get("flavour", "runc"),
+                                                    session.cfg.tmpdir)
 
     def process_args(self):
         return list(self.argv)
 
     def spec(self):
         """The OCI runtime spec of this run (runc's rootless template, edited)."""
-        tty = sys.stdin.isatty() and sys.stdout.isatty()
-        uid, gid = os.getuid(), os.getgid()
-        caps = list(self.cfg.runc_capabilities) if self.user.uid == 0 else []
-        spec = {
-            "ociVersion": "1.0.2",
-            "process": {
-                "terminal": tty, "user": {"uid": self.user.uid, "gid": self.user.gid},
-                "args": self.process_args(), "cwd": self.cwd,
-                "env": ["%s=%s" % kv for kv in sorted(self.env.items())],
-                "capabilities": dict((k, caps) for k in ("bounding", "effective",
-                                                         "inheritable", "permitted",
-                                                         "ambient")),
-                "noNewPrivileges": True},
-            "root": {"path": self.root, "readonly": False},
-            "hostname": self._hostname(),
-            "mounts": [dict(m) for m in RUNC_MOUNTS] + self._volume_mounts(),
-            "linux": {
-                "uidMappings": [{"containerID": 0, "hostID": uid, "size": 1}],
-                "gidMappings": [{"containerID": 0, "hostID": gid, "size": 1}],
-                "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")],
-                "maskedPaths": RUNC_MASKED, "readonlyPaths": RUNC_READONLY},
-        }
+        spec = oci_spec(self.root, self.process_args(), self.cwd,
+                        ["%s=%s" % kv for kv in sorted(self.env.items())], self.user,
+                        list(self.cfg.runc_capabilities) if self.user.uid == 0 else [],
+                        self._hostname(), self._nvidia_mounts() + self._volume_mounts())
         subids = self._maps_subids()
         if subids:
             for key, (start, count) in zip(("uidMappings", "gidMappings"), subids):
@@ -5810,6 +6479,14 @@ class RuncEngine(Engine):
         if "." in name or self.opts.get("hostname"):
             return name
         return socket.gethostname()
+
+    def _nvidia_mounts(self):
+        """A tmpfs at NVIDIA_DIR holds the mount points of the driver's files, so only
+        that directory is made in ROOT."""
+        if not self.nvidia:
+            return []
+        return [{"destination": NVIDIA_DIR, "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "nodev", "mode=755", "size=1m"]}]
 
     def _volume_mounts(self):
         """Volumes as bind mounts, devices too: a rootless runtime cannot mknod, it binds
@@ -5934,13 +6611,14 @@ class FakechrootEngine(Engine):
 
     def command(self):
         arch = self.container.arch()
-        kind, version = container_libc(self.root, arch)
+        kind, version = self.container.libc()
         if kind != "glibc":
             raise EngineError("F modes need a glibc container (this one: %s): use P1"
                               % (kind or "no C library found"))
         library = self._library(arch, version)
-        loader = container_loader(self.root, arch)[1]
-        libpath = ":".join(container_lib_dirs(self.root, arch))
+        loader = container_loader(self.root, arch)[1] if self.uses_loader else None
+        libpath = ":".join(([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) +
+                           container_lib_dirs(self.root, arch))
         excluded = []
         for vol in self.volumes:
             if vol.host == vol.cont:
@@ -6010,6 +6688,36 @@ class FakechrootEngine(Engine):
         marker = "container_run=%s" % self.env["container_run"]
         return Watchdog(lambda: kill_marked(marker))
 
+    def nvidia_volumes(self):
+        """The driver as one directory of symlinks to its host files (the kernel follows
+        them, fakechroot does not see them), seen at NVIDIA_DIR like any volume elsewhere:
+        through a symlink in ROOT. run_dir/nvidia points to the tree of this driver, so the
+        link in ROOT stays the same when the driver changes. Devices: at their own path."""
+        run_dir = self.container.run_dir(self.cfg)
+        files = sorted(self.nvidia.files)
+        tree = "nvidia-" + hashlib.sha256(to_bytes(repr(files))).hexdigest()[:16]
+        if not os.path.isdir(os.path.join(run_dir, tree)):
+            staging = tempfile.mkdtemp(prefix=".nvidia-", dir=run_dir)
+            for host, cont in files:
+                link = os.path.join(staging, cont[len(NVIDIA_DIR) + 1:])
+                makedirs(os.path.dirname(link))
+                os.symlink(host, link)
+            try:
+                os.rename(staging, os.path.join(run_dir, tree))
+            except OSError:                        # another run made it first
+                remove_tree(staging)
+        current = os.path.join(run_dir, "nvidia")
+        if not os.path.islink(current) or os.readlink(current) != tree:
+            symlink_atomic(tree, current)
+        volumes = [Volume(current, NVIDIA_DIR, readonly=True, system=True)]
+        for host, cont in self.nvidia.devices:
+            if host != cont:
+                MSG.verbose("nvidia: F modes show devices only at their own path: %s" % host)
+            elif not any(v.host == v.cont and host.startswith(v.host + "/")
+                         for v in self.volumes):
+                volumes.append(Volume(host, cont, system=True, device=True))
+        return volumes
+
     def _symlink_volume(self, vol):
         link = resolve_in_root(self.root, vol.cont, follow_last=False)
         if os.path.islink(link) and os.readlink(link) == vol.host:
@@ -6025,6 +6733,19 @@ class FakechrootEngine(Engine):
         if self.container.dir:
             makedirs(mountpoints)
             symlink_atomic(vol.host, os.path.join(mountpoints, vol.cont.replace("/", "#")))
+
+    @classmethod
+    def check_container(cls, container, tools):
+        arch = container.arch()
+        kind, version = container.libc()
+        if kind != "glibc":
+            raise EngineError("F modes need a glibc container (this one: %s): use P1"
+                              % (kind or "no C library found"))
+        own = os.path.join(container.dir or "", "libfakechroot.so")
+        if not (container.dir and os.path.isfile(own)):
+            tools.fakechroot_so(arch, version, read_os_release(container.root))
+        if not cls.uses_loader:
+            tools.patchelf()
 
     @classmethod
     def setup(cls, container, tools, force=False):
@@ -6241,6 +6962,10 @@ class SingularityEngine(Engine):
     runs_as_host_user = True
     keeps_sysdirs = ("/etc/resolv.conf", "/etc/host.conf", "/lib/modules") + HOST_FILES
 
+    @classmethod
+    def check_container(cls, container, tools):
+        tools.singularity()
+
     def command(self):
         exe, info = self.tools.singularity()
         prefix = "APPTAINERENV_" if info.get("flavour") == "apptainer" else "SINGULARITYENV_"
@@ -6294,16 +7019,94 @@ def set_execmode(session, container, mode, tools, force=False):
     return True
 
 
-def engine_for(session, container, opts, args, tools):
-    """The Engine that runs this container; F modes set up on first use (or after a move)."""
-    mode = container.execmode(session.cfg)
+def mode_can_run(session, container, tools, mode, trust_failure=True):
+    """(True, "") or (False, why) for mode on this host and this container. The host probe
+    is cached per engine executable and kernel release (Tools.engine_probe); a cached
+    failure is probed again unless trust_failure. why is an EngineError when the mode's
+    tool is missing, else text."""
     cls = ENGINES[mode]
-    if container.dir and mode.startswith("F") and not cls.unavailable and (
+    if cls.unavailable:
+        return False, cls.unavailable
+    try:
+        probe = cls.host_probe(session, tools)
+    except EngineError as exc:
+        return False, exc
+    try:
+        if probe is not None:
+            result = tools.engine_probe(cls.probe_group or mode, probe[0], probe[1],
+                                        trust_failure)
+            if not result.get("ok"):
+                return False, result.get("why") or "probe failed"
+        cls.check_container(container, tools)
+    except EngineError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def choose_mode(session, container, tools):
+    """(mode, None), or (mode, EngineError) when it cannot run: the container's mode (setup
+    --execmode) or the configured default when it can start here. When neither was chosen
+    (no execmode file, no UDOCKER_DEFAULT_EXECUTION_MODE, no default_execution_mode in a
+    config file), the first of fallback_execution_modes that can, with one warning."""
+    cfg = session.cfg
+    mode = container.execmode(cfg)
+    explicit = bool(container.state("execmode") or cfg.override_default_execution_mode or
+                    cfg.sources.get("default_execution_mode", "default") != "default")
+    ok, why = mode_can_run(session, container, tools, mode, trust_failure=not explicit)
+    if ok:
+        return mode, None
+    missing_tool = why if isinstance(why, EngineError) else None
+    if missing_tool is not None and explicit:
+        return mode, missing_tool
+    why = str(why)
+    others = []
+    for other in cfg.fallback_execution_modes:
+        other = other.upper()
+        if other not in ENGINES:
+            raise ConfigurationError("fallback_execution_modes: invalid mode %s" % other)
+        if other != mode and other not in others and \
+                (container.dir or not other.startswith("F")):     # F needs a setup
+            others.append(other)
+    failed = [(mode, why)]
+    for other in others:
+        other_ok, other_why = mode_can_run(session, container, tools, other)
+        other_why = str(other_why)
+        if other_ok and explicit:
+            return mode, EngineError("mode %s cannot run on this host: %s (%s can: setup "
+                                     "--execmode=%s)" % (mode, why, other, other))
+        if other_ok:
+            MSG.warning("%s cannot run on this host (%s): using %s"
+                        % (", ".join(m for m, _ in failed), why, other))
+            return other, None
+        failed.append((other, other_why))
+    if explicit:
+        return mode, EngineError("mode %s cannot run on this host: %s" % (mode, why))
+    if missing_tool is not None:                # say how to get the tools
+        return mode, missing_tool
+    reasons = []
+    for _, reason in failed:
+        if reason not in reasons:
+            reasons.append(reason)
+    if len(reasons) == 1:
+        return mode, EngineError(reasons[0])
+    return mode, EngineError("no execution mode can run here: " + "; ".join(
+        "%s: %s" % (", ".join(m for m, r in failed if r == reason), reason)
+        for reason in reasons))
+
+
+def engine_for(session, container, opts, args, tools):
+    """The Engine that runs this container; F modes set up on first use (or after a move).
+    When no mode can start, the engine raises why after checking the options (run())."""
+    mode, cannot_start = choose_mode(session, container, tools)
+    cls = ENGINES[mode]
+    if container.dir and mode.startswith("F") and cannot_start is None and (
             container.state("execmode").upper() != mode or
             container.state("root.path") != container.root):
         MSG.info("setting up container %s for mode %s" % (container.cid, mode))
         set_execmode(session, container, mode, tools)
-    return cls(session, container, opts, args, tools)
+    engine = cls(session, container, opts, args, tools)
+    engine.cannot_start = cannot_start
+    return engine
 
 
 # ==== 10. Tools installer ====
@@ -6328,11 +7131,11 @@ def version_tuple(text):
     """'1.2.11' -> (1, 2, 11); reading stops at the first part that is not a number."""
     numbers = []
     for part in (text or "").strip().split("."):
-        match = re.match(r"\d+", part)
-        if not match:
+        digits = len(part) - len(part.lstrip("0123456789"))
+        if not digits:
             break
-        numbers.append(int(match.group()))
-        if match.end() != len(part):
+        numbers.append(int(part[:digits]))
+        if digits != len(part):
             break
     return tuple(numbers)
 
@@ -6742,6 +7545,7 @@ class Tools(object):
         host = Platform.host().arch
         self.arch = TOOL_ARCH.get(host, host)
         self.cache_path = os.path.join(cfg.topdir, ".probes.json")
+        self.cache = None
         self.found = {}
 
     def proot(self):
@@ -6765,10 +7569,16 @@ class Tools(object):
         return self.find("singularity", setting, ["apptainer", "singularity"])
 
     def find(self, kind, setting, names):
-        """(path, probe info) of the tool to use; raises EngineError naming the fix."""
+        """(path, probe info) of the tool to use; raises EngineError naming the fix (once:
+        a second call raises the same error without trying again)."""
         key = (kind, setting)
         if key not in self.found:
-            self.found[key] = self._find(kind, setting, names)
+            try:
+                self.found[key] = self._find(kind, setting, names)
+            except EngineError as exc:
+                self.found[key] = exc
+        if isinstance(self.found[key], EngineError):
+            raise self.found[key]
         return self.found[key]
 
     def _find(self, kind, setting, names):
@@ -6829,18 +7639,52 @@ class Tools(object):
         except OSError:
             return {"ok": False, "why": "cannot stat %s" % path}
         key = "%s|%s|%d|%d" % (kind, path, int(st.st_mtime), st.st_size)
-        cache = read_json(self.cache_path)
-        cache = cache if isinstance(cache, dict) else {}
+        cache = self._cache()
         if key in cache:
             return cache[key]
         info = TOOL_PROBES.get(kind, probe_version_word(kind))(path)
-        cache = dict((k, v) for k, v in cache.items() if k.split("|")[1] != path)
+        self._remember(key, info, lambda k: not k.startswith("mode ") and
+                       k.split("|")[1] == path)
+        return info
+
+    def engine_probe(self, group, path, probe, trust_failure=True):
+        """Whether an execution mode can start on this host: probe() ({"ok", "why"}) run
+        once per engine executable (path, mtime, size) and kernel release, then cached
+        (a failure is probed again unless trust_failure)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return {"ok": False, "why": "cannot stat %s" % path}
+        key = "mode %s|%s|%d|%d|%s" % (group, path, int(st.st_mtime), st.st_size,
+                                       os.uname()[2])
+        info = self._cache().get(key)
+        if info is None or (not info.get("ok") and not trust_failure):
+            info = probe()
+            MSG.verbose("mode %s on this host: %s" % (group, "ok" if info.get("ok") else
+                                                       info.get("why")))
+            prefix = "mode %s|%s|" % (group, path)
+            self._remember(key, info, lambda k: k.startswith(prefix) and
+                           k.split("|")[2:4] != key.split("|")[2:4])
+        return info
+
+    def _cache(self):
+        """The probe cache (topdir/.probes.json), read once per command."""
+        if self.cache is None:
+            cache = read_json_fast(self.cache_path)
+            self.cache = cache if isinstance(cache, dict) else {}
+        return self.cache
+
+    def _remember(self, key, info, stale):
+        """Add key to the cache file (as it is now on disk) and drop the keys stale(k)."""
+        cache = read_json(self.cache_path)
+        cache = dict((k, v) for k, v in (cache if isinstance(cache, dict) else {}).items()
+                     if not stale(k))
         cache[key] = info
+        self.cache = cache
         try:
             write_atomic(self.cache_path, json_dumps(cache, pretty=True))
         except (IOError, OSError) as exc:
-            MSG.debug("cannot cache the probe of %s: %s" % (path, exc))
-        return info
+            MSG.debug("cannot cache the probe result %s: %s" % (key, exc))
 
     def fakechroot_so(self, arch, glibc, distro):
         """The libfakechroot for a container (arch, glibc version, (distro, version)):
@@ -6859,10 +7703,14 @@ class Tools(object):
         except OSError:
             names = []
         ours = []
+        head, tail = "libfakechroot-glibc", "-%s.so" % suffix
         for name in names:
-            match = re.match(r"^libfakechroot-glibc(\d+\.\d+)-%s\.so$" % re.escape(suffix), name)
-            if match and (not glibc or version_at_least(glibc, match.group(1))):
-                ours.append((version_tuple(match.group(1)), name))
+            built_for = name[len(head):-len(tail)]
+            if name.startswith(head) and name.endswith(tail) and \
+                    len(version_tuple(built_for)) == 2 and "." in built_for and \
+                    built_for.replace(".", "").isdigit() and \
+                    (not glibc or version_at_least(glibc, built_for)):
+                ours.append((version_tuple(built_for), name))
         if ours:
             return os.path.join(self.cfg.libdir, max(ours)[1])
         name, version = distro
@@ -6947,6 +7795,7 @@ RUN_OPTS = [
     _o("-P|--publish-all|--netcoop", dest="publish_all",
        help="network cooperation mode (P modes)"),
     _o("--hostname", VALUE, "host name inside (R modes)", metavar="NAME"),
+    _o("--nvidia", help="bind the host's NVIDIA driver (as setup --nvidia does)"),
     _o("--volumes-from", LIST, "accepted, ignored", metavar="X"),
     _o("--dns", LIST, "accepted, ignored", metavar="X"),
     _o("--dns-search", LIST, "accepted, ignored", metavar="X"),
@@ -7218,18 +8067,43 @@ def cmd_save(session, opts, args):
 
 
 def cmd_import(session, opts, args):
-    if opts["tocontainer"] or opts["clone"]:
-        raise UdockerError("import --tocontainer/--clone: not implemented yet in udocker.py "
-                           "%s" % __version__)
+    source = args[0]
+    if opts["clone"] or opts["tocontainer"]:
+        return _import_to_container(session, opts, args)
     if len(args) < 2:
         raise UsageError("import: missing argument: IMAGE[:TAG] (see: %s import --help)"
                          % __program__)
     ref = ImageRef.parse(args[1])
     platform = session.platform(opts)
-    _check_input("import", args[0])
-    digest = import_tarball(session.repo, session.cfg, args[0], ref.name, ref.local_tag,
+    _check_input("import", source)
+    if opts["name"]:
+        MSG.warning("import: --name is for --tocontainer and --clone: ignored")
+    digest = import_tarball(session.repo, session.cfg, source, ref.name, ref.local_tag,
                             platform, move=opts["mv"])
     MSG.info("imported %s:%s (%s, %s)" % (ref.name, ref.local_tag, platform, digest))
+    return 0
+
+
+def _import_to_container(session, opts, args):
+    """import --tocontainer / --clone: prints the new container's id."""
+    ignored = ["--mv"] if opts["mv"] else []
+    if opts["clone"]:
+        ignored += ["IMAGE"] if len(args) > 1 else []
+        ignored += ["--platform"] if opts["platform"] else []
+        image = platform = None
+    else:
+        image = IMPORTED_IMAGE
+        if len(args) > 1:
+            ref = ImageRef.parse(args[1])
+            image = "%s:%s" % (ref.name, ref.local_tag)
+        platform = session.platform(opts)
+    _check_input("import", args[0])
+    if ignored:
+        MSG.warning("import %s: ignored: %s (the tarball is extracted, not stored%s)" % (
+            "--clone" if opts["clone"] else "--tocontainer", " ".join(ignored),
+            "; a clone keeps its image name and platform" if opts["clone"] else ""))
+    out(import_container(session.containers, session.cfg, args[0], opts["name"], image,
+                         platform))
     return 0
 
 
@@ -7400,7 +8274,7 @@ def _run_target(session, opts, target):
     pull = opts.get("pull") or "missing"
     if pull not in ("missing", "never", "always", "reuse"):
         raise UsageError("invalid --pull: %s (missing, never, always or reuse)" % pull)
-    cid = session.containers.find(target)
+    cid = _find_container(session, target)
     if cid is None and pull == "reuse" and opts.get("name"):
         cid = session.containers.find(opts["name"])
     if cid is not None:
@@ -7409,6 +8283,17 @@ def _run_target(session, opts, target):
         return cid
     image = local_image(session, target, opts, pull)
     return create_container(session.containers, image, opts.get("name"))
+
+
+def _find_container(session, text):
+    """containers.find() for run, without its regular expression (importing re is ~4 ms of
+    a run's start): a name is a symlink to a container, an id a directory holding ROOT."""
+    if not text or "/" in text or text.startswith("."):
+        return None
+    path = session.containers.path(text)
+    if os.path.islink(path) or not os.path.isdir(os.path.join(path, "ROOT")):
+        return session.containers.find(text)
+    return text
 
 
 def cmd_run(session, opts, args):
@@ -7448,10 +8333,11 @@ def cmd_setup(session, opts, args):
         return 0
     if session.containers.is_protected(cid):
         raise RepositoryError("container is protected: %s" % cid)
-    if opts["nvidia"]:
-        raise EngineError("setup --nvidia is not supported by udocker.py yet")
     if opts["purge"]:
-        _purge_mountpoints(container)
+        with session.containers.lock(cid):
+            _purge_mountpoints(container)
+    if opts["nvidia"]:
+        _set_nvidia(session, container, opts["force"])
     if opts["fixperm"]:
         make_tree_removable(container.root)
     if opts["execmode"]:
@@ -7461,12 +8347,40 @@ def cmd_setup(session, opts, args):
 
 
 def _purge_mountpoints(container):
-    """setup --purge: remove the mount points F modes made in ROOT (.mountpoints)."""
+    """setup --purge: remove the mount points F modes made in ROOT (.mountpoints), the empty
+    ones runtimes left under /.udocker, and the NVIDIA mode (marker and symlink trees)."""
     records = os.path.join(container.dir, ".mountpoints")
     for link in mountpoint_links(container):
         if os.path.islink(link):
             os.unlink(link)
     remove_tree(records)
+    own = os.path.join(container.root, ".udocker")
+    if os.path.isdir(own) and not os.path.islink(own):
+        for dirpath, dirnames, filenames in os.walk(own, topdown=False):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                if not os.path.islink(path) and os.path.getsize(path) == 0:
+                    os.unlink(path)                       # a file's mount point
+            if not os.listdir(dirpath):
+                os.rmdir(dirpath)
+    remove_quietly(os.path.join(container.dir, "nvidia"))
+    run_dir = os.path.join(container.dir, ".run")
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        if name == "nvidia" or name.startswith("nvidia-"):
+            remove_tree(os.path.join(run_dir, name))
+
+
+def _set_nvidia(session, container, force):
+    """setup --nvidia: record that every run shows the host's NVIDIA driver (the `nvidia`
+    file, as upstream); the driver must be here unless --force."""
+    driver = NvidiaDriver.find(session.cfg, os.environ)
+    if driver is None and not force:
+        raise EngineError("setup --nvidia: %s (--force sets the mode anyway)" % NO_NVIDIA)
+    with session.containers.lock(container.cid):
+        container.set_state("nvidia", "")
+    MSG.info("nvidia mode set: every run binds the host's driver under %s%s"
+             % (NVIDIA_DIR, " (here: %s)" % driver.summary() if driver else
+                " (none on this host)"))
 
 
 def cmd_install(session, opts, args):
@@ -7661,11 +8575,13 @@ COMMANDS = dict((c.name, c) for c in [
         func=cmd_export),
     Command("import", "import a rootfs tarball as an image or container",
             ["FILE|URL|-", "[IMAGE[:TAG]]"], [
-                _o("--mv", help="move the tarball instead of copying it"),
-                _o("--tocontainer", help="create a container, no image"),
-                _o("--clone", help="the tarball is an `export --clone`"),
+                _o("--mv", help="move the tarball into the repository (image import)"),
+                _o("--tocontainer", help="create a container (image name default "
+                   "IMPORTED:unknown), no image"),
+                _o("--clone", help="the tarball is an `export --clone` of a container"),
                 _o("--name", VALUE, "name the new container", metavar="NAME"),
-                _o("--platform", VALUE, "platform to record", metavar="OS/ARCH")],
+                _o("--platform", VALUE, "platform to record (default: this host)",
+                   metavar="OS/ARCH")],
             func=cmd_import),
     Command("load", "load images from a docker-save or OCI archive", ["[-]", "[NAME]"], [
         _o("-i|--input", VALUE, "archive file ('-' or none: stdin)", metavar="FILE")],

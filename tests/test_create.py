@@ -477,6 +477,16 @@ def test_zstd_without_a_decompressor_names_the_layer(env):
     assert env.containers_dir_entries() == []
 
 
+def test_empty_layers(env):
+    """Builders write empty layers (a tar of end blocks only, e.g. the 32-byte gzip blob
+    sha256:4f4fb700...); Python < 3.8's tarfile cannot be asked for a member after that."""
+    env.add("empty", Image([busybox_layer(), [], [f("after", b"a")], []], ["gzip", "tar",
+                                                                          "gzip", "gzip"]))
+    root = env.root(env.create("empty"))
+    assert os.path.exists(os.path.join(root, "after"))
+    assert os.path.exists(os.path.join(root, "bin/busybox"))
+
+
 def test_concatenated_gzip_members_and_mixed_layers(env):
     layers = whiteout_layers()
     raw = tar_bytes(layers[0])

@@ -541,6 +541,10 @@ def test_import_from_url(udocker):
         base = "http://127.0.0.1:%d/" % server.server_address[1]
         ok(udocker, "import", base + "rootfs.tar.gz", "web:1")
         assert stored_layers(udocker, "web:1") == [sha256_digest(body)]
+        cid = ok(udocker, "import", "--tocontainer", base + "rootfs.tar.gz").strip()
+        assert read(os.path.join(udocker.udocker_dir, "containers", cid, "ROOT", "etc",
+                                 "web")) == b"content of web\n"
+        assert "404" in one_error_line(udocker("import", "--clone", base + "missing"))
         assert "404" in one_error_line(udocker("import", base + "missing", "web:2"))
     finally:
         server.shutdown()

@@ -556,3 +556,261 @@ def test_r1_without_newuidmap_runs_as_root_with_one_warning(world):
                              env={"PATH": "/nonexistent"})
     assert (rc, out) == (0, "0\n"), err
     assert err.count("Warning:") == 1 and "--user user ignored" in err
+
+
+# -- the host's NVIDIA driver (setup --nvidia, run --nvidia), from a fake driver tree
+
+SMI_TABLE = "| NVIDIA-SMI 535.104.05   Driver Version: 535.104.05   CUDA Version: 12.2 |"
+
+
+@pytest.fixture(scope="module")
+def fake_nvidia(world):
+    """A driver laid out as on a real host: versioned libraries with their soname links in
+    one directory (found through an `ldconfig -p` listing; a 32-bit copy elsewhere must be
+    ignored), an nvidia-smi stub in PATH, an icd file, device files (plain files here).
+    Returns (udocker.py arguments that point at it, environment)."""
+    top = os.path.join(world.top, "fake-nvidia")
+    lib, lib32, bindir = [os.path.join(top, d) for d in ("lib", "lib32", "bin")]
+    for path in (lib, lib32, bindir, os.path.join(top, "dev"),
+                 os.path.join(top, "etc", "vulkan", "icd.d")):
+        os.makedirs(path)
+    for name in ("libcuda.so.535.104.05", "libnvidia-ml.so.535.104.05",
+                 "libnvidia-ptxjitcompiler.so.535.104.05", "libGLX_nvidia.so.535.104.05"):
+        with open(os.path.join(lib, name), "w") as handle:
+            handle.write("not really a library\n")
+        soname = name.split(".so.")[0] + (".so.0" if "GLX" in name else ".so.1")
+        os.symlink(name, os.path.join(lib, soname))
+    os.symlink("libcuda.so.1", os.path.join(lib, "libcuda.so"))
+    with open(os.path.join(lib, "libz.so.1"), "w") as handle:      # not NVIDIA's
+        handle.write("x")
+    with open(os.path.join(lib32, "libcuda.so.1"), "w") as handle:
+        handle.write("32-bit\n")
+    listing = ["5 libs found in cache `/etc/ld.so.cache'"]
+    for name, tags, directory in (("libnvidia-ml.so.1", "libc6,x86-64", lib),
+                                  ("libcuda.so.1", "libc6,x86-64", lib),
+                                  ("libcuda.so", "libc6,x86-64", lib),
+                                  ("libcuda.so.1", "libc6", lib32),
+                                  ("libz.so.1", "libc6,x86-64", "/usr/lib/x86_64-linux-gnu")):
+        listing.append("\t%s (%s) => %s/%s" % (name, tags, directory, name))
+    with open(os.path.join(top, "ldconfig-p.txt"), "w") as handle:
+        handle.write("\n".join(listing) + "\n")
+    smi = os.path.join(bindir, "nvidia-smi")
+    with open(smi, "w") as handle:
+        handle.write("#!/bin/sh\necho '+%s+'\necho '%s'\necho '|   0  Tesla T4  On  |'\n"
+                     % ("-" * 71, SMI_TABLE))
+    os.chmod(smi, 0o755)
+    for name in ("nvidia0", "nvidiactl", "nvidia-uvm"):
+        with open(os.path.join(top, "dev", name), "w") as handle:
+            handle.write("")
+    with open(os.path.join(top, "etc", "vulkan", "icd.d", "nvidia_icd.json"), "w") as handle:
+        handle.write('{"ICD": {"library_path": "libGLX_nvidia.so.0"}}\n')
+    config = os.path.join(top, "nvidia.conf")
+    with open(config, "w") as handle:
+        handle.write("[DEFAULT]\nnvi_ldconfig = cat %s/ldconfig-p.txt\nnvi_dev_list = %s/dev/nvidia\n"
+                     "nvi_etc_dir = %s/etc\n" % (top, top, top))
+    return ["--config=" + config], {"PATH": bindir + ":" + os.environ.get("PATH", "/usr/bin")}
+
+
+def _tree_state(root):
+    """What is in a tree (type, size, link target per path), but /.udocker."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == root and ".udocker" in dirnames:
+            dirnames.remove(".udocker")
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            state[path[len(root):]] = (stat_kind(st), st.st_size if not os.path.isdir(path)
+                                       else 0, os.readlink(path) if os.path.islink(path) else "")
+    return state
+
+
+def stat_kind(st):
+    import stat
+    return stat.S_IFMT(st.st_mode)
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1", "F3"])
+def test_nvidia_driver_is_bound_at_run_time_not_copied(world, fake_nvidia, mode):
+    args, env = fake_nvidia
+    cid = world.container(mode, fresh=True)
+    root = os.path.join(world.ud_dir, "containers", cid, "ROOT")
+    assert world.run(mode, ["true"], name=cid)[0] == 0           # first-run mount points
+    before = _tree_state(root)
+    rc, out, err = world.ud(args + ["setup", "--nvidia", cid], env=env)
+    assert rc == 0 and "9 libraries" in err and "1 tools" in err and "lib32" not in err, err
+    assert world.ud(["setup", cid])[1].endswith("nvidiamode: True\n")
+    script = ("nvidia-smi; ls /.udocker/nvidia/lib; echo $LD_LIBRARY_PATH; echo $VK_ICD_FILENAMES;"
+              " cat $VK_ICD_FILENAMES; test -e /dev/nvidia0 && echo device || echo none")
+    rc, out, err = world.ud(args + ["run", "--nobanner", cid, "sh", "-c", script], mode, env=env)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[1] == SMI_TABLE and "Tesla T4" in lines[2]
+    assert lines[3:12] == ["libGLX_nvidia.so.0", "libGLX_nvidia.so.535.104.05", "libcuda.so",
+                           "libcuda.so.1", "libcuda.so.535.104.05", "libnvidia-ml.so.1",
+                           "libnvidia-ml.so.535.104.05", "libnvidia-ptxjitcompiler.so.1",
+                           "libnvidia-ptxjitcompiler.so.535.104.05"]
+    assert lines[12].split(":")[0].endswith("nvidia/lib")          # the driver comes first
+    assert lines[13] == "/.udocker/nvidia/etc/vulkan/icd.d/nvidia_icd.json"
+    assert "libGLX_nvidia.so.0" in lines[14]
+    assert lines[15] == ("none" if mode.startswith("F") else "device")   # F: at its path only
+    assert _tree_state(root) == before                 # nothing copied into ROOT
+    leftover = os.path.join(root, ".udocker")
+    if mode == "P1":
+        assert not os.path.lexists(leftover)
+    elif mode == "R1":                                 # the tmpfs mount point, empty
+        assert os.listdir(leftover) == ["nvidia"] and not os.listdir(leftover + "/nvidia")
+    rc, out, err = world.ud(["setup", "--purge", cid])
+    assert rc == 0 and world.ud(["setup", cid])[1].endswith("nvidiamode: False\n"), err
+    assert not os.path.lexists(leftover)
+    rc, out, err = world.ud(args + ["run", "--nobanner", cid, "nvidia-smi"], mode, env=env)
+    assert rc == 1 and "command not found" in err
+
+
+def test_run_nvidia_option_and_hosts_without_a_driver(world, fake_nvidia):
+    args, env = fake_nvidia
+    rc, out, err = world.ud(args + ["run", "--nobanner", "--nvidia", world.container("P1"),
+                                    "nvidia-smi"], "P1", env=env)
+    assert rc == 0 and SMI_TABLE in out, err
+    nothing = os.path.join(world.top, "no-nvidia.conf")
+    with open(nothing, "w") as handle:
+        handle.write("[DEFAULT]\nnvi_ldconfig = true\n")
+    bare = dict(env, LD_LIBRARY_PATH="")
+    cid = world.container("P1", fresh=True)
+    rc, out, err = world.ud(["--config=" + nothing, "setup", "--nvidia", cid], env=bare)
+    assert rc == 1 and err.startswith("Error: setup --nvidia: no NVIDIA driver on this host") \
+        and len(err.splitlines()) == 1, err
+    rc, out, err = world.ud(["--config=" + nothing, "run", "--nobanner", "--nvidia", cid, "true"],
+                            env=bare)
+    assert rc == 1 and err.startswith("Error: run --nvidia: no NVIDIA driver") and \
+        len(err.splitlines()) == 1, err
+    assert world.ud(["--config=" + nothing, "setup", "--nvidia", "--force", cid], env=bare)[0] == 0
+    rc, out, err = world.ud(["--config=" + nothing, "run", "--nobanner", cid, "echo", "ran"],
+                            env=bare)
+    assert (rc, out) == (0, "ran\n") and err.startswith("Warning: container") and \
+        "set up for NVIDIA" in err and len(err.splitlines()) == 1, err
+
+
+# -- a mode that cannot start here: automatic fallback unless the mode was chosen
+
+def _failing_stub(world, name, real, message):
+    """An engine executable that answers the tool probes (--help, -V, --version) as the real
+    one does and fails like it does on a host that lacks what it needs; it logs its calls."""
+    path = os.path.join(world.top, name)
+    with open(path, "w") as handle:
+        handle.write('#!/bin/sh\necho "$*" >> "%s.calls"\ncase "$1" in --help|-V|--version) '
+                     'exec "%s" "$@";; esac\necho "%s" >&2\nexit 1\n' % (path, real, message))
+    os.chmod(path, 0o755)
+    return path
+
+
+def _calls(stub):
+    try:
+        with open(stub + ".calls") as handle:
+            return [line for line in handle.read().splitlines()
+                    if line.split()[0] not in ("--help", "-V", "--version")]
+    except IOError:
+        return []
+
+
+def _unset_container(world, kind="glibc"):
+    cid = "%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48))
+    rootfs.write_container(world.ud_dir, cid, world.tree(kind))
+    return cid
+
+
+PTRACE_ERROR = "proot error: ptrace(TRACEME): Operation not permitted"
+USERNS_ERROR = "rootless container requires user namespaces"
+
+
+def test_default_mode_that_cannot_start_falls_back_with_one_line(world):
+    assert world.run("P1", ["true"])[0] == 0                    # the tools are installed
+    stub = _failing_stub(world, "proot-noptrace", os.path.join(world.ud_dir, "bin",
+                                                               "proot-x86_64"), PTRACE_ERROR)
+    env = {"UDOCKER_USE_PROOT_EXECUTABLE": stub}
+    cid = _unset_container(world)
+    rc, out, err = world.ud(["run", "--nobanner", cid, "sh", "-c", "echo $container_execmode"],
+                            env=env)
+    assert (rc, out) == (0, "R1\n"), err
+    assert err.splitlines() == ["Warning: P1, P2 cannot run on this host (%s): using R1"
+                                % PTRACE_ERROR]
+    probes = len(_calls(stub))
+    assert probes == 2                                          # P1, P2 probed once each
+    rc, out, err = world.ud(["run", "--nobanner", cid, "true"], env=env)
+    assert rc == 0 and len(err.splitlines()) == 1 and len(_calls(stub)) == probes  # cached
+    assert not os.path.exists(os.path.join(world.ud_dir, "containers", cid, "execmode"))
+    # a mode that was chosen fails in one line, naming one that works
+    assert world.ud(["setup", "--execmode=P1", cid])[0] == 0
+    rc, out, err = world.ud(["run", "--nobanner", cid, "true"], env=env)
+    assert rc == 1 and err.splitlines() == [
+        "Error: mode P1 cannot run on this host: %s (R1 can: setup --execmode=R1)"
+        % PTRACE_ERROR], err
+    rc, out, err = world.ud(["run", "--nobanner", _unset_container(world), "true"],
+                            env=dict(env, UDOCKER_DEFAULT_EXECUTION_MODE="P2"))
+    assert rc == 1 and err.startswith("Error: mode P2 cannot run on this host: " +
+                                      PTRACE_ERROR) and len(err.splitlines()) == 1, err
+
+
+def test_fallback_reaches_f3_for_glibc_and_stops_for_static_trees(world):
+    assert world.run("R1", ["true"])[0] == 0
+    bindir = os.path.join(world.ud_dir, "bin")
+    env = {"UDOCKER_USE_PROOT_EXECUTABLE": _failing_stub(
+               world, "proot-noptrace2", os.path.join(bindir, "proot-x86_64"), PTRACE_ERROR),
+           "UDOCKER_USE_RUNC_EXECUTABLE": _failing_stub(
+               world, "runc-nouserns", os.path.join(bindir, "runc-x86_64"), USERNS_ERROR)}
+    cid = _unset_container(world)
+    rc, out, err = world.ud(["run", "--nobanner", cid, "sh", "-c", "echo $container_execmode"],
+                            env=env)
+    assert (rc, out) == (0, "F3\n"), err
+    assert [l for l in err.splitlines() if l.startswith("Warning")] == [
+        "Warning: P1, P2, R1 cannot run on this host (%s): using F3" % PTRACE_ERROR]
+    if rootfs.busybox_available():
+        rc, out, err = world.ud(["run", "--nobanner", _unset_container(world, "busybox"),
+                                 "true"], env=env)
+        assert rc == 1 and len(err.splitlines()) == 1, err
+        assert err.startswith("Error: no execution mode can run here: P1, P2: %s; R1: %s; "
+                              "F3: F modes need a glibc container" % (PTRACE_ERROR,
+                                                                       USERNS_ERROR)), err
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1", "R1-crun", "F3"])
+def test_inherited_fds_reach_the_container_as_mpi_launchers_need(world, mode):
+    """MPICH's PMI_FD (and a shell's 3<file): fd numbers above 2 pass through (runc and
+    crun get --preserve-fds), holes below them do not stop the run."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"pmi-hello\n")
+    os.close(write_end)
+    argv, env = world.command(["run", "--nobanner", world.container(mode), "sh", "-c",
+                               "echo $PMI_FD; cat /proc/self/fd/$PMI_FD"], mode)
+    fd = 57                                           # free in pytest; 3..56 mostly holes
+    env["PMI_FD"] = str(fd)
+    os.dup2(read_end, fd)                             # inheritable (dup2's default)
+    os.close(read_end)
+    try:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                close_fds=False)
+        out, err = proc.communicate()
+    finally:
+        os.close(fd)
+    assert proc.returncode == 0 and out == b"57\npmi-hello\n", err
+
+
+@pytest.mark.parametrize("mode", ["P1", "F3"])
+def test_run_start_up_stays_lean(world, mode):
+    """Once probed and set up, `run` imports none of the costly modules (its start-up is a
+    benchmark target: at most 20 ms over the engine alone)."""
+    if sys.version_info[0] == 2:
+        pytest.skip("the budget is for Python 3")
+    cid = world.container(mode)
+    assert world.run(mode, ["true"])[0] == 0                 # probes cached, libc noted
+    code = ("import sys; sys.path.insert(0, %r); import udocker; "
+            "status = udocker.main(['run', '--nobanner', %r, 'true']); "
+            "print('LOADED:' + ' '.join(m for m in ('re', 'json', 'subprocess', 'uuid', 'enum', "
+            "'glob', 'threading', 'tempfile', 'socket', 'hashlib', 'configparser') "
+            "if m in sys.modules)); sys.exit(status)" % (os.path.dirname(SCRIPT), cid))
+    argv, env = world.command([], mode)
+    proc = subprocess.Popen([sys.executable, "-S", "-c", code], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.decode().splitlines()[-1] == "LOADED:", err

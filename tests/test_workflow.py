@@ -53,3 +53,31 @@ def test_first_run_installs_tools_once(ud, registry):
     assert [n for n in os.listdir(bindir) if n.startswith("proot")]
     res = ud("run", "--rm", image, "true").check()
     assert "install" not in res.err.lower()
+
+
+def test_run_image_with_a_name_and_pull_policies(ud, registry):
+    """--name names the container run IMAGE creates; --pull=never runs a local image
+    without the registry, refuses a missing one; --pull=always pulls and still makes one
+    container (upstream leaked a second one)."""
+    image = "%s/test/busybox" % registry.host
+    ud("pull", image).check()
+    res = ud("run", "--pull=never", "--name=named-run", "--nobanner", "-it", image,
+             "echo", "one").check()
+    assert res.out == "one\n"
+    assert ud("run", "--nobanner", "named-run", "echo", "again").check().out == "again\n"
+    res = ud("run", "--pull=never", "--nobanner", "%s/test/nosuch" % registry.host, "true")
+    assert res.rc == 1 and "--pull=never" in res.err
+    before = ud("ps").check().out.splitlines()[1:]
+    res = ud("run", "--pull=always", "--rm", "--nobanner", image, "echo", "fresh").check()
+    assert res.out == "fresh\n" and "up to date" in res.err
+    assert ud("ps").check().out.splitlines()[1:] == before
+
+
+def test_location_runs_a_bare_tree_in_r1(ud, registry, tmpdir):
+    image = "%s/test/busybox" % registry.host
+    cid = ud("create", image).check().out.strip()
+    root = ud("inspect", "-p", cid).check().out.strip()
+    res = ud("run", "--nobanner", "--location=" + root, "sh", "-c",
+             "echo $container_execmode $container_uuid",
+             env={"UDOCKER_DEFAULT_EXECUTION_MODE": "R1"}).check()
+    assert res.out == "R1 location\n"
