@@ -178,25 +178,26 @@ def ancestors():
 
 def sweep():
     keep = ancestors()
-    marked, sessions = set(), {}
+    marked, sessions, ours = set(), {}, set()
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in keep:
+        if not name.isdigit():
             continue
         pid = int(name)
         try:
-            if os.stat("/proc/%d" % pid).st_uid != uid:
-                continue
             with open("/proc/%d/stat" % pid, "rb") as f:
-                sid = int(f.read().rsplit(b")", 1)[1].split()[3])
-            sessions[pid] = sid
+                sessions[pid] = int(f.read().rsplit(b")", 1)[1].split()[3])
+            if pid in keep or os.stat("/proc/%d" % pid).st_uid != uid:
+                continue
+            ours.add(pid)
             with open("/proc/%d/environ" % pid, "rb") as f:
                 if marker in f.read().split(b"\0"):
                     marked.add(pid)
         except (IOError, OSError, ValueError, IndexError):
             pass
+    # the sessions of the marked processes, but never ours or our callers'
     doomed_sids = set(sessions[p] for p in marked) - set([0, 1])
     doomed_sids -= set(sessions.get(p) for p in keep)
-    victims = marked | set(p for p, s in sessions.items() if s in doomed_sids)
+    victims = marked | set(p for p in ours if sessions.get(p) in doomed_sids)
     for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
