@@ -32,7 +32,8 @@ from support import TESTS_DIR, UDOCKER_SCRIPT, SupportError, which
 from support.images import (TEST_IMAGE_CACHE, image_from_tarball,
                             push_image)
 from support.runner import Udocker
-from support.slurm import cpu_seconds, find_processes, run_command
+from support.slurm import (cpu_seconds, find_processes, processes_left,
+                           run_command)
 
 TARBALL = os.environ.get("UDOCKER_TEST_TARBALL", "")
 MODES = ("P1", "F3", "R1")
@@ -67,16 +68,6 @@ def unavailable_in(text):
 def marker_number():
     """A sleep duration no other process on the machine has in its argv."""
     return str(random.randint(9000000, 9999999))
-
-
-def gone(pattern, timeout=15.0):
-    """Processes still matching pattern after up to timeout seconds."""
-    deadline = time.time() + timeout
-    found = find_processes(pattern)
-    while found and time.time() < deadline:
-        time.sleep(0.1)
-        found = find_processes(pattern)
-    return found
 
 
 ENGINE_PROGRAMS = ("python", "proot", "runc", "crun")
@@ -314,7 +305,8 @@ def test_scancel_leaves_no_container_process(batch, mode):
         "job: %r" % (outside, sorted(tracked))
     batch.slurm.scancel(job)
     assert batch.slurm.wait(job, timeout=120) == "CANCELLED"
-    assert gone(number) == [], "left behind after scancel (%s)" % mode
+    assert processes_left(number) == [], \
+        "left behind after scancel (%s)" % mode
     assert batch.slurm.stepd_pids(job) == []
 
 
@@ -345,7 +337,7 @@ def test_time_limit_leaves_no_container_process(batch):
     output = batch.finished(job, "TIMEOUT", timeout=300)
     assert "not reached" not in output
     for mode in modes:
-        assert gone(numbers[mode]) == [], \
+        assert processes_left(numbers[mode]) == [], \
             "left behind after the time limit (%s)" % mode
 
 

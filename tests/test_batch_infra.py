@@ -20,7 +20,8 @@ import pytest
 
 from support import TESTS_DIR, which
 from support.slurm import (MARKER_VAR, cpu_seconds, find_processes,
-                           janitor, run_command, session_processes)
+                           janitor, processes_left, run_command,
+                           session_processes)
 
 MPI_HELLO_C = os.path.join(TESTS_DIR, "images", "mpi_hello.c")
 
@@ -29,17 +30,6 @@ def marker(name):
     """A string no other process on the machine carries."""
     return "%s-%d-%s" % (name, os.getpid(),
                          binascii.hexlify(os.urandom(4)).decode("ascii"))
-
-
-def gone(pattern, timeout=10.0):
-    """Processes matching pattern after waiting up to timeout for them to
-    go (a SIGKILLed process may take a moment to be reaped)."""
-    deadline = time.time() + timeout
-    found = find_processes(pattern)
-    while found and time.time() < deadline:
-        time.sleep(0.1)
-        found = find_processes(pattern)
-    return found
 
 
 def test_exit_code_reaches_sacct(slurm):
@@ -77,7 +67,7 @@ def test_scancel_leaves_no_process(slurm, ignore_term):
     assert set(pid for pid, _ in running) <= set(slurm.job_pids(job))
     slurm.scancel(job)
     assert slurm.wait(job, timeout=120) == "CANCELLED"
-    assert gone(mark) == []
+    assert processes_left(mark) == []
     assert slurm.stepd_pids(job) == []
 
 

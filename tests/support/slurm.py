@@ -10,7 +10,8 @@
                                      "ExitCode": "42:0", "TotalCPU": ...}]
     cluster.output(job)         the job's stdout+stderr (default --output)
     cluster.run(["srun", "-n", "2", "hostname"]) -> (rc, out, err)
-    cluster.scancel(job); cluster.job_pids(job); find_processes(marker)
+    cluster.scancel(job); cluster.job_pids(job); find_processes(marker);
+    processes_left(marker)
     cluster.stop()
 
 Everything is Debian 12's packages (slurm-wlm 22.05, slurmdbd, munge,
@@ -299,6 +300,17 @@ def find_processes(marker, uid=None):
         if needle in cmdline or needle in _proc_read(pid, "environ"):
             found.append((pid, to_text(cmdline, errors="replace")))
     return sorted(found)
+
+
+def processes_left(marker, timeout=15.0):
+    """find_processes(marker) once it is empty, or what is still there after
+    timeout seconds (a SIGKILLed process may take a moment to go)."""
+    deadline = time.time() + timeout
+    found = find_processes(marker)
+    while found and time.time() < deadline:
+        time.sleep(0.1)
+        found = find_processes(marker)
+    return found
 
 
 def session_processes(sid):
