@@ -806,7 +806,8 @@ def test_run_start_up_stays_lean(world, mode):
     code = ("import sys; sys.path.insert(0, %r); import udocker; "
             "status = udocker.main(['run', '--nobanner', %r, 'true']); "
             "print('LOADED:' + ' '.join(m for m in ('re', 'json', 'subprocess', 'uuid', 'enum', "
-            "'glob', 'threading', 'tempfile', 'shutil', 'socket', 'hashlib', 'configparser') "
+            "'glob', 'threading', 'tempfile', 'shutil', 'socket', 'hashlib', 'configparser', "
+            "'ctypes') "
             "if m in sys.modules)); sys.exit(status)" % (os.path.dirname(SCRIPT), cid))
     argv, env = world.command([], mode)
     proc = subprocess.Popen([sys.executable, "-S", "-c", code], env=env,
