@@ -346,3 +346,12 @@ def test_devices_and_mode_limits(tmpdir, glibc_tree):
             .prepare()
     with pytest.raises(udocker.UsageError):
         engine_for(tmpdir, glibc_tree, mode="R1", opts={"publish": ["80:8080"]}).prepare()
+
+
+def test_json_text_is_json():
+    import json
+    value = {"b": [1, -2, 2 ** 40, True, False, None, 1.5], "a": {"k": u"q\"\\\n\t\x01 \u00e9"},
+             "process": {"env": ["A=b c", "E="]}}
+    assert json.loads(udocker.json_text(value)) == value
+    assert udocker.json_text(value) == json.dumps(value, sort_keys=True,
+                                                  separators=(",", ":"), ensure_ascii=False)

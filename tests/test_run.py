@@ -795,7 +795,7 @@ def test_inherited_fds_reach_the_container_as_mpi_launchers_need(world, mode):
     assert proc.returncode == 0 and out == b"57\npmi-hello\n", err
 
 
-@pytest.mark.parametrize("mode", ["P1", "F3"])
+@pytest.mark.parametrize("mode", ["P1", "F3", "R1"])
 def test_run_start_up_stays_lean(world, mode):
     """Once probed and set up, `run` imports none of the costly modules (its start-up is a
     benchmark target: at most 20 ms over the engine alone)."""
@@ -806,7 +806,8 @@ def test_run_start_up_stays_lean(world, mode):
     code = ("import sys; sys.path.insert(0, %r); import udocker; "
             "status = udocker.main(['run', '--nobanner', %r, 'true']); "
             "print('LOADED:' + ' '.join(m for m in ('re', 'json', 'subprocess', 'uuid', 'enum', "
-            "'glob', 'threading', 'tempfile', 'socket', 'hashlib', 'configparser') "
+            "'glob', 'threading', 'tempfile', 'shutil', 'socket', 'hashlib', 'configparser', "
+            "'ctypes') "
             "if m in sys.modules)); sys.exit(status)" % (os.path.dirname(SCRIPT), cid))
     argv, env = world.command([], mode)
     proc = subprocess.Popen([sys.executable, "-S", "-c", code], env=env,
