@@ -218,10 +218,14 @@ def test_signal_reaches_the_container_and_nothing_is_left(world, mode, sig, form
     command = ["sleep", str(marker)] if form == "direct" else \
         ["sh", "-c", "sleep %d & sleep %d; echo after" % (marker + 1, marker)]
     argv, env = world.command(["run", "--nobanner", cid] + command, mode)
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # udocker.py keeps a signal ignored that it inherited ignored (nohup's SIGHUP): the test
+    # must not inherit that from whatever started pytest
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         wait_for(lambda: processes_matching("(^|/)sleep %d$" % marker), "the sleep to start")
         proc.send_signal(getattr(signal, "SIG" + sig))
+        wait_for(lambda: proc.poll() is not None, "udocker.py to end after SIG" + sig, 60)
         out, err = proc.communicate()
     finally:
         if proc.poll() is None:
