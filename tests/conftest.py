@@ -12,7 +12,8 @@ Fixtures (see tests/support/ for the details):
     udocker          per test: runner of udocker.py with a private
                      UDOCKER_DIR and HOME; udocker("pull", ...) -> Result
     slurm            session: a single-node Slurm cluster on 127.0.0.1
-                     (support.slurm.SlurmCluster), run as the test user
+                     (support.slurm.SlurmCluster) with two fake GPUs, run as
+                     the test user
 Registries start only when a test asks for them. A missing docker-registry
 (or Slurm) is an error, not a skip.
 
@@ -138,8 +139,9 @@ def udocker(tmp_path):
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A started SlurmCluster (munged, mariadbd, slurmdbd, slurmctld, one
-    slurmd with all the host's CPUs), stopped at the end of the session."""
-    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
+    slurmd with all the host's CPUs and two fake GPUs: --gres=gpu:N), stopped
+    at the end of the session."""
+    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")), gpus=2)
     error = None
     try:
         cluster.start()

@@ -2,8 +2,10 @@
 """udocker.py as a batch job under a real Slurm (issue 7): sbatch jobs that
 bring nothing but udocker.py, exit codes and CPU time in sacct, scancel and
 time limits leaving no container process, job arrays sharing one
-UDOCKER_DIR, srun, and MPI in the hybrid model (host mpirun or srun, Open MPI
-of the same version inside the image).
+UDOCKER_DIR, srun, MPI in the hybrid model (host mpirun or srun, Open MPI
+of the same version inside the image), and GPUs: --gres=gpu with run
+--nvidia / setup --nvidia and a fake driver (support.nvidia) whose device
+files are the cluster's fake GPUs.
 
 The cluster is support.slurm.SlurmCluster (fixture `slurm`); the images come
 from the loopback registry: test/busybox (standard), test/bookworm and
@@ -31,6 +33,7 @@ import pytest
 from support import TESTS_DIR, UDOCKER_SCRIPT, SupportError, which
 from support.images import (TEST_IMAGE_CACHE, image_from_tarball,
                             push_image)
+from support.nvidia import BOUND_LIBRARIES, SMI_TABLE, FakeDriver, tree_state
 from support.runner import Udocker
 from support.slurm import (cpu_seconds, find_processes, processes_left,
                            run_command)
@@ -523,3 +526,106 @@ def test_container_cpu_time_in_sacct(batch, mode):
     assert cpu_seconds(records[job + ".batch"]["TotalCPU"]) >= 1.4, records
     assert cpu_seconds(records[job]["TotalCPU"]) >= 1.4, records
 
+
+# ---------------------------------------------------------------------------
+# GPUs: --gres=gpu reaches a container run with the host's (fake) driver
+# ---------------------------------------------------------------------------
+
+# run in the container: the driver's tool, libraries and search path, the
+# GPU variables the job got, and the device files (name, type, major:minor;
+# by name: in P1 a file bound into /dev is not in the listing of /dev)
+NVIDIA_CHECK = (
+    'nvidia-smi; echo "libs: $(ls /.udocker/nvidia/lib | tr "\\n" " ")"; '
+    'echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; '
+    'echo "container: CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset}"; '
+    'for d in /dev/nvidia0 /dev/nvidia1 /dev/nvidiactl /dev/nvidia-uvm; '
+    'do test -e $d && '
+    'stat -L -c "device: %n %F %t:%T" $d; done; exit 5')
+
+
+@pytest.fixture(scope="module")
+def nvidia(batch):
+    """A fake NVIDIA driver (support.nvidia) whose /dev/nvidia0 and
+    /dev/nvidia1 are the files the cluster's gres.conf names for its two
+    GPUs, as on a real node."""
+    return FakeDriver(os.path.join(batch.top, "fake-nvidia"),
+                      batch.slurm.gpu_files)
+
+
+def _device(path):
+    """What `stat -L -c "%F %t:%T"` says of path."""
+    st = os.stat(path)
+    return "character special file %x:%x" % (os.major(st.st_rdev),
+                                              os.minor(st.st_rdev))
+
+
+def _check_nvidia(output, mode, visible):
+    """The lines NVIDIA_CHECK printed show the driver and the GPU variable;
+    visible is the CUDA_VISIBLE_DEVICES the job or step got from Slurm."""
+    assert SMI_TABLE in output, output
+    assert "libs: %s \n" % " ".join(BOUND_LIBRARIES) in output, output
+    search = [line.split("=", 1)[1] for line in output.splitlines()
+              if line.startswith("LD_LIBRARY_PATH=")]
+    assert search and search[0].split(":")[0].endswith("/nvidia/lib"), output
+    assert "container: CUDA_VISIBLE_DEVICES=%s\n" % visible in output, output
+    devices = dict(line.split()[1:3] for line in output.splitlines()
+                   if line.startswith("device: "))
+    if mode.startswith("F"):        # F modes show devices at their own path
+        assert devices == {}, output
+        return
+    assert devices == {"/dev/nvidia0": "character", "/dev/nvidia1":
+                       "character", "/dev/nvidiactl": "regular",
+                       "/dev/nvidia-uvm": "regular"}, output
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sbatch_gres_gpu_reaches_run_nvidia(batch, nvidia, mode):
+    """sbatch --gres=gpu:1, then `run --nvidia`: the container sees the
+    (fake) driver bound at /.udocker/nvidia, the CUDA_VISIBLE_DEVICES Slurm
+    gave the job, and the GPUs' device files; nothing is copied into ROOT,
+    and the container command's exit code is the job's."""
+    run = mode_container(batch, mode)
+    root = run("inspect", "-p", "c-" + mode).check().out.strip()
+    before = tree_state(root)
+    body = ('echo "job: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"\n'
+            "$UD %s run --nvidia c-%s sh -c '%s'\n"
+            % (" ".join(nvidia.args), mode, NVIDIA_CHECK))
+    job, _ = batch.submit(body, run.udocker_dir, ["--gres=gpu:1"],
+                          {"PATH": nvidia.path(batch.slurm.env["PATH"])})
+    output = batch.finished(job, "FAILED")
+    assert "job: CUDA_VISIBLE_DEVICES=0\n" in output, output
+    _check_nvidia(output, mode, "0")
+    if not mode.startswith("F"):
+        assert "device: /dev/nvidia0 %s\n" % _device(batch.slurm.gpu_files[0]) \
+            in output, output
+    assert batch.slurm.sacct(job, steps=False)[0]["ExitCode"] == "5:0"
+    assert tree_state(root) == before, "copied into ROOT"
+
+
+def test_srun_gres_gpu_reaches_a_container_set_up_for_nvidia(batch, nvidia):
+    """A container set up once with `setup --nvidia` (no option at run
+    time): srun --gres=gpu:1 while another job holds GPU 0 gives the
+    container CUDA_VISIBLE_DEVICES=1; srun without --gres gives it none
+    (the driver is still there). Nothing is copied into ROOT."""
+    run = batch.container("gpu", "bookworm", "nv", "P1")
+    root = run("inspect", "-p", "nv").check().out.strip()
+    before = tree_state(root)
+    env = batch.env(run.udocker_dir,
+                    {"PATH": nvidia.path(batch.slurm.env["PATH"])})
+    run(*(nvidia.args + ["setup", "--nvidia", "nv"]), env=env).check()
+    holder = batch.slurm.submit("#!/bin/sh\nexec sleep 1000\n",
+                                ["--gres=gpu:1", "--time=5"])
+    batch.slurm.wait_running(holder)
+    command = [sys.executable, UDOCKER_SCRIPT] + nvidia.args + \
+        ["run", "nv", "sh", "-c", NVIDIA_CHECK]
+    rc, out, err = batch.slurm.run(["srun", "--gres=gpu:1"] + command,
+                                   env=env, timeout=300)
+    assert rc == 5, out + err
+    _check_nvidia(out, "P1", "1")
+    assert "device: /dev/nvidia1 %s\n" % _device(batch.slurm.gpu_files[1]) \
+        in out, out
+    batch.slurm.scancel(holder)
+    rc, out, err = batch.slurm.run(["srun"] + command, env=env, timeout=300)
+    assert rc == 5, out + err
+    _check_nvidia(out, "P1", "unset")
+    assert tree_state(root) == before, "copied into ROOT"

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 """Self-tests of the Slurm test cluster (tests/support/slurm.py) with plain
 host commands: exit codes and CPU time in sacct, scancel, job arrays, srun,
-and Open MPI's mpirun inside an allocation. No udocker.py here; the tests
+GPUs (--gres=gpu) and Open MPI's mpirun inside an allocation. No udocker.py here; the tests
 that run containers under Slurm are in tests/test_batch.py.
 
 None of them depends on timing: the cluster is asked for states, and the
@@ -111,6 +111,34 @@ def test_srun_exit_code(slurm):
     rc, out, err = slurm.run(["srun", "-n", "1", "sh", "-c", "exit 3"],
                              timeout=120)
     assert rc == 3, (out, err)
+
+
+GPU_ENV = ("#!/bin/sh\necho CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} "
+           "SLURM_JOB_GPUS=${SLURM_JOB_GPUS-unset}\n")
+
+
+def test_gres_gpus_set_cuda_visible_devices(slurm):
+    """The node's two fake GPUs (gres.conf File= symlinks to character
+    devices): a job or step that asks for GPUs gets the indexes of its own
+    in CUDA_VISIBLE_DEVICES, the second GPU while a job holds the first; a
+    job that asks for none gets no CUDA_VISIBLE_DEVICES."""
+    assert len(slurm.gpu_files) == 2
+    job = slurm.submit(GPU_ENV + "exec sleep 1000\n",
+                       ["--gres=gpu:1", "--time=5"])
+    slurm.wait_running(job)
+    rc, out, err = slurm.run(["srun", "--gres=gpu:1", "sh", "-c",
+                              "echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"
+                              " SLURM_STEP_GPUS=$SLURM_STEP_GPUS"], timeout=120)
+    assert (rc, out) == (0, "CUDA_VISIBLE_DEVICES=1 SLURM_STEP_GPUS=1\n"), err
+    slurm.scancel(job)
+    assert slurm.wait(job, timeout=120) == "CANCELLED"
+    assert slurm.output(job).startswith(
+        "CUDA_VISIBLE_DEVICES=0 SLURM_JOB_GPUS=0\n"), slurm.output(job)
+    for args, expected in ((["--gres=gpu:2"], "0,1"), ([], "unset")):
+        job = slurm.submit(GPU_ENV, args)
+        assert slurm.wait(job, timeout=120) == "COMPLETED"
+        assert slurm.output(job) == \
+            "CUDA_VISIBLE_DEVICES=%s SLURM_JOB_GPUS=%s\n" % (expected, expected)
 
 
 @pytest.fixture(scope="module")

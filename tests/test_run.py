@@ -17,6 +17,7 @@ import pytest
 
 import udocker
 import rootfs
+from support.nvidia import BOUND_LIBRARIES, SMI_TABLE, FakeDriver, tree_state
 
 try:
     from shlex import quote
@@ -564,74 +565,12 @@ def test_r1_without_newuidmap_runs_as_root_with_one_warning(world):
 
 # -- the host's NVIDIA driver (setup --nvidia, run --nvidia), from a fake driver tree
 
-SMI_TABLE = "| NVIDIA-SMI 535.104.05   Driver Version: 535.104.05   CUDA Version: 12.2 |"
-
-
 @pytest.fixture(scope="module")
 def fake_nvidia(world):
-    """A driver laid out as on a real host: versioned libraries with their soname links in
-    one directory (found through an `ldconfig -p` listing; a 32-bit copy elsewhere must be
-    ignored), an nvidia-smi stub in PATH, an icd file, device files (plain files here).
-    Returns (udocker.py arguments that point at it, environment)."""
-    top = os.path.join(world.top, "fake-nvidia")
-    lib, lib32, bindir = [os.path.join(top, d) for d in ("lib", "lib32", "bin")]
-    for path in (lib, lib32, bindir, os.path.join(top, "dev"),
-                 os.path.join(top, "etc", "vulkan", "icd.d")):
-        os.makedirs(path)
-    for name in ("libcuda.so.535.104.05", "libnvidia-ml.so.535.104.05",
-                 "libnvidia-ptxjitcompiler.so.535.104.05", "libGLX_nvidia.so.535.104.05"):
-        with open(os.path.join(lib, name), "w") as handle:
-            handle.write("not really a library\n")
-        soname = name.split(".so.")[0] + (".so.0" if "GLX" in name else ".so.1")
-        os.symlink(name, os.path.join(lib, soname))
-    os.symlink("libcuda.so.1", os.path.join(lib, "libcuda.so"))
-    with open(os.path.join(lib, "libz.so.1"), "w") as handle:      # not NVIDIA's
-        handle.write("x")
-    with open(os.path.join(lib32, "libcuda.so.1"), "w") as handle:
-        handle.write("32-bit\n")
-    listing = ["5 libs found in cache `/etc/ld.so.cache'"]
-    for name, tags, directory in (("libnvidia-ml.so.1", "libc6,x86-64", lib),
-                                  ("libcuda.so.1", "libc6,x86-64", lib),
-                                  ("libcuda.so", "libc6,x86-64", lib),
-                                  ("libcuda.so.1", "libc6", lib32),
-                                  ("libz.so.1", "libc6,x86-64", "/usr/lib/x86_64-linux-gnu")):
-        listing.append("\t%s (%s) => %s/%s" % (name, tags, directory, name))
-    with open(os.path.join(top, "ldconfig-p.txt"), "w") as handle:
-        handle.write("\n".join(listing) + "\n")
-    smi = os.path.join(bindir, "nvidia-smi")
-    with open(smi, "w") as handle:
-        handle.write("#!/bin/sh\necho '+%s+'\necho '%s'\necho '|   0  Tesla T4  On  |'\n"
-                     % ("-" * 71, SMI_TABLE))
-    os.chmod(smi, 0o755)
-    for name in ("nvidia0", "nvidiactl", "nvidia-uvm"):
-        with open(os.path.join(top, "dev", name), "w") as handle:
-            handle.write("")
-    with open(os.path.join(top, "etc", "vulkan", "icd.d", "nvidia_icd.json"), "w") as handle:
-        handle.write('{"ICD": {"library_path": "libGLX_nvidia.so.0"}}\n')
-    config = os.path.join(top, "nvidia.conf")
-    with open(config, "w") as handle:
-        handle.write("[DEFAULT]\nnvi_ldconfig = cat %s/ldconfig-p.txt\nnvi_dev_list = %s/dev/nvidia\n"
-                     "nvi_etc_dir = %s/etc\n" % (top, top, top))
-    return ["--config=" + config], {"PATH": bindir + ":" + os.environ.get("PATH", "/usr/bin")}
-
-
-def _tree_state(root):
-    """What is in a tree (type, size, link target per path), but /.udocker."""
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == root and ".udocker" in dirnames:
-            dirnames.remove(".udocker")
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            state[path[len(root):]] = (stat_kind(st), st.st_size if not os.path.isdir(path)
-                                       else 0, os.readlink(path) if os.path.islink(path) else "")
-    return state
-
-
-def stat_kind(st):
-    import stat
-    return stat.S_IFMT(st.st_mode)
+    """A driver laid out as on a real host (support.nvidia.FakeDriver; device files are plain
+    files here). Returns (udocker.py arguments that point at it, environment)."""
+    driver = FakeDriver(os.path.join(world.top, "fake-nvidia"))
+    return driver.args, driver.env
 
 
 @pytest.mark.parametrize("mode", ["P1", "R1", "F3"])
@@ -640,7 +579,7 @@ def test_nvidia_driver_is_bound_at_run_time_not_copied(world, fake_nvidia, mode)
     cid = world.container(mode, fresh=True)
     root = os.path.join(world.ud_dir, "containers", cid, "ROOT")
     assert world.run(mode, ["true"], name=cid)[0] == 0           # first-run mount points
-    before = _tree_state(root)
+    before = tree_state(root)
     rc, out, err = world.ud(args + ["setup", "--nvidia", cid], env=env)
     assert rc == 0 and "9 libraries" in err and "1 tools" in err and "lib32" not in err, err
     assert world.ud(["setup", cid])[1].endswith("nvidiamode: True\n")
@@ -650,15 +589,12 @@ def test_nvidia_driver_is_bound_at_run_time_not_copied(world, fake_nvidia, mode)
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[1] == SMI_TABLE and "Tesla T4" in lines[2]
-    assert lines[3:12] == ["libGLX_nvidia.so.0", "libGLX_nvidia.so.535.104.05", "libcuda.so",
-                           "libcuda.so.1", "libcuda.so.535.104.05", "libnvidia-ml.so.1",
-                           "libnvidia-ml.so.535.104.05", "libnvidia-ptxjitcompiler.so.1",
-                           "libnvidia-ptxjitcompiler.so.535.104.05"]
+    assert lines[3:12] == BOUND_LIBRARIES
     assert lines[12].split(":")[0].endswith("nvidia/lib")          # the driver comes first
     assert lines[13] == "/.udocker/nvidia/etc/vulkan/icd.d/nvidia_icd.json"
     assert "libGLX_nvidia.so.0" in lines[14]
     assert lines[15] == ("none" if mode.startswith("F") else "device")   # F: at its path only
-    assert _tree_state(root) == before                 # nothing copied into ROOT
+    assert tree_state(root) == before                 # nothing copied into ROOT
     leftover = os.path.join(root, ".udocker")
     if mode == "P1":
         assert not os.path.lexists(leftover)

@@ -11,6 +11,7 @@ Modules:
     runner       run udocker.py as a subprocess with a private UDOCKER_DIR
     slurm        a real single-node Slurm cluster (munge, MariaDB, slurmdbd,
                  slurmctld, slurmd) on 127.0.0.1, run as the test user
+    nvidia       a fake NVIDIA driver tree (setup/run --nvidia)
 
 Everything here runs on Python 2.7 and 3.6+, stdlib only, loopback only.
 This file holds the few Python 2/3 differences and the shared paths.
