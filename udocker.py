@@ -360,7 +360,8 @@ CONFIG_DEFAULTS = (
     ("singularity_options", ["-w"], None),
     ("runc_map_subids", "user", None),         # user, always or never (see RuncEngine)
     ("pass_host_env", ["OMPI_*", "PMI_*", "PMIX_*", "SLURM_*", "HYDRA_*", "I_MPI_*", "MPI_*",
-                       "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"], None),
+                       "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
+                       "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"], None),
     # the host's NVIDIA driver (setup --nvidia, run --nvidia): upstream's names and lists,
     # newer driver libraries added; where to look is configurable (nvi_ldconfig: the command
     # printing the `ldconfig -p` listing)

@@ -315,7 +315,8 @@ def test_name_patterns_cpu_lists_and_port_specs():
 
 def test_launcher_variables_pass_without_hostenv(tmpdir, glibc_tree, monkeypatch):
     for name, value in (("SLURM_JOB_ID", "7"), ("PMI_RANK", "1"), ("I_MPI_PIN", "0"),
-                        ("NVIDIA_VISIBLE_DEVICES", "all"), ("NOT_PASSED", "x")):
+                        ("NVIDIA_VISIBLE_DEVICES", "all"), ("GPU_DEVICE_ORDINAL", "1"),
+                        ("NOT_PASSED", "x")):
         monkeypatch.setenv(name, value)
     engine = engine_for(tmpdir, glibc_tree, config={"Env": ["SLURM_JOB_ID=image"]},
                         opts={"env": ["PMI_RANK=cli"]})
@@ -323,7 +324,7 @@ def test_launcher_variables_pass_without_hostenv(tmpdir, glibc_tree, monkeypatch
     env = engine.env
     assert env["SLURM_JOB_ID"] == "image" and env["PMI_RANK"] == "cli"
     assert env["I_MPI_PIN"] == "0" and env["NVIDIA_VISIBLE_DEVICES"] == "all"
-    assert "NOT_PASSED" not in env
+    assert env["GPU_DEVICE_ORDINAL"] == "1" and "NOT_PASSED" not in env
     config = tmpdir.join("ud").ensure(dir=True).join("udocker.conf")
     config.write("[DEFAULT]\npass_host_env = SLURM_*\n")
     engine = engine_for(tmpdir, glibc_tree)
