@@ -650,6 +650,113 @@ class FileLock(object):
         self.release()
 
 
+def random_hex(count):
+    """count random bytes as hex text (the uuid module costs ~2 ms to import)."""
+    return "".join("%02x" % b for b in bytearray(os.urandom(count)))
+
+
+WORK_LOCK = ".lock"             # a work directory's lock file is its name + this, beside it
+WORK_LOCK_RE = LazyRegex(r"^\.[a-z][a-z0-9-]*-[0-9a-f]{12}\.lock$")
+
+
+class WorkDir(object):
+    """A hidden directory PARENT/.KIND-XXXXXXXXXXXX that a command builds and renames into
+    place, or moves something into to delete it; a context manager that removes it.
+
+    Its lock file beside it (the name + WORK_LOCK) is held under an exclusive flock for as
+    long as the process uses the directory, and the lock dies with the process: a work
+    directory whose lock can be taken belongs to a command that was killed, and
+    sweep_work_dirs() removes it. Making one sweeps the parent first, so each command that
+    can leave such directories cleans up after its killed predecessors.
+
+    The lock file is made (O_EXCL) and locked before the directory exists, and removed after
+    it is gone. Between open and flock a sweep may take the lock and delete the file: once
+    locked, a file no longer linked means start over with another name.
+    make: create the directory (else the caller renames something to .path).
+    """
+
+    def __init__(self, parent, kind, make=True):
+        sweep_work_dirs(parent)
+        while True:
+            path = os.path.join(parent, ".%s-%s" % (kind, random_hex(6)))
+            try:
+                fd = os.open(path + WORK_LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_CLOEXEC,
+                             0o600)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    continue
+                raise
+            fcntl.flock(fd, fcntl.LOCK_EX)        # waits only for a sweep that got in first
+            if os.fstat(fd).st_nlink:
+                break
+            os.close(fd)
+        self.path, self.fd = path, fd
+        if make:
+            try:
+                os.mkdir(path, 0o700)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self):
+        """Remove the directory (if it was not renamed away), then the lock file. When the
+        directory cannot be removed (OSError), it is left without a lock: no sweep retries."""
+        if self.fd is None:
+            return
+        try:
+            remove_tree(self.path)
+        finally:
+            remove_quietly(self.path + WORK_LOCK)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def sweep_work_dirs(parent):
+    """Remove the work directories in parent left by killed commands (see WorkDir): those
+    whose lock file can be locked without waiting. Never fails: a sweep is a courtesy."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if name.endswith(WORK_LOCK) and WORK_LOCK_RE.match(name):
+            _sweep_work_dir(os.path.join(parent, name[:-len(WORK_LOCK)]))
+
+
+def _sweep_work_dir(path):
+    try:
+        fd = os.open(path + WORK_LOCK, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+    except OSError:
+        return                                    # gone meanwhile, or not ours to open
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (IOError, OSError):
+            return                                # its owner (or another sweep) holds it
+        try:
+            now = os.lstat(path + WORK_LOCK)
+        except OSError:
+            return                                # its owner or a sweep finished meanwhile
+        st = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return
+        if os.path.lexists(path):        # else an owner (alive or not) had not made it yet
+            MSG.info("removing the work directory of a killed command: %s" % path)
+            try:
+                remove_tree(path)
+            except OSError as exc:
+                MSG.warning("cannot remove %s: %s" % (path, exc.strerror or exc))
+        remove_quietly(path + WORK_LOCK)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path, chunk=1 << 20):
     """Hex sha256 of a file's content."""
     digest = hashlib.sha256()
@@ -984,8 +1091,8 @@ class LocalRepository(object):
             if missing:
                 raise RepositoryError("blob vanished before commit: %s" % missing[0])
             final = self.tag_dir(name, tag)
-            build = tempfile.mkdtemp(prefix=".%s.new-" % tag, dir=parent)
-            try:
+            with WorkDir(parent, "new") as work:
+                build = work.path
                 for digest in digests:
                     os.symlink(os.path.relpath(self.blob_path(digest), final),
                                os.path.join(build, digest))
@@ -997,20 +1104,22 @@ class LocalRepository(object):
                              "%s:%s" % (os.path.join(self.reposdir, name), tag))
                 os.chmod(build, 0o755)
                 self._swap_in(build, final)
-            except BaseException:
-                remove_tree(build)
-                raise
             write_atomic(self.record_path(name, tag), json_dumps(record, pretty=True))
 
     @staticmethod
     def _swap_in(new, final):
-        if os.path.isdir(final):
-            old = "%s.old-%d" % (final, os.getpid())
-            os.rename(final, old)
+        """Rename the directory new to final; an old final goes to a work directory first
+        (a tag directory left under another name would be listed as another tag)."""
+        if not os.path.isdir(final):
             os.rename(new, final)
-            remove_tree(old)
-        else:
-            os.rename(new, final)
+            return
+        with WorkDir(os.path.dirname(final), "old", make=False) as old:
+            os.rename(final, old.path)
+            try:
+                os.rename(new, final)
+            except BaseException:
+                os.rename(old.path, final)
+                raise
 
     def copy_tag(self, src, name, tag):
         """Make name:tag a second tag of the LocalImage src (links re-made, files copied)."""
@@ -1021,8 +1130,8 @@ class LocalRepository(object):
         makedirs(parent)
         with self.lock("metadata"):
             final = self.tag_dir(name, tag)
-            build = tempfile.mkdtemp(prefix=".%s.new-" % tag, dir=parent)
-            try:
+            with WorkDir(parent, "new") as work:
+                build = work.path
                 for fname in os.listdir(src.dir):
                     path = os.path.join(src.dir, fname)
                     if fname in ("TAG", "PROTECT"):
@@ -1035,9 +1144,6 @@ class LocalRepository(object):
                 write_atomic(os.path.join(build, "TAG"), "%s:%s" % (parent, tag))
                 os.chmod(build, 0o755)
                 self._swap_in(build, final)
-            except BaseException:
-                remove_tree(build)
-                raise
             if os.path.exists(self.record_path(src.name, src.tag)):
                 shutil.copyfile(self.record_path(src.name, src.tag),
                                 self.record_path(name, tag))
@@ -1060,6 +1166,7 @@ class LocalRepository(object):
         if image.protected:
             raise RepositoryError("image is protected: %s" % image.ref)
         with self.lock("metadata"):
+            sweep_work_dirs(os.path.dirname(image.dir))   # their links would keep blobs
             targets = set(os.path.basename(os.readlink(p)) for _, p in image.links())
             remove_tree(image.dir)
             remove_quietly(self.record_path(name, tag))
@@ -2984,19 +3091,16 @@ def load_archive(repo, source, rename=None):
     if rename:
         _parse_rename(rename)
     repo.check_writable()
-    staging = tempfile.mkdtemp(prefix=".load-", dir=repo.layersdir)
-    try:
+    with WorkDir(repo.layersdir, "load") as staging:
         if source == "-":
-            reader = ArchiveReader(staging, "standard input")
+            reader = ArchiveReader(staging.path, "standard input")
             reader.read(binary_stdin())
         else:
-            reader = ArchiveReader(staging, source)
+            reader = ArchiveReader(staging.path, source)
             with open(source, "rb") as handle:
                 reader.read(handle)
         targets = name_targets(find_images(reader), rename)
         return store_images(repo, targets, reader.label)
-    finally:
-        remove_tree(staging)
 
 
 # -- save: docker-save archives (classic layout, which docker, skopeo, podman and upstream
@@ -3262,8 +3366,8 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
     if os.path.exists(os.path.join(repo.tag_dir(name, tag), "PROTECT")):
         raise RepositoryError("image is protected: %s:%s" % (name, tag))
     local = source != "-" and not re.match(r"^https?://", source)
-    staging = tempfile.mkdtemp(prefix=".import-", dir=repo.layersdir)
-    try:
+    with WorkDir(repo.layersdir, "import") as work:
+        staging = work.path
         layer_path = os.path.join(staging, "layer")
         stream, client = _open_source(cfg, source)
         try:
@@ -3301,8 +3405,6 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
         if move and local and os.path.exists(source):
             os.unlink(source)
         return config_digest
-    finally:
-        remove_tree(staging)
 
 
 # ==== 8. Container creation ====
@@ -4301,25 +4403,26 @@ def open_layers(repo, image):
 def remove_container(store, id_or_name, quiet=False):
     """Delete a container and its names; refuses protected ones.
 
-    Under the container's lock the directory is first renamed to a hidden trash name (one
-    atomic step: other commands see the container or nothing), then deleted.
+    Under the container's lock the directory is first renamed to a work directory (one
+    atomic step: other commands see the container or nothing), then deleted; what a kill
+    leaves of it is swept.
     """
     cid = store.get(id_or_name)
-    with store.lock(cid):
-        if not os.path.isdir(store.path(cid)):
-            raise RepositoryError("container not found: %s" % id_or_name)
-        if store.is_protected(cid):
-            raise RepositoryError("container is protected: %s" % id_or_name)
-        if not quiet:
-            MSG.info("deleting container: %s" % cid)
-        trash = os.path.join(store.dir, ".trash-%s-%d" % (cid, os.getpid()))
-        os.rename(store.path(cid), trash)
-        store.remove_names_of(cid)
-    try:
-        remove_tree(trash)
-    except OSError as exc:
-        raise RepositoryError("container %s removed, but its files could not all be "
-                              "deleted (%s): %s" % (cid, exc.strerror or exc, trash))
+    with WorkDir(store.dir, "trash-" + cid, make=False) as trash:
+        with store.lock(cid):
+            if not os.path.isdir(store.path(cid)):
+                raise RepositoryError("container not found: %s" % id_or_name)
+            if store.is_protected(cid):
+                raise RepositoryError("container is protected: %s" % id_or_name)
+            if not quiet:
+                MSG.info("deleting container: %s" % cid)
+            os.rename(store.path(cid), trash.path)
+            store.remove_names_of(cid)
+        try:
+            trash.close()
+        except OSError as exc:
+            raise RepositoryError("container %s removed, but its files could not all be "
+                                  "deleted (%s): %s" % (cid, exc.strerror or exc, trash.path))
     return cid
 
 
@@ -4341,18 +4444,15 @@ def name_new_container(store, cid, name, force=False):
             raise
 
 
-def build_container(store, prefix, make):
+def build_container(store, kind, make):
     """A new container made by make(directory), which fills the directory and returns the
-    container's id. The directory is a hidden one of containers/, renamed into place only
-    when complete, so a failure (or a kill) never leaves a half container under an id."""
-    build = tempfile.mkdtemp(prefix=prefix, dir=store.dir)
-    try:
-        cid = make(build)
-        os.chmod(build, 0o755 & ~current_umask() | 0o700)
-        os.rename(build, store.path(cid))
-    except BaseException:
-        remove_tree(build)
-        raise
+    container's id. The directory is a work directory of containers/ (WorkDir: KIND),
+    renamed into place only when complete, so a failure never leaves a half container under
+    an id, and a kill leaves one that the next sweep removes."""
+    with WorkDir(store.dir, kind) as work:
+        cid = make(work.path)
+        os.chmod(work.path, 0o755 & ~current_umask() | 0o700)
+        os.rename(work.path, store.path(cid))
     return cid
 
 
@@ -4395,7 +4495,7 @@ def create_container(store, image, name=None, force=False):
         return cid
 
     try:
-        build_container(store, ".create-", make)
+        build_container(store, "create", make)
     finally:
         for handle, _ in handles:
             handle.close()
@@ -4473,13 +4573,12 @@ def container_execmode(store, cid, cfg):
 def clone_container(store, id_or_name, name=None):
     """Copy a container to a new id (and name); returns the new id.
 
-    The copy is made in a hidden directory while the source is locked, then renamed into
-    place: an rm of the source waits, and nobody sees a half clone.
+    The copy is made in a work directory (WorkDir) while the source is locked, then renamed
+    into place: an rm of the source waits, and nobody sees a half clone.
     """
     check_new_name(store, name)
     cid = store.get(id_or_name)
-    build = os.path.join(store.dir, ".clone-%s-%d" % (cid, os.getpid()))
-    with store.lock(cid):
+    with WorkDir(store.dir, "clone-" + cid, make=False) as build, store.lock(cid):
         if not os.path.isdir(store.path(cid)):
             raise RepositoryError("container not found: %s" % id_or_name)
         image = ""
@@ -4488,12 +4587,8 @@ def clone_container(store, id_or_name, name=None):
         except (IOError, OSError):
             pass
         new = store.new_id(image.partition(":")[0] or cid)
-        try:
-            copy_tree(store.path(cid), build)
-            os.rename(build, store.path(new))
-        except BaseException:
-            remove_tree(build)
-            raise
+        copy_tree(store.path(cid), build.path)
+        os.rename(build.path, store.path(new))
     name_new_container(store, new, name)
     note_moved_mode(store, new)
     return new
@@ -4618,7 +4713,7 @@ def import_container(store, cfg, source, name=None, image=None, platform=None):
         return store.new_id(made.partition(":")[0])
 
     try:
-        cid = build_container(store, ".import-", make)
+        cid = build_container(store, "import", make)
     finally:
         close_source(stream, client)
     name_new_container(store, cid, name)
@@ -4877,11 +4972,6 @@ def json_text(value):
         return "%d" % value                           # int (and Python 2's long)
     text = to_text(value)
     return '"%s"' % "".join(JSON_ESCAPES.get(c, c) for c in text)
-
-
-def random_hex(count):
-    """count random bytes as hex text (the uuid module costs ~2 ms to import)."""
-    return "".join("%02x" % b for b in bytearray(os.urandom(count)))
 
 
 def which(name, path=None):
@@ -7262,12 +7352,9 @@ class ToolsInstaller(object):
                 MSG.info("tools already installed: version %s" % self.installed_version())
                 return True
             makedirs(self.cfg.topdir)
-            staging = tempfile.mkdtemp(prefix=".install-", dir=self.cfg.topdir)
-            try:
-                version, source = self._fetch_any(staging)
-                self._commit(os.path.join(staging, "tree"), purge)
-            finally:
-                remove_tree(staging)
+            with WorkDir(self.cfg.topdir, "install") as staging:
+                version, source = self._fetch_any(staging.path)
+                self._commit(os.path.join(staging.path, "tree"), purge)
         MSG.info("tools installed: version %s from %s" % (version, source))
         return True
 
