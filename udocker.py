@@ -655,6 +655,21 @@ def random_hex(count):
     return "".join("%02x" % b for b in bytearray(os.urandom(count)))
 
 
+def which(name, path=None):
+    """The first executable called name in path (default $PATH), or None."""
+    if "/" in name:
+        return name if is_executable(name) else None
+    for directory in (path if path is not None else os.environ.get("PATH", "")).split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if is_executable(candidate):
+            return candidate
+    return None
+
+
+def is_executable(path):
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
 WORK_LOCK = ".lock"             # a work directory's lock file is its name + this, beside it
 WORK_LOCK_RE = LazyRegex(r"^\.[a-z][a-z0-9-]*-[0-9a-f]{12}\.lock$")
 
@@ -2550,6 +2565,9 @@ BLOB_NAME_RE = LazyRegex(r"^blobs/sha256/([a-f0-9]{64})$")
 COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
                      (b"\x28\xb5\x2f\xfd", "zstd"))
 LAYER_MEDIA_SUFFIX = {"": "", "gzip": "+gzip", "zstd": "+zstd"}
+DECOMPRESS_PROGRAMS = {"gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "zstd": "zstd"}
+IN_CHUNK = 1 << 18              # compressed bytes read at a time
+OUT_CHUNK = 1 << 20             # most decompressed bytes produced at a time (bounds memory)
 
 
 class ArchiveError(UdockerError):
@@ -2576,52 +2594,276 @@ def compression_of(head):
     return ""
 
 
-class Decompressor(object):
-    """Incremental decompression of gzip (several members too), bzip2 or xz."""
+# -- decompression: the bytes of a layer file or tarball as decompressed chunks, whatever
+# the compression, for create (section 8), import and save
 
-    def __init__(self, kind, label):
-        self.kind, self.label = kind, label
-        self.errors = (zlib.error, EOFError, IOError, OSError, ValueError)
-        self.engine = self._new()
+def layer_compression(handle):
+    """'gzip', 'bzip2', 'xz', 'zstd' or 'tar', from the magic bytes (never the name)."""
+    handle.seek(0)
+    head = handle.read(6)
+    handle.seek(0)
+    return compression_of(head) or "tar"
 
-    def _new(self):
-        if self.kind == "gzip":
-            return zlib.decompressobj(16 + zlib.MAX_WBITS)
-        if self.kind == "bzip2":
-            import bz2
-            return bz2.BZ2Decompressor()
-        if self.kind == "xz" and PY3:
-            import lzma
-            self.errors += (lzma.LZMAError,)
-            return lzma.LZMADecompressor()
-        raise ArchiveError("%s: %s compression is not supported%s" % (
-            self.label, self.kind, " under Python 2" if self.kind == "xz" else ""))
 
-    def feed(self, data):
-        chunks = []
+class Rewindable(object):
+    """A stream that cannot seek (a pipe, a download) made to go back to its start once,
+    after its first bytes were read: what layer_compression needs to look at them. It has
+    no fileno(), so a program decompressing it is fed through a pipe."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.head = b""         # the bytes read before the rewind
+        self.pos = 0            # offset in head; None once past it for good
+        self.rewound = False
+
+    def seek(self, pos, whence=os.SEEK_SET):
+        if pos != 0 or whence != os.SEEK_SET or self.pos is None:
+            raise IOError(errno.ESPIPE, "cannot seek in a stream")
+        self.rewound = self.rewound or self.pos > 0
+        self.pos = 0
+        return 0
+
+    def read(self, size=-1):
+        if self.pos is None:
+            return self.stream.read(size)
+        if self.pos < len(self.head):
+            end = len(self.head) if size is None or size < 0 else self.pos + size
+            data = self.head[self.pos:end]
+            self.pos += len(data)
+            return data
+        data = self.stream.read(size)
+        if self.rewound:
+            self.pos = None
+        else:
+            self.head += data
+            self.pos += len(data)
+        return data
+
+
+class TeeReader(object):
+    """A stream whose every byte read is also given to sink(data): import stores and hashes
+    a tarball as it comes while the same bytes are decompressed. It has no fileno(), so a
+    program decompressing it is fed through a pipe (by read: sink still sees every byte)."""
+
+    def __init__(self, stream, sink):
+        self.stream, self.sink = stream, sink
+
+    def read(self, size=-1):
+        data = self.stream.read(size)
+        self.sink(data)
+        return data
+
+
+def _file_chunks(handle):
+    while True:
+        data = handle.read(IN_CHUNK)
+        if not data:
+            return
+        yield data
+
+
+def _zlib_ended(dec):
+    """True once a gzip member is complete (2.7's decompressobj has no eof: probe it)."""
+    ended = getattr(dec, "eof", None)
+    if ended is not None:
+        return ended
+    if dec.unused_data:
+        return True
+    try:
+        dec.decompress(b"\0")        # an ended stream keeps the byte as unused data
+    except zlib.error:
+        return False
+    return bool(dec.unused_data)
+
+
+def _decompress(dec, data, kind, label):
+    """dec.decompress(data, OUT_CHUNK); what a decompressor raises for bad data (zlib.error,
+    LZMAError, bz2's OSError without errno ...) raised as RepositoryError naming the layer.
+    Only here: an error of the stream being read (a download) stays what it is."""
+    try:
+        return dec.decompress(data, OUT_CHUNK)
+    except Exception as exc:
+        raise RepositoryError("layer %s: corrupt %s data (%s)" % (label, kind, exc))
+
+
+def _inflate_gzip(handle, label):
+    """Decompressed chunks of one or more concatenated gzip members."""
+    dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    for data in _file_chunks(handle):
+        while data:
+            out = _decompress(dec, data, "gzip", label)
+            if out:
+                yield out
+            data = dec.unconsumed_tail
+            if not data and dec.unused_data:        # a member ended; another may follow
+                data = dec.unused_data
+                if not data.strip(b"\0"):
+                    break                           # zero padding after the last member
+                dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    while True:                  # output still held back by the OUT_CHUNK limit
+        out = _decompress(dec, b"", "gzip", label)
+        if not out:
+            break
+        yield out
+    if not _zlib_ended(dec):
+        raise RepositoryError("layer %s: truncated gzip data" % label)
+
+
+def _inflate_buffered(handle, factory, kind, label):
+    """Decompressed chunks of concatenated bzip2/xz/zstd streams (Python 3 decompressors)."""
+    dec = factory()
+    for data in _file_chunks(handle):
+        while True:
+            if dec.eof:
+                data = dec.unused_data + data
+                if not data.strip(b"\0"):
+                    break
+                dec = factory()
+            out = _decompress(dec, data, kind, label)
+            data = b""
+            if out:
+                yield out
+            if not dec.eof and dec.needs_input:
+                break
+    if not dec.eof:
+        raise RepositoryError("layer %s: truncated %s data" % (label, kind))
+
+
+def _program_chunks(handle, program, kind, label):
+    """Decompressed chunks from `program -dc` reading the layer file on its stdin (fed by a
+    thread when the layer is a stream without a file descriptor)."""
+    fileno = getattr(handle, "fileno", None)
+    if fileno:
+        os.lseek(fileno(), 0, os.SEEK_SET)
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen([program, "-dc"], stdin=fileno() if fileno else subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=errors, close_fds=True)
+    if not fileno:
+        feeder = threading.Thread(target=_feed_program, args=(handle, proc.stdin))
+        feeder.daemon = True
+        feeder.start()
+    try:
+        while True:
+            data = proc.stdout.read(OUT_CHUNK)
+            if not data:
+                break
+            yield data
+        if proc.wait() != 0:
+            errors.seek(0)
+            lines = to_text(errors.read()).strip().splitlines() or ["exit status %d"
+                                                                   % proc.returncode]
+            raise RepositoryError("layer %s: %s -dc failed: %s" % (label, kind, lines[-1]))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        errors.close()
+
+
+def _feed_program(handle, pipe):
+    """Copy a stream to a program's stdin (which may stop reading early: EPIPE)."""
+    try:
+        for data in _file_chunks(handle):
+            pipe.write(data)
+    except (IOError, OSError):
+        pass
+    finally:
         try:
-            while data:
-                chunks.append(self.engine.decompress(data))
-                data = getattr(self.engine, "unused_data", b"")
-                if data and not data.strip(b"\0"):
-                    break                               # zero padding after the last member
-                if data:
-                    self.engine = self._new()           # the next gzip/bzip2 member
-        except self.errors as exc:
-            raise ArchiveError("%s: corrupt %s data (%s)" % (self.label, self.kind, exc))
-        return b"".join(chunks)
+            pipe.close()
+        except (IOError, OSError):
+            pass
+
+
+def _prefetch(chunks, depth=4):
+    """Chunks of a generator computed ahead in a thread: zlib and file reads release the
+    GIL, so decompression runs on another core while files are written."""
+    todo = queue.Queue(depth)
+    stop = []
+
+    def put(item):
+        while not stop:
+            try:
+                todo.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work():
+        try:
+            for chunk in chunks:
+                put((chunk, None))
+                if stop:
+                    return
+            put((None, None))
+        except BaseException:              # handed over to the reading thread
+            put((None, sys.exc_info()))
+
+    thread = threading.Thread(target=work)
+    thread.daemon = True
+    thread.start()
+    try:
+        while True:
+            chunk, failure = todo.get()
+            if chunk is None:
+                break
+            yield chunk
+        if failure is not None:
+            if PY3:
+                raise failure[1].with_traceback(failure[2])
+            raise failure[1]
+    finally:
+        stop.append(True)
+        while thread.is_alive():
+            try:
+                todo.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
+        chunks.close()
+
+
+def layer_chunks(handle, label, kind=None):
+    """Generator of the decompressed bytes of an open layer file or stream, whatever its
+    compression (kind: what layer_compression says, which seeks to look; given, the handle
+    is read from where it is).
+
+    Raises RepositoryError ("layer LABEL: ...") for truncated or corrupt compressed data, or
+    when neither Python nor a program on $PATH can decompress it.
+    """
+    kind = kind or layer_compression(handle)
+    if kind == "tar":
+        return _file_chunks(handle)
+    if kind == "gzip":
+        return _prefetch(_inflate_gzip(handle, label))
+    factory = buffered_decompressor(kind)
+    if factory is not None:
+        return _prefetch(_inflate_buffered(handle, factory, kind, label))
+    program = which(DECOMPRESS_PROGRAMS[kind])
+    if program:
+        return _prefetch(_program_chunks(handle, program, kind, label))
+    raise RepositoryError("layer %s is %s-compressed: this Python cannot decompress it and "
+                          "no %s program was found" % (label, kind, DECOMPRESS_PROGRAMS[kind]))
+
+
+def _tarball_errors(label, action, *args):
+    """action(*args), the errors worded for a layer ("layer LABEL: ...") raised as an
+    ArchiveError naming the tarball LABEL instead."""
+    try:
+        return action(*args)
+    except RepositoryError as exc:
+        text, prefix = str(exc), "layer %s: " % label
+        if text.startswith(prefix):
+            raise ArchiveError("%s: %s" % (label, text[len(prefix):]))
+        raise
 
 
 def uncompressed_digest(path):
     """sha256:HEX of a layer file's uncompressed content: its diff_id."""
     hasher = hashlib.sha256()
     with open(path, "rb") as handle:
-        data = handle.read(ARCHIVE_CHUNK)
-        kind = compression_of(data)
-        decompressor = Decompressor(kind, path) if kind else None
-        while data:
-            hasher.update(decompressor.feed(data) if decompressor else data)
-            data = handle.read(ARCHIVE_CHUNK)
+        for data in layer_chunks(handle, os.path.basename(path)):
+            hasher.update(data)
     return "sha256:" + hasher.hexdigest()
 
 
@@ -3278,31 +3520,33 @@ def spool_layer(stream, path, label):
     gzip and plain tars are stored as they come; bzip2 and xz are stored inflated (layer
     media types have no name for them); zstd is refused. path None: only hash (the
     stream must then be plain or gzip). Returns (blob digest, size, diff_id, compression).
+    Raises RepositoryError ("layer LABEL: ...") for corrupt compressed data.
     """
-    head = stream.read(ARCHIVE_CHUNK)
-    kind = compression_of(head)
+    source = Rewindable(stream)
+    kind = layer_compression(source)
     if kind == "zstd":
         raise ArchiveError("%s: zstd-compressed tarballs are not supported" % label)
-    inflate = Decompressor(kind, label) if kind else None
-    keep = kind in ("", "gzip")
-    blob, diff, size = hashlib.sha256(), hashlib.sha256(), 0
+    keep = kind in ("tar", "gzip")
+    blob, diff, size = hashlib.sha256(), hashlib.sha256(), [0]
     handle = open(path, "wb") if path else None
+
+    def store(data):
+        blob.update(data)
+        size[0] += len(data)
+        if handle:
+            handle.write(data)
+
     try:
-        data = head
-        while data:
-            plain = inflate.feed(data) if inflate else data
+        raw = TeeReader(source, store) if keep else source
+        for plain in layer_chunks(raw, label, kind):
             diff.update(plain)
-            stored = data if keep else plain
-            blob.update(stored)
-            size += len(stored)
-            if handle:
-                handle.write(stored)
-            data = stream.read(ARCHIVE_CHUNK)
+            if not keep:
+                store(plain)
     finally:
         if handle:
             handle.close()
-    return ("sha256:" + blob.hexdigest(), size, "sha256:" + diff.hexdigest(),
-            kind if keep else "")
+    return ("sha256:" + blob.hexdigest(), size[0], "sha256:" + diff.hexdigest(),
+            "gzip" if kind == "gzip" else "")
 
 
 def check_tarball(path, kind, label):
@@ -3374,11 +3618,13 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
             if move and local and compression_of(stream.read(8)) in ("", "gzip"):
                 stream.seek(0)
                 layer_path = source                     # hashed where it is, then renamed
-                digest, size, diff_id, kind = spool_layer(stream, None, source)
+                digest, size, diff_id, kind = _tarball_errors(source, spool_layer, stream,
+                                                              None, source)
             else:
                 if local:
                     stream.seek(0)
-                digest, size, diff_id, kind = spool_layer(stream, layer_path, source)
+                digest, size, diff_id, kind = _tarball_errors(source, spool_layer, stream,
+                                                              layer_path, source)
         except NETWORK_ERRORS as exc:
             if local or source == "-":
                 raise
@@ -3442,247 +3688,12 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
 # and executables) and the umask applies; what the tar said (owner, group, full mode) is kept
 # in ID/.udocker-py/attrs where it differs from (0, 0, mode on disk), for export.
 
-DECOMPRESS_PROGRAMS = {"gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "zstd": "zstd"}
-IN_CHUNK = 1 << 18              # compressed bytes read at a time
-OUT_CHUNK = 1 << 20             # most decompressed bytes produced at a time (bounds memory)
 TAR_BLOCK = 512
 MAX_NAME, MAX_PATH = 255, 4095
 ATTRS_HEADER = b"# udocker.py attrs 1: UID GID MODE(octal) PATH (below ROOT)\n"
 
 # Index kinds; an index value is layer << 3 | kind (small ints: no allocation per entry).
 K_DIR, K_IMPLIED, K_FILE, K_SYMLINK, K_PENDING = 1, 2, 3, 4, 5
-
-
-def find_program(name):
-    """Full path of an executable found in $PATH, or None."""
-    for directory in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep):
-        path = os.path.join(directory or ".", name)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
-
-
-def layer_compression(handle):
-    """'gzip', 'bzip2', 'xz', 'zstd' or 'tar', from the magic bytes (never the name)."""
-    handle.seek(0)
-    head = handle.read(6)
-    handle.seek(0)
-    return compression_of(head) or "tar"
-
-
-class Rewindable(object):
-    """A stream that cannot seek (a pipe, a download) made to go back to its start once,
-    after its first bytes were read: what layer_compression needs to look at them. It has
-    no fileno(), so a program decompressing it is fed through a pipe."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.head = b""         # the bytes read before the rewind
-        self.pos = 0            # offset in head; None once past it for good
-        self.rewound = False
-
-    def seek(self, pos, whence=os.SEEK_SET):
-        if pos != 0 or whence != os.SEEK_SET or self.pos is None:
-            raise IOError(errno.ESPIPE, "cannot seek in a stream")
-        self.rewound = self.rewound or self.pos > 0
-        self.pos = 0
-        return 0
-
-    def read(self, size=-1):
-        if self.pos is None:
-            return self.stream.read(size)
-        if self.pos < len(self.head):
-            end = len(self.head) if size is None or size < 0 else self.pos + size
-            data = self.head[self.pos:end]
-            self.pos += len(data)
-            return data
-        data = self.stream.read(size)
-        if self.rewound:
-            self.pos = None
-        else:
-            self.head += data
-            self.pos += len(data)
-        return data
-
-
-def _file_chunks(handle):
-    while True:
-        data = handle.read(IN_CHUNK)
-        if not data:
-            return
-        yield data
-
-
-def _zlib_ended(dec):
-    """True once a gzip member is complete (2.7's decompressobj has no eof: probe it)."""
-    ended = getattr(dec, "eof", None)
-    if ended is not None:
-        return ended
-    if dec.unused_data:
-        return True
-    try:
-        dec.decompress(b"\0")        # an ended stream keeps the byte as unused data
-    except zlib.error:
-        return False
-    return bool(dec.unused_data)
-
-
-def _inflate_gzip(handle, label):
-    """Decompressed chunks of one or more concatenated gzip members."""
-    dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    for data in _file_chunks(handle):
-        while data:
-            out = dec.decompress(data, OUT_CHUNK)
-            if out:
-                yield out
-            data = dec.unconsumed_tail
-            if not data and dec.unused_data:        # a member ended; another may follow
-                data = dec.unused_data
-                if not data.strip(b"\0"):
-                    break                           # zero padding after the last member
-                dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    while True:                  # output still held back by the OUT_CHUNK limit
-        out = dec.decompress(b"", OUT_CHUNK)
-        if not out:
-            break
-        yield out
-    if not _zlib_ended(dec):
-        raise RepositoryError("layer %s: truncated gzip data" % label)
-
-
-def _inflate_buffered(handle, factory, kind, label):
-    """Decompressed chunks of concatenated bzip2/xz/zstd streams (Python 3 decompressors)."""
-    dec = factory()
-    for data in _file_chunks(handle):
-        while True:
-            if dec.eof:
-                data = dec.unused_data + data
-                if not data.strip(b"\0"):
-                    break
-                dec = factory()
-            out = dec.decompress(data, OUT_CHUNK)
-            data = b""
-            if out:
-                yield out
-            if not dec.eof and dec.needs_input:
-                break
-    if not dec.eof:
-        raise RepositoryError("layer %s: truncated %s data" % (label, kind))
-
-
-def _program_chunks(handle, program, kind, label):
-    """Decompressed chunks from `program -dc` reading the layer file on its stdin (fed by a
-    thread when the layer is a stream without a file descriptor)."""
-    fileno = getattr(handle, "fileno", None)
-    if fileno:
-        os.lseek(fileno(), 0, os.SEEK_SET)
-    errors = tempfile.TemporaryFile()
-    proc = subprocess.Popen([program, "-dc"], stdin=fileno() if fileno else subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=errors, close_fds=True)
-    if not fileno:
-        feeder = threading.Thread(target=_feed_program, args=(handle, proc.stdin))
-        feeder.daemon = True
-        feeder.start()
-    try:
-        while True:
-            data = proc.stdout.read(OUT_CHUNK)
-            if not data:
-                break
-            yield data
-        if proc.wait() != 0:
-            errors.seek(0)
-            lines = to_text(errors.read()).strip().splitlines() or ["exit status %d"
-                                                                   % proc.returncode]
-            raise RepositoryError("layer %s: %s -dc failed: %s" % (label, kind, lines[-1]))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        errors.close()
-
-
-def _feed_program(handle, pipe):
-    """Copy a stream to a program's stdin (which may stop reading early: EPIPE)."""
-    try:
-        for data in _file_chunks(handle):
-            pipe.write(data)
-    except (IOError, OSError):
-        pass
-    finally:
-        try:
-            pipe.close()
-        except (IOError, OSError):
-            pass
-
-
-def _prefetch(chunks, depth=4):
-    """Chunks of a generator computed ahead in a thread: zlib and file reads release the
-    GIL, so decompression runs on another core while files are written."""
-    todo = queue.Queue(depth)
-    stop = []
-
-    def put(item):
-        while not stop:
-            try:
-                todo.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def work():
-        try:
-            for chunk in chunks:
-                put((chunk, None))
-                if stop:
-                    return
-            put((None, None))
-        except BaseException:              # handed over to the reading thread
-            put((None, sys.exc_info()))
-
-    thread = threading.Thread(target=work)
-    thread.daemon = True
-    thread.start()
-    try:
-        while True:
-            chunk, failure = todo.get()
-            if chunk is None:
-                break
-            yield chunk
-        if failure is not None:
-            if PY3:
-                raise failure[1].with_traceback(failure[2])
-            raise failure[1]
-    finally:
-        stop.append(True)
-        while thread.is_alive():
-            try:
-                todo.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        thread.join()
-        chunks.close()
-
-
-def layer_chunks(handle, label):
-    """Generator of the decompressed bytes of an open layer file, whatever its compression.
-
-    Raises RepositoryError (naming the layer) for truncated or corrupt compressed data, or
-    when neither Python nor a program on $PATH can decompress it.
-    """
-    kind = layer_compression(handle)
-    if kind == "tar":
-        return _file_chunks(handle)
-    if kind == "gzip":
-        return _prefetch(_inflate_gzip(handle, label))
-    factory = buffered_decompressor(kind)
-    if factory is not None:
-        return _prefetch(_inflate_buffered(handle, factory, kind, label))
-    program = find_program(DECOMPRESS_PROGRAMS[kind])
-    if program:
-        return _prefetch(_program_chunks(handle, program, kind, label))
-    raise RepositoryError("layer %s is %s-compressed: this Python cannot decompress it and "
-                          "no %s program was found" % (label, kind, DECOMPRESS_PROGRAMS[kind]))
 
 
 def _octal(field):
@@ -3782,12 +3793,6 @@ class LayerStream(object):
             chunk = next(self._chunks)
         except StopIteration:
             return False
-        except UdockerError:
-            raise
-        except Exception as exc:              # zlib.error, LZMAError, OSError from bz2 ...
-            if isinstance(exc, EnvironmentError) and exc.errno:
-                raise
-            raise RepositoryError("layer %s: corrupt compressed data (%s)" % (self.label, exc))
         self._tail = (self._tail + self._buf)[-TAR_BLOCK:]
         self._off += len(self._buf)
         self._buf = chunk
@@ -4629,17 +4634,6 @@ class CloneFlattener(Flattener):
         pass
 
 
-def _tarball_errors(label, action, *args):
-    """action(*args), the errors the flattener words for a layer naming the tarball."""
-    try:
-        return action(*args)
-    except RepositoryError as exc:
-        text, prefix = str(exc), "layer %s: " % label
-        if text.startswith(prefix):
-            raise ArchiveError("%s: %s" % (label, text[len(prefix):]))
-        raise
-
-
 def _drop_metadata_links(cdir):
     """Remove the symlinks of a container directory outside ROOT/ (the volume records in
     .mountpoints/ aside): its metadata is read and written by name, never through a link."""
@@ -4972,21 +4966,6 @@ def json_text(value):
         return "%d" % value                           # int (and Python 2's long)
     text = to_text(value)
     return '"%s"' % "".join(JSON_ESCAPES.get(c, c) for c in text)
-
-
-def which(name, path=None):
-    """The first executable called name in path (default $PATH), or None."""
-    if "/" in name:
-        return name if is_executable(name) else None
-    for directory in (path if path is not None else os.environ.get("PATH", "")).split(":"):
-        candidate = os.path.join(directory or ".", name)
-        if is_executable(candidate):
-            return candidate
-    return None
-
-
-def is_executable(path):
-    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def _native(value):
