@@ -651,6 +651,128 @@ class FileLock(object):
         self.release()
 
 
+def random_hex(count):
+    """count random bytes as hex text (the uuid module costs ~2 ms to import)."""
+    return "".join("%02x" % b for b in bytearray(os.urandom(count)))
+
+
+def which(name, path=None):
+    """The first executable called name in path (default $PATH), or None."""
+    if "/" in name:
+        return name if is_executable(name) else None
+    for directory in (path if path is not None else os.environ.get("PATH", "")).split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if is_executable(candidate):
+            return candidate
+    return None
+
+
+def is_executable(path):
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+WORK_LOCK = ".lock"             # a work directory's lock file is its name + this, beside it
+WORK_LOCK_RE = LazyRegex(r"^\.[a-z][a-z0-9-]*-[0-9a-f]{12}\.lock$")
+
+
+class WorkDir(object):
+    """A hidden directory PARENT/.KIND-XXXXXXXXXXXX that a command builds and renames into
+    place, or moves something into to delete it; a context manager that removes it.
+
+    Its lock file beside it (the name + WORK_LOCK) is held under an exclusive flock for as
+    long as the process uses the directory, and the lock dies with the process: a work
+    directory whose lock can be taken belongs to a command that was killed, and
+    sweep_work_dirs() removes it. Making one sweeps the parent first, so each command that
+    can leave such directories cleans up after its killed predecessors.
+
+    The lock file is made (O_EXCL) and locked before the directory exists, and removed after
+    it is gone. Between open and flock a sweep may take the lock and delete the file: once
+    locked, a file no longer linked means start over with another name.
+    make: create the directory (else the caller renames something to .path).
+    """
+
+    def __init__(self, parent, kind, make=True):
+        sweep_work_dirs(parent)
+        while True:
+            path = os.path.join(parent, ".%s-%s" % (kind, random_hex(6)))
+            try:
+                fd = os.open(path + WORK_LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_CLOEXEC,
+                             0o600)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    continue
+                raise
+            fcntl.flock(fd, fcntl.LOCK_EX)        # waits only for a sweep that got in first
+            if os.fstat(fd).st_nlink:
+                break
+            os.close(fd)
+        self.path, self.fd = path, fd
+        if make:
+            try:
+                os.mkdir(path, 0o700)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self):
+        """Remove the directory (if it was not renamed away), then the lock file. When the
+        directory cannot be removed (OSError), it is left without a lock: no sweep retries."""
+        if self.fd is None:
+            return
+        try:
+            remove_tree(self.path)
+        finally:
+            remove_quietly(self.path + WORK_LOCK)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def sweep_work_dirs(parent):
+    """Remove the work directories in parent left by killed commands (see WorkDir): those
+    whose lock file can be locked without waiting. Never fails: a sweep is a courtesy."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if name.endswith(WORK_LOCK) and WORK_LOCK_RE.match(name):
+            _sweep_work_dir(os.path.join(parent, name[:-len(WORK_LOCK)]))
+
+
+def _sweep_work_dir(path):
+    try:
+        fd = os.open(path + WORK_LOCK, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+    except OSError:
+        return                                    # gone meanwhile, or not ours to open
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (IOError, OSError):
+            return                                # its owner (or another sweep) holds it
+        try:
+            now = os.lstat(path + WORK_LOCK)
+        except OSError:
+            return                                # its owner or a sweep finished meanwhile
+        st = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return
+        if os.path.lexists(path):        # else an owner (alive or not) had not made it yet
+            MSG.info("removing the work directory of a killed command: %s" % path)
+            try:
+                remove_tree(path)
+            except OSError as exc:
+                MSG.warning("cannot remove %s: %s" % (path, exc.strerror or exc))
+        remove_quietly(path + WORK_LOCK)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path, chunk=1 << 20):
     """Hex sha256 of a file's content."""
     digest = hashlib.sha256()
@@ -985,8 +1107,8 @@ class LocalRepository(object):
             if missing:
                 raise RepositoryError("blob vanished before commit: %s" % missing[0])
             final = self.tag_dir(name, tag)
-            build = tempfile.mkdtemp(prefix=".%s.new-" % tag, dir=parent)
-            try:
+            with WorkDir(parent, "new") as work:
+                build = work.path
                 for digest in digests:
                     os.symlink(os.path.relpath(self.blob_path(digest), final),
                                os.path.join(build, digest))
@@ -998,20 +1120,22 @@ class LocalRepository(object):
                              "%s:%s" % (os.path.join(self.reposdir, name), tag))
                 os.chmod(build, 0o755)
                 self._swap_in(build, final)
-            except BaseException:
-                remove_tree(build)
-                raise
             write_atomic(self.record_path(name, tag), json_dumps(record, pretty=True))
 
     @staticmethod
     def _swap_in(new, final):
-        if os.path.isdir(final):
-            old = "%s.old-%d" % (final, os.getpid())
-            os.rename(final, old)
+        """Rename the directory new to final; an old final goes to a work directory first
+        (a tag directory left under another name would be listed as another tag)."""
+        if not os.path.isdir(final):
             os.rename(new, final)
-            remove_tree(old)
-        else:
-            os.rename(new, final)
+            return
+        with WorkDir(os.path.dirname(final), "old", make=False) as old:
+            os.rename(final, old.path)
+            try:
+                os.rename(new, final)
+            except BaseException:
+                os.rename(old.path, final)
+                raise
 
     def copy_tag(self, src, name, tag):
         """Make name:tag a second tag of the LocalImage src (links re-made, files copied)."""
@@ -1022,8 +1146,8 @@ class LocalRepository(object):
         makedirs(parent)
         with self.lock("metadata"):
             final = self.tag_dir(name, tag)
-            build = tempfile.mkdtemp(prefix=".%s.new-" % tag, dir=parent)
-            try:
+            with WorkDir(parent, "new") as work:
+                build = work.path
                 for fname in os.listdir(src.dir):
                     path = os.path.join(src.dir, fname)
                     if fname in ("TAG", "PROTECT"):
@@ -1036,9 +1160,6 @@ class LocalRepository(object):
                 write_atomic(os.path.join(build, "TAG"), "%s:%s" % (parent, tag))
                 os.chmod(build, 0o755)
                 self._swap_in(build, final)
-            except BaseException:
-                remove_tree(build)
-                raise
             if os.path.exists(self.record_path(src.name, src.tag)):
                 shutil.copyfile(self.record_path(src.name, src.tag),
                                 self.record_path(name, tag))
@@ -1061,6 +1182,7 @@ class LocalRepository(object):
         if image.protected:
             raise RepositoryError("image is protected: %s" % image.ref)
         with self.lock("metadata"):
+            sweep_work_dirs(os.path.dirname(image.dir))   # their links would keep blobs
             targets = set(os.path.basename(os.readlink(p)) for _, p in image.links())
             remove_tree(image.dir)
             remove_quietly(self.record_path(name, tag))
@@ -2444,6 +2566,9 @@ BLOB_NAME_RE = LazyRegex(r"^blobs/sha256/([a-f0-9]{64})$")
 COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
                      (b"\x28\xb5\x2f\xfd", "zstd"))
 LAYER_MEDIA_SUFFIX = {"": "", "gzip": "+gzip", "zstd": "+zstd"}
+DECOMPRESS_PROGRAMS = {"gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "zstd": "zstd"}
+IN_CHUNK = 1 << 18              # compressed bytes read at a time
+OUT_CHUNK = 1 << 20             # most decompressed bytes produced at a time (bounds memory)
 
 
 class ArchiveError(UdockerError):
@@ -2470,52 +2595,276 @@ def compression_of(head):
     return ""
 
 
-class Decompressor(object):
-    """Incremental decompression of gzip (several members too), bzip2 or xz."""
+# -- decompression: the bytes of a layer file or tarball as decompressed chunks, whatever
+# the compression, for create (section 8), import and save
 
-    def __init__(self, kind, label):
-        self.kind, self.label = kind, label
-        self.errors = (zlib.error, EOFError, IOError, OSError, ValueError)
-        self.engine = self._new()
+def layer_compression(handle):
+    """'gzip', 'bzip2', 'xz', 'zstd' or 'tar', from the magic bytes (never the name)."""
+    handle.seek(0)
+    head = handle.read(6)
+    handle.seek(0)
+    return compression_of(head) or "tar"
 
-    def _new(self):
-        if self.kind == "gzip":
-            return zlib.decompressobj(16 + zlib.MAX_WBITS)
-        if self.kind == "bzip2":
-            import bz2
-            return bz2.BZ2Decompressor()
-        if self.kind == "xz" and PY3:
-            import lzma
-            self.errors += (lzma.LZMAError,)
-            return lzma.LZMADecompressor()
-        raise ArchiveError("%s: %s compression is not supported%s" % (
-            self.label, self.kind, " under Python 2" if self.kind == "xz" else ""))
 
-    def feed(self, data):
-        chunks = []
+class Rewindable(object):
+    """A stream that cannot seek (a pipe, a download) made to go back to its start once,
+    after its first bytes were read: what layer_compression needs to look at them. It has
+    no fileno(), so a program decompressing it is fed through a pipe."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.head = b""         # the bytes read before the rewind
+        self.pos = 0            # offset in head; None once past it for good
+        self.rewound = False
+
+    def seek(self, pos, whence=os.SEEK_SET):
+        if pos != 0 or whence != os.SEEK_SET or self.pos is None:
+            raise IOError(errno.ESPIPE, "cannot seek in a stream")
+        self.rewound = self.rewound or self.pos > 0
+        self.pos = 0
+        return 0
+
+    def read(self, size=-1):
+        if self.pos is None:
+            return self.stream.read(size)
+        if self.pos < len(self.head):
+            end = len(self.head) if size is None or size < 0 else self.pos + size
+            data = self.head[self.pos:end]
+            self.pos += len(data)
+            return data
+        data = self.stream.read(size)
+        if self.rewound:
+            self.pos = None
+        else:
+            self.head += data
+            self.pos += len(data)
+        return data
+
+
+class TeeReader(object):
+    """A stream whose every byte read is also given to sink(data): import stores and hashes
+    a tarball as it comes while the same bytes are decompressed. It has no fileno(), so a
+    program decompressing it is fed through a pipe (by read: sink still sees every byte)."""
+
+    def __init__(self, stream, sink):
+        self.stream, self.sink = stream, sink
+
+    def read(self, size=-1):
+        data = self.stream.read(size)
+        self.sink(data)
+        return data
+
+
+def _file_chunks(handle):
+    while True:
+        data = handle.read(IN_CHUNK)
+        if not data:
+            return
+        yield data
+
+
+def _zlib_ended(dec):
+    """True once a gzip member is complete (2.7's decompressobj has no eof: probe it)."""
+    ended = getattr(dec, "eof", None)
+    if ended is not None:
+        return ended
+    if dec.unused_data:
+        return True
+    try:
+        dec.decompress(b"\0")        # an ended stream keeps the byte as unused data
+    except zlib.error:
+        return False
+    return bool(dec.unused_data)
+
+
+def _decompress(dec, data, kind, label):
+    """dec.decompress(data, OUT_CHUNK); what a decompressor raises for bad data (zlib.error,
+    LZMAError, bz2's OSError without errno ...) raised as RepositoryError naming the layer.
+    Only here: an error of the stream being read (a download) stays what it is."""
+    try:
+        return dec.decompress(data, OUT_CHUNK)
+    except Exception as exc:
+        raise RepositoryError("layer %s: corrupt %s data (%s)" % (label, kind, exc))
+
+
+def _inflate_gzip(handle, label):
+    """Decompressed chunks of one or more concatenated gzip members."""
+    dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    for data in _file_chunks(handle):
+        while data:
+            out = _decompress(dec, data, "gzip", label)
+            if out:
+                yield out
+            data = dec.unconsumed_tail
+            if not data and dec.unused_data:        # a member ended; another may follow
+                data = dec.unused_data
+                if not data.strip(b"\0"):
+                    break                           # zero padding after the last member
+                dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    while True:                  # output still held back by the OUT_CHUNK limit
+        out = _decompress(dec, b"", "gzip", label)
+        if not out:
+            break
+        yield out
+    if not _zlib_ended(dec):
+        raise RepositoryError("layer %s: truncated gzip data" % label)
+
+
+def _inflate_buffered(handle, factory, kind, label):
+    """Decompressed chunks of concatenated bzip2/xz/zstd streams (Python 3 decompressors)."""
+    dec = factory()
+    for data in _file_chunks(handle):
+        while True:
+            if dec.eof:
+                data = dec.unused_data + data
+                if not data.strip(b"\0"):
+                    break
+                dec = factory()
+            out = _decompress(dec, data, kind, label)
+            data = b""
+            if out:
+                yield out
+            if not dec.eof and dec.needs_input:
+                break
+    if not dec.eof:
+        raise RepositoryError("layer %s: truncated %s data" % (label, kind))
+
+
+def _program_chunks(handle, program, kind, label):
+    """Decompressed chunks from `program -dc` reading the layer file on its stdin (fed by a
+    thread when the layer is a stream without a file descriptor)."""
+    fileno = getattr(handle, "fileno", None)
+    if fileno:
+        os.lseek(fileno(), 0, os.SEEK_SET)
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen([program, "-dc"], stdin=fileno() if fileno else subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=errors, close_fds=True)
+    if not fileno:
+        feeder = threading.Thread(target=_feed_program, args=(handle, proc.stdin))
+        feeder.daemon = True
+        feeder.start()
+    try:
+        while True:
+            data = proc.stdout.read(OUT_CHUNK)
+            if not data:
+                break
+            yield data
+        if proc.wait() != 0:
+            errors.seek(0)
+            lines = to_text(errors.read()).strip().splitlines() or ["exit status %d"
+                                                                   % proc.returncode]
+            raise RepositoryError("layer %s: %s -dc failed: %s" % (label, kind, lines[-1]))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        errors.close()
+
+
+def _feed_program(handle, pipe):
+    """Copy a stream to a program's stdin (which may stop reading early: EPIPE)."""
+    try:
+        for data in _file_chunks(handle):
+            pipe.write(data)
+    except (IOError, OSError):
+        pass
+    finally:
         try:
-            while data:
-                chunks.append(self.engine.decompress(data))
-                data = getattr(self.engine, "unused_data", b"")
-                if data and not data.strip(b"\0"):
-                    break                               # zero padding after the last member
-                if data:
-                    self.engine = self._new()           # the next gzip/bzip2 member
-        except self.errors as exc:
-            raise ArchiveError("%s: corrupt %s data (%s)" % (self.label, self.kind, exc))
-        return b"".join(chunks)
+            pipe.close()
+        except (IOError, OSError):
+            pass
+
+
+def _prefetch(chunks, depth=4):
+    """Chunks of a generator computed ahead in a thread: zlib and file reads release the
+    GIL, so decompression runs on another core while files are written."""
+    todo = queue.Queue(depth)
+    stop = []
+
+    def put(item):
+        while not stop:
+            try:
+                todo.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work():
+        try:
+            for chunk in chunks:
+                put((chunk, None))
+                if stop:
+                    return
+            put((None, None))
+        except BaseException:              # handed over to the reading thread
+            put((None, sys.exc_info()))
+
+    thread = threading.Thread(target=work)
+    thread.daemon = True
+    thread.start()
+    try:
+        while True:
+            chunk, failure = todo.get()
+            if chunk is None:
+                break
+            yield chunk
+        if failure is not None:
+            if PY3:
+                raise failure[1].with_traceback(failure[2])
+            raise failure[1]
+    finally:
+        stop.append(True)
+        while thread.is_alive():
+            try:
+                todo.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
+        chunks.close()
+
+
+def layer_chunks(handle, label, kind=None):
+    """Generator of the decompressed bytes of an open layer file or stream, whatever its
+    compression (kind: what layer_compression says, which seeks to look; given, the handle
+    is read from where it is).
+
+    Raises RepositoryError ("layer LABEL: ...") for truncated or corrupt compressed data, or
+    when neither Python nor a program on $PATH can decompress it.
+    """
+    kind = kind or layer_compression(handle)
+    if kind == "tar":
+        return _file_chunks(handle)
+    if kind == "gzip":
+        return _prefetch(_inflate_gzip(handle, label))
+    factory = buffered_decompressor(kind)
+    if factory is not None:
+        return _prefetch(_inflate_buffered(handle, factory, kind, label))
+    program = which(DECOMPRESS_PROGRAMS[kind])
+    if program:
+        return _prefetch(_program_chunks(handle, program, kind, label))
+    raise RepositoryError("layer %s is %s-compressed: this Python cannot decompress it and "
+                          "no %s program was found" % (label, kind, DECOMPRESS_PROGRAMS[kind]))
+
+
+def _tarball_errors(label, action, *args):
+    """action(*args), the errors worded for a layer ("layer LABEL: ...") raised as an
+    ArchiveError naming the tarball LABEL instead."""
+    try:
+        return action(*args)
+    except RepositoryError as exc:
+        text, prefix = str(exc), "layer %s: " % label
+        if text.startswith(prefix):
+            raise ArchiveError("%s: %s" % (label, text[len(prefix):]))
+        raise
 
 
 def uncompressed_digest(path):
     """sha256:HEX of a layer file's uncompressed content: its diff_id."""
     hasher = hashlib.sha256()
     with open(path, "rb") as handle:
-        data = handle.read(ARCHIVE_CHUNK)
-        kind = compression_of(data)
-        decompressor = Decompressor(kind, path) if kind else None
-        while data:
-            hasher.update(decompressor.feed(data) if decompressor else data)
-            data = handle.read(ARCHIVE_CHUNK)
+        for data in layer_chunks(handle, os.path.basename(path)):
+            hasher.update(data)
     return "sha256:" + hasher.hexdigest()
 
 
@@ -2985,19 +3334,16 @@ def load_archive(repo, source, rename=None):
     if rename:
         _parse_rename(rename)
     repo.check_writable()
-    staging = tempfile.mkdtemp(prefix=".load-", dir=repo.layersdir)
-    try:
+    with WorkDir(repo.layersdir, "load") as staging:
         if source == "-":
-            reader = ArchiveReader(staging, "standard input")
+            reader = ArchiveReader(staging.path, "standard input")
             reader.read(binary_stdin())
         else:
-            reader = ArchiveReader(staging, source)
+            reader = ArchiveReader(staging.path, source)
             with open(source, "rb") as handle:
                 reader.read(handle)
         targets = name_targets(find_images(reader), rename)
         return store_images(repo, targets, reader.label)
-    finally:
-        remove_tree(staging)
 
 
 # -- save: docker-save archives (classic layout, which docker, skopeo, podman and upstream
@@ -3175,31 +3521,33 @@ def spool_layer(stream, path, label):
     gzip and plain tars are stored as they come; bzip2 and xz are stored inflated (layer
     media types have no name for them); zstd is refused. path None: only hash (the
     stream must then be plain or gzip). Returns (blob digest, size, diff_id, compression).
+    Raises RepositoryError ("layer LABEL: ...") for corrupt compressed data.
     """
-    head = stream.read(ARCHIVE_CHUNK)
-    kind = compression_of(head)
+    source = Rewindable(stream)
+    kind = layer_compression(source)
     if kind == "zstd":
         raise ArchiveError("%s: zstd-compressed tarballs are not supported" % label)
-    inflate = Decompressor(kind, label) if kind else None
-    keep = kind in ("", "gzip")
-    blob, diff, size = hashlib.sha256(), hashlib.sha256(), 0
+    keep = kind in ("tar", "gzip")
+    blob, diff, size = hashlib.sha256(), hashlib.sha256(), [0]
     handle = open(path, "wb") if path else None
+
+    def store(data):
+        blob.update(data)
+        size[0] += len(data)
+        if handle:
+            handle.write(data)
+
     try:
-        data = head
-        while data:
-            plain = inflate.feed(data) if inflate else data
+        raw = TeeReader(source, store) if keep else source
+        for plain in layer_chunks(raw, label, kind):
             diff.update(plain)
-            stored = data if keep else plain
-            blob.update(stored)
-            size += len(stored)
-            if handle:
-                handle.write(stored)
-            data = stream.read(ARCHIVE_CHUNK)
+            if not keep:
+                store(plain)
     finally:
         if handle:
             handle.close()
-    return ("sha256:" + blob.hexdigest(), size, "sha256:" + diff.hexdigest(),
-            kind if keep else "")
+    return ("sha256:" + blob.hexdigest(), size[0], "sha256:" + diff.hexdigest(),
+            "gzip" if kind == "gzip" else "")
 
 
 def check_tarball(path, kind, label):
@@ -3263,19 +3611,21 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
     if os.path.exists(os.path.join(repo.tag_dir(name, tag), "PROTECT")):
         raise RepositoryError("image is protected: %s:%s" % (name, tag))
     local = source != "-" and not re.match(r"^https?://", source)
-    staging = tempfile.mkdtemp(prefix=".import-", dir=repo.layersdir)
-    try:
+    with WorkDir(repo.layersdir, "import") as work:
+        staging = work.path
         layer_path = os.path.join(staging, "layer")
         stream, client = _open_source(cfg, source)
         try:
             if move and local and compression_of(stream.read(8)) in ("", "gzip"):
                 stream.seek(0)
                 layer_path = source                     # hashed where it is, then renamed
-                digest, size, diff_id, kind = spool_layer(stream, None, source)
+                digest, size, diff_id, kind = _tarball_errors(source, spool_layer, stream,
+                                                              None, source)
             else:
                 if local:
                     stream.seek(0)
-                digest, size, diff_id, kind = spool_layer(stream, layer_path, source)
+                digest, size, diff_id, kind = _tarball_errors(source, spool_layer, stream,
+                                                              layer_path, source)
         except NETWORK_ERRORS as exc:
             if local or source == "-":
                 raise
@@ -3302,8 +3652,6 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
         if move and local and os.path.exists(source):
             os.unlink(source)
         return config_digest
-    finally:
-        remove_tree(staging)
 
 
 # ==== 8. Container creation ====
@@ -3341,247 +3689,12 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
 # and executables) and the umask applies; what the tar said (owner, group, full mode) is kept
 # in ID/.udocker-py/attrs where it differs from (0, 0, mode on disk), for export.
 
-DECOMPRESS_PROGRAMS = {"gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "zstd": "zstd"}
-IN_CHUNK = 1 << 18              # compressed bytes read at a time
-OUT_CHUNK = 1 << 20             # most decompressed bytes produced at a time (bounds memory)
 TAR_BLOCK = 512
 MAX_NAME, MAX_PATH = 255, 4095
 ATTRS_HEADER = b"# udocker.py attrs 1: UID GID MODE(octal) PATH (below ROOT)\n"
 
 # Index kinds; an index value is layer << 3 | kind (small ints: no allocation per entry).
 K_DIR, K_IMPLIED, K_FILE, K_SYMLINK, K_PENDING = 1, 2, 3, 4, 5
-
-
-def find_program(name):
-    """Full path of an executable found in $PATH, or None."""
-    for directory in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep):
-        path = os.path.join(directory or ".", name)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
-
-
-def layer_compression(handle):
-    """'gzip', 'bzip2', 'xz', 'zstd' or 'tar', from the magic bytes (never the name)."""
-    handle.seek(0)
-    head = handle.read(6)
-    handle.seek(0)
-    return compression_of(head) or "tar"
-
-
-class Rewindable(object):
-    """A stream that cannot seek (a pipe, a download) made to go back to its start once,
-    after its first bytes were read: what layer_compression needs to look at them. It has
-    no fileno(), so a program decompressing it is fed through a pipe."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.head = b""         # the bytes read before the rewind
-        self.pos = 0            # offset in head; None once past it for good
-        self.rewound = False
-
-    def seek(self, pos, whence=os.SEEK_SET):
-        if pos != 0 or whence != os.SEEK_SET or self.pos is None:
-            raise IOError(errno.ESPIPE, "cannot seek in a stream")
-        self.rewound = self.rewound or self.pos > 0
-        self.pos = 0
-        return 0
-
-    def read(self, size=-1):
-        if self.pos is None:
-            return self.stream.read(size)
-        if self.pos < len(self.head):
-            end = len(self.head) if size is None or size < 0 else self.pos + size
-            data = self.head[self.pos:end]
-            self.pos += len(data)
-            return data
-        data = self.stream.read(size)
-        if self.rewound:
-            self.pos = None
-        else:
-            self.head += data
-            self.pos += len(data)
-        return data
-
-
-def _file_chunks(handle):
-    while True:
-        data = handle.read(IN_CHUNK)
-        if not data:
-            return
-        yield data
-
-
-def _zlib_ended(dec):
-    """True once a gzip member is complete (2.7's decompressobj has no eof: probe it)."""
-    ended = getattr(dec, "eof", None)
-    if ended is not None:
-        return ended
-    if dec.unused_data:
-        return True
-    try:
-        dec.decompress(b"\0")        # an ended stream keeps the byte as unused data
-    except zlib.error:
-        return False
-    return bool(dec.unused_data)
-
-
-def _inflate_gzip(handle, label):
-    """Decompressed chunks of one or more concatenated gzip members."""
-    dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    for data in _file_chunks(handle):
-        while data:
-            out = dec.decompress(data, OUT_CHUNK)
-            if out:
-                yield out
-            data = dec.unconsumed_tail
-            if not data and dec.unused_data:        # a member ended; another may follow
-                data = dec.unused_data
-                if not data.strip(b"\0"):
-                    break                           # zero padding after the last member
-                dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    while True:                  # output still held back by the OUT_CHUNK limit
-        out = dec.decompress(b"", OUT_CHUNK)
-        if not out:
-            break
-        yield out
-    if not _zlib_ended(dec):
-        raise RepositoryError("layer %s: truncated gzip data" % label)
-
-
-def _inflate_buffered(handle, factory, kind, label):
-    """Decompressed chunks of concatenated bzip2/xz/zstd streams (Python 3 decompressors)."""
-    dec = factory()
-    for data in _file_chunks(handle):
-        while True:
-            if dec.eof:
-                data = dec.unused_data + data
-                if not data.strip(b"\0"):
-                    break
-                dec = factory()
-            out = dec.decompress(data, OUT_CHUNK)
-            data = b""
-            if out:
-                yield out
-            if not dec.eof and dec.needs_input:
-                break
-    if not dec.eof:
-        raise RepositoryError("layer %s: truncated %s data" % (label, kind))
-
-
-def _program_chunks(handle, program, kind, label):
-    """Decompressed chunks from `program -dc` reading the layer file on its stdin (fed by a
-    thread when the layer is a stream without a file descriptor)."""
-    fileno = getattr(handle, "fileno", None)
-    if fileno:
-        os.lseek(fileno(), 0, os.SEEK_SET)
-    errors = tempfile.TemporaryFile()
-    proc = subprocess.Popen([program, "-dc"], stdin=fileno() if fileno else subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=errors, close_fds=True)
-    if not fileno:
-        feeder = threading.Thread(target=_feed_program, args=(handle, proc.stdin))
-        feeder.daemon = True
-        feeder.start()
-    try:
-        while True:
-            data = proc.stdout.read(OUT_CHUNK)
-            if not data:
-                break
-            yield data
-        if proc.wait() != 0:
-            errors.seek(0)
-            lines = to_text(errors.read()).strip().splitlines() or ["exit status %d"
-                                                                   % proc.returncode]
-            raise RepositoryError("layer %s: %s -dc failed: %s" % (label, kind, lines[-1]))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        errors.close()
-
-
-def _feed_program(handle, pipe):
-    """Copy a stream to a program's stdin (which may stop reading early: EPIPE)."""
-    try:
-        for data in _file_chunks(handle):
-            pipe.write(data)
-    except (IOError, OSError):
-        pass
-    finally:
-        try:
-            pipe.close()
-        except (IOError, OSError):
-            pass
-
-
-def _prefetch(chunks, depth=4):
-    """Chunks of a generator computed ahead in a thread: zlib and file reads release the
-    GIL, so decompression runs on another core while files are written."""
-    todo = queue.Queue(depth)
-    stop = []
-
-    def put(item):
-        while not stop:
-            try:
-                todo.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def work():
-        try:
-            for chunk in chunks:
-                put((chunk, None))
-                if stop:
-                    return
-            put((None, None))
-        except BaseException:              # handed over to the reading thread
-            put((None, sys.exc_info()))
-
-    thread = threading.Thread(target=work)
-    thread.daemon = True
-    thread.start()
-    try:
-        while True:
-            chunk, failure = todo.get()
-            if chunk is None:
-                break
-            yield chunk
-        if failure is not None:
-            if PY3:
-                raise failure[1].with_traceback(failure[2])
-            raise failure[1]
-    finally:
-        stop.append(True)
-        while thread.is_alive():
-            try:
-                todo.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        thread.join()
-        chunks.close()
-
-
-def layer_chunks(handle, label):
-    """Generator of the decompressed bytes of an open layer file, whatever its compression.
-
-    Raises RepositoryError (naming the layer) for truncated or corrupt compressed data, or
-    when neither Python nor a program on $PATH can decompress it.
-    """
-    kind = layer_compression(handle)
-    if kind == "tar":
-        return _file_chunks(handle)
-    if kind == "gzip":
-        return _prefetch(_inflate_gzip(handle, label))
-    factory = buffered_decompressor(kind)
-    if factory is not None:
-        return _prefetch(_inflate_buffered(handle, factory, kind, label))
-    program = find_program(DECOMPRESS_PROGRAMS[kind])
-    if program:
-        return _prefetch(_program_chunks(handle, program, kind, label))
-    raise RepositoryError("layer %s is %s-compressed: this Python cannot decompress it and "
-                          "no %s program was found" % (label, kind, DECOMPRESS_PROGRAMS[kind]))
 
 
 def _octal(field):
@@ -3681,12 +3794,6 @@ class LayerStream(object):
             chunk = next(self._chunks)
         except StopIteration:
             return False
-        except UdockerError:
-            raise
-        except Exception as exc:              # zlib.error, LZMAError, OSError from bz2 ...
-            if isinstance(exc, EnvironmentError) and exc.errno:
-                raise
-            raise RepositoryError("layer %s: corrupt compressed data (%s)" % (self.label, exc))
         self._tail = (self._tail + self._buf)[-TAR_BLOCK:]
         self._off += len(self._buf)
         self._buf = chunk
@@ -4302,25 +4409,26 @@ def open_layers(repo, image):
 def remove_container(store, id_or_name, quiet=False):
     """Delete a container and its names; refuses protected ones.
 
-    Under the container's lock the directory is first renamed to a hidden trash name (one
-    atomic step: other commands see the container or nothing), then deleted.
+    Under the container's lock the directory is first renamed to a work directory (one
+    atomic step: other commands see the container or nothing), then deleted; what a kill
+    leaves of it is swept.
     """
     cid = store.get(id_or_name)
-    with store.lock(cid):
-        if not os.path.isdir(store.path(cid)):
-            raise RepositoryError("container not found: %s" % id_or_name)
-        if store.is_protected(cid):
-            raise RepositoryError("container is protected: %s" % id_or_name)
-        if not quiet:
-            MSG.info("deleting container: %s" % cid)
-        trash = os.path.join(store.dir, ".trash-%s-%d" % (cid, os.getpid()))
-        os.rename(store.path(cid), trash)
-        store.remove_names_of(cid)
-    try:
-        remove_tree(trash)
-    except OSError as exc:
-        raise RepositoryError("container %s removed, but its files could not all be "
-                              "deleted (%s): %s" % (cid, exc.strerror or exc, trash))
+    with WorkDir(store.dir, "trash-" + cid, make=False) as trash:
+        with store.lock(cid):
+            if not os.path.isdir(store.path(cid)):
+                raise RepositoryError("container not found: %s" % id_or_name)
+            if store.is_protected(cid):
+                raise RepositoryError("container is protected: %s" % id_or_name)
+            if not quiet:
+                MSG.info("deleting container: %s" % cid)
+            os.rename(store.path(cid), trash.path)
+            store.remove_names_of(cid)
+        try:
+            trash.close()
+        except OSError as exc:
+            raise RepositoryError("container %s removed, but its files could not all be "
+                                  "deleted (%s): %s" % (cid, exc.strerror or exc, trash.path))
     return cid
 
 
@@ -4342,18 +4450,15 @@ def name_new_container(store, cid, name, force=False):
             raise
 
 
-def build_container(store, prefix, make):
+def build_container(store, kind, make):
     """A new container made by make(directory), which fills the directory and returns the
-    container's id. The directory is a hidden one of containers/, renamed into place only
-    when complete, so a failure (or a kill) never leaves a half container under an id."""
-    build = tempfile.mkdtemp(prefix=prefix, dir=store.dir)
-    try:
-        cid = make(build)
-        os.chmod(build, 0o755 & ~current_umask() | 0o700)
-        os.rename(build, store.path(cid))
-    except BaseException:
-        remove_tree(build)
-        raise
+    container's id. The directory is a work directory of containers/ (WorkDir: KIND),
+    renamed into place only when complete, so a failure never leaves a half container under
+    an id, and a kill leaves one that the next sweep removes."""
+    with WorkDir(store.dir, kind) as work:
+        cid = make(work.path)
+        os.chmod(work.path, 0o755 & ~current_umask() | 0o700)
+        os.rename(work.path, store.path(cid))
     return cid
 
 
@@ -4396,7 +4501,7 @@ def create_container(store, image, name=None, force=False):
         return cid
 
     try:
-        build_container(store, ".create-", make)
+        build_container(store, "create", make)
     finally:
         for handle, _ in handles:
             handle.close()
@@ -4474,13 +4579,12 @@ def container_execmode(store, cid, cfg):
 def clone_container(store, id_or_name, name=None):
     """Copy a container to a new id (and name); returns the new id.
 
-    The copy is made in a hidden directory while the source is locked, then renamed into
-    place: an rm of the source waits, and nobody sees a half clone.
+    The copy is made in a work directory (WorkDir) while the source is locked, then renamed
+    into place: an rm of the source waits, and nobody sees a half clone.
     """
     check_new_name(store, name)
     cid = store.get(id_or_name)
-    build = os.path.join(store.dir, ".clone-%s-%d" % (cid, os.getpid()))
-    with store.lock(cid):
+    with WorkDir(store.dir, "clone-" + cid, make=False) as build, store.lock(cid):
         if not os.path.isdir(store.path(cid)):
             raise RepositoryError("container not found: %s" % id_or_name)
         image = ""
@@ -4489,12 +4593,8 @@ def clone_container(store, id_or_name, name=None):
         except (IOError, OSError):
             pass
         new = store.new_id(image.partition(":")[0] or cid)
-        try:
-            copy_tree(store.path(cid), build)
-            os.rename(build, store.path(new))
-        except BaseException:
-            remove_tree(build)
-            raise
+        copy_tree(store.path(cid), build.path)
+        os.rename(build.path, store.path(new))
     name_new_container(store, new, name)
     note_moved_mode(store, new)
     return new
@@ -4533,17 +4633,6 @@ class CloneFlattener(Flattener):
 
     def _record(self, path, member):
         pass
-
-
-def _tarball_errors(label, action, *args):
-    """action(*args), the errors the flattener words for a layer naming the tarball."""
-    try:
-        return action(*args)
-    except RepositoryError as exc:
-        text, prefix = str(exc), "layer %s: " % label
-        if text.startswith(prefix):
-            raise ArchiveError("%s: %s" % (label, text[len(prefix):]))
-        raise
 
 
 def _drop_metadata_links(cdir):
@@ -4619,7 +4708,7 @@ def import_container(store, cfg, source, name=None, image=None, platform=None):
         return store.new_id(made.partition(":")[0])
 
     try:
-        cid = build_container(store, ".import-", make)
+        cid = build_container(store, "import", make)
     finally:
         close_source(stream, client)
     name_new_container(store, cid, name)
@@ -4878,26 +4967,6 @@ def json_text(value):
         return "%d" % value                           # int (and Python 2's long)
     text = to_text(value)
     return '"%s"' % "".join(JSON_ESCAPES.get(c, c) for c in text)
-
-
-def random_hex(count):
-    """count random bytes as hex text (the uuid module costs ~2 ms to import)."""
-    return "".join("%02x" % b for b in bytearray(os.urandom(count)))
-
-
-def which(name, path=None):
-    """The first executable called name in path (default $PATH), or None."""
-    if "/" in name:
-        return name if is_executable(name) else None
-    for directory in (path if path is not None else os.environ.get("PATH", "")).split(":"):
-        candidate = os.path.join(directory or ".", name)
-        if is_executable(candidate):
-            return candidate
-    return None
-
-
-def is_executable(path):
-    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def _native(value):
@@ -7263,12 +7332,9 @@ class ToolsInstaller(object):
                 MSG.info("tools already installed: version %s" % self.installed_version())
                 return True
             makedirs(self.cfg.topdir)
-            staging = tempfile.mkdtemp(prefix=".install-", dir=self.cfg.topdir)
-            try:
-                version, source = self._fetch_any(staging)
-                self._commit(os.path.join(staging, "tree"), purge)
-            finally:
-                remove_tree(staging)
+            with WorkDir(self.cfg.topdir, "install") as staging:
+                version, source = self._fetch_any(staging.path)
+                self._commit(os.path.join(staging.path, "tree"), purge)
         MSG.info("tools installed: version %s from %s" % (version, source))
         return True
 

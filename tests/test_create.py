@@ -27,7 +27,7 @@ PY3 = sys.version_info[0] >= 3
 
 
 def have(program):
-    return udocker.find_program(program) is not None
+    return udocker.which(program) is not None
 
 
 # -- building layers

@@ -503,6 +503,39 @@ def test_import_plain_and_gzip(udocker, tmpdir):
         assert verifies(udocker, "imp:" + tag)
 
 
+@pytest.mark.parametrize("kind", ["bzip2", "xz"])
+def test_import_bzip2_and_xz_are_stored_inflated(udocker, tmpdir, kind):
+    """Decompressed by the decompressor create uses (under 2.7 by the bzip2/xz program),
+    from a file and from a pipe."""
+    if kind == "xz" and sys.version_info[0] < 3 and not which("xz"):
+        pytest.skip("no xz program (Python 2.7 has no lzma)")
+    rootfs = layer("inflated")
+    data = compress(rootfs.tar, kind)
+    tmpdir.join("r").write_binary(data)
+    for tag, args, data_in in (("file", [str(tmpdir.join("r"))], None), ("pipe", ["-"], data)):
+        ok(udocker, "import", *(args + ["imp:" + tag]), input=data_in)
+        assert stored_layers(udocker, "imp:" + tag) == [rootfs.diff_id]
+        config = json.loads(to_text(stored_config(udocker, "imp:" + tag)))
+        assert config["rootfs"]["diff_ids"] == [rootfs.diff_id]
+        assert stored_manifest(udocker, "imp:" + tag)["layers"][0]["mediaType"] == \
+            "application/vnd.oci.image.layer.v1.tar"
+        assert verifies(udocker, "imp:" + tag)
+
+
+def test_import_truncated_or_corrupt_gzip_names_the_tarball(udocker, tmpdir):
+    data = compress(layer("cut").tar + b"\0" * 4096, "gzip")
+    for how, bad, needle in (("truncated", data[:len(data) // 2], "truncated gzip data"),
+                             ("corrupt", data[:40] + b"\xff" * 64 + data[104:],
+                              "corrupt gzip data")):
+        path = str(tmpdir.join(how + ".tar.gz"))
+        with open(path, "wb") as handle:
+            handle.write(bad)
+        for args, data_in, label in (([path], None, path), (["-"], bad, "-")):
+            line = one_error_line(udocker("import", *(args + ["cut:1"]), input=data_in))
+            assert line.startswith("Error: %s: " % label) and needle in line, line
+    assert images(udocker) == [] and layer_files(udocker) == []
+
+
 def test_import_mv_stdin_platform_and_replace(udocker, tmpdir):
     path = tmpdir.join("m.tar.gz")
     path.write_binary(layer("moved", "gzip").data)
