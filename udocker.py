@@ -3,7 +3,7 @@
 # ./udocker.py starts here as a shell script that runs Python on this file as an imported
 # module, so its bytecode is cached (__pycache__, or ~/.cache/udocker.py where this directory
 # is not writable) instead of recompiled at every start. To Python the line is a string.
-''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c 'import sys,os;sys.dont_write_bytecode=False;p=os.path.abspath(sys.argv.pop(1));d=os.path.dirname(p);getattr(sys,"pycache_prefix",0) is None and not os.access(d,os.W_OK) and setattr(sys,"pycache_prefix",os.path.expanduser("~/.cache/udocker.py"));sys.path.insert(0,d);n=os.path.basename(p);sys.exit(__import__(n[:-3]).main() if n.endswith(".py") else __import__("runpy").run_path(p,run_name="__main__"))' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''
+''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c 'import sys,os;sys.dont_write_bytecode=False;p=os.path.abspath(sys.argv.pop(1));d=os.path.dirname(p);getattr(sys,"pycache_prefix",0) is None and not os.access(d,os.W_OK) and setattr(sys,"pycache_prefix",os.path.expanduser("~/.cache/udocker.py"));sys.path.insert(0,d);n=os.path.basename(p);m=n.endswith(".py") and __import__(n[:-3]);m.exit_now(m.main()) if m else __import__("runpy").run_path(p,run_name="__main__")' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''
 # udocker.py: pull Docker/OCI images and run them as an ordinary user.
 #
 # One file, standard library only, Python 2.7 and 3.6+. A drop-in for udocker 1.3:
@@ -5654,7 +5654,7 @@ class Engine(object):
         self.prepare()
         if self.cannot_start is not None:
             raise self.cannot_start
-        watchdog = None
+        supervisor = Supervisor(self)
         try:
             argv, env, cwd = self.command()
             prefix = self.affinity(env)
@@ -5662,12 +5662,11 @@ class Engine(object):
                 argv, self.executable = [self.executable] + argv[1:], None
             self.banner()
             MSG.debug("engine command: %s" % (prefix + argv))
-            watchdog = self.watchdog()
-            return Supervisor(self, watchdog).run(prefix + argv, env, cwd)
+            return supervisor.run(prefix + argv, env, cwd)
         finally:
             self.cleanup()
-            if watchdog is not None:
-                watchdog.release()
+            if supervisor.watchdog is not None:
+                supervisor.watchdog.release()
 
     def prepare(self):
         if self.unavailable:
@@ -6140,13 +6139,14 @@ class Watchdog(object):
         os.close(read_fd)
 
     def release(self):
-        """udocker.py is done with the container: the watchdog exits without working."""
+        """udocker.py is done with the container: the watchdog exits without working. It
+        is not waited for (~1 ms): udocker.py exits next, and whoever reaps it reaps this."""
         if self.write_fd is not None:
             os.write(self.write_fd, b"x")
             os.close(self.write_fd)
             self.write_fd = None
             try:
-                os.waitpid(self.pid, 0)
+                os.waitpid(self.pid, os.WNOHANG)
             except OSError:
                 pass
 
@@ -6157,9 +6157,9 @@ class Supervisor(object):
     exits every process the container left behind (reparented to us: we are a child
     subreaper) killed. run() returns the exit status (128+N when killed by signal N)."""
 
-    def __init__(self, engine, watchdog=None):
+    def __init__(self, engine):
         self.engine = engine
-        self.watchdog = watchdog
+        self.watchdog = None
         self.pid = None
         self.pending = []
 
@@ -6175,6 +6175,10 @@ class Supervisor(object):
             self.pid = _spawn(argv, env, cwd, self.engine.executable,
                               lambda: _engine_child_setup(prctl, self.engine.death_signal,
                                                           self.engine.passed_fds))
+            # forked while the engine starts, not before (a fork costs ~1-3 ms): should
+            # udocker.py die before this, the engine dies too (PDEATHSIG), well before it
+            # has made a container that could outlive it
+            self.watchdog = self.engine.watchdog()
             for signum in self.pending:
                 self.engine.forward_signal(self.pid, signum)
             status = _wait_status(self.pid)
@@ -8837,5 +8841,17 @@ def main(argv=None, environ=None):
         return 1
 
 
+def exit_now(code):
+    """Exit with code, skipping the interpreter's tear-down (freeing every module and
+    object: a few ms at the end of every command); our files are closed by then, and only
+    the standard streams need flushing."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (IOError, OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
