@@ -7245,7 +7245,7 @@ TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
     # other sum is given
     "udocker-tools-2.0.0.tar.gz":
-        "f0c3446f7211e070574cb8284caf52bde5d8e79dc01a8d254feb39d2b9938513",
+        "efbd82494b0deac791ed9326c09f0eb06eaa59416d223b5545dc83287da25801",
 }
 TOOLS_PARTS = ("bin", "lib", "doc")
 SHA256_RE = LazyRegex(r"\b([a-fA-F0-9]{64})\b")

@@ -204,6 +204,23 @@ def test_syscall_heavy_walk_of_usr(world, mode):
         assert owner == "root"                     # files the user owns look root-owned
 
 
+@pytest.mark.parametrize("mode", ["P1", "F1", "F3"])
+def test_paths_under_directory_fds_stay_in_the_container(world, mode):
+    """Programs walking trees (find, fts) use *at() calls relative to directory fds, which
+    our libfakechroot passes to the kernel as they are when the name is one component:
+    symlinks made in the container (absolute and relative) must still lead inside it, and
+    `..` from the root must stay at the root. P1 is the reference."""
+    script = ("mkdir -p /tmp/at/d && echo inside > /tmp/at/d/f && ln -s /tmp/at/d /tmp/at/abs"
+              " && ln -s d /tmp/at/rel && find -L /tmp/at -type f | sort && cat /tmp/at/abs/f"
+              " && readlink /tmp/at/abs && cd /tmp/at && find . -name f && cd / &&"
+              " find .. -maxdepth 1 -name tmp && find -L /tmp/at/abs/.. -maxdepth 1 -name d;"
+              " status=$?; rm -r /tmp/at; exit $status")
+    rc, out, err = world.run(mode, ["sh", "-c", script])
+    assert rc == 0, err
+    assert out.split() == ["/tmp/at/abs/f", "/tmp/at/d/f", "/tmp/at/rel/f", "inside",
+                           "/tmp/at/d", "./d/f", "../tmp", "/tmp/at/abs/../d"]
+
+
 SIGNAL_CASES = [(mode, "TERM", "shell") for mode in sorted(MODES)] + \
     [(mode, sig, form) for mode in ("P1", "R1", "R1-crun", "F1")
      for sig, form in (("INT", "shell"), ("HUP", "shell"), ("TERM", "direct"))]
