@@ -4966,7 +4966,9 @@ def json_text(value):
     if not isinstance(value, string_types + (bytes,)):
         return "%d" % value                           # int (and Python 2's long)
     text = to_text(value)
-    return '"%s"' % "".join(JSON_ESCAPES.get(c, c) for c in text)
+    if text and (min(text) < " " or '"' in text or "\\" in text):   # rare: char by char
+        text = "".join(JSON_ESCAPES.get(c, c) for c in text)
+    return '"%s"' % text
 
 
 def _native(value):
