@@ -28,9 +28,9 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 TARBALL = os.environ.get("UDOCKER_TEST_TARBALL", "")
 # mode name in the tests -> (execmode, extra environment)
 MODES = {"P1": ("P1", {}), "P2": ("P2", {}), "R1": ("R1", {}),
-         "R1-crun": ("R1", {"UDOCKER_USE_RUNC_EXECUTABLE": "crun"}),
+         "R1-runc": ("R1", {"UDOCKER_USE_RUNC_EXECUTABLE": "runc"}),
          "R2": ("R2", {}), "R3": ("R3", {}), "F1": ("F1", {}), "F3": ("F3", {})}
-STATIC_MODES = ["P1", "P2", "R1", "R1-crun", "R2", "R3"]     # fakechroot cannot run static
+STATIC_MODES = ["P1", "P2", "R1", "R1-runc", "R2", "R3"]     # fakechroot cannot run static
 
 
 def _why_not():
@@ -222,7 +222,7 @@ def test_paths_under_directory_fds_stay_in_the_container(world, mode):
 
 
 SIGNAL_CASES = [(mode, "TERM", "shell") for mode in sorted(MODES)] + \
-    [(mode, sig, form) for mode in ("P1", "R1", "R1-crun", "F1")
+    [(mode, sig, form) for mode in ("P1", "R1", "R1-runc", "F1")
      for sig, form in (("INT", "shell"), ("HUP", "shell"), ("TERM", "direct"))]
 
 
@@ -492,7 +492,7 @@ def test_publish_maps_a_port_in_p1(world):
     assert proc.returncode == 0, err
 
 
-@pytest.mark.parametrize("mode", ["R1", "R1-crun", "R2"])
+@pytest.mark.parametrize("mode", ["R1", "R1-runc", "R2"])
 def test_hostname_in_r_modes(world, mode):
     rc, out, err = world.run(mode, ["uname", "-n"], ["--hostname=box.example"])
     assert (rc, out) == (0, "box.example\n"), err
@@ -517,7 +517,7 @@ def test_cosmetic_options_a_mode_cannot_honour_warn(world, mode, options):
         len([o for o in options if o.startswith("--hostname") or o == "-k"]), err
 
 
-@pytest.mark.parametrize("mode", ["P1", "R1", "R1-crun", "R2"])
+@pytest.mark.parametrize("mode", ["P1", "R1", "R1-runc", "R2"])
 def test_device_at_another_path(world, mode):
     rc, out, err = world.run(mode, ["sh", "-c", "test -c /dev/myfull && echo ok; "
                                     "echo x > /dev/myfull || echo full"],
@@ -730,7 +730,7 @@ def test_fallback_reaches_f3_for_glibc_and_stops_for_static_trees(world):
                                                                        USERNS_ERROR)), err
 
 
-@pytest.mark.parametrize("mode", ["P1", "R1", "R1-crun", "F3"])
+@pytest.mark.parametrize("mode", ["P1", "R1", "R1-runc", "F3"])
 def test_inherited_fds_reach_the_container_as_mpi_launchers_need(world, mode):
     """MPICH's PMI_FD (and a shell's 3<file): fd numbers above 2 pass through (runc and
     crun get --preserve-fds), holes below them do not stop the run."""

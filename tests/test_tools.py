@@ -407,6 +407,30 @@ def test_missing_configured_executable_is_one_clear_error(tmpdir):
     assert "UDOCKER_USE_RUNC_EXECUTABLE" in str(info.value)
 
 
+def fake_runtime(directory, name, starts):
+    """bin/NAME-x86_64 answering --version like runc/crun; `run` succeeds only if starts."""
+    directory.ensure(dir=True)
+    path = directory.join("%s-x86_64" % name)
+    path.write("#!/bin/sh\nfor a in \"$@\"; do\n  case \"$a\" in\n"
+               "    --version) echo '%s version 1.0'; exit 0;;\n"
+               "    run) %s;;\n  esac\ndone\nexit 0\n"
+               % (name, "exit 0" if starts else "echo 'error: cannot start here' >&2; exit 1"))
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize("crun_starts", [True, False])
+def test_r_modes_take_crun_first_and_runc_when_crun_cannot_start(tmpdir, crun_starts):
+    bindir = tmpdir.join("ud", "bin")
+    crun = fake_runtime(bindir, "crun", crun_starts)
+    runc = fake_runtime(bindir, "runc", True)
+    tools = tools_for(tmpdir, UDOCKER_TARBALL="", TMPDIR=str(tmpdir))
+    path, info = tools.runc()
+    assert (path, info["flavour"]) == ((crun, "crun") if crun_starts else (runc, "runc"))
+    named = tools_for(tmpdir, UDOCKER_TARBALL="", UDOCKER_USE_RUNC_EXECUTABLE="runc")
+    assert named.runc()[0] == runc                      # a named runtime is used as named
+
+
 def test_fakechroot_library_by_glibc_generation(tmpdir):
     tools = tools_for(tmpdir, UDOCKER_TARBALL="")
     lib = tmpdir.join("ud", "lib")
