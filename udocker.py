@@ -225,6 +225,12 @@ class UsageError(UdockerError):
     """Bad command line: unknown command or option, missing or malformed argument."""
 
 
+class OutputClosed(UdockerError):
+    """Whoever reads our stdout has gone (`udocker.py images | head -1`): no message, and
+    status 141, as if SIGPIPE had ended us as it ends other Unix tools."""
+    exit_code = 141
+
+
 class ConfigurationError(UdockerError):
     """A configuration file or value that cannot be used."""
 
@@ -286,7 +292,12 @@ MSG = Messages()        # the one message printer; main() sets its level from th
 
 def out(text=""):
     """Print command output (the data a script reads) to stdout."""
-    sys.stdout.write(text + "\n")
+    try:
+        sys.stdout.write(text + "\n")
+    except EnvironmentError as exc:
+        if exc.errno == errno.EPIPE:
+            raise OutputClosed("stdout closed")
+        raise
 
 
 # ==== 3. Configuration ====
@@ -8839,6 +8850,8 @@ def main(argv=None, environ=None):
         if command.needs_repo:
             session.repo.ensure(must_exist=bool(general["repo"]))
         return command.func(session, opts, args)
+    except OutputClosed as exc:
+        return exc.exit_code
     except UdockerError as exc:
         if debug:
             import traceback
@@ -8871,8 +8884,9 @@ def exit_now(code):
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (IOError, OSError, ValueError):
-            pass
+        except (IOError, OSError, ValueError) as exc:
+            if stream is sys.stdout and getattr(exc, "errno", None) == errno.EPIPE:
+                code = code or OutputClosed.exit_code
     os._exit(code)
 
 

@@ -192,3 +192,18 @@ def test_an_internal_error_is_one_line(monkeypatch, capsys, tmpdir):
     assert len(errors) == 1 and errors[0].startswith("Error: internal error: KeyError")
     assert udocker.main(["--allow-root", "-D", "images"], env) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("launcher", ["python", "sh"])
+def test_closed_stdout_ends_quietly_with_sigpipe_status(tmpdir, launcher):
+    """`udocker.py images | head -1` with a reader gone: no "Error: Broken pipe", status
+    141 as for a tool ended by SIGPIPE (the launcher's os._exit path too)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    argv = ([sys.executable, SCRIPT] if launcher == "python" else [SCRIPT]) + ["help"]
+    env = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
+               UDOCKER_NOSYSCONF="1")
+    proc = subprocess.Popen(argv, stdout=write_end, stderr=subprocess.PIPE, env=env)
+    os.close(write_end)
+    err = proc.communicate()[1]
+    assert proc.returncode == 141 and err == b"", err
