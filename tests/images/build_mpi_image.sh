@@ -51,25 +51,10 @@ die() { say "error: $*"; exit 1; }
 [[ $(id -u) == 0 ]] || die "run as root (debootstrap and chroot need it)"
 command -v debootstrap >/dev/null || die "debootstrap not found: apt-get install debootstrap"
 
-detect_mirror() {
-    local m=""
-    if [[ -r /etc/apt/sources.list.d/debian.sources ]]; then
-        m=$(awk 'BEGIN { RS = ""; IGNORECASE = 1 }
-                 { types = ""; uris = ""
-                   n = split($0, l, "\n")
-                   for (i = 1; i <= n; i++) {
-                     if (l[i] ~ /^Types:/) types = l[i]
-                     if (l[i] ~ /^URIs:/) { sub(/^URIs:[ \t]*/, "", l[i]); split(l[i], u, /[ \t]+/); uris = u[1] }
-                   }
-                   if (types ~ /[ \t]deb([ \t]|$)/ && uris != "" && uris !~ /security/) { print uris; exit } }' \
-                /etc/apt/sources.list.d/debian.sources)
-    fi
-    if [[ -z $m && -r /etc/apt/sources.list ]]; then
-        m=$(sed -n -E 's/^[ \t]*deb[ \t]+(\[[^]]*\][ \t]+)?([^ \t]+)[ \t].*/\2/p' /etc/apt/sources.list |
-            grep -v security | head -n 1 || true)
-    fi
-    printf '%s\n' "${m%/}"
-}
+# detect_mirror: the one in tools/build_tarball.sh (that script ships inside the tools
+# tarball and stays self-contained, so the function is read from it rather than shared)
+eval "$(sed -n '/^detect_mirror() {$/,/^}$/p' "$here/../../tools/build_tarball.sh")"
+declare -F detect_mirror >/dev/null || die "no detect_mirror() in tools/build_tarball.sh"
 
 stamp=$(cat "$0" "$here/mpi_hello.c" | sha256sum | cut -c1-16)
 

@@ -20,8 +20,11 @@ This file holds the few Python 2/3 differences and the shared paths.
 from __future__ import print_function, absolute_import, division
 
 import os
+import signal
 import socket
+import subprocess
 import sys
+import threading
 
 # ---------------------------------------------------------------------------
 # compat
@@ -111,3 +114,28 @@ def which(name):
         if directory and os.path.isfile(path) and os.access(path, os.X_OK):
             return path
     return None
+
+
+def run_in_session(argv, data=b"", timeout=300, env=None, cwd=None):
+    """Run argv in its own session, data on stdin; (exit code, stdout bytes, stderr bytes,
+    expired). After timeout seconds the whole session is killed and expired is True."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=cwd, close_fds=True,
+                            preexec_fn=os.setsid)
+    expired = []
+
+    def kill():
+        expired.append(True)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    timer = threading.Timer(timeout, kill)
+    timer.daemon = True
+    timer.start()
+    try:
+        out, err = proc.communicate(data)
+    finally:
+        timer.cancel()
+    return proc.returncode, out, err, bool(expired)

@@ -20,13 +20,10 @@ and UdockerTimeout (an AssertionError) is raised.
 from __future__ import print_function, absolute_import, division
 
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 
-from . import UDOCKER_SCRIPT, to_bytes, to_text
+from . import UDOCKER_SCRIPT, run_in_session, to_bytes, to_text
 
 DEFAULT_TIMEOUT = 300
 
@@ -116,29 +113,10 @@ class Udocker(object):
         timeout = kwargs.get("timeout") or DEFAULT_TIMEOUT
         data = kwargs.get("input")
         start = time.time()
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=self.environ(kwargs.get("env")),
-            cwd=kwargs.get("cwd") or self.tmpdir, close_fds=True,
-            preexec_fn=os.setsid)
-        expired = []
-
-        def kill():
-            expired.append(True)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-        timer = threading.Timer(timeout, kill)
-        timer.daemon = True
-        timer.start()
-        try:
-            out, err = proc.communicate(to_bytes(data) if data is not None
-                                        else b"")
-        finally:
-            timer.cancel()
-        result = Result(argv, proc.returncode,
+        rc, out, err, expired = run_in_session(
+            argv, to_bytes(data) if data is not None else b"", timeout,
+            self.environ(kwargs.get("env")), kwargs.get("cwd") or self.tmpdir)
+        result = Result(argv, rc,
                         to_text(out, errors="replace"),
                         to_text(err, errors="replace"), time.time() - start)
         if expired:

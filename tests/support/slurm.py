@@ -86,15 +86,12 @@ from __future__ import print_function, absolute_import, division
 import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-from . import LOOPBACK, SupportError, free_port, to_text, which
+from . import LOOPBACK, SupportError, free_port, run_in_session, to_text, which
 from .procs import Process
 
 MARKER_VAR = "UDOCKER_TEST_SLURM"
@@ -243,31 +240,13 @@ while True:
 def run_command(argv, env=None, cwd=None, timeout=120, input=None):
     """Run argv in its own session; return (rc, out, err) as text. On
     timeout the whole session is killed and SupportError is raised."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, cwd=cwd,
-                            close_fds=True, preexec_fn=os.setsid)
-    expired = []
-
-    def kill():
-        expired.append(True)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-    timer = threading.Timer(timeout, kill)
-    timer.daemon = True
-    timer.start()
-    try:
-        out, err = proc.communicate(input)
-    finally:
-        timer.cancel()
+    rc, out, err, expired = run_in_session(argv, input, timeout, env, cwd)
     out, err = to_text(out, errors="replace"), to_text(err, errors="replace")
     if expired:
         raise SupportError("%s: timed out after %s s\n%s%s"
                            % (" ".join(argv), timeout, out[-2000:],
                               err[-2000:]))
-    return proc.returncode, out, err
+    return rc, out, err
 
 
 def _proc_stat(pid):
