@@ -7258,7 +7258,7 @@ TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
     # other sum is given
     "udocker-tools-2.0.0.tar.gz":
-        "efbd82494b0deac791ed9326c09f0eb06eaa59416d223b5545dc83287da25801",
+        "7e6268b16736bd560bcef963286cc684f91d7dffaffc61c030f614369752f864",
 }
 TOOLS_PARTS = ("bin", "lib", "doc")
 SHA256_RE = LazyRegex(r"\b([a-fA-F0-9]{64})\b")

@@ -333,11 +333,11 @@ apt_index() {
 fetch_source() {
     local spec=$1 name=$2 uris files f
     apt_index
-    uris=$(apt-get "${APT_PRIV[@]}" source --print-uris "$spec")
+    uris=$(apt-get "${APT_PRIV[@]}" source --only-source --print-uris "$spec")
     files=$(awk '/^'\''/ { print $2 }' <<<"$uris")
     [[ -n $files ]] || die "apt-get source --print-uris $spec listed no files"
     cd "$SRC"
-    apt-get "${APT_PRIV[@]}" source --download-only "$spec" ||
+    apt-get "${APT_PRIV[@]}" source --only-source --download-only "$spec" ||
         echo "(apt-get source returned non-zero; the mirror may lack some files; checking tarballs)"
     grep -E '\.orig\.tar\.[gx]z$' <<<"$files" >/dev/null || die "$spec: no orig tarball in the source package"
     : >"$SRC/$name.files.tmp"
