@@ -33,7 +33,8 @@ for _path in (TESTS_DIR, os.path.dirname(TESTS_DIR)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from support import REPO_ROOT, UDOCKER_SCRIPT, SupportError  # noqa: E402
+from support import (REPO_ROOT, UDOCKER_SCRIPT, UPSTREAM_UDOCKER, SupportError,  # noqa: E402
+                     required_file)
 from support.faultproxy import FaultProxy  # noqa: E402
 from support.images import push_standard_images, standard_images  # noqa
 from support.registry import start_registry  # noqa: E402
@@ -151,3 +152,10 @@ def slurm(tmp_path_factory):
         pytest.fail(error, pytrace=False)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def upstream_udocker():
+    """udocker 1.3.17's command (skipped where UDOCKER_TEST_UPSTREAM is not set and it is
+    not installed; where the variable is set, as in CI, its absence fails the test)."""
+    return required_file("UDOCKER_TEST_UPSTREAM", UPSTREAM_UDOCKER)

@@ -23,13 +23,11 @@ import udocker
 from test_create import (Image, busybox_layer, compress, d, entry, env, f, hard,  # noqa
                          hardlink_layers, have, hostile_images, odd_layers, sym, tar_bytes,
                          tree, whiteout_layers)
+from support import UPSTREAM_UDOCKER, one_error_line
 from test_run import world  # noqa: F401  (module fixture: the tools installed once)
 
-UPSTREAM = ([p for p in (os.environ.get("UDOCKER_TEST_UPSTREAM"),
-                         "/opt/udocker-1.3.17/bin/udocker") if p and os.access(p, os.X_OK)]
-            or [""])[0]
-needs_upstream = pytest.mark.skipif(not UPSTREAM, reason="udocker 1.3.17 not installed "
-                                    "(set UDOCKER_TEST_UPSTREAM)")
+UPSTREAM = UPSTREAM_UDOCKER
+needs_upstream = pytest.mark.usefixtures("upstream_udocker")
 ID_RE = udocker.ContainerStore.ID_RE
 
 
@@ -50,8 +48,7 @@ def new_id(out):
 def one_line_error(result, needle):
     rc, out, err = result
     assert rc == 1 and out == b"", (rc, out, err)
-    lines = [l for l in err.splitlines() if not l.startswith(("Info:", "Warning:"))]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], err
+    one_error_line(err, needle)
 
 
 def write(path, data):

@@ -17,22 +17,18 @@ import threading
 
 import pytest
 
-from support import (UDOCKER_SCRIPT, BaseHTTPRequestHandler, HTTPServer, to_bytes, to_text,
-                     which)
+from support import (UDOCKER_SCRIPT, UPSTREAM_UDOCKER, BaseHTTPRequestHandler, HTTPServer,
+                     one_error_line, to_bytes, to_text, which)
 from support.client import sha256_digest
 from support.images import (Blob, Image, ImageIndex, Layer, build_tar, compress,
                             docker_archive_files, f, oci_layout_files, sym, with_parents,
                             write_tar, write_tree)
 from support.runner import Udocker
 
-# udocker 1.3.17: $UDOCKER_TEST_UPSTREAM (set by .ci/run), else where CI or a developer put it
-UPSTREAM = ([p for p in (os.environ.get("UDOCKER_TEST_UPSTREAM"),
-                         "/opt/udocker-1.3.17/bin/udocker", "/opt/udocker13/bin/udocker")
-             if p and os.access(p, os.X_OK)] or [""])[0]
+UPSTREAM = UPSTREAM_UDOCKER
 
 needs_skopeo = pytest.mark.skipif(not which("skopeo"), reason="no skopeo")
-needs_upstream = pytest.mark.skipif(not UPSTREAM, reason="udocker 1.3.17 not installed "
-                                    "(set UDOCKER_TEST_UPSTREAM)")
+needs_upstream = pytest.mark.usefixtures("upstream_udocker")
 
 
 # -- helpers
@@ -51,13 +47,6 @@ def ok(run, *args, **kw):
     res = run(*args, **kw)
     assert res.rc == 0, res
     return res.out
-
-
-def one_error_line(res):
-    assert res.rc != 0, res
-    lines = [l for l in res.err.splitlines() if not l.startswith("Info:")]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res
-    return lines[0]
 
 
 def raw_stdout(run, *args):

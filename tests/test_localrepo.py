@@ -12,22 +12,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from support import REPO_ROOT, UDOCKER_SCRIPT
+from support import REPO_ROOT, UDOCKER_SCRIPT, UPSTREAM_UDOCKER, required_file, wait_for
 from support.images import Image, Layer, build_tar, docker_archive_files, f, with_parents
 
-UPSTREAM = os.environ.get("UDOCKER_TEST_UPSTREAM") or "/opt/udocker-1.3.17/bin/udocker"
+UPSTREAM = UPSTREAM_UDOCKER
 
 
 @pytest.fixture
 def upstream(udocker):
     """Run udocker 1.3.17 on the same UDOCKER_DIR/HOME as the `udocker` fixture."""
-    if not os.access(UPSTREAM, os.X_OK):
-        pytest.skip("udocker 1.3.17 not installed at %s (set UDOCKER_TEST_UPSTREAM)"
-                    % UPSTREAM)
+    required_file("UDOCKER_TEST_UPSTREAM", UPSTREAM_UDOCKER)
 
     if not os.path.isdir(udocker.home):
         os.makedirs(udocker.home)
@@ -126,13 +123,6 @@ def udocker_process(run, *args):
     return subprocess.Popen([sys.executable, UDOCKER_SCRIPT] + list(args), env=run.environ(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-
-
-def wait_for(predicate, what, timeout=60):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out waiting for " + what
-        time.sleep(0.02)
 
 
 def work_dirs(parent, kind):

@@ -17,6 +17,7 @@ import pytest
 
 import udocker
 import rootfs
+from support import required_file, wait_for
 from support.nvidia import BOUND_LIBRARIES, SMI_TABLE, FakeDriver, tree_state
 
 try:
@@ -33,20 +34,18 @@ MODES = {"P1": ("P1", {}), "P2": ("P2", {}), "R1": ("R1", {}),
 STATIC_MODES = ["P1", "P2", "R1", "R1-runc", "R2", "R3"]     # fakechroot cannot run static
 
 
-def _why_not():
-    if not TARBALL or not os.path.isfile(TARBALL):
-        return "UDOCKER_TEST_TARBALL does not name the tools tarball (%r)" % TARBALL
+def needs_tools():
+    """Skip (as root) or fail (UDOCKER_TEST_TARBALL names no file) unless the engines can
+    be tested."""
     if os.geteuid() == 0:
-        return "the engines are tested as a non-root user (run: bash tests/run)"
-    return None
+        print("skipped: the engines are tested as a non-root user (run: bash tests/run)")
+        pytest.skip("the engines are tested as a non-root user (run: bash tests/run)")
+    required_file("UDOCKER_TEST_TARBALL")
 
 
 @pytest.fixture(scope="module")
 def world(tmpdir_factory):
-    reason = _why_not()
-    if reason:
-        print("skipped: " + reason)
-        pytest.skip(reason)
+    needs_tools()
     return World(tmpdir_factory.mktemp("run"))
 
 
@@ -123,16 +122,6 @@ class World(object):
 def processes_matching(pattern):
     out = subprocess.Popen(["pgrep", "-f", pattern], stdout=subprocess.PIPE).communicate()[0]
     return out.decode("ascii").split()
-
-
-def wait_for(predicate, what, limit=120.0):
-    """Poll predicate until true; the limit only stops a broken test from hanging."""
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for " + what)
 
 
 # -- every mode, glibc tree
@@ -305,8 +294,7 @@ def test_fakechroot_refuses_static_trees(world):
 # -- behaviour beyond one mode
 
 def test_first_run_installs_the_tools(tmpdir):
-    if _why_not():
-        pytest.skip(_why_not())
+    needs_tools()
     top = str(tmpdir.join("ud"))
     os.makedirs(os.path.join(top, "containers"))
     rootfs.make_glibc_rootfs(str(tmpdir.join("tree")))

@@ -14,6 +14,7 @@ import threading
 import pytest
 
 import udocker
+from support import required_file
 
 try:
     from http.server import HTTPServer, BaseHTTPRequestHandler
@@ -326,10 +327,7 @@ def test_concurrent_installs_install_once(tmpdir, good):
 
 
 def test_real_tarball_installs(tmpdir):
-    path = os.environ.get("UDOCKER_TEST_TARBALL")
-    if not path or not os.path.isfile(path):
-        print("skipped: UDOCKER_TEST_TARBALL does not name the real tools tarball")
-        pytest.skip("UDOCKER_TEST_TARBALL not set or missing")
+    path = required_file("UDOCKER_TEST_TARBALL")
     rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": path})
     assert rc == 0, err
     for tool in ("proot", "runc", "crun", "patchelf"):

@@ -7,14 +7,13 @@ import os
 
 import pytest
 
-TARBALL = os.environ.get("UDOCKER_TEST_TARBALL", "")
+from support import required_file
+
 
 
 @pytest.fixture
 def ud(udocker):
-    if not os.path.isfile(TARBALL):
-        pytest.skip("no tools tarball: set UDOCKER_TEST_TARBALL (bash .ci/run builds one)")
-    udocker.env["UDOCKER_TARBALL"] = TARBALL
+    udocker.env["UDOCKER_TARBALL"] = required_file("UDOCKER_TEST_TARBALL")
     return udocker
 
 

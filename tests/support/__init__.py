@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 # ---------------------------------------------------------------------------
 # compat
@@ -56,7 +57,8 @@ __all__ = ["PY2", "httplib", "urlsplit", "parse_qs", "urlencode", "quote",
            "text_type", "binary_type", "HTTPServer",
            "BaseHTTPRequestHandler", "ThreadingMixIn", "to_bytes", "to_text",
            "native_str", "REPO_ROOT", "TESTS_DIR", "UDOCKER_SCRIPT",
-           "SupportError", "free_port", "which"]
+           "SupportError", "UPSTREAM_UDOCKER", "free_port", "which", "one_error_line", "wait_for",
+           "required_file"]
 
 
 def to_bytes(value, encoding="utf-8"):
@@ -87,6 +89,8 @@ def native_str(value):
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 UDOCKER_SCRIPT = os.path.join(REPO_ROOT, "udocker.py")
+# udocker 1.3.17, the compatibility reference (.ci/run installs it and sets the variable)
+UPSTREAM_UDOCKER = os.environ.get("UDOCKER_TEST_UPSTREAM") or "/opt/udocker-1.3.17/bin/udocker"
 
 LOOPBACK = "127.0.0.1"
 
@@ -139,3 +143,51 @@ def run_in_session(argv, data=b"", timeout=300, env=None, cwd=None):
     finally:
         timer.cancel()
     return proc.returncode, out, err, bool(expired)
+
+
+# ---------------------------------------------------------------------------
+# assertions shared by the test modules
+# ---------------------------------------------------------------------------
+
+def one_error_line(err, needle=None, rc=None):
+    """Assert that stderr text err (or a runner Result) holds exactly one `Error: ` line
+    and no traceback (Info:/Warning: lines may come before it), containing needle when
+    given, and that a Result's exit code is non-zero (rc when given); returns the line."""
+    status = getattr(err, "rc", None)
+    text = to_text(getattr(err, "err", err), errors="replace")
+    if status is not None:
+        assert status != 0 if rc is None else status == rc, err
+    assert "Traceback" not in text, text
+    lines = [l for l in text.splitlines() if not l.startswith(("Info:", "Warning:"))]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), text
+    assert needle is None or needle in lines[0], (needle, text)
+    return lines[0]
+
+
+def wait_for(predicate, what, timeout=120.0, interval=0.02):
+    """Poll predicate until it returns something true, and return that. The timeout only
+    stops a broken test from hanging: it fails the test, naming what was awaited."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() >= deadline:
+            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def required_file(variable, default=None):
+    """The path named by environment variable (else default) of something a test needs
+    (the tools tarball, udocker 1.3.17). Where the variable is set (CI sets them all), a
+    missing file fails the test; where it is not, the test is skipped with the reason
+    printed."""
+    import pytest
+    path = os.environ.get(variable) or default
+    if path and os.path.exists(path):
+        return path
+    if os.environ.get(variable):
+        pytest.fail("%s=%s does not exist" % (variable, path), pytrace=False)
+    reason = "%s not set%s" % (variable, " and %s missing" % default if default else "")
+    print("skipped: " + reason)
+    pytest.skip(reason)
