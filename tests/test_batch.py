@@ -14,8 +14,9 @@ Jobs run `PYTHON ./udocker.py` with the interpreter of the test run, from a
 copy of udocker.py in the job's directory, with UDOCKER_TARBALL set so the
 first run installs the engines.
 
-Skipped, with the reason printed, as root or where UDOCKER_TEST_TARBALL is not set
-(where it is set, as in CI, a missing tarball fails). No test depends on timing: states come from Slurm,
+Skipped, with the reason printed, as root or where UDOCKER_TEST_TARBALL is not
+set (where it is set, as in CI, a missing tarball fails). No test depends on
+timing: states come from Slurm,
 processes from /proc.
 """
 
@@ -42,6 +43,7 @@ MODES = ("P1", "F3", "R1")
 TARBALL_IMAGES = {"bookworm": "bookworm-minbase.tar",
                   "mpi": "mpi-bookworm.tar"}
 MPI_HELLO = "/usr/local/bin/mpi_hello"
+
 
 def marker_number():
     """A sleep duration no other process on the machine has in its argv."""
@@ -166,11 +168,9 @@ class Batch(object):
         return job, jobdir
 
     def finished(self, job, state, timeout=600):
-        """Wait for job; skip if its output says a feature is missing;
-        assert its final state; return its output."""
+        """Wait for job; assert its final state; return its output."""
         final = self.slurm.wait(job, timeout=timeout)
         output = self.slurm.output(job)
-        if final != state:
         assert final == state, "job %s: %s, expected %s\n%s\n%r" % (
             job, final, state, output[-6000:], self.slurm.sacct(job))
         return output

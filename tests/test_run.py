@@ -521,7 +521,8 @@ def test_containerauth_uses_the_container_files_as_they_are(world, mode):
 
 
 def test_dri_without_dri_dirs_is_a_quiet_no_op(world):
-    present = [p for p in dict((k, d) for k, d, _ in udocker.CONFIG_DEFAULTS)["dri_list"] if os.path.isdir(p)]
+    dri_list = dict((k, d) for k, d, _ in udocker.CONFIG_DEFAULTS)["dri_list"]
+    present = [p for p in dri_list if os.path.isdir(p)]
     rc, out, err = world.run("P1", ["sh", "-c", "for d in %s; do ls -d $d; done"
                                     % " ".join(present or ["/nonexistent"])], ["--dri"])
     if present:

@@ -10,7 +10,6 @@ import pytest
 from support import required_file
 
 
-
 @pytest.fixture
 def ud(udocker):
     udocker.env["UDOCKER_TARBALL"] = required_file("UDOCKER_TEST_TARBALL")
