@@ -335,6 +335,17 @@ def test_real_tarball_installs(tmpdir):
     assert udocker.version_at_least(installed(tmpdir, "lib", "VERSION").read().strip(), "2.0")
 
 
+def test_pinned_sha256_is_what_build_tarball_builds():
+    """TOOLS_SHA256 pins the tarball that tools/build_tarball.sh builds (.ci/run builds it
+    afresh whenever the script changes, and the build is reproducible): a change to the
+    script, or a Debian source that moved, shows up here."""
+    path = required_file("UDOCKER_TEST_TARBALL")
+    name = os.path.basename(path)
+    assert name in udocker.TOOLS_SHA256, (name, sorted(udocker.TOOLS_SHA256))
+    assert udocker.sha256_file(path) == udocker.TOOLS_SHA256[name], \
+        "%s is not the tarball pinned in udocker.py: update TOOLS_SHA256" % path
+
+
 # -- finding the engines
 
 def tools_for(tmpdir, **env):
