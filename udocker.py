@@ -2,8 +2,9 @@
 # -*- coding: utf-8 -*-
 # ./udocker.py starts here as a shell script that runs Python on this file as an imported
 # module, so its bytecode is cached (__pycache__, or ~/.cache/udocker.py where this directory
-# is not writable) instead of recompiled at every start. To Python the line is a string.
-''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c 'import sys,os;sys.dont_write_bytecode=False;p=os.path.abspath(sys.argv.pop(1));d=os.path.dirname(p);getattr(sys,"pycache_prefix",0) is None and not os.access(d,os.W_OK) and setattr(sys,"pycache_prefix",os.path.expanduser("~/.cache/udocker.py"));sys.path.insert(0,d);n=os.path.basename(p);m=n.endswith(".py") and __import__(n[:-3]);m.exit_now(m.main()) if m else __import__("runpy").run_path(p,run_name="__main__")' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''  # noqa: E501
+# is not writable) instead of recompiled at every start; a file name that is no module name
+# (udocker-0.1.py, udocker.v2.py) is run as a script instead. To Python the line is a string.
+''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c 'import sys,os;sys.dont_write_bytecode=False;p=os.path.abspath(sys.argv.pop(1));d=os.path.dirname(p);getattr(sys,"pycache_prefix",0) is None and not os.access(d,os.W_OK) and setattr(sys,"pycache_prefix",os.path.expanduser("~/.cache/udocker.py"));sys.path.insert(0,d);n=os.path.basename(p)[:-3];m=p.endswith(".py") and n.replace("_","a").isalnum() and not n[0].isdigit() and __import__(n);m.exit_now(m.main()) if m else __import__("runpy").run_path(p,run_name="__main__")' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''  # noqa: E501
 # udocker.py: pull Docker/OCI images and run them as an ordinary user.
 #
 # One file, standard library only, Python 2.7 and 3.6+. A drop-in for udocker 1.3:
@@ -247,6 +248,11 @@ class DigestMismatch(RegistryError):
     """Downloaded content does not hash to the digest that named it."""
 
 
+class Unreachable(RegistryError):
+    """Nothing answers at that address (connection refused), or the proxy failed: retrying
+    will not help, and nothing was learnt from the registry."""
+
+
 class EngineError(UdockerError):
     """An execution engine cannot run the container."""
 
@@ -398,6 +404,11 @@ CONFIG_DEFAULTS = (
 )
 
 
+# Numbers are never negative; these must be at least:
+CONFIG_MINIMUM = {"pull_parallel": 1, "search_page_size": 1, "pull_split_size": 1,
+                  "pull_segment_size": 1}
+
+
 def _typed(key, raw, default):
     """Convert a config-file or environment string to the type of the key's default."""
     raw = raw.strip()
@@ -410,9 +421,13 @@ def _typed(key, raw, default):
         raise ConfigurationError("%s: not a boolean: %r" % (key, raw))
     if isinstance(default, (int, float)):
         try:
-            return type(default)(raw)
+            value = type(default)(raw)
         except ValueError:
             raise ConfigurationError("%s: not a number: %r" % (key, raw))
+        if value < CONFIG_MINIMUM.get(key, 0):
+            raise ConfigurationError("%s: %r is below the minimum, %s"
+                                     % (key, raw, CONFIG_MINIMUM.get(key, 0)))
+        return value
     if isinstance(default, list):
         if raw.startswith("["):
             try:
@@ -489,6 +504,14 @@ class Config(object):
                 raise ConfigurationError("config file not found: %s" % path)
             return
         parser = configparser.RawConfigParser()
+        try:
+            open(path).close()                  # parser.read() skips what it cannot read
+        except (IOError, OSError) as exc:
+            if required:
+                raise ConfigurationError("cannot read config file %s: %s"
+                                         % (path, exc.strerror or exc))
+            MSG.warning("cannot read config file %s: %s (ignored)" % (path, exc.strerror))
+            return
         try:
             parser.read(path)
             items = parser.items("DEFAULT")
@@ -634,20 +657,36 @@ class FileLock(object):
         """Take the lock (waiting for it unless wait is False); returns self, or None when
         wait is False and another process holds it."""
         makedirs(os.path.dirname(self.path))
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        while True:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+            try:
+                fcntl.flock(self.fd, kind | fcntl.LOCK_NB)
+            except (IOError, OSError) as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                if not wait:
+                    os.close(self.fd)
+                    self.fd = None
+                    return None
+                MSG.verbose("waiting for lock: %s" % self.description)
+                fcntl.flock(self.fd, kind)
+            if self._still_linked():
+                return self
+            os.close(self.fd)                 # its holder unlinked it (unlink): take anew
+
+    def _still_linked(self):
         try:
-            fcntl.flock(self.fd, kind | fcntl.LOCK_NB)
-        except (IOError, OSError) as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            if not wait:
-                os.close(self.fd)
-                self.fd = None
-                return None
-            MSG.verbose("waiting for lock: %s" % self.description)
-            fcntl.flock(self.fd, kind)
-        return self
+            here = os.stat(self.path)
+        except OSError:
+            return False
+        held = os.fstat(self.fd)
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+    def unlink(self):
+        """Remove the lock file while holding it (what it guarded is gone); a process
+        waiting on it notices and locks a new file (acquire)."""
+        remove_quietly(self.path)
 
     def release(self):
         if self.fd is not None:
@@ -1192,6 +1231,7 @@ class LocalRepository(object):
         image = self.image(name, tag)
         if image.protected:
             raise RepositoryError("image is protected: %s" % image.ref)
+        MSG.info("deleting image: %s" % image.ref)
         with self.lock("metadata"):
             sweep_work_dirs(os.path.dirname(image.dir))   # their links would keep blobs
             targets = set(os.path.basename(os.readlink(p)) for _, p in image.links())
@@ -1317,8 +1357,11 @@ class ContainerStore(object):
         return []
 
     def check_name(self, name):
-        if not self.NAME_RE.match(name or "") or len(name) > 2048 or self.ID_RE.match(name):
+        if not self.NAME_RE.match(name or "") or self.ID_RE.match(name):
             raise UsageError("invalid container name: %r (no / . space [ ], not an id)" % name)
+        if len(to_bytes(name)) > 255:                     # NAME_MAX: it names a symlink
+            raise UsageError("invalid container name: %r...: too long (%d bytes, at most "
+                             "255)" % (name[:40], len(to_bytes(name))))
         return name
 
     def add_name(self, cid, name, force=False):
@@ -1592,6 +1635,11 @@ class Response(object):
         self.client.release(self.key, conn, reusable)
 
 
+def _without_password(url):
+    parts = urlsplit(url if "//" in url else "http://" + url)
+    return "%s://%s" % (parts.scheme, parts.netloc.rpartition("@")[2])
+
+
 class HttpClient(object):
     """http.client with a keep-alive pool, proxies, TLS options and redirects.
 
@@ -1638,8 +1686,13 @@ class HttpClient(object):
             if "//" not in proxy:
                 proxy = "http://" + proxy
             parts = urlsplit(proxy)
+            if parts.scheme.startswith("socks"):
+                raise UsageError("%s: SOCKS proxies are not supported (Python's standard "
+                                 "library has no SOCKS client): use an http:// proxy, or run "
+                                 "udocker.py under a SOCKS wrapper such as proxychains"
+                                 % _without_password(proxy))
             if parts.scheme not in ("http", "https"):
-                raise RegistryError("unsupported proxy scheme: %s" % proxy)
+                raise RegistryError("unsupported proxy scheme: %s" % _without_password(proxy))
             proxy_host = parts.netloc.rpartition("@")[2]
             headers = {}
             if "@" in parts.netloc:
@@ -1722,10 +1775,16 @@ class HttpClient(object):
                 if reused:          # a kept-alive connection the server closed: retry once
                     continue
                 raise TransportError("%s: %s" % (type(exc).__name__, exc))
-            except NETWORK_ERRORS:
+            except NETWORK_ERRORS as exc:
+                connected = getattr(conn, "sock", None) is not None
                 conn.close()
                 if reused:          # a kept-alive connection the server closed: retry once
                     continue
+                proxy = self._proxy_for(*key)
+                if proxy and not connected:       # no connection through it: its fault
+                    raise Unreachable("proxy %s failed: %s (check --httpproxy, "
+                                        "http_proxy and https_proxy)"
+                                        % (_without_password(proxy), exc))
                 raise
             return Response(self, key, entry, raw, url)
         raise RegistryError("connection to %s failed" % parts.netloc)
@@ -1761,8 +1820,8 @@ class RegistryClient(object):
     def for_host(cls, cfg, host, keystore, registry_url=None, proxy=None):
         """The client for an ImageRef host; --registry/UDOCKER_REGISTRY applied as upstream."""
         if registry_url:
-            url = registry_url if "//" in registry_url else "https://" + registry_url
-            return cls(cfg, url, keystore, proxy)
+            url, insecure = registry_url_of(registry_url, cfg)
+            return cls(cfg, url, keystore, proxy, insecure)
         if host == DOCKER_HUB:
             return cls(cfg, cfg.dockerio_registry_url, keystore, proxy)
         return cls(cfg, "https://" + host, keystore, proxy, _insecure_host(host, cfg))
@@ -1854,6 +1913,10 @@ class RegistryClient(object):
                 if self._fall_back_to_http(url, exc):
                     url = "http://" + url.split("://", 1)[1]
                     continue
+                if getattr(exc, "reason", None) in PLAIN_HTTP_REPLIES:
+                    raise RegistryError("%s does not speak TLS (%s): use http://%s, or "
+                                        "--insecure" % (urlsplit(url).netloc, exc.reason,
+                                                        urlsplit(url).netloc))
                 if "CERTIFICATE_VERIFY_FAILED" in str(exc) or \
                         isinstance(exc, ssl.CertificateError):
                     raise RegistryError("TLS certificate of %s is not trusted (%s): use "
@@ -1861,10 +1924,18 @@ class RegistryClient(object):
                                             urlsplit(url).netloc,
                                             getattr(exc, "reason", None) or exc))
                 raise TransientError("%s %s: %s" % (method, url.split("?")[0], exc))
+            except Unreachable as exc:            # the proxy failed (may refuse to tunnel)
+                if self._fall_back_to_http(url, exc):
+                    url = "http://" + url.split("://", 1)[1]
+                    continue
+                raise
             except NETWORK_ERRORS as exc:
                 if self._fall_back_to_http(url, exc):
                     url = "http://" + url.split("://", 1)[1]
                     continue
+                if getattr(exc, "errno", None) == errno.ECONNREFUSED:    # not worth a retry
+                    raise Unreachable("%s refused the connection (no registry listens "
+                                        "there)" % urlsplit(url).netloc)
                 raise TransientError("%s %s: %s" % (method, url.split("?")[0],
                                                     exc or type(exc).__name__))
             self.spoke = True
@@ -1969,6 +2040,19 @@ class RegistryClient(object):
             link = resp.header("link") or ""
             match = re.search(r"<([^>]+)>\s*;\s*rel=\"?next\"?", link)
             path = urljoin(self.url + "/", match.group(1)) if match else None
+
+
+def registry_url_of(text, cfg):
+    """(URL, insecure) of a --registry value: a URL as given; a bare HOST[:PORT] is https,
+    insecure (then http) by Docker's rule (_insecure_host), as `pull HOST:PORT/NAME` is."""
+    if "//" in text:
+        return text, cfg.http_insecure
+    return "https://" + text, _insecure_host(text.split("/")[0], cfg)
+
+
+# What an ssl.SSLError's reason is when the other end answered in plain http.
+PLAIN_HTTP_REPLIES = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL",
+                      "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG")
 
 
 def _insecure_host(host, cfg):
@@ -4426,7 +4510,7 @@ def remove_container(store, id_or_name, quiet=False):
     """
     cid = store.get(id_or_name)
     with WorkDir(store.dir, "trash-" + cid, make=False) as trash:
-        with store.lock(cid):
+        with store.lock(cid) as lock:
             if not os.path.isdir(store.path(cid)):
                 raise RepositoryError("container not found: %s" % id_or_name)
             if store.is_protected(cid):
@@ -4435,6 +4519,7 @@ def remove_container(store, id_or_name, quiet=False):
                 MSG.info("deleting container: %s" % cid)
             os.rename(store.path(cid), trash.path)
             store.remove_names_of(cid)
+            lock.unlink()
         try:
             trash.close()
         except OSError as exc:
@@ -5331,6 +5416,9 @@ def host_user():
         return "udoc%d" % uid, uid, gid, os.environ.get("HOME", "/")
 
 
+PATH_MAX = 4096                         # Linux: a longer path cannot be bound or opened
+
+
 class Volume(object):
     """A host path made visible at a container path (a bind, or its engine's equivalent)."""
 
@@ -5340,6 +5428,10 @@ class Volume(object):
         self.readonly = readonly
         self.system = system             # a default (sysdirs, host files): missing is no error
         self.device = device             # a device node (--device, /dev/nvidia*)
+        for path in (host, cont):        # whatever the syntax: no bind is silently dropped
+            if len(to_bytes(path)) >= PATH_MAX:
+                raise UsageError("invalid volume: %s...: path too long (at most %d bytes)"
+                                 % (path[:40], PATH_MAX - 1))
 
     @classmethod
     def parse(cls, spec):
@@ -5490,12 +5582,17 @@ class RunUser(object):
                                                 self.shell)
 
 
+MAX_ID = 4294967294                     # uid_t and gid_t: (uid_t)-1 means "no id"
+
+
 def _lookup_user(passwd, groups, text):
     """RunUser for 'NAME', 'UID', 'NAME:GROUP' or 'UID:GID' given passwd/group rows."""
     who, colon, group = text.partition(":")
     if not (_user_word(who[:-1] if who.endswith("$") else who) and
             (not colon or _user_word(group))):
         raise UsageError("invalid user: %s (NAME or UID[:GID])" % text)
+    if any(word.isdigit() and int(word) > MAX_ID for word in (who, group)):
+        raise UsageError("invalid user: %s (ids go up to %d)" % (text, MAX_ID))
     group = group if colon else None
     entry = None
     for row in passwd:
@@ -5926,12 +6023,20 @@ class Engine(object):
 
     @staticmethod
     def _read_env_file(path):
+        """The NAME=VALUE and NAME words of an env file, as docker reads them (blank lines
+        and # comments skipped) and as a shell script writes them (`export NAME=VALUE`)."""
         try:
             text = read_text(path)
         except (IOError, OSError) as exc:
             raise UsageError("cannot read --env-file %s: %s" % (path, exc.strerror or exc))
-        return [line.strip() for line in text.splitlines()
-                if line.strip() and not line.strip().startswith("#")]
+        words = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("export") and line[6:7].isspace():
+                line = line[6:].lstrip()
+            if line and not line.startswith("#"):
+                words.append(line)
+        return words
 
     def _add_run_env(self, env):
         user = self.user
@@ -6112,8 +6217,8 @@ def parse_publish(spec):
     """-p [IP:]HOST:CONT[/tcp] or CONT -> (host port, container port) as text."""
     match = re.match(r"^(?:[\d.]+:)?(\d+):(\d+)(?:/tcp)?$", spec) or \
         re.match(r"^()(\d+)(?:/tcp)?$", spec)
-    if not match:
-        raise UsageError("invalid port mapping: %s (HOST:CONT)" % spec)
+    if not match or not all(0 < int(port) < 65536 for port in match.groups() if port):
+        raise UsageError("invalid port mapping: %s (HOST:CONT, ports 1-65535)" % spec)
     return match.group(1) or match.group(2), match.group(2)
 
 
@@ -7924,18 +8029,20 @@ RUN_OPTS = [
     _o("-v|--volume", LIST, "bind HOST[:CONT] into the container", metavar="HOST[:CONT]"),
     _o("--novol", LIST, "do not bind this default volume", metavar="PATH"),
     _o("-e|--env", LIST, "set NAME=VALUE (or NAME from the host)", metavar="NAME[=VAL]"),
-    _o("--env-file", LIST, "read NAME=VALUE lines from FILE", metavar="FILE"),
+    _o("--env-file", LIST, "read NAME=VALUE (or NAME, export NAME=VALUE) lines from FILE",
+       metavar="FILE"),
     _o("--hostauth", help="use the host's passwd and group"),
     _o("--containerauth", help="use the container's passwd and group as they are"),
     _o("--nosysdirs", help="do not bind /dev /proc /sys ..."),
     _o("--nometa", help="ignore the image metadata (Env, Cmd, WorkingDir ...)"),
     _o("--dri", help="bind the host's DRI directories"),
     _o("--hostenv", help="pass the whole host environment"),
-    _o("--cpuset-cpus", VALUE, "run on these CPUs (numactl/taskset)", metavar="LIST"),
+    _o("--cpuset-cpus", VALUE, "run on these CPUs (sets the CPU affinity)", metavar="LIST"),
     _o("--name", VALUE, "name the container", metavar="NAME"),
     _o("--bindhome", help="bind the host home directory"),
     _o("-k|--kernel", VALUE, "kernel release to report (P modes)", metavar="RELEASE"),
-    _o("--device", LIST, "add a host device (R modes)", metavar="/dev/X"),
+    _o("--device", LIST, "bind a host device (F modes: at its own path)",
+       metavar="/dev/X[:CONT]"),
     _o("--location", VALUE, "run a bare directory tree", metavar="DIR"),
     _o("--nobanner", help="no start banner"),
     _o("--entrypoint", VALUE, "override the image entrypoint ('' clears it)",
@@ -8120,7 +8227,6 @@ def cmd_inspect(session, opts, args):
 
 def cmd_rmi(session, opts, args):
     ref = ImageRef.parse(args[0])
-    MSG.info("deleting image: %s" % ref)
     session.repo.remove_image(ref.name, ref.local_tag, force=opts["f"])
     return 0
 
@@ -8189,7 +8295,34 @@ def _check_input(what, source):
             raise UsageError("%s: standard input is a terminal: give a file or redirect "
                              "the input" % what)
     elif not re.match(r"^https?://", source) and not os.path.isfile(source):
-        raise UsageError("%s: file does not exist: %s" % (what, source))
+        if not os.path.exists(source):
+            raise UsageError("%s: file does not exist: %s" % (what, source))
+        raise UsageError("%s: not a regular file: %s (%s; give a tar file, or - with the "
+                         "input redirected)" % (what, source, _file_kind(source)))
+
+
+def _file_kind(path):
+    mode = os.stat(path).st_mode
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def _check_output(what, output):
+    """Before an archive is written to the file output: one line for what would fail (the
+    temporary file beside it would otherwise be named in the error)."""
+    if not output:
+        raise UsageError("%s: empty output file name" % what)
+    if os.path.isdir(output):
+        raise UsageError("%s: output is a directory: %s (give a file name)" % (what, output))
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise UsageError("%s: no such directory: %s" % (what, parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError("%s: directory not writable: %s" % (what, parent))
 
 
 def cmd_load(session, opts, args):
@@ -8208,14 +8341,16 @@ def cmd_load(session, opts, args):
 def cmd_save(session, opts, args):
     output = opts["output"]
     if args[0] == "-":
-        output, args = output or "-", args[1:]
-    output = output or "-"
+        output, args = "-" if output is None else output, args[1:]
+    output = "-" if output is None else output
     if not args:
         raise UsageError("save: missing argument: IMAGE (see: %s save --help)" % __program__)
     if output == "-" and sys.stdout.isatty():
         raise UsageError("save: refusing to write an archive to a terminal (use -o FILE)")
     if output != "-" and os.path.lexists(output):
         raise UsageError("save: output file already exists: %s" % output)
+    if output != "-":
+        _check_output("save", output)
     images = [session.image_ref(text) for text in args]
     save_archive(session.repo, images, output)
     return 0
@@ -8283,7 +8418,7 @@ def cmd_search(session, opts, args):
     if MSG.level >= Messages.INF:
         out("NAME")
     for name in client.paged("/v2/_catalog?n=1000", "registry:catalog:*", "repositories"):
-        if term in ("*", "") or term.lower() in name.lower():
+        if term in ("*", "") or _native(term).lower() in _native(name).lower():
             out(name)
     return 0
 
@@ -8330,36 +8465,45 @@ def _search_hub(session, index, term, opts):
 
 
 def _login_url(session, opts):
+    """(registry URL, insecure) for login and logout (--registry, default Docker Hub)."""
     registry = opts.get("registry")
     if not registry:
-        return session.cfg.dockerio_registry_url
-    return registry if "//" in registry else "https://" + registry
+        return session.cfg.dockerio_registry_url, session.cfg.http_insecure
+    return registry_url_of(registry, session.cfg)
 
 
 def cmd_login(session, opts, args):
-    url = _login_url(session, opts)
+    url, insecure = _login_url(session, opts)
     username = opts["username"]
     password = opts["password"]
-    if not username:
-        sys.stderr.write("username: ")
-        sys.stderr.flush()
-        username = input_line().strip()
-    if opts["password_stdin"]:
-        password = sys.stdin.readline().rstrip("\r\n")
-    elif password is None:
-        import getpass
-        password = getpass.getpass("password: ")
+    try:
+        if not username:
+            if sys.stdin.isatty():
+                sys.stderr.write("username: ")
+                sys.stderr.flush()
+            username = input_line().strip()
+        if opts["password_stdin"]:
+            password = sys.stdin.readline().rstrip("\r\n")
+        elif password is None:
+            if not sys.stdin.isatty():
+                raise EOFError()
+            import getpass
+            password = getpass.getpass("password: ")
+    except EOFError:
+        raise UsageError("login: no terminal to ask for the %s: give --username and "
+                         "--password or --password-stdin"
+                         % ("password" if username else "username"))
     if not username or not password:
         raise UsageError("login: username and password are required")
     if password.isupper():
         MSG.warning("password is all upper case: is caps lock on?")
-    _check_login(session, url, username, password)
+    _check_login(session, url, insecure, username, password)
     session.keystore.store(url, username, password)
     MSG.info("credentials stored for %s" % url)
     return 0
 
 
-def _check_login(session, url, username, password):
+def _check_login(session, url, insecure, username, password):
     """Ask the registry whether the credentials work (beyond upstream, which never checks).
 
     A registry that cannot be reached only earns a warning: credentials are stored anyway.
@@ -8369,12 +8513,12 @@ def _check_login(session, url, username, password):
         def credentials(self, _url):
             return (username, password)
 
-    client = RegistryClient(session.cfg, url, Fixed())
+    client = RegistryClient(session.cfg, url, Fixed(), insecure=insecure)
     try:
         resp = client.request("GET", "/v2/", "")
         if resp.status in (401, 403):
             raise RegistryError("login failed at %s: bad username or password" % url)
-    except TransientError as exc:
+    except (TransientError, Unreachable) as exc:
         MSG.warning("could not check the credentials (%s); stored anyway" % exc)
     finally:
         client.http.close()
@@ -8385,7 +8529,7 @@ def cmd_logout(session, opts, args):
         session.keystore.erase()
         MSG.info("all credentials erased")
         return 0
-    url = _login_url(session, opts)
+    url = _login_url(session, opts)[0]
     if not session.keystore.erase(url):
         MSG.warning("no credentials stored for %s" % url)
     return 0
@@ -8413,18 +8557,24 @@ def local_image(session, text, opts, pull="missing"):
     """The LocalImage for an image reference, pulled first as `pull` says: missing (or
     reuse) pulls when it is not local, always pulls, never refuses a missing image."""
     ref = ImageRef.parse(text)
+    wanted = session.platform(opts) if opts.get("platform") else None   # checked first
     present = session.repo.has_image(ref.name, ref.local_tag)
     if pull == "always" or (not present and pull != "never"):
         if not present:
             MSG.info("image not found locally, pulling: %s" % ref)
-        session.puller(opts).pull(ref, session.platform(opts))
+        session.puller(opts).pull(ref, wanted or Platform.host())
     elif not present:
         raise RepositoryError("image not found locally and --pull=never: %s" % ref)
-    return session.repo.image(ref.name, ref.local_tag)
+    image = session.repo.image(ref.name, ref.local_tag)
+    if wanted and not wanted.matches(*(image.platform.split("/", 2) + [""])[:3]):
+        raise RepositoryError("the local image %s is %s, not %s (--platform): pull that "
+                              "platform under another name, or leave out --platform"
+                              % (ref, image.platform, wanted))
+    return image
 
 
 def _run_target(session, opts, target):
-    """The container id that `run TARGET` runs: an existing container (or, with
+    """(container id, made now) for `run TARGET`: an existing container (or, with
     --pull=reuse, the one named --name), else a new one created from the image TARGET."""
     pull = opts.get("pull") or "missing"
     if pull not in ("missing", "never", "always", "reuse"):
@@ -8435,9 +8585,9 @@ def _run_target(session, opts, target):
     if cid is not None:
         if opts.get("name") and opts["name"] not in session.containers.names(cid):
             session.containers.add_name(cid, opts["name"])
-        return cid
+        return cid, False
     image = local_image(session, target, opts, pull)
-    return create_container(session.containers, image, opts.get("name"))
+    return create_container(session.containers, image, opts.get("name")), True
 
 
 def _find_container(session, text):
@@ -8455,27 +8605,27 @@ def cmd_run(session, opts, args):
     tools = Tools(session.cfg, session.repo)
     if opts.get("location"):
         container = RunContainer.from_location(opts["location"])
-        command = args
-    else:
-        cid = _run_target(session, opts, args[0])
+        return engine_for(session, container, opts, args, tools).run()
+    cid, made = _run_target(session, opts, args[0])
+    try:
         container = RunContainer.from_store(session.containers, cid)
-        command = args[1:]
-    engine = engine_for(session, container, opts, command, tools)
-    status = engine.run()
-    if opts.get("rm") and container.dir:
-        _remove_after_run(session, container.cid)
+        status = engine_for(session, container, opts, args[1:], tools).run()
+    except BaseException:
+        if opts.get("rm") and made:            # a container this run made, that never ran
+            _remove_after_run(session, cid)
+        raise
+    if opts.get("rm"):
+        _remove_after_run(session, cid)
     return status
 
 
 def _remove_after_run(session, cid):
-    """run --rm: delete the container (its names too) unless it is protected."""
-    if session.containers.is_protected(cid):
-        MSG.warning("container is protected, not removed: %s" % cid)
-        return
-    with session.containers.lock(cid):
-        for name in session.containers.names(cid):
-            session.containers.remove_name(name)
-        remove_tree(session.containers.path(cid))
+    """run --rm: delete the container as rm does (names too, unless it is protected); a
+    failure is a warning, the run's own status stands."""
+    try:
+        remove_container(session.containers, cid, quiet=True)
+    except UdockerError as exc:
+        MSG.warning("run --rm: not removed: %s" % exc)
 
 
 def cmd_setup(session, opts, args):
@@ -8655,13 +8805,10 @@ def cmd_export(session, opts, args):
         sys.stdout.flush()
         export_container(session.containers, args[0], binary_stdout(), opts["clone"])
         return 0
+    _check_output("export", output)
     MSG.info("exporting to file %s" % output)
     export_container(session.containers, args[0], output, opts["clone"])
     return 0
-
-
-def cmd_not_yet(session, opts, args):
-    raise UdockerError("this command is not implemented yet in udocker.py %s" % __version__)
 
 
 def inspect_container(session, cid, opts):
@@ -8705,7 +8852,8 @@ COMMANDS = dict((c.name, c) for c in [
         _o("-m", help="show the execution mode"), _o("-s", help="show the size in MB"),
         _o("-p", help="show the platform")], func=cmd_ps),
     Command("rm", "remove containers", ["CONTAINER..."], [
-        _o("-f", help="force: fix permissions first")], func=cmd_rm),
+        _o("-f", help="accepted (rm always makes the container's files removable)")],
+        func=cmd_rm),
     Command("rmi", "remove an image", ["IMAGE"], [
         _o("-f", help="ignore errors removing layers")], func=cmd_rmi),
     Command("tag", "give an image another name", ["IMAGE", "NEWIMAGE"], func=cmd_tag),

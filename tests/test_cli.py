@@ -84,6 +84,8 @@ def test_general_options_take_separate_values():
     (["inspect", "nosuchimage"], "image not found: nosuchimage:latest"),
     (["verify", "nosuch:1"], "image not found: nosuch:1"),
     (["rmi", "nosuch"], "image not found"),
+    (["--config=/", "images"], "cannot read config file /: Is a directory"),
+    (["create", "--platform=foo", "x"], "invalid platform: 'foo'"),
 ])
 def test_bad_input_is_one_line_error(tmpdir, args, needle):
     rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
@@ -207,3 +209,39 @@ def test_closed_stdout_ends_quietly_with_sigpipe_status(tmpdir, launcher):
     os.close(write_end)
     err = proc.communicate()[1]
     assert proc.returncode == 141 and err == b"", err
+
+
+def test_rmi_checks_before_it_says_deleting(tmpdir):
+    args = ["rmi", "nosuch:1"]
+    rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
+    assert rc == 1 and err.splitlines()[-1] == "Error: image not found: nosuch:1", err
+    assert "deleting" not in err, err
+
+
+@pytest.mark.parametrize("name", ["udocker-0.1.py", "udocker.v2.py", "1st.py", "ud", "my_ud.py"])
+def test_renamed_file_still_runs_as_a_command(tmpdir, name):
+    """The shell launcher imports the file as a module (cached bytecode) when its name is a
+    module name, and runs it as a script otherwise (was: a traceback from __import__)."""
+    path = str(tmpdir.join("bin", name))
+    os.makedirs(os.path.dirname(path))
+    with open(SCRIPT, "rb") as source, open(path, "wb") as target:
+        target.write(source.read())
+    os.chmod(path, 0o755)
+    env = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
+               UDOCKER_NOSYSCONF="1")
+    proc = subprocess.Popen(["./" + name, "version"], cwd=os.path.dirname(path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and b"udocker.py: " in out and err == b"", err
+    cached = os.path.isdir(os.path.join(os.path.dirname(path), "__pycache__"))
+    assert cached == (name == "my_ud.py")       # the fast path stays for module names
+
+
+def test_help_says_what_the_options_do():
+    """rm -f changes nothing (rm always makes files removable), --device works in every
+    mode (F modes at the device's own path), --cpuset-cpus sets the affinity itself."""
+    helps = dict((o.names[-1], o.help) for o in udocker.COMMANDS["run"].opts)
+    assert "R modes" not in helps["--device"] and "own path" in helps["--device"]
+    assert "numactl" not in helps["--cpuset-cpus"] and "affinity" in helps["--cpuset-cpus"]
+    assert "fix permissions" not in udocker.COMMANDS["rm"].opts[0].help
+    assert not hasattr(udocker, "cmd_not_yet")
