@@ -8157,9 +8157,11 @@ class Command(object):
     rest: the positional after which every word belongs to the container command (run).
     """
 
-    def __init__(self, name, summary, args=(), opts=(), func=None, rest=None, needs_repo=True):
+    def __init__(self, name, summary, args=(), opts=(), func=None, rest=None, needs_repo=True,
+                 notes=""):
         self.name, self.summary, self.args, self.opts = name, summary, list(args), list(opts)
         self.func, self.rest, self.needs_repo = func, rest, needs_repo
+        self.notes = notes          # text shown after the options by `help COMMAND`
         self.lookup = dict((n, o) for o in self.opts for n in o.names)
 
     def usage(self):
@@ -8172,6 +8174,8 @@ class Command(object):
             width = max(len(o.usage()) for o in self.opts) + 2
             for opt in self.opts:
                 lines.append("  %-*s %s" % (width, opt.usage(), opt.help))
+        if self.notes:
+            lines.extend(["", self.notes])
         return "\n".join(lines)
 
     def parse(self, words):
@@ -8728,6 +8732,19 @@ def _set_nvidia(session, container, force):
                 " (none on this host)"))
 
 
+INSTALL_NOTES = """Where the tools come from, in this order (showconf lists their checksums):
+  1. a tools tarball beside udocker.py or in the repository directory (~/.udocker):
+     udocker-tools-*.tar.gz with its .sha256 beside it, or udocker-englib-*.tar.gz
+  2. UDOCKER_TARBALL (`tarball` in udocker.conf): files or URLs, space-separated, checked
+     against UDOCKER_TARBALL_SHA256 (sha256:HEX or gitblob:ID), a pin, or NAME.sha256
+  3. when UDOCKER_TARBALL is not set, udocker's tools 1.2.11 (pinned by git blob id) from
+     %s
+  4. proot, runc or crun on PATH, when they pass a capability check
+Without Internet: download one of the URLs above on a machine that has it, copy the file
+beside udocker.py or into ~/.udocker, and run the command again.""" % "\n     ".join(
+    DEFAULT_TARBALL_URLS.split())
+
+
 def cmd_install(session, opts, args):
     ToolsInstaller(session.cfg, session.repo).install(force=opts["force"], purge=opts["purge"])
     return 0
@@ -8877,7 +8894,8 @@ COMMANDS = dict((c.name, c) for c in [
             needs_repo=False),
     Command("install", "install the engines (tools tarball)", opts=[
         _o("--force", help="reinstall even if installed"),
-        _o("--purge", help="remove installed tools first")], func=cmd_install),
+        _o("--purge", help="remove the installed tools and install again")],
+        func=cmd_install, notes=INSTALL_NOTES),
     Command("search", "search a registry for images, or list an image's tags",
             ["EXPRESSION"], opts=[
                 _o("-a", help="show all results without paging"),

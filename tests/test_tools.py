@@ -503,6 +503,49 @@ def test_concurrent_first_runs_download_and_install_once(tmpdir, good, server):
     assert installed(tmpdir, "lib", "VERSION").read().strip() == "2.0.0"
 
 
+# -- done means: a new user's first `run`, with two files copied or with nothing
+
+def new_user(tmpdir, files):
+    """A runner of a copy of udocker.py in tmpdir/app beside files, for a user with a PATH
+    without engines and no UDOCKER_* variable (the tools go to ~/.udocker)."""
+    from support.runner import Udocker
+    app = tmpdir.join("app").ensure(dir=True)
+    py.path.local(SCRIPT).copy(app.join("udocker.py"))
+    for path in files:
+        py.path.local(path).copy(app.join(os.path.basename(path)))
+    run = Udocker(str(tmpdir.join("user")), script=str(app.join("udocker.py")))
+    run.env.update(no_engines_env(tmpdir, UDOCKER_DIR=None, UDOCKER_NOSYSCONF=None))
+    return run, app
+
+
+def test_new_user_with_the_tarball_beside_udocker_py_runs_an_image(tmpdir, registry):
+    tarball = os.environ.get("UDOCKER_TEST_TARBALL", "")
+    if not os.path.isfile(tarball) or not os.path.isfile(tarball + ".sha256"):
+        print("skipped: UDOCKER_TEST_TARBALL (and its .sha256) not found: %r" % tarball)
+        pytest.skip("UDOCKER_TEST_TARBALL and its .sha256 (tools/build_tarball.sh) needed")
+    if os.geteuid() == 0:
+        pytest.skip("the engines are tested as a non-root user (run: bash tests/run)")
+    run, app = new_user(tmpdir, [tarball, tarball + ".sha256"])
+    res = run("run", "--rm", "%s/test/busybox" % registry.host, "echo", "hi")
+    assert res.rc == 0 and "hi" in res.out.splitlines(), res
+    assert "tools installed: version" in res.err and \
+        "from %s" % app.join(os.path.basename(tarball)) in res.err, res
+    assert os.path.isfile(os.path.join(run.home, ".udocker", "lib", "VERSION"))
+
+
+def test_new_user_without_tarball_or_network_gets_one_message(tmpdir, registry):
+    run, app = new_user(tmpdir, [])
+    image = "%s/test/busybox" % registry.host
+    run("pull", image).check()
+    started = time.time()
+    res = run("run", "--rm", image, "echo", "hi")
+    elapsed = time.time() - started
+    line = one_error_line(res.err)
+    assert res.rc == 1 and "hi" not in res.out and elapsed < 10, (elapsed, res)
+    assert "https://download.ncg.ingrid.pt/webdav/udocker/" + ENGLIB in line
+    assert "beside udocker.py (%s)" % app in line and "install --help" in line
+
+
 # -- finding the engines
 
 def tools_for(tmpdir, **env):
