@@ -7524,7 +7524,7 @@ class ToolsInstaller(object):
         resumed = False
         for attempt in range(1, attempts + 1):
             offset = os.path.getsize(partial) if os.path.exists(partial) else 0
-            client = HttpClient(self.cfg)
+            client = self._client()
             try:
                 resp = self._open(client, url, offset)
                 if resp is None:                # 416: partial is already whole
@@ -7559,6 +7559,13 @@ class ToolsInstaller(object):
                 time.sleep(0.2 * attempt)
             finally:
                 client.close()
+
+    def _client(self):
+        """An HttpClient that gives up after ctimeout (10 s) without an answer, not the
+        registry's 30 s: on a node whose firewall drops packets each URL costs that once."""
+        client = HttpClient(self.cfg)
+        client.timeout = min(self.cfg.ctimeout, self.cfg.timeout)
+        return client
 
     @staticmethod
     def _open(client, url, offset):
@@ -7630,7 +7637,7 @@ class ToolsInstaller(object):
             except (IOError, OSError):
                 return []
         else:
-            client = HttpClient(self.cfg)
+            client = self._client()
             try:
                 resp = client.request("GET", source)
                 body = resp.read_all(1 << 16) if resp.status == 200 else b""

@@ -484,6 +484,16 @@ def test_one_download_per_command_and_no_retry_without_an_answer(tmpdir, good, s
     assert server.gets("/a/%s.sha256" % ENGLIB) == 0                # pinned: no sidecar
 
 
+def test_a_silent_server_costs_one_short_wait(tmpdir, good, server):
+    server.files["/t.tar.gz"] = good.read_binary()
+    server.faults["/t.tar.gz"] = ["delay:5"] * 5          # answers after ctimeout, too late
+    tmpdir.join("ud").ensure(dir=True).join("udocker.conf").write("[DEFAULT]\nctimeout = 1\n")
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": server.url + "/t.tar.gz",
+                                                "UDOCKER_TARBALL_SHA256": sha256_of(good)})
+    assert rc == 1 and "cannot download: timed out" in one_error_line(err), err
+    assert server.gets("/t.tar.gz") == 1
+
+
 def test_concurrent_first_runs_download_and_install_once(tmpdir, good, server):
     with_container(tmpdir)
     name = "udocker-tools-9.9.9.tar.gz"
