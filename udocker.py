@@ -7489,10 +7489,12 @@ class ToolsInstaller(object):
     def _download(self, url, origin):
         """The path of a verified copy of url: topdir/NAME when it is there and verifies,
         else downloaded into topdir/.NAME.partial (resumed), verified, then renamed."""
-        name = re.sub(r"[^A-Za-z0-9_.+-]", "_", os.path.basename(urlsplit(url).path)) or \
-            "tools.tar.gz"
-        dest = os.path.join(self.cfg.topdir, name.lstrip("."))
-        partial = os.path.join(self.cfg.topdir, "." + name.lstrip(".") + ".partial")
+        name = re.sub(r"[^A-Za-z0-9_.+-]", "_", os.path.basename(urlsplit(url).path))
+        name = name.lstrip(".") or "tools"
+        if not name.endswith((".tar.gz", ".tgz")):     # never bin, repos, udocker.conf ...
+            name += ".tar.gz"
+        dest = os.path.join(self.cfg.topdir, name)
+        partial = os.path.join(self.cfg.topdir, "." + name + ".partial")
         if os.path.isfile(dest):
             try:
                 self._verify(url, origin, dest)
@@ -7581,10 +7583,13 @@ class ToolsInstaller(object):
         if offset and resp.status == 416:
             resp.close(reuse=False)
             return None
-        if resp.status not in (200, 206) or (resp.status == 206 and not _range_starts_at(
-                resp.header("content-range"), offset)):
+        if resp.status not in (200, 206):
             resp.close(reuse=False)
             raise EngineError("cannot download: HTTP %d %s" % (resp.status, resp.reason))
+        if resp.status == 206 and not _range_starts_at(resp.header("content-range"), offset):
+            resp.close(reuse=False)
+            raise EngineError("cannot download: the server answered Range bytes=%d- with %r"
+                              % (offset, resp.header("content-range")))
         return resp
 
     def expected(self, source, origin, path):
