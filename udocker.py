@@ -310,7 +310,15 @@ def out(text=""):
 # Defaults < /etc/udocker.conf < ~/.udocker/udocker.conf < $UDOCKER_DIR/udocker.conf < --config
 # < environment < command-line options. Values are typed by their default; nothing is executed.
 
-DEFAULT_TARBALL_URLS = ""    # no public release URL yet: set UDOCKER_TARBALL or `tarball`
+# Where the tools tarball is downloaded from when `tarball` is not set: upstream's published
+# udocker tools 1.2.11 at the places udocker 1.3.17 fetches it from (the issue's and the
+# installed 1.3.17's), each pinned by TOOLS_GITBLOB. Tests replace the list with the
+# environment variable UDOCKER_TEST_DEFAULT_TARBALL (loopback URLs), keeping it a default.
+DEFAULT_TARBALL_URLS = " ".join([
+    "https://download.ncg.ingrid.pt/webdav/udocker/udocker-englib-1.2.11.tar.gz",
+    "https://download.a.incd.pt/udocker/udocker-englib-1.2.11.tar.gz",
+    "https://raw.githubusercontent.com/jorge-lip/udocker-builds/master/tarballs/"
+    "udocker-englib-1.2.11.tar.gz"])
 
 CONFIG_DEFAULTS = (
     # (key, default, environment variable or None)
@@ -474,6 +482,7 @@ class Config(object):
         options: dict of the general options (config, repo, debug, quiet, insecure).
         """
         defaults = dict((key, default) for key, default, _ in CONFIG_DEFAULTS)
+        defaults["tarball"] = environ.get("UDOCKER_TEST_DEFAULT_TARBALL", DEFAULT_TARBALL_URLS)
         values, sources = dict(defaults), dict((key, "default") for key in defaults)
         home = environ.get("HOME") or os.path.expanduser("~")
         homedir = os.path.join(home, ".udocker")
@@ -2490,14 +2499,15 @@ class SplitBlob(object):
             self.dl._release(self.stripe)
 
 
-def _feed(path, hasher):
-    """Update hasher with a file's content."""
+def _feed(path, *hashers):
+    """Update each hasher with a file's content."""
     with open(path, "rb") as handle:
         while True:
             data = handle.read(1 << 20)
             if not data:
                 return
-            hasher.update(data)
+            for hasher in hashers:
+                hasher.update(data)
 
 
 def _range_starts_at(content_range, offset):
@@ -7354,10 +7364,13 @@ def engine_for(session, container, opts, args, tools):
 # ==== 10. Tools installer ====
 # The tools tarball with the engine binaries: udocker_dir/{bin,lib,doc}/ (ours: proot-x86_64,
 # runc-x86_64, crun-x86_64, patchelf-x86_64, lib/libfakechroot-glibc2.36-x86_64.so, lib/VERSION;
-# upstream's 1.2.11 layout is accepted too). Sources come from `tarball` (UDOCKER_TARBALL): local
-# files or URLs tried in order; each is checked against a sha256, its lib/VERSION against
-# `tarball_release`, then unpacked into a staging directory inside topdir and renamed into
-# bin/ lib/ doc/ file by file (lib/VERSION last), under the repository lock "install".
+# upstream's 1.2.11 layout is accepted too). Sources, tried in order: a tarball beside
+# udocker.py or in topdir (udocker-tools-*.tar.gz, udocker-englib-*.tar.gz, newest first),
+# then `tarball` (UDOCKER_TARBALL, by default DEFAULT_TARBALL_URLS): local files or URLs.
+# Each is checked against a pin (sha256, or the git blob id of a published file) or a
+# .sha256 beside it, its lib/VERSION against `tarball_release`, then unpacked into a staging
+# directory inside topdir and renamed into bin/ lib/ doc/ file by file (lib/VERSION last),
+# under the repository lock "install" (concurrent first runs download and install once).
 
 TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
@@ -7365,8 +7378,17 @@ TOOLS_SHA256 = {
     "udocker-tools-2.0.0.tar.gz":
         "7e6268b16736bd560bcef963286cc684f91d7dffaffc61c030f614369752f864",
 }
+TOOLS_GITBLOB = {
+    # tarball file name -> git blob id of a published release: the SHA-1 of
+    # b"blob SIZE\0" + bytes, as the git tree of the repository publishing it records it
+    # (jorge-lip/udocker-builds, tarballs/)
+    "udocker-englib-1.2.11.tar.gz": "17f7341a84ea7b25d072fcdb48c8b68570201020",
+}
 TOOLS_PARTS = ("bin", "lib", "doc")
 SHA256_RE = LazyRegex(r"\b([a-fA-F0-9]{64})\b")
+PIN_RE = LazyRegex(r"(?:\b(sha256|gitblob):)?\b([a-fA-F0-9]{40,64})\b")
+PIN_NAMES = {"sha256": "sha256", "gitblob": "git blob id"}
+FOUND_TARBALL_RE = LazyRegex(r"^udocker-(tools|englib)-(\d+(?:\.\d+)*)\.tar\.gz$")
 
 
 def version_tuple(text):
@@ -7396,14 +7418,63 @@ def _local_path(source):
     return source[len("file://"):] if source.startswith("file://") else source
 
 
-class ToolsInstaller(object):
-    """Fetches, verifies and installs the tools tarball into bindir, libdir and docdir."""
+def parse_pins(text):
+    """'sha256:HEX gitblob:ID HEX ...' -> [(kind, lower-case hex)]; a bare 64-digit value is
+    a sha256, a git blob id needs its prefix."""
+    pins = []
+    for kind, value in PIN_RE.findall(text or ""):
+        kind = kind or "sha256"
+        if len(value) == {"sha256": 64, "gitblob": 40}[kind]:
+            pins.append((kind, value.lower()))
+    return pins
 
-    NEXT_STEP = "set UDOCKER_TARBALL to a local copy of the tools tarball"
+
+def tarball_digests(path):
+    """{"sha256": hex, "gitblob": hex} of a file, read once."""
+    sha256, gitblob = hashlib.sha256(), hashlib.sha1()
+    gitblob.update(to_bytes("blob %d\0" % os.path.getsize(path)))
+    _feed(path, sha256, gitblob)
+    return {"sha256": sha256.hexdigest(), "gitblob": gitblob.hexdigest()}
+
+
+def script_dir():
+    """The directory of the running udocker.py (where a tools tarball may be shipped)."""
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def found_tarballs(topdir):
+    """Tools tarballs beside udocker.py, then in topdir, each newest version first."""
+    found, seen = [], set()
+    for directory in (script_dir(), topdir):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        matches = [(version_tuple(m.group(2)), m.group(1) == "tools", name)
+                   for name, m in ((n, FOUND_TARBALL_RE.match(n)) for n in names) if m]
+        for _, _, name in sorted(matches, reverse=True):
+            path = os.path.join(directory, name)
+            if os.path.realpath(path) not in seen and os.path.isfile(path):
+                seen.add(os.path.realpath(path))
+                found.append(path)
+    return found
+
+
+class ToolsInstaller(object):
+    """Fetches, verifies and installs the tools tarball into bindir, libdir and docdir.
+
+    Sources, in order: a tarball found beside udocker.py or in topdir (found_tarballs), then
+    the `tarball` setting (UDOCKER_TARBALL; by default DEFAULT_TARBALL_URLS). A download is
+    kept in topdir under its own name (topdir/.NAME.partial until it is verified, resumed
+    with Range), so a later install needs no network. One attempt per command: a failure
+    is remembered (ensure() raises it again) instead of fetching once per engine lookup.
+    """
 
     def __init__(self, cfg, repo):
         self.cfg = cfg
         self.repo = repo
+        self.failure = None         # the EngineError of this command's failed installation
+        self.wanted = {}            # source -> its pins (a remote .sha256 is fetched once)
 
     # -- state
 
@@ -7418,168 +7489,299 @@ class ToolsInstaller(object):
         return bool(version) and version_at_least(version, self.cfg.tarball_release)
 
     def sources(self):
-        return self.cfg.tarball.split()
+        """[(source, origin)] in the order they are tried; origin is "found" (a tarball
+        beside udocker.py or in topdir), "configured" (`tarball` set) or "default"."""
+        if self.disabled():
+            return []
+        origin = "default" if self.cfg.sources.get("tarball", "default") == "default" \
+            else "configured"
+        return [(path, "found") for path in found_tarballs(self.cfg.topdir)] + \
+            [(source, origin) for source in self.cfg.tarball.split()]
 
     def disabled(self):
         """An explicitly empty `tarball` (UDOCKER_TARBALL="") turns installation off."""
-        return not self.sources() and self.cfg.sources.get("tarball", "default") != "default"
+        return not self.cfg.tarball.split() and \
+            self.cfg.sources.get("tarball", "default") != "default"
+
+    def advice(self):
+        """What a user without the tools can do, in one sentence."""
+        urls = DEFAULT_TARBALL_URLS.split()
+        return ("on a machine with Internet download %s (or %s), copy it beside udocker.py "
+                "(%s) or into %s and run again, or set UDOCKER_TARBALL to a local copy: see "
+                "udocker.py install --help" % (urls[0], urls[-1], script_dir(), self.cfg.topdir))
 
     # -- commands
 
     def ensure(self):
         """Install on first use (autoinstall); returns True when the tools are installed.
 
-        Raises EngineError when an installation was tried and failed.
+        Raises EngineError when an installation was tried and failed (the same one again
+        on later calls: one attempt per command).
         """
+        if self.failure is not None:
+            raise self.failure
         if self.is_installed():
             return True
         if not self.cfg.autoinstall or self.disabled():
             MSG.verbose("tools not installed, installation skipped")
             return False
-        return self.install()
+        try:
+            return self.install(auto=True)
+        except EngineError as exc:
+            self.failure = exc
+            raise
 
-    def install(self, force=False, purge=False):
-        """Install (again with force); returns True when the tools are installed after it."""
+    def install(self, force=False, purge=False, auto=False):
+        """Install (again with force or purge: purge also removes every installed file the
+        new tarball lacks); returns True when the tools are installed after it."""
         if self.disabled():
             if purge:
                 with self.repo.lock("install"):
                     self._purge(keep=())
             MSG.info("installation skipped (UDOCKER_TARBALL is empty)")
             return False
-        if not self.sources():
-            raise EngineError("no tools tarball configured: set UDOCKER_TARBALL to the "
-                              "udocker tools tarball (a file or URL)")
+        sources = self.sources()
+        if not sources:
+            raise EngineError("no tools tarball configured: %s" % self.advice())
         with self.repo.lock("install"):
-            if self.is_installed() and not force:
-                MSG.info("tools already installed: version %s" % self.installed_version())
+            if self.is_installed() and not (force or purge):
+                (MSG.verbose if auto else MSG.info)("tools already installed: version %s"
+                                                    % self.installed_version())
                 return True
             makedirs(self.cfg.topdir)
             with WorkDir(self.cfg.topdir, "install") as staging:
-                version, source = self._fetch_any(staging.path)
+                version, source = self._fetch_any(sources, staging.path)
                 self._commit(os.path.join(staging.path, "tree"), purge)
         MSG.info("tools installed: version %s from %s" % (version, source))
         return True
 
     # -- fetching and checking
 
-    def _fetch_any(self, staging):
-        """Try each source in order; returns (version, source) of the one unpacked."""
-        errors = []
-        for source in self.sources():
+    def _fetch_any(self, sources, staging):
+        """Try each source in order, saying in one line why one fails; returns (version,
+        source) of the one unpacked. Raises one EngineError naming what was tried and what
+        the user can do."""
+        failed = []
+        for source, origin in sources:
             try:
-                return self._fetch_one(source, staging), source
+                return self._fetch_one(source, origin, staging), source
             except EngineError as exc:
-                MSG.verbose("tools tarball %s: %s" % (source, exc))
-                errors.append(str(exc))
                 remove_tree(os.path.join(staging, "tree"))
-        if len(errors) == 1:
-            raise EngineError(errors[0])
-        raise EngineError("%s (and %d other source(s) failed)" % (errors[-1], len(errors) - 1))
+                failed.append((source, str(exc)))
+                if len(sources) > 1:
+                    MSG.warning("tools tarball %s: %s" % (source, exc))
+        if len(failed) == 1:
+            raise EngineError("tools tarball %s: %s: %s" % (failed[0] + (self.advice(),)))
+        raise EngineError("no tools tarball could be used (tried %s): %s"
+                          % (", ".join(s for s, _ in failed), self.advice()))
 
-    def _fetch_one(self, source, staging):
-        MSG.info("installing tools from %s" % source)
+    def _fetch_one(self, source, origin, staging):
         if _is_url(source) and not source.startswith("file://"):
-            path = os.path.join(staging, "tarball")
-            digest = self._download(source, path)
+            path = self._download(source, origin)
         else:
             path = os.path.abspath(os.path.expanduser(_local_path(source)))
             if not os.path.isfile(path):
-                raise EngineError("tools tarball not found: %s" % path)
-            digest = sha256_file(path)
-        self._check_sha256(source, digest)
+                raise EngineError("not found: %s" % path)
+            MSG.verbose("installing tools from %s" % path)
+            self._verify(source, origin, path)
         tree = os.path.join(staging, "tree")
-        version = unpack_tools(path, tree, source)
+        version = unpack_tools(path, tree)
         if not version_at_least(version, self.cfg.tarball_release):
-            raise EngineError("tools tarball %s has version %s, older than the required %s "
-                              "(tarball_release): set UDOCKER_TARBALL to a newer one"
-                              % (source, version, self.cfg.tarball_release))
+            raise EngineError("version %s, older than the required %s (tarball_release)"
+                              % (version, self.cfg.tarball_release))
         return version
 
-    def _download(self, url, path):
-        """Download url to path; returns the sha256 of what was received."""
-        attempts = max(1, self.cfg.installretry)
-        for attempt in range(1, attempts + 1):
+    def _download(self, url, origin):
+        """The path of a verified copy of url: topdir/NAME when it is there and verifies,
+        else downloaded into topdir/.NAME.partial (resumed), verified, then renamed."""
+        name = re.sub(r"[^A-Za-z0-9_.+-]", "_", os.path.basename(urlsplit(url).path))
+        name = name.lstrip(".") or "tools"
+        if not name.endswith((".tar.gz", ".tgz")):     # never bin, repos, udocker.conf ...
+            name += ".tar.gz"
+        dest = os.path.join(self.cfg.topdir, name)
+        partial = os.path.join(self.cfg.topdir, "." + name + ".partial")
+        if os.path.isfile(dest):
             try:
-                return self._download_once(url, path)
+                self._verify(url, origin, dest)
+                MSG.verbose("tools tarball %s: using the copy %s" % (url, dest))
+                return dest
+            except EngineError as exc:
+                MSG.verbose("%s: %s: downloading again" % (dest, exc))
+        for last in (False, True):
+            resumed = self._fetch_url(url, partial)
+            try:
+                digests = self._verify(url, origin, partial)
+                break
+            except EngineError:
+                remove_quietly(partial)
+                if last or not resumed:    # a resumed file may be stale: once from scratch
+                    raise
+        os.chmod(partial, 0o644)
+        os.rename(partial, dest)
+        write_atomic(dest + ".sha256", "%s  %s\n" % (digests["sha256"], os.path.basename(dest)))
+        return dest
+
+    def _fetch_url(self, url, partial):
+        """Download url into partial, resuming what is there with Range; returns whether
+        it resumed. A connection that cannot be made (refused, no such host) fails at once;
+        a transfer cut short is resumed up to installretry times."""
+        attempts = max(1, self.cfg.installretry)
+        progress = Progress()
+        row = None
+        resumed = False
+        for attempt in range(1, attempts + 1):
+            offset = os.path.getsize(partial) if os.path.exists(partial) else 0
+            client = self._client()
+            try:
+                resp = self._open(client, url, offset)
+                if resp is None:                # 416: partial is already whole
+                    return True
+                if offset and resp.status == 200:
+                    MSG.verbose("%s: the server ignored Range, downloading again" % url)
+                    offset = 0
+                resumed = resumed or bool(offset)
+                length = resp.header("content-length") or ""
+                total = offset + int(length) if length.isdigit() else 0
+                if row is None:
+                    row = progress.add(os.path.basename(partial)[1:-len(".partial")], total)
+                row[1], row[2] = offset, total
+                with open(partial, "ab" if offset else "wb") as handle:
+                    while True:
+                        data = resp.read(1 << 16)
+                        if not data:
+                            break
+                        handle.write(data)
+                        progress.update(row, len(data))
+                got = os.path.getsize(partial)
+                if total and got < total:
+                    raise TransportError("ended early (%d of %d bytes)" % (got, total))
+                progress.finish(row)
+                return resumed
             except NETWORK_ERRORS as exc:
                 reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
                 if attempt >= attempts:
-                    raise EngineError("cannot download tools tarball %s: %s: %s"
-                                      % (url, reason, self.NEXT_STEP))
-                MSG.verbose("download failed (%s), retrying" % reason)
+                    raise EngineError("download interrupted %d time(s), last: %s"
+                                      % (attempts, reason))
+                MSG.verbose("download of %s interrupted (%s), resuming" % (url, reason))
                 time.sleep(0.2 * attempt)
+            finally:
+                client.close()
 
-    def _download_once(self, url, path):
+    def _client(self):
+        """An HttpClient that gives up after ctimeout (10 s) without an answer, not the
+        registry's 30 s: on a node whose firewall drops packets each URL costs that once."""
         client = HttpClient(self.cfg)
-        digest = hashlib.sha256()
-        received = 0
+        client.timeout = min(self.cfg.ctimeout, self.cfg.timeout)
+        return client
+
+    @staticmethod
+    def _open(client, url, offset):
+        """GET url from offset; the Response (200 or 206), or None for a 416 at offset."""
+        headers = {"Range": "bytes=%d-" % offset} if offset else {}
         try:
-            resp = client.request("GET", url)
-            if resp.status != 200:
-                resp.close(reuse=False)
-                raise EngineError("cannot download tools tarball %s: HTTP %d %s: %s"
-                                  % (url, resp.status, resp.reason, self.NEXT_STEP))
-            expected = resp.header("content-length")
-            with open(path, "wb") as handle:
-                while True:
-                    data = resp.read(1 << 16)
-                    if not data:
-                        break
-                    handle.write(data)
-                    digest.update(data)
-                    received += len(data)
-        finally:
-            client.close()
-        if expected and expected.isdigit() and int(expected) != received:
-            raise EngineError("tools tarball %s: download truncated (%d of %s bytes): %s"
-                              % (url, received, expected, self.NEXT_STEP))
-        return digest.hexdigest()
+            resp = client.request("GET", url, headers)
+        except NETWORK_ERRORS as exc:
+            raise EngineError("cannot download: %s" % (getattr(exc, "strerror", None) or
+                                                       str(exc) or type(exc).__name__))
+        except RegistryError as exc:
+            raise EngineError("cannot download: %s" % exc)
+        if offset and resp.status == 416:
+            resp.close(reuse=False)
+            return None
+        if resp.status not in (200, 206):
+            resp.close(reuse=False)
+            raise EngineError("cannot download: HTTP %d %s" % (resp.status, resp.reason))
+        if resp.status == 206 and not _range_starts_at(resp.header("content-range"), offset):
+            resp.close(reuse=False)
+            raise EngineError("cannot download: the server answered Range bytes=%d- with %r"
+                              % (offset, resp.header("content-range")))
+        return resp
 
-    def expected_sha256(self, source):
-        """The sha256 sums a source must match: configured, a .sha256 beside it, or pinned.
-
-        Returns a (possibly empty) list of lower-case hex digests.
-        """
-        configured = SHA256_RE.findall(self.cfg.tarball_sha256 or "")
+    def expected(self, source, origin, path):
+        """The pins ([(kind, hex)], kind "sha256" or "gitblob") a source must match: the
+        configured UDOCKER_TARBALL_SHA256 (not for a found file); else a pin by file name
+        (TOOLS_SHA256, TOOLS_GITBLOB) and, for a local file, the .sha256 beside it; for a
+        URL without a pin, the .sha256 published beside it."""
+        pinned, configured = self.pins(source, origin)
         if configured:
-            return [d.lower() for d in configured]
-        sidecar = self._read_sidecar(source + ".sha256")
-        if sidecar:
-            return [sidecar.lower()]
-        pinned = TOOLS_SHA256.get(os.path.basename(source.split("?")[0]))
-        return [pinned] if pinned else []
+            return pinned
+        if not _is_url(source) or source.startswith("file://"):
+            return pinned + self._read_sidecar(path + ".sha256")
+        if pinned:
+            return pinned
+        if source not in self.wanted:
+            self.wanted[source] = self._read_sidecar(source + ".sha256")
+        return self.wanted[source]
+
+    def pins(self, source, origin):
+        """(pins, configured): the configured pins, else the pins by file name."""
+        if origin != "found":
+            configured = parse_pins(self.cfg.tarball_sha256)
+            if configured:
+                return configured, True
+        name = os.path.basename(source.split("?")[0])
+        pinned = [("sha256", TOOLS_SHA256[name])] if name in TOOLS_SHA256 else []
+        pinned += [("gitblob", TOOLS_GITBLOB[name])] if name in TOOLS_GITBLOB else []
+        return pinned, False
+
+    def describe(self):
+        """showconf: one line per source in the order tried, with what verifies it."""
+        lines = []
+        for source, origin in self.sources():
+            pinned, configured = self.pins(source, origin)
+            how = " or ".join("%s:%s" % pin for pin in pinned)
+            local = not _is_url(source) or source.startswith("file://")
+            if configured:
+                how += " (tarball_sha256)"
+            elif local:
+                how = " or ".join(filter(None, [how, "the .sha256 beside it"]))
+            elif not pinned:
+                how = "the .sha256 published beside it"
+            lines.append("%s  [%s; verified by %s]" % (source, origin, how))
+        return lines
 
     def _read_sidecar(self, source):
-        if not _is_url(source) or source.startswith("file://"):
+        if not _is_url(source):
             try:
-                match = SHA256_RE.search(read_text(os.path.expanduser(_local_path(source))))
+                match = SHA256_RE.search(read_text(source))
             except (IOError, OSError):
-                return None
-            return match.group(1) if match else None
-        client = HttpClient(self.cfg)
-        try:
-            resp = client.request("GET", source)
-            body = resp.read_all(1 << 16) if resp.status == 200 else b""
-        except NETWORK_ERRORS + (RegistryError,):
-            return None
-        finally:
-            client.close()
-        match = SHA256_RE.search(to_text(body))
-        return match.group(1) if match else None
+                return []
+        else:
+            client = self._client()
+            try:
+                resp = client.request("GET", source)
+                body = resp.read_all(1 << 16) if resp.status == 200 else b""
+            except NETWORK_ERRORS + (RegistryError,):
+                body = b""
+            finally:
+                client.close()
+            match = SHA256_RE.search(to_text(body))
+        return [("sha256", match.group(1).lower())] if match else []
 
-    def _check_sha256(self, source, digest):
-        wanted = self.expected_sha256(source)
+    def _verify(self, source, origin, path):
+        """Check path (the bytes of source) against its pins; returns its digests (None for
+        an unchecked local file). Raises EngineError."""
+        wanted = self.expected(source, origin, path)
         if not wanted:
-            if _is_url(source) and not source.startswith("file://"):
-                raise EngineError("no sha256 for tools tarball %s: set UDOCKER_TARBALL_SHA256 "
-                                  "or publish %s.sha256 beside it" % (source, source))
-            MSG.warning("tools tarball %s: no sha256 to check it against" % source)
-            return
-        if digest not in wanted:
-            raise EngineError("tools tarball %s: sha256 mismatch (got %s, expected %s): the "
-                              "file is corrupt or not the one published: %s"
-                              % (source, digest[:16], wanted[0][:16], self.NEXT_STEP))
-        MSG.verbose("tools tarball sha256 ok: %s" % digest)
+            if origin == "configured" and not _is_url(source):
+                MSG.warning("tools tarball %s: no sha256 to check it against" % source)
+                return None
+            name = os.path.basename(path)
+            if origin == "found":
+                raise EngineError("no sha256 to check it against: put its sha256 beside it "
+                                  "(sha256sum %s > %s.sha256)" % (name, name))
+            raise EngineError("no sha256 to check it against: set UDOCKER_TARBALL_SHA256 "
+                              "(sha256:HEX or gitblob:ID) or publish %s.sha256 beside it"
+                              % source)
+        got = tarball_digests(path)
+        if not [kind for kind, value in wanted if got[kind] == value]:
+            kind, value = wanted[0]
+            raise EngineError("%s mismatch (got %s, expected %s): the file is corrupt or not "
+                              "the one published" % (PIN_NAMES[kind], got[kind][:16],
+                                                     value[:16]))
+        MSG.verbose("tools tarball %s: %s ok" % (source, ", ".join(
+            "%s %s" % (PIN_NAMES[k], v[:16]) for k, v in wanted if got[k] == v)))
+        return got
 
     # -- putting files in place
 
@@ -7646,11 +7848,11 @@ def _member_parts(name):
         name = name[2:]
     parts = name.rstrip("/").split("/")
     if name.startswith("/") or ".." in parts:
-        raise EngineError("tools tarball has an unsafe member: %s" % name)
+        raise EngineError("unsafe member: %s" % name)
     if len(parts) < 3 or parts[0] != "udocker_dir" or parts[1] not in TOOLS_PARTS:
         return None
     if any(p in ("", ".") for p in parts[2:]):
-        raise EngineError("tools tarball has an unsafe member: %s" % name)
+        raise EngineError("unsafe member: %s" % name)
     return parts[1:]
 
 
@@ -7663,11 +7865,12 @@ def _safe_link_target(parts, target):
     return resolved.split(os.sep)[0] == parts[0] and not resolved.startswith("..")
 
 
-def unpack_tools(path, tree, source):
+def unpack_tools(path, tree):
     """Extract the bin/ lib/ doc/ members of a tools tarball into tree; returns lib/VERSION.
 
-    Only regular files and symlinks that stay inside are taken. Raises EngineError for a
-    file that is not a (complete) tar archive, an unsafe member or a missing VERSION.
+    Only regular files and symlinks that stay inside are taken. Raises EngineError (the
+    reason, without the file's name) for a file that is not a (complete) tar archive, an
+    unsafe member or a missing VERSION.
     """
     import tarfile
     import zlib
@@ -7697,15 +7900,13 @@ def unpack_tools(path, tree, source):
                                                                errno.EDQUOT):
             raise
         reason = (str(exc) or type(exc).__name__).splitlines()[0].rstrip(":")
-        raise EngineError("tools tarball %s is truncated or not a tar.gz file (%s): %s"
-                          % (source, reason, ToolsInstaller.NEXT_STEP))
+        raise EngineError("truncated or not a tar.gz file (%s)" % reason)
     version_file = os.path.join(tree, "lib", "VERSION")
     if not os.path.isfile(version_file):
-        raise EngineError("%s is not a udocker tools tarball (no udocker_dir/lib/VERSION): %s"
-                          % (source, ToolsInstaller.NEXT_STEP))
+        raise EngineError("not a udocker tools tarball (no udocker_dir/lib/VERSION)")
     version = read_text(version_file).strip()
     if not version_tuple(version):
-        raise EngineError("tools tarball %s: unreadable lib/VERSION %r" % (source, version))
+        raise EngineError("unreadable lib/VERSION %r" % version)
     return version
 
 
@@ -7875,8 +8076,9 @@ class Tools(object):
                     MSG.warning("%s (using %s from PATH)" % (install_error, path))
                 return path, info
             rejected.append("%s: %s" % (path, info.get("why")))
-        if install_error is not None:
-            raise install_error
+        if install_error is not None:              # the one message: tried, what to do
+            raise EngineError("%s (%s)" % (install_error, "; ".join(rejected) or
+                                           "no %s on PATH" % "/".join(names)))
         if rejected:
             raise EngineError("no usable %s: %s; install the tools (udocker.py install, "
                               "UDOCKER_TARBALL)" % (kind, "; ".join(rejected)))
@@ -8074,9 +8276,11 @@ class Command(object):
     rest: the positional after which every word belongs to the container command (run).
     """
 
-    def __init__(self, name, summary, args=(), opts=(), func=None, rest=None, needs_repo=True):
+    def __init__(self, name, summary, args=(), opts=(), func=None, rest=None, needs_repo=True,
+                 notes=""):
         self.name, self.summary, self.args, self.opts = name, summary, list(args), list(opts)
         self.func, self.rest, self.needs_repo = func, rest, needs_repo
+        self.notes = notes          # text shown after the options by `help COMMAND`
         self.lookup = dict((n, o) for o in self.opts for n in o.names)
 
     def usage(self):
@@ -8089,6 +8293,8 @@ class Command(object):
             width = max(len(o.usage()) for o in self.opts) + 2
             for opt in self.opts:
                 lines.append("  %-*s %s" % (width, opt.usage(), opt.help))
+        if self.notes:
+            lines.extend(["", self.notes])
         return "\n".join(lines)
 
     def parse(self, words):
@@ -8688,6 +8894,19 @@ def _set_nvidia(session, container, force):
                 " (none on this host)"))
 
 
+INSTALL_NOTES = """Where the tools come from, in this order (showconf lists their checksums):
+  1. a tools tarball beside udocker.py or in the repository directory (~/.udocker):
+     udocker-tools-*.tar.gz with its .sha256 beside it, or udocker-englib-*.tar.gz
+  2. UDOCKER_TARBALL (`tarball` in udocker.conf): files or URLs, space-separated, checked
+     against UDOCKER_TARBALL_SHA256 (sha256:HEX or gitblob:ID), a pin, or NAME.sha256
+  3. when UDOCKER_TARBALL is not set, udocker's tools 1.2.11 (pinned by git blob id) from
+     %s
+  4. proot, runc or crun on PATH, when they pass a capability check
+Without Internet: download one of the URLs above on a machine that has it, copy the file
+beside udocker.py or into ~/.udocker, and run the command again.""" % "\n     ".join(
+    DEFAULT_TARBALL_URLS.split())
+
+
 def cmd_install(session, opts, args):
     ToolsInstaller(session.cfg, session.repo).install(force=opts["force"], purge=opts["purge"])
     return 0
@@ -8712,6 +8931,10 @@ def cmd_showconf(session, opts, args):
         if MSG.level >= Messages.VER:
             line += "    # " + session.cfg.sources.get(key, "derived")
         out(line)
+    out("-" * 79)
+    out("tools tarball sources, tried in this order (then engines on PATH):")
+    for line in ToolsInstaller(session.cfg, None).describe() or ["none (installation off)"]:
+        out("  " + line)
     out("-" * 79)
     return 0
 
@@ -8830,7 +9053,8 @@ COMMANDS = dict((c.name, c) for c in [
             needs_repo=False),
     Command("install", "install the engines (tools tarball)", opts=[
         _o("--force", help="reinstall even if installed"),
-        _o("--purge", help="remove installed tools first")], func=cmd_install),
+        _o("--purge", help="remove the installed tools and install again")],
+        func=cmd_install, notes=INSTALL_NOTES),
     Command("search", "search a registry for images, or list an image's tags",
             ["EXPRESSION"], opts=[
                 _o("-a", help="show all results without paging"),

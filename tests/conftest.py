@@ -40,6 +40,11 @@ from support.images import push_standard_images, standard_images  # noqa
 from support.registry import start_registry  # noqa: E402
 from support.runner import Udocker  # noqa: E402
 from support.slurm import SlurmCluster  # noqa: E402
+from support.toolserver import refused_url  # noqa: E402
+
+# udocker.py's default tools download (DEFAULT_TARBALL_URLS) points at a loopback port that
+# refuses connections in every test: tests use no network but loopback.
+os.environ.setdefault("UDOCKER_TEST_DEFAULT_TARBALL", refused_url("udocker-englib-1.2.11.tar.gz"))
 
 __all__ = ["REPO_ROOT", "UDOCKER_SCRIPT"]
 

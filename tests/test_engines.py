@@ -12,6 +12,7 @@ import pytest
 
 import udocker
 import rootfs
+from support.toolserver import path_without_engines
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "udocker.py")
 ROOT_ARGS = ["--allow-root"] if os.geteuid() == 0 else []
@@ -283,17 +284,19 @@ def test_run_errors_are_one_line(bb_container, args, needle):
 
 
 def test_run_without_tools_says_how_to_get_them(bb_container):
+    no_engines = path_without_engines(str(bb_container.join("path")))   # whatever the host has
     rc, out, err = run_ud(bb_container, ["run", "named", "true"],
-                          {"PATH": "/usr/bin:/bin", "UDOCKER_TARBALL": ""})
+                          {"PATH": no_engines, "UDOCKER_TARBALL": ""})
     assert rc == 1 and "UDOCKER_TARBALL" in err and "Traceback" not in err
     environ = dict((k, v) for k, v in os.environ.items() if k != "UDOCKER_TARBALL")
     proc = subprocess.Popen([sys.executable, SCRIPT] + ROOT_ARGS + ["run", "named", "true"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(environ, UDOCKER_DIR=str(bb_container.join("ud")),
                                      HOME=str(bb_container), UDOCKER_NOSYSCONF="1",
-                                     PATH="/usr/bin:/bin"))
+                                     PATH=no_engines))    # the default download: refused here
     err = proc.communicate()[1].decode("utf-8")
     assert proc.returncode == 1 and "set UDOCKER_TARBALL" in err
+    assert "copy it beside udocker.py" in err and "install --help" in err
 
 
 def test_name_patterns_cpu_lists_and_port_specs():

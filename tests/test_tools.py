@@ -9,17 +9,14 @@ import stat
 import subprocess
 import sys
 import tarfile
-import threading
+import time
 
+import py
 import pytest
 
 import udocker
 from support import required_file
-
-try:
-    from http.server import HTTPServer, BaseHTTPRequestHandler
-except ImportError:                                              # Python 2.7
-    from BaseHTTPServer import HTTPServer, BaseHTTPRequestHandler
+from support.toolserver import ToolServer, path_without_engines, refused_url
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "udocker.py")
 ROOT_ARGS = ["--allow-root"] if os.geteuid() == 0 else []
@@ -87,43 +84,9 @@ def good(tmpdir):
     return path
 
 
-class Server(object):
-    """A loopback HTTP server serving a dict path -> bytes; stopped by the fixture."""
-
-    def __init__(self):
-        files = self.files = {}
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = files.get(self.path)
-                if body is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever)
-        self.thread.daemon = True
-        self.thread.start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(10)
-
-
 @pytest.fixture
 def server():
-    srv = Server()
+    srv = ToolServer()
     yield srv
     srv.stop()
 
@@ -287,12 +250,16 @@ def test_unsafe_members_are_refused_or_skipped(tmpdir):
 
 
 def test_upstream_layout_accepted(tmpdir):
-    path = tmpdir.join("udocker-englib-1.2.11.tar.gz")
+    path = tmpdir.join("upstream-layout.tar.gz")
     make_tarball(path, version="1.2.11", extra=[
         ("udocker_dir/lib/libfakechroot-Ubuntu-22-x86_64.so", b"\x7fELF"),
         ("udocker_dir/lib/libfakechroot-Debian-12-x86_64.so",
          ("link", "libfakechroot-Ubuntu-22-x86_64.so")),
         ("udocker_dir/bin/runc-x86_64", b"#!/bin/sh\n")])
+    pinned_name = tmpdir.join("udocker-englib-1.2.11.tar.gz")  # upstream's name is pinned
+    path.copy(pinned_name)
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(pinned_name)})
+    assert rc == 1 and "git blob id mismatch" in one_error_line(err)
     rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(path)})
     assert rc == 0, err
     assert "no sha256" in err                           # a local file: a warning only
@@ -344,6 +311,258 @@ def test_pinned_sha256_is_what_build_tarball_builds():
     assert name in udocker.TOOLS_SHA256, (name, sorted(udocker.TOOLS_SHA256))
     assert udocker.sha256_file(path) == udocker.TOOLS_SHA256[name], \
         "%s is not the tarball pinned in udocker.py: update TOOLS_SHA256" % path
+
+
+# -- sources with no configuration: beside udocker.py, in UDOCKER_DIR, the default download
+
+ENGLIB = "udocker-englib-1.2.11.tar.gz"
+CID = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+
+
+def sha256_of(path):
+    return hashlib.sha256(path.read_binary()).hexdigest()
+
+
+def git_blob_id(path):
+    """The id `git hash-object` gives the file (the same formula when git is missing)."""
+    try:
+        return subprocess.check_output(["git", "hash-object", str(path)]).decode().strip()
+    except OSError:
+        data = path.read_binary()
+        return hashlib.sha1(("blob %d\0" % len(data)).encode() + data).hexdigest()
+
+
+def no_engines_env(tmpdir, **extra):
+    """The environment of a new user: a PATH without engines, no UDOCKER_TARBALL."""
+    env = {"PATH": path_without_engines(str(tmpdir.join("no-engines")))}
+    env.update(extra)
+    return env
+
+
+def with_container(tmpdir):
+    """A container "named" in tmpdir/ud (a copy of a small root file system)."""
+    import rootfs
+    tree = str(tmpdir.join("tree"))
+    if rootfs.busybox_available():
+        rootfs.make_busybox_rootfs(tree)
+    else:
+        rootfs.make_glibc_rootfs(tree)
+    rootfs.write_container(str(tmpdir.join("ud")), CID, tree, name="named")
+
+
+def partials(tmpdir):
+    return [n for n in os.listdir(str(tmpdir.join("ud"))) if n.endswith(".partial")]
+
+
+def test_pins_by_sha256_and_git_blob_id(tmpdir, good):
+    blob = git_blob_id(good)
+    assert udocker.tarball_digests(str(good)) == {"sha256": sha256_of(good), "gitblob": blob}
+    assert udocker.parse_pins("gitblob:%s sha256:%s %s" % (blob, "a" * 64, "B" * 64)) == \
+        [("gitblob", blob), ("sha256", "a" * 64), ("sha256", "b" * 64)]
+    assert udocker.parse_pins(blob) == []               # a bare 40-digit value is no pin
+    assert udocker.TOOLS_GITBLOB[ENGLIB] == "17f7341a84ea7b25d072fcdb48c8b68570201020"
+
+
+def test_showconf_lists_the_default_sources_and_pins(tmpdir):
+    rc, out, err = run_ud(tmpdir, ["showconf"], {"UDOCKER_TEST_DEFAULT_TARBALL":
+                                                 udocker.DEFAULT_TARBALL_URLS})
+    assert rc == 0, err
+    listed = out.split("tried in this order")[1]
+    for url in ("https://download.ncg.ingrid.pt/webdav/udocker/" + ENGLIB,
+                "https://raw.githubusercontent.com/jorge-lip/udocker-builds/master/tarballs/"
+                + ENGLIB):
+        assert "%s  [default; verified by gitblob:17f7341a84ea7b25d072fcdb48c8b68570201020]" \
+            % url in listed
+
+
+def test_default_download_is_verified_kept_and_reused(tmpdir, good, server):
+    server.files["/a/" + ENGLIB] = good.read_binary()
+    env = {"UDOCKER_TEST_DEFAULT_TARBALL": server.url + "/a/" + ENGLIB}
+    rc, out, err = run_ud(tmpdir, ["install"], env)
+    assert rc == 1 and "git blob id mismatch" in one_error_line(err)  # not upstream's bytes
+    assert server.gets("/a/" + ENGLIB) == 1 and not installed(tmpdir, "lib", "VERSION").check()
+    assert partials(tmpdir) == [] and not installed(tmpdir, ENGLIB).check()
+    name = "udocker-tools-9.9.9.tar.gz"
+    server.files["/a/" + name] = good.read_binary()
+    env = {"UDOCKER_TEST_DEFAULT_TARBALL": server.url + "/a/" + name,
+           "UDOCKER_TARBALL_SHA256": "gitblob:" + git_blob_id(good)}
+    rc, out, err = run_ud(tmpdir, ["install"], env)
+    assert rc == 0, err
+    assert installed(tmpdir, "lib", "VERSION").read().strip() == "2.0.0"
+    assert server.gets("/a/" + name) == 1 and partials(tmpdir) == []
+    assert installed(tmpdir, name).read_binary() == good.read_binary()     # kept
+    stale = installed(tmpdir, "bin", "stale-tool")
+    stale.write("x")
+    rc, out, err = run_ud(tmpdir, ["install", "--purge"], env)   # again, from the kept copy
+    assert rc == 0 and "tools installed: version 2.0.0 from %s" % installed(tmpdir, name) \
+        in err, err
+    assert not stale.check() and installed(tmpdir, "bin", "proot-x86_64").check()
+    assert server.gets("/a/" + name) == 1
+
+
+def test_tarball_beside_udocker_py_or_in_udocker_dir(tmpdir, good):
+    app = tmpdir.join("app").ensure(dir=True)
+    script = app.join("udocker.py")
+    py.path.local(SCRIPT).copy(script)
+    older = app.join("udocker-tools-1.1.0.tar.gz")
+    write_sidecar(older, make_tarball(older, version="1.1.0"))
+    newest = app.join("udocker-tools-2.1.0.tar.gz")
+    good.copy(newest)
+    env = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
+               UDOCKER_NOSYSCONF="1")
+    env.pop("UDOCKER_TARBALL", None)
+    cmd = [sys.executable, str(script)] + ROOT_ARGS + ["install"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    err = proc.communicate()[1].decode()
+    assert proc.returncode == 1, err          # no .sha256 beside the newest, 1.1.0 too old
+    assert "tools tarball %s: no sha256" % newest in err
+    assert "tools tarball %s: version 1.1.0, older" % older in err
+    line = one_error_line(err)
+    assert "tried %s, %s, " % (newest, older) in line and "beside udocker.py (%s)" % app in line
+    newest.new(basename=newest.basename + ".sha256").write(
+        "%s  %s\n" % (sha256_of(good), newest.basename))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    err = proc.communicate()[1].decode()
+    assert proc.returncode == 0 and "from %s" % newest in err, err
+    assert "Warning" not in err
+    moved = tmpdir.join("ud", newest.basename)     # the same file in UDOCKER_DIR
+    newest.move(moved)
+    newest.new(basename=newest.basename + ".sha256").move(moved.new(
+        basename=moved.basename + ".sha256"))
+    proc = subprocess.Popen(cmd[:-1] + ["install", "--force"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    err = proc.communicate()[1].decode()
+    assert proc.returncode == 0 and "from %s" % moved in err, err
+
+
+def test_interrupted_download_resumes_with_range(tmpdir, good, server):
+    server.files["/t.tar.gz"] = good.read_binary()
+    server.faults["/t.tar.gz"] = ["close-at:100"]
+    env = {"UDOCKER_TARBALL": server.url + "/t.tar.gz", "UDOCKER_TARBALL_SHA256": sha256_of(good)}
+    rc, out, err = run_ud(tmpdir, ["install"], env)
+    assert rc == 0, err
+    assert server.ranges == [None, "bytes=100-"] and partials(tmpdir) == []
+    assert err.count("Info: downloaded t.tar.gz") == 1          # one line in a pipe
+    tmpdir.join("ud", "t.tar.gz").remove()
+    tmpdir.join("ud", ".t.tar.gz.partial").write_binary(b"stale bytes of another file")
+    server.ranges[:] = []
+    rc, out, err = run_ud(tmpdir, ["install", "--force"], env)
+    assert rc == 0, err                       # resumed, refused by its sha256, then whole
+    assert server.ranges == ["bytes=27-", None] and partials(tmpdir) == []
+
+
+def test_a_corrupt_download_is_refused_and_the_next_source_tried(tmpdir, good, server):
+    data = good.read_binary()
+    server.files["/one.tar.gz"] = server.files["/two.tar.gz"] = data
+    server.faults["/one.tar.gz"] = ["corrupt"]
+    env = {"UDOCKER_TARBALL": "%s/one.tar.gz %s/two.tar.gz" % (server.url, server.url),
+           "UDOCKER_TARBALL_SHA256": sha256_of(good)}
+    rc, out, err = run_ud(tmpdir, ["install"], env)
+    assert rc == 0, err
+    assert "Warning: tools tarball %s/one.tar.gz: sha256 mismatch" % server.url in err
+    assert server.gets("/one.tar.gz") == 1 and server.gets("/two.tar.gz") == 1
+    assert not installed(tmpdir, "one.tar.gz").check() and partials(tmpdir) == []
+
+
+def test_offline_run_fails_at_once_with_one_message(tmpdir):
+    with_container(tmpdir)
+    urls = [refused_url(ENGLIB), refused_url("mirror/" + ENGLIB)]
+    env = no_engines_env(tmpdir, UDOCKER_TEST_DEFAULT_TARBALL=" ".join(urls))
+    started = time.time()
+    rc, out, err = run_ud(tmpdir, ["run", "named", "true"], env)
+    elapsed = time.time() - started
+    line = one_error_line(err)
+    assert rc == 1 and elapsed < 10, (elapsed, err)
+    assert "tried %s, %s" % tuple(urls) in line
+    for words in ("https://download.ncg.ingrid.pt/webdav/udocker/" + ENGLIB,
+                  "beside udocker.py", tmpdir.join("ud"), "install --help", "no proot on PATH"):
+        assert str(words) in line, line
+    assert [l for l in err.splitlines() if l.startswith("Warning: tools tarball")] == [
+        "Warning: tools tarball %s: cannot download: Connection refused" % url for url in urls]
+
+
+def test_one_download_per_command_and_no_retry_without_an_answer(tmpdir, good, server):
+    with_container(tmpdir)
+    server.files["/a/" + ENGLIB] = good.read_binary()            # not upstream's: refused
+    server.faults["/b/" + ENGLIB] = ["hangup"] * 5               # no answer at all
+    env = no_engines_env(tmpdir, UDOCKER_TEST_DEFAULT_TARBALL="%s/a/%s %s/b/%s" % (
+        server.url, ENGLIB, server.url, ENGLIB))
+    rc, out, err = run_ud(tmpdir, ["run", "named", "true"], env)
+    assert rc == 1 and "no tools tarball could be used" in one_error_line(err), err
+    assert server.gets("/a/" + ENGLIB) == 1 and server.gets("/b/" + ENGLIB) == 1
+    assert server.gets("/a/%s.sha256" % ENGLIB) == 0                # pinned: no sidecar
+
+
+def test_a_silent_server_costs_one_short_wait(tmpdir, good, server):
+    server.files["/t.tar.gz"] = good.read_binary()
+    server.faults["/t.tar.gz"] = ["delay:5"] * 5          # answers after ctimeout, too late
+    tmpdir.join("ud").ensure(dir=True).join("udocker.conf").write("[DEFAULT]\nctimeout = 1\n")
+    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": server.url + "/t.tar.gz",
+                                                "UDOCKER_TARBALL_SHA256": sha256_of(good)})
+    assert rc == 1 and "cannot download: timed out" in one_error_line(err), err
+    assert server.gets("/t.tar.gz") == 1
+
+
+def test_concurrent_first_runs_download_and_install_once(tmpdir, good, server):
+    with_container(tmpdir)
+    name = "udocker-tools-9.9.9.tar.gz"
+    server.files["/" + name] = good.read_binary()
+    server.files["/%s.sha256" % name] = ("%s  %s\n" % (sha256_of(good), name)).encode()
+    server.faults["/" + name] = ["delay:1"]          # the first download takes a while
+    env = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
+               UDOCKER_NOSYSCONF="1", UDOCKER_TEST_DEFAULT_TARBALL=server.url + "/" + name,
+               **no_engines_env(tmpdir))
+    env.pop("UDOCKER_TARBALL", None)
+    procs = [subprocess.Popen([sys.executable, SCRIPT] + ROOT_ARGS + ["run", "named", "true"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+             for _ in range(3)]
+    errs = "".join(p.communicate()[1].decode("utf-8") for p in procs)
+    assert server.gets("/" + name) == 1, errs
+    assert errs.count("tools installed: version 2.0.0") == 1, errs
+    assert installed(tmpdir, "lib", "VERSION").read().strip() == "2.0.0"
+
+
+# -- done means: a new user's first `run`, with two files copied or with nothing
+
+def new_user(tmpdir, files):
+    """A runner of a copy of udocker.py in tmpdir/app beside files, for a user with a PATH
+    without engines and no UDOCKER_* variable (the tools go to ~/.udocker)."""
+    from support.runner import Udocker
+    app = tmpdir.join("app").ensure(dir=True)
+    py.path.local(SCRIPT).copy(app.join("udocker.py"))
+    for path in files:
+        py.path.local(path).copy(app.join(os.path.basename(path)))
+    run = Udocker(str(tmpdir.join("user")), script=str(app.join("udocker.py")))
+    run.env.update(no_engines_env(tmpdir, UDOCKER_DIR=None, UDOCKER_NOSYSCONF=None))
+    return run, app
+
+
+def test_new_user_with_the_tarball_beside_udocker_py_runs_an_image(tmpdir, registry):
+    tarball = os.environ.get("UDOCKER_TEST_TARBALL", "")
+    if not os.path.isfile(tarball) or not os.path.isfile(tarball + ".sha256"):
+        print("skipped: UDOCKER_TEST_TARBALL (and its .sha256) not found: %r" % tarball)
+        pytest.skip("UDOCKER_TEST_TARBALL and its .sha256 (tools/build_tarball.sh) needed")
+    if os.geteuid() == 0:
+        pytest.skip("the engines are tested as a non-root user (run: bash tests/run)")
+    run, app = new_user(tmpdir, [tarball, tarball + ".sha256"])
+    res = run("run", "--rm", "%s/test/busybox" % registry.host, "echo", "hi")
+    assert res.rc == 0 and "hi" in res.out.splitlines(), res
+    assert "tools installed: version" in res.err and \
+        "from %s" % app.join(os.path.basename(tarball)) in res.err, res
+    assert os.path.isfile(os.path.join(run.home, ".udocker", "lib", "VERSION"))
+
+
+def test_new_user_without_tarball_or_network_gets_one_message(tmpdir, registry):
+    run, app = new_user(tmpdir, [])
+    image = "%s/test/busybox" % registry.host
+    run("pull", image).check()
+    started = time.time()
+    res = run("run", "--rm", image, "echo", "hi")
+    elapsed = time.time() - started
+    line = one_error_line(res.err)
+    assert res.rc == 1 and "hi" not in res.out and elapsed < 10, (elapsed, res)
+    assert "https://download.ncg.ingrid.pt/webdav/udocker/" + ENGLIB in line
+    assert "beside udocker.py (%s)" % app in line and "install --help" in line
 
 
 # -- finding the engines

@@ -12,6 +12,8 @@ Modules:
     slurm        a real single-node Slurm cluster (munge, MariaDB, slurmdbd,
                  slurmctld, slurmd) on 127.0.0.1, run as the test user
     nvidia       a fake NVIDIA driver tree (setup/run --nvidia)
+    toolserver   a loopback file server (Range, counts, faults) for the tools
+                 installer; a refusing URL; a PATH without engines
 
 Everything here runs on Python 2.7 and 3.6+, stdlib only, loopback only.
 This file holds the few Python 2/3 differences and the shared paths.

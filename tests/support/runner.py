@@ -10,7 +10,8 @@
 
 Command: [python, UDOCKER_SCRIPT] + args, where python is sys.executable
 unless $UDOCKER_TEST_PYTHON or python= says otherwise. Environment: the
-test process's, minus every UDOCKER_* variable and every *_proxy variable,
+test process's, minus every UDOCKER_* variable (but UDOCKER_TEST_PYTHON and
+UDOCKER_TEST_DEFAULT_TARBALL, see conftest.py) and every *_proxy variable,
 plus HOME=<tmp>/home, UDOCKER_DIR=<tmp>/udocker, UDOCKER_NOSYSCONF=1, plus
 run.env (persistent per test), plus env= (None removes a variable).
 The process runs in its own session; on timeout the whole group is killed
@@ -64,7 +65,7 @@ def clean_environ():
     env = {}
     for name, value in os.environ.items():
         if name.upper().startswith("UDOCKER_") and \
-                name != "UDOCKER_TEST_PYTHON":
+                name not in ("UDOCKER_TEST_PYTHON", "UDOCKER_TEST_DEFAULT_TARBALL"):
             continue
         if name.lower().endswith("_proxy"):
             continue
