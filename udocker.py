@@ -6460,7 +6460,8 @@ class ProotEngine(Engine):
             argv.append("--link2symlink")
         argv += ["-r", self.root, "-w", self.cwd]
         for vol in self.volumes:
-            argv += ["-b", vol.host if vol.host == vol.cont else "%s:%s" % (vol.host, vol.cont)]
+            host = self._bind_host(vol.host)
+            argv += ["-b", host if host == vol.cont else "%s:%s" % (host, vol.cont)]
         if self.user.uid == 0:
             argv.append("-0")
         else:
@@ -6478,6 +6479,18 @@ class ProotEngine(Engine):
         elif not info.get("seccomp"):
             MSG.verbose("this proot has no seccomp acceleration: P1 runs like P2")
         return argv + self.argv, env, None
+
+    def _bind_host(self, host):
+        """proot -b splits HOST:GUEST at the first ':', so a host path with one is given as
+        a symlink without (proot follows it); GUEST may hold ':'."""
+        if ":" not in host:
+            return host
+        links = os.path.join(self.container.run_dir(self.cfg), "binds")
+        makedirs(links)
+        link = os.path.join(links, hashlib.sha256(to_bytes(host)).hexdigest()[:16])
+        if not (os.path.islink(link) and os.readlink(link) == host):
+            symlink_atomic(host, link)
+        return link
 
     def _network_options(self, info):
         options = []
