@@ -75,6 +75,7 @@ class LazyRegex(object):
 
 base64 = LazyModule("base64")
 binascii = LazyModule("binascii")
+csv = LazyModule("csv")
 email_utils = LazyModule("email.utils")
 hashlib = LazyModule("hashlib")
 json = LazyModule("json")
@@ -5633,23 +5634,66 @@ class Volume(object):
 
     @classmethod
     def parse(cls, spec):
-        """'HOST[:CONT[:ro|rw]]' -> Volume; raises UsageError for a bad spec."""
-        parts = spec.split(":")
+        """'HOST[:CONT[:ro|rw]]' -> Volume; raises UsageError for a bad spec. HOST and CONT
+        may hold ':' (cwltool binds such paths): of the ways to split spec, the one whose
+        HOST exists and whose CONT is absolute is taken; two such ways are refused."""
         readonly = False
-        if len(parts) == 3 and parts[2] in ("ro", "rw"):
-            readonly = parts.pop() == "ro"
-        if len(parts) == 1:
-            parts.append(parts[0])
-        host, cont = parts[0], parts[1] if len(parts) == 2 else ""
-        if len(parts) != 2 or not host.startswith("/") or not cont.startswith("/"):
+        rest = spec
+        if spec[-3:] in (":ro", ":rw") and spec.count(":") > 1:
+            rest, readonly = spec[:-3], spec[-3:] == ":ro"
+        splits = [(rest, rest)] + [(rest[:i], rest[i + 1:]) for i in range(len(rest))
+                                   if rest[i] == ":"]
+        shaped = [(h, c) for h, c in splits if h.startswith("/") and c.startswith("/")]
+        found = [(h, c) for h, c in shaped if os.path.exists(h)]
+        if len(found) > 1:
+            raise UsageError("ambiguous volume: %s (%s; use --mount type=bind,source=HOST,"
+                             "target=CONT)" % (spec, " or ".join("%s -> %s" % hc
+                                                                 for hc in found)))
+        if not shaped:
             raise UsageError("invalid volume: %s (HOST[:CONT], both absolute paths)" % spec)
+        if not found:
+            raise UsageError("invalid volume: %s (host path does not exist)" % spec)
+        return cls.checked(found[0][0], found[0][1], readonly, spec)
+
+    @classmethod
+    def parse_mount(cls, spec):
+        """--mount 'type=bind,source=HOST,target=CONT[,readonly]' (Docker's CSV fields) ->
+        Volume; raises UsageError for a bad spec."""
+        try:
+            fields = next(csv.reader([spec]))
+        except (csv.Error, StopIteration):
+            raise UsageError("invalid --mount: %s" % spec)
+        kind, host, cont, readonly = "volume", None, None, False
+        for field in fields:
+            key, _, value = field.partition("=")
+            key = key.strip().lower()
+            if key == "type":
+                kind = value
+            elif key in ("source", "src"):
+                host = value
+            elif key in ("target", "destination", "dst"):
+                cont = value
+            elif key in ("readonly", "ro"):
+                if value.lower() not in ("", "true", "1", "false", "0"):
+                    raise UsageError("invalid --mount: %s (readonly=%s)" % (spec, value))
+                readonly = value.lower() in ("", "true", "1")
+            elif key not in ("bind-propagation", "consistency", "bind-recursive"):
+                raise UsageError("invalid --mount: %s (unknown field %s)" % (spec, key))
+        if kind != "bind":
+            raise UsageError("invalid --mount: %s (only type=bind is supported)" % spec)
+        if not host or not cont or not host.startswith("/") or not cont.startswith("/"):
+            raise UsageError("invalid --mount: %s (source and target, both absolute paths)"
+                             % spec)
+        if not os.path.exists(host):
+            raise UsageError("invalid --mount: %s (source does not exist)" % spec)
+        return cls.checked(host, cont, readonly, spec)
+
+    @classmethod
+    def checked(cls, host, cont, readonly, spec):
         cont = cont_path(cont)
         if cont == "/":
             raise UsageError("invalid volume: %s (cannot bind over /)" % spec)
-        host = os.path.normpath(host)
-        if not os.path.exists(host):
-            raise UsageError("invalid volume: %s (host path does not exist)" % spec)
-        return cls(host, cont, readonly)
+        return cls(os.path.normpath(host), cont, readonly)
 
     def __repr__(self):
         return "Volume(%s:%s)" % (self.host, self.cont)
@@ -5927,6 +5971,8 @@ class Engine(object):
     can_publish = False            # -p with another host port (proot -p)
     can_set_hostname = False       # --hostname (a UTS namespace)
     can_set_kernel = False         # -k/--kernel (proot -k)
+    can_size_shm = False           # --shm-size (a private /dev/shm)
+    can_bind_readonly = False      # -v HOST:CONT:ro enforced (a read-only bind)
     devices_at_own_path = False    # F: the host /dev is seen as it is, no device elsewhere
     probe_group = None             # modes whose host probe is the same share its result
     keeps_sysdirs = None           # None: every sysdirs_list entry; else the ones kept
@@ -5984,6 +6030,12 @@ class Engine(object):
         self.passwd_rows, self.group_rows = self.identity_sources()
         self.user = self.choose_user(meta)
         self.volumes = self.choose_volumes()
+        for vol in self.volumes:
+            if vol.readonly and not vol.system and not self.can_bind_readonly:
+                raise UsageError("mode %s cannot make a volume read-only: -v %s:%s:ro (modes "
+                                 "R1, R2, R3 and S1 can; without :ro it is bound writable)"
+                                 % (self.mode, vol.host, vol.cont))
+        self.make_mount_points()
         self.nvidia = self.find_nvidia()
         if self.nvidia:
             self.volumes += self.nvidia_volumes()
@@ -6012,12 +6064,13 @@ class Engine(object):
                 raise UsageError("mode %s shares the host network and cannot map ports: -p %s "
                                  "(use a P mode, or the same port on both sides)"
                                  % (self.mode, spec))
-        for option, able in (("hostname", self.can_set_hostname),
-                             ("kernel", self.can_set_kernel)):
+        for option, able, what in (("hostname", self.can_set_hostname, "host name"),
+                                   ("kernel", self.can_set_kernel, "kernel release"),
+                                   ("shm_size", self.can_size_shm, "size of /dev/shm (the "
+                                    "host's is shown; R modes can)")):
             if self.opts.get(option) and not able:
                 MSG.warning("mode %s cannot set the %s: --%s ignored"
-                            % (self.mode, "host name" if option == "hostname"
-                               else "kernel release", option))
+                            % (self.mode, what, option.replace("_", "-")))
 
     # -- user and identity
 
@@ -6104,6 +6157,7 @@ class Engine(object):
             if os.path.isdir(home):
                 volumes.append(Volume(home, home))
         volumes += [Volume.parse(spec) for spec in self.opts.get("volume") or []]
+        volumes += [Volume.parse_mount(spec) for spec in self.opts.get("mount") or []]
         volumes += self.device_volumes(volumes)
         novol = set(self.opts.get("novol") or [])
         kept = {}
@@ -6113,6 +6167,37 @@ class Engine(object):
                 continue
             kept[vol.cont] = vol                        # the last one for a path wins
         return [v for v in volumes if kept.get(v.cont) is v]
+
+    def outer_volume(self, vol):
+        """The user volume whose container path holds vol's most closely, or None."""
+        outer = None
+        for other in self.volumes:
+            if other is not vol and not other.system and \
+                    vol.cont.startswith(other.cont.rstrip("/") + "/") and \
+                    (outer is None or len(other.cont) > len(outer.cont)):
+                outer = other
+        return outer
+
+    def make_mount_points(self):
+        """A volume inside another, writable, one gets its mount point made in the outer
+        volume's host directory, as Docker makes it: the missing directories, and an empty
+        file for a file volume (cwltool relinks its outputs over them)."""
+        for vol in sorted((v for v in self.volumes if not v.system), key=lambda v: len(v.cont)):
+            outer = self.outer_volume(vol)
+            if outer is None or outer.readonly or not os.path.isdir(outer.host):
+                continue
+            point = os.path.join(outer.host, vol.cont[len(outer.cont):].lstrip("/"))
+            if os.path.lexists(point):
+                continue
+            try:
+                if os.path.isdir(vol.host):
+                    makedirs(point)
+                else:
+                    makedirs(os.path.dirname(point))
+                    open(point, "a").close()
+            except (IOError, OSError) as exc:
+                raise EngineError("cannot make the mount point of %s in %s: %s"
+                                  % (vol.cont, outer.host, exc.strerror or exc))
 
     def device_volumes(self, volumes):
         """--device HOST[:CONT[:PERMISSIONS]] as Volumes, but for a device a volume already
@@ -6141,12 +6226,14 @@ class Engine(object):
         container set up for it on a host without one runs without (one warning)."""
         marked = bool(self.container.dir) and \
             os.path.exists(os.path.join(self.container.dir, "nvidia"))
-        if not (self.opts.get("nvidia") or marked):
+        asked = "--nvidia" if self.opts.get("nvidia") else \
+            "--gpus" if parse_gpus(self.opts.get("gpus") or "0") else None
+        if not (asked or marked):
             return None
         driver = NvidiaDriver.find(self.cfg, os.environ)
         if driver is None:
-            if self.opts.get("nvidia"):
-                raise EngineError("run --nvidia: %s" % NO_NVIDIA)
+            if asked:
+                raise EngineError("run %s: %s" % (asked, NO_NVIDIA))
             MSG.warning("container %s is set up for NVIDIA but %s: running without it"
                         % (self.container.cid, NO_NVIDIA))
             return None
@@ -6420,6 +6507,41 @@ def parse_publish(spec):
     return match.group(1) or match.group(2), match.group(2)
 
 
+def parse_gpus(spec):
+    """run --gpus all|N|device=ID[,ID]|count=N[,capabilities=...] (Docker's spelling) ->
+    True when it asks for GPUs (all of the host's NVIDIA devices are shown, as --nvidia
+    shows them), False for 0; raises UsageError for another spec."""
+    try:
+        fields = next(csv.reader([spec]))
+    except (csv.Error, StopIteration):
+        fields = []
+    wanted = None
+    for field in fields:
+        key, _, value = field.strip().partition("=")
+        if not _:
+            key, value = "count", key
+        if key == "count" and (value == "all" or value.isdigit()):
+            wanted = value != "0"
+        elif key == "device" and value:
+            wanted = True
+        elif key == "driver" and value == "nvidia" or key == "capabilities":
+            continue
+        else:
+            wanted = None
+            break
+    if wanted is None:
+        raise UsageError("invalid --gpus: %s (all, a count, or device=ID[,ID...])" % spec)
+    return wanted
+
+
+def parse_size(spec, option):
+    """A size as Docker writes it (--shm-size=64m): digits, then b, k, m or g -> bytes."""
+    match = re.match(r"^(\d+)([bkmg]?)b?$", spec.strip().lower())
+    if not match or int(match.group(1)) == 0:
+        raise UsageError("invalid %s: %s (a size such as 64m or 1g)" % (option, spec))
+    return int(match.group(1)) * 1024 ** "bkmg".index(match.group(2) or "b")
+
+
 def _as_argv(value):
     if not value:
         return []
@@ -6641,9 +6763,8 @@ class ProotEngine(Engine):
             argv.append("--link2symlink")
         argv += ["-r", self.root, "-w", self.cwd]
         for vol in self.volumes:
-            if vol.readonly and not vol.system:
-                MSG.warning("P modes cannot make volumes read-only: %s" % vol.cont)
-            argv += ["-b", vol.host if vol.host == vol.cont else "%s:%s" % (vol.host, vol.cont)]
+            host = self._bind_host(vol.host)
+            argv += ["-b", host if host == vol.cont else "%s:%s" % (host, vol.cont)]
         if self.user.uid == 0:
             argv.append("-0")
         else:
@@ -6661,6 +6782,18 @@ class ProotEngine(Engine):
         elif not info.get("seccomp"):
             MSG.verbose("this proot has no seccomp acceleration: P1 runs like P2")
         return argv + self.argv, env, None
+
+    def _bind_host(self, host):
+        """proot -b splits HOST:GUEST at the first ':', so a host path with one is given as
+        a symlink without (proot follows it); GUEST may hold ':'."""
+        if ":" not in host:
+            return host
+        links = os.path.join(self.container.run_dir(self.cfg), "binds")
+        makedirs(links)
+        link = os.path.join(links, hashlib.sha256(to_bytes(host)).hexdigest()[:16])
+        if not (os.path.islink(link) and os.readlink(link) == host):
+            symlink_atomic(host, link)
+        return link
 
     def _network_options(self, info):
         options = []
@@ -6820,6 +6953,8 @@ class RuncEngine(Engine):
     mode = "R1"
     banner_char = "%"
     can_set_hostname = True
+    can_size_shm = True
+    can_bind_readonly = True
     probe_group = "R"              # R2/R3 start the same way
     keeps_sysdirs = ("/etc/resolv.conf", "/etc/host.conf") + HOST_FILES
 
@@ -6899,6 +7034,12 @@ class RuncEngine(Engine):
                         ["%s=%s" % kv for kv in sorted(self.env.items())], self.user,
                         list(self.cfg.runc_capabilities) if self.user.uid == 0 else [],
                         self._hostname(), self._nvidia_mounts() + self._volume_mounts())
+        if self.opts.get("shm_size"):
+            size = "size=%d" % parse_size(self.opts["shm_size"], "--shm-size")
+            for mount in spec["mounts"]:
+                if mount["destination"] == "/dev/shm":
+                    mount["options"] = [o for o in mount.get("options", [])
+                                        if not o.startswith("size=")] + [size]
         subids = self._maps_subids()
         if subids:
             for key, (start, count) in zip(("uidMappings", "gidMappings"), subids):
@@ -7029,6 +7170,7 @@ class FakechrootEngine(Engine):
 
     mode = "F1"
     banner_char = "#"
+    nested_links = ()              # (mount point, is a directory) of volumes in volumes
     runs_as_host_user = True
     uses_loader = True
     devices_at_own_path = True
@@ -7060,10 +7202,11 @@ class FakechrootEngine(Engine):
         libpath = ":".join(([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) +
                            container_lib_dirs(self.root, arch))
         excluded = []
+        self.nested_links = []
         for vol in self.volumes:
             if vol.host == vol.cont:
                 excluded.append(vol.host)
-            else:
+            elif not self._nested_link(vol):
                 self._symlink_volume(vol)
         env = dict((k, v) for k, v in self.env.items() if not k.startswith("FAKECHROOT_"))
         env.update({"FAKECHROOT_BASE": self.root, "LD_PRELOAD": library,
@@ -7157,6 +7300,39 @@ class FakechrootEngine(Engine):
                          for v in self.volumes):
                 volumes.append(Volume(host, cont, system=True, device=True))
         return volumes
+
+    def _nested_link(self, vol):
+        """A volume inside another, writable, one: a symlink at its mount point in the outer
+        volume's host directory (the kernel follows it there), the empty mount point again
+        after the run (cleanup). False when vol is not such a volume."""
+        outer = self.outer_volume(vol)
+        if outer is None or outer.readonly:
+            return False
+        point = os.path.join(outer.host, vol.cont[len(outer.cont):].lstrip("/"))
+        if os.path.islink(point):
+            if os.readlink(point) != vol.host:
+                return False
+        elif os.path.isdir(point) and not os.listdir(point):
+            os.rmdir(point)
+        elif os.path.isfile(point) and os.path.getsize(point) == 0:
+            os.unlink(point)
+        else:
+            return False
+        self.nested_links.append((point, os.path.isdir(vol.host)))
+        symlink_atomic(vol.host, point)
+        return True
+
+    def cleanup(self):
+        for point, isdir in self.nested_links:
+            remove_quietly(point)
+            try:
+                if isdir:
+                    makedirs(point)
+                else:
+                    open(point, "a").close()
+            except (IOError, OSError) as exc:
+                MSG.warning("cannot put back the mount point %s: %s" % (point, exc))
+        self.nested_links = []
 
     def _symlink_volume(self, vol):
         link = resolve_in_root(self.root, vol.cont, follow_last=False)
@@ -7400,6 +7576,7 @@ class SingularityEngine(Engine):
     mode = "S1"
     banner_char = "/"
     runs_as_host_user = True
+    can_bind_readonly = True
     keeps_sysdirs = ("/etc/resolv.conf", "/etc/host.conf", "/lib/modules") + HOST_FILES
 
     @classmethod
@@ -8417,6 +8594,8 @@ RUN_OPTS = [
     _o("-w|--workdir", VALUE, "working directory inside the container", metavar="DIR"),
     _o("-u|--user", VALUE, "user NAME or UID[:GID] inside the container", metavar="USER"),
     _o("-v|--volume", LIST, "bind HOST[:CONT] into the container", metavar="HOST[:CONT]"),
+    _o("--mount", LIST, "bind as Docker does: type=bind,source=HOST,target=CONT[,readonly]",
+       metavar="SPEC"),
     _o("--novol", LIST, "do not bind this default volume", metavar="PATH"),
     _o("-e|--env", LIST, "set NAME=VALUE (or NAME from the host)", metavar="NAME[=VAL]"),
     _o("--env-file", LIST, "read NAME=VALUE (or NAME, export NAME=VALUE) lines from FILE",
@@ -8448,6 +8627,9 @@ RUN_OPTS = [
        help="network cooperation mode (P modes)"),
     _o("--hostname", VALUE, "host name inside (R modes)", metavar="NAME"),
     _o("--nvidia", help="bind the host's NVIDIA driver (as setup --nvidia does)"),
+    _o("--gpus", VALUE, "all, N or device=ID,...: the host's NVIDIA driver and all its "
+       "devices (as --nvidia)", metavar="GPUS"),
+    _o("--shm-size", VALUE, "size of a private /dev/shm (R modes)", metavar="SIZE"),
     _o("--volumes-from", LIST, "accepted, ignored", metavar="X"),
     _o("--dns", LIST, "accepted, ignored", metavar="X"),
     _o("--dns-search", LIST, "accepted, ignored", metavar="X"),
@@ -9047,6 +9229,10 @@ def _find_container(session, text):
 
 
 def cmd_run(session, opts, args):
+    if opts.get("gpus"):                       # bad values refused before any pull
+        parse_gpus(opts["gpus"])
+    if opts.get("shm_size"):
+        parse_size(opts["shm_size"], "--shm-size")
     tools = Tools(session.cfg, session.repo)
     if opts.get("location"):
         container = RunContainer.from_location(opts["location"])

@@ -117,9 +117,59 @@ def test_volume_specs():
     vol = udocker.Volume.parse("/tmp:/data:ro")
     assert (vol.host, vol.cont, vol.readonly) == ("/tmp", "/data", True)
     assert udocker.Volume.parse("/tmp").cont == "/tmp"
-    for bad in ("tmp:/x", "/tmp:x", "/tmp:/", "/nonexistent-dir:/x", "/tmp:/a:/b:c"):
+    assert udocker.Volume.parse("/tmp:/a:/b:c").cont == "/a:/b:c"    # CONT may hold ':'
+    for bad in ("tmp:/x", "/tmp:x", "/tmp:/", "/nonexistent-dir:/x"):
         with pytest.raises(udocker.UsageError):
             udocker.Volume.parse(bad)
+
+
+def test_volume_with_colons_takes_the_split_whose_host_exists(tmpdir):
+    host = tmpdir.join("A:Gln2Cys").ensure(dir=True)
+    vol = udocker.Volume.parse("%s:/var/lib/cwl/stg/A:Gln2Cys" % host)
+    assert (vol.host, vol.cont, vol.readonly) == (str(host), "/var/lib/cwl/stg/A:Gln2Cys", False)
+    vol = udocker.Volume.parse("%s:/x:y:ro" % host)
+    assert (vol.host, vol.cont, vol.readonly) == (str(host), "/x:y", True)
+    assert udocker.Volume.parse(str(host)).cont == str(host)
+    tmpdir.join("amb").ensure(dir=True)
+    tmpdir.join("amb:", "c").ensure(dir=True)           # amb -> /c:/d or amb:/c -> /d
+    with pytest.raises(udocker.UsageError) as info:
+        udocker.Volume.parse("%s/amb:/c:/d" % tmpdir)
+    assert "ambiguous volume" in str(info.value) and "--mount" in str(info.value)
+    with pytest.raises(udocker.UsageError) as info:
+        udocker.Volume.parse("%s/nothing:here:/x" % tmpdir)
+    assert "host path does not exist" in str(info.value)
+
+
+def test_mount_specs(tmpdir):
+    host = tmpdir.join("a,b:c").ensure(dir=True)
+    vol = udocker.Volume.parse_mount('type=bind,"source=%s",target=/in:x,readonly' % host)
+    assert (vol.host, vol.cont, vol.readonly) == (str(host), "/in:x", True)
+    vol = udocker.Volume.parse_mount("type=bind,src=/tmp,dst=/t,readonly=false")
+    assert (vol.host, vol.cont, vol.readonly) == ("/tmp", "/t", False)
+    for bad, why in (("type=volume,src=/tmp,dst=/t", "only type=bind"),
+                     ("type=bind,src=/tmp", "source and target"),
+                     ("type=bind,src=/nonexistent-dir,dst=/t", "source does not exist"),
+                     ("type=bind,src=/tmp,dst=/t,size=1", "unknown field size"),
+                     ("type=bind,src=/tmp,dst=/", "cannot bind over /")):
+        with pytest.raises(udocker.UsageError) as info:
+            udocker.Volume.parse_mount(bad)
+        assert why in str(info.value), bad
+
+
+def test_gpus_and_size_specs():
+    for spec in ("all", "1", "2", "device=0", '"device=0,1"', "all,capabilities=utility",
+                 "count=2,driver=nvidia"):
+        assert udocker.parse_gpus(spec) is True, spec
+    assert udocker.parse_gpus("0") is False
+    for bad in ("", "some", "device=", "-1", "all,foo=1"):
+        with pytest.raises(udocker.UsageError):
+            udocker.parse_gpus(bad)
+    assert udocker.parse_size("64m", "--shm-size") == 64 * 1024 ** 2
+    assert udocker.parse_size("1G", "--shm-size") == 1024 ** 3
+    assert udocker.parse_size("4096", "--shm-size") == 4096
+    for bad in ("0", "1t", "m", "-5m"):
+        with pytest.raises(udocker.UsageError):
+            udocker.parse_size(bad, "--shm-size")
 
 
 def test_command_from_entrypoint_and_cmd(tmpdir, glibc_tree):

@@ -506,6 +506,69 @@ def test_cosmetic_options_a_mode_cannot_honour_warn(world, mode, options):
         len([o for o in options if o.startswith("--hostname") or o == "-k"]), err
 
 
+# -- volumes, GPUs and /dev/shm as workflow engines ask for them (cwltool --udocker)
+
+@pytest.mark.parametrize("mode", ["P1", "R1", "F3"])
+def test_volumes_with_colons_and_mount_points_inside_a_writable_volume(world, mode):
+    """cwltool binds OUTDIR read-write and files at OUTDIR/sub/file and at paths with ':'.
+    Docker makes the mount point (sub/ and an empty file) in OUTDIR on the host."""
+    top = os.path.join(world.top, "cwl-" + mode)
+    outdir, staged = os.path.join(top, "out"), os.path.join(top, "A:Gln2Cys")
+    os.makedirs(outdir)
+    os.makedirs(staged)
+    with open(os.path.join(staged, "in.txt"), "w") as handle:
+        handle.write("staged\n")
+    script = ("cat /spool/sub/file.txt /stg/A:Gln2Cys/in.txt /m:x/in.txt; ls /spool/sub; "
+              "echo made > /spool/made.txt")
+    rc, out, err = world.run(mode, ["sh", "-c", script], [
+        "--volume=%s:/spool:rw" % outdir, "--volume=%s:/stg/A:Gln2Cys" % staged,
+        "--volume=%s/in.txt:/spool/sub/file.txt" % staged,
+        "--mount=type=bind,source=%s,target=/m:x" % staged])
+    assert rc == 0, err
+    assert out.split() == ["staged", "staged", "staged", "file.txt"], (out, err)
+    assert sorted(os.listdir(outdir)) == ["made.txt", "sub"]
+    point = os.path.join(outdir, "sub", "file.txt")            # the mount point, as Docker
+    assert os.path.isfile(point) and not os.path.islink(point) and \
+        os.path.getsize(point) == 0
+    assert open(os.path.join(staged, "in.txt")).read() == "staged\n"
+
+
+@pytest.mark.parametrize("mode", ["P1", "F3"])
+def test_read_only_volume_where_a_mode_cannot_enforce_it(world, mode):
+    for option in ["-v", world.volume + ":/data:ro"], \
+            ["--mount=type=bind,src=%s,dst=/data,readonly" % world.volume]:
+        rc, out, err = world.run(mode, ["true"], option)
+        assert rc == 1 and len(err.splitlines()) == 1 and err.startswith(
+            "Error: mode %s cannot make a volume read-only" % mode) and "R1" in err, err
+
+
+@pytest.mark.parametrize("mode", ["R1", "R1-runc"])
+def test_read_only_volume_in_r_modes(world, mode):
+    probe = os.path.join(world.volume, "ro-probe")
+    with open(probe, "w") as handle:
+        handle.write("kept\n")
+    rc, out, err = world.run(mode, ["sh", "-c", "cat /data/ro-probe; echo x > /data/ro-probe "
+                                    "2>/dev/null && echo written || echo refused"],
+                             ["-v", world.volume + ":/data:ro"])
+    assert rc == 0 and out.splitlines() == ["kept", "refused"], (out, err)
+    assert open(probe).read() == "kept\n"
+
+
+@pytest.mark.parametrize("mode", ["R1", "R1-runc"])
+def test_shm_size_in_r_modes(world, mode):
+    rc, out, err = world.run(mode, ["grep", " /dev/shm ", "/proc/mounts"], ["--shm-size=64m"])
+    assert rc == 0 and "size=65536k" in out, (out, err)
+
+
+@pytest.mark.parametrize("mode", ["P1", "F3"])
+def test_shm_size_elsewhere_is_one_warning(world, mode):
+    rc, out, err = world.run(mode, ["true"], ["--shm-size=64m"])
+    assert rc == 0 and err.startswith("Warning: mode %s cannot set the size of /dev/shm"
+                                      % mode) and len(err.splitlines()) == 1, err
+    rc, out, err = world.run(mode, ["true"], ["--shm-size=lots"])
+    assert rc == 1 and err == "Error: invalid --shm-size: lots (a size such as 64m or 1g)\n"
+
+
 @pytest.mark.parametrize("mode", ["P1", "R1", "R1-runc", "R2"])
 def test_device_at_another_path(world, mode):
     rc, out, err = world.run(mode, ["sh", "-c", "test -c /dev/myfull && echo ok; "
@@ -636,6 +699,24 @@ def test_run_nvidia_option_and_hosts_without_a_driver(world, fake_nvidia):
                             env=bare)
     assert (rc, out) == (0, "ran\n") and err.startswith("Warning: container") and \
         "set up for NVIDIA" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("gpus", ["all", "1", "device=0"])
+def test_gpus_option_asks_for_the_driver(world, fake_nvidia, gpus):
+    """cwltool's CUDARequirement sends --gpus=N."""
+    args, env = fake_nvidia
+    rc, out, err = world.ud(args + ["run", "--nobanner", "--gpus=" + gpus,
+                                    world.container("P1"), "nvidia-smi"], "P1", env=env)
+    assert rc == 0 and SMI_TABLE in out, err
+    nothing = os.path.join(world.top, "no-nvidia.conf")
+    with open(nothing, "w") as handle:
+        handle.write("[DEFAULT]\nnvi_ldconfig = true\n")
+    rc, out, err = world.ud(["--config=" + nothing, "run", "--nobanner", "--gpus=" + gpus,
+                             world.container("P1"), "true"], env=dict(env, LD_LIBRARY_PATH=""))
+    assert rc == 1 and err.startswith("Error: run --gpus: no NVIDIA driver") and \
+        len(err.splitlines()) == 1, err
+    rc, out, err = world.ud(["run", "--gpus=many", world.container("P1"), "true"])
+    assert rc == 1 and err.startswith("Error: invalid --gpus: many"), err
 
 
 # -- a mode that cannot start here: automatic fallback unless the mode was chosen

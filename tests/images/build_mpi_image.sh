@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# build_mpi_image.sh - the Debian root file systems of the batch tests, as plain tarballs
+# build_mpi_image.sh - the Debian root file systems of the batch and CWL tests, as plain tarballs
 #
 # OUTPUTS (in OUTDIR, default /var/cache/udocker-test; all readable by everyone)
 #   bookworm-minbase.tar  `debootstrap --variant=minbase bookworm`: a plain glibc system
@@ -7,6 +7,8 @@
 #                         /usr/local/bin/mpi_hello, compiled inside the chroot from
 #                         tests/images/mpi_hello.c (source kept in /usr/local/src); the
 #                         compiler and the -dev packages are purged after the build
+#   python-bookworm.tar   minbase plus python3 and python-is-python3 (`python` runs Python 3):
+#                         the stand-in for python:3-slim in the CWL conformance tests
 #   Both: no documentation, man pages or locales (a dpkg path-exclude file stays in
 #   /etc/dpkg/dpkg.cfg.d so later installs stay small too), no apt lists, no logs, an empty
 #   /dev, a neutral /etc/hosts, /etc/resolv.conf and /etc/hostname ("bookworm").
@@ -71,11 +73,12 @@ up_to_date() {
     [[ $force == 0 && $(cat "$tar.built-by") == "$stamp" ]]
 }
 
-need_minbase=1; need_mpi=1
+need_minbase=1; need_mpi=1; need_python=1
 up_to_date "$SUITE-minbase" && need_minbase=0
 up_to_date "mpi-$SUITE" && need_mpi=0
-if [[ $need_minbase == 0 && $need_mpi == 0 ]]; then
-    say "up to date: $OUTDIR/$SUITE-minbase.tar $OUTDIR/mpi-$SUITE.tar"
+up_to_date "python-$SUITE" && need_python=0
+if [[ $need_minbase == 0 && $need_mpi == 0 && $need_python == 0 ]]; then
+    say "up to date: $OUTDIR/$SUITE-minbase.tar $OUTDIR/mpi-$SUITE.tar $OUTDIR/python-$SUITE.tar"
     exit 0
 fi
 
@@ -131,9 +134,23 @@ path-exclude=/usr/share/locale/*
 path-exclude=/usr/share/lintian/*
 EOF
 
-if [[ $need_mpi == 1 ]]; then      # copy before slimming: apt needs /dev/null and friends
-    cp -a "$W/minbase" "$W/mpi"
-fi
+# apt_in TREE LOG PACKAGES...: apt-get install in the chroot, no services started
+apt_in() {
+    local R=$1 log=$2; shift 2
+    printf '#!/bin/sh\nexit 101\n' >"$R/usr/sbin/policy-rc.d"      # start no services
+    chmod 755 "$R/usr/sbin/policy-rc.d"
+    cp /etc/resolv.conf "$R/etc/resolv.conf" 2>/dev/null || true
+    cp /etc/hosts "$R/etc/hosts"
+    chroot "$R" "${CHROOT_ENV[@]}" "${APT[@]}" update >"$log" 2>&1 ||
+        { tail -n 30 "$log" >&2; die "apt-get update failed"; }
+    chroot "$R" "${CHROOT_ENV[@]}" "${APT[@]}" install --no-install-recommends "$@" >>"$log" 2>&1 ||
+        { tail -n 30 "$log" >&2; die "apt-get install failed"; }
+}
+
+# copy before slimming: apt needs /dev/null and friends
+[[ $need_mpi == 1 ]] && cp -a "$W/minbase" "$W/mpi"
+[[ $need_python == 1 ]] && cp -a "$W/minbase" "$W/python"
+
 if [[ $need_minbase == 1 ]]; then
     slim "$W/minbase"
     pack "$W/minbase" "$SUITE-minbase"
@@ -141,16 +158,8 @@ fi
 
 if [[ $need_mpi == 1 ]]; then
     R=$W/mpi
-    printf '#!/bin/sh\nexit 101\n' >"$R/usr/sbin/policy-rc.d"      # start no services
-    chmod 755 "$R/usr/sbin/policy-rc.d"
-    cp /etc/resolv.conf "$R/etc/resolv.conf" 2>/dev/null || true
-    cp /etc/hosts "$R/etc/hosts"
     say "installing Open MPI and a compiler in the chroot"
-    chroot "$R" "${CHROOT_ENV[@]}" "${APT[@]}" update >"$W/apt.log" 2>&1 ||
-        { tail -n 30 "$W/apt.log" >&2; die "apt-get update failed"; }
-    chroot "$R" "${CHROOT_ENV[@]}" "${APT[@]}" install --no-install-recommends \
-        openmpi-bin libopenmpi-dev gcc libc6-dev >>"$W/apt.log" 2>&1 ||
-        { tail -n 30 "$W/apt.log" >&2; die "apt-get install failed"; }
+    apt_in "$R" "$W/apt.log" openmpi-bin libopenmpi-dev gcc libc6-dev
     mkdir -p "$R/usr/local/src" "$R/usr/local/bin"
     install -m 644 "$here/mpi_hello.c" "$R/usr/local/src/mpi_hello.c"
     chroot "$R" "${CHROOT_ENV[@]}" mpicc -O2 -o /usr/local/bin/mpi_hello /usr/local/src/mpi_hello.c
@@ -162,6 +171,13 @@ if [[ $need_mpi == 1 ]]; then
         die "mpi_hello misses libraries after the purge"
     slim "$R"
     pack "$R" "mpi-$SUITE"
+fi
+
+if [[ $need_python == 1 ]]; then
+    say "installing python3 in the chroot"
+    apt_in "$W/python" "$W/apt-python.log" python3 python-is-python3
+    slim "$W/python"
+    pack "$W/python" "python-$SUITE"
 fi
 rm -rf "$W"
 say "done in $(( $(date +%s) - start )) s"

@@ -849,7 +849,8 @@ def write_tar(path, files, compression=None, prefix=""):
 # layers from root file system tarballs (tests/images/build_mpi_image.sh)
 # ---------------------------------------------------------------------------
 
-TEST_IMAGE_CACHE = "/var/cache/udocker-test"   # where the script writes them
+# where the script writes them ($UDOCKER_TEST_IMAGES: another OUTDIR of the script)
+TEST_IMAGE_CACHE = os.environ.get("UDOCKER_TEST_IMAGES") or "/var/cache/udocker-test"
 
 
 class TarballLayer(object):
@@ -902,3 +903,52 @@ def image_from_tarball(path, config=None, name=""):
     return Image([layer_from_tarball(path)],
                  DEBIAN_CONFIG if config is None else config,
                  name=name or os.path.basename(path))
+
+
+# ---------------------------------------------------------------------------
+# stand-ins for the images the CWL conformance tests name
+# ---------------------------------------------------------------------------
+
+# docker.io/bash's entrypoint: a first argument that is an option goes to bash
+BASH_ENTRYPOINT = b"""#!/bin/sh
+set -e
+if [ "$#" -eq 0 ] || [ "${1#-}" != "$1" ]; then set -- bash "$@"; fi
+exec "$@"
+"""
+
+
+def cwl_standin_images(cache=None):
+    """{"library/NAME:TAG": Image} for the images the CWL v1.2 conformance tests pull
+    (dockerPull docker.io/...): Debian bookworm root file systems built by
+    tests/images/build_mpi_image.sh, with the Entrypoint/Cmd the real images have.
+    debian:stable-slim, alpine:latest and bash:4.4 share the minbase layer; bash:4.4 adds
+    docker-entrypoint.sh; python:3-slim is minbase plus python3 (`python` too)."""
+    cache = cache or TEST_IMAGE_CACHE
+    minbase = layer_from_tarball(os.path.join(cache, "bookworm-minbase.tar"))
+    python = layer_from_tarball(os.path.join(cache, "python-bookworm.tar"))
+    entry = Layer([f("usr/local/bin/docker-entrypoint.sh", BASH_ENTRYPOINT, 0o755)],
+                  comment="docker-entrypoint.sh")
+    env = ["PATH=" + DEFAULT_PATH]
+    return {
+        "library/debian:stable-slim": Image([minbase], {"Env": env, "Cmd": ["bash"]},
+                                            name="debian"),
+        "library/alpine:latest": Image([minbase], {"Env": env, "Cmd": ["/bin/sh"]},
+                                       name="alpine"),
+        "library/bash:4.4": Image([minbase, entry],
+                                  {"Env": env, "Entrypoint": ["docker-entrypoint.sh"],
+                                   "Cmd": ["bash"]}, name="bash"),
+        "library/python:3-slim": Image([python], {"Env": env, "Cmd": ["python3"]},
+                                       name="python"),
+    }
+
+
+def push_cwl_standins(registry, cache=None):
+    """Push cwl_standin_images() to a Registry; returns {"repo:tag": info}."""
+    client = registry.client()
+    pushed = {}
+    for ref, image in sorted(cwl_standin_images(cache).items()):
+        repo, tag = ref.split(":")
+        pushed.update(push_image(client, repo, tag, image, "docker"))
+    registry.images.update(pushed)
+    return pushed
+
