@@ -7962,8 +7962,8 @@ class ToolsInstaller(object):
 
     Sources, in order: a tarball found beside udocker.py or in topdir (found_tarballs), then
     the `tarball` setting (UDOCKER_TARBALL; by default DEFAULT_TARBALL_URLS). A download is
-    kept in topdir under its own name (topdir/.NAME.partial until it is verified, resumed
-    with Range), so a later install needs no network. One attempt per command: a failure
+    kept as topdir/.NAME (topdir/.NAME.partial until it is verified, resumed with Range),
+    so installing again from the same URL needs no network. One attempt per command: a failure
     is remembered (ensure() raises it again) instead of fetching once per engine lookup.
     """
 
@@ -8089,14 +8089,15 @@ class ToolsInstaller(object):
         return version
 
     def _download(self, url, origin):
-        """The path of a verified copy of url: topdir/NAME when it is there and verifies,
-        else downloaded into topdir/.NAME.partial (resumed), verified, then renamed."""
+        """The path of a verified copy of url: topdir/.NAME when it is there and verifies,
+        else downloaded into topdir/.NAME.partial (resumed), verified, then renamed. Hidden,
+        so that a download is reused only for its own URL: a found tarball is the user's."""
         name = re.sub(r"[^A-Za-z0-9_.+-]", "_", os.path.basename(urlsplit(url).path))
         name = name.lstrip(".") or "tools"
         if not name.endswith((".tar.gz", ".tgz")):     # never bin, repos, udocker.conf ...
             name += ".tar.gz"
-        dest = os.path.join(self.cfg.topdir, name)
-        partial = os.path.join(self.cfg.topdir, "." + name + ".partial")
+        dest = os.path.join(self.cfg.topdir, "." + name)       # not a found_tarballs() name
+        partial = dest + ".partial"
         if os.path.isfile(dest):
             try:
                 self._verify(url, origin, dest)
@@ -8107,7 +8108,7 @@ class ToolsInstaller(object):
         for last in (False, True):
             resumed = self._fetch_url(url, partial)
             try:
-                digests = self._verify(url, origin, partial)
+                self._verify(url, origin, partial)
                 break
             except EngineError:
                 remove_quietly(partial)
@@ -8115,7 +8116,6 @@ class ToolsInstaller(object):
                     raise
         os.chmod(partial, 0o644)
         os.rename(partial, dest)
-        write_atomic(dest + ".sha256", "%s  %s\n" % (digests["sha256"], os.path.basename(dest)))
         return dest
 
     def _fetch_url(self, url, partial):
