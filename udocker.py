@@ -74,6 +74,7 @@ class LazyRegex(object):
 
 base64 = LazyModule("base64")
 binascii = LazyModule("binascii")
+email_utils = LazyModule("email.utils")
 hashlib = LazyModule("hashlib")
 json = LazyModule("json")
 re = LazyModule("re")
@@ -140,6 +141,23 @@ def to_text(value, encoding="utf-8"):
         return value.decode(encoding, "surrogateescape" if PY3 else "replace") if PY3 \
             else value
     return value
+
+
+def show_name(value, limit=300):
+    """A file name (bytes or text, any bytes) for a message: a native str that prints on
+    2.7 and 3.x, bytes that are not UTF-8 and control characters as \\xNN, at most limit
+    characters (then '...' and the length in bytes)."""
+    raw = to_bytes(value)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = u"".join(c if ord(c) < 0x80 else u"\\x%02x" % ord(c)
+                        for c in raw.decode("latin-1"))
+    text = u"".join(c if ord(c) >= 0x20 and ord(c) != 0x7f else u"\\x%02x" % ord(c)
+                    for c in text)
+    if len(text) > limit:
+        text = u"%s... (%d bytes)" % (text[:limit], len(raw))
+    return text if PY3 else text.encode("utf-8")
 
 
 def json_loads(data):
@@ -361,6 +379,8 @@ CONFIG_DEFAULTS = (
     ("pull_split_size", 48 << 20, None),      # blobs this large are fetched in segments
     ("pull_segment_size", 16 << 20, None),
     ("pull_split_rate", 50e6, None),          # ... once a connection proved slower than this
+    ("pull_retry_after_max", 300.0, None),    # longest Retry-After wait before giving up
+    ("sweep_grace", 3600.0, None),            # age (s) before what a killed command left goes
     ("dockerio_index_url", "https://hub.docker.com", "UDOCKER_INDEX"),
     ("dockerio_registry_url", "https://registry-1.docker.io", "UDOCKER_REGISTRY"),
     ("search_page_size", 25, None),
@@ -684,6 +704,7 @@ def is_executable(path):
 
 WORK_LOCK = ".lock"             # a work directory's lock file is its name + this, beside it
 WORK_LOCK_RE = LazyRegex(r"^\.[a-z][a-z0-9-]*-[0-9a-f]{12}\.lock$")
+WORK_NAME_RE = LazyRegex(r"^\.[a-z][a-z0-9-]*-[0-9a-f]{12}(\.lock)?$")   # dir or its lock
 
 
 class WorkDir(object):
@@ -700,10 +721,13 @@ class WorkDir(object):
     it is gone. Between open and flock a sweep may take the lock and delete the file: once
     locked, a file no longer linked means start over with another name.
     make: create the directory (else the caller renames something to .path).
+    sweep: sweep the parent first (LocalRepository.writer keeps dead ones until it has
+    swept what their owners left).
     """
 
-    def __init__(self, parent, kind, make=True):
-        sweep_work_dirs(parent)
+    def __init__(self, parent, kind, make=True, sweep=True):
+        if sweep:
+            sweep_work_dirs(parent)
         while True:
             path = os.path.join(parent, ".%s-%s" % (kind, random_hex(6)))
             try:
@@ -744,16 +768,40 @@ class WorkDir(object):
         self.close()
 
 
-def sweep_work_dirs(parent):
-    """Remove the work directories in parent left by killed commands (see WorkDir): those
-    whose lock file can be locked without waiting. Never fails: a sweep is a courtesy."""
+def _work_dir_paths(parent):
+    """The paths of the work directories in parent that have a lock file (see WorkDir)."""
     try:
         names = os.listdir(parent)
     except OSError:
-        return
-    for name in names:
-        if name.endswith(WORK_LOCK) and WORK_LOCK_RE.match(name):
-            _sweep_work_dir(os.path.join(parent, name[:-len(WORK_LOCK)]))
+        return []
+    return [os.path.join(parent, name[:-len(WORK_LOCK)]) for name in names
+            if name.endswith(WORK_LOCK) and WORK_LOCK_RE.match(name)]
+
+
+def sweep_work_dirs(parent):
+    """Remove the work directories in parent left by killed commands (see WorkDir): those
+    whose lock file can be locked without waiting. Never fails: a sweep is a courtesy."""
+    for path in _work_dir_paths(parent):
+        _sweep_work_dir(path)
+
+
+def work_dir_owners(parent):
+    """(live, dead): the paths of parent's work directories whose owner holds its lock, and
+    of those whose owner was killed (its lock can be taken); nothing is removed."""
+    live, dead = [], []
+    for path in _work_dir_paths(parent):
+        try:
+            fd = os.open(path + WORK_LOCK, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        except OSError:
+            continue                              # its owner or a sweep finished meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            dead.append(path)
+        except (IOError, OSError):
+            live.append(path)
+        finally:
+            os.close(fd)
+    return live, dead
 
 
 def _sweep_work_dir(path):
@@ -906,6 +954,7 @@ class LocalImage(object):
     def _load_v2(self):
         self.manifest = read_json(os.path.join(self.dir, "manifest"))
         if not isinstance(self.manifest, dict):
+            self.check_present()
             raise RepositoryError("image %s: manifest missing or not JSON" % self.ref)
         if "fsLayers" in self.manifest:                        # schema 1: top layer first
             digests = [l.get("blobSum") for l in reversed(self.manifest["fsLayers"])]
@@ -935,6 +984,12 @@ class LocalImage(object):
     @property
     def ref(self):
         return "%s:%s" % (self.name, self.tag)
+
+    def check_present(self):
+        """Raise RepositoryError when an rmi removed the tag while this command ran (what
+        was missing is then no fault of the image)."""
+        if not self.repo.has_image(self.name, self.tag):
+            raise RepositoryError("image %s was removed while this command ran" % self.ref)
 
     @property
     def config(self):
@@ -1017,6 +1072,7 @@ class LocalRepository(object):
         self.bindir = cfg.bindir
         self.libdir = cfg.libdir
         self.docdir = cfg.docdir
+        self.locksdir = os.path.join(cfg.topdir, ".locks")    # lock files, writers' too
 
     # -- the tree itself
 
@@ -1054,7 +1110,7 @@ class LocalRepository(object):
         safe = re.sub(r"[^A-Za-z0-9_.:-]", "_", name)
         if len(safe) > 200:
             safe = hashlib.sha256(to_bytes(name)).hexdigest()
-        return FileLock(os.path.join(self.topdir, ".locks", safe + ".lock"), name)
+        return FileLock(os.path.join(self.locksdir, safe + ".lock"), name)
 
     # -- image tags
 
@@ -1112,8 +1168,8 @@ class LocalRepository(object):
         """
         check_local_name(name)
         parent = os.path.join(self.reposdir, name)
-        makedirs(parent)
         with self.lock("metadata"):
+            makedirs(parent)                    # under the lock: a sweep prunes empty ones
             missing = [d for d in digests if not self.has_blob(d)]
             if missing:
                 raise RepositoryError("blob vanished before commit: %s" % missing[0])
@@ -1154,8 +1210,9 @@ class LocalRepository(object):
         if self.has_image(name, tag):
             raise RepositoryError("image already exists: %s:%s" % (name, tag))
         parent = os.path.join(self.reposdir, name)
-        makedirs(parent)
         with self.lock("metadata"):
+            self.sweep()
+            makedirs(parent)
             final = self.tag_dir(name, tag)
             with WorkDir(parent, "new") as work:
                 build = work.path
@@ -1175,28 +1232,44 @@ class LocalRepository(object):
                 shutil.copyfile(self.record_path(src.name, src.tag),
                                 self.record_path(name, tag))
 
-    def referenced_blobs(self, exclude_dir=None):
-        """Basenames of every layer-link target under repos/ (one walk for all tags)."""
-        used = set()
+    def referenced_blobs(self):
+        """Basenames of every layer-link target of the tags under repos/ (one walk for all).
+        Work directories are not tags: under the metadata lock they are a killed command's."""
+        return self._tag_walk()[0]
+
+    def _tag_walk(self):
+        """(blob names the tags link to, [(path, size)] of the records of tags that are gone,
+        the directories holding work directories)."""
+        used, records, work_parents = set(), [], []
         for dirpath, dirnames, filenames in os.walk(self.reposdir):
-            if exclude_dir and os.path.abspath(dirpath) == os.path.abspath(exclude_dir):
-                continue
+            if any(WORK_NAME_RE.match(n) for n in dirnames + filenames):
+                work_parents.append(dirpath)
+                dirnames[:] = [n for n in dirnames if not WORK_NAME_RE.match(n)]
             for name in filenames + dirnames:
                 path = os.path.join(dirpath, name)
                 if os.path.islink(path):
                     used.add(os.path.basename(os.readlink(path)))
-        return used
+                elif name.startswith(".") and name.endswith(".json") and \
+                        not os.path.isfile(os.path.join(dirpath, name[1:-5], "TAG")):
+                    records.append((path, os.lstat(path).st_size))
+        return used, records, work_parents
 
     def remove_image(self, name, tag, force=False):
-        """Delete a tag and the blobs no other tag links to; refuses protected tags."""
-        image = self.image(name, tag)
-        if image.protected:
-            raise RepositoryError("image is protected: %s" % image.ref)
-        with self.lock("metadata"):
-            sweep_work_dirs(os.path.dirname(image.dir))   # their links would keep blobs
+        """Delete a tag and the blobs no other tag links to; refuses protected tags.
+
+        The tag directory goes first, in one rename to a work directory, so a kill leaves
+        the tag whole or gone; the blobs a killed rmi did not unlink are swept (see sweep).
+        """
+        with self.writer("rmi"), self.lock("metadata"):
+            image = self.image(name, tag)
+            if image.protected:
+                raise RepositoryError("image is protected: %s" % image.ref)
+            parent = os.path.dirname(image.dir)
+            sweep_work_dirs(parent)                       # their links would keep blobs
             targets = set(os.path.basename(os.readlink(p)) for _, p in image.links())
-            remove_tree(image.dir)
-            remove_quietly(self.record_path(name, tag))
+            with WorkDir(parent, "rmi", make=False, sweep=False) as trash:
+                os.rename(image.dir, trash.path)
+                remove_quietly(self.record_path(name, tag))
             used = self.referenced_blobs()
             for blob in sorted(targets - used):
                 try:
@@ -1206,7 +1279,94 @@ class LocalRepository(object):
                     if not force and exc.errno != errno.ENOENT:
                         raise RepositoryError("cannot remove layer %s: %s"
                                               % (blob, exc.strerror))
-            self._prune_empty(os.path.dirname(image.dir))
+            self._prune_empty(parent)
+
+    # -- what killed commands leave
+
+    def writer(self, kind):
+        """A WorkDir lock file (no directory) in .locks/, held while a command adds blobs to
+        layers/ or removes them (pull, load, import, rmi): once its owner is killed, a sweep
+        knows that blobs no tag uses may be left. What earlier ones left is swept first."""
+        with self.lock("metadata"):
+            self.sweep()
+            return WorkDir(self.locksdir, kind, make=False, sweep=False)
+
+    def sweep(self, prune=False, grace=None):
+        """Remove what killed commands left (call it under the metadata lock): the work files
+        in layers/ and, once a writer died (or with prune), the blobs no tag links to, the
+        records and work directories of removed tags and empty name directories. Only
+        files older than grace seconds (default: config sweep_grace), and nothing while a
+        writer runs (on another node of a shared file system: the grace protects it).
+        Returns [(path, size)] removed; never fails, except prune while a writer runs."""
+        grace = self.cfg.sweep_grace if grace is None else grace
+        live, dead = work_dir_owners(self.locksdir)
+        if live:
+            if prune:
+                raise RepositoryError("another command is adding or removing images "
+                                      "(pull, load, import or rmi): prune when it ends")
+            return []
+        full = bool(dead) or prune
+        try:
+            found, kept = self.leftovers(grace, full, sweep=full)
+        except OSError as exc:
+            MSG.warning("cannot sweep %s: %s" % (self.layersdir, exc.strerror or exc))
+            return []
+        freed = []
+        for path, size in found:
+            try:
+                os.unlink(path)
+                (MSG.info if prune else MSG.verbose)("removed: %s (%s)"
+                                                     % (path, human_size(size)))
+                freed.append((path, size))
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    MSG.warning("cannot remove %s: %s" % (path, exc.strerror or exc))
+        if full and not kept:
+            sweep_work_dirs(self.locksdir)            # their leftovers are gone: forget them
+        if prune and kept:
+            MSG.info("kept %d files younger than sweep_grace (%.0f s)" % (kept, grace))
+        if freed:
+            MSG.info("freed %s left by killed commands (%d files)"
+                     % (human_size(sum(size for _, size in freed)), len(freed)))
+        return freed
+
+    def leftovers(self, grace=0.0, blobs=True, sweep=False):
+        """([(path, size)], kept): the files killed commands left that are older than grace
+        seconds (kept: how many younger ones): work files in layers/ (partial downloads,
+        segment records, temporary files) and, with blobs, the blobs no tag links to and
+        the records of tags that are gone. sweep (under the metadata lock): also remove the
+        work directories under repos/ and the name directories left empty."""
+        found, kept, used = [], 0, set()
+        limit = time.time() - grace
+        if blobs:
+            used, records, work_parents = self._tag_walk()
+            found.extend(records)
+            if sweep:
+                for parent in work_parents:
+                    sweep_work_dirs(parent)
+                    self._prune_empty(parent)
+                self._prune_empty_names()
+        for name in os.listdir(self.layersdir):
+            if WORK_NAME_RE.match(name) or (not name.startswith(".") and
+                                            (not blobs or name in used)):
+                continue                     # work directories: sweep_work_dirs' business
+            path = os.path.join(self.layersdir, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if st.st_mtime > limit:
+                kept += 1
+                continue
+            found.append((path, st.st_size))
+        return found, kept
+
+    def _prune_empty_names(self):
+        for dirpath, dirnames, filenames in os.walk(self.reposdir, topdown=False):
+            if not dirnames and not filenames:
+                self._prune_empty(dirpath)
 
     def _prune_empty(self, path):
         while os.path.abspath(path) != os.path.abspath(self.reposdir):
@@ -1885,9 +2045,14 @@ class RegistryClient(object):
                 self._authenticate(challenge, scope)
                 continue
             if resp.status == 429 or resp.status >= 500:
-                retry_after = resp.header("retry-after")
-                raise TransientError("%s answered %d for %s" % (self.url, resp.status, path),
-                                     _seconds(retry_after))
+                answer = "%s answered %d for %s" % (self.url, resp.status, path)
+                wait = retry_after_seconds(resp.header("retry-after"))
+                if wait is not None and wait > self.cfg.pull_retry_after_max:
+                    raise RegistryError("%s and asks to retry after %.0f s (Retry-After: %s), "
+                                        "longer than pull_retry_after_max (%.0f s)" % (
+                                            answer, wait, resp.header("retry-after"),
+                                            self.cfg.pull_retry_after_max))
+                raise TransientError(answer, wait)
             return resp
 
     def _fall_back_to_http(self, url, exc):
@@ -1979,11 +2144,20 @@ def _insecure_host(host, cfg):
         or hostname == "::1"
 
 
-def _seconds(value):
-    try:
-        return min(float(value), 60.0)
-    except (TypeError, ValueError):
+def retry_after_seconds(value, now=None):
+    """The wait a Retry-After header asks for, in seconds (RFC 9110 10.2.3: delay-seconds,
+    digits only, or an HTTP-date; a date in the past is 0), or None when it is neither."""
+    value = (value or "").strip()
+    if re.match(r"^[0-9]+$", value):
+        return float(value)
+    parsed = email_utils.parsedate_tz(value) if value else None
+    if not parsed:
         return None
+    try:
+        when = email_utils.mktime_tz(parsed)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
 
 
 def _scope_name(scope):
@@ -2485,6 +2659,7 @@ class Puller(object):
         self.repo.ensure()
         self.repo.check_writable()
         record = read_json(self.repo.record_path(ref.name, ref.local_tag)) or {}
+        writer = self.repo.writer("pull")
         try:
             body, media, digest, index_digest = self.resolve(client, ref, wanted, record)
             manifest = json_loads(body)
@@ -2510,6 +2685,7 @@ class Puller(object):
             return self.repo.image(ref.name, ref.local_tag)
         finally:
             client.http.close()
+            writer.close()
 
     def resolve(self, client, ref, wanted, record=None):
         """(body, media, digest, index digest or None) of the manifest for ref/platform.
@@ -2902,7 +3078,7 @@ def member_name(raw, label):
     """
     name = to_text(raw)
     if name.startswith("/") or ".." in name.split("/"):
-        raise ArchiveError("%s: unsafe member name in archive: %r" % (label, name))
+        raise ArchiveError("%s: unsafe member name in archive: %s" % (label, show_name(name)))
     return posixpath.normpath(name)
 
 
@@ -3345,7 +3521,7 @@ def load_archive(repo, source, rename=None):
     if rename:
         _parse_rename(rename)
     repo.check_writable()
-    with WorkDir(repo.layersdir, "load") as staging:
+    with repo.writer("load"), WorkDir(repo.layersdir, "load") as staging:
         if source == "-":
             reader = ArchiveReader(staging.path, "standard input")
             reader.read(binary_stdin())
@@ -3622,7 +3798,7 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
     if os.path.exists(os.path.join(repo.tag_dir(name, tag), "PROTECT")):
         raise RepositoryError("image is protected: %s:%s" % (name, tag))
     local = source != "-" and not re.match(r"^https?://", source)
-    with WorkDir(repo.layersdir, "import") as work:
+    with repo.writer("import"), WorkDir(repo.layersdir, "import") as work:
         staging = work.path
         layer_path = os.path.join(staging, "layer")
         stream, client = _open_source(cfg, source)
@@ -3964,7 +4140,7 @@ class Flattener(object):
 
     @staticmethod
     def show(path):
-        return to_text(path) or "/"
+        return show_name(path) or "/"
 
     # -- the passes
 
@@ -4056,8 +4232,18 @@ class Flattener(object):
     def _member(self, member, archive):
         path = clean_member_path(member.name)
         if path is None:
-            self.warn("skipped hostile name: %r" % member.name[:200])
+            self.warn("skipped %s: a name longer than %d bytes, a component longer than %d, "
+                      "'..' or NUL" % (show_name(member.name), MAX_PATH, MAX_NAME))
             return
+        try:
+            self._place(path, member, archive)
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            self.warn("skipped %s%s: %s" % (self.show(path), (" -> " + show_name(
+                member.linkname, 80)) if member.issym() else "", exc.strerror))
+
+    def _place(self, path, member, archive):
         parent, _, base = path.rpartition(b"/")
         if base.startswith(b".wh."):
             self._whiteout(parent, base[4:])
@@ -4131,7 +4317,7 @@ class Flattener(object):
                     self._dir_attrs(path, member)
                 elif kind == K_IMPLIED:
                     self.warn("dropped %s%s: a newer layer has a directory there"
-                              % (self.show(path), (" -> " + member.linkname)
+                              % (self.show(path), (" -> " + show_name(member.linkname))
                                  if member.issym() else ""))
                 return False
             if kind in (K_DIR, K_IMPLIED) and member.isdir():    # same layer: last wins
@@ -4160,8 +4346,8 @@ class Flattener(object):
         elif member.islnk():
             target = clean_member_path(member.linkname)
             if not target or target == path:
-                self.warn("skipped hardlink %s: bad target %r" % (self.show(path),
-                                                                 member.linkname[:200]))
+                self.warn("skipped hardlink %s: bad target %s" % (self.show(path),
+                                                                 show_name(member.linkname)))
                 return False
             self.index[path] = layer | K_PENDING
             group = _LinkGroup([path], self.layer)
@@ -4403,10 +4589,12 @@ def open_layers(repo, image):
     lock so that an rmi running meanwhile cannot take a layer away from under create."""
     handles = []
     with repo.lock("metadata"):
+        repo.sweep()
         try:
             for path in image.layers:
                 label = os.path.basename(path)
                 if not os.path.exists(path):
+                    image.check_present()
                     raise RepositoryError("image %s: layer file missing: %s" % (image.ref,
                                                                                 label))
                 handles.append((open(path, "rb"), label))
@@ -4639,7 +4827,7 @@ class CloneFlattener(Flattener):
         if path and path.partition(b"/")[0] in ROOTFS_TOP_NAMES:
             raise ArchiveError("%s is a root file system tarball, not an `export --clone` of "
                                "a container (%s): use import --tocontainer"
-                               % (self.label, member.name[:200]))
+                               % (self.label, show_name(member.name)))
         Flattener._member(self, member, archive)
 
     def _record(self, path, member):
@@ -8119,9 +8307,18 @@ def cmd_inspect(session, opts, args):
 
 
 def cmd_rmi(session, opts, args):
-    ref = ImageRef.parse(args[0])
-    MSG.info("deleting image: %s" % ref)
-    session.repo.remove_image(ref.name, ref.local_tag, force=opts["f"])
+    if not args and not opts["prune"]:
+        raise UsageError("rmi: missing argument: IMAGE (see: %s rmi --help)" % __program__)
+    if args:
+        ref = ImageRef.parse(args[0])
+        session.repo.image(ref.name, ref.local_tag)           # not found: no Info line first
+        MSG.info("deleting image: %s" % ref)
+        session.repo.remove_image(ref.name, ref.local_tag, force=opts["f"])
+    if opts["prune"]:
+        with session.repo.lock("metadata"):
+            freed = session.repo.sweep(prune=True, grace=0.0 if opts["f"] else None)
+        if not freed:
+            MSG.info("nothing to prune")
     return 0
 
 
@@ -8133,15 +8330,58 @@ def cmd_tag(session, opts, args):
 
 
 def cmd_verify(session, opts, args):
-    image = session.image_ref(args[0])
-    MSG.info("verifying: %s" % image.ref)
-    problems = image.verify()
-    for problem in problems:
-        MSG.error(problem)
-    if problems:
-        raise RepositoryError("image verification failure: %s" % image.ref)
-    MSG.info("image Ok")
+    repo = session.repo
+    if args:
+        images = [session.image_ref(args[0])]
+    else:
+        images = [(name, tag) for name, tag in repo.list_images()]
+    failed = []
+    for image in images:
+        try:
+            if not args:
+                image = repo.image(*image)
+            MSG.info("verifying: %s" % image.ref)
+            problems = _verify_image(image)
+        except RepositoryError as exc:
+            if args:
+                raise
+            problems, image = [str(exc)], "%s:%s" % image
+        for problem in problems:
+            MSG.error(problem)
+        if problems:
+            failed.append(getattr(image, "ref", image))
+    _report_leftovers(repo)
+    if failed:
+        raise RepositoryError("image verification failure: %s" % ", ".join(failed))
+    MSG.info("image Ok" if args else "repository Ok")
     return 0
+
+
+def _verify_image(image):
+    """image.verify(), but an image that an rmi removed meanwhile is said to be so."""
+    try:
+        problems = image.verify()
+    except EnvironmentError:
+        image.check_present()
+        raise
+    if problems:
+        image.check_present()
+    return problems
+
+
+def _report_leftovers(repo):
+    """One line: what killed commands left in the repository, and its size (see sweep)."""
+    found, _ = repo.leftovers()
+    if not found:
+        MSG.info("no leftovers of killed commands")
+        return
+    for path, size in found:
+        MSG.verbose("leftover: %s (%s)" % (path, human_size(size)))
+    running = " (a pull, load, import or rmi is running: its work files count)" \
+        if work_dir_owners(repo.locksdir)[0] else ""
+    MSG.warning("leftovers of killed commands: %d files, %s%s: %s rmi --prune frees them"
+                % (len(found), human_size(sum(size for _, size in found)), running,
+                   __program__))
 
 
 def _protect(session, args, protect):
@@ -8706,14 +8946,16 @@ COMMANDS = dict((c.name, c) for c in [
         _o("-p", help="show the platform")], func=cmd_ps),
     Command("rm", "remove containers", ["CONTAINER..."], [
         _o("-f", help="force: fix permissions first")], func=cmd_rm),
-    Command("rmi", "remove an image", ["IMAGE"], [
-        _o("-f", help="ignore errors removing layers")], func=cmd_rmi),
+    Command("rmi", "remove an image; --prune: the layers no image uses", ["[IMAGE]"], [
+        _o("-f", help="ignore errors removing layers; with --prune: ignore sweep_grace"),
+        _o("--prune", help="remove what killed commands left: layers no image uses, "
+                           "partial downloads (older than sweep_grace)")], func=cmd_rmi),
     Command("tag", "give an image another name", ["IMAGE", "NEWIMAGE"], func=cmd_tag),
     Command("inspect", "show the metadata of an image or container",
             ["IMAGE|CONTAINER"], [_o("-p", help="print the container's ROOT path")],
             func=cmd_inspect),
-    Command("verify", "check an image's layers against their digests", ["IMAGE"],
-            func=cmd_verify),
+    Command("verify", "check an image's (or every image's) layers against their digests, "
+            "report leftovers of killed commands", ["[IMAGE]"], func=cmd_verify),
     Command("protect", "protect an image or container from removal",
             ["IMAGE|CONTAINER"], func=cmd_protect),
     Command("unprotect", "remove the protection", ["IMAGE|CONTAINER"], func=cmd_unprotect),
@@ -8865,8 +9107,8 @@ def main(argv=None, environ=None):
         if debug:
             import traceback
             traceback.print_exc()
-        MSG.error("%s%s" % (exc.strerror or exc,
-                            (": " + exc.filename) if getattr(exc, "filename", None) else ""))
+        MSG.error("%s%s" % (exc.strerror or exc, (": " + show_name(exc.filename))
+                            if getattr(exc, "filename", None) else ""))
         return 1
     except Exception as exc:                   # a bug: still one line, -D shows where
         if debug:
