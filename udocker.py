@@ -4232,8 +4232,8 @@ class Flattener(object):
     def _member(self, member, archive):
         path = clean_member_path(member.name)
         if path is None:
-            self.warn("skipped %s: a name longer than %d bytes, a component longer than %d, "
-                      "'..' or NUL" % (show_name(member.name), MAX_PATH, MAX_NAME))
+            self.warn("skipped hostile name %s ('..', NUL, longer than %d bytes or a part "
+                      "longer than %d)" % (show_name(member.name, 80), MAX_PATH, MAX_NAME))
             return
         try:
             self._place(path, member, archive)

@@ -275,3 +275,218 @@ for _ in range(150):
     holder.stdin.close()
     holder.wait()
     assert holder.returncode == 0 and os.listdir(parent) == []
+
+
+# -- what killed pulls, segmented pulls and rmi leave ---------------------------------------
+# Each kill happens at a moment seen on the file system (polled, no sleeps) or at a chosen
+# step (the process kills itself); then one ordinary command (create takes the repository
+# lock) must leave exactly what the tags use.
+
+SPLIT = "pull_split_size = 200000\npull_segment_size = 65536\npull_split_rate = inf\n"
+LEFT = "left by killed commands"
+
+
+def no_grace(run, extra=""):
+    """udocker.conf with sweep_grace = 0: what killed commands left goes at once."""
+    if not os.path.isdir(run.udocker_dir):
+        os.makedirs(run.udocker_dir)
+    with open(os.path.join(run.udocker_dir, "udocker.conf"), "w") as handle:
+        handle.write("[DEFAULT]\nsweep_grace = 0\n" + extra)
+
+
+def load_small(run, tmpdir):
+    """small:1, a loaded one-layer image that shares no blob with the registry's."""
+    path = str(tmpdir.join("small.tar"))
+    with open(path, "wb") as handle:
+        handle.write(build_tar(with_parents([f(n, v) for n, v in sorted(docker_archive_files(
+            [(Image([Layer([f("etc/small", "s")])]), ["small:1"])]).items())])))
+    run("load", "-i", path).check()
+
+
+def tag_blobs(run):
+    """{blob name: size} of what the tags under repos/ link to."""
+    used = {}
+    for dirpath, dirnames, filenames in os.walk(os.path.join(run.udocker_dir, "repos")):
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]     # not tags
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                used[os.path.basename(os.readlink(path))] = os.path.getsize(path)
+    return used
+
+
+def assert_only_what_tags_use(run):
+    """layers/ holds the tags' blobs and nothing else (its du is their size); no writer
+    lock, work directory or record of a removed tag is left; verify says so."""
+    top = run.udocker_dir
+    used = tag_blobs(run)
+    layers = os.path.join(top, "layers")
+    assert sorted(os.listdir(layers)) == sorted(used)
+    du = sum(os.lstat(os.path.join(d, n)).st_size
+             for d, _, names in os.walk(layers) for n in names)
+    assert du == sum(used.values())
+    assert [n for n in os.listdir(os.path.join(top, ".locks")) if n.startswith(".")] == []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(top, "repos")):
+        for name in dirnames + filenames:
+            if name.startswith("."):                 # only the records of existing tags
+                assert name.endswith(".json") and os.path.isfile(
+                    os.path.join(dirpath, name[1:-5], "TAG")), os.path.join(dirpath, name)
+    res = run("verify").check()
+    assert "no leftovers of killed commands" in res.err and "Warning" not in res.err, res
+
+
+def multilayer_blobs(registry):
+    """The blobs of test/multilayer, the largest (the busybox layer) first."""
+    info = registry.images["test/multilayer:latest"]
+    return [l["digest"] for l in info["layers"]] + [info["config"]["digest"]]
+
+
+@pytest.mark.parametrize("point", ["blobs-done", "mid-blob", "segments"])
+def test_killed_pull_leaves_nothing_after_one_command(udocker, registry, fault_proxy,
+                                                      tmpdir, point):
+    no_grace(udocker, SPLIT if point == "segments" else "")
+    load_small(udocker, tmpdir)
+    layers = os.path.join(udocker.udocker_dir, "layers")
+    digests = multilayer_blobs(registry)
+    big = digests[0]
+    partial = os.path.join(layers, "." + big + ".partial")
+    if point == "blobs-done":                    # the others are in, the big one not begun
+        fault_proxy.set(mode="stall", where="before", seconds=600, match=big)
+    elif point == "mid-blob":
+        fault_proxy.set(mode="stall", where="mid", after_bytes=200000, seconds=600,
+                        match=big)
+    else:                                        # two segments in, the others stalled
+        fault_proxy.set(mode="stall", where="before", seconds=600, match=big, skip=2)
+    proc = udocker_process(udocker, "pull", "--registry=" + fault_proxy.url,
+                           "test/multilayer")
+    if point == "segments":      # (its segments take every connection: no small blob yet)
+        wait_for(lambda: os.path.exists(partial + ".json"), "a segment record")
+    else:
+        wait_for(lambda: all(os.path.exists(os.path.join(layers, d)) for d in digests[1:]),
+                 "the small blobs")
+    if point == "mid-blob":      # (its bytes may still wait in a read buffer)
+        wait_for(lambda: os.path.exists(partial), "the big blob's partial file")
+    killed(proc)
+    left = set(os.listdir(layers))
+    if point != "segments":
+        assert set(digests[1:]) <= left                  # complete blobs, no tag
+    if point != "blobs-done":
+        assert os.path.basename(partial) in left
+    with open(os.path.join(layers, ".tmp-killed00"), "wb") as handle:
+        handle.write(b"half a segment record")          # as a kill inside write_atomic
+    res = udocker("create", "small:1").check()
+    assert LEFT in res.err, res
+    assert_only_what_tags_use(udocker)
+    fault_proxy.reset()                                  # and the image still comes whole
+    udocker("pull", "--registry=" + fault_proxy.url, "test/multilayer").check()
+    udocker("verify", "test/multilayer").check()
+    assert_only_what_tags_use(udocker)
+
+
+KILL_RMI = r"""
+import signal
+point, layers = sys.argv[1], sys.argv[2]
+real_rename, real_unlink = os.rename, os.unlink
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def rename(src, dst):
+    real_rename(src, dst)
+    if point == "tag-renamed" and "/.rmi-" in dst:
+        kill()
+
+def unlink(path, *args, **kw):
+    blob = os.path.dirname(str(path)) == layers
+    in_tag = "dir_fd" in kw or "/.rmi-" in str(path)       # rmtree of the renamed tag
+    if blob and point == "first-blob":
+        kill()
+    real_unlink(path, *args, **kw)
+    if (blob and point == "one-blob-gone") or (in_tag and point == "tag-half-gone"):
+        kill()
+
+os.rename, os.unlink, os.remove = rename, unlink, unlink
+sys.exit(ud.main(["rmi", "test/multilayer"]))
+"""
+
+
+@pytest.mark.parametrize("point", ["tag-renamed", "tag-half-gone", "first-blob",
+                                   "one-blob-gone"])
+def test_killed_rmi_leaves_nothing_after_one_command(udocker, registry, tmpdir, point):
+    no_grace(udocker)
+    load_small(udocker, tmpdir)
+    for repo in ("test/multilayer", "test/busybox"):
+        udocker("pull", "--registry=" + registry.url, repo).check()
+    layers = os.path.join(udocker.udocker_dir, "layers")
+    prelude = "import os, sys; sys.path.insert(0, %r); import udocker as ud\n" % REPO_ROOT
+    proc = subprocess.Popen([sys.executable, "-c", prelude + KILL_RMI, point, layers],
+                            env=udocker.environ(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    err = proc.communicate()[1]
+    assert proc.returncode == -signal.SIGKILL, err
+    assert not os.path.exists(os.path.join(udocker.udocker_dir, "repos", "test",
+                                           "multilayer", "latest"))
+    assert len(os.listdir(layers)) > len(tag_blobs(udocker))      # blobs were left
+    res = udocker("create", "small:1").check()
+    assert LEFT in res.err, res
+    assert_only_what_tags_use(udocker)
+    udocker("verify", "test/busybox").check()
+
+
+def test_prune_frees_what_no_tag_uses_and_reports_it(udocker, registry, tmpdir):
+    import shutil
+    import udocker as ud
+    load_small(udocker, tmpdir)
+    udocker("pull", "--registry=" + registry.url, "test/multilayer").check()
+    layers = os.path.join(udocker.udocker_dir, "layers")
+    shutil.rmtree(os.path.join(udocker.udocker_dir, "repos", "test", "multilayer", "latest"))
+    orphans = sum(os.path.getsize(os.path.join(layers, d)) for d in multilayer_blobs(registry))
+    record = os.path.join(udocker.udocker_dir, "repos", "test", "multilayer", ".latest.json")
+    total = orphans + os.path.getsize(record)
+    res = udocker("verify").check()              # reported, with their size
+    assert "leftovers of killed commands: 6 files, %s" % ud.human_size(total) in res.err, res
+    res = udocker("rmi", "--prune").check()      # the blobs are younger than sweep_grace
+    assert "kept 5 files younger than sweep_grace" in res.err, res
+    assert res.err.count("Info: removed: ") == 1 and not os.path.exists(record)
+    res = udocker("rmi", "--prune", "-f").check()
+    assert res.err.count("Info: removed: ") == 5, res
+    assert "freed %s" % ud.human_size(orphans) in res.err
+    assert_only_what_tags_use(udocker)
+    res = udocker("rmi", "--prune", "-f").check()
+    assert "nothing to prune" in res.err
+    res = udocker("rmi")
+    assert res.rc == 1 and "missing argument: IMAGE" in res.err
+
+
+def test_rmi_of_a_missing_image_is_one_error(udocker):
+    udocker("images").check()
+    res = udocker("rmi", "nosuch/image")
+    assert res.rc == 1 and res.err == "Error: image not found: nosuch/image:latest\n", res
+
+
+def test_sweep_keeps_a_live_pulls_files(udocker, registry, fault_proxy, tmpdir):
+    no_grace(udocker)
+    load_small(udocker, tmpdir)
+    layers = os.path.join(udocker.udocker_dir, "layers")
+    digests = multilayer_blobs(registry)
+    partial = os.path.join(layers, "." + digests[0] + ".partial")
+    fault_proxy.set(mode="stall", where="mid", after_bytes=200000, seconds=600,
+                    match=digests[0])
+    proc = udocker_process(udocker, "pull", "--registry=" + fault_proxy.url,
+                           "test/multilayer")
+    try:
+        wait_for(lambda: os.path.exists(partial), "the big blob's partial file")
+        wait_for(lambda: all(os.path.exists(os.path.join(layers, d)) for d in digests[1:]),
+                 "the small blobs")
+        res = udocker("create", "small:1").check()     # sweeps: the live pull's files stay
+        assert LEFT not in res.err
+        res = udocker("rmi", "--prune", "-f")
+        assert res.rc == 1 and "prune when it ends" in res.err
+        assert os.path.exists(partial)
+        assert all(os.path.exists(os.path.join(layers, d)) for d in digests[1:])
+    finally:
+        fault_proxy.stop()                             # the stalled answer ends now
+    err = proc.communicate()[1]
+    assert proc.returncode == 0, err
+    udocker("verify", "test/multilayer").check()
+    assert_only_what_tags_use(udocker)

@@ -10,12 +10,13 @@
     proxy.stop()
 
 Faults apply to requests whose method is in `methods` (default GET) and
-whose path contains `match` (default "/blobs/"); `count` limits a fault to
-the first K such requests (None: all of them). Modes:
+whose path contains `match` (default "/blobs/"); `skip` lets the first N
+such requests pass unharmed, then `count` limits a fault to the next K
+(None: all of them). Modes:
 
     pass      forward unchanged
     status    answer `status` (e.g. 500, 429, 503) without asking upstream,
-              with Retry-After: `retry_after` if given
+              with Retry-After: `retry_after` if given (any text: "-1", a date)
     reset     send the headers and `after_bytes` body bytes, then reset the
               connection (TCP RST)
     truncate  the same but close normally (FIN): a short body
@@ -60,7 +61,7 @@ MODES = ("pass", "status", "reset", "truncate", "drop", "stall", "corrupt")
 _DEFAULTS = {"mode": "pass", "count": None, "after_bytes": 0, "status": 500,
              "retry_after": None, "seconds": 0.0, "where": "before",
              "offset": None, "range": "honour", "match": "/blobs/",
-             "methods": ("GET",)}
+             "methods": ("GET",), "skip": 0}
 _HOP_BY_HOP = set(["connection", "keep-alive", "proxy-authenticate",
                    "proxy-authorization", "te", "trailer", "trailers",
                    "transfer-encoding", "upgrade", "proxy-connection"])
@@ -252,6 +253,7 @@ class FaultProxy(object):
         self._records = []
         self._settings = dict(_DEFAULTS)
         self._left = None
+        self._skip = 0
         self._server = None
         self.url = self.host = self.port = None
 
@@ -293,6 +295,7 @@ class FaultProxy(object):
         with self._lock:
             self._settings = new
             self._left = new["count"]
+            self._skip = new["skip"]
 
     def reset(self):
         """Mode "pass", default settings, records cleared."""
@@ -327,6 +330,9 @@ class FaultProxy(object):
             settings = dict(self._settings)
             if settings["mode"] == "pass" or \
                     not self._matches(settings, method, path):
+                return settings, None
+            if self._skip > 0:
+                self._skip -= 1
                 return settings, None
             if self._left is not None:
                 if self._left <= 0:
