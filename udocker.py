@@ -2049,7 +2049,7 @@ class RegistryClient(object):
                 wait = retry_after_seconds(resp.header("retry-after"))
                 if wait is not None and wait > self.cfg.pull_retry_after_max:
                     raise RegistryError("%s and asks to retry after %.0f s (Retry-After: %s), "
-                                        "longer than pull_retry_after_max (%.0f s)" % (
+                                        "longer than pull_retry_after_max (%g s)" % (
                                             answer, wait, resp.header("retry-after"),
                                             self.cfg.pull_retry_after_max))
                 raise TransientError(answer, wait)
@@ -2154,7 +2154,7 @@ def retry_after_seconds(value, now=None):
     if not parsed:
         return None
     try:
-        when = email_utils.mktime_tz(parsed)
+        when = email_utils.mktime_tz(parsed[:9] + (parsed[9] or 0,))    # HTTP dates are GMT
     except (OverflowError, ValueError, TypeError):
         return None
     return max(0.0, when - (time.time() if now is None else now))
