@@ -8948,14 +8948,14 @@ COMMANDS = dict((c.name, c) for c in [
         _o("-f", help="force: fix permissions first")], func=cmd_rm),
     Command("rmi", "remove an image; --prune: the layers no image uses", ["[IMAGE]"], [
         _o("-f", help="ignore errors removing layers; with --prune: ignore sweep_grace"),
-        _o("--prune", help="remove what killed commands left: layers no image uses, "
-                           "partial downloads (older than sweep_grace)")], func=cmd_rmi),
+        _o("--prune", help="remove the layers no image uses and partial downloads "
+                           "(older than sweep_grace)")], func=cmd_rmi),
     Command("tag", "give an image another name", ["IMAGE", "NEWIMAGE"], func=cmd_tag),
     Command("inspect", "show the metadata of an image or container",
             ["IMAGE|CONTAINER"], [_o("-p", help="print the container's ROOT path")],
             func=cmd_inspect),
-    Command("verify", "check an image's (or every image's) layers against their digests, "
-            "report leftovers of killed commands", ["[IMAGE]"], func=cmd_verify),
+    Command("verify", "check an image (default: all) against its digests; report leftovers",
+            ["[IMAGE]"], func=cmd_verify),
     Command("protect", "protect an image or container from removal",
             ["IMAGE|CONTAINER"], func=cmd_protect),
     Command("unprotect", "remove the protection", ["IMAGE|CONTAINER"], func=cmd_unprotect),
