@@ -1346,9 +1346,10 @@ class LocalRepository(object):
                     sweep_work_dirs(parent)
                     self._prune_empty(parent)
                 self._prune_empty_names()
-        for name in os.listdir(self.layersdir):
-            if WORK_NAME_RE.match(name) or (not name.startswith(".") and
-                                            (not blobs or name in used)):
+        names = os.listdir(self.layersdir)
+        work_dir = WORK_NAME_RE.match
+        for name in names if blobs else [n for n in names if n[:1] == "."]:
+            if name in used or work_dir(name):
                 continue                     # work directories: sweep_work_dirs' business
             path = os.path.join(self.layersdir, name)
             try:
