@@ -1396,9 +1396,10 @@ class LocalRepository(object):
                     sweep_work_dirs(parent)
                     self._prune_empty(parent)
                 self._prune_empty_names()
-        for name in os.listdir(self.layersdir):
-            if WORK_NAME_RE.match(name) or (not name.startswith(".") and
-                                            (not blobs or name in used)):
+        names = os.listdir(self.layersdir)
+        work_dir = WORK_NAME_RE.match
+        for name in names if blobs else [n for n in names if n[:1] == "."]:
+            if name in used or work_dir(name):
                 continue                     # work directories: sweep_work_dirs' business
             path = os.path.join(self.layersdir, name)
             try:
@@ -2130,7 +2131,7 @@ class RegistryClient(object):
                 wait = retry_after_seconds(resp.header("retry-after"))
                 if wait is not None and wait > self.cfg.pull_retry_after_max:
                     raise RegistryError("%s and asks to retry after %.0f s (Retry-After: %s), "
-                                        "longer than pull_retry_after_max (%.0f s)" % (
+                                        "longer than pull_retry_after_max (%g s)" % (
                                             answer, wait, resp.header("retry-after"),
                                             self.cfg.pull_retry_after_max))
                 raise TransientError(answer, wait)
@@ -2248,7 +2249,7 @@ def retry_after_seconds(value, now=None):
     if not parsed:
         return None
     try:
-        when = email_utils.mktime_tz(parsed)
+        when = email_utils.mktime_tz(parsed[:9] + (parsed[9] or 0,))    # HTTP dates are GMT
     except (OverflowError, ValueError, TypeError):
         return None
     return max(0.0, when - (time.time() if now is None else now))
@@ -9758,8 +9759,8 @@ COMMANDS = dict((c.name, c) for c in [
                                   _o("-f|--format", VALUE, "print {{.Field.Sub}} and {{json "
                                      ".Field}} of the JSON", metavar="TEMPLATE")],
             func=cmd_inspect),
-    Command("verify", "check an image's (or every image's) layers against their digests, "
-            "report leftovers of killed commands", ["[IMAGE]"], func=cmd_verify),
+    Command("verify", "check an image (default: all) against its digests; report leftovers",
+            ["[IMAGE]"], func=cmd_verify),
     Command("protect", "protect an image or container from removal",
             ["IMAGE|CONTAINER"], func=cmd_protect),
     Command("unprotect", "remove the protection", ["IMAGE|CONTAINER"], func=cmd_unprotect),

@@ -561,6 +561,65 @@ def test_tar_with_unsafe_member_on_the_cli_is_one_line(env):
     env.check_untouched()
 
 
+# ==== names longer than the file system takes: skipped with one line each, as GNU tar does
+
+LONG_TARGET = "x" * 5000                        # a symlink target longer than PATH_MAX
+LONG_NAME = "n" * 300                           # a name longer than NAME_MAX
+ODD = b"bin/odd-\xff\xfe"                        # not UTF-8
+
+
+def long_name_entries():
+    return [d("bin"), sym("bin/longlink", LONG_TARGET), f("bin/" + LONG_NAME, b"x"),
+            sym(ODD, "y" * 5000), f(b"bin/\xff-ok", b"odd but fine"), f("bin/ok", b"ok")]
+
+
+def assert_long_names_skipped(rc, out, err, root_of):
+    assert rc == 0 and "Traceback" not in err and "Error" not in err, err
+    warnings = [l for l in err.splitlines() if l.startswith("Warning")]
+    assert len(warnings) == 3, err
+    assert "bin/longlink -> xxxx" in warnings[0] and "(5000 bytes)" in warnings[0]
+    assert "hostile name bin/nnnn" in warnings[1] and "(304 bytes)" in warnings[1]
+    assert "bin/odd-\\xff\\xfe -> yyyy" in warnings[2]
+    root = root_of(out.split()[-1])
+    assert sorted(to_bytes(n) for n in os.listdir(to_bytes(os.path.join(root, "bin")))) == \
+        [b"ok", b"\xff-ok"]
+
+
+def to_bytes(name):
+    return name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
+
+
+def test_long_names_in_a_layer_are_skipped_by_create(env):
+    env.add("long", Image([long_name_entries()]))
+    rc, out, err = env.run("create", "long")
+    assert_long_names_skipped(rc, out.decode(), err, env.root)
+    env.check_untouched()
+
+
+def test_long_names_in_an_imported_tar_are_skipped(env):
+    path = os.path.join(env.top, "long.tar")
+    with open(path, "wb") as handle:
+        handle.write(tar_bytes(long_name_entries()))
+    rc, out, err = env.run("import", "--tocontainer", path)
+    assert_long_names_skipped(rc, out.decode(), err, env.root)
+    rc, out, err = env.run("import", path, "long:1")
+    assert rc == 0, err
+    rc, out, err = env.run("create", "long:1")
+    assert_long_names_skipped(rc, out.decode(), err, env.root)
+
+
+def test_file_names_in_messages_are_printable():
+    show = udocker.show_name
+    assert show(b"a/\xff\xfe") == "a/\\xff\\xfe"
+    assert show(u"caf\u00e9".encode("utf-8")) == (u"caf\u00e9" if PY3 else b"caf\xc3\xa9")
+    assert show("a\nb") == "a\\x0ab"
+    assert show("z" * 1000, 10) == "zzzzzzzzzz... (1000 bytes)"
+    if PY3:
+        assert show(b"\xff".decode("utf-8", "surrogateescape")) == "\\xff"
+    err = OSError(36, "File name too long", b"/x/\xff")
+    assert udocker.show_name(err.filename) == "/x/\\xff"
+
+
 # ==== bad input: one line, no container left behind
 
 def corrupt_images():

@@ -517,3 +517,49 @@ def test_sweep_keeps_a_live_pulls_files(udocker, registry, fault_proxy, tmpdir):
     assert proc.returncode == 0, err
     udocker("verify", "test/multilayer").check()
     assert_only_what_tags_use(udocker)
+
+
+# -- create, run and verify racing an rmi of their image ------------------------------------
+
+RACE = r"""
+import subprocess
+command, ref, hook = sys.argv[1], sys.argv[2], sys.argv[3]
+
+done = []
+
+def rmi():                  # once, just before the hooked function runs
+    if not done:
+        done.append(subprocess.call([sys.executable, %r, "rmi", ref]))
+        assert done == [0]
+
+def before(obj, name):
+    real = getattr(obj, name)
+    def wrapper(*args, **kw):
+        rmi()
+        return real(*args, **kw)
+    setattr(obj, name, wrapper)
+
+if hook == "open_layers":
+    before(ud, "open_layers")
+elif hook == "verify":
+    before(ud.LocalImage, "verify")
+else:                       # LocalImage reads the tag's record, then its manifest
+    before(ud, "read_json")
+sys.exit(ud.main([command, ref] + (["true"] if command == "run" else [])))
+""" % UDOCKER_SCRIPT
+
+
+@pytest.mark.parametrize("command,hook", [("create", "open_layers"), ("run", "open_layers"),
+                                          ("verify", "verify"), ("create", "manifest")])
+def test_a_command_racing_rmi_says_the_image_was_removed(udocker, registry, command, hook):
+    for repo in ("test/multilayer", "test/busybox"):    # they share the base layer
+        udocker("pull", "--registry=" + registry.url, repo).check()
+    prelude = "import os, sys; sys.path.insert(0, %r); import udocker as ud\n" % REPO_ROOT
+    proc = subprocess.Popen([sys.executable, "-c", prelude + RACE, command, "test/multilayer",
+                             hook], env=udocker.environ(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    err = proc.communicate()[1].decode("utf-8", "replace")
+    errors = [l for l in err.splitlines() if l.startswith("Error")]
+    assert proc.returncode == 1 and errors == [
+        "Error: image test/multilayer:latest was removed while this command ran"], err
+    assert not os.listdir(os.path.join(udocker.udocker_dir, "containers"))

@@ -337,6 +337,55 @@ def test_transient_statuses_are_retried(udocker, fault_proxy, status):
     assert [r["status"] for r in fault_proxy.requests].count(status) == 2, fault_proxy.requests
 
 
+# Retry-After (RFC 9110 10.2.3): delay-seconds or an HTTP-date; anything else is ignored
+# (our own backoff), a date in the past means now, a wait above pull_retry_after_max ends
+# the pull with one line naming the registry's wait.
+PAST = "Wed, 21 Oct 2015 07:28:00 GMT"
+FAR = "Fri, 31 Dec 9999 23:59:59 GMT"
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "1.5", PAST, "0"])
+def test_odd_retry_after_is_retried(udocker, fault_proxy, value):
+    fault_proxy.set(mode="status", status=503, count=2, retry_after=value)
+    res = pull_via(udocker, fault_proxy).check()
+    assert "internal error" not in res.err
+    assert [r["status"] for r in fault_proxy.blob_requests()][:2] == [503, 503]
+    udocker("verify", "test/multilayer").check()
+
+
+@pytest.mark.parametrize("value,shown", [("100000", "100000 s"), (FAR, FAR)])
+def test_too_long_retry_after_is_one_clear_error(udocker, fault_proxy, value, shown):
+    fault_proxy.set(mode="status", status=429, count=1, retry_after=value)
+    res = pull_via(udocker, fault_proxy)
+    errors = [l for l in res.err.splitlines() if l.startswith("Error")]
+    assert res.rc == 1 and len(errors) == 1 and "Traceback" not in res.err, res
+    assert shown in errors[0] and "pull_retry_after_max (300 s)" in errors[0]
+    assert fault_proxy.url in errors[0] and "429" in errors[0]
+
+
+def test_retry_after_maximum_is_configurable(udocker, fault_proxy):
+    conf = os.path.join(udocker.udocker_dir + ".conf")
+    with open(conf, "w") as handle:
+        handle.write("[DEFAULT]\npull_retry_after_max = 0.5\n")
+    fault_proxy.set(mode="status", status=503, count=1, retry_after="1")
+    res = udocker("--config=" + conf, "pull", "--registry=" + fault_proxy.url,
+                  "test/multilayer")
+    assert res.rc == 1 and "(Retry-After: 1), longer than pull_retry_after_max (0.5 s)" \
+        in res.err, res
+
+
+def test_retry_after_parsing():
+    now = 1700000000.0
+    parse = ud.retry_after_seconds
+    assert [parse(v, now) for v in ("-1", "nan", "inf", "1.5", "", None, "soon")] == \
+        [None] * 7
+    assert parse("120", now) == 120.0 and parse(" 7 ", now) == 7.0
+    assert parse(PAST, now) == 0.0
+    assert parse("Tue, 14 Nov 2023 22:15:00 GMT", now) == 100.0     # IMF-fixdate
+    assert parse("Tue Nov 14 22:15:00 2023", now) == 100.0          # asctime
+    assert parse(FAR, now) > 1e9
+
+
 def test_persistent_500_gives_up_cleanly(udocker, fault_proxy):
     fault_proxy.set(mode="status", status=500)
     res = pull_via(udocker, fault_proxy)
