@@ -6065,6 +6065,11 @@ class Engine(object):
         """Raises EngineError when this mode cannot run this container."""
 
     @classmethod
+    def check_setup(cls, container, tools):
+        """Raises EngineError when setup --execmode of this mode would prepare a container
+        it cannot run (checked before the old mode's changes are undone)."""
+
+    @classmethod
     def setup(cls, container, tools, force=False):
         """Prepare a container for this mode (setup --execmode); default: nothing to do."""
 
@@ -6718,9 +6723,9 @@ class RuncProotNoSeccompEngine(RuncProotEngine):
 
 class FakechrootEngine(Engine):
     """F1: libfakechroot preloaded, programs started through the container's own ld.so.
-    Runs as the host user. Debian's libfakechroot only knows FAKECHROOT_EXCLUDE_PATH, so a
-    volume is seen at its host path; HOST:CONT with another CONT becomes a symlink CONT ->
-    HOST in ROOT. The host user is added to the container's passwd/group in place.
+    Runs as the host user. A volume at its own path is in FAKECHROOT_EXCLUDE_PATH (with an
+    empty mount point in ROOT); HOST:CONT with another CONT becomes a symlink CONT -> HOST
+    in ROOT and an entry of FAKECHROOT_VOLUMES (fakechroot_volume_map). The host user is added to the container's passwd/group in place.
     Absolute symlinks in ROOT are made to point into ROOT (setup), else the kernel would
     follow them on the host."""
 
@@ -6760,6 +6765,7 @@ class FakechrootEngine(Engine):
         for vol in self.volumes:
             if vol.host == vol.cont:
                 excluded.append(vol.host)
+                self._mountpoint_dir(vol)
             else:
                 self._symlink_volume(vol)
         env = dict((k, v) for k, v in self.env.items() if not k.startswith("FAKECHROOT_"))
@@ -6768,6 +6774,9 @@ class FakechrootEngine(Engine):
                     "FAKECHROOT_CMD_SUBST": self.cfg.fakechroot_cmd_subst, "PWD": self.cwd})
         if excluded:           # an empty FAKECHROOT_EXCLUDE_PATH (or entry) excludes everything
             env["FAKECHROOT_EXCLUDE_PATH"] = ":".join(excluded)
+        volume_map = fakechroot_volume_map(self.volumes)
+        if volume_map:
+            env["FAKECHROOT_VOLUMES"] = volume_map
         if MSG.level >= Messages.DBG:
             env["FAKECHROOT_DEBUG"] = "true"
         program, argv = self._start_argv(self.exe, self._command_path(self.argv[0]),
@@ -6855,6 +6864,18 @@ class FakechrootEngine(Engine):
                 volumes.append(Volume(host, cont, system=True, device=True))
         return volumes
 
+    def _mountpoint_dir(self, vol):
+        """An empty directory in ROOT where a directory is seen at its own host path (the
+        library sends the path itself to the host), as a bind mount has: ".." from inside
+        the volume leads into the container's tree, where the volume is listed."""
+        path = resolve_in_root(self.root, vol.cont)
+        if vol.system or os.path.lexists(path) or not os.path.isdir(vol.host):
+            return
+        try:
+            makedirs(path)
+        except OSError as exc:
+            MSG.verbose("cannot make the mount point %s: %s" % (vol.cont, exc.strerror))
+
     def _symlink_volume(self, vol):
         link = resolve_in_root(self.root, vol.cont, follow_last=False)
         if os.path.islink(link) and os.readlink(link) == vol.host:
@@ -6885,11 +6906,13 @@ class FakechrootEngine(Engine):
             tools.patchelf()
 
     @classmethod
+    def check_setup(cls, container, tools):
+        """The check run makes, before anything is patched: a musl tree, or a glibc older
+        than every libfakechroot we have, is refused by setup, not by the first run."""
+        cls.check_container(container, tools)
+
+    @classmethod
     def setup(cls, container, tools, force=False):
-        kind = container_libc(container.root, container.arch())[0]
-        if kind != "glibc":
-            raise EngineError("F modes need a glibc container (this one: %s): use P1"
-                              % (kind or "no C library found"))
         old_root = container.state("root.path")
         skip = mountpoint_links(container)
         if old_root and old_root != container.root:
@@ -6936,6 +6959,24 @@ class FakechrootPatchedEngine(FakechrootEngine):
             ElfPatcher(tools.patchelf()[0], container).restore()
             remove_quietly(os.path.join(container.dir, "patch.path"))
         FakechrootEngine.leave(container, tools)
+
+
+def fakechroot_volume_map(volumes):
+    """FAKECHROOT_VOLUMES for our libfakechroot: "CONT=HOST:..." for each volume the kernel
+    names otherwise than the container does (bound elsewhere, or reached through a
+    symlink). The library sends a path under CONT to the real HOST path, and shows a
+    working directory or directory fd there, and resolves relative names and "..", under
+    CONT. "" when there is none. Upstream's libfakechroot ignores the variable."""
+    entries = []
+    for vol in volumes:
+        real = os.path.realpath(vol.host)
+        if vol.device or real == vol.cont:
+            continue
+        if "=" in vol.cont or ":" in real:
+            raise EngineError("F modes cannot bind %s at %s (a path with '=' or ':')"
+                              % (real, vol.cont))
+        entries.append("%s=%s" % (vol.cont, real))
+    return ":".join(entries)
 
 
 def mountpoint_links(container):
@@ -7147,6 +7188,7 @@ def set_execmode(session, container, mode, tools, force=False):
         same_place = container.state("root.path") in ("", container.root)
         if current == mode and same_place and not force and container.state("execmode"):
             return False
+        new.check_setup(container, tools)
         old = ENGINES.get(current)
         if old is not None and old is not new and container.state("execmode"):
             old.leave(container, tools)
@@ -7258,7 +7300,7 @@ TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
     # other sum is given
     "udocker-tools-2.0.0.tar.gz":
-        "efbd82494b0deac791ed9326c09f0eb06eaa59416d223b5545dc83287da25801",
+        "9bcf32caf20b26ca37be4f222c9a5680ee33f08c1327410af9e68f441d08f9a5",
 }
 TOOLS_PARTS = ("bin", "lib", "doc")
 SHA256_RE = LazyRegex(r"\b([a-fA-F0-9]{64})\b")

@@ -121,6 +121,23 @@ def test_volume_specs():
             udocker.Volume.parse(bad)
 
 
+def test_fakechroot_volume_map_names_real_host_paths(tmpdir):
+    real = tmpdir.join("real").ensure(dir=True)
+    os.symlink(str(real), str(tmpdir.join("via")))
+    r, via = str(real), str(tmpdir.join("via"))
+    Volume = udocker.Volume
+    assert udocker.fakechroot_volume_map([
+        Volume(r, "/data"),                          # elsewhere: mapped
+        Volume(via, "/v"),                           # through a symlink: the real path
+        Volume(r, r),                                # own path: excluded, not mapped
+        Volume(via, via),                            # own path through a symlink: mapped
+        Volume("/dev/null", "/dev/null2", device=True)]) == \
+        "/data=%s:/v=%s:%s=%s" % (r, r, via, r)
+    assert udocker.fakechroot_volume_map([Volume(r, r)]) == ""
+    with pytest.raises(udocker.EngineError):
+        udocker.fakechroot_volume_map([Volume(r, "/a=b")])
+
+
 def test_command_from_entrypoint_and_cmd(tmpdir, glibc_tree):
     meta = {"Entrypoint": ["/bin/echo", "E"], "Cmd": ["c1", "c2"]}
     assert engine_for(tmpdir, glibc_tree).choose_command(meta) == ["/bin/echo", "E", "c1", "c2"]
