@@ -6515,9 +6515,27 @@ class Engine(object):
         mode can start on this host, or None; raises EngineError when a tool is missing."""
         return None
 
+    def _bind_host(self, host):
+        """A host path as an engine's list syntax can carry it: proot -b and
+        FAKECHROOT_VOLUMES split at ':', so a path with one is given as a symlink without
+        (the kernel follows it)."""
+        if ":" not in host:
+            return host
+        links = os.path.join(self.container.run_dir(self.cfg), "binds")
+        makedirs(links)
+        link = os.path.join(links, hashlib.sha256(to_bytes(host)).hexdigest()[:16])
+        if not (os.path.islink(link) and os.readlink(link) == host):
+            symlink_atomic(host, link)
+        return link
+
     @classmethod
     def check_container(cls, container, tools):
         """Raises EngineError when this mode cannot run this container."""
+
+    @classmethod
+    def check_setup(cls, container, tools):
+        """Raises EngineError when setup --execmode of this mode would prepare a container
+        it cannot run (checked before the old mode's changes are undone)."""
 
     @classmethod
     def setup(cls, container, tools, force=False):
@@ -6858,18 +6876,6 @@ class ProotEngine(Engine):
         elif not info.get("seccomp"):
             MSG.verbose("this proot has no seccomp acceleration: P1 runs like P2")
         return argv + self.argv, env, None
-
-    def _bind_host(self, host):
-        """proot -b splits HOST:GUEST at the first ':', so a host path with one is given as
-        a symlink without (proot follows it); GUEST may hold ':'."""
-        if ":" not in host:
-            return host
-        links = os.path.join(self.container.run_dir(self.cfg), "binds")
-        makedirs(links)
-        link = os.path.join(links, hashlib.sha256(to_bytes(host)).hexdigest()[:16])
-        if not (os.path.islink(link) and os.readlink(link) == host):
-            symlink_atomic(host, link)
-        return link
 
     def _network_options(self, info):
         options = []
@@ -7286,9 +7292,10 @@ class RuncProotNoSeccompEngine(RuncProotEngine):
 
 class FakechrootEngine(Engine):
     """F1: libfakechroot preloaded, programs started through the container's own ld.so.
-    Runs as the host user. Debian's libfakechroot only knows FAKECHROOT_EXCLUDE_PATH, so a
-    volume is seen at its host path; HOST:CONT with another CONT becomes a symlink CONT ->
-    HOST in ROOT. The host user is added to the container's passwd/group in place.
+    Runs as the host user. A volume at its own path is in FAKECHROOT_EXCLUDE_PATH (with an
+    empty mount point in ROOT); HOST:CONT with another CONT becomes a symlink CONT -> HOST
+    in ROOT and an entry of FAKECHROOT_VOLUMES (fakechroot_volume_map). The host user is
+    added to the container's passwd/group in place.
     Absolute symlinks in ROOT are made to point into ROOT (setup), else the kernel would
     follow them on the host."""
 
@@ -7331,6 +7338,7 @@ class FakechrootEngine(Engine):
         for vol in self.volumes:
             if vol.host == vol.cont:
                 excluded.append(vol.host)
+                self._mountpoint_dir(vol)
             elif dir_map:
                 mapped[vol.cont] = os.path.realpath(vol.host) + "!" + vol.cont
             elif not self._nested_link(vol):
@@ -7344,6 +7352,9 @@ class FakechrootEngine(Engine):
                     "FAKECHROOT_CMD_SUBST": self.cfg.fakechroot_cmd_subst, "PWD": self.cwd})
         if excluded:           # an empty FAKECHROOT_EXCLUDE_PATH (or entry) excludes everything
             env["FAKECHROOT_EXCLUDE_PATH"] = ":".join(excluded)
+        volume_map = fakechroot_volume_map(self.volumes, self._bind_host)
+        if volume_map:
+            env["FAKECHROOT_VOLUMES"] = volume_map
         if MSG.level >= Messages.DBG:
             env["FAKECHROOT_DEBUG"] = "true"
         program, argv = self._start_argv(self.exe, self._command_path(self.argv[0]),
@@ -7464,6 +7475,18 @@ class FakechrootEngine(Engine):
                 MSG.warning("cannot put back the mount point %s: %s" % (point, exc))
         self.nested_links = []
 
+    def _mountpoint_dir(self, vol):
+        """An empty directory in ROOT where a directory is seen at its own host path (the
+        library sends the path itself to the host), as a bind mount has: ".." from inside
+        the volume leads into the container's tree, where the volume is listed."""
+        path = resolve_in_root(self.root, vol.cont)
+        if vol.system or os.path.lexists(path) or not os.path.isdir(vol.host):
+            return
+        try:
+            makedirs(path)
+        except OSError as exc:
+            MSG.verbose("cannot make the mount point %s: %s" % (vol.cont, exc.strerror))
+
     def _symlink_volume(self, vol):
         link = resolve_in_root(self.root, vol.cont, follow_last=False)
         if os.path.islink(link) and os.readlink(link) == vol.host:
@@ -7494,11 +7517,13 @@ class FakechrootEngine(Engine):
             tools.patchelf()
 
     @classmethod
+    def check_setup(cls, container, tools):
+        """The check run makes, before anything is patched: a musl tree, or a glibc older
+        than every libfakechroot we have, is refused by setup, not by the first run."""
+        cls.check_container(container, tools)
+
+    @classmethod
     def setup(cls, container, tools, force=False):
-        kind = container_libc(container.root, container.arch())[0]
-        if kind != "glibc":
-            raise EngineError("F modes need a glibc container (this one: %s): use P1"
-                              % (kind or "no C library found"))
         old_root = container.state("root.path")
         skip = mountpoint_links(container)
         if old_root and old_root != container.root:
@@ -7545,6 +7570,28 @@ class FakechrootPatchedEngine(FakechrootEngine):
             ElfPatcher(tools.patchelf(), container).restore()
             remove_quietly(os.path.join(container.dir, "patch.path"))
         FakechrootEngine.leave(container, tools)
+
+
+def fakechroot_volume_map(volumes, bind_host=lambda host: host):
+    """FAKECHROOT_VOLUMES for our libfakechroot: "CONT=HOST:..." for each volume the kernel
+    names otherwise than the container does (bound elsewhere, or reached through a
+    symlink). The library sends a path under CONT to the real HOST path, and shows a
+    working directory or directory fd there, and resolves relative names and "..", under
+    CONT. "" when there is none. Upstream's libfakechroot ignores the variable. A HOST
+    with ':' is given as bind_host makes it; a CONT with ':' or '=' cannot be named, and
+    is reached through its symlink in ROOT only (absolute paths work, a working directory
+    inside it shows the host path)."""
+    entries = []
+    for vol in volumes:
+        real = os.path.realpath(vol.host)
+        if vol.device or real == vol.cont:
+            continue
+        if "=" in vol.cont or ":" in vol.cont:
+            MSG.verbose("volume %s: its container path cannot be mapped (':' or '=')"
+                        % vol.cont)
+            continue
+        entries.append("%s=%s" % (vol.cont, bind_host(real)))
+    return ":".join(entries)
 
 
 def mountpoint_links(container):
@@ -7760,6 +7807,7 @@ def set_execmode(session, container, mode, tools, force=False):
         same_place = container.state("root.path") in ("", container.root)
         if current == mode and same_place and not force and container.state("execmode"):
             return False
+        new.check_setup(container, tools)
         old = ENGINES.get(current)
         if old is not None and old is not new and container.state("execmode"):
             old.leave(container, tools)
@@ -7874,7 +7922,7 @@ TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
     # other sum is given
     "udocker-tools-2.0.0.tar.gz":
-        "7e6268b16736bd560bcef963286cc684f91d7dffaffc61c030f614369752f864",
+        "9bcf32caf20b26ca37be4f222c9a5680ee33f08c1327410af9e68f441d08f9a5",
 }
 TOOLS_GITBLOB = {
     # tarball file name -> git blob id of a published release: the SHA-1 of

@@ -172,6 +172,28 @@ def test_gpus_and_size_specs():
             udocker.parse_size(bad, "--shm-size")
 
 
+def test_fakechroot_volume_map_names_real_host_paths(tmpdir):
+    real = tmpdir.join("real").ensure(dir=True)
+    os.symlink(str(real), str(tmpdir.join("via")))
+    r, via = str(real), str(tmpdir.join("via"))
+    Volume = udocker.Volume
+    assert udocker.fakechroot_volume_map([
+        Volume(r, "/data"),                          # elsewhere: mapped
+        Volume(via, "/v"),                           # through a symlink: the real path
+        Volume(r, r),                                # own path: excluded, not mapped
+        Volume(via, via),                            # own path through a symlink: mapped
+        Volume("/dev/null", "/dev/null2", device=True)]) == \
+        "/data=%s:/v=%s:%s=%s" % (r, r, via, r)
+    assert udocker.fakechroot_volume_map([Volume(r, r)]) == ""
+    # a container path with '=' or ':' cannot be named (its symlink in ROOT serves); a host
+    # path with ':' is given as the caller's colon-free alias
+    assert udocker.fakechroot_volume_map([Volume(r, "/a=b"), Volume(r, "/c:d")]) == ""
+    colon = tmpdir.join("x:y").ensure(dir=True)
+    assert udocker.fakechroot_volume_map([Volume(str(colon), "/in")],
+                                         lambda host: host.replace(":", "_")) == \
+        "/in=%s" % str(colon).replace(":", "_")
+
+
 def test_command_from_entrypoint_and_cmd(tmpdir, glibc_tree):
     meta = {"Entrypoint": ["/bin/echo", "E"], "Cmd": ["c1", "c2"]}
     assert engine_for(tmpdir, glibc_tree).choose_command(meta) == ["/bin/echo", "E", "c1", "c2"]

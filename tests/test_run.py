@@ -211,6 +211,50 @@ def test_paths_under_directory_fds_stay_in_the_container(world, mode):
                            "/tmp/at/d", "./d/f", "../tmp", "/tmp/at/abs/../d"]
 
 
+def _volume_workdir_script(cont):
+    """A workflow runner's pattern (-v HOST:CONT -w CONT, then relative paths only) in the
+    container path cont; prints the same lines in every mode (see the test below)."""
+    name = os.path.basename(cont)
+    return ("pwd; pwd -P; /usr/bin/pwd -P; cat in; stat -c %s in; test -e ./in && echo exists;"
+            " mkdir -p sub/deeper && cd sub/deeper && pwd -P && cat ../../in &&"
+            " echo made > ../../made && cd ../.. && cat made && printf '#!/bin/sh\\necho"
+            " script in $(pwd -P)\\n' > sub/s.sh && chmod +x sub/s.sh && sub/s.sh &&"
+            " (cd sub && ./s.sh && ../sub/s.sh) && find . -name made && readlink -f in &&"
+            " ln -s in link && cat link && ls .. | grep -x -e " + name + " -e host-only -e usr;"
+            " find .. -maxdepth 1 -name " + name + "; cd .. && pwd -P && cd " + name +
+            " && /usr/bin/pwd -P && ls sub/deeper/../../made;"
+            " rm -r made link sub")
+
+
+@pytest.mark.parametrize("mode", ["P1", "F1", "F3"])
+@pytest.mark.parametrize("where", ["elsewhere", "own-path"])
+def test_volume_as_working_directory_with_relative_paths(world, mode, where):
+    """`run -v HOST:CONT -w CONT` and relative names only: open, stat, mkdir, exec of a
+    relative script, cd into nested directories and back with `..`, find (*at() calls),
+    getcwd() showing CONT and `..` leading into the container's own tree (not to the
+    volume's host parent, where host-only lies). F modes see the volume through our
+    libfakechroot's FAKECHROOT_VOLUMES; P1 is the reference."""
+    parent = os.path.join(world.top, "wd-%s-%s" % (mode, where))
+    host = os.path.join(parent, "vol")
+    os.makedirs(host)
+    os.makedirs(os.path.join(parent, "host-only"))
+    with open(os.path.join(host, "in"), "w") as handle:
+        handle.write("data in\n")
+    cont = "/wdir" if where == "elsewhere" else host
+    rc, out, err = world.run(mode, ["sh", "-c", _volume_workdir_script(cont)],
+                             ["-v", host + ":" + cont, "-w", cont])
+    assert rc == 0, err
+    name = os.path.basename(cont)
+    top, listing = ("/", sorted([name, "usr"])) if where == "elsewhere" else (parent, [name])
+    assert out.splitlines() == [cont, cont, cont, "data in", "8", "exists",
+                                cont + "/sub/deeper", "data in", "made",
+                                "script in " + cont, "script in " + cont + "/sub",
+                                "script in " + cont + "/sub", "./made", cont + "/in",
+                                "data in"] + listing + ["../" + name, top, cont,
+                                                        "sub/deeper/../../made"], err
+    assert sorted(os.listdir(host)) == ["in"]
+
+
 SIGNAL_CASES = [(mode, "TERM", "shell") for mode in sorted(MODES)] + \
     [(mode, sig, form) for mode in ("P1", "R1", "R1-runc", "F1")
      for sig, form in (("INT", "shell"), ("HUP", "shell"), ("TERM", "direct"))]
@@ -290,6 +334,36 @@ def test_fakechroot_refuses_static_trees(world):
     cid = world.container("P1", "busybox")
     rc, out, err = world.ud(["setup", "--execmode=F1", cid])
     assert rc == 1 and "glibc" in err and "use P1" in err
+
+
+@pytest.mark.parametrize("libc,needle", [
+    ("glibc2.17", "no libfakechroot for this container (x86_64, glibc 2.17; have: "),
+    ("musl", "F modes need a glibc container (this one: musl): use P1")])
+def test_f3_setup_refuses_a_c_library_no_libfakechroot_fits(world, libc, needle):
+    """setup makes the check run makes, before it patches anything: one line naming the
+    C library found, the container untouched and still in its old mode."""
+    tree = os.path.join(world.top, "tree-" + libc)
+    subprocess.check_call(["cp", "-a", world.tree("glibc"), tree])
+    libdir = os.path.join(tree, "usr", "lib", "x86_64-linux-gnu")
+    if libc == "musl":                           # found by its loader, as in Alpine
+        open(os.path.join(tree, "usr", "lib", "ld-musl-x86_64.so.1"), "w").close()
+    else:                                        # glibc 2.17's file name (CentOS 7)
+        os.rename(os.path.join(libdir, "libc.so.6"), os.path.join(libdir, "libc-2.17.so"))
+        os.symlink("libc-2.17.so", os.path.join(libdir, "libc.so.6"))
+    cid = "%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48))
+    cdir = rootfs.write_container(world.ud_dir, cid, tree, execmode="P1")
+    before = subprocess.check_output(["ls", "-lR", "--time-style=full-iso",
+                                      os.path.join(cdir, "ROOT")])
+    for mode in ("F3", "F1"):
+        rc, out, err = world.ud(["setup", "--execmode=" + mode, cid])
+        lines = [line for line in err.splitlines() if not line.startswith("Info: ")]
+        assert rc == 1 and len(lines) == 1 and lines[0].startswith("Error: "), err
+        assert needle in lines[0]
+        assert "patched" not in err and not os.path.exists(os.path.join(cdir, "patch.json"))
+    with open(os.path.join(cdir, "execmode")) as handle:
+        assert handle.read().strip() == "P1"
+    assert subprocess.check_output(["ls", "-lR", "--time-style=full-iso",
+                                    os.path.join(cdir, "ROOT")]) == before
 
 
 # -- behaviour beyond one mode

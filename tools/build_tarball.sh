@@ -11,7 +11,8 @@
 #                      --cgroup-manager=disabled works on hybrid cgroup hosts, static
 #     patchelf 0.18.0  upstream orig tarball from Debian (trixie), static
 #     libfakechroot    2.20.1 + Debian trixie patches + ours (patch_fakechroot: *at() calls
-#                      with a directory fd not rewritten), one .so per glibc generation:
+#                      with a directory fd not rewritten; volumes as working directory,
+#                      FAKECHROOT_VOLUMES), one .so per glibc generation:
 #                      the host's (2.36 on Debian 12) and one built in a debootstrapped
 #                      minbase chroot per suite in FAKECHROOT_SUITES (bullseye -> 2.31)
 #   aarch64 (optional, "--arch x86_64,aarch64", the default): cross-built static proot
@@ -617,6 +618,412 @@ patch_fakechroot() {  # SRCDIR
              goto error;
 EOF_PATCH
         die "our libfakechroot patch did not apply in $1"
+    # Volumes as working directory: udocker.py shows a volume HOST at CONT through a symlink
+    # CONT -> HOST in ROOT and names it in FAKECHROOT_VOLUMES ("CONT=HOST:..."); the kernel
+    # reports a working directory or directory fd in it by its host path, which getcwd() now
+    # shows, and relative names and ".." are resolved, under CONT (before: "cat in" in -w
+    # /data failed, pwd printed the host path). A path under CONT goes to HOST directly (not
+    # through the symlink, which lstat() and O_NOFOLLOW would see: `find .` listed nothing).
+    # chdir() resolves a relative path in the container's tree from a volume, too; a
+    # relative path is sent to the host as it is only when the working directory and the
+    # path both lie in excluded directories.
+    patch -d "$1" -p1 --forward --batch --no-backup-if-mismatch <<'EOF_PATCH' ||
+--- a/src/__getcwd_chk.c
++++ b/src/__getcwd_chk.c
+@@ -29,14 +29,11 @@
+ 
+ wrapper(__getcwd_chk, char *, (char * buf, size_t size, size_t buflen))
+ {
+-    char *cwd;
+-
+     debug("__getcwd_chk(&buf, %zd, %zd)", size, buflen);
+-    if ((cwd = nextcall(__getcwd_chk)(buf, size, buflen)) == NULL) {
+-        return NULL;
++    if (size > buflen) {
++        return nextcall(__getcwd_chk)(buf, size, buflen);   /* glibc reports the overflow */
+     }
+-    narrow_chroot_path(cwd);
+-    return cwd;
++    return fakechroot_getcwd(buf, size);
+ }
+ 
+ #else
+--- a/src/__getwd_chk.c
++++ b/src/__getwd_chk.c
+@@ -29,14 +29,11 @@
+ 
+ wrapper(__getwd_chk, char *, (char * buf, size_t buflen))
+ {
+-    char *cwd;
+-
+     debug("__getwd_chk(&buf, %zd)", buflen);
+-    if ((cwd = nextcall(__getwd_chk)(buf, buflen)) == NULL) {
+-        return NULL;
++    if (buflen < PATH_MAX) {
++        return nextcall(__getwd_chk)(buf, buflen);          /* glibc reports the overflow */
+     }
+-    narrow_chroot_path(cwd);
+-    return cwd;
++    return fakechroot_getcwd(buf, PATH_MAX);
+ }
+ 
+ #else
+--- a/src/chdir.c
++++ b/src/chdir.c
+@@ -40,7 +40,10 @@ wrapper(chdir, int, (const char * path))
+         return -1;
+     }
+     if (fakechroot_base != NULL) {
+-        if (strstr(cwd, fakechroot_base) == cwd) {
++        /* udocker: a relative path from a volume or an excluded directory, too, is found
++           in the container's tree ("cd .." from the volume at /data goes to /) */
++        if (strstr(cwd, fakechroot_base) == cwd || fakechroot_volume_narrow(cwd, sizeof cwd) ||
++                fakechroot_localdir(cwd)) {
+             expand_chroot_path(path);
+         }
+         else {
+--- a/src/get_current_dir_name.c
++++ b/src/get_current_dir_name.c
+@@ -27,24 +27,8 @@
+ 
+ wrapper(get_current_dir_name, char *, (void))
+ {
+-    char *cwd, *oldptr, *newptr;
+-
+     debug("get_current_dir_name()");
+-    if ((cwd = nextcall(get_current_dir_name)()) == NULL) {
+-        return NULL;
+-    }
+-    oldptr = cwd;
+-    narrow_chroot_path(cwd);
+-    if (cwd == NULL) {
+-        return NULL;
+-    }
+-    if ((newptr = malloc(strlen(cwd)+1)) == NULL) {
+-        free(oldptr);
+-        return NULL;
+-    }
+-    strcpy(newptr, cwd);
+-    free(oldptr);
+-    return newptr;
++    return fakechroot_getcwd(NULL, 0);
+ }
+ 
+ #else
+--- a/src/getcwd.c
++++ b/src/getcwd.c
+@@ -26,12 +26,6 @@
+ 
+ wrapper(getcwd, char *, (char * buf, size_t size))
+ {
+-    char *cwd;
+-
+     debug("getcwd(&buf, %zd)", size);
+-    if ((cwd = nextcall(getcwd)(buf, size)) == NULL) {
+-        return NULL;
+-    }
+-    narrow_chroot_path(cwd);
+-    return cwd;
++    return fakechroot_getcwd(buf, size);
+ }
+--- a/src/getwd.c
++++ b/src/getwd.c
+@@ -27,14 +27,8 @@
+ 
+ wrapper(getwd, char *, (char * buf))
+ {
+-    char *cwd;
+-
+     debug("getwd(&buf)");
+-    if ((cwd = nextcall(getwd)(buf)) == NULL) {
+-        return NULL;
+-    }
+-    narrow_chroot_path(cwd);
+-    return cwd;
++    return fakechroot_getcwd(buf, PATH_MAX);
+ }
+ 
+ #else
+--- a/src/libfakechroot.c
++++ b/src/libfakechroot.c
+@@ -38,6 +38,8 @@
+ #include "libfakechroot.h"
+ #include "getcwd_real.h"
+ #include "strchrnul.h"
++#include "dedotdot.h"
++#include <errno.h>
+ 
+ #define EXCLUDE_LIST_SIZE 100
+ 
+@@ -48,6 +50,17 @@ static int exclude_length[EXCLUDE_LIST_SIZE];
+ static int list_max = 0;
+ static int first = 0;
+ 
++/* udocker: the volumes seen at another path than their host path, from FAKECHROOT_VOLUMES
++   ("CONT=HOST:CONT=HOST...", HOST as the kernel reports it, the first '=' splits). The
++   container reaches them through a symlink CONT -> HOST in the root, so the kernel reports
++   a working directory or a directory fd in a volume by its HOST path: it is shown, and
++   relative names are resolved, under CONT instead. */
++#define VOLUME_LIST_SIZE 100
++static char *volume_cont[VOLUME_LIST_SIZE];
++static char *volume_host[VOLUME_LIST_SIZE];
++static size_t volume_host_length[VOLUME_LIST_SIZE];
++static int volume_max = 0;
++
+ 
+ /* List of environment variables to preserve on clearenv() */
+ char *preserve_env_list[] = {
+@@ -60,6 +73,7 @@ char *preserve_env_list[] = {
+     "FAKECHROOT_EXCLUDE_PATH",
+     "FAKECHROOT_LDLIBPATH",
+     "FAKECHROOT_VERSION",
++    "FAKECHROOT_VOLUMES",
+     "FAKEROOTKEY",
+     "FAKED_MODE",
+     "LD_LIBRARY_PATH",
+@@ -91,6 +105,30 @@ LOCAL int fakechroot_debug (const char *fmt, ...)
+ #include "getcwd.h"
+ 
+ 
++static void fakechroot_volumes_init (const char * list)
++{
++    const char *entry = list, *end, *eq;
++
++    while (entry != NULL && *entry != '\0' && volume_max < VOLUME_LIST_SIZE) {
++        end = strchrnul(entry, ':');
++        eq = memchr(entry, '=', end - entry);
++        if (eq != NULL && *entry == '/' && eq[1] == '/') {
++            size_t host_length = end - eq - 1;
++            while (host_length > 0 && eq[host_length] == '/') {
++                host_length--;                  /* "/" -> "": every path is under it */
++            }
++            volume_cont[volume_max] = strndup(entry, eq - entry);
++            volume_host[volume_max] = strndup(eq + 1, host_length);
++            volume_host_length[volume_max] = host_length;
++            if (volume_cont[volume_max] != NULL && volume_host[volume_max] != NULL) {
++                volume_max++;
++            }
++        }
++        entry = *end == ':' ? end + 1 : NULL;
++    }
++}
++
++
+ /* Bootstrap the library */
+ void fakechroot_init (void) CONSTRUCTOR;
+ void fakechroot_init (void)
+@@ -133,6 +171,8 @@ void fakechroot_init (void)
+             }
+         }
+ 
++        fakechroot_volumes_init(getenv("FAKECHROOT_VOLUMES"));
++
+         __setenv("FAKECHROOT", "true", 1);
+         __setenv("FAKECHROOT_VERSION", FAKECHROOT, 1);
+     }
+@@ -153,10 +193,25 @@ LOCAL fakechroot_wrapperfn_t fakechroot_loadfunc (struct fakechroot_wrapper * w)
+ 
+ 
+ /* Check if path is on exclude list */
++static int fakechroot_excluded (const char * v_path)
++{
++    const size_t len = strlen(v_path);
++    int i;
++
++    for (i = 0; i < list_max; i++) {
++        if (exclude_length[i] > len ||
++                v_path[exclude_length[i] - 1] != (exclude_list[i])[exclude_length[i] - 1] ||
++                strncmp(exclude_list[i], v_path, exclude_length[i]) != 0) continue;
++        if (exclude_length[i] == len || v_path[exclude_length[i]] == '/') return 1;
++    }
++    return 0;
++}
++
++
+ LOCAL int fakechroot_localdir (const char * p_path)
+ {
+-    char *v_path = (char *)p_path;
+     char cwd_path[FAKECHROOT_PATH_MAX];
++    size_t cwd_length;
+ 
+     if (!p_path)
+         return 0;
+@@ -164,27 +219,113 @@ LOCAL int fakechroot_localdir (const char * p_path)
+     if (!first)
+         fakechroot_init();
+ 
+-    /* We need to expand relative paths */
+-    if (p_path[0] != '/') {
+-        getcwd_real(cwd_path, FAKECHROOT_PATH_MAX);
+-        v_path = cwd_path;
+-        narrow_chroot_path(v_path);
++    if (p_path[0] == '/')
++        return fakechroot_excluded(p_path);
++
++    /* A relative path is used as it is when the working directory and the path both are
++       in excluded directories (udocker: not "../x" leaving one, nor "proc" from "/") */
++    if (list_max == 0 || getcwd_real(cwd_path, FAKECHROOT_PATH_MAX) == NULL)
++        return 0;
++    narrow_chroot_path(cwd_path);
++    if (fakechroot_volume_narrow(cwd_path, FAKECHROOT_PATH_MAX) != 0 ||
++            !fakechroot_excluded(cwd_path))
++        return 0;
++    cwd_length = strlen(cwd_path);
++    if (cwd_length + strlen(p_path) + 2 > FAKECHROOT_PATH_MAX)
++        return 0;
++    snprintf(cwd_path + cwd_length, FAKECHROOT_PATH_MAX - cwd_length, "/%s", p_path);
++    dedotdot(cwd_path);
++    return fakechroot_excluded(cwd_path);
++}
++
++
++/* udocker: path (absolute, as the kernel reports it, in a buffer of size bytes) in a volume
++   rewritten to its container path (the longest HOST that holds it). 1 if rewritten, 0 if
++   not in a volume, -1 (path unchanged) if the container path does not fit. */
++LOCAL int fakechroot_volume_narrow (char * path, size_t size)
++{
++    int i, best = -1;
++    size_t path_length, cont_length, rest_length;
++
++    if (!first)
++        fakechroot_init();
++    if (path == NULL || *path != '/' || volume_max == 0)
++        return 0;
++    for (i = 0; i < volume_max; i++) {
++        size_t n = volume_host_length[i];
++        if (strncmp(path, volume_host[i], n) == 0 && (path[n] == '/' || path[n] == '\0') &&
++                (best < 0 || n > volume_host_length[best])) {
++            best = i;
++        }
+     }
++    if (best < 0)
++        return 0;
++    path_length = strlen(path);
++    rest_length = path_length - volume_host_length[best];
++    cont_length = strlen(volume_cont[best]);
++    if (cont_length + rest_length + 1 > size)
++        return -1;
++    memmove(path + cont_length, path + volume_host_length[best], rest_length + 1);
++    memcpy(path, volume_cont[best], cont_length);
++    return 1;
++}
+ 
+-    /* We try to find if we need direct access to a file */
+-    {
+-        const size_t len = strlen(v_path);
+-        int i;
+ 
+-        for (i = 0; i < list_max; i++) {
+-            if (exclude_length[i] > len ||
+-                    v_path[exclude_length[i] - 1] != (exclude_list[i])[exclude_length[i] - 1] ||
+-                    strncmp(exclude_list[i], v_path, exclude_length[i]) != 0) continue;
+-            if (exclude_length[i] == len || v_path[exclude_length[i]] == '/') return 1;
++/* udocker: the host path of a container path in a volume (the longest CONT that holds it)
++   written to buf (FAKECHROOT_PATH_MAX bytes): 1, else 0. The volume itself is then no
++   symlink to lstat() or O_NOFOLLOW, as it would be through ROOT. */
++LOCAL int fakechroot_volume_expand (const char * path, char * buf)
++{
++    int i, best = -1;
++    size_t best_length = 0;
++
++    if (!first)
++        fakechroot_init();
++    for (i = 0; i < volume_max; i++) {
++        size_t n = strlen(volume_cont[i]);
++        if (n > best_length && strncmp(path, volume_cont[i], n) == 0 &&
++                (path[n] == '/' || path[n] == '\0')) {
++            best = i;
++            best_length = n;
+         }
+     }
++    if (best < 0)
++        return 0;
++    snprintf(buf, FAKECHROOT_PATH_MAX, "%s%s", volume_host[best], path + best_length);
++    if (*buf == '\0')
++        strcpy(buf, "/");
++    return 1;
++}
+ 
+-    return 0;
++
++/* udocker: getcwd() as the container sees it (FAKECHROOT_BASE stripped, a volume at its
++   container path), with getcwd's contract: buf NULL allocates (size bytes, or as needed
++   when size is 0), ERANGE when it does not fit. */
++LOCAL char * fakechroot_getcwd (char * buf, size_t size)
++{
++    char cwd[FAKECHROOT_PATH_MAX];
++    size_t length;
++
++    if (getcwd_real(cwd, sizeof cwd) == NULL)
++        return NULL;
++    narrow_chroot_path(cwd);
++    if (fakechroot_volume_narrow(cwd, sizeof cwd) < 0) {
++        __set_errno(ENAMETOOLONG);
++        return NULL;
++    }
++    length = strlen(cwd) + 1;
++    if (buf == NULL) {
++        if (size < length)
++            size = length;
++        if ((buf = malloc(size)) == NULL)
++            return NULL;
++    }
++    else if (size < length) {
++        __set_errno(size == 0 ? EINVAL : ERANGE);
++        return NULL;
++    }
++    memcpy(buf, cwd, length);
++    return buf;
+ }
+ 
+ 
+--- a/src/libfakechroot.h
++++ b/src/libfakechroot.h
+@@ -107,7 +107,10 @@
+         if (!fakechroot_localdir(path)) { \
+             if ((path) != NULL && *((char *)(path)) == '/') { \
+                 const char *fakechroot_base = getenv("FAKECHROOT_BASE"); \
+-                if (fakechroot_base != NULL ) { \
++                if (fakechroot_base != NULL && fakechroot_volume_expand((path), fakechroot_buf)) { \
++                    (path) = fakechroot_buf; \
++                } \
++                else if (fakechroot_base != NULL ) { \
+                     snprintf(fakechroot_buf, FAKECHROOT_PATH_MAX, "%s%s", fakechroot_base, (path)); \
+                     (path) = fakechroot_buf; \
+                 } \
+@@ -239,6 +242,9 @@ extern const int preserve_env_list_count;
+ int fakechroot_debug (const char *, ...);
+ fakechroot_wrapperfn_t fakechroot_loadfunc (struct fakechroot_wrapper *);
+ int fakechroot_localdir (const char *);
++int fakechroot_volume_narrow (char *, size_t);
++int fakechroot_volume_expand (const char *, char *);
++char * fakechroot_getcwd (char *, size_t);
+ int fakechroot_try_cmd_subst (char *, const char *, char *);
+ 
+ 
+--- a/src/rel2abs.c
++++ b/src/rel2abs.c
+@@ -48,6 +48,7 @@ LOCAL char * rel2abs(const char * name, char * resolved)
+ 
+     getcwd_real(cwd, FAKECHROOT_PATH_MAX - 1);
+     narrow_chroot_path(cwd);
++    fakechroot_volume_narrow(cwd, sizeof cwd);
+ 
+     if (*name == '/') {
+         strlcpy(resolved, name, FAKECHROOT_PATH_MAX);
+--- a/src/rel2absat.c
++++ b/src/rel2absat.c
+@@ -57,7 +57,7 @@ static int fd_path(int dirfd, char * buf, size_t size)
+         return 0;
+     }
+     narrow_chroot_path(buf);
+-    return 1;
++    return fakechroot_volume_narrow(buf, size) >= 0;
+ }
+ 
+ 
+EOF_PATCH
+        die "our libfakechroot volume patch did not apply in $1"
 }
 
 FAKECHROOT_CONFIGURE="./configure --with-libpath=no"
