@@ -591,15 +591,17 @@ class Config(object):
 # directory; every read-modify-write of shared state holds a lock file (fcntl.flock, no daemon).
 
 
-def write_atomic(path, data, mode=0o644):
-    """Write bytes or text to path via temp file + fsync + rename; never a half file."""
+def write_atomic(path, data, mode=0o644, sync=True):
+    """Write bytes or text to path via temp file + fsync + rename; never a half file.
+    sync=False skips the fsync, for a file whose loss after a crash costs only time."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(to_bytes(data))
-            handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.rename(tmp, path)
     except BaseException:
@@ -625,6 +627,13 @@ def remove_quietly(path):
         os.unlink(path)
     except OSError:
         pass
+
+
+def write_all(fd, data):
+    """os.write until all of data (bytes or a memoryview) is written."""
+    view = memoryview(data)
+    while len(view):
+        view = view[os.write(fd, view):]
 
 
 def makedirs(path, mode=0o755):
@@ -1784,6 +1793,26 @@ class Response(object):
             self.close()
         return data
 
+    def readinto(self, view):
+        """Read body bytes into the writable memoryview view (filled unless the body ends);
+        returns how many, 0 at the end of the body."""
+        try:
+            if PY3:
+                count = self.raw.readinto(view)
+            else:                                         # pragma: no cover (2.7)
+                data = self.raw.read(len(view))
+                count = len(data)
+                view[:count] = data
+        except httplib.HTTPException as exc:
+            self.close(reuse=False)
+            raise TransportError("%s: %s" % (type(exc).__name__, exc))
+        except BaseException:
+            self.close(reuse=False)
+            raise
+        if not count:
+            self.close()
+        return count
+
     def read_all(self, limit=MANIFEST_MAX):
         chunks, total = [], 0
         while True:
@@ -2366,7 +2395,7 @@ class BlobDownloads(object):
     Other processes: one lock file per digest stripe. A worker never waits on it: a blob
     that another pull is fetching goes back to the queue, so pulls cannot deadlock.
     """
-    CHUNK = 1 << 20
+    CHUNK = 1 << 19                      # bytes per read: ~1 recv/write/hash call each
 
     def __init__(self, repo, client, remote, progress, workers):
         self.repo, self.client, self.remote = repo, client, remote
@@ -2380,6 +2409,9 @@ class BlobDownloads(object):
         self.active = 0
         self.failures = []
         self.stripes = {}                # stripe -> [FileLock, holders in this process]
+        self.streams = 0                 # bodies streaming now
+        self.cpus = cpu_count()
+        self.local = threading.local()   # .buffers: a worker's read buffers, kept for reuse
 
     # -- scheduling
 
@@ -2522,8 +2554,12 @@ class BlobDownloads(object):
                 elif offset and not _range_starts_at(resp.header("content-range"), offset):
                     remove_quietly(partial)
                     raise TransientError("bad Content-Range for %s" % digest[:19], 0)
-                with open(partial, "ab" if offset else "wb") as handle:
-                    self._stream(resp, handle, size - offset if size else 0, row, hasher)
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | O_CLOEXEC |
+                             (os.O_APPEND if offset else os.O_TRUNC), 0o644)
+                try:
+                    self._stream(resp, fd, size - offset if size else 0, row, hasher)
+                finally:
+                    os.close(fd)
             except NETWORK_ERRORS as exc:
                 raise TransientError("download of %s interrupted: %s" % (digest[:19], exc))
             finally:
@@ -2541,23 +2577,68 @@ class BlobDownloads(object):
                                  "(corrupt data from the registry)" % digest)
         self.publish(digest)
 
-    def _stream(self, resp, handle, limit, row, hasher=None, stop=None):
-        """Copy the body to handle (at most limit bytes when limit); returns bytes copied."""
+    def _stream(self, resp, fd, limit, row, hasher=None, exact=False):
+        """Copy the body to fd, hashing it when hasher is given; returns bytes copied.
+
+        At most limit bytes when limit: a longer body raises DigestMismatch, unless exact
+        (a Range segment), where copying stops at limit. The body is read into a buffer
+        allocated once; a body of several chunks is hashed in a thread of its own while
+        the next chunk is received and written, so a big blob costs max(receive + write,
+        hash) rather than their sum (hashlib and os.write release the GIL)."""
+        pipe = None
+        if hasher is not None and (not limit or limit > 4 * self.CHUNK) and self._spare_cpu():
+            pipe = _HashPipe(hasher, self._buffers(3))
+        buffers = self._buffers(1)
         copied = 0
-        while True:
-            data = resp.read(self.CHUNK)
-            if not data:
-                return copied
-            copied += len(data)
-            if limit and copied > limit:
-                raise DigestMismatch("blob %s is larger than its manifest says"
-                                     % resp.url.split("?")[0])
-            if hasher is not None:
-                hasher.update(data)
-            handle.write(data)
-            self.progress.update(row, len(data))
-            if stop is not None and stop():
-                return copied
+        with self.cond:
+            self.streams += 1
+        try:
+            while True:
+                buf = buffers[0] if pipe is None else pipe.free_buffer()
+                view = memoryview(buf)
+                if limit and exact:
+                    view = view[:min(self.CHUNK, limit - copied)]
+                count = resp.readinto(view) if len(view) else 0
+                if not count:
+                    return copied
+                copied += count
+                if limit and copied > limit:
+                    raise DigestMismatch("blob %s is larger than its manifest says"
+                                         % resp.url.split("?")[0])
+                view = view[:count]
+                write_all(fd, view)
+                if pipe is not None:
+                    pipe.hash(buf, count)
+                elif hasher is not None:
+                    hasher.update(view)
+                self.progress.update(row, count)
+        except BaseException:
+            if pipe is not None:
+                pipe.cancelled = True                # the rest need not be hashed
+            raise
+        finally:
+            with self.cond:
+                self.streams -= 1
+            if pipe is not None:
+                pipe.close()
+
+    def _buffers(self, count):
+        """count read buffers of this worker thread, allocated once: memory freed by one
+        thread and allocated by another would stay in both threads' malloc arenas."""
+        buffers = getattr(self.local, "buffers", None)
+        if buffers is None:
+            buffers = self.local.buffers = []
+        while len(buffers) < count:
+            buffers.append(bytearray(self.CHUNK))
+        return buffers[:count]
+
+    def _spare_cpu(self):
+        """Whether a hash thread would have a CPU of its own: fewer bodies are streaming
+        and big blobs waiting than there are CPUs (else the other downloads keep every CPU
+        busy, and a hash thread only adds switches)."""
+        with self.cond:
+            waiting = len([j for j in self.jobs if j[0] == "blob" and j[2] > 4 * self.CHUNK])
+            return self.streams + waiting < self.cpus
 
     def publish(self, digest):
         partial = self.partial(digest)
@@ -2582,14 +2663,14 @@ class BlobDownloads(object):
                 return
             if not _range_starts_at(resp.header("content-range"), offset):
                 raise TransientError("bad Content-Range for %s" % split.digest[:19], 0)
-            fd = os.open(self.partial(split.digest), os.O_WRONLY)
-            with os.fdopen(fd, "wb") as handle:
-                handle.seek(offset)
-                counter = _Counter(handle, end - offset)
-                try:
-                    self._stream(resp, counter, 0, split.row, stop=counter.full)
-                finally:                             # a retry resumes where this one ended
-                    split.written[index] = offset + counter.count - start
+            fd = os.open(self.partial(split.digest), os.O_WRONLY | O_CLOEXEC)
+            count = 0
+            try:
+                os.lseek(fd, offset, os.SEEK_SET)
+                count = self._stream(resp, fd, end - offset, split.row, exact=True)
+            finally:                                 # a retry resumes where this one ended
+                split.written[index] = offset + count - start
+                os.close(fd)
         except NETWORK_ERRORS as exc:
             raise TransientError("download of %s interrupted: %s" % (split.digest[:19], exc))
         finally:
@@ -2598,19 +2679,46 @@ class BlobDownloads(object):
             raise TransientError("segment %d of %s ended early" % (index, split.digest[:19]))
 
 
-class _Counter(object):
-    """A file wrapper that writes at most `limit` bytes and counts them."""
+class _HashPipe(object):
+    """Hashes chunks in a thread of its own: hash(buf, count) queues one, free_buffer()
+    gives back one of the buffers that the thread is done with, close() waits for the
+    last. A failed hash thread cannot happen short of MemoryError; close() re-raises it."""
 
-    def __init__(self, handle, limit):
-        self.handle, self.limit, self.count = handle, limit, 0
+    def __init__(self, hasher, buffers):
+        self.hasher = hasher
+        self.todo = queue.Queue()
+        self.free = queue.Queue()
+        for buf in buffers:
+            self.free.put(buf)
+        self.failure = None
+        self.cancelled = False
+        self.thread = threading.Thread(target=self._run)
+        self.thread.daemon = True
+        self.thread.start()
 
-    def write(self, data):
-        data = data[:self.limit - self.count]
-        self.handle.write(data)
-        self.count += len(data)
+    def _run(self):
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            try:
+                if self.failure is None and not self.cancelled:
+                    self.hasher.update(memoryview(item[0])[:item[1]])
+            except BaseException as exc:             # reported by close()
+                self.failure = exc
+            self.free.put(item[0])
 
-    def full(self):
-        return self.count >= self.limit
+    def free_buffer(self):
+        return self.free.get()
+
+    def hash(self, buf, count):
+        self.todo.put((buf, count))
+
+    def close(self):
+        self.todo.put(None)
+        self.thread.join()
+        if self.failure is not None and not self.cancelled:
+            raise self.failure
 
 
 class SplitBlob(object):
@@ -2649,7 +2757,7 @@ class SplitBlob(object):
                 self.done.add(index)
                 write_atomic(self.dl.partial(self.digest) + ".json", json_dumps(
                     {"size": self.size, "segment": self.dl.SEGMENT,
-                     "done": sorted(self.done)}))
+                     "done": sorted(self.done)}), sync=False)    # a hint: finish() checks
             last = not self.pending
         if last:
             self.finish()
@@ -2684,6 +2792,18 @@ def _feed(path, *hashers):
                 return
             for hasher in hashers:
                 hasher.update(data)
+
+
+def cpu_count():
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):                     # 2.7
+        pass
+    try:
+        return max(1, os.sysconf("SC_NPROCESSORS_ONLN"))
+    except (AttributeError, OSError, ValueError):
+        return 1
 
 
 def _range_starts_at(content_range, offset):

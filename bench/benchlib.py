@@ -143,6 +143,50 @@ def bench_image(seed=42):
                                 name="bench/big")
 
 
+def big_layer_image(mib=1024, seed=7):
+    """A one-layer image whose layer is one incompressible file of `mib` MiB (gzip level 1),
+    cached under CACHE; built streaming, so the bench never holds the tar in memory."""
+    directory = os.path.join(CACHE, "one-%dm-%d" % (mib, seed))
+    path = os.path.join(directory, "layer00.tar.gz")
+    if not os.path.exists(path + ".diffid"):
+        log("building the %d MiB one-layer image ..." % mib)
+        makedirs_quietly(directory)
+        rng = random.Random(seed)
+        tar_hash = hashlib.sha256()
+
+        class Tee(object):                          # gzip writes here; tar bytes hashed
+            def __init__(self, gz):
+                self.gz = gz
+
+            def write(self, data):
+                tar_hash.update(data)
+                self.gz.write(data)
+
+        class Random(object):                       # the file's content, read by tarfile
+            left = mib << 20
+
+            def read(self, size):
+                size = min(size, self.left, 16 << 20)
+                self.left -= size
+                return rng.getrandbits(8 * size).to_bytes(size, "little") if size else b""
+
+        with gzip.GzipFile(path + ".tmp", mode="wb", compresslevel=1, mtime=0) as gz:
+            tee = Tee(gz)
+            with tarfile.open(fileobj=tee, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+                info = tarfile.TarInfo("big.bin")
+                info.size, info.mtime, info.mode = mib << 20, 1700000000, 0o644
+                tar.addfile(info, Random())
+        os.rename(path + ".tmp", path)
+        with open(path + ".diffid", "w") as handle:
+            handle.write("sha256:" + tar_hash.hexdigest())
+    return support_images.Image([PrebuiltLayer(path)], config={"Cmd": ["sh"]}, name="bench/one")
+
+
+def makedirs_quietly(path):
+    if not os.path.isdir(path):
+        os.makedirs(path)
+
+
 class PrebuiltLayer(object):
     """A gzip layer read from disk, with the attributes support.images expects of a Layer."""
 
@@ -164,13 +208,20 @@ class PrebuiltLayer(object):
         return support_images.Blob(self.data, self.media_type(kind), self.digest)
 
 
-def start_registry_with_image(workdir, seed=42):
-    """A loopback docker-registry holding bench/big:latest; returns (registry, image)."""
+def start_registry_with_image(workdir, seed=42, one_mib=0):
+    """A loopback docker-registry holding bench/big:latest (and bench/one:latest, a single
+    layer of one_mib MiB, when one_mib); returns (registry, image[, one-layer image])."""
     image = bench_image(seed)
     reg = support_registry.start_registry(workdir, "anonymous")
     log("pushing bench/big (%d MB) to %s" % (sum(l.size for l in image.layers) >> 20, reg.url))
     support_images.push_image(reg.client(), "bench/big", ["latest"], image)
-    return reg, image
+    if not one_mib:
+        return reg, image
+    one = big_layer_image(one_mib)
+    log("pushing bench/one (%d MB) to %s" % (one.layers[0].size >> 20, reg.url))
+    support_images.push_image(reg.client(), "bench/one", ["latest"], one)
+    one.layers[0].data = None                                 # 1 GB the bench need not keep
+    return reg, image, one
 
 
 # -- a WAN-like link ------------------------------------------------------------------------
@@ -256,7 +307,11 @@ class SlowProxy(object):
 # -- udocker 1.3.17 -------------------------------------------------------------------------
 
 def upstream_udocker():
-    """argv prefix running udocker 1.3.17 from a venv on PYTHON (installed from PyPI once)."""
+    """argv prefix running udocker 1.3.17: $BENCH_UPSTREAM, else the copy CI installs in
+    /opt/udocker-1.3.17, else one from PyPI in a venv on PYTHON (installed once)."""
+    for exe in (os.environ.get("BENCH_UPSTREAM"), "/opt/udocker-%s/bin/udocker" % UPSTREAM_VERSION):
+        if exe and os.access(exe, os.X_OK):
+            return [exe]
     venv = os.path.join(CACHE, "venv-udocker-%s" % UPSTREAM_VERSION)
     exe = os.path.join(venv, "bin", "udocker")
     if not os.path.exists(exe):
@@ -271,21 +326,29 @@ def upstream_udocker():
 
 def timed(argv, env=None, cwd=None, stdin=None):
     """(seconds, peak RSS in MB, exit code) of one command, via GNU time's %M."""
+    seconds, _, rss, code = measured(argv, env, cwd, stdin)
+    return seconds, rss, code
+
+
+def measured(argv, env=None, cwd=None, stdin=None):
+    """(wall seconds, CPU seconds user+sys, peak RSS in MB, exit code) of one command and
+    the children it waited for, via GNU time (%M is the largest single process)."""
     out = os.path.join(CACHE, ".time.%d" % os.getpid())
     start = time.time()
-    proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", out] + list(argv), env=env,
-                            cwd=cwd, stdin=stdin, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(["/usr/bin/time", "-f", "%M %U %S", "-o", out] + list(argv),
+                            env=env, cwd=cwd, stdin=stdin, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     _, err = proc.communicate()
     seconds = time.time() - start
     try:
-        rss = int(open(out).read().strip().splitlines()[-1]) / 1024.0
+        fields = open(out).read().strip().splitlines()[-1].split()
+        rss, cpu = int(fields[0]) / 1024.0, float(fields[1]) + float(fields[2])
     except (IOError, ValueError, IndexError):
-        rss = float("nan")
+        rss = cpu = float("nan")
     if proc.returncode != 0:
         log("command failed (%d): %s\n%s" % (proc.returncode, " ".join(argv),
                                              err.decode(errors="replace")[-2000:]))
-    return seconds, rss, proc.returncode
+    return seconds, cpu, rss, proc.returncode
 
 
 def median(values):
