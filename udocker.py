@@ -634,20 +634,36 @@ class FileLock(object):
         """Take the lock (waiting for it unless wait is False); returns self, or None when
         wait is False and another process holds it."""
         makedirs(os.path.dirname(self.path))
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        while True:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+            try:
+                fcntl.flock(self.fd, kind | fcntl.LOCK_NB)
+            except (IOError, OSError) as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                if not wait:
+                    os.close(self.fd)
+                    self.fd = None
+                    return None
+                MSG.verbose("waiting for lock: %s" % self.description)
+                fcntl.flock(self.fd, kind)
+            if self._still_linked():
+                return self
+            os.close(self.fd)                 # its holder unlinked it (unlink): take anew
+
+    def _still_linked(self):
         try:
-            fcntl.flock(self.fd, kind | fcntl.LOCK_NB)
-        except (IOError, OSError) as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            if not wait:
-                os.close(self.fd)
-                self.fd = None
-                return None
-            MSG.verbose("waiting for lock: %s" % self.description)
-            fcntl.flock(self.fd, kind)
-        return self
+            here = os.stat(self.path)
+        except OSError:
+            return False
+        held = os.fstat(self.fd)
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+    def unlink(self):
+        """Remove the lock file while holding it (what it guarded is gone); a process
+        waiting on it notices and locks a new file (acquire)."""
+        remove_quietly(self.path)
 
     def release(self):
         if self.fd is not None:
@@ -4426,7 +4442,7 @@ def remove_container(store, id_or_name, quiet=False):
     """
     cid = store.get(id_or_name)
     with WorkDir(store.dir, "trash-" + cid, make=False) as trash:
-        with store.lock(cid):
+        with store.lock(cid) as lock:
             if not os.path.isdir(store.path(cid)):
                 raise RepositoryError("container not found: %s" % id_or_name)
             if store.is_protected(cid):
@@ -4435,6 +4451,7 @@ def remove_container(store, id_or_name, quiet=False):
                 MSG.info("deleting container: %s" % cid)
             os.rename(store.path(cid), trash.path)
             store.remove_names_of(cid)
+            lock.unlink()
         try:
             trash.close()
         except OSError as exc:
@@ -8424,7 +8441,7 @@ def local_image(session, text, opts, pull="missing"):
 
 
 def _run_target(session, opts, target):
-    """The container id that `run TARGET` runs: an existing container (or, with
+    """(container id, made now) for `run TARGET`: an existing container (or, with
     --pull=reuse, the one named --name), else a new one created from the image TARGET."""
     pull = opts.get("pull") or "missing"
     if pull not in ("missing", "never", "always", "reuse"):
@@ -8435,9 +8452,9 @@ def _run_target(session, opts, target):
     if cid is not None:
         if opts.get("name") and opts["name"] not in session.containers.names(cid):
             session.containers.add_name(cid, opts["name"])
-        return cid
+        return cid, False
     image = local_image(session, target, opts, pull)
-    return create_container(session.containers, image, opts.get("name"))
+    return create_container(session.containers, image, opts.get("name")), True
 
 
 def _find_container(session, text):
@@ -8455,27 +8472,27 @@ def cmd_run(session, opts, args):
     tools = Tools(session.cfg, session.repo)
     if opts.get("location"):
         container = RunContainer.from_location(opts["location"])
-        command = args
-    else:
-        cid = _run_target(session, opts, args[0])
+        return engine_for(session, container, opts, args, tools).run()
+    cid, made = _run_target(session, opts, args[0])
+    try:
         container = RunContainer.from_store(session.containers, cid)
-        command = args[1:]
-    engine = engine_for(session, container, opts, command, tools)
-    status = engine.run()
-    if opts.get("rm") and container.dir:
-        _remove_after_run(session, container.cid)
+        status = engine_for(session, container, opts, args[1:], tools).run()
+    except BaseException:
+        if opts.get("rm") and made:            # a container this run made, that never ran
+            _remove_after_run(session, cid)
+        raise
+    if opts.get("rm"):
+        _remove_after_run(session, cid)
     return status
 
 
 def _remove_after_run(session, cid):
-    """run --rm: delete the container (its names too) unless it is protected."""
-    if session.containers.is_protected(cid):
-        MSG.warning("container is protected, not removed: %s" % cid)
-        return
-    with session.containers.lock(cid):
-        for name in session.containers.names(cid):
-            session.containers.remove_name(name)
-        remove_tree(session.containers.path(cid))
+    """run --rm: delete the container as rm does (names too, unless it is protected); a
+    failure is a warning, the run's own status stands."""
+    try:
+        remove_container(session.containers, cid, quiet=True)
+    except UdockerError as exc:
+        MSG.warning("run --rm: not removed: %s" % exc)
 
 
 def cmd_setup(session, opts, args):

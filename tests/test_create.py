@@ -805,3 +805,12 @@ def test_create_with_platform_pulls_that_platform(udocker, registry):
     with open(marker) as handle:
         assert handle.read() == "linux/arm64/v8\n"
     assert "linux/arm64" in udocker("ps", "-p").check().out
+
+
+def test_rm_leaves_no_lock_file(env):
+    env.add("busybox", Image([busybox_layer()]))
+    cid = env.create("busybox", name="box")
+    env.run("setup", "box")                          # takes no lock: the file comes from rm
+    assert env.run("rm", "box")[0] == 0
+    assert not os.path.exists(os.path.join(env.ud, ".locks", "container-%s.lock" % cid))
+    assert env.containers_dir_entries() == []

@@ -275,3 +275,30 @@ for _ in range(150):
     holder.stdin.close()
     holder.wait()
     assert holder.returncode == 0 and os.listdir(parent) == []
+
+
+def test_a_lock_file_unlinked_by_its_holder_is_taken_anew(tmpdir):
+    """rm deletes .locks/container-ID.lock while holding it; a process that was waiting on
+    it must then lock the file now at that path, not the unlinked one (or two processes
+    would both hold 'the' lock)."""
+    import threading
+    import udocker
+    path = os.path.join(str(tmpdir), "locks", "x.lock")
+    holder = udocker.FileLock(path).acquire()
+    waiter = udocker.FileLock(path)
+    got = []
+    thread = threading.Thread(target=lambda: got.append(waiter.acquire()))
+    thread.daemon = True
+    thread.start()
+    inode = ":%d " % os.stat(path).st_ino           # /proc/locks: "-> FLOCK ... MAJ:MIN:INODE"
+    wait_for(lambda: any(l.split()[1] == "->" and inode in l
+                         for l in open("/proc/locks").read().splitlines()),
+             "the waiter to block on the lock")
+    holder.unlink()
+    holder.release()
+    thread.join(60)
+    assert got == [waiter]
+    held, there = os.fstat(waiter.fd), os.stat(path)
+    assert (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+    assert udocker.FileLock(path).acquire(wait=False) is None
+    waiter.release()

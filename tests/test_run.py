@@ -7,6 +7,7 @@ from __future__ import print_function, absolute_import
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -761,3 +762,49 @@ def test_run_start_up_stays_lean(world, mode):
     out, err = proc.communicate()
     assert proc.returncode == 0, err
     assert out.decode().splitlines()[-1] == "LOADED:", err
+
+
+# -- run --rm: a run that fails still cleans up (no engine needed: every case fails first)
+
+def _imported_image(udocker, tmpdir, name="img:1"):
+    """A small image imported from a tarball (a passwd with one user, /bin/true, no Cmd)."""
+    tree = os.path.join(str(tmpdir), "tree")
+    os.makedirs(os.path.join(tree, "etc"))
+    os.makedirs(os.path.join(tree, "bin"))
+    shutil.copy("/bin/true", os.path.join(tree, "bin", "true"))
+    with open(os.path.join(tree, "etc", "passwd"), "w") as handle:
+        handle.write("root:x:0:0:root:/root:/bin/sh\n")
+    tarball = os.path.join(str(tmpdir), "tree.tar")
+    subprocess.check_call(["tar", "-C", tree, "-cf", tarball, "."])
+    udocker("import", tarball, name).check()
+    return name
+
+
+@pytest.mark.parametrize("options,command,needle", [
+    (["-w", "relative"], ["/bin/true"], "invalid working directory"),
+    (["-u", "nosuch"], ["/bin/true"], "user nosuch not found"),
+    (["-v", "/nonexistent/dir:/data"], ["/bin/true"], "invalid volume"),
+    (["--name=named", "-u", "nosuch"], ["/bin/true"], "user nosuch not found"),
+    ([], [], "Error: "),                                  # no command, no image Cmd
+    ([], ["/bin/true"], "proot executable not found"),    # the engine cannot start
+])
+def test_failed_run_rm_of_an_image_leaves_no_container(udocker, tmpdir, options, command,
+                                                       needle):
+    image = _imported_image(udocker, tmpdir)
+    udocker.env.update({"UDOCKER_DEFAULT_EXECUTION_MODE": "P1",
+                        "UDOCKER_USE_PROOT_EXECUTABLE": "/nonexistent/proot"})
+    res = udocker("run", "--rm", "--nobanner", *(options + [image] + command))
+    errors = [l for l in res.err.splitlines() if l.startswith("Error: ")]
+    assert res.rc != 0 and len(errors) == 1 and needle in errors[0], res
+    containers = os.path.join(udocker.udocker_dir, "containers")
+    assert os.listdir(containers) == [], res
+    assert [l for l in os.listdir(os.path.join(udocker.udocker_dir, ".locks"))
+            if l.startswith("container-") and l != "container-names.lock"] == []
+
+
+def test_failed_run_rm_keeps_an_existing_container(udocker, tmpdir):
+    image = _imported_image(udocker, tmpdir)
+    cid = udocker("create", "--name=kept", image).check().out.strip()
+    res = udocker("run", "--rm", "-u", "nosuch", "kept", "/bin/true")
+    assert res.rc == 1 and "user nosuch not found" in res.err, res
+    assert udocker("ps").out.count(cid) == 1
