@@ -5943,12 +5943,20 @@ class Engine(object):
 
     @staticmethod
     def _read_env_file(path):
+        """The NAME=VALUE and NAME words of an env file, as docker reads them (blank lines
+        and # comments skipped) and as a shell script writes them (`export NAME=VALUE`)."""
         try:
             text = read_text(path)
         except (IOError, OSError) as exc:
             raise UsageError("cannot read --env-file %s: %s" % (path, exc.strerror or exc))
-        return [line.strip() for line in text.splitlines()
-                if line.strip() and not line.strip().startswith("#")]
+        words = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("export") and line[6:7].isspace():
+                line = line[6:].lstrip()
+            if line and not line.startswith("#"):
+                words.append(line)
+        return words
 
     def _add_run_env(self, env):
         user = self.user
@@ -7941,7 +7949,8 @@ RUN_OPTS = [
     _o("-v|--volume", LIST, "bind HOST[:CONT] into the container", metavar="HOST[:CONT]"),
     _o("--novol", LIST, "do not bind this default volume", metavar="PATH"),
     _o("-e|--env", LIST, "set NAME=VALUE (or NAME from the host)", metavar="NAME[=VAL]"),
-    _o("--env-file", LIST, "read NAME=VALUE lines from FILE", metavar="FILE"),
+    _o("--env-file", LIST, "read NAME=VALUE (or NAME, export NAME=VALUE) lines from FILE",
+       metavar="FILE"),
     _o("--hostauth", help="use the host's passwd and group"),
     _o("--containerauth", help="use the container's passwd and group as they are"),
     _o("--nosysdirs", help="do not bind /dev /proc /sys ..."),

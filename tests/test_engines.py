@@ -356,3 +356,19 @@ def test_json_text_is_json():
     assert json.loads(udocker.json_text(value)) == value
     assert udocker.json_text(value) == json.dumps(value, sort_keys=True,
                                                   separators=(",", ":"), ensure_ascii=False)
+
+
+def test_env_file_lines_docker_and_shell_scripts_write(tmpdir, glibc_tree, monkeypatch):
+    """udocker 1.3.17 and docker skip comments and blank lines and take a bare NAME from the
+    host; shell-style `export NAME=VALUE` lines are read as NAME=VALUE."""
+    monkeypatch.setenv("FROM_HOST", "host value")
+    monkeypatch.delenv("NOT_ON_HOST", raising=False)
+    envfile = tmpdir.join("vars.sh")
+    envfile.write("#!/bin/sh\n# settings\n\n   \nexport A=1\nexport\tB=two words\n"
+                  "  # indented comment\nFROM_HOST\nNOT_ON_HOST\nexported=yes\r\n")
+    engine = engine_for(tmpdir, glibc_tree, opts={"env_file": [str(envfile)]})
+    engine.prepare()
+    env = engine.env
+    assert env["A"] == "1" and env["B"] == "two words" and env["exported"] == "yes"
+    assert env["FROM_HOST"] == "host value" and "NOT_ON_HOST" not in env
+    assert not [name for name in env if " " in name or "\t" in name]
