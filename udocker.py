@@ -247,6 +247,11 @@ class DigestMismatch(RegistryError):
     """Downloaded content does not hash to the digest that named it."""
 
 
+class Unreachable(RegistryError):
+    """Nothing answers at that address (connection refused), or the proxy failed: retrying
+    will not help, and nothing was learnt from the registry."""
+
+
 class EngineError(UdockerError):
     """An execution engine cannot run the container."""
 
@@ -1608,6 +1613,11 @@ class Response(object):
         self.client.release(self.key, conn, reusable)
 
 
+def _without_password(url):
+    parts = urlsplit(url if "//" in url else "http://" + url)
+    return "%s://%s" % (parts.scheme, parts.netloc.rpartition("@")[2])
+
+
 class HttpClient(object):
     """http.client with a keep-alive pool, proxies, TLS options and redirects.
 
@@ -1738,10 +1748,16 @@ class HttpClient(object):
                 if reused:          # a kept-alive connection the server closed: retry once
                     continue
                 raise TransportError("%s: %s" % (type(exc).__name__, exc))
-            except NETWORK_ERRORS:
+            except NETWORK_ERRORS as exc:
+                connected = getattr(conn, "sock", None) is not None
                 conn.close()
                 if reused:          # a kept-alive connection the server closed: retry once
                     continue
+                proxy = self._proxy_for(*key)
+                if proxy and not connected:       # no connection through it: its fault
+                    raise Unreachable("proxy %s failed: %s (check --httpproxy, "
+                                        "http_proxy and https_proxy)"
+                                        % (_without_password(proxy), exc))
                 raise
             return Response(self, key, entry, raw, url)
         raise RegistryError("connection to %s failed" % parts.netloc)
@@ -1777,8 +1793,8 @@ class RegistryClient(object):
     def for_host(cls, cfg, host, keystore, registry_url=None, proxy=None):
         """The client for an ImageRef host; --registry/UDOCKER_REGISTRY applied as upstream."""
         if registry_url:
-            url = registry_url if "//" in registry_url else "https://" + registry_url
-            return cls(cfg, url, keystore, proxy)
+            url, insecure = registry_url_of(registry_url, cfg)
+            return cls(cfg, url, keystore, proxy, insecure)
         if host == DOCKER_HUB:
             return cls(cfg, cfg.dockerio_registry_url, keystore, proxy)
         return cls(cfg, "https://" + host, keystore, proxy, _insecure_host(host, cfg))
@@ -1870,6 +1886,10 @@ class RegistryClient(object):
                 if self._fall_back_to_http(url, exc):
                     url = "http://" + url.split("://", 1)[1]
                     continue
+                if getattr(exc, "reason", None) in PLAIN_HTTP_REPLIES:
+                    raise RegistryError("%s does not speak TLS (%s): use http://%s, or "
+                                        "--insecure" % (urlsplit(url).netloc, exc.reason,
+                                                        urlsplit(url).netloc))
                 if "CERTIFICATE_VERIFY_FAILED" in str(exc) or \
                         isinstance(exc, ssl.CertificateError):
                     raise RegistryError("TLS certificate of %s is not trusted (%s): use "
@@ -1877,10 +1897,18 @@ class RegistryClient(object):
                                             urlsplit(url).netloc,
                                             getattr(exc, "reason", None) or exc))
                 raise TransientError("%s %s: %s" % (method, url.split("?")[0], exc))
+            except Unreachable as exc:            # the proxy failed (may refuse to tunnel)
+                if self._fall_back_to_http(url, exc):
+                    url = "http://" + url.split("://", 1)[1]
+                    continue
+                raise
             except NETWORK_ERRORS as exc:
                 if self._fall_back_to_http(url, exc):
                     url = "http://" + url.split("://", 1)[1]
                     continue
+                if getattr(exc, "errno", None) == errno.ECONNREFUSED:    # not worth a retry
+                    raise Unreachable("%s refused the connection (no registry listens "
+                                        "there)" % urlsplit(url).netloc)
                 raise TransientError("%s %s: %s" % (method, url.split("?")[0],
                                                     exc or type(exc).__name__))
             self.spoke = True
@@ -1985,6 +2013,19 @@ class RegistryClient(object):
             link = resp.header("link") or ""
             match = re.search(r"<([^>]+)>\s*;\s*rel=\"?next\"?", link)
             path = urljoin(self.url + "/", match.group(1)) if match else None
+
+
+def registry_url_of(text, cfg):
+    """(URL, insecure) of a --registry value: a URL as given; a bare HOST[:PORT] is https,
+    insecure (then http) by Docker's rule (_insecure_host), as `pull HOST:PORT/NAME` is."""
+    if "//" in text:
+        return text, cfg.http_insecure
+    return "https://" + text, _insecure_host(text.split("/")[0], cfg)
+
+
+# What an ssl.SSLError's reason is when the other end answered in plain http.
+PLAIN_HTTP_REPLIES = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL",
+                      "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG")
 
 
 def _insecure_host(host, cfg):
@@ -8356,36 +8397,45 @@ def _search_hub(session, index, term, opts):
 
 
 def _login_url(session, opts):
+    """(registry URL, insecure) for login and logout (--registry, default Docker Hub)."""
     registry = opts.get("registry")
     if not registry:
-        return session.cfg.dockerio_registry_url
-    return registry if "//" in registry else "https://" + registry
+        return session.cfg.dockerio_registry_url, session.cfg.http_insecure
+    return registry_url_of(registry, session.cfg)
 
 
 def cmd_login(session, opts, args):
-    url = _login_url(session, opts)
+    url, insecure = _login_url(session, opts)
     username = opts["username"]
     password = opts["password"]
-    if not username:
-        sys.stderr.write("username: ")
-        sys.stderr.flush()
-        username = input_line().strip()
-    if opts["password_stdin"]:
-        password = sys.stdin.readline().rstrip("\r\n")
-    elif password is None:
-        import getpass
-        password = getpass.getpass("password: ")
+    try:
+        if not username:
+            if sys.stdin.isatty():
+                sys.stderr.write("username: ")
+                sys.stderr.flush()
+            username = input_line().strip()
+        if opts["password_stdin"]:
+            password = sys.stdin.readline().rstrip("\r\n")
+        elif password is None:
+            if not sys.stdin.isatty():
+                raise EOFError()
+            import getpass
+            password = getpass.getpass("password: ")
+    except EOFError:
+        raise UsageError("login: no terminal to ask for the %s: give --username and "
+                         "--password or --password-stdin"
+                         % ("password" if username else "username"))
     if not username or not password:
         raise UsageError("login: username and password are required")
     if password.isupper():
         MSG.warning("password is all upper case: is caps lock on?")
-    _check_login(session, url, username, password)
+    _check_login(session, url, insecure, username, password)
     session.keystore.store(url, username, password)
     MSG.info("credentials stored for %s" % url)
     return 0
 
 
-def _check_login(session, url, username, password):
+def _check_login(session, url, insecure, username, password):
     """Ask the registry whether the credentials work (beyond upstream, which never checks).
 
     A registry that cannot be reached only earns a warning: credentials are stored anyway.
@@ -8395,12 +8445,12 @@ def _check_login(session, url, username, password):
         def credentials(self, _url):
             return (username, password)
 
-    client = RegistryClient(session.cfg, url, Fixed())
+    client = RegistryClient(session.cfg, url, Fixed(), insecure=insecure)
     try:
         resp = client.request("GET", "/v2/", "")
         if resp.status in (401, 403):
             raise RegistryError("login failed at %s: bad username or password" % url)
-    except TransientError as exc:
+    except (TransientError, Unreachable) as exc:
         MSG.warning("could not check the credentials (%s); stored anyway" % exc)
     finally:
         client.http.close()
@@ -8411,7 +8461,7 @@ def cmd_logout(session, opts, args):
         session.keystore.erase()
         MSG.info("all credentials erased")
         return 0
-    url = _login_url(session, opts)
+    url = _login_url(session, opts)[0]
     if not session.keystore.erase(url):
         MSG.warning("no credentials stored for %s" % url)
     return 0
