@@ -1213,6 +1213,7 @@ class LocalRepository(object):
         image = self.image(name, tag)
         if image.protected:
             raise RepositoryError("image is protected: %s" % image.ref)
+        MSG.info("deleting image: %s" % image.ref)
         with self.lock("metadata"):
             sweep_work_dirs(os.path.dirname(image.dir))   # their links would keep blobs
             targets = set(os.path.basename(os.readlink(p)) for _, p in image.links())
@@ -1338,8 +1339,11 @@ class ContainerStore(object):
         return []
 
     def check_name(self, name):
-        if not self.NAME_RE.match(name or "") or len(name) > 2048 or self.ID_RE.match(name):
+        if not self.NAME_RE.match(name or "") or self.ID_RE.match(name):
             raise UsageError("invalid container name: %r (no / . space [ ], not an id)" % name)
+        if len(to_bytes(name)) > 255:                     # NAME_MAX: it names a symlink
+            raise UsageError("invalid container name: %r...: too long (%d bytes, at most "
+                             "255)" % (name[:40], len(to_bytes(name))))
         return name
 
     def add_name(self, cid, name, force=False):
@@ -8187,7 +8191,6 @@ def cmd_inspect(session, opts, args):
 
 def cmd_rmi(session, opts, args):
     ref = ImageRef.parse(args[0])
-    MSG.info("deleting image: %s" % ref)
     session.repo.remove_image(ref.name, ref.local_tag, force=opts["f"])
     return 0
 
@@ -8256,7 +8259,34 @@ def _check_input(what, source):
             raise UsageError("%s: standard input is a terminal: give a file or redirect "
                              "the input" % what)
     elif not re.match(r"^https?://", source) and not os.path.isfile(source):
-        raise UsageError("%s: file does not exist: %s" % (what, source))
+        if not os.path.exists(source):
+            raise UsageError("%s: file does not exist: %s" % (what, source))
+        raise UsageError("%s: not a regular file: %s (%s; give a tar file, or - with the "
+                         "input redirected)" % (what, source, _file_kind(source)))
+
+
+def _file_kind(path):
+    mode = os.stat(path).st_mode
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def _check_output(what, output):
+    """Before an archive is written to the file output: one line for what would fail (the
+    temporary file beside it would otherwise be named in the error)."""
+    if not output:
+        raise UsageError("%s: empty output file name" % what)
+    if os.path.isdir(output):
+        raise UsageError("%s: output is a directory: %s (give a file name)" % (what, output))
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise UsageError("%s: no such directory: %s" % (what, parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError("%s: directory not writable: %s" % (what, parent))
 
 
 def cmd_load(session, opts, args):
@@ -8275,14 +8305,16 @@ def cmd_load(session, opts, args):
 def cmd_save(session, opts, args):
     output = opts["output"]
     if args[0] == "-":
-        output, args = output or "-", args[1:]
-    output = output or "-"
+        output, args = "-" if output is None else output, args[1:]
+    output = "-" if output is None else output
     if not args:
         raise UsageError("save: missing argument: IMAGE (see: %s save --help)" % __program__)
     if output == "-" and sys.stdout.isatty():
         raise UsageError("save: refusing to write an archive to a terminal (use -o FILE)")
     if output != "-" and os.path.lexists(output):
         raise UsageError("save: output file already exists: %s" % output)
+    if output != "-":
+        _check_output("save", output)
     images = [session.image_ref(text) for text in args]
     save_archive(session.repo, images, output)
     return 0
@@ -8731,6 +8763,7 @@ def cmd_export(session, opts, args):
         sys.stdout.flush()
         export_container(session.containers, args[0], binary_stdout(), opts["clone"])
         return 0
+    _check_output("export", output)
     MSG.info("exporting to file %s" % output)
     export_container(session.containers, args[0], output, opts["clone"])
     return 0

@@ -207,3 +207,10 @@ def test_closed_stdout_ends_quietly_with_sigpipe_status(tmpdir, launcher):
     os.close(write_end)
     err = proc.communicate()[1]
     assert proc.returncode == 141 and err == b"", err
+
+
+def test_rmi_checks_before_it_says_deleting(tmpdir):
+    args = ["rmi", "nosuch:1"]
+    rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
+    assert rc == 1 and err.splitlines()[-1] == "Error: image not found: nosuch:1", err
+    assert "deleting" not in err, err

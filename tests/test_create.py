@@ -814,3 +814,14 @@ def test_rm_leaves_no_lock_file(env):
     assert env.run("rm", "box")[0] == 0
     assert not os.path.exists(os.path.join(env.ud, ".locks", "container-%s.lock" % cid))
     assert env.containers_dir_entries() == []
+
+
+def test_too_long_name_is_refused_naming_the_name(env):
+    env.add("busybox", Image([busybox_layer()]))
+    cid = env.create("busybox")
+    for args in (["create", "--name=" + "n" * 300, "busybox"], ["name", cid, "n" * 300]):
+        rc, out, err = env.run(*args)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and "too long (300 bytes, at most 255)" in err, err
+        assert lines[0].startswith("Error: invalid container name: 'nnnn") and cid not in err
+    assert env.containers_dir_entries() == [cid]

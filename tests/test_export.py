@@ -455,3 +455,14 @@ def test_imported_f3_clone_is_set_up_again_on_its_first_run(world, tmpdir):
     assert "execmode: F3" in out
     rc, out, err = world.run("F3", ["true"], name=cid)          # the original still runs
     assert rc == 0 and "setting up" not in err, err
+
+
+@pytest.mark.parametrize("target,needle", [
+    (".", "output is a directory: ."), ("/nonexistent/x.tar", "no such directory: /nonexistent"),
+    ("", "empty output file name")])
+def test_export_output_errors_name_the_output_not_a_temp_file(env, target, needle):
+    env.add("bb", Image([busybox_layer()]))
+    env.create("bb", name="bb")
+    rc, out, err = env.run("export", "-o", target, "bb")
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("Error: export: " + needle), err

@@ -585,3 +585,18 @@ def test_import_bad_input_leaves_nothing_behind(udocker, tmpdir):
     res = udocker("import", str(tmpdir.join("nope.tar")), "bad:1")
     assert "does not exist" in one_error_line(res)
     assert "missing argument" in one_error_line(udocker("import", str(path)))
+
+
+def test_import_and_save_errors_name_what_is_wrong(udocker, tmpdir):
+    """Not 'file does not exist' for /dev/null, no temporary file name, no silent stdout."""
+    line = one_error_line(udocker("import", "/dev/null", "x:1"))
+    assert "not a regular file: /dev/null (a character device" in line
+    line = one_error_line(udocker("import", str(tmpdir), "x:1"))
+    assert "not a regular file: %s (a directory" % tmpdir in line
+    _load_sample(udocker, tmpdir)
+    for target, needle in (("/nonexistent/x.tar", "no such directory: /nonexistent"),
+                           ("", "empty output file name"),
+                           (str(tmpdir.join("sub", "x.tar")), "no such directory: ")):
+        res = udocker("save", "-o", target, "sample:1")
+        assert one_error_line(res).startswith("Error: save: " + needle), res
+        assert res.out == "" and ".udocker-save" not in res.err, res
