@@ -403,6 +403,11 @@ CONFIG_DEFAULTS = (
 )
 
 
+# Numbers are never negative; these must be at least:
+CONFIG_MINIMUM = {"pull_parallel": 1, "search_page_size": 1, "pull_split_size": 1,
+                  "pull_segment_size": 1}
+
+
 def _typed(key, raw, default):
     """Convert a config-file or environment string to the type of the key's default."""
     raw = raw.strip()
@@ -415,9 +420,13 @@ def _typed(key, raw, default):
         raise ConfigurationError("%s: not a boolean: %r" % (key, raw))
     if isinstance(default, (int, float)):
         try:
-            return type(default)(raw)
+            value = type(default)(raw)
         except ValueError:
             raise ConfigurationError("%s: not a number: %r" % (key, raw))
+        if value < CONFIG_MINIMUM.get(key, 0):
+            raise ConfigurationError("%s: %r is below the minimum, %s"
+                                     % (key, raw, CONFIG_MINIMUM.get(key, 0)))
+        return value
     if isinstance(default, list):
         if raw.startswith("["):
             try:
@@ -494,6 +503,14 @@ class Config(object):
                 raise ConfigurationError("config file not found: %s" % path)
             return
         parser = configparser.RawConfigParser()
+        try:
+            open(path).close()                  # parser.read() skips what it cannot read
+        except (IOError, OSError) as exc:
+            if required:
+                raise ConfigurationError("cannot read config file %s: %s"
+                                         % (path, exc.strerror or exc))
+            MSG.warning("cannot read config file %s: %s (ignored)" % (path, exc.strerror))
+            return
         try:
             parser.read(path)
             items = parser.items("DEFAULT")
@@ -5393,6 +5410,9 @@ def host_user():
         return "udoc%d" % uid, uid, gid, os.environ.get("HOME", "/")
 
 
+PATH_MAX = 4096                         # Linux: a longer path cannot be bound or opened
+
+
 class Volume(object):
     """A host path made visible at a container path (a bind, or its engine's equivalent)."""
 
@@ -5402,6 +5422,10 @@ class Volume(object):
         self.readonly = readonly
         self.system = system             # a default (sysdirs, host files): missing is no error
         self.device = device             # a device node (--device, /dev/nvidia*)
+        for path in (host, cont):        # whatever the syntax: no bind is silently dropped
+            if len(to_bytes(path)) >= PATH_MAX:
+                raise UsageError("invalid volume: %s...: path too long (at most %d bytes)"
+                                 % (path[:40], PATH_MAX - 1))
 
     @classmethod
     def parse(cls, spec):
@@ -5552,12 +5576,17 @@ class RunUser(object):
                                                 self.shell)
 
 
+MAX_ID = 4294967294                     # uid_t and gid_t: (uid_t)-1 means "no id"
+
+
 def _lookup_user(passwd, groups, text):
     """RunUser for 'NAME', 'UID', 'NAME:GROUP' or 'UID:GID' given passwd/group rows."""
     who, colon, group = text.partition(":")
     if not (_user_word(who[:-1] if who.endswith("$") else who) and
             (not colon or _user_word(group))):
         raise UsageError("invalid user: %s (NAME or UID[:GID])" % text)
+    if any(word.isdigit() and int(word) > MAX_ID for word in (who, group)):
+        raise UsageError("invalid user: %s (ids go up to %d)" % (text, MAX_ID))
     group = group if colon else None
     entry = None
     for row in passwd:
@@ -6182,8 +6211,8 @@ def parse_publish(spec):
     """-p [IP:]HOST:CONT[/tcp] or CONT -> (host port, container port) as text."""
     match = re.match(r"^(?:[\d.]+:)?(\d+):(\d+)(?:/tcp)?$", spec) or \
         re.match(r"^()(\d+)(?:/tcp)?$", spec)
-    if not match:
-        raise UsageError("invalid port mapping: %s (HOST:CONT)" % spec)
+    if not match or not all(0 < int(port) < 65536 for port in match.groups() if port):
+        raise UsageError("invalid port mapping: %s (HOST:CONT, ports 1-65535)" % spec)
     return match.group(1) or match.group(2), match.group(2)
 
 
@@ -8382,7 +8411,7 @@ def cmd_search(session, opts, args):
     if MSG.level >= Messages.INF:
         out("NAME")
     for name in client.paged("/v2/_catalog?n=1000", "registry:catalog:*", "repositories"):
-        if term in ("*", "") or term.lower() in name.lower():
+        if term in ("*", "") or _native(term).lower() in _native(name).lower():
             out(name)
     return 0
 
@@ -8521,14 +8550,20 @@ def local_image(session, text, opts, pull="missing"):
     """The LocalImage for an image reference, pulled first as `pull` says: missing (or
     reuse) pulls when it is not local, always pulls, never refuses a missing image."""
     ref = ImageRef.parse(text)
+    wanted = session.platform(opts) if opts.get("platform") else None   # checked first
     present = session.repo.has_image(ref.name, ref.local_tag)
     if pull == "always" or (not present and pull != "never"):
         if not present:
             MSG.info("image not found locally, pulling: %s" % ref)
-        session.puller(opts).pull(ref, session.platform(opts))
+        session.puller(opts).pull(ref, wanted or Platform.host())
     elif not present:
         raise RepositoryError("image not found locally and --pull=never: %s" % ref)
-    return session.repo.image(ref.name, ref.local_tag)
+    image = session.repo.image(ref.name, ref.local_tag)
+    if wanted and not wanted.matches(*(image.platform.split("/", 2) + [""])[:3]):
+        raise RepositoryError("the local image %s is %s, not %s (--platform): pull that "
+                              "platform under another name, or leave out --platform"
+                              % (ref, image.platform, wanted))
+    return image
 
 
 def _run_target(session, opts, target):

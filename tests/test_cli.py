@@ -84,6 +84,8 @@ def test_general_options_take_separate_values():
     (["inspect", "nosuchimage"], "image not found: nosuchimage:latest"),
     (["verify", "nosuch:1"], "image not found: nosuch:1"),
     (["rmi", "nosuch"], "image not found"),
+    (["--config=/", "images"], "cannot read config file /: Is a directory"),
+    (["create", "--platform=foo", "x"], "invalid platform: 'foo'"),
 ])
 def test_bad_input_is_one_line_error(tmpdir, args, needle):
     rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)

@@ -80,3 +80,32 @@ def test_config_is_read_only(tmpdir):
     cfg = load(tmpdir)
     with pytest.raises(AttributeError):
         cfg.topdir = "/x"
+
+
+def test_unreadable_config_option_is_an_error(tmpdir):
+    with pytest.raises(udocker.ConfigurationError) as info:
+        load(tmpdir, config=str(tmpdir))                       # a directory
+    assert "cannot read config file %s: Is a directory" % tmpdir in str(info.value)
+    locked = tmpdir.join("locked.conf")
+    locked.write("[DEFAULT]\ntimeout = 1\n")
+    locked.chmod(0)
+    try:
+        if os.access(str(locked), os.R_OK):
+            return                                             # root reads anything
+        with pytest.raises(udocker.ConfigurationError) as info:
+            load(tmpdir, config=str(locked))
+        assert "Permission denied" in str(info.value)
+    finally:
+        locked.chmod(0o644)
+
+
+@pytest.mark.parametrize("env,file_line", [({"UDOCKER_PULL_PARALLEL": "-1"}, ""),
+                                           ({"UDOCKER_PULL_PARALLEL": "0"}, ""),
+                                           ({}, "pull_parallel = 0"),
+                                           ({}, "timeout = -5")])
+def test_numbers_out_of_range_are_errors(tmpdir, env, file_line):
+    tmpdir.join(".udocker").ensure(dir=True).join("udocker.conf").write(
+        "[DEFAULT]\n%s\n" % file_line)
+    with pytest.raises(udocker.ConfigurationError) as info:
+        load(tmpdir, env)
+    assert "below the minimum" in str(info.value)

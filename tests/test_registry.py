@@ -1060,3 +1060,9 @@ def test_a_proxy_that_fails_is_named(udocker, registry):
     line = _one_error(res)
     assert line.startswith("Error: proxy http://127.0.0.1:") and "pw" not in line, res
     assert "retrying" not in res.err, res
+
+
+def test_search_with_non_ascii_term(udocker, registry):
+    """Python 2.7 compared a byte string with the registry's text: an internal error."""
+    res = udocker("search", "--registry=http://" + registry.host, "ünï").check()
+    assert res.out.split() == ["NAME"] and "Error" not in res.err, res

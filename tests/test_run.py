@@ -808,3 +808,22 @@ def test_failed_run_rm_keeps_an_existing_container(udocker, tmpdir):
     res = udocker("run", "--rm", "-u", "nosuch", "kept", "/bin/true")
     assert res.rc == 1 and "user nosuch not found" in res.err, res
     assert udocker("ps").out.count(cid) == 1
+
+
+@pytest.mark.parametrize("options,needle", [
+    (["-p", "99999:80"], "invalid port mapping: 99999:80"),
+    (["-p", "0"], "invalid port mapping: 0"),
+    (["-u", "4294967296"], "invalid user: 4294967296"),          # would wrap to root
+    (["-u", "0:4294967296"], "invalid user: 0:4294967296"),
+    (["-v", "/tmp:/" + "d" * 5000], "path too long"),             # the bind was dropped
+    (["--platform=linux/s390x"], "the local image img:1 is linux/"),
+    (["--platform=foo"], "invalid platform: 'foo'"),
+])
+def test_values_out_of_range_are_refused_before_a_run(udocker, tmpdir, options, needle):
+    image = _imported_image(udocker, tmpdir)
+    udocker.env.update({"UDOCKER_DEFAULT_EXECUTION_MODE": "P1",
+                        "UDOCKER_USE_PROOT_EXECUTABLE": "/nonexistent/proot"})
+    res = udocker("run", "--rm", "--nobanner", *(options + [image, "/bin/true"]))
+    errors = [l for l in res.err.splitlines() if l.startswith("Error: ")]
+    assert res.rc != 0 and len(errors) == 1 and needle in errors[0], res
+    assert len(errors[0]) < 200 and "Traceback" not in res.err
