@@ -2,8 +2,9 @@
 # -*- coding: utf-8 -*-
 # ./udocker.py starts here as a shell script that runs Python on this file as an imported
 # module, so its bytecode is cached (__pycache__, or ~/.cache/udocker.py where this directory
-# is not writable) instead of recompiled at every start. To Python the line is a string.
-''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c 'import sys,os;sys.dont_write_bytecode=False;p=os.path.abspath(sys.argv.pop(1));d=os.path.dirname(p);getattr(sys,"pycache_prefix",0) is None and not os.access(d,os.W_OK) and setattr(sys,"pycache_prefix",os.path.expanduser("~/.cache/udocker.py"));sys.path.insert(0,d);n=os.path.basename(p);m=n.endswith(".py") and __import__(n[:-3]);m.exit_now(m.main()) if m else __import__("runpy").run_path(p,run_name="__main__")' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''  # noqa: E501
+# is not writable) instead of recompiled at every start; a file name that is no module name
+# (udocker-0.1.py, udocker.v2.py) is run as a script instead. To Python the line is a string.
+''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c 'import sys,os;sys.dont_write_bytecode=False;p=os.path.abspath(sys.argv.pop(1));d=os.path.dirname(p);getattr(sys,"pycache_prefix",0) is None and not os.access(d,os.W_OK) and setattr(sys,"pycache_prefix",os.path.expanduser("~/.cache/udocker.py"));sys.path.insert(0,d);n=os.path.basename(p)[:-3];m=p.endswith(".py") and n.replace("_","a").isalnum() and not n[0].isdigit() and __import__(n);m.exit_now(m.main()) if m else __import__("runpy").run_path(p,run_name="__main__")' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''  # noqa: E501
 # udocker.py: pull Docker/OCI images and run them as an ordinary user.
 #
 # One file, standard library only, Python 2.7 and 3.6+. A drop-in for udocker 1.3:

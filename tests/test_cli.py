@@ -216,3 +216,22 @@ def test_rmi_checks_before_it_says_deleting(tmpdir):
     rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
     assert rc == 1 and err.splitlines()[-1] == "Error: image not found: nosuch:1", err
     assert "deleting" not in err, err
+
+
+@pytest.mark.parametrize("name", ["udocker-0.1.py", "udocker.v2.py", "1st.py", "ud", "my_ud.py"])
+def test_renamed_file_still_runs_as_a_command(tmpdir, name):
+    """The shell launcher imports the file as a module (cached bytecode) when its name is a
+    module name, and runs it as a script otherwise (was: a traceback from __import__)."""
+    path = str(tmpdir.join("bin", name))
+    os.makedirs(os.path.dirname(path))
+    with open(SCRIPT, "rb") as source, open(path, "wb") as target:
+        target.write(source.read())
+    os.chmod(path, 0o755)
+    env = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
+               UDOCKER_NOSYSCONF="1")
+    proc = subprocess.Popen(["./" + name, "version"], cwd=os.path.dirname(path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and b"udocker.py: " in out and err == b"", err
+    cached = os.path.isdir(os.path.join(os.path.dirname(path), "__pycache__"))
+    assert cached == (name == "my_ud.py")       # the fast path stays for module names
