@@ -1686,8 +1686,13 @@ class HttpClient(object):
             if "//" not in proxy:
                 proxy = "http://" + proxy
             parts = urlsplit(proxy)
+            if parts.scheme.startswith("socks"):
+                raise UsageError("%s: SOCKS proxies are not supported (Python's standard "
+                                 "library has no SOCKS client): use an http:// proxy, or run "
+                                 "udocker.py under a SOCKS wrapper such as proxychains"
+                                 % _without_password(proxy))
             if parts.scheme not in ("http", "https"):
-                raise RegistryError("unsupported proxy scheme: %s" % proxy)
+                raise RegistryError("unsupported proxy scheme: %s" % _without_password(proxy))
             proxy_host = parts.netloc.rpartition("@")[2]
             headers = {}
             if "@" in parts.netloc:
@@ -8032,11 +8037,12 @@ RUN_OPTS = [
     _o("--nometa", help="ignore the image metadata (Env, Cmd, WorkingDir ...)"),
     _o("--dri", help="bind the host's DRI directories"),
     _o("--hostenv", help="pass the whole host environment"),
-    _o("--cpuset-cpus", VALUE, "run on these CPUs (numactl/taskset)", metavar="LIST"),
+    _o("--cpuset-cpus", VALUE, "run on these CPUs (sets the CPU affinity)", metavar="LIST"),
     _o("--name", VALUE, "name the container", metavar="NAME"),
     _o("--bindhome", help="bind the host home directory"),
     _o("-k|--kernel", VALUE, "kernel release to report (P modes)", metavar="RELEASE"),
-    _o("--device", LIST, "add a host device (R modes)", metavar="/dev/X"),
+    _o("--device", LIST, "bind a host device (F modes: at its own path)",
+       metavar="/dev/X[:CONT]"),
     _o("--location", VALUE, "run a bare directory tree", metavar="DIR"),
     _o("--nobanner", help="no start banner"),
     _o("--entrypoint", VALUE, "override the image entrypoint ('' clears it)",
@@ -8805,10 +8811,6 @@ def cmd_export(session, opts, args):
     return 0
 
 
-def cmd_not_yet(session, opts, args):
-    raise UdockerError("this command is not implemented yet in udocker.py %s" % __version__)
-
-
 def inspect_container(session, cid, opts):
     if opts["p"]:
         out(session.containers.path(cid, "ROOT"))
@@ -8850,7 +8852,8 @@ COMMANDS = dict((c.name, c) for c in [
         _o("-m", help="show the execution mode"), _o("-s", help="show the size in MB"),
         _o("-p", help="show the platform")], func=cmd_ps),
     Command("rm", "remove containers", ["CONTAINER..."], [
-        _o("-f", help="force: fix permissions first")], func=cmd_rm),
+        _o("-f", help="accepted (rm always makes the container's files removable)")],
+        func=cmd_rm),
     Command("rmi", "remove an image", ["IMAGE"], [
         _o("-f", help="ignore errors removing layers")], func=cmd_rmi),
     Command("tag", "give an image another name", ["IMAGE", "NEWIMAGE"], func=cmd_tag),

@@ -235,3 +235,13 @@ def test_renamed_file_still_runs_as_a_command(tmpdir, name):
     assert proc.returncode == 0 and b"udocker.py: " in out and err == b"", err
     cached = os.path.isdir(os.path.join(os.path.dirname(path), "__pycache__"))
     assert cached == (name == "my_ud.py")       # the fast path stays for module names
+
+
+def test_help_says_what_the_options_do():
+    """rm -f changes nothing (rm always makes files removable), --device works in every
+    mode (F modes at the device's own path), --cpuset-cpus sets the affinity itself."""
+    helps = dict((o.names[-1], o.help) for o in udocker.COMMANDS["run"].opts)
+    assert "R modes" not in helps["--device"] and "own path" in helps["--device"]
+    assert "numactl" not in helps["--cpuset-cpus"] and "affinity" in helps["--cpuset-cpus"]
+    assert "fix permissions" not in udocker.COMMANDS["rm"].opts[0].help
+    assert not hasattr(udocker, "cmd_not_yet")

@@ -1066,3 +1066,14 @@ def test_search_with_non_ascii_term(udocker, registry):
     """Python 2.7 compared a byte string with the registry's text: an internal error."""
     res = udocker("search", "--registry=http://" + registry.host, "ünï").check()
     assert res.out.split() == ["NAME"] and "Error" not in res.err, res
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_socks_proxy_is_refused_in_one_line(udocker, registry, how):
+    proxy = "socks5h://user:pw@127.0.0.1:1080"
+    args, env = (["--httpproxy=" + proxy], {}) if how == "option" else \
+        ([], {"http_proxy": proxy, "https_proxy": proxy})
+    res = udocker("pull", *(args + ["%s/test/busybox" % registry.host]), env=env)
+    line = _one_error(res)
+    assert "SOCKS proxies are not supported" in line and "http:// proxy" in line, res
+    assert "pw" not in line
