@@ -8190,6 +8190,10 @@ def cmd_pull(session, opts, args):
 
 
 def cmd_images(session, opts, args):
+    if opts["q"]:                                   # docker images -q: one name per line
+        for name, tag in session.repo.list_images():
+            out("%s:%s" % (name, tag))
+        return 0
     if MSG.level >= Messages.INF:
         out("REPOSITORY")
     for name, tag in session.repo.list_images():
@@ -8213,6 +8217,9 @@ def cmd_images(session, opts, args):
 
 
 def cmd_inspect(session, opts, args):
+    template = opts["format"]
+    if template is not None:
+        parse_template(template)                    # refused before anything is read
     container = session.containers.find(args[0])
     if container:
         return inspect_container(session, container, opts)
@@ -8221,14 +8228,83 @@ def cmd_inspect(session, opts, args):
     image = session.image_ref(args[0])
     if not image.config:
         raise RepositoryError("image %s has no readable config" % image.ref)
+    if template is not None:
+        digest = os.path.basename(image.config_path or "")
+        out(fill_template(template, image.config, {
+            "Id": digest if digest.startswith("sha256:") else None,
+            "RepoTags": [image.ref]}))
+        return 0
     out(json_dumps(image.config, pretty=True))
     return 0
 
 
+TEMPLATE_RE = LazyRegex(r"\{\{-?\s*(.*?)\s*-?\}\}")
+TEMPLATE_ACTION_RE = LazyRegex(r"^(json\s+)?(\.|(\.[A-Za-z_][A-Za-z0-9_]*)+)$")
+
+
+def parse_template(template):
+    """inspect -f: [(literal text, json?, [field names] or None)] of a Go template made of
+    text, {{.A.B}} and {{json .A.B}}; raises UsageError for anything else (range, if ...)."""
+    parts, pos = [], 0
+    for match in TEMPLATE_RE.finditer(template):
+        action = TEMPLATE_ACTION_RE.match(match.group(1))
+        if not action:
+            raise UsageError("inspect -f: only {{.Field.Sub}} and {{json .Field}} are "
+                             "supported, not {{%s}}" % match.group(1))
+        fields = [f for f in action.group(2).split(".") if f]
+        parts.append((template[pos:match.start()], bool(action.group(1)), fields))
+        pos = match.end()
+    parts.append((template[pos:], False, None))
+    return parts
+
+
+def fill_template(template, doc, extra):
+    """The text of inspect -f TEMPLATE for the JSON document doc (extra: derived top-level
+    fields such as Id); names match keys as docker's do, or else case-insensitively
+    (.Config.Env in an OCI config's "config")."""
+    text = []
+    for literal, as_json, fields in parse_template(template):
+        text.append(literal)
+        if fields is None:
+            continue
+        value = doc
+        for i, name in enumerate(fields):
+            if not isinstance(value, dict):
+                value = None
+                break
+            keys = dict((k.lower(), k) for k in value)
+            found = value.get(name, value.get(keys.get(name.lower()), None))
+            value = extra.get(name) if found is None and i == 0 and name in extra else found
+        text.append(json.dumps(value, sort_keys=True, separators=(",", ":")) if as_json
+                    else _go_text(value))
+    return "".join(text)
+
+
+def _go_text(value):
+    """A value as Go's text/template prints it: [a b], map[k:v], <no value>."""
+    if value is None:
+        return "<no value>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[%s]" % " ".join(_go_text(v) for v in value)
+    if isinstance(value, dict):
+        return "map[%s]" % " ".join("%s:%s" % (k, _go_text(value[k])) for k in sorted(value))
+    return value if isinstance(value, string_types) else str(value)
+
+
 def cmd_rmi(session, opts, args):
-    ref = ImageRef.parse(args[0])
-    session.repo.remove_image(ref.name, ref.local_tag, force=opts["f"])
-    return 0
+    status = 0
+    for arg in args:                                # rmi $(udocker.py images -q)
+        try:
+            ref = ImageRef.parse(arg)
+            session.repo.remove_image(ref.name, ref.local_tag, force=opts["f"])
+        except UdockerError as exc:
+            if len(args) == 1:
+                raise
+            MSG.error(str(exc))
+            status = exc.exit_code
+    return status
 
 
 def cmd_tag(session, opts, args):
@@ -8737,6 +8813,10 @@ def cmd_create(session, opts, args):
 
 def cmd_ps(session, opts, args):
     store = session.containers
+    if opts["q"]:                                   # docker ps -q: one id per line
+        for cid, _, _ in store.list():
+            out(cid)
+        return 0
     head = fmt = "%-36.36s %c %c "
     if opts["m"]:
         head, fmt = head + "MOD ", fmt + "%2.2s "
@@ -8818,6 +8898,9 @@ def inspect_container(session, cid, opts):
     data = read_json(session.containers.path(cid, "container.json"))
     if data is None:
         raise RepositoryError("container %s has no readable container.json" % cid)
+    if opts["format"] is not None:
+        out(fill_template(opts["format"], data, {"Id": cid}))
+        return 0
     out(json_dumps(data, pretty=True))
     return 0
 
@@ -8841,7 +8924,9 @@ COMMANDS = dict((c.name, c) for c in [
     Command("images", "list local images", opts=[
         _o("-l", help="long format: tag directory and layers"),
         _o("-p", help="show the platform"),
-        _o("--no-trunc", help="accepted"), _o("--all", help="accepted")], func=cmd_images),
+        _o("-q|--quiet", dest="q", help="only the image names (NAME:TAG), one a line"),
+        _o("--no-trunc", help="accepted"), _o("-a|--all", dest="all", help="accepted")],
+        func=cmd_images),
     Command("create", "create a container from an image", ["IMAGE"], [
         _o("--name", VALUE, "name the container", metavar="NAME"),
         _o("--force", help="allow a name that already exists")] + PULL_OPTS,
@@ -8850,15 +8935,20 @@ COMMANDS = dict((c.name, c) for c in [
             ["CONTAINER|IMAGE", "[COMMAND...]"], RUN_OPTS, cmd_run, rest=0),
     Command("ps", "list containers", opts=[
         _o("-m", help="show the execution mode"), _o("-s", help="show the size in MB"),
-        _o("-p", help="show the platform")], func=cmd_ps),
+        _o("-p", help="show the platform"),
+        _o("-q|--quiet", dest="q", help="only the container ids, one a line"),
+        _o("-a|--all", dest="all", help="accepted (every container is listed: none runs "
+           "in the background)")], func=cmd_ps),
     Command("rm", "remove containers", ["CONTAINER..."], [
         _o("-f", help="accepted (rm always makes the container's files removable)")],
         func=cmd_rm),
-    Command("rmi", "remove an image", ["IMAGE"], [
+    Command("rmi", "remove images", ["IMAGE..."], [
         _o("-f", help="ignore errors removing layers")], func=cmd_rmi),
     Command("tag", "give an image another name", ["IMAGE", "NEWIMAGE"], func=cmd_tag),
     Command("inspect", "show the metadata of an image or container",
-            ["IMAGE|CONTAINER"], [_o("-p", help="print the container's ROOT path")],
+            ["IMAGE|CONTAINER"], [_o("-p", help="print the container's ROOT path"),
+                                  _o("-f|--format", VALUE, "print {{.Field.Sub}} and {{json "
+                                     ".Field}} of the JSON", metavar="TEMPLATE")],
             func=cmd_inspect),
     Command("verify", "check an image's layers against their digests", ["IMAGE"],
             func=cmd_verify),

@@ -1,7 +1,9 @@
 """Command line: the command table, the parser, help, and one-line errors."""
 from __future__ import print_function, absolute_import
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -245,3 +247,57 @@ def test_help_says_what_the_options_do():
     assert "numactl" not in helps["--cpuset-cpus"] and "affinity" in helps["--cpuset-cpus"]
     assert "fix permissions" not in udocker.COMMANDS["rm"].opts[0].help
     assert not hasattr(udocker, "cmd_not_yet")
+
+
+# -- docker habits: -q lists, ps -a, rm $(ps -q), rmi $(images -q), inspect -f
+
+def _ud(tmpdir, *args):
+    args = list(args)
+    return run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
+
+
+def test_quiet_lists_feed_rm_and_rmi(tmpdir):
+    tree = tmpdir.join("tree").ensure(dir=True)
+    tree.join("etc", "hello").write("hi\n", ensure=True)
+    tarball = str(tmpdir.join("t.tar"))
+    subprocess.check_call(["tar", "-C", str(tree), "-cf", tarball, "."])
+    for name in ("one:1", "two:2"):
+        assert _ud(tmpdir, "import", tarball, name)[0] == 0
+    rc, out, err = _ud(tmpdir, "images", "-q")
+    assert rc == 0 and out.splitlines() == ["one:1", "two:2"], err
+    cids = sorted(_ud(tmpdir, "create", "one:1")[1].strip() for _ in range(2))
+    rc, out, err = _ud(tmpdir, "ps", "-q")
+    assert rc == 0 and out.splitlines() == cids, err
+    rc, out, err = _ud(tmpdir, "ps", "-a")
+    assert rc == 0 and out == _ud(tmpdir, "ps")[1] and len(out.splitlines()) == 3
+    assert _ud(tmpdir, "rm", *_ud(tmpdir, "ps", "-q")[1].split())[0] == 0
+    assert _ud(tmpdir, "ps", "-q")[1] == ""
+    rc, out, err = _ud(tmpdir, "rmi", *_ud(tmpdir, "images", "-q")[1].split())
+    assert rc == 0 and _ud(tmpdir, "images", "-q")[1] == "", err
+
+
+def test_inspect_format_simple_templates(tmpdir):
+    doc = {"architecture": "amd64", "config": {"Env": ["A=1", "B=2"], "Cmd": None,
+                                               "Labels": {"k": "v", "a": True}}}
+    fill = udocker.fill_template
+    assert fill("{{.Architecture}}/{{.config.Env}}", doc, {}) == "amd64/[A=1 B=2]"
+    assert fill("{{ .Config.Cmd }} {{.Nope.X}} {{.Config.Labels}}", doc, {}) == \
+        "<no value> <no value> map[a:true k:v]"
+    assert fill("{{json .Config.Env}}", doc, {}) == '["A=1","B=2"]'
+    assert json.loads(fill("{{json .}}", doc, {})) == doc
+    assert fill("id={{.Id}}", doc, {"Id": "sha256:x"}) == "id=sha256:x"
+    for bad in ("{{range .Config.Env}}{{.}}{{end}}", "{{index .Config 0}}", "{{.A | x}}"):
+        with pytest.raises(udocker.UsageError) as info:
+            udocker.parse_template(bad)
+        assert "only {{.Field.Sub}} and {{json .Field}} are supported" in str(info.value)
+    tarball = str(tmpdir.join("t.tar"))
+    tmpdir.join("tree").ensure(dir=True)
+    subprocess.check_call(["tar", "-C", str(tmpdir.join("tree")), "-cf", tarball, "."])
+    assert _ud(tmpdir, "import", tarball, "img:1")[0] == 0
+    rc, out, err = _ud(tmpdir, "inspect", "-f", "{{.Id}} {{.Os}} {{.RepoTags}}", "img:1")
+    assert rc == 0 and re.match(r"^sha256:[0-9a-f]{64} linux \[img:1\]\n$", out), err
+    cid = _ud(tmpdir, "create", "img:1")[1].strip()
+    rc, out, err = _ud(tmpdir, "inspect", "--format={{.Id}} {{json .rootfs.type}}", cid)
+    assert rc == 0 and out == cid + ' "layers"\n', err
+    rc, out, err = _ud(tmpdir, "inspect", "-f", "{{range .X}}{{end}}", cid)
+    assert rc == 1 and out == "" and err.splitlines()[-1].startswith("Error: inspect -f:")
