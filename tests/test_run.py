@@ -18,7 +18,7 @@ import pytest
 
 import udocker
 import rootfs
-from support import required_file, wait_for
+from support import one_error_line, required_file, wait_for
 from support.nvidia import BOUND_LIBRARIES, SMI_TABLE, FakeDriver, tree_state
 
 try:
