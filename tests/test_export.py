@@ -464,5 +464,4 @@ def test_export_output_errors_name_the_output_not_a_temp_file(env, target, needl
     env.add("bb", Image([busybox_layer()]))
     env.create("bb", name="bb")
     rc, out, err = env.run("export", "-o", target, "bb")
-    lines = err.strip().splitlines()
-    assert rc == 1 and len(lines) == 1 and lines[0].startswith("Error: export: " + needle), err
+    assert rc == 1 and one_error_line(err).startswith("Error: export: " + needle), err

@@ -1049,19 +1049,13 @@ def test_udocker_registry_replaces_docker_hub(udocker, registry):
 
 # -- what a new user hit: login without a scheme, fast and telling network failures ---------
 
-def _one_error(res):
-    errors = [l for l in res.err.splitlines() if not l.startswith(("Info:", "Warning:"))]
-    assert res.rc != 0 and len(errors) == 1 and errors[0].startswith("Error: "), res
-    return errors[0]
-
-
 def test_login_host_port_without_scheme_checks_like_pull(udocker, registry_basic):
     """--registry=127.0.0.1:PORT: https first, then http, as `pull 127.0.0.1:PORT/...`
     does (Docker's insecure-registry rule); a wrong password is refused, not stored."""
     keystore = os.path.join(udocker.home, ".udocker", "keystore")
     res = udocker("login", "--registry=" + registry_basic.host, "--username=alice",
                   "--password=wrong")
-    assert "bad username or password" in _one_error(res) and "Warning" not in res.err
+    assert "bad username or password" in one_error_line(res) and "Warning" not in res.err
     assert not os.path.exists(keystore)
     res = udocker("login", "--registry=" + registry_basic.host, "--username=alice",
                   "--password=secret1").check()
@@ -1072,7 +1066,7 @@ def test_login_host_port_without_scheme_checks_like_pull(udocker, registry_basic
 def test_login_without_terminal_or_password_is_one_error_line(udocker, registry_basic):
     for args in (["--username=alice"], []):
         res = udocker("login", "--registry=" + registry_basic.host, *args, input="")
-        line = _one_error(res)
+        line = one_error_line(res)
         assert "no terminal" in line and "EOFError" not in res.err, res
     assert not os.path.exists(os.path.join(udocker.home, ".udocker", "keystore"))
 
@@ -1089,14 +1083,14 @@ def test_login_to_an_unreachable_registry_stores_with_a_warning(udocker):
 def test_refused_connection_fails_at_once(udocker):
     from support import free_port
     res = udocker("pull", "127.0.0.1:%d/x/y" % free_port(), env={"UDOCKER_LOGLEVEL": "4"})
-    assert "refused the connection" in _one_error(res)
+    assert "refused the connection" in one_error_line(res)
     assert "retrying" not in res.err, res
 
 
 def test_https_to_an_http_registry_says_what_to_do(udocker, registry):
     res = udocker("pull", "--registry=https://" + registry.host, "test/busybox",
                   env={"UDOCKER_LOGLEVEL": "4"})
-    line = _one_error(res)
+    line = one_error_line(res)
     assert "does not speak TLS" in line and "http://" + registry.host in line
     assert "--insecure" in line and "retrying" not in res.err, res
 
@@ -1106,7 +1100,7 @@ def test_a_proxy_that_fails_is_named(udocker, registry):
     proxy = "http://user:pw@127.0.0.1:%d" % free_port()
     res = udocker("pull", "--httpproxy=" + proxy, "%s/test/busybox" % registry.host,
                   env={"UDOCKER_LOGLEVEL": "4"})
-    line = _one_error(res)
+    line = one_error_line(res)
     assert line.startswith("Error: proxy http://127.0.0.1:") and "pw" not in line, res
     assert "retrying" not in res.err, res
 
@@ -1123,6 +1117,6 @@ def test_socks_proxy_is_refused_in_one_line(udocker, registry, how):
     args, env = (["--httpproxy=" + proxy], {}) if how == "option" else \
         ([], {"http_proxy": proxy, "https_proxy": proxy})
     res = udocker("pull", *(args + ["%s/test/busybox" % registry.host]), env=env)
-    line = _one_error(res)
+    line = one_error_line(res)
     assert "SOCKS proxies are not supported" in line and "http:// proxy" in line, res
     assert "pw" not in line
