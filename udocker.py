@@ -1242,9 +1242,10 @@ class LocalRepository(object):
         the directories holding work directories)."""
         used, records, work_parents = set(), [], []
         for dirpath, dirnames, filenames in os.walk(self.reposdir):
-            if any(WORK_NAME_RE.match(n) for n in dirnames + filenames):
+            work = [n for n in filenames if n.endswith(WORK_LOCK) and WORK_LOCK_RE.match(n)]
+            if work:                           # a work directory has its lock beside it
                 work_parents.append(dirpath)
-                dirnames[:] = [n for n in dirnames if not WORK_NAME_RE.match(n)]
+                dirnames[:] = [n for n in dirnames if n + WORK_LOCK not in work]
             for name in filenames + dirnames:
                 path = os.path.join(dirpath, name)
                 if os.path.islink(path):

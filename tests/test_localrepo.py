@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from support import REPO_ROOT, UDOCKER_SCRIPT, UPSTREAM_UDOCKER, required_file, wait_for
+from support import (REPO_ROOT, UDOCKER_SCRIPT, UPSTREAM_UDOCKER, one_error_line,
+                     required_file, wait_for)
 from support.images import Image, Layer, build_tar, docker_archive_files, f, with_parents
 
 UPSTREAM = UPSTREAM_UDOCKER
@@ -531,8 +532,7 @@ def test_a_command_racing_rmi_says_the_image_was_removed(udocker, registry, comm
     proc = subprocess.Popen([sys.executable, "-c", prelude + RACE, command, "test/multilayer",
                              hook], env=udocker.environ(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    err = proc.communicate()[1].decode("utf-8", "replace")
-    errors = [l for l in err.splitlines() if l.startswith("Error")]
-    assert proc.returncode == 1 and errors == [
-        "Error: image test/multilayer:latest was removed while this command ran"], err
+    err = proc.communicate()[1]
+    assert proc.returncode == 1 and one_error_line(err) == \
+        "Error: image test/multilayer:latest was removed while this command ran", err
     assert not os.listdir(os.path.join(udocker.udocker_dir, "containers"))
