@@ -1,6 +1,8 @@
 # -*- coding: utf-8 -*-
 """Local repository (section 5): upstream udocker 1.3.17 and udocker.py share one repository;
-the work directories of killed commands (section 4's WorkDir) are swept, live ones never.
+the work directories of killed commands (section 4's WorkDir) are swept, live ones never;
+what killed pulls and rmi leave in layers/ is swept too (LocalRepository.sweep, rmi --prune,
+verify's report); create, run and verify racing an rmi say so.
 
 udocker 1.3.17 comes from PyPI, installed by .ci/run in a venv (UDOCKER_TEST_UPSTREAM
 names its `udocker` command; default /opt/udocker-1.3.17/bin/udocker).
@@ -9,12 +11,14 @@ from __future__ import print_function, absolute_import, division
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 
+import udocker as ud
 from support import (REPO_ROOT, UDOCKER_SCRIPT, UPSTREAM_UDOCKER, one_error_line,
                      required_file, wait_for)
 from support.images import Image, Layer, build_tar, docker_archive_files, f, with_parents
@@ -435,8 +439,6 @@ def test_killed_rmi_leaves_nothing_after_one_command(udocker, registry, tmpdir, 
 
 
 def test_prune_frees_what_no_tag_uses_and_reports_it(udocker, registry, tmpdir):
-    import shutil
-    import udocker as ud
     load_small(udocker, tmpdir)
     udocker("pull", "--registry=" + registry.url, "test/multilayer").check()
     layers = os.path.join(udocker.udocker_dir, "layers")
