@@ -4278,7 +4278,7 @@ class Flattener(object):
             self.layer_opaque.add(parent)
         elif name.startswith(b".wh.") or name in (b"", b".", b".."):
             MSG.debug("ignored whiteout meta file: %s/.wh.%s"
-                      % (self.show(parent), to_text(name)))
+                      % (self.show(parent), show_name(name)))
         else:
             self.layer_gone.add(parent + b"/" + name if parent else name)
 
@@ -4388,7 +4388,7 @@ class Flattener(object):
                 data = source.read(min(remaining, OUT_CHUNK))
                 if not data:
                     raise RepositoryError("layer %s: truncated data in %s"
-                                          % (self.label, member.name))
+                                          % (self.label, show_name(member.name)))
                 remaining -= len(data)
                 while data:
                     data = data[os.write(fd, data):]
