@@ -1300,9 +1300,10 @@ class LocalRepository(object):
         the directories holding work directories)."""
         used, records, work_parents = set(), [], []
         for dirpath, dirnames, filenames in os.walk(self.reposdir):
-            if any(WORK_NAME_RE.match(n) for n in dirnames + filenames):
+            work = [n for n in filenames if n.endswith(WORK_LOCK) and WORK_LOCK_RE.match(n)]
+            if work:                           # a work directory has its lock beside it
                 work_parents.append(dirpath)
-                dirnames[:] = [n for n in dirnames if not WORK_NAME_RE.match(n)]
+                dirnames[:] = [n for n in dirnames if n + WORK_LOCK not in work]
             for name in filenames + dirnames:
                 path = os.path.join(dirpath, name)
                 if os.path.islink(path):
@@ -4492,7 +4493,7 @@ class Flattener(object):
             self.layer_opaque.add(parent)
         elif name.startswith(b".wh.") or name in (b"", b".", b".."):
             MSG.debug("ignored whiteout meta file: %s/.wh.%s"
-                      % (self.show(parent), to_text(name)))
+                      % (self.show(parent), show_name(name)))
         else:
             self.layer_gone.add(parent + b"/" + name if parent else name)
 
@@ -4602,7 +4603,7 @@ class Flattener(object):
                 data = source.read(min(remaining, OUT_CHUNK))
                 if not data:
                     raise RepositoryError("layer %s: truncated data in %s"
-                                          % (self.label, member.name))
+                                          % (self.label, show_name(member.name)))
                 remaining -= len(data)
                 while data:
                     data = data[os.write(fd, data):]

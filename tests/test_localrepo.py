@@ -1,6 +1,8 @@
 # -*- coding: utf-8 -*-
 """Local repository (section 5): upstream udocker 1.3.17 and udocker.py share one repository;
-the work directories of killed commands (section 4's WorkDir) are swept, live ones never.
+the work directories of killed commands (section 4's WorkDir) are swept, live ones never;
+what killed pulls and rmi leave in layers/ is swept too (LocalRepository.sweep, rmi --prune,
+verify's report); create, run and verify racing an rmi say so.
 
 udocker 1.3.17 comes from PyPI, installed by .ci/run in a venv (UDOCKER_TEST_UPSTREAM
 names its `udocker` command; default /opt/udocker-1.3.17/bin/udocker).
@@ -9,13 +11,16 @@ from __future__ import print_function, absolute_import, division
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from support import REPO_ROOT, UDOCKER_SCRIPT, UPSTREAM_UDOCKER, required_file, wait_for
+import udocker as ud
+from support import (REPO_ROOT, UDOCKER_SCRIPT, UPSTREAM_UDOCKER, one_error_line,
+                     required_file, wait_for)
 from support.images import Image, Layer, build_tar, docker_archive_files, f, with_parents
 
 UPSTREAM = UPSTREAM_UDOCKER
@@ -461,8 +466,6 @@ def test_killed_rmi_leaves_nothing_after_one_command(udocker, registry, tmpdir, 
 
 
 def test_prune_frees_what_no_tag_uses_and_reports_it(udocker, registry, tmpdir):
-    import shutil
-    import udocker as ud
     load_small(udocker, tmpdir)
     udocker("pull", "--registry=" + registry.url, "test/multilayer").check()
     layers = os.path.join(udocker.udocker_dir, "layers")
@@ -558,8 +561,7 @@ def test_a_command_racing_rmi_says_the_image_was_removed(udocker, registry, comm
     proc = subprocess.Popen([sys.executable, "-c", prelude + RACE, command, "test/multilayer",
                              hook], env=udocker.environ(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    err = proc.communicate()[1].decode("utf-8", "replace")
-    errors = [l for l in err.splitlines() if l.startswith("Error")]
-    assert proc.returncode == 1 and errors == [
-        "Error: image test/multilayer:latest was removed while this command ran"], err
+    err = proc.communicate()[1]
+    assert proc.returncode == 1 and one_error_line(err) == \
+        "Error: image test/multilayer:latest was removed while this command ran", err
     assert not os.listdir(os.path.join(udocker.udocker_dir, "containers"))
