@@ -6436,7 +6436,7 @@ class Engine(object):
         marked = bool(self.container.dir) and \
             os.path.exists(os.path.join(self.container.dir, "nvidia"))
         asked = "--nvidia" if self.opts.get("nvidia") else \
-            "--gpus" if parse_gpus(self.opts.get("gpus") or "0") else None
+            "--gpus" if self.opts.get("gpus") and parse_gpus(self.opts["gpus"]) else None
         if not (asked or marked):
             return None
         driver = NvidiaDriver.find(self.cfg, os.environ)
@@ -7839,9 +7839,10 @@ class ElfPatcher(object):
             rpath = self._print_rpath(path) if info["rpath"] else None
             record[os.path.relpath(path, self.container.root)] = [info["interp"], rpath]
         write_atomic(self.record_path, json_dumps(record))
-        failed = self._run(["--set-interpreter", loader, "--set-rpath", libpath],
-                           [p for p, _ in executables])
-        failed += self._run(["--set-rpath", libpath], [p for p, _ in libraries])
+        # RUNPATH first, PT_INTERP in a second call: patchelf 0.18 given both at once (or
+        # the interpreter first) writes a python3.11 (Debian 12) that dies of SIGSEGV
+        failed = self._run(["--set-rpath", libpath], [p for p, _ in executables + libraries])
+        failed += self._run(["--set-interpreter", loader], [p for p, _ in executables])
         MSG.info("patched %d executables and %d libraries%s"
                  % (len(executables), len(libraries),
                     (" (%d failed)" % len(failed)) if failed else ""))
@@ -7850,14 +7851,16 @@ class ElfPatcher(object):
 
     def restore(self):
         record = read_json(self.record_path) or {}
-        groups = {}
+        groups = {}                    # (option, value) -> paths; RUNPATH first (patch)
         for rel, (interp, rpath) in record.items():
-            groups.setdefault((interp, rpath), []).append(
-                os.path.join(self.container.root, rel))
-        for (interp, rpath), paths in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            options = ["--set-interpreter", interp] if interp else []
-            options += ["--set-rpath", rpath] if rpath else ["--remove-rpath"]
-            self._run(options, [p for p in paths if os.path.isfile(p)])
+            path = os.path.join(self.container.root, rel)
+            groups.setdefault((0, "--set-rpath", rpath) if rpath else
+                              (0, "--remove-rpath", None), []).append(path)
+            if interp:
+                groups.setdefault((1, "--set-interpreter", interp), []).append(path)
+        for (_, option, value), paths in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            self._run([option] + ([value] if value else []),
+                      [p for p in paths if os.path.isfile(p)])
         remove_quietly(self.record_path)
 
     def _print_rpath(self, path):

@@ -18,7 +18,7 @@ cwltool 3.3 and cwltest 2.7: .ci/run makes /opt/cwltool-3.3), the conformance te
 (UDOCKER_TEST_CWL_TESTS, else ../shared/cwl-v1.2 beside the repository), nodejs on PATH
 (cwltool evaluates the tests' JavaScript with it).
 
-CI runs a subset (CI_EXTRA and the tests tagged `docker`: 21) to stay within minutes; the
+CI runs a subset (CI_EXTRA and the tests tagged `docker`: 17) to stay within minutes; the
 full run, by hand:  UDOCKER_TEST_CWL_ALL=1 PYTHONS=3.13 bash tests/run -q tests/test_cwl.py
 """
 from __future__ import print_function, absolute_import, division
@@ -47,9 +47,7 @@ EXCLUDED_TAGS = ("networkaccess",)         # needs the Internet
 # CI runs the tests tagged `docker` and these (volumes with colons, mount points in a
 # writable volume, staged and symlinked files); UDOCKER_TEST_CWL_ALL=1 runs all 57.
 CI_EXTRA = ("colon_in_paths", "colon_in_output_path", "iwdr_dir_literal_real_file",
-            "iwd-passthrough2", "iwd-container-entryname1", "writable_stagedfiles",
-            "legal_symlink", "illegal_symlink", "initial_workdir_empty_writable_docker",
-            "cwloutput_nolimit")
+            "iwd-passthrough2", "writable_stagedfiles", "legal_symlink")
 
 # F3 failures that are libfakechroot's bug, not udocker.py's (issue 13: a volume as the
 # working directory breaks relative paths). Only these may fail in F3, as xfail.
