@@ -7655,11 +7655,13 @@ class FakechrootEngine(Engine):
         link = resolve_in_root(self.root, vol.cont, follow_last=False)
         if os.path.islink(link) and os.readlink(link) == vol.host:
             return
-        if os.path.lexists(link) and not (os.path.isdir(link) and not os.listdir(link)):
+        ours = os.path.islink(link) and link in mountpoint_links(self.container)
+        if os.path.lexists(link) and not ours and \
+                not (os.path.isdir(link) and not os.listdir(link)):
             raise EngineError("F modes can bind %s only at its own path or where the container "
                               "has nothing (-v %s:%s)" % (vol.host, vol.host, vol.host))
         makedirs(os.path.dirname(link))
-        if os.path.isdir(link):
+        if os.path.isdir(link) and not os.path.islink(link):
             os.rmdir(link)
         symlink_atomic(vol.host, link)
         mountpoints = os.path.join(self.container.dir or "", ".mountpoints")
@@ -8089,7 +8091,7 @@ TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
     # other sum is given
     "udocker-tools-2.0.0.tar.gz":
-        "9bcf32caf20b26ca37be4f222c9a5680ee33f08c1327410af9e68f441d08f9a5",
+        "a8d12feb685bd1d4b04c7e16d0b4dfb5e6c260a246f5480793b9e2c26b47d36c",
 }
 TOOLS_GITBLOB = {
     # tarball file name -> git blob id of a published release: the SHA-1 of

