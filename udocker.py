@@ -2453,7 +2453,8 @@ class _HashPipe(object):
 
 
 class SplitBlob(object):
-    """One large blob being fetched in segments; the last segment in hashes and renames it."""
+    """One large blob being fetched in segments, hashed in order as they come in (from the
+    page cache, while the later ones download); the last segment in renames it."""
 
     def __init__(self, downloads, digest, size, stripe):
         self.dl, self.digest, self.size, self.stripe = downloads, digest, size, stripe
@@ -2476,6 +2477,9 @@ class SplitBlob(object):
             self.row[1] += self.bounds(i)[1] - self.bounds(i)[0]
         self.todo = [i for i in range(self.count) if i not in self.done]
         self.pending = set(self.todo)
+        self.hasher = hashlib.sha256()
+        self.hashed = 0                  # segments 0 .. hashed-1 are in self.hasher
+        self.hashing = threading.Lock()  # held by the one thread hashing
 
     def bounds(self, index):
         start = index * self.dl.SEGMENT
@@ -2492,15 +2496,36 @@ class SplitBlob(object):
             last = not self.pending
         if last:
             self.finish()
+        else:
+            self._hash_ready(False)
+
+    def _hash_ready(self, wait):
+        """Hash the segments in, in order from the first not hashed yet. Without wait, a
+        thread that finds another one hashing leaves the work to it (or to finish())."""
+        if not self.hashing.acquire(wait):
+            return
+        try:
+            with io.open(self.dl.partial(self.digest), "rb", buffering=0) as handle:
+                buf = self.dl._buffers(1)[0]
+                while True:
+                    with self.lock:
+                        if self.whole or self.hashed not in self.done:
+                            return
+                    start, end = self.bounds(self.hashed)
+                    handle.seek(start)
+                    _feed_range(handle, self.hasher, end - start, buf)
+                    self.hashed += 1
+        finally:
+            self.hashing.release()
 
     def finish(self):
-        """Hash the assembled file (from the page cache), then publish it."""
+        """Hash the segments not hashed yet, check the digest, then publish the blob."""
         partial = self.dl.partial(self.digest)
         try:
             if not self.whole:
-                hasher = hashlib.sha256()
-                _feed(partial, hasher)
-                if "sha256:" + hasher.hexdigest() == self.digest:
+                self._hash_ready(True)
+                if self.hashed == self.count and \
+                        "sha256:" + self.hasher.hexdigest() == self.digest:
                     remove_quietly(partial + ".json")
                     self.dl.publish(self.digest)
                     self.dl.progress.finish(self.row)
@@ -2522,6 +2547,17 @@ def _feed(path, hasher):
             if not data:
                 return
             hasher.update(data)
+
+
+def _feed_range(handle, hasher, length, buf):
+    """Update hasher with the next length bytes of an unbuffered file, read into buf."""
+    view = memoryview(buf)
+    while length > 0:
+        count = handle.readinto(view[:min(length, len(view))])
+        if not count:
+            return
+        hasher.update(view[:count])
+        length -= count
 
 
 def cpu_count():
