@@ -2500,41 +2500,53 @@ class SplitBlob(object):
             self._hash_ready(False)
 
     def _hash_ready(self, wait):
-        """Hash the segments in, in order from the first not hashed yet. Without wait, a
-        thread that finds another one hashing leaves the work to it (or to finish())."""
+        """Without wait, a thread that finds another one hashing (or finishing) leaves the
+        work to it."""
         if not self.hashing.acquire(wait):
             return
         try:
-            with io.open(self.dl.partial(self.digest), "rb", buffering=0) as handle:
-                buf = self.dl._buffers(1)[0]
-                while True:
-                    with self.lock:
-                        if self.whole or self.hashed not in self.done:
-                            return
-                    start, end = self.bounds(self.hashed)
-                    handle.seek(start)
-                    _feed_range(handle, self.hasher, end - start, buf)
-                    self.hashed += 1
+            self._hash_in_order()
         finally:
             self.hashing.release()
+
+    def _hash_in_order(self):
+        """Hash the segments in, in order from the first not hashed yet (self.hashing held:
+        the partial file is opened only while a segment waits, so never once finish() has
+        renamed or removed it)."""
+        handle = None
+        try:
+            while True:
+                with self.lock:
+                    if self.whole or self.hashed not in self.done:
+                        return
+                if handle is None:
+                    handle = io.open(self.dl.partial(self.digest), "rb", buffering=0)
+                start, end = self.bounds(self.hashed)
+                handle.seek(start)
+                _feed_range(handle, self.hasher, end - start, self.dl._buffers(1)[0])
+                self.hashed += 1
+        finally:
+            if handle is not None:
+                handle.close()
 
     def finish(self):
         """Hash the segments not hashed yet, check the digest, then publish the blob."""
         partial = self.dl.partial(self.digest)
         try:
-            if not self.whole:
-                self._hash_ready(True)
-                if self.hashed == self.count and \
-                        "sha256:" + self.hasher.hexdigest() == self.digest:
-                    remove_quietly(partial + ".json")
-                    self.dl.publish(self.digest)
-                    self.dl.progress.finish(self.row)
-                    return
-                MSG.verbose("segments of %s do not add up: downloading it whole"
-                            % self.digest[:19])
-            remove_quietly(partial + ".json")
-            remove_quietly(partial)
-            self.dl.whole(self.digest, self.size)
+            with self.hashing:
+                if not self.whole:
+                    self._hash_in_order()
+                    if self.hashed == self.count and \
+                            "sha256:" + self.hasher.hexdigest() == self.digest:
+                        remove_quietly(partial + ".json")
+                        self.dl.publish(self.digest)
+                        self.dl.progress.finish(self.row)
+                        return
+                    MSG.verbose("segments of %s do not add up: downloading it whole"
+                                % self.digest[:19])
+                remove_quietly(partial + ".json")
+                remove_quietly(partial)
+                self.dl.whole(self.digest, self.size)
         finally:
             self.dl._release(self.stripe)
 
