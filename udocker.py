@@ -2366,7 +2366,9 @@ class BlobDownloads(object):
     def _spare_cpu(self):
         """Whether a hash thread would have a CPU of its own: fewer bodies are streaming
         and big blobs waiting than there are CPUs (else the other downloads keep every CPU
-        busy, and a hash thread only adds switches)."""
+        busy, and a hash thread only adds switches). Other programs' load is no reason to
+        hash inline: measured on a host with load 13, the thread costs a lone 1 GB blob 5%
+        more CPU but saves a quarter of its wall time."""
         with self.cond:
             waiting = len([j for j in self.jobs if j[0] == "blob" and j[2] > 4 * self.CHUNK])
             return self.streams + waiting < self.cpus

@@ -420,6 +420,37 @@ def test_big_corrupt_blob_fails_and_leaves_nothing(udocker, fault_proxy, big_blo
     assert not os.path.exists(os.path.join(udocker.udocker_dir, "layers", big_blob))
 
 
+def test_big_blob_is_hashed_beside_its_download(monkeypatch, tmpdir, fault_proxy, big_blob):
+    # in this process, to see that the blob, alone in its pull, is hashed by the helper
+    # thread (and that a corrupt copy still fails there)
+    pipes = []
+    real_pipe = ud._HashPipe
+
+    class CountedPipe(real_pipe):
+        def __init__(self, *args):
+            pipes.append(self)
+            real_pipe.__init__(self, *args)
+
+    monkeypatch.setattr(ud, "_HashPipe", CountedPipe)
+
+    def pull(top):
+        cfg = ud.Config.load({"HOME": str(tmpdir), "UDOCKER_DIR": top,
+                              "UDOCKER_NOSYSCONF": "1"}, {})
+        session = ud.Session(cfg)
+        puller = ud.Puller(cfg, session.repo, session.keystore, fault_proxy.url, quiet=True)
+        puller.pull(ud.ImageRef.parse("test/bigblob"))
+        return os.path.join(top, "layers", big_blob)
+
+    with open(pull(str(tmpdir.join("ok"))), "rb") as handle:
+        assert "sha256:" + hashlib.sha256(handle.read()).hexdigest() == big_blob
+    assert len(pipes) == 1
+    fault_proxy.set(mode="corrupt", match=big_blob)
+    with pytest.raises(ud.DigestMismatch):
+        pull(str(tmpdir.join("corrupt")))
+    assert len(pipes) == 2
+    assert not [n for n in os.listdir(str(tmpdir.join("corrupt", "layers"))) if big_blob in n]
+
+
 def test_hash_pipe_hashes_every_chunk_in_order():
     chunks = [os.urandom(n) for n in (1, 65536, 4096, 300000, 7, 65536, 1 << 19)]
     hasher = hashlib.sha256()
