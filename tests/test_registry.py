@@ -446,6 +446,95 @@ def test_interrupted_pull_resumes_next_time(udocker, fault_proxy, registry):
     assert not leftovers(udocker)
 
 
+# -- big blobs: hashed in a thread of their own while they stream ---------------------------
+
+@pytest.fixture
+def big_blob(registry):
+    """test/bigblob: one uncompressed layer of 3 MiB of random bytes, more than the
+    4 chunks from which a blob's sha256 is computed in a thread beside the download."""
+    assert 3 << 20 > 4 * ud.BlobDownloads.CHUNK
+    data = os.urandom(3 << 20)
+    layer = support_images.Layer([support_images.f("big.bin", data)], compression=None)
+    image = support_images.Image([layer], config={"Cmd": ["sh"]})
+    support_images.push_image(registry.client(), "test/bigblob", ["latest"], image)
+    return layer.digest
+
+
+def test_big_blob_is_verified_and_resumed(udocker, fault_proxy, big_blob):
+    fault_proxy.set(mode="truncate", after_bytes=1500000, count=1, match=big_blob)
+    pull_via(udocker, fault_proxy, "test/bigblob").check()
+    ranged = [r for r in fault_proxy.blob_requests() if r["range"]]
+    assert ranged and ranged[0]["range"].startswith("bytes=")
+    udocker("verify", "test/bigblob").check()
+    assert not leftovers(udocker)
+
+
+def test_big_corrupt_blob_fails_and_leaves_nothing(udocker, fault_proxy, big_blob):
+    fault_proxy.set(mode="corrupt", match=big_blob)
+    res = pull_via(udocker, fault_proxy, "test/bigblob")
+    assert res.rc == 1 and "does not match its digest" in res.err, res.err
+    assert not leftovers(udocker)
+    assert not os.path.exists(os.path.join(udocker.udocker_dir, "layers", big_blob))
+
+
+def test_big_blob_is_hashed_beside_its_download(monkeypatch, tmpdir, fault_proxy, big_blob):
+    # in this process, to see that the blob, alone in its pull, is hashed by the helper
+    # thread (and that a corrupt copy still fails there)
+    pipes = []
+    real_pipe = ud._HashPipe
+
+    class CountedPipe(real_pipe):
+        def __init__(self, *args):
+            pipes.append(self)
+            real_pipe.__init__(self, *args)
+
+    monkeypatch.setattr(ud, "_HashPipe", CountedPipe)
+
+    def pull(top):
+        cfg = ud.Config.load({"HOME": str(tmpdir), "UDOCKER_DIR": top,
+                              "UDOCKER_NOSYSCONF": "1"}, {})
+        session = ud.Session(cfg)
+        puller = ud.Puller(cfg, session.repo, session.keystore, fault_proxy.url, quiet=True)
+        puller.pull(ud.ImageRef.parse("test/bigblob"))
+        return os.path.join(top, "layers", big_blob)
+
+    with open(pull(str(tmpdir.join("ok"))), "rb") as handle:
+        assert "sha256:" + hashlib.sha256(handle.read()).hexdigest() == big_blob
+    assert len(pipes) == 1
+    fault_proxy.set(mode="corrupt", match=big_blob)
+    with pytest.raises(ud.DigestMismatch):
+        pull(str(tmpdir.join("corrupt")))
+    assert len(pipes) == 2
+    assert not [n for n in os.listdir(str(tmpdir.join("corrupt", "layers"))) if big_blob in n]
+
+
+def test_hash_pipe_hashes_every_chunk_in_order():
+    chunks = [os.urandom(n) for n in (1, 65536, 4096, 300000, 7, 65536, 1 << 19)]
+    hasher = hashlib.sha256()
+    pipe = ud._HashPipe(hasher, [bytearray(1 << 19) for _ in range(3)])
+    for chunk in chunks:
+        buf = pipe.free_buffer()
+        buf[:len(chunk)] = chunk
+        pipe.hash(buf, len(chunk))
+    pipe.close()
+    assert hasher.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
+
+
+def test_feed_range_hashes_the_range_only(tmpdir):
+    data = os.urandom(300000)
+    path = str(tmpdir.join("blob"))
+    with open(path, "wb") as handle:
+        handle.write(data)
+    hasher = hashlib.sha256()
+    with ud.io.open(path, "rb", buffering=0) as handle:
+        handle.seek(1000)
+        ud._feed_range(handle, hasher, 200000, bytearray(65536))
+        assert hasher.hexdigest() == hashlib.sha256(data[1000:201000]).hexdigest()
+        assert handle.tell() == 201000
+        ud._feed_range(handle, hasher, 10 ** 9, bytearray(65536))      # stops at the end
+    assert hasher.hexdigest() == hashlib.sha256(data[1000:]).hexdigest()
+
+
 # -- split (segmented) downloads of large blobs --------------------------------------------
 
 def split_conf(udocker, extra=""):
