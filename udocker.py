@@ -8147,7 +8147,7 @@ TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
     # other sum is given
     "udocker-tools-2.0.0.tar.gz":
-        "a8d12feb685bd1d4b04c7e16d0b4dfb5e6c260a246f5480793b9e2c26b47d36c",
+        "46de7278a80af5f009b1c732fe88601be7bd44063f7045258862e5fbc6231b95",
 }
 TOOLS_GITBLOB = {
     # tarball file name -> git blob id of a published release: the SHA-1 of

@@ -58,7 +58,10 @@
 #     proot 2-5 s, source downloads ~7 s (incl. the 18 MB samba tarball), packing 7 s
 #   from scratch, x86_64 only: 145 s (so aarch64 adds ~40 s)
 #   re-run with everything already built (checks, doc/, re-pack only): 15 s
-#   Disk: workdir ~860 MB (chroot 415 MB, Go build cache 207 MB).
+#   the zig libfakechroot (glibc 2.17) adds: wheel download 17 s (101 MB), build 143-331 s
+#   (configure runs each check through zig; measured on this VM at load 10-14, so the
+#   figures above, taken unloaded, are not comparable)
+#   Disk: workdir ~1.45 GB (chroot 415 MB, zig 507 MB + its build 83 MB, Go cache 207 MB).
 #
 # USAGE
 #   tools/build_tarball.sh [--arch LIST] [--workdir DIR] [OUTDIR]
