@@ -455,6 +455,8 @@ def _like(item, default):
 def _typed(key, raw, default):
     """Convert a config-file or environment string to the type of the key's default."""
     raw = raw.strip()
+    if "\x00" in raw:                # no path, name or number holds one
+        raise ConfigurationError("%s: a NUL character in %r" % (key, raw))
     if isinstance(default, bool):
         low = raw.lower()
         if low in ("1", "true", "yes", "on"):
@@ -3620,7 +3622,8 @@ def store_images(repo, targets, label):
                                       % (name, tag))
     stored = []
     for image, names in targets:
-        record = {"source": "load", "archive": label, "manifest_digest": image.digest,
+        record = {"source": "load", "archive": show_name(label, 4096),
+                  "manifest_digest": image.digest,
                   "media_type": image.media, "platform": image.platform, "loaded": utc_now()}
         for name, tag in names:
             if repo.has_image(name, tag):
@@ -3958,7 +3961,8 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
         config_path = os.path.join(staging, "config")
         write_atomic(config_path, config)
         manifest = make_manifest((config_digest, len(config)), [(digest, size, kind)])
-        record = {"source": "import", "imported_from": source, "platform": str(platform),
+        record = {"source": "import", "imported_from": show_name(source, 4096),  # JSON text
+                  "platform": str(platform),
                   "manifest_digest": "sha256:" + hashlib.sha256(manifest).hexdigest(),
                   "media_type": MT_OCI_MANIFEST, "imported": created}
         repo.store_blob(layer_path, digest, move=layer_path == source)
@@ -6470,11 +6474,13 @@ class Engine(object):
 
     def find_executable(self, name):
         """Host path of the command, searched like execvp in the container's PATH."""
+        name = _native(name)        # 2.7: argv bytes meet the image's JSON unicode here
         if "/" in name:
-            candidates = [name if name.startswith("/") else os.path.join(self.cwd, name)]
+            candidates = [name if name.startswith("/") else
+                          os.path.join(_native(self.cwd), name)]
         else:
-            candidates = [os.path.join(d or ".", name)
-                          for d in self.env.get("PATH", "").split(":") if d.startswith("/")]
+            candidates = [os.path.join(d or ".", name) for d in
+                          _native(self.env.get("PATH", "")).split(":") if d.startswith("/")]
         for candidate in candidates:
             host = self.cont2host(candidate)
             if os.path.isfile(host) and os.access(host, os.X_OK):
