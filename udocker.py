@@ -289,6 +289,8 @@ class Messages(object):
 
     def _write(self, text):
         stream = self.stream or sys.stderr
+        if "\n" in text or "\r" in text:        # a name with a newline: still one line
+            text = text.replace("\r", "\\r").replace("\n", "\\n")
         stream.write(text + "\n")
         stream.flush()
 
@@ -318,7 +320,11 @@ MSG = Messages()        # the one message printer; main() sets its level from th
 def out(text=""):
     """Print command output (the data a script reads) to stdout."""
     try:
-        sys.stdout.write(text + "\n")
+        try:
+            sys.stdout.write(text + "\n")
+        except UnicodeEncodeError:      # a name that is not UTF-8: its bytes, as ls writes them
+            sys.stdout.flush()
+            getattr(sys.stdout, "buffer", sys.stdout).write(to_bytes(text + "\n"))
     except EnvironmentError as exc:
         if exc.errno == errno.EPIPE:
             raise OutputClosed("stdout closed")
@@ -439,9 +445,19 @@ CONFIG_MINIMUM = {"pull_parallel": 1, "search_page_size": 1, "pull_split_size": 
                   "pull_segment_size": 1}
 
 
+def _like(item, default):
+    """True if item may be an element of the list-valued setting whose default is default:
+    a string, or (cpu_affinity_exec_tools) a list of strings."""
+    if default and isinstance(default[0], list):
+        return isinstance(item, list) and all(isinstance(i, string_types) for i in item)
+    return isinstance(item, string_types)
+
+
 def _typed(key, raw, default):
     """Convert a config-file or environment string to the type of the key's default."""
     raw = raw.strip()
+    if "\x00" in raw:                # no path, name or number holds one
+        raise ConfigurationError("%s: a NUL character in %r" % (key, raw))
     if isinstance(default, bool):
         low = raw.lower()
         if low in ("1", "true", "yes", "on"):
@@ -464,8 +480,10 @@ def _typed(key, raw, default):
                 value = json.loads(raw)
             except ValueError:
                 raise ConfigurationError("%s: not a JSON list: %r" % (key, raw))
-            if not isinstance(value, list):
-                raise ConfigurationError("%s: not a list: %r" % (key, raw))
+            if not isinstance(value, list) or not all(_like(item, default) for item in value):
+                raise ConfigurationError("%s: not a list of %s: %r" % (
+                    key, "lists of strings" if default and isinstance(default[0], list)
+                    else "strings", raw))
             return value
         return raw.split()
     return raw
@@ -518,7 +536,7 @@ class Config(object):
         if topdir and os.path.realpath(topdir) != os.path.realpath(homedir):
             cls._read_file(os.path.join(topdir, "udocker.conf"), values, sources, defaults,
                            required=False)
-        if options.get("config"):
+        if options.get("config") is not None:
             cls._read_file(options["config"], values, sources, defaults, required=True)
         for key, default, env in CONFIG_DEFAULTS:
             if env and env in environ:
@@ -544,7 +562,11 @@ class Config(object):
             MSG.warning("cannot read config file %s: %s (ignored)" % (path, exc.strerror))
             return
         try:
-            parser.read(path)
+            if PY3:                 # the locale's encoding would decide what a byte means
+                with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+                    parser.read_file(handle, path)
+            else:
+                parser.read(path)
             items = parser.items("DEFAULT")
         except (configparser.Error, IOError, OSError) as exc:
             raise ConfigurationError("cannot read config file %s: %s"
@@ -944,7 +966,7 @@ class Platform(object):
         if len(parts) == 1 and parts[0] in KNOWN_ARCHES:       # 'arm64' alone: linux/arm64
             parts.insert(0, "linux")
         if not 2 <= len(parts) <= 3 or not all(parts) or \
-                not all(re.match(r"^[a-z0-9_.-]+$", p) for p in parts):
+                not all(re.match(r"^[a-z0-9][a-z0-9_.-]*$", p) for p in parts):
             raise UsageError("invalid platform: %r (expected os/arch[/variant])" % text)
         arch = {"x86_64": "amd64", "aarch64": "arm64", "i386": "386"}.get(parts[1], parts[1])
         return cls(parts[0], arch, parts[2] if len(parts) == 3 else "")
@@ -1568,20 +1590,23 @@ class ContainerStore(object):
                 if os.path.islink(path) and os.path.basename(os.readlink(path)) == cid:
                     os.unlink(path)
 
-    def remove_name(self, name):
+    def _name_path(self, name):
+        """containers/NAME of an existing name; raises RepositoryError (NAME with a '/' or
+        '..' would reach a symlink outside the repository: rmname /tmp/link)."""
         path = os.path.join(self.dir, name)
+        if not name or "/" in name or name in (".", "..") or not os.path.islink(path):
+            raise RepositoryError("container name not found: %s" % name)
+        return path
+
+    def remove_name(self, name):
         with self.repo.lock("container-names"):
-            if not os.path.islink(path):
-                raise RepositoryError("container name not found: %s" % name)
-            os.unlink(path)
+            os.unlink(self._name_path(name))
 
     def rename(self, name, new_name):
         self.check_name(new_name)
         with self.repo.lock("container-names"):
-            old = os.path.join(self.dir, name)
+            old = self._name_path(name)
             new = os.path.join(self.dir, new_name)
-            if not os.path.islink(old):
-                raise RepositoryError("container name not found: %s" % name)
             if os.path.lexists(new):
                 raise RepositoryError("container name already in use: %s" % new_name)
             os.rename(old, new)
@@ -1842,6 +1867,18 @@ def _without_password(url):
     return "%s://%s" % (parts.scheme, parts.netloc.rpartition("@")[2])
 
 
+HOSTPORT_RE = LazyRegex(r"^(?:(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?|\[[0-9A-Fa-f:.]+\])"
+                       r"(?::([0-9]{1,5}))?$")
+
+
+def check_hostport(hostport, url):
+    """Raises RegistryError unless hostport (of url) is HOST[:PORT]: http.client and the idna
+    codec fail with other exceptions on what is no host name (' ', '.', 'a..b', :99999)."""
+    match = HOSTPORT_RE.match(hostport)
+    if not match or int(match.group(1) or 0) > 65535:
+        raise RegistryError("invalid host in URL: %s" % show_name(url))
+
+
 class HttpClient(object):
     """http.client with a keep-alive pool, proxies, TLS options and redirects.
 
@@ -1896,6 +1933,7 @@ class HttpClient(object):
             if parts.scheme not in ("http", "https"):
                 raise RegistryError("unsupported proxy scheme: %s" % _without_password(proxy))
             proxy_host = parts.netloc.rpartition("@")[2]
+            check_hostport(proxy_host, _without_password(proxy))
             headers = {}
             if "@" in parts.netloc:
                 cred = unquote(parts.netloc.rpartition("@")[0])
@@ -1958,6 +1996,7 @@ class HttpClient(object):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise RegistryError("unsupported URL scheme: %s" % url)
+        check_hostport(parts.netloc, url)
         key = (parts.scheme, parts.netloc)
         path = parts.path or "/"
         if parts.query:
@@ -3756,7 +3795,8 @@ def store_images(repo, targets, label):
                                       % (name, tag))
     stored = []
     for image, names in targets:
-        record = {"source": "load", "archive": label, "manifest_digest": image.digest,
+        record = {"source": "load", "archive": show_name(label, 4096),
+                  "manifest_digest": image.digest,
                   "media_type": image.media, "platform": image.platform, "loaded": utc_now()}
         for name, tag in names:
             if repo.has_image(name, tag):
@@ -4094,7 +4134,8 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
         config_path = os.path.join(staging, "config")
         write_atomic(config_path, config)
         manifest = make_manifest((config_digest, len(config)), [(digest, size, kind)])
-        record = {"source": "import", "imported_from": source, "platform": str(platform),
+        record = {"source": "import", "imported_from": show_name(source, 4096),  # JSON text
+                  "platform": str(platform),
                   "manifest_digest": "sha256:" + hashlib.sha256(manifest).hexdigest(),
                   "media_type": MT_OCI_MANIFEST, "imported": created}
         repo.store_blob(layer_path, digest, move=layer_path == source)
@@ -6642,11 +6683,13 @@ class Engine(object):
 
     def find_executable(self, name):
         """Host path of the command, searched like execvp in the container's PATH."""
+        name = _native(name)        # 2.7: argv bytes meet the image's JSON unicode here
         if "/" in name:
-            candidates = [name if name.startswith("/") else os.path.join(self.cwd, name)]
+            candidates = [name if name.startswith("/") else
+                          os.path.join(_native(self.cwd), name)]
         else:
-            candidates = [os.path.join(d or ".", name)
-                          for d in self.env.get("PATH", "").split(":") if d.startswith("/")]
+            candidates = [os.path.join(d or ".", name) for d in
+                          _native(self.env.get("PATH", "")).split(":") if d.startswith("/")]
         for candidate in candidates:
             host = self.cont2host(candidate)
             if os.path.isfile(host) and os.access(host, os.X_OK):
@@ -6660,7 +6703,7 @@ class Engine(object):
         the engine inherits; where that call is missing, a command prefix from
         cpu_affinity_exec_tools (numactl, taskset), but not under fakechroot's LD_PRELOAD."""
         cpus = self.opts.get("cpuset_cpus")
-        if not cpus:
+        if cpus is None:
             return []
         wanted = parse_cpu_list(cpus)
         if set_cpu_affinity(wanted):
@@ -6754,12 +6797,16 @@ class Engine(object):
         """Undo what setup() changed, before the container moves to another mode."""
 
 
+MAX_CPUS = 1 << 16          # Linux's CONFIG_NR_CPUS is at most 8192: past this, a typo
+
+
 def parse_cpu_list(text):
     """'0-3,8' -> set of CPU numbers; raises UsageError."""
     cpus = set()
     for part in text.split(","):
         first, dash, last = part.strip().partition("-")
-        if not first.isdigit() or (dash and not last.isdigit()):
+        if not first.isdigit() or (dash and not last.isdigit()) or \
+                int(last or first) >= MAX_CPUS:
             raise UsageError("invalid --cpuset-cpus: %s (e.g. 0-3,8)" % text)
         cpus.update(range(int(first), int(last or first) + 1))
     return cpus
@@ -9181,7 +9228,9 @@ class Session(object):
                       opts.get("httpproxy"), quiet=MSG.level < Messages.INF)
 
     def platform(self, opts):
-        return Platform.parse(opts["platform"]) if opts.get("platform") else Platform.host()
+        if opts.get("platform") is None:
+            return Platform.host()
+        return Platform.parse(opts["platform"])
 
     def image_ref(self, text):
         """A local image by name[:tag] (default tag latest); raises if it is not there."""
@@ -9411,7 +9460,7 @@ def cmd_manifest(session, opts, args):
     puller = session.puller(opts)
     client = puller.client(ref)
     try:
-        if opts.get("platform"):
+        if opts.get("platform") is not None:
             body = puller.resolve(client, ref, session.platform(opts))[0]
         else:
             body = client.get_manifest(ref.remote, ref.remote_ref)[0]
@@ -9564,7 +9613,8 @@ def _search_hub(session, index, term, opts):
     fmt = "%-55.55s %8.8s %-70.70s %5.5s" if not opts["no_trunc"] else "%s %s %s %s"
     while True:
         url = "%s/v2/search/repositories?%s" % (index.rstrip("/"), urlencode(
-            [("query", term), ("page_size", session.cfg.search_page_size), ("page", page)]))
+            [("query", to_bytes(term)), ("page_size", session.cfg.search_page_size),
+             ("page", page)]))
         try:
             resp = http.request("GET", url)
             body = resp.read_all()
@@ -9691,7 +9741,7 @@ def local_image(session, text, opts, pull="missing"):
     """The LocalImage for an image reference, pulled first as `pull` says: missing (or
     reuse) pulls when it is not local, always pulls, never refuses a missing image."""
     ref = ImageRef.parse(text)
-    wanted = session.platform(opts) if opts.get("platform") else None   # checked first
+    wanted = session.platform(opts) if opts.get("platform") is not None else None
     present = session.repo.has_image(ref.name, ref.local_tag)
     if pull == "always" or (not present and pull != "never"):
         if not present:
@@ -9711,8 +9761,6 @@ def _run_target(session, opts, target):
     """(container id, made now) for `run TARGET`: an existing container (or, with
     --pull=reuse, the one named --name), else a new one created from the image TARGET."""
     pull = opts.get("pull") or "missing"
-    if pull not in ("missing", "never", "always", "reuse"):
-        raise UsageError("invalid --pull: %s (missing, never, always or reuse)" % pull)
     cid = _find_container(session, target)
     if cid is None and pull == "reuse" and opts.get("name"):
         cid = session.containers.find(opts["name"])
@@ -9736,12 +9784,18 @@ def _find_container(session, text):
 
 
 def cmd_run(session, opts, args):
-    if opts.get("gpus"):                       # bad values refused before any pull
+    if opts.get("gpus") is not None:           # bad values refused before any pull
         parse_gpus(opts["gpus"])
-    if opts.get("shm_size"):
+    if opts.get("shm_size") is not None:
         parse_size(opts["shm_size"], "--shm-size")
+    if opts.get("platform") is not None:       # even where no pull needs it
+        session.platform(opts)
+    if opts.get("pull") not in (None, "missing", "never", "always", "reuse"):
+        raise UsageError("invalid --pull: %s (missing, never, always or reuse)" % opts["pull"])
+    if opts.get("cpuset_cpus") is not None:
+        parse_cpu_list(opts["cpuset_cpus"])
     tools = Tools(session.cfg, session.repo)
-    if opts.get("location"):
+    if opts.get("location") is not None:
         container = RunContainer.from_location(opts["location"])
         return engine_for(session, container, opts, args, tools).run()
     cid, made = _run_target(session, opts, args[0])
@@ -9769,7 +9823,8 @@ def _remove_after_run(session, cid):
 def cmd_setup(session, opts, args):
     cid = session.containers.get(args[0])
     container = RunContainer.from_store(session.containers, cid)
-    changing = opts["execmode"] or opts["purge"] or opts["fixperm"] or opts["nvidia"]
+    changing = opts["execmode"] is not None or opts["purge"] or opts["fixperm"] or \
+        opts["nvidia"]
     if not changing:
         out("execmode: %s" % container.execmode(session.cfg))
         out("nvidiamode: %s" % os.path.exists(session.containers.path(cid, "nvidia")))
@@ -9783,7 +9838,7 @@ def cmd_setup(session, opts, args):
         _set_nvidia(session, container, opts["force"])
     if opts["fixperm"]:
         make_tree_removable(container.root)
-    if opts["execmode"]:
+    if opts["execmode"] is not None:
         tools = Tools(session.cfg, session.repo)
         set_execmode(session, container, opts["execmode"], tools, force=opts["force"])
     return 0
