@@ -14,6 +14,10 @@ Fixtures (see tests/support/ for the details):
     slurm            session: a single-node Slurm cluster on 127.0.0.1
                      (support.slurm.SlurmCluster) with two fake GPUs, run as
                      the test user
+    slurm_nodes      session: a head node and three compute nodes n1..n3 in
+                     namespaces (support.multinode.MultiNodeCluster), run as
+                     the test user; skipped (reason printed) only where the
+                     host forbids unprivileged user namespaces
 Registries start only when a test asks for them. A missing docker-registry
 (or Slurm) is an error, not a skip.
 
@@ -40,6 +44,7 @@ from support.images import push_standard_images, standard_images  # noqa
 from support.registry import start_registry  # noqa: E402
 from support.runner import Udocker  # noqa: E402
 from support.slurm import SlurmCluster  # noqa: E402
+from support.multinode import MultiNodeCluster, NamespacesUnavailable  # noqa
 
 __all__ = ["REPO_ROOT", "UDOCKER_SCRIPT"]
 
@@ -159,3 +164,23 @@ def upstream_udocker():
     """udocker 1.3.17's command (skipped where UDOCKER_TEST_UPSTREAM is not set and it is
     not installed; where the variable is set, as in CI, its absence fails the test)."""
     return required_file("UDOCKER_TEST_UPSTREAM", UPSTREAM_UDOCKER)
+
+
+@pytest.fixture(scope="session")
+def slurm_nodes(tmp_path_factory):
+    """A started MultiNodeCluster of three compute nodes, stopped at the end
+    of the session (and by the kernel if this process dies)."""
+    cluster = MultiNodeCluster(str(tmp_path_factory.mktemp("nodes")))
+    error = None
+    try:
+        cluster.start()
+    except NamespacesUnavailable as exc:
+        print("skipped: %s" % exc)
+        pytest.skip(str(exc))
+    except SupportError as exc:
+        error = "cannot start the multi-node Slurm cluster: %s" % exc
+    if error:
+        pytest.fail(error, pytrace=False)
+    print("multi-node cluster started in %.1f s" % cluster.start_seconds)
+    yield cluster
+    cluster.stop()

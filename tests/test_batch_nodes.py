@@ -1,0 +1,144 @@
+# -*- coding: utf-8 -*-
+"""udocker.py on a multi-node Slurm (issue 16): a head node and compute
+nodes n1..n3, each in its own network, UTS and mount namespace (own address
+on a private bridge, own hostname, own /tmp), all seeing one shared
+directory (support.multinode, fixture `slurm_nodes`).
+
+udocker.py is copied into the shared directory and UDOCKER_DIR is on it:
+srun over three nodes, the first run's tool install raced from three nodes,
+a job array spread over the nodes on one container, `run --rm IMAGE` from
+every node at once, scancel of a 3-node job, MPI across two nodes in the
+hybrid model (host `srun --mpi=pmix` launching `udocker.py run`).
+
+The images come from the loopback registry, pulled here (the shared
+directory has the same path here and on the nodes) or, by a job, through
+the relay on the bridge. Skipped, with the reason printed, where the host
+forbids unprivileged user namespaces, and like tests/test_batch.py without
+the tools tarball. No test depends on timing.
+"""
+
+from __future__ import print_function, absolute_import, division
+
+import os
+import sys
+import time
+
+import pytest
+
+from support import UDOCKER_SCRIPT
+from support.slurm import find_processes, processes_left
+from test_batch import (MPI_ENV, MPI_HELLO, MODES, TARBALL, Batch,
+                        _run_unavailable, container_processes,
+                        marker_number, unavailable_in)
+
+NODES = ["n1", "n2", "n3"]
+
+
+@pytest.fixture(scope="module")
+def nodes(request, tmp_path_factory):
+    """A Batch on the multi-node cluster, its top in the shared directory;
+    skipped with the reason printed like tests/test_batch.py's."""
+    reason = None
+    if os.geteuid() == 0:
+        reason = "the batch tests run as a non-root user (bash tests/run)"
+    elif not TARBALL or not os.path.isfile(TARBALL):
+        reason = "UDOCKER_TEST_TARBALL does not name the tools tarball " \
+                 "(%r)" % TARBALL
+    else:
+        reason = _run_unavailable(str(tmp_path_factory.mktemp("probe")))
+    if reason:
+        print("skipped: " + reason)
+        pytest.skip(reason)
+    cluster = request.getfixturevalue("slurm_nodes")
+    registry = request.getfixturevalue("registry")
+    top = os.path.join(cluster.shared, "batch")
+    os.makedirs(top)
+    return Batch(cluster, registry, top)
+
+
+@pytest.fixture(autouse=True)
+def no_job_left(request):
+    """A failed test leaves no job running into the next one."""
+    yield
+    if "nodes" in request.fixturenames:
+        request.getfixturevalue("nodes").slurm.cancel_all()
+
+
+def srun(batch, args, udocker_dir, env=None, timeout=600):
+    """srun args on the head node from a new job directory (udocker.py in
+    it): (rc, out, err)."""
+    jobdir = batch.job_dir()
+    return batch.slurm.run(["srun"] + list(args), cwd=jobdir,
+                           env=batch.env(udocker_dir, env), timeout=timeout)
+
+
+UD = [sys.executable, "./udocker.py"]
+
+
+def mode_container(batch, mode):
+    """Repository "modes" with container c-MODE (bookworm) set up for mode."""
+    return batch.container("modes", "bookworm", "c-" + mode, mode)
+
+
+# ---------------------------------------------------------------------------
+# the cluster itself
+# ---------------------------------------------------------------------------
+
+
+def test_nodes_have_own_name_address_and_tmp_and_share_one_directory(
+        slurm_nodes):
+    cluster = slurm_nodes
+    probe = os.path.join(cluster.shared, "probe")
+    with open(probe, "w") as probef:
+        probef.write("shared\n")
+    rc, out, err = cluster.run(
+        ["srun", "-N", "3", "sh", "-c",
+         'echo "$(hostname) $SLURMD_NODENAME $(cat %s) '
+         '$(ip -4 -o addr show eth0 | cut -d" " -f7)"; '
+         'touch /tmp/mine-$(hostname); echo $(ls /tmp | grep mine-)' % probe])
+    assert rc == 0, out + err
+    lines = sorted(out.splitlines())
+    assert lines[3:] == ["n1 n1 shared 10.199.0.1/24", "n2 n2 shared "
+                         "10.199.0.2/24", "n3 n3 shared 10.199.0.3/24"], out
+    assert lines[:3] == ["mine-n1", "mine-n2", "mine-n3"], "one /tmp? " + out
+    assert not [n for n in os.listdir("/tmp") if n.startswith("mine-n")]
+
+
+def test_cluster_ends_with_its_lifeline(tmp_path):
+    """A process that started a cluster is SIGKILLed: everything of the
+    cluster (a job step on every node included) is gone soon after."""
+    script = tmp_path / "start.py"
+    script.write_text(u'''
+import os, sys, time
+sys.path.insert(0, %r)
+from support.multinode import MultiNodeCluster
+cluster = MultiNodeCluster(%r, nodes=2).start()
+print(cluster.submit("#!/bin/sh\\nsrun sleep 8765432\\n", ["-N", "2"]))
+sys.stdout.flush()
+while len(os.popen("pgrep -f 'sleep 8765432'").read().split()) < 2:
+    time.sleep(0.1)
+os.kill(os.getpid(), 9)
+''' % (os.path.dirname(os.path.abspath(__file__)), str(tmp_path / "c")))
+    from support.slurm import run_command
+    rc, out, err = run_command([sys.executable, str(script)], timeout=300)
+    if "cannot build the cluster's namespaces" in err:
+        pytest.skip(err.strip().splitlines()[-1])
+    assert rc == -9, out + err
+    assert processes_left("8765432") == []
+    assert processes_left(str(tmp_path / "c")) == []
+
+
+def test_cluster_ends_at_its_time_limit(tmp_path):
+    from support.multinode import MultiNodeCluster, NamespacesUnavailable
+    cluster = MultiNodeCluster(str(tmp_path / "c"), nodes=1, lifetime=1)
+    try:
+        cluster.start_namespaces()
+    except NamespacesUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        deadline = time.time() + 30
+        while cluster.alive() and time.time() < deadline:
+            time.sleep(0.1)
+        assert not cluster.alive()
+    finally:
+        cluster.stop()
