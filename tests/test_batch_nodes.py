@@ -142,3 +142,127 @@ def test_cluster_ends_at_its_time_limit(tmp_path):
         assert not cluster.alive()
     finally:
         cluster.stop()
+
+
+# ---------------------------------------------------------------------------
+# srun over three nodes; the first run's tool install raced from all three
+# ---------------------------------------------------------------------------
+
+
+def _node_names(out):
+    return sorted(line for line in out.splitlines() if line in NODES)
+
+
+def test_first_run_on_three_nodes_installs_tools_once(nodes):
+    """A repository without tools: `srun -N 3 udocker.py run C hostname`
+    makes three nodes race to install them; one installs, all three run."""
+    run = nodes.container("race", "busybox", "c")
+    assert not os.path.exists(os.path.join(run.udocker_dir, "bin")) or \
+        not os.listdir(os.path.join(run.udocker_dir, "bin"))
+    rc, out, err = srun(nodes, ["-N", "3"] + UD + ["run", "c", "hostname"],
+                        run.udocker_dir)
+    unavailable_in(out + err)
+    assert rc == 0, out + err
+    assert _node_names(out) == NODES, out + err
+    assert (out + err).count("installing tools from") == 1, out + err
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_srun_three_nodes_run_the_container(nodes, mode):
+    run = mode_container(nodes, mode)
+    rc, out, err = srun(nodes, ["-N", "3"] + UD + ["run", "c-" + mode,
+                                                   "hostname"],
+                        run.udocker_dir)
+    unavailable_in(out + err)
+    assert rc == 0, out + err
+    assert _node_names(out) == NODES, out + err
+
+
+# ---------------------------------------------------------------------------
+# one shared repository used from every node at once
+# ---------------------------------------------------------------------------
+
+ARRAY_TASK = r'''$UD run shared sh -c "echo task $SLURM_ARRAY_TASK_ID on \
+$SLURMD_NODENAME ok" || exit $?
+'''
+
+
+def test_array_over_the_nodes_runs_one_container(nodes):
+    """6 array tasks, each with a node of its own (--exclusive), run one
+    container of one shared repository: 3 at a time, on every node."""
+    run = nodes.udocker("array")
+    ref = nodes.image("busybox")
+    run("pull", ref).check()
+    cid = run("create", "--name=shared", ref).check().out.strip()
+    job, _ = nodes.submit(ARRAY_TASK, run.udocker_dir,
+                          ["--array=1-6", "--exclusive"])
+    nodes.slurm.wait(job, timeout=600)
+    records = nodes.slurm.sacct(job, steps=False)
+    assert len(records) == 6, records
+    seen = set()
+    for record in records:
+        out = nodes.slurm.output(record["JobIDRaw"])
+        unavailable_in(out)
+        task = record["JobID"].split("_")[1]
+        assert record["State"] == "COMPLETED", (record, out)
+        assert "task %s on %s ok" % (task, record["NodeList"]) in out, \
+            (record, out)
+        seen.add(record["NodeList"])
+    assert sorted(seen) == NODES, records
+    run("verify", ref).check()
+    ps = run("ps").check().out
+    assert ps.count(cid) == 1 and len(ps.strip().splitlines()) == 2, ps
+
+
+def test_run_rm_image_from_every_node_at_once(nodes):
+    """`run --rm IMAGE` on three nodes at once from one shared image cache;
+    the image pulled by a job through the relay on the bridge."""
+    run = nodes.udocker("rm")
+    nodes.image("busybox")
+    ref = nodes.slurm.registry_host(nodes.registry) + "/test/busybox:latest"
+    rc, out, err = srun(nodes, UD + ["--insecure", "pull", ref],
+                        run.udocker_dir)
+    assert rc == 0, out + err
+    rc, out, err = srun(nodes, ["-N", "3"] + UD + [
+        "run", "--rm", ref, "sh", "-c", "echo ok $(hostname)"],
+        run.udocker_dir)
+    unavailable_in(out + err)
+    assert rc == 0, out + err
+    assert sorted(l for l in out.splitlines() if l.startswith("ok ")) == \
+        ["ok n1", "ok n2", "ok n3"], out + err
+    run("verify", ref).check()
+    ps = run("ps").check().out
+    assert len(ps.strip().splitlines()) == 1, ps      # heading only
+    assert "test/busybox" in run("images").check().out
+
+
+# ---------------------------------------------------------------------------
+# scancel of a job on three nodes
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scancel_of_a_3_node_job_leaves_no_container_process(nodes, mode):
+    run = mode_container(nodes, mode)
+    number = marker_number()
+    job, _ = nodes.submit("srun $UD run c-%s sleep %s\n" % (mode, number),
+                          run.udocker_dir, ["-N", "3"])
+    nodes.slurm.wait_running(job)
+    deadline = time.time() + 300
+    running = []
+    while time.time() < deadline and nodes.slurm.queue(job):
+        running = [(pid, cmd) for pid, cmd in container_processes(
+            find_processes("sleep " + number), number)
+            if os.path.basename(cmd.split()[0]) != "srun"]
+        if len(running) >= 3:
+            break
+        time.sleep(0.2)
+    where = sorted(nodes.slurm.node_of(pid) for pid, _ in running)
+    if where != NODES:
+        unavailable_in(nodes.slurm.output(job))
+    assert where == NODES, (running, nodes.slurm.output(job))
+    nodes.slurm.scancel(job)
+    assert nodes.slurm.wait(job, timeout=120) == "CANCELLED"
+    # once Slurm has the job ended, nothing of it is left a second later
+    assert processes_left(number, timeout=1.0) == [], \
+        "left behind after scancel (%s)" % mode

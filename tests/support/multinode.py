@@ -532,16 +532,16 @@ class MultiNodeCluster(SlurmCluster):
             time.sleep(0.02)
 
     def node_of(self, pid):
-        """The node (name, or "head") whose UTS namespace pid is in, or
+        """The node (name, or "head") whose network namespace pid is in, or
         None if it is in none of them."""
         try:
-            uts = os.readlink("/proc/%d/ns/uts" % pid)
+            net = os.readlink("/proc/%d/ns/net" % pid)
         except OSError:
             return None
         for name, holder in list(self.node_pids.items()) + \
                 [("head", self.head_pid)]:
             try:
-                if os.readlink("/proc/%d/ns/uts" % holder) == uts:
+                if os.readlink("/proc/%d/ns/net" % holder) == net:
                     return name
             except OSError:
                 pass

@@ -564,16 +564,13 @@ class SlurmCluster(object):
 
     def cancel_all(self, timeout=KILL_WAIT + 15):
         """scancel every job of the cluster and wait until none is left."""
-        rc, out, _ = run_command(["squeue", "-h", "-o", "%i"], env=self.env,
-                                 timeout=30)
+        rc, out, _ = self.run(["squeue", "-h", "-o", "%i"], timeout=30)
         if rc != 0 or not out.strip():
             return
-        run_command(["scancel", "--user=" + self.user], env=self.env,
-                    timeout=30)
+        self.run(["scancel", "--user=" + self.user], timeout=30)
         deadline = time.time() + timeout
         while time.time() < deadline:
-            rc, out, _ = run_command(["squeue", "-h", "-o", "%i"],
-                                     env=self.env, timeout=30)
+            rc, out, _ = self.run(["squeue", "-h", "-o", "%i"], timeout=30)
             if rc != 0 or not out.strip():
                 return
             time.sleep(0.2)
