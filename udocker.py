@@ -6507,6 +6507,11 @@ def probe_runtime_start(runtime, flavour, tmpdir):
         remove_tree(rundir)
 
 
+def _is_invoking_user(user):
+    """Is user (RunUser) the non-root user running udocker.py, uid and gid?"""
+    return user.uid != 0 and user.uid == os.getuid() and user.gid == os.getgid()
+
+
 class RuncEngine(Engine):
     """R1: runc, or crun with --cgroup-manager=disabled, rootless. Each run has its own
     bundle and state directory (removed afterwards), so runs of one container can overlap.
@@ -6531,7 +6536,7 @@ class RuncEngine(Engine):
 
     def choose_user(self, meta):
         user = Engine.choose_user(self, meta)
-        if user.uid != 0 and not self._subid_ranges():
+        if user.uid != 0 and not _is_invoking_user(user) and not self._subid_ranges():
             why = "runc_map_subids = never" if self.cfg.runc_map_subids == "never" else \
                 "no newuidmap/newgidmap or no /etc/subuid and /etc/subgid range"
             MSG.warning("R modes run as root here (%s): --user %s ignored" % (why, user.name))
@@ -6559,10 +6564,12 @@ class RuncEngine(Engine):
         return tuple(ranges)
 
     def _maps_subids(self):
-        """Map the subordinate ids: always for a non-root user (else it could not run as
-        that uid); for root only with runc_map_subids = always, since files a container
-        gives to other uids can then only be removed from inside a container."""
-        if self.user.uid == 0 and self.cfg.runc_map_subids != "always":
+        """Map the subordinate ids: always for another non-root user (else it could not run
+        as that uid); for root only with runc_map_subids = always, since files a container
+        gives to other uids can then only be removed from inside a container. The invoking
+        user (-u $(id -u):$(id -g)) is mapped to itself instead (see spec())."""
+        if (self.user.uid == 0 and self.cfg.runc_map_subids != "always") or \
+                _is_invoking_user(self.user):
             return None
         return self._subid_ranges()
 
@@ -6596,6 +6603,12 @@ class RuncEngine(Engine):
                         ["%s=%s" % kv for kv in sorted(self.env.items())], self.user,
                         list(self.cfg.runc_capabilities) if self.user.uid == 0 else [],
                         self._hostname(), self._nvidia_mounts() + self._volume_mounts())
+        if _is_invoking_user(self.user):
+            # the user is the user outside too: the PMIx server of srun/mpirun accepts
+            # its MPI ranks, and no newuidmap is needed (there may be none: nested
+            # user namespaces cannot use it)
+            for key, own in (("uidMappings", self.user.uid), ("gidMappings", self.user.gid)):
+                spec["linux"][key] = [{"containerID": own, "hostID": own, "size": 1}]
         subids = self._maps_subids()
         if subids:
             for key, (start, count) in zip(("uidMappings", "gidMappings"), subids):

@@ -266,3 +266,34 @@ def test_scancel_of_a_3_node_job_leaves_no_container_process(nodes, mode):
     # once Slurm has the job ended, nothing of it is left a second later
     assert processes_left(number, timeout=1.0) == [], \
         "left behind after scancel (%s)" % mode
+
+
+# ---------------------------------------------------------------------------
+# MPI across two nodes, hybrid model: host srun --mpi=pmix, Open MPI inside
+# ---------------------------------------------------------------------------
+
+# ranks on different nodes talk over TCP (shared memory cannot join them)
+MPI_NODES_ENV = dict(MPI_ENV, OMPI_MCA_btl="self,tcp")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mpi_across_two_nodes(nodes, mode):
+    """sbatch -N 2: srun --mpi=pmix starts `udocker.py run -u UID:GID C
+    mpi_hello 6` on two nodes; both ranks run as the invoking user, meet in
+    a barrier over TCP, and the exit code reaches sacct."""
+    run = nodes.container("mpi", "mpi", "mpi-" + mode, mode)
+    job, _ = nodes.submit(
+        "srun --mpi=pmix $UD run -u $(id -u):$(id -g) mpi-%s sh -c "
+        "'echo rank $PMIX_RANK uid $(id -u) on $(hostname); exec %s 6'\n"
+        % (mode, MPI_HELLO), run.udocker_dir,
+        ["-N", "2", "--ntasks-per-node=1", "--time=5"], MPI_NODES_ENV)
+    output = nodes.finished(job, "FAILED")
+    ranks = sorted(line for line in output.splitlines()
+                   if line.startswith("mpi_hello rank "))
+    assert [line.rsplit(" ", 1)[0] for line in ranks] == \
+        ["mpi_hello rank 0 of 2 on", "mpi_hello rank 1 of 2 on"], output
+    assert sorted(line.rsplit(" ", 1)[1] for line in ranks) == ["n1", "n2"]
+    assert output.count("uid %d on " % os.getuid()) == 2, output
+    records = dict((r["JobID"], r) for r in nodes.slurm.sacct(job))
+    assert records[job]["ExitCode"] == "6:0", (records, output)
+    assert records[job + ".0"]["ExitCode"] == "6:0", records

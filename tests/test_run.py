@@ -562,6 +562,23 @@ def test_r1_runs_as_another_user_through_subuid_ranges(world):
     assert (rc, out) == (0, "123:456\n"), err
 
 
+@pytest.mark.parametrize("path", [None, "/nonexistent"])
+def test_r1_runs_the_invoking_user_as_itself(world, path):
+    """-u $(id -u):$(id -g) maps the user to itself, one id each (no newuidmap, which a
+    nested user namespace cannot use): what it writes is its own outside, as an MPI
+    launcher's PMIx server requires of the ranks (issue 16)."""
+    uid, gid = os.getuid(), os.getgid()
+    out_file = os.path.join(world.volume, "self-%s" % bool(path))
+    rc, out, err = world.run("R1", ["sh", "-c", "id -u; id -g; cat /proc/self/uid_map; "
+                                    "touch /data/%s" % os.path.basename(out_file)],
+                             ["--user=%d:%d" % (uid, gid), "-v", world.volume + ":/data"],
+                             env={"PATH": path} if path else None)
+    assert rc == 0 and "Warning" not in err, err
+    assert out.split() == [str(uid), str(gid), str(uid), str(uid), "1"], out
+    st = os.stat(out_file)
+    assert (st.st_uid, st.st_gid) == (uid, gid)
+
+
 def test_r1_without_newuidmap_runs_as_root_with_one_warning(world):
     rc, out, err = world.run("R1", ["id", "-u"], ["--user=1000:1000"],
                              env={"PATH": "/nonexistent"})
