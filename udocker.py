@@ -3697,7 +3697,8 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
 #
 # Content: regular files, directories, symlinks (targets untouched), hardlinks, FIFOs; device
 # nodes are skipped. Modes lose setuid/setgid, the owner always gets rw (rwx on directories
-# and executables) and the umask applies; what the tar said (owner, group, full mode) is kept
+# and executables) and the umask applies (to directories only if it hides more than write
+# bits: a 1777 /tmp stays 1777 under umask 022); what the tar said (owner, group, full mode) is kept
 # in ID/.udocker-py/attrs where it differs from (0, 0, mode on disk), for export.
 
 TAR_BLOCK = 512
@@ -3875,10 +3876,14 @@ def clean_member_path(name):
 
 def disk_mode(mode, is_dir, umask):
     """The mode a tar entry gets on disk: no setuid/setgid, owner rw (rwx for directories
-    and executables), then the umask (never taking the owner's bits)."""
+    and executables), then the umask (never taking the owner's bits). Directories keep the
+    image's mode, group/other write and sticky bits too (a 1777 /tmp stays writable for a
+    non-root uid inside), unless the umask also hides reading from group or other."""
     if is_dir:
         owner = 0o700
         mode &= 0o1777
+        if not umask & 0o055:
+            return mode | owner
     else:
         owner = 0o700 if mode & 0o111 else 0o600
         mode &= 0o777

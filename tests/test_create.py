@@ -457,6 +457,29 @@ def test_modes_times_and_recorded_attrs(env):
     assert b"x/ro/file2" not in attrs or attrs[b"x/ro/file2"][2] == 0o644
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_directories_keep_write_and_sticky_bits_unless_the_umask_hides_more(env, umask):
+    """/tmp 1777 stays 1777 (a non-root uid inside R1 can write there) under the usual
+    umasks; a umask that hides reading from others (077) still applies (issue 16)."""
+    env.add("dirs", Image([busybox_layer() + [d("group", 0o775), d("open", 0o777),
+                                              f("group/file", b"x", 0o666)]]))
+    old = os.umask(umask)
+    try:
+        root = env.root(env.create("dirs"))
+    finally:
+        os.umask(old)
+
+    def mode(path):
+        return stat.S_IMODE(os.lstat(os.path.join(root, path)).st_mode)
+
+    if umask & 0o055:
+        assert (mode("tmp"), mode("group"), mode("open")) == (0o1700, 0o700, 0o700)
+    else:
+        assert (mode("tmp"), mode("group"), mode("open")) == (0o1777, 0o775, 0o777)
+    assert mode("group/file") == 0o666 & ~umask             # files: the umask as before
+    assert mode("root") == 0o700
+
+
 @pytest.mark.parametrize("kind", ["tar", "gzip", "bzip2", "xz", "zstd"])
 def test_every_compression_gives_the_same_tree(env, kind):
     if kind in ("xz", "zstd") and not have(kind):

@@ -393,9 +393,11 @@ def upstream(env, udocker_dir, *args):
 
 
 def upstream_tree(root):
-    """tree() without the special bits: upstream's extraction (tar --no-same-permissions)
-    drops the sticky bit we keep (tmp/ is 1755 here, 755 there)."""
-    return dict((k, v[:1] + (v[1] & 0o777,) + v[2:]) for k, v in tree(root).items())
+    """tree() without the special bits and the group/other write bits of directories:
+    upstream's extraction (tar --no-same-permissions) applies the umask to them, we keep
+    them (tmp/ is 1777 here, 755 there)."""
+    return dict((k, v[:1] + (v[1] & (0o755 if stat.S_ISDIR(v[0]) else 0o777),) + v[2:])
+                for k, v in tree(root).items())
 
 
 @needs_upstream
