@@ -370,7 +370,8 @@ CONFIG_DEFAULTS = (
                            "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"], None),
     ("singularity_options", ["-w"], None),
     ("runc_map_subids", "user", None),         # user, always or never (see RuncEngine)
-    ("pass_host_env", ["OMPI_*", "PMI_*", "PMIX_*", "SLURM_*", "HYDRA_*", "I_MPI_*", "MPI_*",
+    ("pass_host_env", ["OMPI_*", "PMI_*", "PMIX_*", "SLURM_*", "SLURMD_*", "SRUN_DEBUG",
+                       "HYDRA_*", "I_MPI_*", "MPI_*",
                        "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
                        "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK"], None),
     # the host's NVIDIA driver (setup --nvidia, run --nvidia): upstream's names and lists,

@@ -224,12 +224,12 @@ def test_run_rm_image_from_every_node_at_once(nodes):
                         run.udocker_dir)
     assert rc == 0, out + err
     rc, out, err = srun(nodes, ["-N", "3"] + UD + [
-        "run", "--rm", ref, "sh", "-c", "echo ok $(hostname)"],
+        "run", "--rm", ref, "sh", "-c", "echo ok $(hostname) $SLURMD_NODENAME"],
         run.udocker_dir)
     unavailable_in(out + err)
     assert rc == 0, out + err
     assert sorted(l for l in out.splitlines() if l.startswith("ok ")) == \
-        ["ok n1", "ok n2", "ok n3"], out + err
+        ["ok n1 n1", "ok n2 n2", "ok n3 n3"], out + err     # SLURMD_NODENAME passes
     run("verify", ref).check()
     ps = run("ps").check().out
     assert len(ps.strip().splitlines()) == 1, ps      # heading only

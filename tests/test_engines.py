@@ -316,7 +316,7 @@ def test_name_patterns_cpu_lists_and_port_specs():
 def test_launcher_variables_pass_without_hostenv(tmpdir, glibc_tree, monkeypatch):
     for name, value in (("SLURM_JOB_ID", "7"), ("PMI_RANK", "1"), ("I_MPI_PIN", "0"),
                         ("NVIDIA_VISIBLE_DEVICES", "all"), ("GPU_DEVICE_ORDINAL", "1"),
-                        ("NOT_PASSED", "x")):
+                        ("SLURMD_NODENAME", "n2"), ("SRUN_DEBUG", "3"), ("NOT_PASSED", "x")):
         monkeypatch.setenv(name, value)
     engine = engine_for(tmpdir, glibc_tree, config={"Env": ["SLURM_JOB_ID=image"]},
                         opts={"env": ["PMI_RANK=cli"]})
@@ -325,6 +325,7 @@ def test_launcher_variables_pass_without_hostenv(tmpdir, glibc_tree, monkeypatch
     assert env["SLURM_JOB_ID"] == "image" and env["PMI_RANK"] == "cli"
     assert env["I_MPI_PIN"] == "0" and env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert env["GPU_DEVICE_ORDINAL"] == "1" and "NOT_PASSED" not in env
+    assert env["SLURMD_NODENAME"] == "n2" and env["SRUN_DEBUG"] == "3"   # Slurm's, too
     config = tmpdir.join("ud").ensure(dir=True).join("udocker.conf")
     config.write("[DEFAULT]\npass_host_env = SLURM_*\n")
     engine = engine_for(tmpdir, glibc_tree)
