@@ -25,7 +25,6 @@ import time
 
 import pytest
 
-from support import UDOCKER_SCRIPT
 from support.slurm import find_processes, processes_left
 from test_batch import (MPI_ENV, MPI_HELLO, MODES, TARBALL, Batch,
                         _run_unavailable, container_processes,

@@ -59,8 +59,8 @@ import time
 
 from . import SupportError, free_port, which
 from .procs import Process
-from .slurm import (_SLURM_CONF, MAX_LIFETIME, SlurmCluster, node_line,
-                    run_command)
+from .slurm import (_SLURM_CONF, _SLURMDBD_CONF, KILL_WAIT, MAX_LIFETIME,
+                    SlurmCluster, node_line, run_command)
 
 SUBNET = "10.199.0"           # the bridge's /24: head .254, node I .I
 HEAD_ADDR = SUBNET + ".254"
@@ -335,7 +335,7 @@ class MultiNodeCluster(SlurmCluster):
         self._start_namespaces(deadline)
         base = {"workdir": self.workdir, "run": self.run_dir,
                 "user": self.user, "addr": HEAD_ADDR,
-                "cluster": self.cluster_name, "kill_wait": 5,
+                "cluster": self.cluster_name, "kill_wait": KILL_WAIT,
                 "munge_socket": os.path.join(self.run_dir, "munge.socket"),
                 "ctld_port": free_port(), "slurmd_port": free_port(),
                 "dbd_port": free_port(), "node": node_line(),
@@ -469,7 +469,6 @@ class MultiNodeCluster(SlurmCluster):
             pass
         dbd_conf = os.path.join(os.path.dirname(self.conf_path),
                                 "slurmdbd.conf")
-        from .slurm import _SLURMDBD_CONF
         with open(dbd_conf, "w") as conf:
             conf.write(_SLURMDBD_CONF.replace("DbdHost=localhost",
                                               "DbdHost=head")
