@@ -497,14 +497,9 @@ class MultiNodeCluster(SlurmCluster):
                 input=None):
         """Run argv on node (None: the head) with self.env plus env (None
         values remove a variable); return (rc, out, err)."""
-        full = dict(self.env)
-        for name, value in (env or {}).items():
-            if value is None:
-                full.pop(name, None)
-            else:
-                full[name] = str(value)
         return run_command(self.enter(node, cwd) + [str(a) for a in argv],
-                           env=full, timeout=timeout, input=input)
+                           env=self.command_env(env), timeout=timeout,
+                           input=input)
 
     def registry_host(self, registry):
         """host:port under which the nodes reach registry (a loopback
