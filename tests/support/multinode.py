@@ -42,7 +42,7 @@ here from a unix socket in WORKDIR to 127.0.0.1:PORT, one on the head from
 head:PORT (the bridge) to that socket; a unix socket path crosses network
 namespaces, a TCP connection does not.
 
-Only hosts that forbid unprivileged user namespaces (or lack newuidmap or a
+Only hosts that forbid unprivileged user namespaces (or give the user no
 subordinate id range) cannot run it: start() raises NamespacesUnavailable
 then, with the reason.
 """
@@ -73,7 +73,8 @@ class NamespacesUnavailable(SupportError):
 
 # The holder: argv is one JSON document (see MultiNodeCluster._holder_config).
 # stdin is the lifeline, stdout reports "holder PID" (pid 1's pid outside),
-# "node NAME PID" (inside) and "ready", or "error TEXT".
+# "node NAME PID" (inside) and "ready", or "forbidden TEXT" (the host does not
+# let the user make the user namespace or map its ids) or "error TEXT".
 HOLDER = r'''
 import ctypes, json, os, select, socket, subprocess, sys, time
 cfg = json.loads(sys.argv[1])
@@ -117,7 +118,7 @@ def map_ids(pid, go):
                                ("newgidmap", cfg["gid"], cfg["subgid"])):
             sh(tool, str(pid), "0", str(sub), "1", str(own), str(own), "1")
     except OSError as exc:
-        report("error %s" % exc.strerror)
+        report("forbidden %s" % exc.strerror)
         os._exit(1)
     os._exit(0)
 
@@ -190,6 +191,9 @@ try:
     os.close(go_r)
     try:
         unshare(NEWUSER | NEWPID | NEWNET | NEWNS | NEWUTS | NEWIPC)
+    except OSError as exc:
+        report("forbidden %s" % exc.strerror)
+        sys.exit(1)
     finally:
         os.write(go_w, b"x")
     if os.waitpid(mapper, 0)[1] != 0:
@@ -300,11 +304,6 @@ class MultiNodeCluster(SlurmCluster):
 
     def start(self, timeout=60.0):
         began = time.time()
-        missing = [p for p in NAMESPACE_PROGRAMS if not which(p)]
-        if missing:
-            raise NamespacesUnavailable("%s not found (apt-get install "
-                                        "util-linux uidmap iproute2)"
-                                        % ", ".join(missing))
         self._make_dirs()
         try:
             self._start(time.time() + timeout)
@@ -375,6 +374,10 @@ class MultiNodeCluster(SlurmCluster):
 
     def _start_namespaces(self, deadline):
         """Start the holder; fill head_pid and node_pids."""
+        missing = [p for p in NAMESPACE_PROGRAMS if not which(p)]
+        if missing:
+            raise SupportError("%s not found: apt-get install util-linux uidmap "
+                               "iproute2" % ", ".join(missing))
         config = self._holder_config()
         lifeline_r, lifeline_w = os.pipe()
         fcntl.fcntl(lifeline_w, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
@@ -389,11 +392,14 @@ class MultiNodeCluster(SlurmCluster):
         inner = {}
         for line in self._holder_lines(deadline):
             words = line.split()
-            if not words or words[0] == "error":
+            if words and words[0] == "forbidden":
                 raise NamespacesUnavailable(
-                    "cannot build the cluster's namespaces: %s"
-                    % (line[6:] or "the holder exited (%s)"
-                       % self._logs("holder")))
+                    "this host does not let %s make a user namespace with its "
+                    "subordinate ids: %s" % (self.user, line.split(" ", 1)[-1]))
+            if not words or words[0] == "error":
+                raise SupportError("cannot build the cluster's namespaces: %s"
+                                   % (line[6:] or "the holder exited (%s)"
+                                      % self._logs("holder")))
             if words[0] == "holder":
                 self.head_pid = int(words[1])
             elif words[0] == "node":
@@ -497,14 +503,9 @@ class MultiNodeCluster(SlurmCluster):
                 input=None):
         """Run argv on node (None: the head) with self.env plus env (None
         values remove a variable); return (rc, out, err)."""
-        full = dict(self.env)
-        for name, value in (env or {}).items():
-            if value is None:
-                full.pop(name, None)
-            else:
-                full[name] = str(value)
         return run_command(self.enter(node, cwd) + [str(a) for a in argv],
-                           env=full, timeout=timeout, input=input)
+                           env=self.command_env(env), timeout=timeout,
+                           input=input)
 
     def registry_host(self, registry):
         """host:port under which the nodes reach registry (a loopback

@@ -586,15 +586,19 @@ class SlurmCluster(object):
     def run(self, argv, env=None, cwd=None, timeout=120, input=None):
         """Run a command (sbatch, srun, ...) with self.env plus env (None
         values remove a variable); return (rc, out, err)."""
+        return run_command([str(a) for a in argv], env=self.command_env(env),
+                           cwd=cwd or self.jobs_dir, timeout=timeout,
+                           input=input)
+
+    def command_env(self, env=None):
+        """self.env plus env (None values remove a variable)."""
         full = dict(self.env)
         for name, value in (env or {}).items():
             if value is None:
                 full.pop(name, None)
             else:
                 full[name] = str(value)
-        return run_command([str(a) for a in argv], env=full,
-                           cwd=cwd or self.jobs_dir, timeout=timeout,
-                           input=input)
+        return full
 
     def submit(self, script, args=(), env=None, cwd=None):
         """sbatch script (text, written to jobs/job-N.sh) with args; return
