@@ -5040,6 +5040,42 @@ def prctl_function():
     return lambda option, value: call(option, value, 0, 0, 0) == 0
 
 
+# host architecture -> the (AUDIT_ARCH, syscall number) pairs of statx it can run
+STATX_SYSCALLS = {"amd64": ((0xC000003E, 332), (0x40000003, 383)), "386": ((0x40000003, 383),),
+                  "arm64": ((0xC00000B7, 291), (0x40000028, 397)), "arm": ((0x40000028, 397),),
+                  "ppc64le": ((0xC0000015, 383),), "s390x": ((0x80000016, 379),),
+                  "riscv64": ((0xC00000F3, 291),)}
+
+
+def enosys_filter(syscalls):
+    """A function that installs, in the engine process before exec, a seccomp filter under
+    which the syscalls (AUDIT_ARCH, number) fail with ENOSYS, for it and every process it
+    starts (a filter is inherited; stacked with proot's own, ERRNO wins over TRACE). Built
+    before the fork; it raises OSError when the kernel refuses. None without ctypes."""
+    import struct
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    code = []
+    for audit_arch, number in syscalls:         # ld arch; jne next; ld nr; jne next; ENOSYS
+        code += [(0x20, 0, 0, 4), (0x15, 0, 3, audit_arch), (0x20, 0, 0, 0),
+                 (0x15, 0, 1, number), (0x06, 0, 0, 0x00050000 | errno.ENOSYS)]
+    code.append((0x06, 0, 0, 0x7fff0000))                        # SECCOMP_RET_ALLOW
+    insns = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in code))
+    prog = ctypes.create_string_buffer(struct.pack("HP", len(code), ctypes.addressof(insns)))
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+
+    def install():
+        if prctl(38, 1, 0, 0, 0) != 0 or \
+                prctl(22, 2, ctypes.addressof(prog), 0, 0) != 0:     # NO_NEW_PRIVS, SECCOMP
+            raise OSError(ctypes.get_errno(), "cannot install a seccomp filter (%s)" %
+                          os.strerror(ctypes.get_errno()))
+        return insns                                     # kept alive until here
+    return install
+
+
 def child_pids(pid):
     """Pids of the direct children of pid (from /proc)."""
     try:
@@ -5201,19 +5237,39 @@ def _dynamic_has_rpath(data, is64, end):
 
 
 def read_os_release(root):
-    """(distro name, version id) of a tree, from etc/os-release; ('', '') if unknown."""
-    values = {}
-    for rel in ("etc/os-release", "usr/lib/os-release"):
+    """(distribution, version) of a tree, found as upstream udocker finds them to pick its
+    per-distribution libfakechroot: an etc/*-release "NAME release N" file (CentOS, Red,
+    Rocky, AlmaLinux, Fedora), else etc/lsb-release (Ubuntu), else etc/os-release (Debian,
+    Alpine); the first word of the name; the version as MAJOR, or MAJOR.MINOR when it has
+    three parts (Alpine 3.19.1 -> 3.19). ('', '') if unknown."""
+    etc = resolve_in_root(root, "/etc")
+    try:
+        names = sorted(n for n in os.listdir(etc) if re.match(r".+-release", n))
+    except OSError:
+        names = []
+    texts = {}
+    for name in names:
         try:
-            text = read_text(resolve_in_root(root, rel))
-        except (IOError, OSError):
+            texts[name] = read_text(resolve_in_root(root, "/etc/" + name))
+        except (IOError, OSError, ValueError):
             continue
-        for line in text.splitlines():
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip().strip("\"'")
-        break
-    name = (values.get("NAME") or values.get("ID") or "").split()
-    return (name[0] if name else ""), values.get("VERSION_ID", "")
+    found = ("", "")
+    for name in names:
+        match = re.match(r"([^=]+) release (\d+)", texts.get(name, ""))
+        if match:
+            found = (match.group(1).split(" ")[0], match.group(2))
+            break
+    for name, keys in (("lsb-release", (r"DISTRIB_ID=(.+)(\n|$)",
+                                        r"DISTRIB_RELEASE=(.+)(\n|$)")),
+                       ("os-release", (r"NAME=\"?([^ \n\".]+).*\"?(\n|$)",
+                                       r"VERSION_ID=\"?([^ \n\"]+).*\"?(\n|$)"))):
+        if found[0] or name not in texts:
+            continue
+        values = [re.search(key, texts[name], re.MULTILINE) for key in keys]
+        if all(values):
+            found = (values[0].group(1).split(" ")[0], values[1].group(1))
+    parts = found[1].split(".")
+    return found[0], ".".join(parts[:2] if len(parts) > 2 else parts[:1])
 
 
 def container_libc(root, arch):
@@ -6051,6 +6107,14 @@ class Engine(object):
         """A Watchdog to clean up if udocker.py is killed during the run, or None."""
         return None
 
+    def child_hook(self):
+        """None, or a function (made before the fork) the engine process calls before exec."""
+        return None
+
+    def wait(self, pid, keep=()):
+        """The engine's exit status (keep: our own helper processes, not the container's)."""
+        return _wait_status(pid)
+
     def cleanup(self):
         pass
 
@@ -6185,17 +6249,19 @@ class Supervisor(object):
             if signal.getsignal(signum) != signal.SIG_IGN:    # nohup & co: stays ignored
                 previous[signum] = signal.signal(signum, self._on_signal)
         try:
+            hook = self.engine.child_hook()
             self.pid = _spawn(argv, env, cwd, self.engine.executable,
                               lambda: _engine_child_setup(prctl, self.engine.death_signal,
-                                                          self.engine.passed_fds))
+                                                          self.engine.passed_fds, hook))
             # forked while the engine starts, not before (a fork costs ~1-3 ms): should
             # udocker.py die before this, the engine dies too (PDEATHSIG), well before it
             # has made a container that could outlive it
             self.watchdog = self.engine.watchdog()
             for signum in self.pending:
                 self.engine.forward_signal(self.pid, signum)
-            status = _wait_status(self.pid)
-            _reap_leftovers(keep=(self.watchdog.pid,) if self.watchdog else ())
+            keep = (self.watchdog.pid,) if self.watchdog else ()
+            status = self.engine.wait(self.pid, keep)
+            _reap_leftovers(keep=keep)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -6253,15 +6319,17 @@ def _spawn(argv, env, cwd, executable, child_setup):
     return pid
 
 
-def _engine_child_setup(prctl, death_signal, passed_fds=0):
+def _engine_child_setup(prctl, death_signal, passed_fds=0, hook=None):
     """In the engine process before exec: default SIGPIPE (Python ignores it), and a
     signal when udocker.py dies, whatever kills it. passed_fds: fds 3..passed_fds must all
     be open at exec (runc --preserve-fds): holes, and our own close-on-exec fds, become
-    /dev/null."""
+    /dev/null. hook: the engine's own step (Engine.child_hook)."""
     for name in ("SIGPIPE", "SIGXFSZ"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
     prctl(PR_SET_PDEATHSIG, getattr(signal, death_signal))
+    if hook is not None:
+        hook()
     if passed_fds >= 3:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in range(3, passed_fds + 1):
@@ -6297,6 +6365,11 @@ def _wait_status(pid):
         except OSError as exc:
             if exc.errno != errno.EINTR:
                 raise
+    return _status_code(status)
+
+
+def _status_code(status):
+    """A wait status as a shell does: the exit code, or 128+N when killed by signal N."""
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
@@ -6331,8 +6404,10 @@ class ProotEngine(Engine):
 
     def command(self):
         proot, info = self.tools.proot()
+        self.proot_info = info
         argv = [proot]
-        if self.cfg.proot_killonexit and info.get("kill_on_exit"):
+        self.kill_on_exit = self.cfg.proot_killonexit and info.get("kill_on_exit")
+        if self.kill_on_exit:
             argv.append("--kill-on-exit")
         if self.cfg.proot_link2symlink:
             argv.append("--link2symlink")
@@ -6345,7 +6420,7 @@ class ProotEngine(Engine):
             argv.append("-0")
         else:
             argv += ["-i", "%d:%d" % (self.user.uid, self.user.gid)]
-        if self.opts.get("kernel"):
+        if self.opts.get("kernel") and self._kernel_option_works(info):
             argv += ["-k", self.opts["kernel"]]
         argv += self._network_options(info)
         env = dict(self.env)
@@ -6377,6 +6452,53 @@ class ProotEngine(Engine):
 
     def _proot_tmp_dir(self):
         return proot_tmp_dir(self.cfg)
+
+    def _kernel_option_works(self, info):
+        """A proot older than statx (5.1-era) answers EINVAL under -k to the
+        fstatat(fd, "", AT_EMPTY_PATH) by which glibc 2.33+ implements fstat."""
+        kind, version = self.container.libc()
+        if info.get("statx", True) or kind != "glibc" or not version_at_least(version, "2.33"):
+            return True
+        MSG.warning("--kernel ignored: this proot (%s) breaks glibc %s programs with -k"
+                    % (info.get("version", "?"), version))
+        return False
+
+    def child_hook(self):
+        """A proot that does not translate statx (5.1-era: upstream udocker's, Debian's
+        5.1.0) would let it reach host paths: statx fails with ENOSYS instead, and glibc
+        emulates it with fstatat, which proot translates."""
+        if self.proot_info.get("statx", True):
+            return None
+        install = enosys_filter(STATX_SYSCALLS.get(Platform.host().arch, ()))
+        if install is None:
+            MSG.warning("cannot hide statx from this proot (no ctypes): stat may be wrong")
+        return install
+
+    def wait(self, pid, keep=()):
+        """Without --kill-on-exit proot runs until the last process of the container exits:
+        once the first one (the command) has exited, the others are killed here, as
+        --kill-on-exit would (they are ours: orphans come to us, a child subreaper)."""
+        if self.kill_on_exit:
+            return Engine.wait(self, pid, keep)
+        main, delay = None, 0.001
+        while True:
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            if done:
+                return _status_code(status)
+            children = child_pids(pid)
+            if main is None:
+                main = children[0] if children else None
+            elif main not in children:
+                for target in descendants(os.getpid()):
+                    if target != pid and target not in keep:
+                        _kill_quietly(target, signal.SIGKILL)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     @classmethod
     def host_probe(cls, session, tools):
@@ -6704,7 +6826,8 @@ class RuncProotEngine(RuncEngine):
             self.env["PROOT_NO_SECCOMP"] = "1"
 
     def process_args(self):
-        return [self.PROOT_IN, "--kill-on-exit", "-0", "-w", self.cwd] + list(self.argv)
+        kill = ["--kill-on-exit"] if self.tools.proot()[1].get("kill_on_exit") else []
+        return [self.PROOT_IN] + kill + ["-0", "-w", self.cwd] + list(self.argv)
 
     def exit_status(self, status):
         return proot_status(RuncEngine.exit_status(self, status), self.signalled)
@@ -6756,13 +6879,19 @@ class FakechrootEngine(Engine):
         loader = container_loader(self.root, arch)[1] if self.uses_loader else None
         libpath = ":".join(([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) +
                            container_lib_dirs(self.root, arch))
-        excluded = []
+        dir_map = self.tools.probe("libfakechroot", library).get("dir_map")
+        excluded, mapped = [], {}
         for vol in self.volumes:
             if vol.host == vol.cont:
                 excluded.append(vol.host)
+            elif dir_map:
+                mapped[vol.cont] = os.path.realpath(vol.host) + "!" + vol.cont
             else:
                 self._symlink_volume(vol)
         env = dict((k, v) for k, v in self.env.items() if not k.startswith("FAKECHROOT_"))
+        if mapped:                 # upstream udocker's fork: the longest container path first
+            env["FAKECHROOT_DIR_MAP"] = ":".join(mapped[c] for c in sorted(mapped, reverse=True))
+            env["FAKECHROOT_EXPAND_SYMLINKS"] = "true"
         env.update({"FAKECHROOT_BASE": self.root, "LD_PRELOAD": library,
                     "LD_LIBRARY_PATH": libpath, "FAKECHROOT_AF_UNIX_PATH": self.cfg.tmpdir,
                     "FAKECHROOT_CMD_SUBST": self.cfg.fakechroot_cmd_subst, "PWD": self.cwd})
@@ -6926,14 +7055,14 @@ class FakechrootPatchedEngine(FakechrootEngine):
         arch = container.arch()
         loader = container_loader(container.root, arch)
         libpath = ":".join(container_lib_dirs(container.root, arch))
-        patcher = ElfPatcher(tools.patchelf()[0], container)
+        patcher = ElfPatcher(tools.patchelf(), container)
         patcher.patch(loader[1], libpath)
         container.set_state("patch.path", container.root)
 
     @classmethod
     def leave(cls, container, tools):
         if os.path.exists(os.path.join(container.dir, "patch.json")):
-            ElfPatcher(tools.patchelf()[0], container).restore()
+            ElfPatcher(tools.patchelf(), container).restore()
             remove_quietly(os.path.join(container.dir, "patch.path"))
         FakechrootEngine.leave(container, tools)
 
@@ -6980,7 +7109,10 @@ class ElfPatcher(object):
     BATCH = 200
 
     def __init__(self, patchelf, container):
-        self.patchelf = patchelf
+        """patchelf: (path, probe info); one that takes a single FILENAME (0.9, upstream
+        udocker's fork) would ignore the rest of a batch: it gets one file per call."""
+        self.patchelf = patchelf[0]
+        self.batch = self.BATCH if patchelf[1].get("many_files", True) else 1
         self.container = container
         self.record_path = os.path.join(container.dir, "patch.json")
 
@@ -7045,8 +7177,8 @@ class ElfPatcher(object):
         """patchelf options on paths in batches; a failing batch is redone file by file.
         Returns the paths that could not be patched."""
         failed = []
-        for start in range(0, len(paths), self.BATCH):
-            batch = paths[start:start + self.BATCH]
+        for start in range(0, len(paths), self.batch):
+            batch = paths[start:start + self.batch]
             modes = _make_writable(batch)
             try:
                 if run_capture([self.patchelf] + options + batch, timeout=300)[0] == 0:
@@ -7616,19 +7748,25 @@ def _extract_file(archive, member, dest, executable):
 
 
 def probe_proot(path):
-    """What a proot can do; Debian's 5.1.0 (no --kill-on-exit, no statx) is refused."""
+    """What a proot can do. A 5.1-era one (upstream udocker's fork, Debian's 5.1.0) is
+    accepted: the P modes make up for what it lacks (statx translation: ProotEngine.
+    child_hook; --kill-on-exit: ProotEngine.wait; a -k that breaks glibc 2.33+: ignored).
+    A proot that translates statx has the name in its syscall name table."""
     _, help_text = run_capture([path, "--help"])
-    _, version_text = run_capture([path, "-V"])
+    status, version_text = run_capture([path, "-V"])
     found = re.search(r"\b(\d+\.\d+\.\d+)\b", version_text)
+    try:
+        with open(path, "rb") as handle:
+            statx = b"\0statx\0" in handle.read()
+    except (IOError, OSError):
+        statx = False
     info = {"version": found.group(1) if found else "?",
-            "kill_on_exit": "--kill-on-exit" in help_text,
+            "kill_on_exit": "--kill-on-exit" in help_text, "statx": statx,
             "seccomp": "seccomp_filter = yes" in version_text,
             "port": "--port" in help_text, "netcoop": "--netcoop" in help_text}
-    info["ok"] = info["kill_on_exit"]
+    info["ok"] = status == 0 and found is not None
     if not info["ok"]:
-        info["why"] = ("proot %s is too old: no --kill-on-exit and no statx translation "
-                       "(Debian's proot 5.1.0 breaks glibc 2.33+ containers)%s"
-                       % (info["version"], "" if info["seccomp"] else ", no seccomp"))
+        info["why"] = "`%s -V` does not give a proot version" % path
     return info
 
 
@@ -7652,6 +7790,24 @@ def probe_version_word(word):
     return probe
 
 
+def probe_patchelf(path):
+    """As probe_version_word, and many_files: its usage ends in FILENAME... (not 0.9)."""
+    info = probe_version_word("patchelf")(path)
+    info["many_files"] = "FILENAME..." in run_capture([path, "--help"])[1]
+    return info
+
+
+def probe_libfakechroot(path):
+    """dir_map: upstream udocker's fork, which maps a volume to another container path
+    itself (FAKECHROOT_DIR_MAP=HOST!CONT) where Debian's needs a symlink in ROOT."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except (IOError, OSError) as exc:
+        return {"ok": False, "why": "cannot read %s: %s" % (path, exc.strerror or exc)}
+    return {"ok": True, "dir_map": b"FAKECHROOT_DIR_MAP\0" in data}
+
+
 def probe_singularity(path):
     status, text = run_capture([path, "--version"])
     info = {"ok": status == 0,
@@ -7661,8 +7817,9 @@ def probe_singularity(path):
     return info
 
 
+PROBE_FORMAT = 2        # in the probe cache keys: results of older probes are not used
 TOOL_PROBES = {"proot": probe_proot, "runc": probe_runtime, "crun": probe_runtime,
-               "patchelf": probe_version_word("patchelf"),
+               "patchelf": probe_patchelf, "libfakechroot": probe_libfakechroot,
                "apptainer": probe_singularity, "singularity": probe_singularity}
 
 
@@ -7753,9 +7910,10 @@ class Tools(object):
             self.installer.ensure()
         except EngineError as exc:
             install_error = exc
+        newer = ["4_8_0"] if version_at_least(os.uname()[2], "4.8") else []  # upstream's proot
         for name in names:
-            for candidate in ("%s-%s-4_8_0" % (name, self.arch), "%s-%s" % (name, self.arch),
-                              name):
+            for candidate in ["-".join([name, self.arch] + newer), "%s-%s" % (name, self.arch),
+                              name]:
                 path = os.path.join(self.cfg.bindir, candidate)
                 if is_executable(path):
                     return path, self.probe(name, path)
@@ -7793,7 +7951,7 @@ class Tools(object):
             st = os.stat(path)
         except OSError:
             return {"ok": False, "why": "cannot stat %s" % path}
-        key = "%s|%s|%d|%d" % (kind, path, int(st.st_mtime), st.st_size)
+        key = "%s|%s|%d|%d|%d" % (kind, path, int(st.st_mtime), st.st_size, PROBE_FORMAT)
         cache = self._cache()
         if key in cache:
             return cache[key]
@@ -7868,9 +8026,9 @@ class Tools(object):
                 ours.append((version_tuple(built_for), name))
         if ours:
             return os.path.join(self.cfg.libdir, max(ours)[1])
-        name, version = distro
+        name, version = distro               # upstream's names: Alpine-3.19, Debian-12
+        version = version if "Alpine" in name else version.split(".")[0]
         for candidate in ("libfakechroot-%s-%s-%s.so" % (name, version, suffix),
-                          "libfakechroot-%s-%s-%s.so" % (name, version.split(".")[0], suffix),
                           "libfakechroot-%s-%s.so" % (name, suffix),
                           "libfakechroot-%s.so" % suffix, "libfakechroot.so"):
             if candidate in names:

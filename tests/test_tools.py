@@ -358,28 +358,42 @@ def tools_for(tmpdir, **env):
     return udocker.Tools(cfg, repo)
 
 
-def fake_proot(directory, version, modern):
-    """A shell script answering --help and -V like proot 5.1.0 (Debian) or 5.4.0."""
+def fake_proot(directory, version, modern, kill_on_exit=None):
+    """A shell script answering --help and -V like proot 5.1.0 (Debian's: no --kill-on-exit,
+    no seccomp), upstream udocker's 5.1.0 fork (kill_on_exit=True) or 5.4.0 (modern). A proot
+    that translates statx has the name in its syscall table: modern ones carry it after
+    `exit`, where the shell never reads."""
     directory.ensure(dir=True)
     path = directory.join("proot")
-    help_text = "  -r *path*\\n" + ("  --kill-on-exit\\n  -p *port*, --port\\n" if modern else "")
-    path.write("#!/bin/sh\ncase \"$1\" in\n"
-               "  -V) printf ' proot %s\\n built-in accelerators: process_vm = yes, "
-               "seccomp_filter = %s\\n';;\n"
-               "  --help) printf '%s';;\nesac\n" % (version, "yes" if modern else "no",
-                                                   help_text))
+    kill_on_exit = modern if kill_on_exit is None else kill_on_exit
+    help_text = "  -r *path*\\n" + ("  --kill-on-exit\\n" if kill_on_exit else "") + \
+        ("  -p *port*, --port\\n" if modern else "")
+    path.write_binary(("#!/bin/sh\ncase \"$1\" in\n"
+                       "  -V) printf ' proot %s\\n built-in accelerators: process_vm = yes, "
+                       "seccomp_filter = %s\\n';;\n"
+                       "  --help) printf '%s';;\nesac\nexit 0\n"
+                       % (version, "yes" if modern or kill_on_exit else "no",
+                          help_text)).encode("ascii") + (b"\0statx\0" if modern else b""))
     path.chmod(0o755)
     return str(path)
 
 
-def test_debian_proot_on_path_is_rejected_with_the_reason(tmpdir, monkeypatch):
-    fake_proot(tmpdir.join("path"), "5.1.0", modern=False)
-    monkeypatch.setenv("PATH", str(tmpdir.join("path")) + ":/usr/bin:/bin")
-    tools = tools_for(tmpdir, UDOCKER_TARBALL="")
-    with pytest.raises(udocker.EngineError) as info:
-        tools.proot()
-    message = str(info.value)
-    assert "5.1.0" in message and "--kill-on-exit" in message and "udocker.py install" in message
+def test_5_1_era_proots_are_accepted_with_what_they_lack(tmpdir, monkeypatch):
+    """Debian's 5.1.0 and upstream udocker's fork of it run: the P modes make up for the
+    missing statx translation and --kill-on-exit (tests/test_run.py runs them)."""
+    for kill_on_exit in (False, True):
+        path = fake_proot(tmpdir.join("path%s" % kill_on_exit), "5.1.0", modern=False,
+                          kill_on_exit=kill_on_exit)
+        info = udocker.probe_proot(path)
+        assert info["ok"] and info["version"] == "5.1.0" and not info["statx"]
+        assert info["kill_on_exit"] is kill_on_exit and info["seccomp"] is kill_on_exit
+    info = udocker.probe_proot(fake_proot(tmpdir.join("new"), "5.4.0", modern=True))
+    assert info["ok"] and info["statx"] and info["kill_on_exit"]
+    broken = tmpdir.join("broken", "proot")
+    broken.write("#!/bin/sh\nexit 1\n", ensure=True)
+    broken.chmod(0o755)
+    info = udocker.probe_proot(str(broken))
+    assert not info["ok"] and "-V" in info["why"]
 
 
 def test_good_proot_on_path_is_used_and_the_probe_cached(tmpdir, monkeypatch):
@@ -454,3 +468,128 @@ def test_fakechroot_library_by_glibc_generation(tmpdir):
     with pytest.raises(udocker.EngineError) as info:
         pick("2.28")
     assert "no libfakechroot" in str(info.value) and "P1" in str(info.value)
+
+
+# -- upstream udocker's tools (udocker-englib-1.2.11): their names and what they lack
+
+def upstream_tree(tmpdir):
+    """ud/bin and ud/lib laid out as upstream's tools tarball 1.2.11 installs them (tiny
+    stand-ins for the binaries); lib/VERSION 1.2.11."""
+    bindir, libdir = tmpdir.ensure("ud", "bin", dir=True), tmpdir.ensure("ud", "lib", dir=True)
+    fake_proot(tmpdir.join("p48"), "5.1.0", modern=False, kill_on_exit=True)
+    tmpdir.join("p48", "proot").move(bindir.join("proot-x86_64-4_8_0"))
+    fake_proot(tmpdir.join("p"), "5.1.0", modern=False, kill_on_exit=True)
+    tmpdir.join("p", "proot").move(bindir.join("proot-x86_64"))
+    patchelf = bindir.join("patchelf-x86_64")
+    patchelf.write("#!/bin/sh\ncase \"$1\" in\n  --version) echo 'patchelf 0.9';;\n"
+                   "  --help) printf 'syntax: patchelf\\n  [--set-root-prefix PATH_PREFIX]\\n"
+                   "  FILENAME\\n';;\n  *) echo \"$@\" >> \"$0.log\";;\nesac\n")
+    patchelf.chmod(0o755)
+    for name in ("runc", "crun"):
+        fake_runtime(bindir, name, starts=True)
+    for name, target in (("CentOS-7", None), ("Ubuntu-22", None), ("Ubuntu-12", None),
+                         ("Alpine-3.19", None), ("AlmaLinux-8", None),
+                         ("Debian-12", "Ubuntu-22"), ("Debian", "Ubuntu-22"),
+                         ("Red-7", "CentOS-7"), ("Rocky-8", "AlmaLinux-8"), ("", "Ubuntu-12")):
+        path = libdir.join("libfakechroot-%sx86_64.so" % (name + "-" if name else ""))
+        if target:
+            path.mksymlinkto("libfakechroot-%s-x86_64.so" % target)
+        else:
+            path.write("\x7fELF fake", ensure=True)
+    libdir.join("VERSION").write("1.2.11\n")
+    return tools_for(tmpdir, UDOCKER_TARBALL="")
+
+
+@pytest.mark.skipif(udocker.Platform.host().arch != "amd64", reason="names of x86_64 tools")
+def test_upstream_tool_names_are_found(tmpdir):
+    tools = upstream_tree(tmpdir)
+    path, info = tools.proot()
+    newer = udocker.version_at_least(os.uname()[2], "4.8")
+    assert os.path.basename(path) == ("proot-x86_64-4_8_0" if newer else "proot-x86_64")
+    assert info["ok"] and info["kill_on_exit"] and not info["statx"]
+    path, info = tools.patchelf()
+    assert os.path.basename(path) == "patchelf-x86_64" and not info["many_files"]
+    assert os.path.basename(tools.runc()[0]) == "crun-x86_64"
+
+
+def release_tree(tmpdir, name, files):
+    """A container tree with only etc/ (files: {name: text})."""
+    root = tmpdir.join("trees", name)
+    for rel, text in files.items():
+        root.join("etc", rel).write(text, ensure=True)
+    return str(root)
+
+
+DEBIAN_12 = ('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\n'
+             'VERSION_ID="12"\nVERSION="12 (bookworm)"\nID=debian\n')
+RELEASES = {   # tree -> (etc files, (distro, version) as upstream reads them, library)
+    "centos7": ({"centos-release": "CentOS Linux release 7.9.2009 (Core)\n",
+                 "redhat-release": "CentOS Linux release 7.9.2009 (Core)\n",
+                 "os-release": 'NAME="CentOS Linux"\nVERSION_ID="7"\n'},
+                ("CentOS", "7"), "libfakechroot-CentOS-7-x86_64.so"),
+    "rhel7": ({"redhat-release": "Red Hat Enterprise Linux Server release 7.9 (Maipo)\n",
+               "os-release": 'NAME="Red Hat Enterprise Linux Server"\nVERSION_ID="7.9"\n'},
+              ("Red", "7"), "libfakechroot-Red-7-x86_64.so"),
+    "rocky8": ({"rocky-release": "Rocky Linux release 8.9 (Green Obsidian)\n",
+                "os-release": 'NAME="Rocky Linux"\nVERSION_ID="8.9"\n'},
+               ("Rocky", "8"), "libfakechroot-Rocky-8-x86_64.so"),
+    "ubuntu22": ({"lsb-release": "DISTRIB_ID=Ubuntu\nDISTRIB_RELEASE=22.04\n"
+                                 "DISTRIB_CODENAME=jammy\n",
+                  "os-release": 'PRETTY_NAME="Ubuntu 22.04.3 LTS"\nNAME="Ubuntu"\n'
+                                'VERSION_ID="22.04"\n'},
+                 ("Ubuntu", "22"), "libfakechroot-Ubuntu-22-x86_64.so"),
+    "debian12": ({"os-release": DEBIAN_12}, ("Debian", "12"),
+                 "libfakechroot-Debian-12-x86_64.so"),
+    "debian13": ({"os-release": DEBIAN_12.replace("12", "13")}, ("Debian", "13"),
+                 "libfakechroot-Debian-x86_64.so"),
+    "alpine": ({"alpine-release": "3.19.1\n",
+                "os-release": 'NAME="Alpine Linux"\nID=alpine\nVERSION_ID=3.19.1\n'},
+               ("Alpine", "3.19"), "libfakechroot-Alpine-3.19-x86_64.so"),
+    "unknown": ({"os-release": 'NAME="Fedora Linux"\nVERSION_ID=40\n'}, ("Fedora", "40"),
+                "libfakechroot-x86_64.so"),
+    "none": ({"hostname": "x\n"}, ("", ""), "libfakechroot-x86_64.so"),
+}
+
+
+@pytest.mark.parametrize("tree", sorted(RELEASES))
+def test_upstream_libfakechroot_is_picked_per_distribution_as_upstream_does(tmpdir, tree):
+    """udocker 1.3.17's OSInfo.osdistribution and FakechrootEngine.select_fakechroot_so:
+    NAME-VERSION-ARCH, NAME-ARCH, ARCH, then libfakechroot.so."""
+    files, distro, library = RELEASES[tree]
+    tools = upstream_tree(tmpdir)
+    root = release_tree(tmpdir, tree, files)
+    assert udocker.read_os_release(root) == distro
+    assert os.path.basename(tools.fakechroot_so("amd64", "2.17", distro)) == library
+
+
+def test_patchelf_that_takes_one_file_gets_one_per_call(tmpdir):
+    """Upstream's patchelf 0.9 fork reads one FILENAME and ignores the rest silently: F3
+    setup would leave all but one file of each batch unpatched."""
+    tools = upstream_tree(tmpdir)
+    patchelf = tools.patchelf()
+    container = udocker.RunContainer("c", str(tmpdir.join("c")), str(tmpdir.join("c", "ROOT")),
+                                     None)
+    files = []
+    for index in range(3):
+        path = tmpdir.join("c", "ROOT", "f%d" % index)
+        path.write("x", ensure=True)
+        files.append(str(path))
+    assert udocker.ElfPatcher(patchelf, container)._run(["--set-rpath", "/x"], files) == []
+    calls = tmpdir.join("ud", "bin", "patchelf-x86_64.log").read().splitlines()
+    assert calls == ["--set-rpath /x %s" % path for path in files]
+
+
+@pytest.mark.skipif(udocker.Platform.host().arch != "amd64", reason="statx number of x86_64")
+def test_statx_filter_makes_statx_fail_with_enosys_in_the_engine_and_below(tmpdir):
+    """What P modes do for a proot that does not translate statx: glibc then emulates statx
+    with fstatat, which proot translates."""
+    install = udocker.enosys_filter(udocker.STATX_SYSCALLS["amd64"])
+    probe = ("import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True); "
+             "buf = ctypes.create_string_buffer(256); "
+             "r = libc.syscall(332, -100, b'/', 0, 0x7ff, buf); "
+             "sys.stdout.write('%d %d %s' % (r, ctypes.get_errno(), os.stat('/').st_mode > 0))")
+    plain = subprocess.check_output([sys.executable, "-c", probe]).decode().split()
+    assert plain == ["0", "0", "True"]
+    below = ["/bin/sh", "-c", '"$0" -c "$1"; true', sys.executable, probe]   # a grandchild
+    filtered = subprocess.check_output(below, preexec_fn=install)
+    assert filtered.decode().split() == ["-1", "38", "True"]       # ENOSYS; stat still works
