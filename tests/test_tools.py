@@ -562,6 +562,59 @@ def test_upstream_libfakechroot_is_picked_per_distribution_as_upstream_does(tmpd
     assert os.path.basename(tools.fakechroot_so("amd64", "2.17", distro)) == library
 
 
+def upstream_osdistribution(root):
+    """udocker 1.3.17's OSInfo(root).osdistribution(), with its regular expressions (the
+    *-release files in sorted order where it takes os.listdir's)."""
+    import re
+    texts = {}
+    for name in sorted(os.listdir(os.path.join(root, "etc"))):
+        if re.match(".+-release", name):
+            with open(os.path.join(root, "etc", name)) as handle:
+                texts[name] = handle.read()
+    found = ("", "")
+    for name in sorted(texts):
+        match = re.match(r"([^=]+) release (\d+)", texts[name])
+        if match and match.group(1):
+            found = (match.group(1).split(" ")[0], match.group(2))
+            break
+    if not found[0] and "lsb-release" in texts:
+        ident = re.search(r"DISTRIB_ID=(.+)(\n|$)", texts["lsb-release"], re.MULTILINE)
+        rel = re.search(r"DISTRIB_RELEASE=(.+)(\n|$)", texts["lsb-release"], re.MULTILINE)
+        if ident and rel:
+            found = (ident.group(1).split(" ")[0], rel.group(1))
+    if not found[0] and "os-release" in texts:
+        ident = re.search(r"NAME=\"?([^ \n\"\.]+).*\"?(\n|$)", texts["os-release"],
+                          re.MULTILINE)
+        rel = re.search(r"VERSION_ID=\"?([^ \n\"]+).*\"?(\n|$)", texts["os-release"],
+                        re.MULTILINE)
+        if ident and rel:
+            found = (ident.group(1).split(" ")[0], rel.group(1))
+    version = found[1]
+    version = ".".join(version.split(".")[0:2]) if version.count(".") >= 2 else \
+        version.split(".")[0]
+    return found[0], version
+
+
+ODD_RELEASES = [
+    {"system-release": "Amazon Linux release 2 (Karoo)\n"},
+    {"fedora-release": "Fedora release 39 (Thirty Nine)\n", "os-release": "NAME=Fedora\n"},
+    {"os-release": 'NAME="openSUSE Leap"\nVERSION_ID="15.5"\n'},
+    {"os-release": 'NAME=".hidden"\nVERSION_ID="1"\n'},
+    {"os-release": "ID=debian\n"},
+    {"lsb-release": "DISTRIB_ID=Linux Mint\nDISTRIB_RELEASE=21.3\n"},
+    {"lsb-release": "DISTRIB_ID=Ubuntu\n", "os-release": 'NAME="Ubuntu"\nVERSION_ID="20.04"'},
+    {"a-release": "x = y release 5\n", "b-release": "Foo release x\nBar release 3 and 4"},
+    {"oracle-release": "Oracle Linux Server release 8.9\n"},
+]
+
+
+def test_distribution_reading_is_upstreams(tmpdir):
+    trees = [files for files, _, _ in RELEASES.values()] + ODD_RELEASES
+    for index, files in enumerate(trees):
+        root = release_tree(tmpdir, "t%d" % index, files)
+        assert udocker.read_os_release(root) == upstream_osdistribution(root), files
+
+
 def test_patchelf_that_takes_one_file_gets_one_per_call(tmpdir):
     """Upstream's patchelf 0.9 fork reads one FILENAME and ignores the rest silently: F3
     setup would leave all but one file of each batch unpatched."""
