@@ -356,3 +356,25 @@ def test_json_text_is_json():
     assert json.loads(udocker.json_text(value)) == value
     assert udocker.json_text(value) == json.dumps(value, sort_keys=True,
                                                   separators=(",", ":"), ensure_ascii=False)
+
+
+# -- a 5.1-era proot (upstream udocker's fork, Debian's 5.1.0): what P modes make up for
+
+@pytest.mark.parametrize("kind", ["upstream", "debian", "modern"])
+def test_proot_command_makes_up_for_what_the_proot_lacks(tmpdir, glibc_tree, kind):
+    """Upstream's fork has --kill-on-exit but no statx translation and a -k that breaks
+    glibc 2.33+ programs; Debian's 5.1.0 lacks --kill-on-exit too; 5.4 has everything."""
+    from test_tools import fake_proot
+    proot = fake_proot(tmpdir.join("p"), "5.4.0" if kind == "modern" else "5.1.0",
+                       modern=kind == "modern", kill_on_exit=kind != "debian")
+    engine = engine_for(tmpdir, glibc_tree, opts={"kernel": "9.9.9-fake"},
+                        UDOCKER_USE_PROOT_EXECUTABLE=proot)
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo)
+    engine.prepare()
+    argv = engine.command()[0]
+    assert ("--kill-on-exit" in argv) is (kind != "debian")
+    assert engine.kill_on_exit is (kind != "debian")            # else wait() kills the rest
+    assert (engine.child_hook() is None) is (kind == "modern")  # the statx filter
+    kind_of_libc, version = engine.container.libc()
+    kernel_dropped = kind != "modern" and udocker.version_at_least(version, "2.33")
+    assert ("-k" in argv) is not kernel_dropped
