@@ -25,29 +25,22 @@ import time
 
 import pytest
 
+from support import required_file
 from support.slurm import find_processes, processes_left
-from test_batch import (MPI_ENV, MPI_HELLO, MODES, TARBALL, Batch,
-                        _run_unavailable, container_processes,
-                        marker_number, unavailable_in)
+from test_batch import (MPI_ENV, MPI_HELLO, MODES, Batch,
+                        container_processes, marker_number)
 
 NODES = ["n1", "n2", "n3"]
 
 
 @pytest.fixture(scope="module")
-def nodes(request, tmp_path_factory):
+def nodes(request):
     """A Batch on the multi-node cluster, its top in the shared directory;
     skipped with the reason printed like tests/test_batch.py's."""
-    reason = None
     if os.geteuid() == 0:
-        reason = "the batch tests run as a non-root user (bash tests/run)"
-    elif not TARBALL or not os.path.isfile(TARBALL):
-        reason = "UDOCKER_TEST_TARBALL does not name the tools tarball " \
-                 "(%r)" % TARBALL
-    else:
-        reason = _run_unavailable(str(tmp_path_factory.mktemp("probe")))
-    if reason:
-        print("skipped: " + reason)
-        pytest.skip(reason)
+        print("skipped: the batch tests run as a non-root user (bash tests/run)")
+        pytest.skip("the batch tests run as a non-root user (bash tests/run)")
+    required_file("UDOCKER_TEST_TARBALL")
     cluster = request.getfixturevalue("slurm_nodes")
     registry = request.getfixturevalue("registry")
     top = os.path.join(cluster.shared, "batch")
@@ -160,7 +153,6 @@ def test_first_run_on_three_nodes_installs_tools_once(nodes):
         not os.listdir(os.path.join(run.udocker_dir, "bin"))
     rc, out, err = srun(nodes, ["-N", "3"] + UD + ["run", "c", "hostname"],
                         run.udocker_dir)
-    unavailable_in(out + err)
     assert rc == 0, out + err
     assert _node_names(out) == NODES, out + err
     assert (out + err).count("installing tools from") == 1, out + err
@@ -172,7 +164,6 @@ def test_srun_three_nodes_run_the_container(nodes, mode):
     rc, out, err = srun(nodes, ["-N", "3"] + UD + ["run", "c-" + mode,
                                                    "hostname"],
                         run.udocker_dir)
-    unavailable_in(out + err)
     assert rc == 0, out + err
     assert _node_names(out) == NODES, out + err
 
@@ -201,7 +192,6 @@ def test_array_over_the_nodes_runs_one_container(nodes):
     seen = set()
     for record in records:
         out = nodes.slurm.output(record["JobIDRaw"])
-        unavailable_in(out)
         task = record["JobID"].split("_")[1]
         assert record["State"] == "COMPLETED", (record, out)
         assert "task %s on %s ok" % (task, record["NodeList"]) in out, \
@@ -225,7 +215,6 @@ def test_run_rm_image_from_every_node_at_once(nodes):
     rc, out, err = srun(nodes, ["-N", "3"] + UD + [
         "run", "--rm", ref, "sh", "-c", "echo ok $(hostname) $SLURMD_NODENAME"],
         run.udocker_dir)
-    unavailable_in(out + err)
     assert rc == 0, out + err
     assert sorted(l for l in out.splitlines() if l.startswith("ok ")) == \
         ["ok n1 n1", "ok n2 n2", "ok n3 n3"], out + err     # SLURMD_NODENAME passes
@@ -257,8 +246,6 @@ def test_scancel_of_a_3_node_job_leaves_no_container_process(nodes, mode):
             break
         time.sleep(0.2)
     where = sorted(nodes.slurm.node_of(pid) for pid, _ in running)
-    if where != NODES:
-        unavailable_in(nodes.slurm.output(job))
     assert where == NODES, (running, nodes.slurm.output(job))
     nodes.slurm.scancel(job)
     assert nodes.slurm.wait(job, timeout=120) == "CANCELLED"
