@@ -164,7 +164,10 @@ def show_name(value, limit=300):
 
 def json_loads(data):
     """Parse JSON from bytes or text; raises ValueError on bad input."""
-    return json.loads(to_text(data))
+    try:
+        return json.loads(to_text(data))
+    except RuntimeError:            # RecursionError: [[[[... nested past the stack
+        raise ValueError("JSON nested too deeply")
 
 
 def json_dumps(obj, pretty=False):
@@ -477,7 +480,7 @@ def _typed(key, raw, default):
     if isinstance(default, list):
         if raw.startswith("["):
             try:
-                value = json.loads(raw)
+                value = json_loads(raw)
             except ValueError:
                 raise ConfigurationError("%s: not a JSON list: %r" % (key, raw))
             if not isinstance(value, list) or not all(_like(item, default) for item in value):
@@ -3581,6 +3584,8 @@ def _check_layers(reader, config_doc, layers, what):
 def _archive_name(text, reader):
     """(name, tag) of an image name found in an archive; name is None for a bare tag (OCI
     ref.name "latest"). Raises ArchiveError for names that cannot be stored."""
+    if not isinstance(text or "", (str, text_type)):
+        raise ArchiveError("%s: invalid image name in archive: %r" % (reader.label, text))
     text = to_text(text or "").strip()
     if "/" not in text and ":" not in text and "@" not in text and TAG_RE.match(text):
         return (None, text)
@@ -3716,9 +3721,12 @@ def _docker_images(reader):
     images = []
     for item in entries:
         if not isinstance(item, dict) or not isinstance(item.get("Config"), (str, text_type)) \
-                or not isinstance(item.get("Layers"), list):
+                or not isinstance(item.get("Layers"), list) or \
+                not all(isinstance(name, (str, text_type)) for name in item["Layers"]):
             raise ArchiveError("%s: manifest.json: an entry has no Config or Layers"
                                % reader.label)
+        if not isinstance(item.get("RepoTags") or [], list):
+            raise ArchiveError("%s: manifest.json: RepoTags is not a list" % reader.label)
         config = reader.entry(item["Config"], "image config")
         layers = [reader.entry(name, "layer") for name in item["Layers"]]
         config_doc = reader.json(config)
