@@ -71,11 +71,11 @@ class Py2Stream(object):
         return False
 
 
-def streams():
-    """(stdin, stdout, stderr) as a UTF-8 locale gives them, stdin empty and not a tty."""
+def streams(stdin=b""):
+    """(stdin, stdout, stderr) as a UTF-8 locale gives them, stdin not a tty."""
     if PY2:
-        return Py2Stream(), Py2Stream(), Py2Stream()
-    return (io.TextIOWrapper(io.BytesIO(b""), encoding="utf-8", errors="surrogateescape"),
+        return Py2Stream(stdin), Py2Stream(), Py2Stream()
+    return (io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8", errors="surrogateescape"),
             io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict"),
             io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace"))
 
@@ -246,7 +246,7 @@ def runner(world, monkeypatch):
     topdir = os.path.join(world.base, "ud")         # its repository, a copy of the template
     state = {"tree": None}
 
-    def run(argv, env=None, expect=ANY, allow_many=False, fresh=False):
+    def run(argv, env=None, expect=ANY, allow_many=False, fresh=False, stdin=b""):
         """fresh: the template changed (copy it even if the last case changed nothing)."""
         if fresh or state["tree"] is None or _tree(topdir) != state["tree"]:
             _rmtree(topdir)
@@ -264,7 +264,7 @@ def runner(world, monkeypatch):
         argv = [a.replace("@TOPDIR@", topdir) for a in argv]
         os.chdir(case)
         try:
-            rc, out, err = call(argv, environ)
+            rc, out, err = call(argv, environ, stdin)
         finally:
             os.chdir(cwd)
             if _snapshot(world.files) != world.snapshot:
@@ -280,11 +280,11 @@ def _on_alarm(signum, frame):
     raise Hang()
 
 
-def call(argv, environ):
+def call(argv, environ, stdin=b""):
     """(status, stdout, stderr) of main(argv, environ); status is a string when something
     escaped main()."""
     saved = sys.stdin, sys.stdout, sys.stderr
-    sys.stdin, sys.stdout, sys.stderr = streams()
+    sys.stdin, sys.stdout, sys.stderr = streams(stdin)
     level = udocker.MSG.level
     if os.geteuid() == 0:                       # (CI runs the tests as a user)
         argv = ["--allow-root"] + list(argv)
@@ -458,7 +458,7 @@ def environment_cases(w):
     """[(argv, env, expect)]: every UDOCKER_* variable the configuration reads, odd values."""
     pool = odd_values(w)
     common = ["", " ", "x" * 5000, native(b"\xff"), native(b"caf\xc3\xa9"), "-1",
-              "99999999999999999999", "nan", "a\nb"] + \
+              "99999999999999999999", "nan", "a\nb", "/", "/proc/self", "/dev/null"] + \
         [w.paths[k] for k in ("dir", "missing", "fifo", "unreadable", "garbage")]
     cases = []
     for key, default, env in udocker.CONFIG_DEFAULTS:
@@ -693,3 +693,24 @@ def test_malformed_env_files(runner, world, tmp_path):
         value = data if isinstance(data, str) else native(data)
         results.append(runner(["run", "-e", value, "fzc"], expect=ANY))
     check(results, len(results))
+
+
+def test_standard_input(runner, world):
+    """What load, import and login read from standard input."""
+    tar = open(world.archive, "rb").read()
+    inputs = [(b"", ERROR), (b"garbage" * 100, ERROR), (tar[:1000], ERROR),
+              (tar[:len(tar) // 2], ERROR), (b"\x1f\x8b" + b"\x00" * 100, ERROR),
+              (b"BZh9" + b"x" * 100, ERROR), (b"\xfd7zXZ\x00" + b"x" * 100, ERROR),
+              (b"\x28\xb5\x2f\xfd" + b"x" * 100, ERROR), (tar, ANY)]
+    cases = []
+    for data, expect in inputs:
+        cases += [(["load"], data, expect), (["load", "-"], data, expect),
+                  (["load", "-i", "-"], data, expect),
+                  # a truncated tar is imported: only its first member is checked
+                  (["import", "-", "imp:1"], data, ANY if data[:4] == tar[:4] else expect),
+                  (["import", "--tocontainer", "-"], data, ANY if data == tar else expect)]
+    for data in (b"", b"\n", b"\xff\xfe\n", b"x" * 100000, b"\x00\n"):
+        cases += [(["login", "--username", "u", "--password-stdin"], data, ANY),
+                  (["login", "--password", "p"], data, ANY), (["login"], data, ERROR)]
+    check([runner(argv, expect=expect, stdin=data) for argv, data, expect in cases],
+          len(cases))
