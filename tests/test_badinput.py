@@ -22,7 +22,6 @@ import os
 import random
 import shutil
 import signal
-import stat
 import sys
 import tarfile
 import tempfile
@@ -141,6 +140,7 @@ def _make_files(w):
     case changed them: save -o FILE, rmname PATH ...)."""
     _rmtree(w.files)
     os.makedirs(w.files)
+
     def put(name, data, mode=None):
         path = os.path.join(w.files, name)
         with open(path, "wb") as handle:

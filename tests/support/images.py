@@ -951,4 +951,3 @@ def push_cwl_standins(registry, cache=None):
         pushed.update(push_image(client, repo, tag, image, "docker"))
     registry.images.update(pushed)
     return pushed
-
