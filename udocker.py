@@ -8202,7 +8202,7 @@ TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
     # other sum is given
     "udocker-tools-2.0.0.tar.gz":
-        "46de7278a80af5f009b1c732fe88601be7bd44063f7045258862e5fbc6231b95",
+        "50ed63cb30bf88020432e4d9cab003cad28051837985ebd2f163b790d11e1800",
 }
 TOOLS_GITBLOB = {
     # tarball file name -> git blob id of a published release: the SHA-1 of

@@ -49,46 +49,10 @@ EXCLUDED_TAGS = ("networkaccess",)         # needs the Internet
 CI_EXTRA = ("colon_in_paths", "colon_in_output_path", "iwdr_dir_literal_real_file",
             "iwd-passthrough2", "writable_stagedfiles", "legal_symlink")
 
-# F3 failures that are libfakechroot's bug, not udocker.py's (issue 13: in a volume as the
-# working directory, cwltool's --workdir=/var/spool/cwl, relative names fail). Each of these
-# 31 of the 57 was seen failing on the relative name given, and on nothing else, with the
-# tools tarball of main (all but colon_in_paths pass with branch fmodes' libfakechroot).
-# Only these may fail in F3, as xfail.
-_CWD = "a relative name in the volume working directory is not found: "
-F3_KNOWN = {
-    "booleanflags_cl_noinputbinding": _CWD + "cwl.output.json",
-    "cl_basic_generation": _CWD + "cwl.output.json",
-    "cl_empty_array_input": _CWD + "cwl.output.json",
-    "cl_optional_bindings_provided": _CWD + "cwl.output.json",
-    "cl_optional_inputs_missing": _CWD + "cwl.output.json",
-    "colon_in_output_path": _CWD + "A:Gln2Cys_result",
-    "colon_in_paths": _CWD + "A:Gln2Cys_result; with branch fmodes' library, "
-                      "FAKECHROOT_VOLUMES cannot name a path with ':' (its separator)",
-    "cwloutput_nolimit": _CWD + "cwl.output.json",
-    "directory_input_docker": _CWD + ".",
-    "docker_entrypoint": _CWD + "cow",
-    "docker_json_output_location": _CWD + "foo",
-    "docker_json_output_path": _CWD + "foo",
-    "env_home_tmpdir_docker_no_return_code": _CWD + "log",
-    "expr_reference_self_noinput": _CWD + "cwl.output.json",
-    "filesarray_secondaryfiles": _CWD + "fai.list",
-    "initial_workdir_empty_writable_docker": _CWD + "emptyWritableDir/blurg",
-    "initial_workdir_output": _CWD + "ref.fasta.fai",
-    "initial_workdir_secondary_files_expr": _CWD + "input.txt",
-    "initworkdir_expreng_requirements": _CWD + "foo.txt",
-    "inlinejs_req_expressions": _CWD + "cwl.output.json",
-    "iwd-passthrough2": _CWD + "renamed-filelist.txt",
-    "json_output_location_relative": _CWD + "foo",
-    "json_output_path_relative": _CWD + "foo",
-    "legal_symlink": _CWD + "adir",
-    "modify_file_content": _CWD + "out.txt",
-    "nested_cl_bindings": _CWD + "cwl.output.json",
-    "nested_prefixes_arrays": _CWD + "cwl.output.json",
-    "packed_import_schema": _CWD + "a.bam",
-    "record_order_with_input_bindings": _CWD + "cwl.output.json",
-    "valuefrom_constant_overrides_inputs": _CWD + "cwl.output.json",
-    "writable_stagedfiles": _CWD + "bob.txt",
-}
+# Every mode must pass every selected test. (With the tools tarball before issue 13's
+# libfakechroot, 31 of the 57 failed in F3 on a relative name in the volume working
+# directory; F3_KNOWN held them as xfails until that library landed.)
+F3_KNOWN = {}
 
 # Run under the cwltool virtualenv's Python (it has ruamel.yaml): print the ids of the
 # tests whose tool, or a file the tool runs or imports, names DockerRequirement.
