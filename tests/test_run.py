@@ -293,6 +293,11 @@ SIGNAL_CASES = [(mode, "TERM", "shell") for mode in sorted(MODES)] + \
      for sig, form in (("INT", "shell"), ("HUP", "shell"), ("TERM", "direct"))]
 
 
+def default_signals():
+    for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("mode,sig,form", SIGNAL_CASES)
 def test_signal_reaches_the_container_and_nothing_is_left(world, mode, sig, form):
     """A signal to udocker.py ends the container's command with 128+N, and no process of
@@ -303,10 +308,10 @@ def test_signal_reaches_the_container_and_nothing_is_left(world, mode, sig, form
     command = ["sleep", str(marker)] if form == "direct" else \
         ["sh", "-c", "sleep %d & sleep %d; echo after" % (marker + 1, marker)]
     argv, env = world.command(["run", "--nobanner", cid] + command, mode)
-    # udocker.py keeps a signal ignored that it inherited ignored (nohup's SIGHUP): the test
-    # must not inherit that from whatever started pytest
+    # udocker.py keeps a signal ignored that it inherited ignored (nohup's SIGHUP, SIGINT in
+    # a job started with &): the test must not inherit that from whatever started pytest
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+                            preexec_fn=default_signals)
     try:
         wait_for(lambda: processes_matching("(^|/)sleep %d$" % marker), "the sleep to start")
         proc.send_signal(getattr(signal, "SIG" + sig))
