@@ -1811,14 +1811,7 @@ class Response(object):
         return self.headers.get(name.lower(), default)
 
     def read(self, amount=None):
-        try:
-            data = self.raw.read(amount) if amount else self.raw.read()
-        except httplib.HTTPException as exc:
-            self.close(reuse=False)
-            raise TransportError("%s: %s" % (type(exc).__name__, exc))
-        except BaseException:
-            self.close(reuse=False)
-            raise
+        data = self._body(self.raw.read, *([amount] if amount else []))
         if not data or amount is None:
             self.close()
         return data
@@ -1826,22 +1819,27 @@ class Response(object):
     def readinto(self, view):
         """Read body bytes into the writable memoryview view (filled unless the body ends);
         returns how many, 0 at the end of the body."""
+        if PY3:
+            count = self._body(self.raw.readinto, view)
+        else:                                             # pragma: no cover (2.7)
+            data = self._body(self.raw.read, len(view))
+            count = len(data)
+            view[:count] = data
+        if not count:
+            self.close()
+        return count
+
+    def _body(self, call, *args):
+        """call(*args) on the body: after any failure the connection is not reused, and
+        http.client's own errors become TransportError."""
         try:
-            if PY3:
-                count = self.raw.readinto(view)
-            else:                                         # pragma: no cover (2.7)
-                data = self.raw.read(len(view))
-                count = len(data)
-                view[:count] = data
+            return call(*args)
         except httplib.HTTPException as exc:
             self.close(reuse=False)
             raise TransportError("%s: %s" % (type(exc).__name__, exc))
         except BaseException:
             self.close(reuse=False)
             raise
-        if not count:
-            self.close()
-        return count
 
     def read_all(self, limit=MANIFEST_MAX):
         chunks, total = [], 0

@@ -349,7 +349,8 @@ def test_odd_retry_after_is_retried(udocker, fault_proxy, value):
     fault_proxy.set(mode="status", status=503, count=2, retry_after=value)
     res = pull_via(udocker, fault_proxy).check()
     assert "internal error" not in res.err
-    assert [r["status"] for r in fault_proxy.blob_requests()][:2] == [503, 503]
+    # (parallel downloads: the two 503s need not be the first two requests recorded)
+    assert [r["status"] for r in fault_proxy.blob_requests()].count(503) == 2
     udocker("verify", "test/multilayer").check()
 
 
