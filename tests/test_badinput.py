@@ -305,6 +305,10 @@ def call(argv, environ, stdin=b""):
     return rc, out, err
 
 
+# commands that take several targets and say what failed for each (as docker rm/rmi do)
+MANY_TARGETS = ("rm", "rmi")
+
+
 def judge(argv, env, expect, allow_many, rc, err):
     """None when the case behaved, else one line saying how it did not."""
     lines = err.rstrip("\n").split("\n") if err else []
@@ -530,8 +534,8 @@ def conf_cases():
 @pytest.mark.parametrize("name", sorted(udocker.COMMANDS))
 def test_command_lines(runner, world, name):
     cases = command_line_cases(world, name)
-    check([runner(argv, expect=expect, allow_many=name == "rm") for argv, expect in cases],
-          len(cases))
+    check([runner(argv, expect=expect, allow_many=name in MANY_TARGETS)
+           for argv, expect in cases], len(cases))
 
 
 @pytest.mark.parametrize("name", sorted(udocker.COMMANDS))
@@ -555,7 +559,7 @@ def test_random_command_lines(runner, world, name):
             else:
                 words.append(rnd.choice(pool))
         cases.append([name] + words)
-    check([runner(argv, allow_many=name == "rm") for argv in cases], len(cases))
+    check([runner(argv, allow_many=name in MANY_TARGETS) for argv in cases], len(cases))
 
 
 def test_general_options(runner, world):
