@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from support import TESTS_DIR, UDOCKER_SCRIPT, SupportError, required_file, which
+from support import TESTS_DIR, UDOCKER_SCRIPT, SupportError, require_engine_tests, which
 from support.images import (TEST_IMAGE_CACHE, image_from_tarball,
                             push_image)
 from support.nvidia import BOUND_LIBRARIES, SMI_TABLE, FakeDriver, tree_state
@@ -180,10 +180,7 @@ class Batch(object):
 def batch(request, tmp_path_factory):
     """A Batch, or the whole module skipped with the reason printed."""
     top = str(tmp_path_factory.mktemp("batch"))
-    if os.geteuid() == 0:
-        print("skipped: the batch tests run as a non-root user (bash tests/run)")
-        pytest.skip("the batch tests run as a non-root user (bash tests/run)")
-    required_file("UDOCKER_TEST_TARBALL")
+    require_engine_tests()
     slurm = request.getfixturevalue("slurm")
     registry = request.getfixturevalue("registry")
     return Batch(slurm, registry, top)

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from support import required_file
+from support import require_engine_tests
 from support.slurm import find_processes, processes_left
 from test_batch import (MPI_ENV, MPI_HELLO, MODES, Batch,
                         container_processes, marker_number)
@@ -37,10 +37,7 @@ NODES = ["n1", "n2", "n3"]
 def nodes(request):
     """A Batch on the multi-node cluster, its top in the shared directory;
     skipped with the reason printed like tests/test_batch.py's."""
-    if os.geteuid() == 0:
-        print("skipped: the batch tests run as a non-root user (bash tests/run)")
-        pytest.skip("the batch tests run as a non-root user (bash tests/run)")
-    required_file("UDOCKER_TEST_TARBALL")
+    require_engine_tests()
     cluster = request.getfixturevalue("slurm_nodes")
     registry = request.getfixturevalue("registry")
     top = os.path.join(cluster.shared, "batch")

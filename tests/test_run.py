@@ -19,7 +19,7 @@ import pytest
 
 import udocker
 import rootfs
-from support import one_error_line, required_file, wait_for
+from support import one_error_line, require_engine_tests, wait_for
 from support.nvidia import BOUND_LIBRARIES, SMI_TABLE, FakeDriver, tree_state
 
 try:
@@ -36,13 +36,7 @@ MODES = {"P1": ("P1", {}), "P2": ("P2", {}), "R1": ("R1", {}),
 STATIC_MODES = ["P1", "P2", "R1", "R1-runc", "R2", "R3"]     # fakechroot cannot run static
 
 
-def needs_tools():
-    """Skip (as root) or fail (UDOCKER_TEST_TARBALL names no file) unless the engines can
-    be tested."""
-    if os.geteuid() == 0:
-        print("skipped: the engines are tested as a non-root user (run: bash tests/run)")
-        pytest.skip("the engines are tested as a non-root user (run: bash tests/run)")
-    required_file("UDOCKER_TEST_TARBALL")
+needs_tools = require_engine_tests
 
 
 @pytest.fixture(scope="module")

@@ -59,8 +59,8 @@ __all__ = ["PY2", "httplib", "urlsplit", "parse_qs", "urlencode", "quote",
            "text_type", "binary_type", "HTTPServer",
            "BaseHTTPRequestHandler", "ThreadingMixIn", "to_bytes", "to_text",
            "native_str", "REPO_ROOT", "TESTS_DIR", "UDOCKER_SCRIPT",
-           "SupportError", "UPSTREAM_UDOCKER", "free_port", "which", "one_error_line", "wait_for",
-           "required_file"]
+           "SupportError", "UPSTREAM_UDOCKER", "free_port", "which", "one_error_line",
+           "wait_for", "require_engine_tests", "required_file"]
 
 
 def to_bytes(value, encoding="utf-8"):
@@ -177,6 +177,16 @@ def wait_for(predicate, what, timeout=120.0, interval=0.02):
         if time.time() >= deadline:
             raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+def require_engine_tests():
+    """Skip as root (the engines are tested as a non-root user), fail where
+    UDOCKER_TEST_TARBALL is named but missing (required_file); returns the tarball."""
+    import pytest
+    if os.geteuid() == 0:
+        print("skipped: the engines are tested as a non-root user (run: bash tests/run)")
+        pytest.skip("the engines are tested as a non-root user (run: bash tests/run)")
+    return required_file("UDOCKER_TEST_TARBALL")
 
 
 def required_file(variable, default=None):
