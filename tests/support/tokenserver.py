@@ -30,6 +30,7 @@ from __future__ import print_function, absolute_import, division
 import base64
 import hashlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -325,10 +326,14 @@ class TokenServer(object):
             return 401, {"errors": [{"code": "UNAUTHORIZED",
                                      "message": error}]}, \
                 (("WWW-Authenticate", 'Basic realm="udocker-test-tokens"'),)
-        now = int(time.time())
+        # whole seconds: "exp" is rounded up so that a token lives at least
+        # `lifetime` seconds (at most one more), not 0 to `lifetime`
+        clock = time.time()
+        now = int(clock)
         claims = {"iss": self.issuer, "sub": account, "aud": service or "",
                   "iat": now, "nbf": now,
-                  "exp": now + settings["lifetime"] - settings["leeway"],
+                  "exp": int(math.ceil(clock)) + settings["lifetime"]
+                  - settings["leeway"],
                   "jti": uuid.uuid4().hex,
                   "access": self._grant(account, scopes)}
         record["access"] = claims["access"]
