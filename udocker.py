@@ -1776,11 +1776,8 @@ class ImageRef(object):
 
     @property
     def local_tag(self):
-        """The tag directory name: the tag, or the digest for by-digest references."""
-        return self.digest or self.tag
-
-    @property
-    def remote_ref(self):
+        """The tag, or the digest of a by-digest reference: the tag directory's name, and
+        what the registry is asked for."""
         return self.digest or self.tag
 
     def __str__(self):
@@ -3000,7 +2997,7 @@ class Puller(object):
 
         When the tag still points at what we pulled last time and it was for
         the same platform, use the stored manifest instead of fetching it again."""
-        body, media, digest = client.get_manifest(ref.remote, ref.remote_ref)
+        body, media, digest = client.get_manifest(ref.remote, ref.local_tag)
         if media not in INDEX_TYPES:
             return body, media, digest, None
         tag_manifest = os.path.join(self.repo.tag_dir(ref.name, ref.local_tag), "manifest")
@@ -9469,7 +9466,7 @@ def cmd_manifest(session, opts, args):
         if opts.get("platform") is not None:
             body = puller.resolve(client, ref, session.platform(opts))[0]
         else:
-            body = client.get_manifest(ref.remote, ref.remote_ref)[0]
+            body = client.get_manifest(ref.remote, ref.local_tag)[0]
     finally:
         client.http.close()
     out(to_text(body).rstrip("\n"))
