@@ -3067,6 +3067,16 @@ class ArchiveError(UdockerError):
     """An image archive or tarball that cannot be used: not a tar, truncated, inconsistent."""
 
 
+class LayerError(RepositoryError):
+    """A layer that cannot be read (corrupt, truncated, not decompressable), raised where
+    that is found: "layer LABEL: REASON". label and reason are kept, so that a reader of a
+    tarball (import) can say it of the tarball instead (see _tarball_errors)."""
+
+    def __init__(self, label, reason):
+        RepositoryError.__init__(self, "layer %s: %s" % (label, reason))
+        self.label, self.reason = label, reason
+
+
 def binary_stdin():
     return getattr(sys.stdin, "buffer", sys.stdin)
 
@@ -3176,7 +3186,7 @@ def _decompress(dec, data, kind, label):
     try:
         return dec.decompress(data, OUT_CHUNK)
     except Exception as exc:
-        raise RepositoryError("layer %s: corrupt %s data (%s)" % (label, kind, exc))
+        raise LayerError(label, "corrupt %s data (%s)" % (kind, exc))
 
 
 def _inflate_gzip(handle, label):
@@ -3199,7 +3209,7 @@ def _inflate_gzip(handle, label):
             break
         yield out
     if not _zlib_ended(dec):
-        raise RepositoryError("layer %s: truncated gzip data" % label)
+        raise LayerError(label, "truncated gzip data")
 
 
 def _inflate_buffered(handle, factory, kind, label):
@@ -3219,7 +3229,7 @@ def _inflate_buffered(handle, factory, kind, label):
             if not dec.eof and dec.needs_input:
                 break
     if not dec.eof:
-        raise RepositoryError("layer %s: truncated %s data" % (label, kind))
+        raise LayerError(label, "truncated %s data" % kind)
 
 
 def _program_chunks(handle, program, kind, label):
@@ -3245,7 +3255,7 @@ def _program_chunks(handle, program, kind, label):
             errors.seek(0)
             lines = to_text(errors.read()).strip().splitlines() or ["exit status %d"
                                                                    % proc.returncode]
-            raise RepositoryError("layer %s: %s -dc failed: %s" % (label, kind, lines[-1]))
+            raise LayerError(label, "%s -dc failed: %s" % (kind, lines[-1]))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -3321,8 +3331,8 @@ def layer_chunks(handle, label, kind=None):
     compression (kind: what layer_compression says, which seeks to look; given, the handle
     is read from where it is).
 
-    Raises RepositoryError ("layer LABEL: ...") for truncated or corrupt compressed data, or
-    when neither Python nor a program on $PATH can decompress it.
+    Raises LayerError for truncated or corrupt compressed data, or when neither Python nor
+    a program on $PATH can decompress it.
     """
     kind = kind or layer_compression(handle)
     if kind == "tar":
@@ -3335,20 +3345,17 @@ def layer_chunks(handle, label, kind=None):
     program = which(DECOMPRESS_PROGRAMS[kind])
     if program:
         return _prefetch(_program_chunks(handle, program, kind, label))
-    raise RepositoryError("layer %s is %s-compressed: this Python cannot decompress it and "
-                          "no %s program was found" % (label, kind, DECOMPRESS_PROGRAMS[kind]))
+    raise LayerError(label, "%s-compressed data: this Python cannot decompress it and no %s "
+                     "program was found" % (kind, DECOMPRESS_PROGRAMS[kind]))
 
 
 def _tarball_errors(label, action, *args):
-    """action(*args), the errors worded for a layer ("layer LABEL: ...") raised as an
-    ArchiveError naming the tarball LABEL instead."""
+    """action(*args), a LayerError (the tarball read as a layer) raised as an ArchiveError
+    naming the tarball LABEL instead."""
     try:
         return action(*args)
-    except RepositoryError as exc:
-        text, prefix = str(exc), "layer %s: " % label
-        if text.startswith(prefix):
-            raise ArchiveError("%s: %s" % (label, text[len(prefix):]))
-        raise
+    except LayerError as exc:
+        raise ArchiveError("%s: %s" % (label, exc.reason))
 
 
 def uncompressed_digest(path):
@@ -4019,7 +4026,7 @@ def spool_layer(stream, path, label):
     gzip and plain tars are stored as they come; bzip2 and xz are stored inflated (layer
     media types have no name for them); zstd is refused. path None: only hash (the
     stream must then be plain or gzip). Returns (blob digest, size, diff_id, compression).
-    Raises RepositoryError ("layer LABEL: ...") for corrupt compressed data.
+    Raises LayerError for corrupt compressed data.
     """
     source = Rewindable(stream)
     kind = layer_compression(source)
@@ -4335,8 +4342,7 @@ class LayerStream(object):
         self.seek(offset)
         block = self.read(TAR_BLOCK)
         if block and (len(block) < TAR_BLOCK or block.strip(b"\0")):
-            raise RepositoryError("layer %s: corrupt or truncated tar data at offset %d"
-                                  % (self.label, offset))
+            raise LayerError(self.label, "corrupt or truncated tar data at offset %d" % offset)
         while self.read(OUT_CHUNK):       # lets the decompressor check the end of its data
             pass
 
@@ -4494,8 +4500,7 @@ class Flattener(object):
                 archive = tarfile.open(fileobj=self.stream, mode="r:", encoding="utf-8",
                                        errors=TAR_ERRORS, tarinfo=fast_tarinfo_class())
             except tarfile.TarError as exc:
-                raise RepositoryError("layer %s: corrupt or not a tar archive (%s)"
-                                      % (label, exc))
+                raise LayerError(label, "corrupt or not a tar archive (%s)" % exc)
             self.layer_gone, self.layer_opaque = set(), set()
             self.parents_ok = set()
             self.skipped = {}
@@ -4509,7 +4514,7 @@ class Flattener(object):
                     del archive.members[:]          # tarfile keeps them all otherwise
                     visit(member, archive)
             except (tarfile.TarError, UnicodeError) as exc:
-                raise RepositoryError("layer %s: corrupt tar data (%s)" % (label, exc))
+                raise LayerError(label, "corrupt tar data (%s)" % exc)
             self.stream.finish(archive.offset)
             self._end_layer()
         finally:
@@ -4702,8 +4707,8 @@ class Flattener(object):
             while remaining > 0:
                 data = source.read(min(remaining, OUT_CHUNK))
                 if not data:
-                    raise RepositoryError("layer %s: truncated data in %s"
-                                          % (self.label, show_name(member.name)))
+                    raise LayerError(self.label, "truncated data in %s"
+                                     % show_name(member.name))
                 remaining -= len(data)
                 while data:
                     data = data[os.write(fd, data):]

@@ -319,6 +319,23 @@ def test_bad_tarball_fails_in_one_line_and_leaves_nothing(env, tmpdir, case, how
     assert env.containers_dir_entries() == []
 
 
+@pytest.mark.parametrize("how", ["--tocontainer", "--clone"])
+def test_undecompressable_tarball_is_an_archive_error_naming_it(env, tmpdir, how, monkeypatch):
+    """A zstd tarball with nothing to decompress it (no zstd on PATH; before Python 3.14)
+    fails as every other bad tarball does: ArchiveError, "Error: TARBALL: ...". (Its class
+    was once chosen by matching the message text, which this one did not match.)"""
+    path = write(str(tmpdir.join("z.tar.zst")), b"\x28\xb5\x2f\xfd" + b"\x00" * 600)
+    line = one_error_line(env.run("import", how, "--name=z", path,
+                                  env={"PATH": "/nonexistent"})[2])
+    assert line.startswith("Error: %s: " % path) and "zstd" in line, line
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(udocker.ArchiveError) as caught:
+        udocker.import_container(env.store, env.cfg, path, image=None if how == "--clone"
+                                 else "z:1", platform=udocker.Platform.host())
+    assert str(caught.value).startswith(path + ": ") and "zstd" in str(caught.value)
+    assert env.containers_dir_entries() == []
+
+
 def test_clone_refuses_what_is_not_a_container_directory(env, tmpdir):
     cases = [
         (one_tarball([busybox_layer()]), "root file system tarball"),
