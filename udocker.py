@@ -994,6 +994,17 @@ class Platform(object):
         return "/".join(p for p in (self.os, self.arch, self.variant) if p)
 
 
+def platform_text(doc, default="unknown/unknown"):
+    """'os/arch[/variant]' of an image config, container.json or index entry's platform
+    (a missing os or architecture is 'unknown'); default when it names neither."""
+    doc = doc if isinstance(doc, dict) else {}
+    os_name, arch, variant = [doc.get(k) for k in ("os", "architecture", "variant")]
+    if not os_name and not arch:
+        return default
+    return "/".join(["%s" % (os_name or "unknown"), "%s" % (arch or "unknown")]
+                    + (["%s" % variant] if variant else []))
+
+
 # ==== 5. Local repository ====
 # The layout of upstream udocker 1.3 (see README "On-disk layout"): repos/NAME/TAG/ with TAG,
 # v1|v2, manifest, relative symlinks into layers/; containers/ID/; bin/, lib/, doc/.
@@ -1087,11 +1098,7 @@ class LocalImage(object):
 
     @property
     def platform(self):
-        cfg = self.config
-        if not cfg.get("architecture") and not cfg.get("os"):
-            return self.record.get("platform", "unknown/unknown")
-        return "/".join(p for p in (cfg.get("os", "unknown"), cfg.get("architecture",
-                                    "unknown"), cfg.get("variant", "")) if p)
+        return platform_text(self.config, self.record.get("platform", "unknown/unknown"))
 
     def links(self):
         """(name, path) of every layer/config symlink in the tag directory."""
@@ -2913,7 +2920,7 @@ def select_platform(index, wanted, ref):
         os_name, arch = plat.get("os", ""), plat.get("architecture", "")
         if os_name == "unknown" or not arch:
             continue
-        available.append("/".join(p for p in (os_name, arch, plat.get("variant", "")) if p))
+        available.append(platform_text(plat))
         if wanted.matches(os_name, arch, plat.get("variant", "")):
             exact = (plat.get("variant") or "") == (wanted.variant or "")
             if best is None or (exact and not best[0]):
@@ -3023,8 +3030,7 @@ class Puller(object):
         if media in (MT_DOCKER_V1, MT_DOCKER_V1_SIGNED):
             return "%s/%s" % ("linux", manifest.get("architecture", wanted.arch))
         config = read_json(self.repo.blob_path(blobs[0][0])) or {}
-        found = "/".join(p for p in (config.get("os", ""), config.get("architecture", ""),
-                                     config.get("variant", "")) if p)
+        found = platform_text(config, "")
         if found and config.get("architecture") and \
                 not wanted.matches(config.get("os", "linux"), config["architecture"],
                                    config.get("variant", "")):
@@ -3550,9 +3556,7 @@ class ArchiveImage(object):
 
     @property
     def platform(self):
-        cfg = self.config_doc
-        return "/".join(str(p) for p in (cfg.get("os"), cfg.get("architecture"),
-                                         cfg.get("variant")) if p) or "unknown/unknown"
+        return platform_text(self.config_doc)
 
 
 def make_manifest(config, layers):
@@ -5240,11 +5244,7 @@ def import_container(store, cfg, source, name=None, image=None, platform=None):
 
 def container_platform(store, cid):
     """os/arch[/variant] from the container's container.json, as upstream prints it."""
-    config = read_json(store.path(cid, "container.json"))
-    if not isinstance(config, dict):
-        return "unknown/unknown"
-    return "/".join([config.get("os") or "unknown", config.get("architecture") or "unknown"]
-                    + ([config["variant"]] if config.get("variant") else []))
+    return platform_text(read_json(store.path(cid, "container.json")))
 
 
 def container_root_state(store, cid):

@@ -769,6 +769,17 @@ def test_platform_matching():
                                    "x")["digest"] == "b"
 
 
+def test_platform_text_of_configs_and_index_entries():
+    """One reading of os/arch/variant for images, ps, load and pull."""
+    assert ud.platform_text({"os": "linux", "architecture": "arm", "variant": "v7"}) == \
+        "linux/arm/v7"
+    assert ud.platform_text({"architecture": "amd64"}) == "unknown/amd64"
+    assert ud.platform_text({"os": "linux", "variant": ""}) == "linux/unknown"
+    assert ud.platform_text({}) == ud.platform_text(None) == "unknown/unknown"
+    assert ud.platform_text({"config": {}}, "") == ""
+    assert ud.platform_text({"os": 5, "architecture": ["x"]}) == "5/['x']"
+
+
 # -- proxies ------------------------------------------------------------------------------
 
 class ForwardProxy(LoopbackServer):
