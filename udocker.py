@@ -951,7 +951,15 @@ TOOL_ARCH = {"amd64": "x86_64", "386": "x86", "arm64": "arm64", "arm": "arm",
              "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
 
-KNOWN_ARCHES = set(list(TOOL_ARCH) + list(TOOL_ARCH.values()) + ["aarch64", "i386"])
+# Other names of Docker architectures (uname -m, Debian, config files written by hand).
+ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64", "i386": "386"}
+
+KNOWN_ARCHES = set(list(TOOL_ARCH) + list(TOOL_ARCH.values()) + list(ARCH_ALIASES))
+
+
+def docker_arch(name):
+    """The Docker name of an architecture: 'x86_64' -> 'amd64'; a Docker name stays."""
+    return ARCH_ALIASES.get(name, name)
 
 
 class Platform(object):
@@ -971,8 +979,7 @@ class Platform(object):
         if not 2 <= len(parts) <= 3 or not all(parts) or \
                 not all(re.match(r"^[a-z0-9][a-z0-9_.-]*$", p) for p in parts):
             raise UsageError("invalid platform: %r (expected os/arch[/variant])" % text)
-        arch = {"x86_64": "amd64", "aarch64": "arm64", "i386": "386"}.get(parts[1], parts[1])
-        return cls(parts[0], arch, parts[2] if len(parts) == 3 else "")
+        return cls(parts[0], docker_arch(parts[1]), parts[2] if len(parts) == 3 else "")
 
     @classmethod
     def host(cls):
@@ -6052,7 +6059,7 @@ class RunContainer(object):
     def arch(self):
         arch = self.config.get("architecture")
         if arch:
-            return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
+            return docker_arch(arch)
         info = elf_info(resolve_in_root(self.root, "/bin/sh"))
         return info["machine"] if info else Platform.host().arch
 

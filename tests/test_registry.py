@@ -767,6 +767,10 @@ def test_platform_matching():
         {"digest": "c", "platform": {"os": "unknown", "architecture": "unknown"}}]}
     assert ud.select_platform(index, ud.Platform.parse("linux/arm/v7"),
                                    "x")["digest"] == "b"
+    for alias, name in (("x86_64", "amd64"), ("aarch64", "arm64"), ("i386", "386")):
+        assert ud.Platform.parse("linux/" + alias).arch == name
+        assert ud.Platform.parse(alias).arch == name
+        assert ud.RunContainer("c", None, "/", {"architecture": alias}).arch() == name
 
 
 def test_platform_text_of_configs_and_index_entries():
