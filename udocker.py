@@ -617,22 +617,53 @@ class Config(object):
 # directory; every read-modify-write of shared state holds a lock file (fcntl.flock, no daemon).
 
 
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class AtomicFile(object):
+    """`with AtomicFile(path) as handle:` writes a temp file beside path (binary handle)
+    that becomes path only when the block ends without an exception: never a half file.
+
+    mode: the file's mode (None: 0666 less the umask, as open() makes it); sync=False skips
+    the fsync, for a file whose loss after a crash costs only time; publish(tmp, path)
+    gives the name (default os.rename; a tmp it does not consume it removes).
+    """
+
+    def __init__(self, path, mode=0o644, sync=True, publish=None):
+        self.path, self.mode, self.sync = path, mode, sync
+        self.publish = publish or os.rename
+        self.tmp = self.handle = None
+
+    def __enter__(self):
+        fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(self.path) or ".")
+        self.handle = os.fdopen(fd, "wb")
+        return self.handle
+
+    def __exit__(self, kind, value, trace):
+        published = False
+        try:
+            if kind is None:
+                if self.sync:
+                    self.handle.flush()
+                    os.fsync(self.handle.fileno())
+                self.handle.close()
+                os.chmod(self.tmp, 0o666 & ~current_umask() if self.mode is None
+                         else self.mode)
+                self.publish(self.tmp, self.path)
+                published = True
+        finally:
+            self.handle.close()
+            if not published:
+                remove_quietly(self.tmp)
+
+
 def write_atomic(path, data, mode=0o644, sync=True):
-    """Write bytes or text to path via temp file + fsync + rename; never a half file.
-    sync=False skips the fsync, for a file whose loss after a crash costs only time."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(to_bytes(data))
-            if sync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
+    """Write bytes or text to path via temp file + fsync + rename (see AtomicFile)."""
+    with AtomicFile(path, mode, sync) as handle:
+        handle.write(to_bytes(data))
 
 
 def read_text(path):
@@ -3995,6 +4026,8 @@ def _publish_new(tmp, output):
         if os.path.lexists(output):
             raise UsageError("output file already exists: %s" % output)
         os.rename(tmp, output)                   # no hard links on this file system
+        return
+    os.unlink(tmp)
 
 
 def save_archive(repo, images, output):
@@ -4012,19 +4045,8 @@ def save_archive(repo, images, output):
             plan.write(stream)
             stream.flush()
             return
-        directory = os.path.dirname(os.path.abspath(output))
-        fd, tmp = tempfile.mkstemp(prefix=".udocker-save-", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                plan.write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            umask = os.umask(0o022)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            _publish_new(tmp, output)
-        finally:
-            remove_quietly(tmp)
+        with AtomicFile(os.path.abspath(output), None, publish=_publish_new) as handle:
+            plan.write(handle)
     finally:
         plan.close()
 
@@ -4420,12 +4442,6 @@ def read_attrs(path):
         except ValueError:
             continue
     return found
-
-
-def current_umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 class _LinkGroup(object):
@@ -5303,20 +5319,17 @@ def export_container(store, id_or_name, output, whole=False):
         if not os.path.isdir(top):
             raise RepositoryError("container %s has no ROOT directory" % cid)
         attrs = {} if whole else read_attrs(store.path(cid, META_DIR, "attrs"))
-        if hasattr(output, "write"):
-            with tarfile.open(fileobj=output, mode="w|", format=tarfile.GNU_FORMAT,
+
+        def write(handle):
+            with tarfile.open(fileobj=handle, mode="w|", format=tarfile.GNU_FORMAT,
                               encoding="utf-8", errors=TAR_ERRORS) as archive:
                 _export_tree(archive, to_bytes(top), attrs, whole)
-            return cid
-        tmp = "%s.tmp-%d" % (output, os.getpid())
-        try:
-            with tarfile.open(tmp, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
-                              errors=TAR_ERRORS) as archive:
-                _export_tree(archive, to_bytes(top), attrs, whole)
-            os.rename(tmp, output)
-        except BaseException:
-            remove_quietly(tmp)
-            raise
+
+        if hasattr(output, "write"):
+            write(output)
+        else:
+            with AtomicFile(output, None, sync=False) as handle:
+                write(handle)
     return cid
 
 

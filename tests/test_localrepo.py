@@ -282,6 +282,34 @@ for _ in range(150):
     assert holder.returncode == 0 and os.listdir(parent) == []
 
 
+def test_atomic_file_appears_whole_or_not_at_all(tmpdir):
+    """write_atomic, save and export write through AtomicFile: the file appears with its
+    mode only when the writing ended well, and no temp file stays either way."""
+    top = str(tmpdir)
+    path = os.path.join(top, "out")
+    with pytest.raises(ZeroDivisionError):
+        with ud.AtomicFile(path) as handle:
+            handle.write(b"half")
+            1 / 0
+    assert os.listdir(top) == []
+    ud.write_atomic(path, u"whole", mode=0o600)
+    assert open(path, "rb").read() == b"whole" and os.stat(path).st_mode & 0o777 == 0o600
+    old = os.umask(0o027)
+    try:
+        with ud.AtomicFile(path, None, sync=False) as handle:
+            handle.write(b"new")
+    finally:
+        os.umask(old)
+    assert open(path, "rb").read() == b"new" and os.stat(path).st_mode & 0o777 == 0o640
+    with pytest.raises(ud.UsageError):                  # save's: never replace a file
+        with ud.AtomicFile(path, publish=ud._publish_new) as handle:
+            handle.write(b"other")
+    assert os.listdir(top) == ["out"] and open(path, "rb").read() == b"new"
+    with ud.AtomicFile(os.path.join(top, "new"), publish=ud._publish_new) as handle:
+        handle.write(b"linked")
+    assert sorted(os.listdir(top)) == ["new", "out"]
+
+
 def test_a_lock_file_unlinked_by_its_holder_is_taken_anew(tmpdir):
     """rm deletes .locks/container-ID.lock while holding it; a process that was waiting on
     it must then lock the file now at that path, not the unlinked one (or two processes
