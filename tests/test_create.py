@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -24,6 +25,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 MTIME = 1600000000
 BUSYBOX = "/bin/busybox"
 PY3 = sys.version_info[0] >= 3
+ID_RE = re.compile(r"^[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+$")   # a container id
 
 
 def have(program):
@@ -693,7 +695,7 @@ def test_create_prints_only_the_id_and_writes_metadata(env):
     rc, out, err = env.run("create", "--name=box", "busybox")
     assert rc == 0, err
     cid = str(out.decode().strip())
-    assert out.decode() == cid + "\n" and udocker.ContainerStore.ID_RE.match(cid)
+    assert out.decode() == cid + "\n" and ID_RE.match(cid)
     with open(env.store.path(cid, "imagerepo.name")) as handle:
         assert handle.read() == "busybox:latest"
     with open(env.store.path(cid, "container.json"), "rb") as handle:
@@ -743,6 +745,15 @@ def test_rm_names_protection_and_errors(env):
     rc, out, err = env.run("rm", "box", "nosuch")
     assert rc == 1 and "Info: deleting container: %s" % cid in err and "nosuch" in err
     assert env.containers_dir_entries() == []
+
+
+def test_container_ids_are_told_from_names():
+    """ContainerStore.is_id (no regular expression: run's start) accepts what ID_RE does."""
+    texts = [udocker.ContainerStore.new_id("x") for _ in range(20)] + [
+        "a-b-c-d-e", "0-1-2-3-4", "A-b-c-d-e", "a-b-c-d", "a-b-c-d-e-f", "a--c-d-e",
+        "-a-b-c-d", "a-b-c-d-", u"a-b-c-d-\xe9", "a_b-c-d-e", "a b-c-d-e", "", "-", "----"]
+    for text in texts:
+        assert udocker.ContainerStore.is_id(text) == bool(ID_RE.match(text)), text
 
 
 def test_name_rmname_rename(env):
@@ -840,9 +851,6 @@ def test_rm_racing_clone_leaves_a_consistent_repository(env):
 
 
 # ==== create from a registry (the shared registry fixture)
-
-ID_RE = udocker.ContainerStore.ID_RE
-
 
 def test_create_pulls_a_missing_image_and_matches_its_layers(udocker, registry):
     from support.images import standard_images

@@ -20,7 +20,7 @@ import tarfile
 import pytest
 
 import udocker
-from test_create import (Image, busybox_layer, compress, d, entry, env, f, hard,  # noqa
+from test_create import (ID_RE, Image, busybox_layer, compress, d, entry, env, f, hard,  # noqa
                          hardlink_layers, have, hostile_images, odd_layers, sym, tar_bytes,
                          tree, whiteout_layers)
 from support import UPSTREAM_UDOCKER, one_error_line
@@ -28,7 +28,6 @@ from test_run import world  # noqa: F401  (module fixture: the tools installed o
 
 UPSTREAM = UPSTREAM_UDOCKER
 needs_upstream = pytest.mark.usefixtures("upstream_udocker")
-ID_RE = udocker.ContainerStore.ID_RE
 
 
 # -- helpers
