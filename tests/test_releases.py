@@ -11,6 +11,7 @@ interpreter only."""
 from __future__ import print_function, absolute_import
 
 import os
+import re
 import struct
 
 import pytest
@@ -189,3 +190,26 @@ def test_volume_as_working_directory_with_relative_paths(releases, release, mode
         expected_calls(inode, "in", "/data/in", "/data"), res
     assert lines[34:] == ["/", "usr"], res
     assert sorted(os.listdir(str(host))) == ["in", "link", "sub"]
+
+
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_every_libfakechroot_that_loads_wraps_the_release_names(releases, release):
+    """Each libfakechroot of the tools that a release's glibc can load (built for a glibc
+    no newer) must wrap the names that release's programs call, whatever headers it was
+    built with: udocker.py picks the newest one that loads, so a glibc 2.33-2.35 container
+    (Ubuntu 22.04, Rocky 9) gets the one built on bullseye's 2.31 headers, and its stat(),
+    lstat() are those of trixie's programs. fsnames in F3 with each library forced."""
+    name, root = releases.container(release, "F3")
+    inode = os.stat(os.path.join(root, "etc", "debian_version")).st_ino
+    libdir = os.path.join(releases.udocker.udocker_dir, "lib")
+    tried = []
+    for lib in sorted(os.listdir(libdir)):
+        match = re.match(r"libfakechroot-glibc(\d+\.\d+)-x86_64\.so$", lib)
+        if not match or not udocker.version_at_least(RELEASES[release], match.group(1)):
+            continue
+        res = releases.udocker("run", "--nobanner", name, FSNAMES, "/etc/debian_version",
+                               "/etc/debian_version", env={"UDOCKER_FAKECHROOT_SO":
+                                                           os.path.join(libdir, lib)})
+        calls = fsnames_lines(res.out)
+        tried.append((lib, res.rc, [c for c in INODE_CALLS if calls.get(c) != str(inode)]))
+    assert tried and all(rc == 0 and not wrong for _, rc, wrong in tried), tried

@@ -14,7 +14,8 @@
 #                      with a directory fd not rewritten; volumes as working directory,
 #                      FAKECHROOT_VOLUMES), one .so per glibc generation:
 #                      the host's (2.36 on Debian 12) and one built in a debootstrapped
-#                      minbase chroot per suite in FAKECHROOT_SUITES (bullseye -> 2.31),
+#                      minbase chroot per suite in FAKECHROOT_SUITES (bullseye -> 2.31,
+#                      with the wrappers of glibc >= 2.33's stat/lstat/... too),
 #                      and one linked by zig (PyPI wheel ziglang, pinned) against glibc
 #                      2.17's symbol versions with the wrappers of both glibc generations
 #                      (__xstat... and stat...): it loads into every glibc from 2.17 on
@@ -1053,11 +1054,20 @@ fetch_zig_wheel() {  # the zig toolchain from its PyPI wheel (pinned version + s
     "$B/x/ziglang/zig" version
 }
 
+# Both generations of wrappers in a libfakechroot built on any headers (config.h of the
+# configured source DIR: NEW_GLIBC set): programs built for glibc < 2.33 call __xstat/__lxstat/
+# __fxstatat, newer ones stat/lstat/fstatat, and a wrapper is only called by a program whose
+# glibc has the function it forwards to. udocker.py gives a container the newest library
+# built for a glibc no newer than its own: bullseye's 2.31 one serves 2.33..2.35 (Ubuntu
+# 22.04, Rocky 9), whose stat() and lstat() it did not wrap (they reached the host's files).
+fakechroot_both_generations() {  # DIR
+    grep -q '^#define NEW_GLIBC [01]$' "$1/config.h" || die "$1/config.h: no '#define NEW_GLIBC'"
+    sed -i 's/^#define NEW_GLIBC 0$/#define NEW_GLIBC 1/' "$1/config.h"
+}
+
 # One libfakechroot for every glibc from 2.17 on: zig links it against glibc 2.17's symbol
-# versions, and both generations of wrappers are compiled in (config.h: NEW_GLIBC set, and
-# the 2.28 statx and renameat2 that 2.17 lacks): programs built for glibc < 2.33 call
-# __xstat/__lxstat/__fxstatat, newer ones stat/lstat/fstatat, and a wrapper is only called
-# by a program whose glibc has the function it forwards to.
+# versions, with both generations of wrappers (and the 2.28 statx and renameat2 that 2.17
+# lacks).
 build_fakechroot_zig() {
     local B=$BLD/fakechroot-zig zig=$BLD/zig/x/ziglang/zig
     unpack_source fakechroot "$B/src"
@@ -1068,8 +1078,7 @@ build_fakechroot_zig() {
     cd "$B/src"
     autoreconf -fi
     $FAKECHROOT_CONFIGURE CC="$B/zcc" CFLAGS="-O2 -g $CFLAGS_REPRO"
-    grep -q '^#define NEW_GLIBC 0$' config.h || die "config.h: no '#define NEW_GLIBC 0' to change"
-    sed -i 's/^#define NEW_GLIBC 0$/#define NEW_GLIBC 1/' config.h
+    fakechroot_both_generations .
     printf '#define HAVE_STATX 1\n#define HAVE_RENAMEAT2 1\n' >>config.h
     make -j"$JOBS"
     strip --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
@@ -1116,7 +1125,9 @@ build_fakechroot_chroot() {  # SUITE
     mkdir -p "$R/build"
     cp -a "$B/src" "$R/build/fakechroot"
     chroot "$R" "${CHROOT_ENV[@]}" /bin/sh -e -c "cd /build/fakechroot; autoreconf -fi;
-        $FAKECHROOT_CONFIGURE CFLAGS='-O2 -g'; make -j$JOBS"
+        $FAKECHROOT_CONFIGURE CFLAGS='-O2 -g'"
+    fakechroot_both_generations "$R/build/fakechroot"
+    chroot "$R" "${CHROOT_ENV[@]}" /bin/sh -e -c "cd /build/fakechroot; make -j$JOBS"
     strip --strip-unneeded -o "$B/libfakechroot.so" "$R/build/fakechroot/src/.libs/libfakechroot.so"
     rm -rf "$R/build"
     put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-glibc$g-x86_64.so" 0644
@@ -1543,7 +1554,7 @@ collect_members() {
 }
 
 check_tools() {
-    local m f desc a out ver max
+    local m f desc a out ver max wraps name
     collect_members
     for m in "${MEMBERS[@]}"; do
         f=$OUT/$m
@@ -1576,6 +1587,11 @@ check_tools() {
                 if [[ $m =~ libfakechroot-glibc([0-9]+\.[0-9]+)- ]]; then   # loads there
                     [[ $(printf '%s\n' "${max#GLIBC_}" "${BASH_REMATCH[1]}" | sort -V | tail -n 1) == "${BASH_REMATCH[1]}" ]] ||
                         die "$m needs $max, more than glibc ${BASH_REMATCH[1]}"
+                    wraps=$(objdump -T "$f" | awk '$4 != "*UND*" {print $NF}')
+                    for name in __xstat __lxstat __fxstatat stat lstat fstatat statx; do
+                        grep -qx "$name" <<<"$wraps" ||
+                            die "$m does not wrap $name (fakechroot_both_generations)"
+                    done
                 fi
                 ;;
         esac
@@ -1642,8 +1658,9 @@ if has_arch aarch64; then
     step "fetch musl source (licence)" "$SRC/musl.files" fetch_source "$MUSL_SRC" musl
 fi
 
-# libfakechroot built before our patch changed (a kept OUTDIR's stamps) is built again
-fakechroot_patch=$(declare -f patch_fakechroot | sha256sum | cut -c1-16)
+# libfakechroot built before our patch or its configuration changed (a kept OUTDIR's
+# stamps) is built again
+fakechroot_patch=$(declare -f patch_fakechroot fakechroot_both_generations | sha256sum | cut -c1-16)
 if [[ $(cat "$OUT/stamps/libfakechroot-patch" 2>/dev/null) != "$fakechroot_patch" ]]; then
     rm -f "$OUT/stamps/fakechroot-native" "$OUT"/stamps/fakechroot-*
     echo "$fakechroot_patch" >"$OUT/stamps/libfakechroot-patch"
