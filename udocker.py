@@ -4,7 +4,10 @@
 # module, so its bytecode is cached (__pycache__, or ~/.cache/udocker.py where this directory
 # is not writable) instead of recompiled at every start; a file name that is no module name
 # (udocker-0.1.py, udocker.v2.py) is run as a script instead. To Python the line is a string.
-''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c 'import sys,os;sys.dont_write_bytecode=False;p=os.path.abspath(sys.argv.pop(1));d=os.path.dirname(p);getattr(sys,"pycache_prefix",0) is None and not os.access(d,os.W_OK) and setattr(sys,"pycache_prefix",os.path.expanduser("~/.cache/udocker.py"));sys.path.insert(0,d);n=os.path.basename(p)[:-3];m=p.endswith(".py") and n.replace("_","a").isalnum() and not n[0].isdigit() and __import__(n);m.exit_now(m.main()) if m else __import__("runpy").run_path(p,run_name="__main__")' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''  # noqa: E501
+# The cyclic garbage collector is off while the module loads and what it made is frozen
+# (gc.freeze, 3.7+) before it is back on: otherwise it walks the module's new objects several
+# times, ~15% of the import's instructions, and finds nothing to free.
+''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c 'import gc,sys,os;gc.disable();sys.dont_write_bytecode=False;p=os.path.abspath(sys.argv.pop(1));d=os.path.dirname(p);getattr(sys,"pycache_prefix",0) is None and not os.access(d,os.W_OK) and setattr(sys,"pycache_prefix",os.path.expanduser("~/.cache/udocker.py"));sys.path.insert(0,d);n=os.path.basename(p)[:-3];m=p.endswith(".py") and n.replace("_","a").isalnum() and not n[0].isdigit() and __import__(n);getattr(gc,"freeze",int)();gc.enable();m.exit_now(m.main()) if m else __import__("runpy").run_path(p,run_name="__main__")' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''  # noqa: E501
 # udocker.py: pull Docker/OCI images and run them as an ordinary user.
 #
 # One file, standard library only, Python 2.7 and 3.6+. A drop-in for udocker 1.3:
@@ -27,7 +30,9 @@
 # Bytes and text: registry bodies, digests being computed and tar member names are bytes
 # until parsed; messages, JSON documents and paths are text (native str).
 
-from __future__ import print_function, absolute_import, division
+# No `from __future__ import`: it imports the __future__ module at every start (~0.3 ms), and
+# none is needed: nothing prints with print (tests/test_cli.py checks), every / has a float
+# operand, and a module outside a package imports absolutely on Python 2 too.
 
 import errno
 import fcntl
@@ -5431,21 +5436,33 @@ LIB_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu",
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
-def name_matches(name, patterns):
-    """True if name matches one of the shell-style patterns: NAME, PREFIX* (the common
-    case, without fnmatch and the re it imports) or any other glob."""
+def name_matcher(patterns):
+    """A function name -> True if name matches one of the shell-style patterns: NAME,
+    PREFIX* (the common cases: a set and one startswith, without fnmatch and the re it
+    imports) or any other glob. Sorted once, for the ~40 names of an environment."""
+    exact, prefixes, globs = set(), [], []
     for pattern in patterns:
-        if "*" not in pattern and "?" not in pattern and "[" not in pattern:
-            if name == pattern:
-                return True
-        elif pattern.endswith("*") and not any(c in pattern[:-1] for c in "*?["):
-            if name.startswith(pattern[:-1]):
-                return True
+        special = [c for c in pattern if c in "*?["]
+        if not special:
+            exact.add(pattern)
+        elif special == ["*"] and pattern.endswith("*"):
+            prefixes.append(pattern[:-1])
         else:
+            globs.append(pattern)
+    prefixes = tuple(prefixes)
+
+    def matches(name):
+        if name in exact or name.startswith(prefixes):
+            return True
+        if globs:
             import fnmatch
-            if fnmatch.fnmatchcase(name, pattern):
-                return True
-    return False
+            return any(fnmatch.fnmatchcase(name, g) for g in globs)
+        return False
+    return matches
+
+
+def name_matches(name, patterns):
+    return name_matcher(patterns)(name)
 
 
 class _JsonScanContext(object):
@@ -6614,8 +6631,8 @@ class Engine(object):
         else:
             env.update((k, os.environ[k]) for k in self.cfg.valid_host_env
                        if k in os.environ and k != "PATH")
-            env.update((k, v) for k, v in os.environ.items()
-                       if name_matches(k, self.cfg.pass_host_env))
+            passed = name_matcher(self.cfg.pass_host_env)
+            env.update((k, v) for k, v in os.environ.items() if passed(k))
         given = self._env_words(self.opts.get("env") or [], "-e")
         image = self._env_words(meta.get("Env") or [], "image Env")
         from_files = []
@@ -9165,7 +9182,14 @@ class Command(object):
         self.name, self.summary, self.args, self.opts = name, summary, list(args), list(opts)
         self.func, self.rest, self.needs_repo = func, rest, needs_repo
         self.notes = notes          # text shown after the options by `help COMMAND`
-        self.lookup = dict((n, o) for o in self.opts for n in o.names)
+        self._lookup = None
+
+    @property
+    def lookup(self):
+        """{option name: Opt}, built for the one command that runs, not the ~40 at import."""
+        if self._lookup is None:
+            self._lookup = dict((n, o) for o in self.opts for n in o.names)
+        return self._lookup
 
     def usage(self):
         lines = ["%s: %s" % (self.name, self.summary), "",

@@ -146,12 +146,34 @@ def test_start_up_imports_stay_lazy():
     code = ("import sys; sys.path.insert(0, %r); import udocker; "
             "udocker.main(['--allow-root', 'version']); "
             "print('LOADED:' + ' '.join(m for m in ('re', 'json', 'ssl', 'socket', "
-            "'http.client', 'tarfile', 'subprocess', 'threading', 'email', 'bz2', 'lzma') "
+            "'http.client', 'tarfile', 'subprocess', 'threading', 'email', 'bz2', 'lzma', "
+            "'__future__', 'fnmatch') "
             "if m in sys.modules))" % os.path.dirname(SCRIPT))
     proc = subprocess.Popen([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE)
     out = proc.communicate()[0].decode().splitlines()
     assert proc.returncode == 0
     assert out[-1] == "LOADED:", out
+
+
+def test_no_future_import_is_needed():
+    """udocker.py has no `from __future__ import` (importing __future__ costs every start
+    ~0.3 ms): so Python 2 must see no print statement, and no / between two integers."""
+    import tokenize
+    with open(SCRIPT, "rb") as handle:
+        tokens = list(tokenize.tokenize(handle.readline) if sys.version_info[0] >= 3
+                      else tokenize.generate_tokens(handle.readline))
+    names = [t for t in tokens if t[0] == tokenize.NAME]
+    assert "__future__" not in [t[1] for t in names]
+    assert [t[2] for t in names if t[1] == "print"] == []
+    lines = {}
+    for tok in tokens:
+        lines.setdefault(tok[2][0], []).append(tok)
+    for tok in tokens:
+        if tok[0] == tokenize.OP and tok[1] in ("/", "/="):    # a float literal beside it
+            line = lines[tok[2][0]]
+            floats = [t for t in line if t[0] == tokenize.NUMBER and ("." in t[1] or
+                                                                     "e" in t[1].lower())]
+            assert floats, "integer division on Python 2? line %d" % tok[2][0]
 
 
 def test_root_refused_without_allow_root_in_process(monkeypatch, capsys, tmpdir):

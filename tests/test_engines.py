@@ -377,6 +377,11 @@ def test_name_patterns_cpu_lists_and_port_specs():
     assert not udocker.name_matches("CUDA_VISIBLE_DEVICESX", ["CUDA_VISIBLE_DEVICES"])
     assert udocker.name_matches("PMI_FD", ["PM?_[FR]*"])
     assert not udocker.name_matches("XOMPI_X", ["OMPI_*"])
+    passed = udocker.name_matcher(["SRUN_DEBUG", "I_MPI_*", "*_RANK", "A*B", "[XY]Z"])
+    assert [n for n in ("SRUN_DEBUG", "SRUN_DEBUGX", "I_MPI_X", "I_MPI", "LOCAL_RANK", "AxxB",
+                        "AB", "ABx", "YZ", "Z", "") if passed(n)] == \
+        ["SRUN_DEBUG", "I_MPI_X", "LOCAL_RANK", "AxxB", "AB", "YZ"]
+    assert udocker.name_matches("ANY", ["*"]) and not udocker.name_matches("ANY", [])
     assert udocker.parse_cpu_list("0-2,5") == set([0, 1, 2, 5])
     for bad in ("", "a", "1-", "-1", "1,,2"):
         with pytest.raises(udocker.UsageError):

@@ -986,7 +986,7 @@ def test_run_start_up_stays_lean(world, mode):
             "status = udocker.main(['run', '--nobanner', %r, 'true']); "
             "print('LOADED:' + ' '.join(m for m in ('re', 'json', 'subprocess', 'uuid', 'enum', "
             "'glob', 'threading', 'tempfile', 'shutil', 'socket', 'hashlib', 'configparser', "
-            "'ctypes') "
+            "'ctypes', '__future__', 'fnmatch') "
             "if m in sys.modules)); sys.exit(status)" % (os.path.dirname(SCRIPT), cid))
     argv, env = world.command([], mode)
     proc = subprocess.Popen([sys.executable, "-S", "-c", code], env=env,
@@ -994,6 +994,37 @@ def test_run_start_up_stays_lean(world, mode):
     out, err = proc.communicate()
     assert proc.returncode == 0, err
     assert out.decode().splitlines()[-1] == "LOADED:", err
+
+
+def _repository_state(top):
+    """{path: (inode, mtime, size)} of everything under top (symlinks not followed); the
+    directories of a ROOT by their inode only: proot itself (the engine alone too) makes
+    an empty file at a bind target missing in ROOT (/etc/hosts...) and removes it at exit."""
+    state = {}
+    for parent, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            st = os.lstat(path)
+            in_root = "%sROOT%s" % (os.sep, os.sep) in path + os.sep
+            state[path] = (st.st_ino,) if in_root and name in dirs else \
+                (st.st_ino, st.st_mtime, st.st_size)
+    return state
+
+
+@pytest.mark.parametrize("mode", ["P1", "F3", "R1"])
+def test_a_second_run_writes_nothing_in_the_repository(world, mode):
+    """Once a container ran, running it again probes nothing anew and rewrites nothing:
+    no file of the repository (tools, probe cache, container directory, ROOT) is created,
+    replaced, changed or removed."""
+    cid = world.container(mode, fresh=True)
+    assert world.run(mode, ["true"], name=cid)[0] == 0
+    before = _repository_state(world.ud_dir)
+    time.sleep(0.01)                                       # a rewrite shows in st_mtime
+    rc, out, err = world.run(mode, ["true"], name=cid)
+    assert rc == 0, err
+    after = _repository_state(world.ud_dir)
+    changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+    assert changed == []
 
 
 # -- run --rm: a run that fails still cleans up (no engine needed: every case fails first)
