@@ -5649,6 +5649,43 @@ def descendants(pid):
     return found
 
 
+def _thread_children(pid):
+    """Children of every thread of pid (a Go program such as runc forks from any)."""
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return []
+    if not os.path.exists("/proc/%d/task/%d/children" % (pid, pid)):
+        return child_pids(pid)                     # a kernel without these files
+    found = []
+    for tid in tasks:
+        try:
+            path = "/proc/%d/task/%s/children" % (pid, tid)
+            found += [int(child) for child in read_text(path).split()]
+        except (IOError, OSError, ValueError):
+            continue                               # a thread that has just ended
+    return found
+
+
+def container_init(pid):
+    """The host pid of pid 1 of the pid namespace a runtime (runc, crun: pid) started,
+    or None while there is none yet."""
+    todo = [pid]
+    while todo:
+        parent = todo.pop(0)
+        for child in _thread_children(parent):
+            try:
+                status = read_text("/proc/%d/status" % child)
+            except (IOError, OSError):
+                continue
+            found = re.search(r"^NSpid:(.*)$", status, re.M)
+            nspids = found.group(1).split() if found else []
+            if len(nspids) > 1 and nspids[-1] == "1":
+                return child
+            todo.append(child)
+    return None
+
+
 def signal_is_handled(pid, signum):
     """True if process pid catches or ignores signum (from /proc/PID/status)."""
     try:
@@ -7080,6 +7117,27 @@ def _status_code(status):
     return os.WEXITSTATUS(status)
 
 
+def _wait_killing_strays(pid, strays):
+    """The exit status of pid, polled; meanwhile what strays() returns is SIGKILLed with
+    everything below it: kill-on-exit made up for where the engine has none. strays() is
+    called often while it says "not yet" (None), then less often."""
+    delay = 0.001
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            raise
+        if done:
+            return _status_code(status)
+        found = strays()
+        for target in (found or []) + [p for o in found or [] for p in descendants(o)]:
+            _kill_quietly(target, signal.SIGKILL)
+        time.sleep(delay)
+        delay = 0.001 if found is None else min(delay * 2, 0.05)
+
+
 def _reap_leftovers(keep=()):
     """Kill and reap every remaining child (orphans of the container adopted by us)."""
     for _ in range(100):
@@ -7184,24 +7242,13 @@ class ProotEngine(Engine):
         --kill-on-exit would (they are ours: orphans come to us, a child subreaper)."""
         if self.kill_on_exit:
             return Engine.wait(self, pid, keep)
-        delay = 0.001
-        while True:
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                raise
-            if done:
-                return _status_code(status)
+
+        def strays():
             # the command is proot's only child; once it has exited, what it started is
             # ours (reparented), and then proot has no child left
             orphans = [p for p in child_pids(os.getpid()) if p != pid and p not in keep]
-            if orphans and not child_pids(pid):
-                for target in orphans + [p for o in orphans for p in descendants(o)]:
-                    _kill_quietly(target, signal.SIGKILL)
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            return orphans if orphans and not child_pids(pid) else []
+        return _wait_killing_strays(pid, strays)
 
     @classmethod
     def host_probe(cls, session, tools):
@@ -7550,11 +7597,39 @@ class RuncProotEngine(RuncEngine):
             self.env["PROOT_NO_SECCOMP"] = "1"
 
     def process_args(self):
-        kill = ["--kill-on-exit"] if self.tools.proot()[1].get("kill_on_exit") else []
+        self.kill_on_exit = self.cfg.proot_killonexit and \
+            self.tools.proot()[1].get("kill_on_exit")
+        kill = ["--kill-on-exit"] if self.kill_on_exit else []
         return [self.PROOT_IN] + kill + ["-0", "-w", self.cwd] + list(self.argv)
 
     def exit_status(self, status):
         return proot_status(RuncEngine.exit_status(self, status), self.signalled)
+
+    def wait(self, pid, keep=()):
+        """Without --kill-on-exit proot, pid 1 of the container, runs until the last process
+        in it exits: once its first child (the command) has gone, the others are killed
+        here. Orphans are reparented to pid 1 after the command became its child, and the
+        kernel lists children in that order: the command is proot's first child when first
+        seen. One that exits before it is seen, leaving processes behind, is missed: the run
+        then ends with the last of them, as with proot alone (the kernel kills what is left
+        in the container when pid 1 exits: nothing outlives the run either way)."""
+        if self.kill_on_exit:
+            return RuncEngine.wait(self, pid, keep)
+        seen = {}
+
+        def strays():
+            if "init" not in seen:
+                init = container_init(pid)
+                if init is None:
+                    return None
+                seen["init"] = init
+            children = child_pids(seen["init"])
+            if "command" not in seen:
+                if not children:
+                    return None
+                seen["command"] = children[0]
+            return [] if seen["command"] in children else children
+        return _wait_killing_strays(pid, strays)
 
 
 class RuncProotNoSeccompEngine(RuncProotEngine):
@@ -8747,8 +8822,9 @@ def _extract_file(archive, member, dest, executable):
 
 def probe_proot(path):
     """What a proot can do. A 5.1-era one (upstream udocker's fork, Debian's 5.1.0) is
-    accepted: the P modes make up for what it lacks (statx translation: ProotEngine.
-    child_hook; --kill-on-exit: ProotEngine.wait; a -k that breaks glibc 2.33+: ignored).
+    accepted: udocker.py makes up for what it lacks (statx translation:
+    ProotEngine.child_hook; --kill-on-exit: ProotEngine.wait, RuncProotEngine.wait; a -k
+    that breaks glibc 2.33+: ignored).
     A proot that translates statx has the name in its syscall name table."""
     _, help_text = run_capture([path, "--help"])
     status, version_text = run_capture([path, "-V"])

@@ -320,18 +320,43 @@ def test_signal_reaches_the_container_and_nothing_is_left(world, mode, sig, form
              not processes_matching("(^|/)sleep %d$" % (marker + 1)), "no process left", 30)
 
 
-@pytest.mark.parametrize("mode", ["P1", "P2"])
-def test_without_kill_on_exit_the_run_still_ends_with_its_command(world, mode):
-    """A proot without --kill-on-exit (Debian's 5.1.0; here proot_killonexit=false) would
-    wait for every process of the container: udocker.py kills the others once the command
-    has exited, and the command's exit status is the run's."""
+def proot_lacking_kill_on_exit(world):
+    """The tarball's proot with its option --kill-on-exit renamed (same length: the binary
+    still runs): a real proot without that option, as Debian's 5.1.0 is."""
+    path = os.path.join(world.top, "proot-lacking-kill-on-exit")
+    if not os.path.exists(path):
+        assert world.run("P1", ["true"])[0] == 0                # the tools are installed
+        with open(os.path.join(world.ud_dir, "bin", "proot-x86_64"), "rb") as handle:
+            data = handle.read()
+        assert data.count(b"--kill-on-exit\0") == 1
+        with open(path + ".tmp", "wb") as handle:
+            handle.write(data.replace(b"--kill-on-exit\0", b"--kill-on-exix\0"))
+        os.chmod(path + ".tmp", 0o755)
+        os.rename(path + ".tmp", path)
+    proc = subprocess.Popen([path, "--kill-on-exit", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    out = proc.communicate()[0]
+    assert proc.returncode != 0 and b"unknown option '--kill-on-exit'" in out, out
+    return path
+
+
+@pytest.mark.parametrize("lacking", ["option", "config"])
+@pytest.mark.parametrize("mode", ["P1", "P2", "R2", "R3"])
+def test_without_kill_on_exit_the_run_still_ends_with_its_command(world, mode, lacking):
+    """A proot without --kill-on-exit (Debian's 5.1.0), or told not to use it
+    (proot_killonexit = False), would wait for every process of the container: udocker.py
+    kills the others once the command has exited, and the command's exit status is the
+    run's. In R2/R3 proot is pid 1 of the container's pid namespace."""
     cid = world.container(mode)
     conf = os.path.join(world.top, "no-kill-on-exit.conf")
     with open(conf, "w") as handle:
-        handle.write("[DEFAULT]\nproot_killonexit = False\n")
+        handle.write("[DEFAULT]\nproot_killonexit = %s\n" % (lacking != "config"))
+    env = {"UDOCKER_USE_PROOT_EXECUTABLE": proot_lacking_kill_on_exit(world)} \
+        if lacking == "option" else {}
     marker = random.randint(600000, 699999)
     rc, out, err = world.ud(["--config=" + conf, "run", "--nobanner", cid, "sh", "-c",
-                             "sleep %d & echo started; exit 7" % marker], mode, timeout=120)
+                             "sleep %d & echo started; exit 7" % marker], mode, timeout=120,
+                            env=env)
     assert rc == 7 and out == "started\n", err
     wait_for(lambda: not processes_matching("(^|/)sleep %d$" % marker), "no process left", 30)
 
