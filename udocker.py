@@ -5849,6 +5849,18 @@ def read_os_release(root):
     return found[0], ".".join(parts[:2] if len(parts) > 2 else parts[:1])
 
 
+def glibc_needed(path):
+    """'2.14': the newest glibc symbol version (GLIBC_X.Y) a shared library refers to, ''
+    if none (a musl library) or unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except (IOError, OSError):
+        return ""
+    found = [version_tuple(to_text(v)) for v in re.findall(br"\0GLIBC_([0-9.]+)(?=\0)", data)]
+    return ".".join(str(n) for n in max(found)) if found else ""
+
+
 def container_libc(root, arch):
     """('glibc', '2.36'), ('musl', '') or (None, '') for the C library of a tree."""
     kind, path = container_libc_file(root, arch)
@@ -7410,6 +7422,12 @@ class RuncEngine(Engine):
 
     def choose_user(self, meta):
         user = Engine.choose_user(self, meta)
+        if _is_invoking_user(user) and self.tools.runc()[1].get("flavour", "runc") == "runc":
+            # runc makes its exec fifo owned by the container's root, so root must map to
+            # our uid, which can be mapped once: crun can map it to itself, runc cannot
+            MSG.warning("runc cannot run uid %d as itself: running as root, which is uid %d "
+                        "outside" % (user.uid, user.uid))
+            return _lookup_user(self.passwd_rows, self.group_rows, "0")
         if user.uid != 0 and not _is_invoking_user(user) and not self._subid_ranges():
             why = "runc_map_subids = never" if self.cfg.runc_map_subids == "never" else \
                 "no newuidmap/newgidmap or no /etc/subuid and /etc/subgid range"
@@ -9077,7 +9095,9 @@ class Tools(object):
     def fakechroot_so(self, arch, glibc, distro):
         """The libfakechroot for a container (arch, glibc version, (distro, version)):
         UDOCKER_FAKECHROOT_SO, else ours for the newest glibc not newer than the container's
-        (libfakechroot-glibcX.Y-ARCH.so), else upstream's per-distro names."""
+        (libfakechroot-glibcX.Y-ARCH.so), else upstream's per-distro names as udocker 1.3.17
+        picks them but not one needing a newer glibc than the container's, else upstream's
+        glibc library that needs the newest glibc the container has."""
         setting = self.cfg.fakechroot_so
         if setting:
             path = setting if "/" in setting else os.path.join(self.cfg.libdir, setting)
@@ -9103,11 +9123,22 @@ class Tools(object):
             return os.path.join(self.cfg.libdir, max(ours)[1])
         name, version = distro               # upstream's names: Alpine-3.19, Debian-12
         version = version if "Alpine" in name else version.split(".")[0]
+        need = lambda n: glibc_needed(os.path.join(self.cfg.libdir, n))
+        fits = lambda n: not glibc or version_at_least(glibc, need(n) or "0")
         for candidate in ("libfakechroot-%s-%s-%s.so" % (name, version, suffix),
                           "libfakechroot-%s-%s.so" % (name, suffix),
                           "libfakechroot-%s.so" % suffix, "libfakechroot.so"):
-            if candidate in names:
+            if candidate in names and fits(candidate):     # not one that cannot load
                 return os.path.join(self.cfg.libdir, candidate)
+        # none named for this distribution: the per-distribution glibc library that needs
+        # the newest glibc this container has (Debian-12's for a Debian 13, ...)
+        others = [(need(n), n) for n in names if glibc and n.startswith("libfakechroot-")
+                  and n.endswith(tail) and n.count("-") == 3]
+        others = [(version_tuple(v), n) for v, n in others if v and version_at_least(glibc, v)]
+        if others:
+            chosen = max(others)[1]
+            MSG.verbose("no libfakechroot named for %s %s: using %s" % (name, version, chosen))
+            return os.path.join(self.cfg.libdir, chosen)
         have = sorted(n for n in names if n.startswith("libfakechroot"))
         raise EngineError("no libfakechroot for this container (%s, glibc %s; have: %s): use "
                           "P1, or set UDOCKER_FAKECHROOT_SO" % (suffix, glibc or "?",
