@@ -5698,6 +5698,43 @@ def descendants(pid):
     return found
 
 
+def _thread_children(pid):
+    """Children of every thread of pid (a Go program such as runc forks from any)."""
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return []
+    if not os.path.exists("/proc/%d/task/%d/children" % (pid, pid)):
+        return child_pids(pid)                     # a kernel without these files
+    found = []
+    for tid in tasks:
+        try:
+            path = "/proc/%d/task/%s/children" % (pid, tid)
+            found += [int(child) for child in read_text(path).split()]
+        except (IOError, OSError, ValueError):
+            continue                               # a thread that has just ended
+    return found
+
+
+def container_init(pid):
+    """The host pid of pid 1 of the pid namespace a runtime (runc, crun: pid) started,
+    or None while there is none yet."""
+    todo = [pid]
+    while todo:
+        parent = todo.pop(0)
+        for child in _thread_children(parent):
+            try:
+                status = read_text("/proc/%d/status" % child)
+            except (IOError, OSError):
+                continue
+            found = re.search(r"^NSpid:(.*)$", status, re.M)
+            nspids = found.group(1).split() if found else []
+            if len(nspids) > 1 and nspids[-1] == "1":
+                return child
+            todo.append(child)
+    return None
+
+
 def signal_is_handled(pid, signum):
     """True if process pid catches or ignores signum (from /proc/PID/status)."""
     try:
@@ -5859,6 +5896,18 @@ def read_os_release(root):
             found = (values[0].split(" ")[0], values[1])
     parts = found[1].split(".")
     return found[0], ".".join(parts[:2] if len(parts) > 2 else parts[:1])
+
+
+def glibc_needed(path):
+    """'2.14': the newest glibc symbol version (GLIBC_X.Y) a shared library refers to, ''
+    if none (a musl library) or unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except (IOError, OSError):
+        return ""
+    found = [version_tuple(to_text(v)) for v in re.findall(br"\0GLIBC_([0-9.]+)(?=\0)", data)]
+    return ".".join(str(n) for n in max(found)) if found else ""
 
 
 def container_libc(root, arch):
@@ -7124,6 +7173,27 @@ def _status_code(status):
     return os.WEXITSTATUS(status)
 
 
+def _wait_killing_strays(pid, strays):
+    """The exit status of pid, polled; meanwhile what strays() returns is SIGKILLed with
+    everything below it: kill-on-exit made up for where the engine has none. strays() is
+    called often while it says "not yet" (None), then less often."""
+    delay = 0.001
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            raise
+        if done:
+            return _status_code(status)
+        found = strays()
+        for target in (found or []) + [p for o in found or [] for p in descendants(o)]:
+            _kill_quietly(target, signal.SIGKILL)
+        time.sleep(delay)
+        delay = 0.001 if found is None else min(delay * 2, 0.05)
+
+
 def _reap_leftovers(keep=()):
     """Kill and reap every remaining child (orphans of the container adopted by us)."""
     for _ in range(100):
@@ -7228,24 +7298,13 @@ class ProotEngine(Engine):
         --kill-on-exit would (they are ours: orphans come to us, a child subreaper)."""
         if self.kill_on_exit:
             return Engine.wait(self, pid, keep)
-        delay = 0.001
-        while True:
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                raise
-            if done:
-                return _status_code(status)
+
+        def strays():
             # the command is proot's only child; once it has exited, what it started is
             # ours (reparented), and then proot has no child left
             orphans = [p for p in child_pids(os.getpid()) if p != pid and p not in keep]
-            if orphans and not child_pids(pid):
-                for target in orphans + [p for o in orphans for p in descendants(o)]:
-                    _kill_quietly(target, signal.SIGKILL)
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            return orphans if orphans and not child_pids(pid) else []
+        return _wait_killing_strays(pid, strays)
 
     @classmethod
     def host_probe(cls, session, tools):
@@ -7407,6 +7466,12 @@ class RuncEngine(Engine):
 
     def choose_user(self, meta):
         user = Engine.choose_user(self, meta)
+        if _is_invoking_user(user) and self.tools.runc()[1].get("flavour", "runc") == "runc":
+            # runc makes its exec fifo owned by the container's root, so root must map to
+            # our uid, which can be mapped once: crun can map it to itself, runc cannot
+            MSG.warning("runc cannot run uid %d as itself: running as root, which is uid %d "
+                        "outside" % (user.uid, user.uid))
+            return _lookup_user(self.passwd_rows, self.group_rows, "0")
         if user.uid != 0 and not _is_invoking_user(user) and not self._subid_ranges():
             why = "runc_map_subids = never" if self.cfg.runc_map_subids == "never" else \
                 "no newuidmap/newgidmap or no /etc/subuid and /etc/subgid range"
@@ -7594,11 +7659,39 @@ class RuncProotEngine(RuncEngine):
             self.env["PROOT_NO_SECCOMP"] = "1"
 
     def process_args(self):
-        kill = ["--kill-on-exit"] if self.tools.proot()[1].get("kill_on_exit") else []
+        self.kill_on_exit = self.cfg.proot_killonexit and \
+            self.tools.proot()[1].get("kill_on_exit")
+        kill = ["--kill-on-exit"] if self.kill_on_exit else []
         return [self.PROOT_IN] + kill + ["-0", "-w", self.cwd] + list(self.argv)
 
     def exit_status(self, status):
         return proot_status(RuncEngine.exit_status(self, status), self.signalled)
+
+    def wait(self, pid, keep=()):
+        """Without --kill-on-exit proot, pid 1 of the container, runs until the last process
+        in it exits: once its first child (the command) has gone, the others are killed
+        here. Orphans are reparented to pid 1 after the command became its child, and the
+        kernel lists children in that order: the command is proot's first child when first
+        seen. One that exits before it is seen, leaving processes behind, is missed: the run
+        then ends with the last of them, as with proot alone (the kernel kills what is left
+        in the container when pid 1 exits: nothing outlives the run either way)."""
+        if self.kill_on_exit:
+            return RuncEngine.wait(self, pid, keep)
+        seen = {}
+
+        def strays():
+            if "init" not in seen:
+                init = container_init(pid)
+                if init is None:
+                    return None
+                seen["init"] = init
+            children = child_pids(seen["init"])
+            if "command" not in seen:
+                if not children:
+                    return None
+                seen["command"] = children[0]
+            return [] if seen["command"] in children else children
+        return _wait_killing_strays(pid, strays)
 
 
 class RuncProotNoSeccompEngine(RuncProotEngine):
@@ -8793,8 +8886,9 @@ def _extract_file(archive, member, dest, executable):
 
 def probe_proot(path):
     """What a proot can do. A 5.1-era one (upstream udocker's fork, Debian's 5.1.0) is
-    accepted: the P modes make up for what it lacks (statx translation: ProotEngine.
-    child_hook; --kill-on-exit: ProotEngine.wait; a -k that breaks glibc 2.33+: ignored).
+    accepted: udocker.py makes up for what it lacks (statx translation:
+    ProotEngine.child_hook; --kill-on-exit: ProotEngine.wait, RuncProotEngine.wait; a -k
+    that breaks glibc 2.33+: ignored).
     A proot that translates statx has the name in its syscall name table."""
     _, help_text = run_capture([path, "--help"])
     status, version_text = run_capture([path, "-V"])
@@ -9047,7 +9141,9 @@ class Tools(object):
     def fakechroot_so(self, arch, glibc, distro):
         """The libfakechroot for a container (arch, glibc version, (distro, version)):
         UDOCKER_FAKECHROOT_SO, else ours for the newest glibc not newer than the container's
-        (libfakechroot-glibcX.Y-ARCH.so), else upstream's per-distro names."""
+        (libfakechroot-glibcX.Y-ARCH.so), else upstream's per-distro names as udocker 1.3.17
+        picks them but not one needing a newer glibc than the container's, else upstream's
+        glibc library that needs the newest glibc the container has."""
         setting = self.cfg.fakechroot_so
         if setting:
             path = setting if "/" in setting else os.path.join(self.cfg.libdir, setting)
@@ -9073,11 +9169,22 @@ class Tools(object):
             return os.path.join(self.cfg.libdir, max(ours)[1])
         name, version = distro               # upstream's names: Alpine-3.19, Debian-12
         version = version if "Alpine" in name else version.split(".")[0]
+        need = lambda n: glibc_needed(os.path.join(self.cfg.libdir, n))
+        fits = lambda n: not glibc or version_at_least(glibc, need(n) or "0")
         for candidate in ("libfakechroot-%s-%s-%s.so" % (name, version, suffix),
                           "libfakechroot-%s-%s.so" % (name, suffix),
                           "libfakechroot-%s.so" % suffix, "libfakechroot.so"):
-            if candidate in names:
+            if candidate in names and fits(candidate):     # not one that cannot load
                 return os.path.join(self.cfg.libdir, candidate)
+        # none named for this distribution: the per-distribution glibc library that needs
+        # the newest glibc this container has (Debian-12's for a Debian 13, ...)
+        others = [(need(n), n) for n in names if glibc and n.startswith("libfakechroot-")
+                  and n.endswith(tail) and n.count("-") == 3]
+        others = [(version_tuple(v), n) for v, n in others if v and version_at_least(glibc, v)]
+        if others:
+            chosen = max(others)[1]
+            MSG.verbose("no libfakechroot named for %s %s: using %s" % (name, version, chosen))
+            return os.path.join(self.cfg.libdir, chosen)
         have = sorted(n for n in names if n.startswith("libfakechroot"))
         raise EngineError("no libfakechroot for this container (%s, glibc %s; have: %s): use "
                           "P1, or set UDOCKER_FAKECHROOT_SO" % (suffix, glibc or "?",

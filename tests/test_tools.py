@@ -783,6 +783,31 @@ def test_upstream_libfakechroot_is_picked_per_distribution_as_upstream_does(tmpd
     assert os.path.basename(tools.fakechroot_so("amd64", "2.17", distro)) == library
 
 
+def test_upstream_libfakechroot_that_needs_a_newer_glibc_is_not_picked(tmpdir):
+    """The per-distribution library is taken only if the container's glibc has the symbol
+    versions it refers to (else every program fails to load); without one named for the
+    distribution, the glibc library needing the newest glibc the container has: Debian-12's
+    (GLIBC_2.34, as built) for a Debian 13, Debian-11's (GLIBC_2.14) for a glibc 2.31 tree
+    that says Debian 12."""
+    tools = upstream_tree(tmpdir)
+    libdir = tmpdir.join("ud", "lib")
+    for name in os.listdir(str(libdir)):
+        if name.startswith("libfakechroot"):
+            libdir.join(name).remove()
+    for name, need in (("Debian-12", b"2.34"), ("Debian-11", b"2.14"), ("Alpine-3.19", None)):
+        libdir.join("libfakechroot-%s-x86_64.so" % name).write_binary(
+            b"\x7fELF\0GLIBC_%s\0GLIBC_2.2.5\0" % need if need else b"\x7fELF musl\0")
+    pick = lambda glibc, distro: os.path.basename(tools.fakechroot_so("amd64", glibc, distro))
+    assert pick("2.36", ("Debian", "12")) == "libfakechroot-Debian-12-x86_64.so"
+    assert pick("", ("Debian", "12")) == "libfakechroot-Debian-12-x86_64.so"   # unknown glibc
+    assert pick("2.41", ("Debian", "13")) == "libfakechroot-Debian-12-x86_64.so"
+    assert pick("2.41", ("Arch", "")) == "libfakechroot-Debian-12-x86_64.so"
+    assert pick("2.31", ("Debian", "12")) == "libfakechroot-Debian-11-x86_64.so"
+    with pytest.raises(udocker.EngineError) as info:
+        pick("2.12", ("Debian", "12"))
+    assert "no libfakechroot for this container (x86_64, glibc 2.12; have: " in str(info.value)
+
+
 def upstream_osdistribution(root):
     """udocker 1.3.17's OSInfo(root).osdistribution(), with its regular expressions (the
     *-release files in sorted order where it takes os.listdir's)."""
