@@ -5085,15 +5085,61 @@ def copy_file_data(source, target, mode):
         os.close(fdin)
 
 
-def container_execmode(store, cid, cfg):
-    """The execution mode recorded for a container, else the configured default."""
-    try:
-        mode = read_text(store.path(cid, "execmode")).strip()
-    except (IOError, OSError):
-        mode = ""
-    if mode or cfg is None:
-        return mode
-    return cfg.override_default_execution_mode or cfg.default_execution_mode
+EXEC_MODES = ("P1", "P2", "F1", "F2", "F3", "F4", "R1", "R2", "R3", "S1")
+
+
+def default_execmode(cfg):
+    mode = (cfg.override_default_execution_mode or cfg.default_execution_mode or "P1").upper()
+    if mode not in EXEC_MODES:
+        raise ConfigurationError("invalid default execution mode: %s (one of %s)"
+                                 % (mode, " ".join(EXEC_MODES)))
+    return mode
+
+
+class ContainerDir(object):
+    """The files of a container directory (containers/ID/) besides ROOT, each name defined
+    here once, and the one answer to "which mode?" (execmode) that run, setup and ps give."""
+
+    CONFIG = "container.json"      # the image's config, as created
+    EXECMODE = "execmode"          # the mode set by setup --execmode (none: the default)
+    ROOT_PATH = "root.path"        # where ROOT was when its mode was set up (F: moved?)
+    PATCH_PATH = "patch.path"      # where ROOT was when F3 patched its ELF files
+    PATCH_RECORD = "patch.json"    # F3: each ELF file's interpreter and RUNPATH before
+    NVIDIA = "nvidia"              # setup --nvidia: every run shows the host's driver
+    MOUNTPOINTS = ".mountpoints"   # F modes: records of the volume symlinks made in ROOT
+    RUN_DIR = ".run"               # what runs share: passwd copies, bind links, nvidia trees
+    LIBC_RECORD = ".run/libc"      # the tree's C library, remembered (RunContainer.libc)
+    LIBFAKECHROOT = "libfakechroot.so"     # the container's own library for F modes
+
+    def __init__(self, path, cid):
+        self.path = path
+        self.cid = cid
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def read(self, name):
+        """The text of a small state file, stripped, or '' if there is none."""
+        try:
+            return read_text(self.file(name)).strip()
+        except (IOError, OSError):
+            return ""
+
+    def write(self, name, text):
+        write_atomic(self.file(name), text)
+
+    def has(self, name):
+        return os.path.exists(self.file(name))
+
+    def execmode(self, cfg=None):
+        """The container's mode (upper case): recorded, else the configured default (none
+        without cfg); raises EngineError for a recorded mode that is no mode."""
+        mode = self.read(self.EXECMODE).upper()
+        if mode and mode not in EXEC_MODES:
+            raise EngineError("container %s has an unknown execution mode: %s (setup "
+                              "--execmode=MODE sets one of %s)"
+                              % (self.cid, mode, " ".join(EXEC_MODES)))
+        return mode or (default_execmode(cfg) if cfg is not None else "")
 
 
 def clone_container(store, id_or_name, name=None):
@@ -5123,8 +5169,8 @@ def clone_container(store, id_or_name, name=None):
 def note_moved_mode(store, cid):
     """Say so when a container that moved (clone, import --clone) will be set up again: F
     modes rewrite paths in ROOT, and a run redoes that where root.path is not ROOT."""
-    mode = container_execmode(store, cid, None)
-    if mode.upper().startswith("F"):
+    mode = ContainerDir(store.path(cid), cid).read(ContainerDir.EXECMODE).upper()
+    if mode.startswith("F"):
         MSG.info("container %s (mode %s) is set up for its new place on its first run"
                  % (cid, mode))
 
@@ -5158,7 +5204,7 @@ class CloneFlattener(Flattener):
 def _drop_metadata_links(cdir):
     """Remove the symlinks of a container directory outside ROOT/ (the volume records in
     .mountpoints/ aside): its metadata is read and written by name, never through a link."""
-    records = os.path.join(cdir, ".mountpoints")
+    records = os.path.join(cdir, ContainerDir.MOUNTPOINTS)
     for dirpath, dirnames, filenames in os.walk(cdir):
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
@@ -5238,7 +5284,7 @@ def import_container(store, cfg, source, name=None, image=None, platform=None):
 
 def container_platform(store, cid):
     """os/arch[/variant] from the container's container.json, as upstream prints it."""
-    config = read_json(store.path(cid, "container.json"))
+    config = read_json(store.path(cid, ContainerDir.CONFIG))
     if not isinstance(config, dict):
         return "unknown/unknown"
     return "/".join([config.get("os") or "unknown", config.get("architecture") or "unknown"]
@@ -5385,7 +5431,6 @@ def _add_file(archive, info, path, mode, uid):
 # forwarded to the container, what the container leaves behind killed, its status returned.
 # Tools (engine executables) are found by a section-10 object handed in by the command.
 
-EXEC_MODES = ("P1", "P2", "F1", "F2", "F3", "F4", "R1", "R2", "R3", "S1")
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
                      "SIGWINCH")
 HOST_FILES = ("/etc/hosts",)     # bound like the sysdirs: the container shares the host network
@@ -6017,6 +6062,7 @@ class RunContainer(object):
     def __init__(self, cid, cdir, root, config, names=()):
         self.cid = cid
         self.dir = cdir
+        self.files = ContainerDir(cdir, cid) if cdir else None
         self.root = os.path.realpath(root)
         self.config = config if isinstance(config, dict) else {}
         self.names = list(names)
@@ -6034,7 +6080,7 @@ class RunContainer(object):
             path = os.path.join(store.dir, entry)       # listing, no regex on the hot path
             if os.path.islink(path) and os.path.basename(os.readlink(path)) == cid:
                 names.append(entry)
-        return cls(cid, cdir, root, read_json_fast(os.path.join(cdir, "container.json")),
+        return cls(cid, cdir, root, read_json_fast(os.path.join(cdir, ContainerDir.CONFIG)),
                    sorted(names))
 
     @classmethod
@@ -6064,7 +6110,7 @@ class RunContainer(object):
         return self._libc
 
     def _remembered_libc(self):
-        record = os.path.join(self.dir, ".run", "libc") if self.dir else None
+        record = self.files.file(ContainerDir.LIBC_RECORD) if self.files else None
         if record:
             try:
                 kind, version, path, stamp = read_text(record).split("\n")[:4]
@@ -6080,28 +6126,20 @@ class RunContainer(object):
         return kind, version
 
     def state(self, name):
-        """Contents of a small state file in the container directory, or ''."""
-        if not self.dir:
-            return ""
-        try:
-            return read_text(os.path.join(self.dir, name)).strip()
-        except (IOError, OSError):
-            return ""
+        """Contents of a small state file (ContainerDir name) of the container, or ''."""
+        return self.files.read(name) if self.files else ""
 
     def set_state(self, name, text):
-        write_atomic(os.path.join(self.dir, name), text)
+        self.files.write(name, text)
 
     def execmode(self, cfg):
-        mode = self.state("execmode").upper() or default_execmode(cfg)
-        if mode not in EXEC_MODES:
-            raise EngineError("container %s has an unknown execution mode: %s"
-                              % (self.cid, mode))
-        return mode
+        """ContainerDir.execmode, or the default for a --location tree."""
+        return self.files.execmode(cfg) if self.files else default_execmode(cfg)
 
     def run_dir(self, cfg):
         """The directory for files the runs of this container share (passwd copies, ...);
         made by the run that first needs it (Engine.run_dir)."""
-        return os.path.join(self.dir, ".run") if self.dir else \
+        return self.files.file(ContainerDir.RUN_DIR) if self.files else \
             os.path.join(cfg.tmpdir, "udocker-%d-location" % os.getuid())
 
 
@@ -6111,14 +6149,6 @@ def _file_stamp(path):
     except OSError:
         return ""
     return "%d:%d:%d" % (st.st_ino, int(st.st_mtime), st.st_size)
-
-
-def default_execmode(cfg):
-    mode = (cfg.override_default_execution_mode or cfg.default_execution_mode or "P1").upper()
-    if mode not in EXEC_MODES:
-        raise ConfigurationError("invalid default execution mode: %s (one of %s)"
-                                 % (mode, " ".join(EXEC_MODES)))
-    return mode
 
 
 class RunUser(object):
@@ -6668,8 +6698,8 @@ class Engine(object):
     def find_nvidia(self):
         """The host's NVIDIA driver when run --nvidia or setup --nvidia asks for it; a
         container set up for it on a host without one runs without (one warning)."""
-        marked = bool(self.container.dir) and \
-            os.path.exists(os.path.join(self.container.dir, "nvidia"))
+        marked = bool(self.container.files) and \
+            self.container.files.has(ContainerDir.NVIDIA)
         asked = "--nvidia" if self.opts.get("nvidia") else \
             "--gpus" if self.opts.get("gpus") and parse_gpus(self.opts["gpus"]) else None
         if not (asked or marked):
@@ -7771,7 +7801,7 @@ class FakechrootEngine(Engine):
         return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
 
     def _library(self, arch, version):
-        own = os.path.join(self.container.dir or "", "libfakechroot.so")
+        own = os.path.join(self.container.dir or "", ContainerDir.LIBFAKECHROOT)
         if self.container.dir and os.path.isfile(own) and not self.cfg.fakechroot_so:
             return own
         distro = read_os_release(self.root)
@@ -7890,7 +7920,7 @@ class FakechrootEngine(Engine):
                               "has nothing (-v %s:%s)" % (vol.host, vol.host, vol.host))
         self.change("symlink", link, vol.host, "the volume's symlink %s" % vol.cont)
         if self.container.dir:
-            self.change("symlink", os.path.join(self.container.dir, ".mountpoints",
+            self.change("symlink", os.path.join(self.container.dir, ContainerDir.MOUNTPOINTS,
                                                 vol.cont.replace("/", "#")), vol.host)
 
     @classmethod
@@ -7900,7 +7930,7 @@ class FakechrootEngine(Engine):
         if kind != "glibc":
             raise EngineError("F modes need a glibc container (this one: %s): use P1"
                               % (kind or "no C library found"))
-        own = os.path.join(container.dir or "", "libfakechroot.so")
+        own = os.path.join(container.dir or "", ContainerDir.LIBFAKECHROOT)
         if not (container.dir and os.path.isfile(own)):
             tools.fakechroot_so(arch, version, read_os_release(container.root))
         if not cls.uses_loader:
@@ -7914,7 +7944,7 @@ class FakechrootEngine(Engine):
 
     @classmethod
     def setup(cls, container, tools, force=False):
-        old_root = container.state("root.path")
+        old_root = container.state(ContainerDir.ROOT_PATH)
         skip = mountpoint_links(container)
         if old_root and old_root != container.root:
             convert_symlinks(container.root, old_root, False, skip)
@@ -7922,7 +7952,7 @@ class FakechrootEngine(Engine):
 
     @classmethod
     def leave(cls, container, tools):
-        convert_symlinks(container.root, container.state("root.path") or container.root,
+        convert_symlinks(container.root, container.state(ContainerDir.ROOT_PATH) or container.root,
                          False, mountpoint_links(container))
 
 
@@ -7936,13 +7966,13 @@ class FakechrootPatchedEngine(FakechrootEngine):
 
     def prepare(self):
         FakechrootEngine.prepare(self)
-        if self.container.state("patch.path") != self.root and self.setup_mode is None:
+        if self.container.state(ContainerDir.PATCH_PATH) != self.root and self.setup_mode is None:
             raise EngineError("container %s was moved since it was patched for F3: run "
                               "setup --execmode=F3 --force" % self.container.cid)
 
     @classmethod
     def setup(cls, container, tools, force=False):
-        if container.state("patch.path") == container.root and not force:
+        if container.state(ContainerDir.PATCH_PATH) == container.root and not force:
             FakechrootEngine.setup(container, tools, force)
             return
         cls.leave(container, tools)
@@ -7952,13 +7982,13 @@ class FakechrootPatchedEngine(FakechrootEngine):
         libpath = ":".join(container_lib_dirs(container.root, arch))
         patcher = ElfPatcher(tools.patchelf(), container)
         patcher.patch(loader[1], libpath)
-        container.set_state("patch.path", container.root)
+        container.set_state(ContainerDir.PATCH_PATH, container.root)
 
     @classmethod
     def leave(cls, container, tools):
-        if os.path.exists(os.path.join(container.dir, "patch.json")):
+        if container.files.has(ContainerDir.PATCH_RECORD):
             ElfPatcher(tools.patchelf(), container).restore()
-            remove_quietly(os.path.join(container.dir, "patch.path"))
+            remove_quietly(container.files.file(ContainerDir.PATCH_PATH))
         FakechrootEngine.leave(container, tools)
 
 
@@ -7986,7 +8016,7 @@ def fakechroot_volume_map(volumes, bind_host=lambda host: host):
 
 def mountpoint_links(container):
     """Host paths of the volume symlinks F modes made in ROOT (recorded in .mountpoints)."""
-    records = os.path.join(container.dir or "", ".mountpoints")
+    records = os.path.join(container.dir or "", ContainerDir.MOUNTPOINTS)
     if not container.dir or not os.path.isdir(records):
         return set()
     return set(resolve_in_root(container.root, name.replace("#", "/"), follow_last=False)
@@ -8031,7 +8061,7 @@ class ElfPatcher(object):
         self.patchelf = patchelf[0]
         self.batch = self.BATCH if patchelf[1].get("many_files", True) else 1
         self.container = container
-        self.record_path = os.path.join(container.dir, "patch.json")
+        self.record_path = container.files.file(ContainerDir.PATCH_RECORD)
 
     def _elf_files(self, loader):
         """(executables, libraries): host paths of the ELF files we own and may patch."""
@@ -8197,17 +8227,17 @@ def set_execmode(session, container, mode, tools, force=False):
     if new.unavailable:
         raise EngineError(new.unavailable)
     with session.containers.lock(container.cid):
-        current = container.state("execmode").upper() or default_execmode(session.cfg)
-        same_place = container.state("root.path") in ("", container.root)
-        if current == mode and same_place and not force and container.state("execmode"):
+        current = container.state(ContainerDir.EXECMODE).upper() or default_execmode(session.cfg)
+        same_place = container.state(ContainerDir.ROOT_PATH) in ("", container.root)
+        if current == mode and same_place and not force and container.state(ContainerDir.EXECMODE):
             return False
         new.check_setup(container, tools)
         old = ENGINES.get(current)
-        if old is not None and old is not new and container.state("execmode"):
+        if old is not None and old is not new and container.state(ContainerDir.EXECMODE):
             old.leave(container, tools)
         new.setup(container, tools, force=force or not same_place)
-        container.set_state("execmode", mode)
-        container.set_state("root.path", container.root)
+        container.set_state(ContainerDir.EXECMODE, mode)
+        container.set_state(ContainerDir.ROOT_PATH, container.root)
     return True
 
 
@@ -8242,7 +8272,7 @@ def choose_mode(session, container, tools):
     config file), the first of fallback_execution_modes that can, with one warning."""
     cfg = session.cfg
     mode = container.execmode(cfg)
-    explicit = bool(container.state("execmode") or cfg.override_default_execution_mode or
+    explicit = bool(container.state(ContainerDir.EXECMODE) or cfg.override_default_execution_mode or
                     cfg.sources.get("default_execution_mode", "default") != "default")
     ok, why = mode_can_run(session, container, tools, mode, trust_failure=not explicit)
     if ok:
@@ -8294,8 +8324,8 @@ def engine_for(session, container, opts, args, tools):
     engine = ENGINES[mode](session, container, opts, args, tools)
     engine.cannot_start = cannot_start
     if container.dir and mode.startswith("F") and cannot_start is None and (
-            container.state("execmode").upper() != mode or
-            container.state("root.path") != container.root):
+            container.state(ContainerDir.EXECMODE).upper() != mode or
+            container.state(ContainerDir.ROOT_PATH) != container.root):
         engine.setup_mode = mode
     return engine
 
@@ -9949,7 +9979,7 @@ def cmd_setup(session, opts, args):
         opts["nvidia"]
     if not changing:
         out("execmode: %s" % container.execmode(session.cfg))
-        out("nvidiamode: %s" % os.path.exists(session.containers.path(cid, "nvidia")))
+        out("nvidiamode: %s" % container.files.has(ContainerDir.NVIDIA))
         return 0
     if session.containers.is_protected(cid):
         raise RepositoryError("container is protected: %s" % cid)
@@ -9969,7 +9999,7 @@ def cmd_setup(session, opts, args):
 def _purge_mountpoints(container):
     """setup --purge: remove the mount points F modes made in ROOT (.mountpoints), the empty
     ones runtimes left under /.udocker, and the NVIDIA mode (marker and symlink trees)."""
-    records = os.path.join(container.dir, ".mountpoints")
+    records = container.files.file(ContainerDir.MOUNTPOINTS)
     for link in mountpoint_links(container):
         if os.path.islink(link):
             os.unlink(link)
@@ -9983,8 +10013,8 @@ def _purge_mountpoints(container):
                     os.unlink(path)                       # a file's mount point
             if not os.listdir(dirpath):
                 os.rmdir(dirpath)
-    remove_quietly(os.path.join(container.dir, "nvidia"))
-    run_dir = os.path.join(container.dir, ".run")
+    remove_quietly(container.files.file(ContainerDir.NVIDIA))
+    run_dir = container.files.file(ContainerDir.RUN_DIR)
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
         if name == "nvidia" or name.startswith("nvidia-"):
             remove_tree(os.path.join(run_dir, name))
@@ -9997,7 +10027,7 @@ def _set_nvidia(session, container, force):
     if driver is None and not force:
         raise EngineError("setup --nvidia: %s (--force sets the mode anyway)" % NO_NVIDIA)
     with session.containers.lock(container.cid):
-        container.set_state("nvidia", "")
+        container.set_state(ContainerDir.NVIDIA, "")
     MSG.info("nvidia mode set: every run binds the host's driver under %s%s"
              % (NVIDIA_DIR, " (here: %s)" % driver.summary() if driver else
                 " (none on this host)"))
@@ -10085,7 +10115,7 @@ def cmd_ps(session, opts, args):
     for cid, names, image in store.list():
         row = [cid, "P" if store.is_protected(cid) else ".", container_root_state(store, cid)]
         if opts["m"]:
-            row.append(container_execmode(store, cid, session.cfg))
+            row.append(_ps_execmode(store, cid, session.cfg))
         if opts["s"]:
             row.append(tree_size_mb(store.path(cid, "ROOT")))
         if opts["p"]:
@@ -10093,6 +10123,16 @@ def cmd_ps(session, opts, args):
         row += [str([str(n) for n in names]) if names else "", image]
         out(fmt % tuple(row))
     return 0
+
+
+def _ps_execmode(store, cid, cfg):
+    """The MOD column: the mode run and setup use; a mode that is no mode is shown as ??
+    with the Warning line that run and setup give as their Error."""
+    try:
+        return ContainerDir(store.path(cid), cid).execmode(cfg)
+    except EngineError as exc:
+        MSG.warning(str(exc))
+        return "??"
 
 
 def cmd_rm(session, opts, args):
@@ -10151,7 +10191,7 @@ def inspect_container(session, cid, opts):
     if opts["p"]:
         out(session.containers.path(cid, "ROOT"))
         return 0
-    data = read_json(session.containers.path(cid, "container.json"))
+    data = read_json(session.containers.path(cid, ContainerDir.CONFIG))
     if data is None:
         raise RepositoryError("container %s has no readable container.json" % cid)
     if opts["format"] is not None:
