@@ -5129,15 +5129,61 @@ def copy_file_data(source, target, mode):
         os.close(fdin)
 
 
-def container_execmode(store, cid, cfg):
-    """The execution mode recorded for a container, else the configured default."""
-    try:
-        mode = read_text(store.path(cid, "execmode")).strip()
-    except (IOError, OSError):
-        mode = ""
-    if mode or cfg is None:
-        return mode
-    return cfg.override_default_execution_mode or cfg.default_execution_mode
+EXEC_MODES = ("P1", "P2", "F1", "F2", "F3", "F4", "R1", "R2", "R3", "S1")
+
+
+def default_execmode(cfg):
+    mode = (cfg.override_default_execution_mode or cfg.default_execution_mode or "P1").upper()
+    if mode not in EXEC_MODES:
+        raise ConfigurationError("invalid default execution mode: %s (one of %s)"
+                                 % (mode, " ".join(EXEC_MODES)))
+    return mode
+
+
+class ContainerDir(object):
+    """The files of a container directory (containers/ID/) besides ROOT, each name defined
+    here once, and the one answer to "which mode?" (execmode) that run, setup and ps give."""
+
+    CONFIG = "container.json"      # the image's config, as created
+    EXECMODE = "execmode"          # the mode set by setup --execmode (none: the default)
+    ROOT_PATH = "root.path"        # where ROOT was when its mode was set up (F: moved?)
+    PATCH_PATH = "patch.path"      # where ROOT was when F3 patched its ELF files
+    PATCH_RECORD = "patch.json"    # F3: each ELF file's interpreter and RUNPATH before
+    NVIDIA = "nvidia"              # setup --nvidia: every run shows the host's driver
+    MOUNTPOINTS = ".mountpoints"   # F modes: records of the volume symlinks made in ROOT
+    RUN_DIR = ".run"               # what runs share: passwd copies, bind links, nvidia trees
+    LIBC_RECORD = ".run/libc"      # the tree's C library, remembered (RunContainer.libc)
+    LIBFAKECHROOT = "libfakechroot.so"     # the container's own library for F modes
+
+    def __init__(self, path, cid):
+        self.path = path
+        self.cid = cid
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def read(self, name):
+        """The text of a small state file, stripped, or '' if there is none."""
+        try:
+            return read_text(self.file(name)).strip()
+        except (IOError, OSError):
+            return ""
+
+    def write(self, name, text):
+        write_atomic(self.file(name), text)
+
+    def has(self, name):
+        return os.path.exists(self.file(name))
+
+    def execmode(self, cfg=None):
+        """The container's mode (upper case): recorded, else the configured default (none
+        without cfg); raises EngineError for a recorded mode that is no mode."""
+        mode = self.read(self.EXECMODE).upper()
+        if mode and mode not in EXEC_MODES:
+            raise EngineError("container %s has an unknown execution mode: %s (setup "
+                              "--execmode=MODE sets one of %s)"
+                              % (self.cid, mode, " ".join(EXEC_MODES)))
+        return mode or (default_execmode(cfg) if cfg is not None else "")
 
 
 def clone_container(store, id_or_name, name=None):
@@ -5167,8 +5213,8 @@ def clone_container(store, id_or_name, name=None):
 def note_moved_mode(store, cid):
     """Say so when a container that moved (clone, import --clone) will be set up again: F
     modes rewrite paths in ROOT, and a run redoes that where root.path is not ROOT."""
-    mode = container_execmode(store, cid, None)
-    if mode.upper().startswith("F"):
+    mode = ContainerDir(store.path(cid), cid).read(ContainerDir.EXECMODE).upper()
+    if mode.startswith("F"):
         MSG.info("container %s (mode %s) is set up for its new place on its first run"
                  % (cid, mode))
 
@@ -5202,7 +5248,7 @@ class CloneFlattener(Flattener):
 def _drop_metadata_links(cdir):
     """Remove the symlinks of a container directory outside ROOT/ (the volume records in
     .mountpoints/ aside): its metadata is read and written by name, never through a link."""
-    records = os.path.join(cdir, ".mountpoints")
+    records = os.path.join(cdir, ContainerDir.MOUNTPOINTS)
     for dirpath, dirnames, filenames in os.walk(cdir):
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
@@ -5282,7 +5328,7 @@ def import_container(store, cfg, source, name=None, image=None, platform=None):
 
 def container_platform(store, cid):
     """os/arch[/variant] from the container's container.json, as upstream prints it."""
-    return platform_text(read_json(store.path(cid, "container.json")))
+    return platform_text(read_json(store.path(cid, ContainerDir.CONFIG)))
 
 
 def container_root_state(store, cid):
@@ -5422,7 +5468,6 @@ def _add_file(archive, info, path, mode, uid):
 # forwarded to the container, what the container leaves behind killed, its status returned.
 # Tools (engine executables) are found by a section-10 object handed in by the command.
 
-EXEC_MODES = ("P1", "P2", "F1", "F2", "F3", "F4", "R1", "R2", "R3", "S1")
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
                      "SIGWINCH")
 HOST_FILES = ("/etc/hosts",)     # bound like the sysdirs: the container shares the host network
@@ -6115,10 +6160,12 @@ class RunContainer(object):
     def __init__(self, cid, cdir, root, config, names=()):
         self.cid = cid
         self.dir = cdir
+        self.files = ContainerDir(cdir, cid) if cdir else None
         self.root = os.path.realpath(root)
         self.config = config if isinstance(config, dict) else {}
         self.names = list(names)
         self._libc = None              # (kind, version), see libc()
+        self.libc_record = None        # (path, text) of a .run/libc record to write, see libc()
 
     @classmethod
     def from_store(cls, store, cid):
@@ -6126,7 +6173,7 @@ class RunContainer(object):
         root = os.path.join(cdir, "ROOT")
         if not os.path.isdir(root):
             raise RepositoryError("container %s has no ROOT directory" % cid)
-        return cls(cid, cdir, root, read_json_fast(os.path.join(cdir, "container.json")),
+        return cls(cid, cdir, root, read_json_fast(os.path.join(cdir, ContainerDir.CONFIG)),
                    store.names(cid))
 
     @classmethod
@@ -6149,13 +6196,14 @@ class RunContainer(object):
 
     def libc(self):
         """container_libc() of ROOT, remembered in .run/libc while that file is unchanged:
-        finding the version reads the whole libc, the costliest part of an F-mode start."""
+        finding the version reads the whole libc, the costliest part of an F-mode start.
+        A new record is only kept in libc_record here: a run writes it (Engine.apply)."""
         if self._libc is None:
             self._libc = self._remembered_libc()
         return self._libc
 
     def _remembered_libc(self):
-        record = os.path.join(self.dir, ".run", "libc") if self.dir else None
+        record = self.files.file(ContainerDir.LIBC_RECORD) if self.files else None
         if record:
             try:
                 kind, version, path, stamp = read_text(record).split("\n")[:4]
@@ -6166,39 +6214,26 @@ class RunContainer(object):
         kind, path = container_libc_file(self.root, self.arch())
         version = glibc_version(path) if kind == "glibc" else ""
         if record and kind:
-            try:
-                makedirs(os.path.dirname(record), 0o700)
-                write_atomic(record, "%s\n%s\n%s\n%s\n" % (kind, version, path,
-                                                           _file_stamp(path)))
-            except (IOError, OSError):
-                pass
+            self.libc_record = (record, "%s\n%s\n%s\n%s\n" % (kind, version, path,
+                                                              _file_stamp(path)))
         return kind, version
 
     def state(self, name):
-        """Contents of a small state file in the container directory, or ''."""
-        if not self.dir:
-            return ""
-        try:
-            return read_text(os.path.join(self.dir, name)).strip()
-        except (IOError, OSError):
-            return ""
+        """Contents of a small state file (ContainerDir name) of the container, or ''."""
+        return self.files.read(name) if self.files else ""
 
     def set_state(self, name, text):
-        write_atomic(os.path.join(self.dir, name), text)
+        self.files.write(name, text)
 
     def execmode(self, cfg):
-        mode = self.state("execmode").upper() or default_execmode(cfg)
-        if mode not in EXEC_MODES:
-            raise EngineError("container %s has an unknown execution mode: %s"
-                              % (self.cid, mode))
-        return mode
+        """ContainerDir.execmode, or the default for a --location tree."""
+        return self.files.execmode(cfg) if self.files else default_execmode(cfg)
 
     def run_dir(self, cfg):
-        """A directory for files the runs of this container share (passwd copies, ...)."""
-        path = os.path.join(self.dir, ".run") if self.dir else \
+        """The directory for files the runs of this container share (passwd copies, ...);
+        made by the run that first needs it (Engine.run_dir)."""
+        return self.files.file(ContainerDir.RUN_DIR) if self.files else \
             os.path.join(cfg.tmpdir, "udocker-%d-location" % os.getuid())
-        makedirs(path, 0o700)
-        return path
 
 
 def _file_stamp(path):
@@ -6207,14 +6242,6 @@ def _file_stamp(path):
     except OSError:
         return ""
     return "%d:%d:%d" % (st.st_ino, int(st.st_mtime), st.st_size)
-
-
-def default_execmode(cfg):
-    mode = (cfg.override_default_execution_mode or cfg.default_execution_mode or "P1").upper()
-    if mode not in EXEC_MODES:
-        raise ConfigurationError("invalid default execution mode: %s (one of %s)"
-                                 % (mode, " ".join(EXEC_MODES)))
-    return mode
 
 
 class RunUser(object):
@@ -6366,6 +6393,50 @@ NO_NVIDIA = ("no NVIDIA driver on this host (no libcuda or libnvidia-* in the ld
              "LD_LIBRARY_PATH or nvi_lib_dirs)")
 
 
+class Change(object):
+    """One thing a run makes on disk before its engine starts (RunPlan.changes): kind, the
+    host path, and a value. Kinds: dir (value: mode), file (value: text; written when it
+    differs), touch (an empty file), symlink (value: target; an empty directory there is
+    replaced), nested (value: (target, is a directory): a mount point inside a volume made
+    a symlink for the run, put back after it), tree (value: [(host path, relative path)]: a
+    directory of symlinks made whole or not at all), setup (value: the mode to set up),
+    bundle (value: an OCI config.json for a new bundle directory), record (value: text of
+    a cache file: failure to write it is no error). what: how an error names it."""
+
+    def __init__(self, kind, path, value=None, what=None):
+        self.kind, self.path, self.value, self.what = kind, path, value, what
+
+    def __repr__(self):
+        value = self.value if self.kind in ("symlink", "setup", "dir") else \
+            "%d entries" % len(self.value) if self.kind == "tree" else None
+        return "%s %s%s" % (self.kind, self.path, "" if value is None else " (%s)" % value)
+
+
+class RunPlan(object):
+    """What a run would do, built without writing anything (Engine.plan): the engine's argv,
+    environment, host working directory and executable (when the kernel starts another
+    program than argv[0]); the container's command, working directory, user and binds;
+    and the changes on disk that Engine.apply makes, in one place, before the start."""
+
+    def __init__(self, mode, argv, env, cwd, executable, engine):
+        self.mode = mode
+        self.argv, self.env, self.cwd, self.executable = argv, env, cwd, executable
+        self.command = list(engine.argv)          # as the container sees it
+        self.workdir = engine.cwd
+        self.user = engine.user
+        self.binds = list(engine.volumes)
+        self.changes = list(engine.changes)
+
+    def describe(self):
+        """Lines saying what would run (for -D, benchmarks and tests)."""
+        lines = ["mode: %s" % self.mode, "engine: %s" % " ".join(self.argv),
+                 "command: %s (in %s, as %s)" % (" ".join(self.command), self.workdir,
+                                                 self.user and self.user.name)]
+        lines += ["bind: %s -> %s%s" % (v.host, v.cont, " (ro)" if v.readonly else "")
+                  for v in self.binds]
+        return lines + ["change: %r" % c for c in self.changes]
+
+
 class Engine(object):
     """What every execution mode shares; a subclass implements command() and may override
     the hooks below. Use: Engine(session, container, opts, command_args, tools).run()."""
@@ -6405,27 +6476,125 @@ class Engine(object):
         self.signalled = None          # the last terminating signal forwarded
         self.nvidia = None             # the host's NvidiaDriver when the run shows it
         self.cannot_start = None       # an EngineError: why this mode cannot run here
+        self.setup_mode = None         # a mode to set the container up for (F: first run)
+        self.changes = []              # Change: what the run makes on disk (RunPlan)
+        self.environ = session.environ        # the session's environment, not os.environ
 
     # -- the steps every mode takes, in order
 
     def run(self):
-        """Prepare, start the engine and wait; returns the container command's status."""
-        self.prepare()
-        if self.cannot_start is not None:
-            raise self.cannot_start
+        """Plan (every check), apply the plan's changes, start the engine and wait;
+        returns the container command's status."""
+        plan = self.plan()
         supervisor = Supervisor(self)
         try:
-            argv, env, cwd = self.command()
-            prefix = self.affinity(env)
-            if prefix and self.executable:          # numactl/taskset start it by its path
-                argv, self.executable = [self.executable] + argv[1:], None
+            self.apply(plan)
             self.banner()
-            MSG.debug("engine command: %s" % (prefix + argv))
-            return supervisor.run(prefix + argv, env, cwd)
+            MSG.debug("engine command: %s" % plan.argv)
+            return supervisor.run(plan.argv, plan.env, plan.cwd)
         finally:
             self.cleanup()
             if supervisor.watchdog is not None:
                 supervisor.watchdog.release()
+
+    def plan(self):
+        """The RunPlan of this run, complete and checked, with nothing written yet; raises
+        UdockerError for whatever would stop the run."""
+        self.changes = []
+        if self.setup_mode:
+            self.change("setup", self.container.dir, self.setup_mode)
+        self.prepare()
+        if self.cannot_start is not None:
+            raise self.cannot_start
+        argv, env, cwd = self.command()
+        prefix = self.affinity(env)
+        if prefix and self.executable:          # numactl/taskset start it by its path
+            argv, self.executable = [self.executable] + argv[1:], None
+        if self.container.libc_record:
+            self.run_dir()
+            self.change("record", *self.container.libc_record)
+            self.container.libc_record = None
+        return RunPlan(self.mode, prefix + argv, env, cwd, self.executable, self)
+
+    def change(self, kind, path, value=None, what=None):
+        """Add a Change to the plan (nothing is written until apply)."""
+        self.changes.append(Change(kind, path, value, what))
+
+    def planned(self, path):
+        """True if the plan already makes something at path."""
+        return any(c.path == path for c in self.changes)
+
+    def apply(self, plan):
+        """Make the plan's changes on disk, in order: the one place a run writes before its
+        engine starts (what a mode undoes afterwards is undone by cleanup())."""
+        for change in plan.changes:
+            try:
+                self._apply(change)
+            except (IOError, OSError) as exc:
+                if change.kind == "record":
+                    continue                                # a cache: next run tries again
+                if change.kind == "dir" and change.what is None:
+                    MSG.verbose("cannot make %s: %s" % (change.path, exc.strerror or exc))
+                    continue
+                raise EngineError("cannot make %s: %s" % (change.what or change.path,
+                                                          exc.strerror or exc))
+
+    def _apply(self, change):
+        kind, path, value = change.kind, change.path, change.value
+        if kind == "setup":
+            MSG.info("setting up container %s for mode %s" % (self.container.cid, value))
+            set_execmode(self.session, self.container, value, self.tools)
+        elif kind == "dir":
+            if not os.path.isdir(path):
+                makedirs(path, *([value] if value else []))
+        elif kind in ("file", "record"):
+            try:
+                if read_text(path) == value:
+                    return
+            except (IOError, OSError, ValueError):
+                pass
+            makedirs(os.path.dirname(path))
+            write_atomic(path, value, sync=kind == "file")
+        elif kind == "touch":
+            makedirs(os.path.dirname(path))
+            if not os.path.lexists(path):
+                open(path, "a").close()
+        elif kind in ("symlink", "nested"):
+            target = value[0] if kind == "nested" else value
+            if os.path.islink(path):
+                pass                            # replaced below, unless it is the same
+            elif os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+            elif kind == "nested" and os.path.isfile(path) and not os.path.getsize(path):
+                os.unlink(path)
+            makedirs(os.path.dirname(path))
+            if not (os.path.islink(path) and os.readlink(path) == target):
+                symlink_atomic(target, path)
+            if kind == "nested":
+                self.nested_links.append((path, value[1]))
+        elif kind == "tree":
+            if not os.path.isdir(path):
+                staging = tempfile.mkdtemp(prefix=".tree-", dir=os.path.dirname(path))
+                for host, rel in value:
+                    makedirs(os.path.dirname(os.path.join(staging, rel)))
+                    os.symlink(host, os.path.join(staging, rel))
+                try:
+                    os.rename(staging, path)
+                except OSError:                        # another run made it first
+                    remove_tree(staging)
+        elif kind == "bundle":
+            os.mkdir(path, 0o700)
+            with open(os.path.join(path, "config.json"), "wb") as handle:
+                handle.write(to_bytes(value))
+        else:
+            raise ValueError("unknown change: %r" % change)
+
+    def run_dir(self):
+        """The container's run directory, made by the plan when it is not there yet."""
+        path = self.container.run_dir(self.cfg)
+        if not os.path.isdir(path) and not self.planned(path):
+            self.change("dir", path, 0o700, "the run directory %s" % path)
+        return path
 
     def prepare(self):
         if self.unavailable:
@@ -6534,12 +6703,12 @@ class Engine(object):
         files = self.identity_files()
         if files is None:
             return
-        run_dir = self.container.run_dir(self.cfg)
+        run_dir = self.run_dir()
         for cont, text in zip(("/etc/passwd", "/etc/group"), files):
             digest = hashlib.sha256(to_bytes(text)).hexdigest()[:16]
             path = os.path.join(run_dir, "%s-%s" % (os.path.basename(cont), digest))
             if not os.path.exists(path):
-                write_atomic(path, text, mode=0o644)
+                self.change("file", path, text)
             self.volumes.append(Volume(path, cont, readonly=True, system=True))
 
     # -- volumes
@@ -6594,15 +6763,8 @@ class Engine(object):
             point = os.path.join(outer.host, vol.cont[len(outer.cont):].lstrip("/"))
             if os.path.lexists(point):
                 continue
-            try:
-                if os.path.isdir(vol.host):
-                    makedirs(point)
-                else:
-                    makedirs(os.path.dirname(point))
-                    open(point, "a").close()
-            except (IOError, OSError) as exc:
-                raise EngineError("cannot make the mount point of %s in %s: %s"
-                                  % (vol.cont, outer.host, exc.strerror or exc))
+            self.change("dir" if os.path.isdir(vol.host) else "touch", point, None,
+                        "the mount point of %s in %s" % (vol.cont, outer.host))
 
     def device_volumes(self, volumes):
         """--device HOST[:CONT[:PERMISSIONS]] as Volumes, but for a device a volume already
@@ -6629,13 +6791,13 @@ class Engine(object):
     def find_nvidia(self):
         """The host's NVIDIA driver when run --nvidia or setup --nvidia asks for it; a
         container set up for it on a host without one runs without (one warning)."""
-        marked = bool(self.container.dir) and \
-            os.path.exists(os.path.join(self.container.dir, "nvidia"))
+        marked = bool(self.container.files) and \
+            self.container.files.has(ContainerDir.NVIDIA)
         asked = "--nvidia" if self.opts.get("nvidia") else \
             "--gpus" if self.opts.get("gpus") and parse_gpus(self.opts["gpus"]) else None
         if not (asked or marked):
             return None
-        driver = NvidiaDriver.find(self.cfg, os.environ)
+        driver = NvidiaDriver.find(self.cfg, self.environ)
         if driver is None:
             if asked:
                 raise EngineError("run %s: %s" % (asked, NO_NVIDIA))
@@ -6674,19 +6836,20 @@ class Engine(object):
 
     def build_env(self, meta):
         env = {}
+        host = self.environ
         if self.opts.get("hostenv"):
-            env.update((k, v) for k, v in os.environ.items()
+            env.update((k, v) for k, v in host.items()
                        if k not in self.cfg.invalid_host_env)
         else:
-            env.update((k, os.environ[k]) for k in self.cfg.valid_host_env
-                       if k in os.environ and k != "PATH")
+            env.update((k, host[k]) for k in self.cfg.valid_host_env
+                       if k in host and k != "PATH")
             passed = name_matcher(self.cfg.pass_host_env)
-            env.update((k, v) for k, v in os.environ.items() if passed(k))
-        given = self._env_words(self.opts.get("env") or [], "-e")
-        image = self._env_words(meta.get("Env") or [], "image Env")
+            env.update((k, v) for k, v in host.items() if passed(k))
+        given = self._env_words(self.opts.get("env") or [], "-e", host)
+        image = self._env_words(meta.get("Env") or [], "image Env", host)
         from_files = []
         for path in self.opts.get("env_file") or []:
-            from_files += self._env_words(self._read_env_file(path), path)
+            from_files += self._env_words(self._read_env_file(path), path, host)
         env.update(image)
         env.update(given)
         for name, value in from_files:
@@ -6698,16 +6861,17 @@ class Engine(object):
         return env
 
     @staticmethod
-    def _env_words(words, origin):
+    def _env_words(words, origin, environ):
+        """(NAME, VALUE) pairs of NAME=VALUE words; a bare NAME takes environ's value."""
         pairs = []
         for word in words:
             name, has_value, value = word.partition("=")
             if not name or "=" in name or any(c.isspace() for c in name):
                 raise UsageError("invalid environment variable in %s: %r" % (origin, word))
             if not has_value:
-                if name not in os.environ:
+                if name not in environ:
                     continue
-                value = os.environ[name]
+                value = environ[name]
             pairs.append((name, value))
         return pairs
 
@@ -6758,11 +6922,7 @@ class Engine(object):
             host = self.cont2host(wanted)
             if not os.path.isdir(host):
                 MSG.verbose("creating the image's working directory %s" % wanted)
-                try:
-                    makedirs(host)
-                except OSError as exc:
-                    raise EngineError("cannot create the working directory %s: %s"
-                                      % (wanted, exc.strerror))
+                self.change("dir", host, None, "the working directory %s" % wanted)
             return cont_path(wanted)
         home = self.env.get("HOME") or self.user.home
         if home.startswith("/") and os.path.isdir(self.cont2host(home)):
@@ -6871,11 +7031,10 @@ class Engine(object):
         (the kernel follows it)."""
         if ":" not in host:
             return host
-        links = os.path.join(self.container.run_dir(self.cfg), "binds")
-        makedirs(links)
+        links = os.path.join(self.run_dir(), "binds")
         link = os.path.join(links, hashlib.sha256(to_bytes(host)).hexdigest()[:16])
         if not (os.path.islink(link) and os.readlink(link) == host):
-            symlink_atomic(host, link)
+            self.change("symlink", link, host)
         return link
 
     @classmethod
@@ -7244,8 +7403,8 @@ class ProotEngine(Engine):
         env = dict(self.env)
         env["PROOT_TMP_DIR"] = self._proot_tmp_dir()
         for name in ("PROOT_NO_SECCOMP", "PROOT_NEW_SECCOMP"):
-            if name in os.environ:
-                env[name] = os.environ[name]
+            if name in self.environ:
+                env[name] = self.environ[name]
         if self.noseccomp or self.cfg.proot_noseccomp:
             env["PROOT_NO_SECCOMP"] = "1"
         elif not info.get("seccomp"):
@@ -7269,7 +7428,7 @@ class ProotEngine(Engine):
         return options
 
     def _proot_tmp_dir(self):
-        return proot_tmp_dir(self.cfg)
+        return proot_tmp_dir(self.cfg, self.environ)
 
     def _kernel_option_works(self, info):
         """A proot older than statx (5.1-era) answers EINVAL under -k to the
@@ -7309,7 +7468,8 @@ class ProotEngine(Engine):
     @classmethod
     def host_probe(cls, session, tools):
         proot = tools.proot()[0]
-        env = {"PATH": "/usr/bin:/bin", "PROOT_TMP_DIR": proot_tmp_dir(session.cfg)}
+        env = {"PATH": "/usr/bin:/bin",
+               "PROOT_TMP_DIR": proot_tmp_dir(session.cfg, session.environ)}
         if cls.noseccomp:
             env["PROOT_NO_SECCOMP"] = "1"
         program = ["/bin/true"] if is_executable("/bin/true") else ["/bin/sh", "-c", "true"]
@@ -7324,9 +7484,10 @@ class ProotEngine(Engine):
         return proot_status(status, self.signalled)
 
 
-def proot_tmp_dir(cfg):
-    """An exec-able directory where proot unpacks its loader (PROOT_TMP_DIR)."""
-    for path in (os.environ.get("PROOT_TMP_DIR"), cfg.tmpdir):
+def proot_tmp_dir(cfg, environ=None):
+    """An exec-able directory where proot unpacks its loader (PROOT_TMP_DIR of environ, the
+    session's environment)."""
+    for path in ((environ or os.environ).get("PROOT_TMP_DIR"), cfg.tmpdir):
         if path and os.path.isdir(path) and os.access(path, os.W_OK) and \
                 not os.statvfs(path).f_flag & 8:                 # ST_NOEXEC
             return path
@@ -7512,14 +7673,14 @@ class RuncEngine(Engine):
     def command(self):
         self.runtime, info = self.tools.runc()
         self.flavour = info.get("flavour", "runc")
-        self.rundir = private_dir(self.cfg.tmpdir, "udocker-%s-" % self.flavour)
+        self.rundir = os.path.join(self.cfg.tmpdir, "udocker-%s-%s" % (self.flavour,
+                                                                       random_hex(6)))
         self.run_id = "udocker-%s" % random_hex(8)
-        with open(os.path.join(self.rundir, "config.json"), "wb") as handle:
-            handle.write(to_bytes(json_text(self.spec())))
+        self.change("bundle", self.rundir, json_text(self.spec()), "the runtime bundle")
         self.passed_fds = highest_inherited_fd()     # what P and F modes pass as they are
         preserve = ["--preserve-fds", str(self.passed_fds - 2)] if self.passed_fds else []
         argv = self.runtime_argv("run", *(preserve + ["--bundle", self.rundir, self.run_id]))
-        return argv, dict(os.environ), None
+        return argv, dict(self.environ), None
 
     def runtime_argv(self, *words):
         return runtime_command(self.runtime, self.flavour, self.rundir, *words)
@@ -7621,7 +7782,7 @@ class RuncEngine(Engine):
         self.cleanup()
 
     def cleanup(self):
-        if self.rundir:
+        if self.rundir and os.path.isdir(self.rundir):
             if os.path.lexists(os.path.join(self.rundir, "state", self.run_id)):
                 # left behind (runc/crun remove it when `run` ends normally)
                 run_capture(self.runtime_argv("delete", "--force", self.run_id), timeout=10)
@@ -7730,7 +7891,7 @@ class FakechrootEngine(Engine):
         for cont, text in zip(("/etc/passwd", "/etc/group"), files):
             path = resolve_in_root(self.root, cont)
             if os.path.isdir(os.path.dirname(path)):
-                write_atomic(path, text, mode=0o644)
+                self.change("file", path, text, "the container's %s" % cont)
 
     def command(self):
         arch = self.container.arch()
@@ -7779,7 +7940,7 @@ class FakechrootEngine(Engine):
         return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
 
     def _library(self, arch, version):
-        own = os.path.join(self.container.dir or "", "libfakechroot.so")
+        own = os.path.join(self.container.dir or "", ContainerDir.LIBFAKECHROOT)
         if self.container.dir and os.path.isfile(own) and not self.cfg.fakechroot_so:
             return own
         distro = read_os_release(self.root)
@@ -7829,22 +7990,15 @@ class FakechrootEngine(Engine):
         them, fakechroot does not see them), seen at NVIDIA_DIR like any volume elsewhere:
         through a symlink in ROOT. run_dir/nvidia points to the tree of this driver, so the
         link in ROOT stays the same when the driver changes. Devices: at their own path."""
-        run_dir = self.container.run_dir(self.cfg)
+        run_dir = self.run_dir()
         files = sorted(self.nvidia.files)
         tree = "nvidia-" + hashlib.sha256(to_bytes(repr(files))).hexdigest()[:16]
         if not os.path.isdir(os.path.join(run_dir, tree)):
-            staging = tempfile.mkdtemp(prefix=".nvidia-", dir=run_dir)
-            for host, cont in files:
-                link = os.path.join(staging, cont[len(NVIDIA_DIR) + 1:])
-                makedirs(os.path.dirname(link))
-                os.symlink(host, link)
-            try:
-                os.rename(staging, os.path.join(run_dir, tree))
-            except OSError:                        # another run made it first
-                remove_tree(staging)
+            self.change("tree", os.path.join(run_dir, tree),
+                        [(host, cont[len(NVIDIA_DIR) + 1:]) for host, cont in files])
         current = os.path.join(run_dir, "nvidia")
         if not os.path.islink(current) or os.readlink(current) != tree:
-            symlink_atomic(tree, current)
+            self.change("symlink", current, tree)
         volumes = [Volume(current, NVIDIA_DIR, readonly=True, system=True)]
         for host, cont in self.nvidia.devices:
             if host != cont:
@@ -7865,14 +8019,12 @@ class FakechrootEngine(Engine):
         if os.path.islink(point):
             if os.readlink(point) != vol.host:
                 return False
-        elif os.path.isdir(point) and not os.listdir(point):
-            os.rmdir(point)
-        elif os.path.isfile(point) and os.path.getsize(point) == 0:
-            os.unlink(point)
-        else:
-            return False
-        self.nested_links.append((point, os.path.isdir(vol.host)))
-        symlink_atomic(vol.host, point)
+        elif os.path.lexists(point) and not (
+                (os.path.isdir(point) and not os.listdir(point)) or
+                (os.path.isfile(point) and os.path.getsize(point) == 0)):
+            return False                    # (a missing one is made by make_mount_points)
+        self.change("nested", point, (vol.host, os.path.isdir(vol.host)),
+                    "the mount point of %s in %s" % (vol.cont, outer.host))
         return True
 
     def cleanup(self):
@@ -7894,10 +8046,7 @@ class FakechrootEngine(Engine):
         path = resolve_in_root(self.root, vol.cont)
         if vol.system or os.path.lexists(path) or not os.path.isdir(vol.host):
             return
-        try:
-            makedirs(path)
-        except OSError as exc:
-            MSG.verbose("cannot make the mount point %s: %s" % (vol.cont, exc.strerror))
+        self.change("dir", path)                      # a failure: one verbose line
 
     def _symlink_volume(self, vol):
         link = resolve_in_root(self.root, vol.cont, follow_last=False)
@@ -7908,14 +8057,10 @@ class FakechrootEngine(Engine):
                 not (os.path.isdir(link) and not os.listdir(link)):
             raise EngineError("F modes can bind %s only at its own path or where the container "
                               "has nothing (-v %s:%s)" % (vol.host, vol.host, vol.host))
-        makedirs(os.path.dirname(link))
-        if os.path.isdir(link) and not os.path.islink(link):
-            os.rmdir(link)
-        symlink_atomic(vol.host, link)
-        mountpoints = os.path.join(self.container.dir or "", ".mountpoints")
+        self.change("symlink", link, vol.host, "the volume's symlink %s" % vol.cont)
         if self.container.dir:
-            makedirs(mountpoints)
-            symlink_atomic(vol.host, os.path.join(mountpoints, vol.cont.replace("/", "#")))
+            self.change("symlink", os.path.join(self.container.dir, ContainerDir.MOUNTPOINTS,
+                                                vol.cont.replace("/", "#")), vol.host)
 
     @classmethod
     def check_container(cls, container, tools):
@@ -7924,7 +8069,7 @@ class FakechrootEngine(Engine):
         if kind != "glibc":
             raise EngineError("F modes need a glibc container (this one: %s): use P1"
                               % (kind or "no C library found"))
-        own = os.path.join(container.dir or "", "libfakechroot.so")
+        own = os.path.join(container.dir or "", ContainerDir.LIBFAKECHROOT)
         if not (container.dir and os.path.isfile(own)):
             tools.fakechroot_so(arch, version, read_os_release(container.root))
         if not cls.uses_loader:
@@ -7938,7 +8083,7 @@ class FakechrootEngine(Engine):
 
     @classmethod
     def setup(cls, container, tools, force=False):
-        old_root = container.state("root.path")
+        old_root = container.state(ContainerDir.ROOT_PATH)
         skip = mountpoint_links(container)
         if old_root and old_root != container.root:
             convert_symlinks(container.root, old_root, False, skip)
@@ -7946,7 +8091,7 @@ class FakechrootEngine(Engine):
 
     @classmethod
     def leave(cls, container, tools):
-        convert_symlinks(container.root, container.state("root.path") or container.root,
+        convert_symlinks(container.root, container.state(ContainerDir.ROOT_PATH) or container.root,
                          False, mountpoint_links(container))
 
 
@@ -7960,13 +8105,13 @@ class FakechrootPatchedEngine(FakechrootEngine):
 
     def prepare(self):
         FakechrootEngine.prepare(self)
-        if self.container.state("patch.path") != self.root:
+        if self.container.state(ContainerDir.PATCH_PATH) != self.root and self.setup_mode is None:
             raise EngineError("container %s was moved since it was patched for F3: run "
                               "setup --execmode=F3 --force" % self.container.cid)
 
     @classmethod
     def setup(cls, container, tools, force=False):
-        if container.state("patch.path") == container.root and not force:
+        if container.state(ContainerDir.PATCH_PATH) == container.root and not force:
             FakechrootEngine.setup(container, tools, force)
             return
         cls.leave(container, tools)
@@ -7976,13 +8121,13 @@ class FakechrootPatchedEngine(FakechrootEngine):
         libpath = ":".join(container_lib_dirs(container.root, arch))
         patcher = ElfPatcher(tools.patchelf(), container)
         patcher.patch(loader[1], libpath)
-        container.set_state("patch.path", container.root)
+        container.set_state(ContainerDir.PATCH_PATH, container.root)
 
     @classmethod
     def leave(cls, container, tools):
-        if os.path.exists(os.path.join(container.dir, "patch.json")):
+        if container.files.has(ContainerDir.PATCH_RECORD):
             ElfPatcher(tools.patchelf(), container).restore()
-            remove_quietly(os.path.join(container.dir, "patch.path"))
+            remove_quietly(container.files.file(ContainerDir.PATCH_PATH))
         FakechrootEngine.leave(container, tools)
 
 
@@ -8010,7 +8155,7 @@ def fakechroot_volume_map(volumes, bind_host=lambda host: host):
 
 def mountpoint_links(container):
     """Host paths of the volume symlinks F modes made in ROOT (recorded in .mountpoints)."""
-    records = os.path.join(container.dir or "", ".mountpoints")
+    records = os.path.join(container.dir or "", ContainerDir.MOUNTPOINTS)
     if not container.dir or not os.path.isdir(records):
         return set()
     return set(resolve_in_root(container.root, name.replace("#", "/"), follow_last=False)
@@ -8055,7 +8200,7 @@ class ElfPatcher(object):
         self.patchelf = patchelf[0]
         self.batch = self.BATCH if patchelf[1].get("many_files", True) else 1
         self.container = container
-        self.record_path = os.path.join(container.dir, "patch.json")
+        self.record_path = container.files.file(ContainerDir.PATCH_RECORD)
 
     def _elf_files(self, loader):
         """(executables, libraries): host paths of the ELF files we own and may patch."""
@@ -8189,13 +8334,14 @@ class SingularityEngine(Engine):
         for vol in self.volumes:
             argv += ["-B", "%s:%s%s" % (vol.host, vol.cont, ":ro" if vol.readonly else "")]
         for sub in ("tmp", "var/tmp", "root"):
-            makedirs(os.path.join(self.root, sub))
+            if not os.path.isdir(os.path.join(self.root, sub)):
+                self.change("dir", os.path.join(self.root, sub), None, "/" + sub)
         if "/root" not in bound and self.user.home == "/root":
             argv += ["--home", "%s/root:/root" % self.root]
         for sub in ("/tmp", "/var/tmp"):
             if sub not in bound:
                 argv += ["-B", "%s%s:%s" % (self.root, sub, sub)]
-        env = dict((k, v) for k, v in os.environ.items() if not k.startswith(prefix))
+        env = dict((k, v) for k, v in self.environ.items() if not k.startswith(prefix))
         env.update((prefix + k, v) for k, v in self.env.items())
         return argv + [self.root] + self.argv, env, None
 
@@ -8220,17 +8366,17 @@ def set_execmode(session, container, mode, tools, force=False):
     if new.unavailable:
         raise EngineError(new.unavailable)
     with session.containers.lock(container.cid):
-        current = container.state("execmode").upper() or default_execmode(session.cfg)
-        same_place = container.state("root.path") in ("", container.root)
-        if current == mode and same_place and not force and container.state("execmode"):
+        current = container.state(ContainerDir.EXECMODE).upper() or default_execmode(session.cfg)
+        same_place = container.state(ContainerDir.ROOT_PATH) in ("", container.root)
+        if current == mode and same_place and not force and container.state(ContainerDir.EXECMODE):
             return False
         new.check_setup(container, tools)
         old = ENGINES.get(current)
-        if old is not None and old is not new and container.state("execmode"):
+        if old is not None and old is not new and container.state(ContainerDir.EXECMODE):
             old.leave(container, tools)
         new.setup(container, tools, force=force or not same_place)
-        container.set_state("execmode", mode)
-        container.set_state("root.path", container.root)
+        container.set_state(ContainerDir.EXECMODE, mode)
+        container.set_state(ContainerDir.ROOT_PATH, container.root)
     return True
 
 
@@ -8265,7 +8411,7 @@ def choose_mode(session, container, tools):
     config file), the first of fallback_execution_modes that can, with one warning."""
     cfg = session.cfg
     mode = container.execmode(cfg)
-    explicit = bool(container.state("execmode") or cfg.override_default_execution_mode or
+    explicit = bool(container.state(ContainerDir.EXECMODE) or cfg.override_default_execution_mode or
                     cfg.sources.get("default_execution_mode", "default") != "default")
     ok, why = mode_can_run(session, container, tools, mode, trust_failure=not explicit)
     if ok:
@@ -8310,17 +8456,16 @@ def choose_mode(session, container, tools):
 
 
 def engine_for(session, container, opts, args, tools):
-    """The Engine that runs this container; F modes set up on first use (or after a move).
-    When no mode can start, the engine raises why after checking the options (run())."""
+    """The Engine that runs this container; F modes set up on first use (or after a move),
+    as the first change of the run's plan. When no mode can start, the engine raises why
+    after checking the options (Engine.plan)."""
     mode, cannot_start = choose_mode(session, container, tools)
-    cls = ENGINES[mode]
-    if container.dir and mode.startswith("F") and cannot_start is None and (
-            container.state("execmode").upper() != mode or
-            container.state("root.path") != container.root):
-        MSG.info("setting up container %s for mode %s" % (container.cid, mode))
-        set_execmode(session, container, mode, tools)
-    engine = cls(session, container, opts, args, tools)
+    engine = ENGINES[mode](session, container, opts, args, tools)
     engine.cannot_start = cannot_start
+    if container.dir and mode.startswith("F") and cannot_start is None and (
+            container.state(ContainerDir.EXECMODE).upper() != mode or
+            container.state(ContainerDir.ROOT_PATH) != container.root):
+        engine.setup_mode = mode
     return engine
 
 
@@ -9380,8 +9525,9 @@ class Command(object):
 class Session(object):
     """What a command works with: the Config, the repository and the keystore."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, environ=None):
         self.cfg = cfg
+        self.environ = os.environ if environ is None else environ   # main()'s environment
         self.repo = LocalRepository(cfg)
         self.containers = ContainerStore(self.repo)
         self.keystore = Keystore(cfg.keystore, os.path.join(
@@ -9982,7 +10128,7 @@ def cmd_setup(session, opts, args):
         opts["nvidia"]
     if not changing:
         out("execmode: %s" % container.execmode(session.cfg))
-        out("nvidiamode: %s" % os.path.exists(session.containers.path(cid, "nvidia")))
+        out("nvidiamode: %s" % container.files.has(ContainerDir.NVIDIA))
         return 0
     if session.containers.is_protected(cid):
         raise RepositoryError("container is protected: %s" % cid)
@@ -10002,7 +10148,7 @@ def cmd_setup(session, opts, args):
 def _purge_mountpoints(container):
     """setup --purge: remove the mount points F modes made in ROOT (.mountpoints), the empty
     ones runtimes left under /.udocker, and the NVIDIA mode (marker and symlink trees)."""
-    records = os.path.join(container.dir, ".mountpoints")
+    records = container.files.file(ContainerDir.MOUNTPOINTS)
     for link in mountpoint_links(container):
         if os.path.islink(link):
             os.unlink(link)
@@ -10016,8 +10162,8 @@ def _purge_mountpoints(container):
                     os.unlink(path)                       # a file's mount point
             if not os.listdir(dirpath):
                 os.rmdir(dirpath)
-    remove_quietly(os.path.join(container.dir, "nvidia"))
-    run_dir = os.path.join(container.dir, ".run")
+    remove_quietly(container.files.file(ContainerDir.NVIDIA))
+    run_dir = container.files.file(ContainerDir.RUN_DIR)
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
         if name == "nvidia" or name.startswith("nvidia-"):
             remove_tree(os.path.join(run_dir, name))
@@ -10030,7 +10176,7 @@ def _set_nvidia(session, container, force):
     if driver is None and not force:
         raise EngineError("setup --nvidia: %s (--force sets the mode anyway)" % NO_NVIDIA)
     with session.containers.lock(container.cid):
-        container.set_state("nvidia", "")
+        container.set_state(ContainerDir.NVIDIA, "")
     MSG.info("nvidia mode set: every run binds the host's driver under %s%s"
              % (NVIDIA_DIR, " (here: %s)" % driver.summary() if driver else
                 " (none on this host)"))
@@ -10118,7 +10264,7 @@ def cmd_ps(session, opts, args):
     for cid, names, image in store.list():
         row = [cid, "P" if store.is_protected(cid) else ".", container_root_state(store, cid)]
         if opts["m"]:
-            row.append(container_execmode(store, cid, session.cfg))
+            row.append(_ps_execmode(store, cid, session.cfg))
         if opts["s"]:
             row.append(tree_size_mb(store.path(cid, "ROOT")))
         if opts["p"]:
@@ -10126,6 +10272,16 @@ def cmd_ps(session, opts, args):
         row += [str([str(n) for n in names]) if names else "", image]
         out(fmt % tuple(row))
     return 0
+
+
+def _ps_execmode(store, cid, cfg):
+    """The MOD column: the mode run and setup use; a mode that is no mode is shown as ??
+    with the Warning line that run and setup give as their Error."""
+    try:
+        return ContainerDir(store.path(cid), cid).execmode(cfg)
+    except EngineError as exc:
+        MSG.warning(str(exc))
+        return "??"
 
 
 def cmd_rm(session, opts, args):
@@ -10184,7 +10340,7 @@ def inspect_container(session, cid, opts):
     if opts["p"]:
         out(session.containers.path(cid, "ROOT"))
         return 0
-    data = read_json(session.containers.path(cid, "container.json"))
+    data = read_json(session.containers.path(cid, ContainerDir.CONFIG))
     if data is None:
         raise RepositoryError("container %s has no readable container.json" % cid)
     if opts["format"] is not None:
@@ -10376,7 +10532,7 @@ def main(argv=None, environ=None):
         MSG.level = cfg.verbose_level
         if os.geteuid() == 0 and not general["allow_root"] and command.needs_repo:
             raise UdockerError("do not run as root ! (use --allow-root if you must)")
-        session = Session(cfg)
+        session = Session(cfg, environ)
         if command.needs_repo:
             session.repo.ensure(must_exist=bool(general["repo"]))
         return command.func(session, opts, args)

@@ -247,8 +247,10 @@ def test_users(tmpdir, glibc_tree):
     engine.prepare()
     assert (engine.user.name, engine.user.uid, engine.user.gid) == ("udoc4321", 4321, 65534)
     passwd = [v for v in engine.volumes if v.cont == "/etc/passwd"]
-    assert passwd and "udoc4321:x:4321:65534:*UDOCKER*:/:/bin/sh" in open(passwd[0].host).read()
-    assert open(passwd[0].host).read().startswith("root:x:0:0:")       # a copy, extended
+    assert passwd and not os.path.exists(passwd[0].host)         # planned, not yet written
+    text = [c.value for c in engine.changes if c.kind == "file" and c.path == passwd[0].host]
+    assert text and "udoc4321:x:4321:65534:*UDOCKER*:/:/bin/sh" in text[0]
+    assert text[0].startswith("root:x:0:0:")                            # a copy, extended
     engine = engine_for(tmpdir, glibc_tree, config={"User": "nobody"})
     engine.prepare()
     assert engine.user.uid == 65534 and not [v for v in engine.volumes
@@ -336,6 +338,34 @@ def test_setup_shows_mode_and_refuses_what_cannot_work(bb_container):
     bb_container.join("ud", "containers", CID, "PROTECT").write("")
     rc, out, err = run_ud(bb_container, ["setup", "--execmode=P2", "named"])
     assert rc == 1 and "protected" in err
+
+
+def test_ps_setup_and_run_give_one_answer_to_which_mode(bb_container):
+    """An execmode file in lower case is that mode everywhere; one holding no mode is the
+    same message in ps (a warning, ?? in the column), setup and run (the error)."""
+    def said(err):
+        return [line for line in err.splitlines() if not line.startswith("Info:")]
+    execmode = bb_container.join("ud", "containers", CID, "execmode")
+    execmode.write("p2\n")
+    rc, out, err = run_ud(bb_container, ["ps", "-m"])
+    assert rc == 0 and " P2 " in out.splitlines()[1] and said(err) == [], (out, err)
+    assert run_ud(bb_container, ["setup", "named"])[1].startswith("execmode: P2\n")
+    rc, out, err = run_ud(bb_container, ["ps", "-m"], {"UDOCKER_DEFAULT_EXECUTION_MODE": "r1"})
+    assert " P2 " in out.splitlines()[1]                     # recorded beats the default
+    execmode.remove()
+    rc, out, err = run_ud(bb_container, ["ps", "-m"], {"UDOCKER_DEFAULT_EXECUTION_MODE": "r1"})
+    assert rc == 0 and " R1 " in out.splitlines()[1], (out, err)
+    execmode.write("Z9")
+    message = "container %s has an unknown execution mode: Z9" % CID
+    rc, out, err = run_ud(bb_container, ["ps", "-m"])
+    assert rc == 0 and " ?? " in out.splitlines()[1], (out, err)
+    assert len(said(err)) == 1 and said(err)[0].startswith("Warning: " + message), err
+    for args in (["setup", "named"], ["run", "named", "true"]):
+        rc, out, err = run_ud(bb_container, args)
+        assert rc == 1 and len(said(err)) == 1, (args, err)
+        assert said(err)[0].startswith("Error: " + message), (args, err)
+    rc, out, err = run_ud(bb_container, ["setup", "--execmode=P1", "named"])   # the way out
+    assert rc == 0 and execmode.read().strip() == "P1", err
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -475,3 +505,47 @@ def test_proot_command_makes_up_for_what_the_proot_lacks(tmpdir, glibc_tree, kin
     kind_of_libc, version = engine.container.libc()
     kernel_dropped = kind != "modern" and udocker.version_at_least(version, "2.33")
     assert ("-k" in argv) is not kernel_dropped
+
+
+def test_the_run_plan_writes_nothing_and_apply_makes_its_changes(tmpdir, glibc_tree):
+    """Engine.plan() says what would run (engine argv, binds, the changes on disk) without
+    writing; apply() makes those changes; a failing check leaves no plan at all."""
+    from test_tools import fake_proot
+    proot = fake_proot(tmpdir.join("p"), "5.4.0", modern=True, kill_on_exit=True)
+    outer = tmpdir.join("outer").ensure(dir=True)
+    inner = tmpdir.join("inner").ensure(dir=True)
+    opts = {"user": "4321", "volume": ["%s:/data" % outer, "%s:/data/sub/in" % inner]}
+    engine = engine_for(tmpdir, glibc_tree, opts=opts, args=["/bin/true"],
+                        UDOCKER_USE_PROOT_EXECUTABLE=proot)
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo)
+    cdir = engine.container.dir
+    plan = engine.plan()
+    assert os.listdir(cdir) == [] and os.listdir(str(outer)) == []
+    assert plan.argv[0] == proot and plan.argv[-1] == "/bin/true" and plan.command == ["/bin/true"]
+    assert "-i" in plan.argv and plan.user.uid == 4321
+    kinds = dict((c.path, c.kind) for c in plan.changes)
+    run_dir = os.path.join(cdir, ".run")
+    assert kinds.pop(run_dir) == "dir" and kinds.pop(str(outer.join("sub", "in"))) == "dir"
+    assert [k for k in kinds.values()] == ["file", "file"]          # passwd and group copies
+    assert any(v.cont == "/etc/passwd" and v.host.startswith(run_dir) for v in plan.binds)
+    assert "\n".join(plan.describe()).count("change: ") == 4
+    engine.apply(plan)
+    assert os.path.isdir(str(outer.join("sub", "in")))
+    passwd = [v.host for v in plan.binds if v.cont == "/etc/passwd"][0]
+    assert "udoc4321:x:4321:4321:" in open(passwd).read()
+    engine = engine_for(tmpdir, glibc_tree, opts=dict(opts, workdir="/nonexistent"),
+                        args=["/bin/true"], UDOCKER_USE_PROOT_EXECUTABLE=proot)
+    with pytest.raises(udocker.EngineError):
+        engine.plan()
+
+
+def test_the_run_plan_uses_the_session_environment(tmpdir, glibc_tree, monkeypatch):
+    """The environment a run passes on is the session's (main(argv, environ)), not
+    os.environ: a program driving udocker.py needs not change its own."""
+    monkeypatch.setenv("TERM", "from-os-environ")
+    session = session_for(tmpdir)
+    session = udocker.Session(session.cfg, {"TERM": "from-session", "BARE": "bare-value"})
+    engine = engine_for(tmpdir, glibc_tree, opts={"env": ["BARE"]})
+    engine = type(engine)(session, engine.container, engine.opts, [], None)
+    engine.prepare()
+    assert engine.env["TERM"] == "from-session" and engine.env["BARE"] == "bare-value"

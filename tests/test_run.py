@@ -1123,3 +1123,60 @@ def test_values_out_of_range_are_refused_before_a_run(udocker, tmpdir, options, 
                         "UDOCKER_USE_PROOT_EXECUTABLE": "/nonexistent/proot"})
     res = udocker("run", "--rm", "--nobanner", *(options + [image, "/bin/true"]))
     assert len(one_error_line(res, needle)) < 200
+
+
+# -- nothing is written before a run can start (the run plan is complete and valid first)
+
+def tree_digest(*tops):
+    """Every entry under tops: path, kind, mode bits and contents (or link target)."""
+    import hashlib
+    found = {}
+    for top in tops:
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in [""] + dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                if os.path.islink(path):
+                    what = "link:" + os.readlink(path)
+                elif os.path.isdir(path):
+                    what = "dir"
+                else:
+                    with open(path, "rb") as handle:
+                        what = hashlib.sha256(handle.read()).hexdigest()
+                found[path] = (what, st.st_mode)
+    return found
+
+
+@pytest.mark.parametrize("mode", ["P1", "R1", "F1", "F3"])
+def test_a_run_that_cannot_start_leaves_the_container_as_it_was(world, mode):
+    """Each failing run (a bad -w, a missing command, a volume symlink F modes would make,
+    a mount point inside a writable volume, an unknown user, an image WorkingDir to create)
+    is refused with one Error line and changes no byte of the container directory."""
+    cid = world.container(mode, config={"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["sh"],
+                                        "WorkingDir": "/made/by/run"}, fresh=True)
+    cdir = os.path.join(world.ud_dir, "containers", cid)
+    outer = os.path.join(world.top, "plan-" + mode)
+    os.makedirs(os.path.join(outer, "inner"))
+    notelf = os.path.join(outer, "notelf")
+    with open(notelf, "w") as handle:
+        handle.write("no #! line, no ELF header\n")
+    os.chmod(notelf, 0o755)
+    user = [] if mode.startswith("F") else ["-u", "4321"]      # F: always the host user
+    cases = [
+        (user + ["-w", "/nonexistent"], ["/bin/true"], "invalid working directory"),
+        (user, ["no-such-command"], "command not found"),
+        (["-v", outer + ":/data", "-v", outer + "/inner:/data/sub/inner",
+          "-v", notelf + ":/data/file"], ["no-such-command"], "command not found"),
+    ]
+    if mode.startswith("F"):            # fails once the command is read: after the volumes
+        cases.append((["-v", outer + ":/data"], ["/data/notelf"], "not an ELF program"))
+    else:
+        cases.append((["-u", "ghost"], ["/bin/true"], "user ghost not found"))
+    before = tree_digest(cdir, outer)
+    for options, command, needle in cases:
+        rc, out, err = world.run(mode, command, options, name=cid)
+        one_error_line(err, needle)
+        assert rc != 0, err
+        assert tree_digest(cdir, outer) == before, (options, err)
+    rc, out, err = world.run(mode, ["sh", "-c", "pwd"], name=cid)   # and it still runs
+    assert rc == 0 and out.strip() == "/made/by/run", err
