@@ -7935,8 +7935,6 @@ class FakechrootEngine(Engine):
             return argv, env, self.cont2host(self.cwd)
         env["FAKECHROOT_ELFLOADER"] = loader
         argv0 = ["--argv0", argv[0]] if version_at_least(version, "2.33") else []
-        if argv0:          # and libfakechroot's execve() so: the program's argv[0], not ROOT's
-            env["FAKECHROOT_ELFLOADER_OPT_ARGV0"] = "--argv0"
         return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
 
     def _library(self, arch, version):
