@@ -9,7 +9,7 @@ Fixtures (see tests/support/ for the details):
     fault_proxy      per test: a FaultProxy in front of `registry`
     fault_proxy_factory  per test: make(url) -> FaultProxy in front of url
     test_images      session: the standard Image objects (for save/load)
-    udocker          per test: runner of udocker.py with a private
+    udocker, ud      per test: runner of udocker.py with a private
                      UDOCKER_DIR and HOME; udocker("pull", ...) -> Result
     slurm            session: a single-node Slurm cluster on 127.0.0.1
                      (support.slurm.SlurmCluster) with two fake GPUs, run as
@@ -144,7 +144,13 @@ def test_images():
 def udocker(tmp_path):
     """Runner of udocker.py: udocker(*args, env=, input=, timeout=) ->
     Result(rc, out, err). udocker.udocker_dir / .home / .env / .tmpdir."""
-    return Udocker(str(tmp_path))
+    return Udocker(str(tmp_path), allow_root=True)
+
+
+@pytest.fixture
+def ud(udocker):
+    """The `udocker` runner, for test modules where `udocker` names udocker.py itself."""
+    return udocker
 
 
 @pytest.fixture(scope="session")

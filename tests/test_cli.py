@@ -10,22 +10,12 @@ import sys
 import pytest
 
 import udocker
-
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "udocker.py")
+from support import UDOCKER_SCRIPT as SCRIPT
+from support.runner import Udocker
 
 UPSTREAM_COMMANDS = ("pull images create run ps rm rmi inspect verify protect unprotect name "
                      "rmname rename clone export import load save login logout search setup "
                      "install mkrepo showconf version help manifest tag").split()
-
-
-def run_script(args, tmpdir, stdin=None, env=None):
-    environ = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
-                   UDOCKER_NOSYSCONF="1")
-    environ.update(env or {})
-    proc = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
-    out, err = proc.communicate(stdin)
-    return proc.returncode, out.decode("utf-8"), err.decode("utf-8")
 
 
 def test_every_upstream_command_is_in_the_table():
@@ -89,8 +79,8 @@ def test_general_options_take_separate_values():
     (["--config=/", "images"], "cannot read config file /: Is a directory"),
     (["create", "--platform=foo", "x"], "invalid platform: 'foo'"),
 ])
-def test_bad_input_is_one_line_error(tmpdir, args, needle):
-    rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
+def test_bad_input_is_one_line_error(tmpdir, args, needle, ud):
+    rc, out, err = ud(*args)
     assert rc != 0
     assert needle in err
     assert "Traceback" not in err
@@ -98,16 +88,16 @@ def test_bad_input_is_one_line_error(tmpdir, args, needle):
         [err.strip().splitlines()[-1]]
 
 
-def test_debug_shows_traceback(tmpdir):
+def test_debug_shows_traceback(tmpdir, ud):
     args = ["-D", "inspect", "nosuchimage"]
-    rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
+    rc, out, err = ud(*args)
     assert rc == 1 and "Traceback" in err
 
 
 def test_help_for_every_command_comes_from_the_table(tmpdir):
     for name in ("pull", "run", "images"):
-        rc, out, err = run_script(["help", name], tmpdir)
-        rc2, out2, err2 = run_script([name, "--help"], tmpdir)
+        rc, out, err = Udocker(tmpdir)("help", name)
+        rc2, out2, err2 = Udocker(tmpdir)(name, "--help")
         assert rc == rc2 == 0
         assert out == out2 == udocker.COMMANDS[name].usage() + "\n"
     for opt in udocker.COMMANDS["run"].opts:
@@ -115,14 +105,14 @@ def test_help_for_every_command_comes_from_the_table(tmpdir):
 
 
 def test_general_help_lists_commands(tmpdir):
-    rc, out, err = run_script([], tmpdir)
+    rc, out, err = Udocker(tmpdir)()
     assert rc == 0
     for name in UPSTREAM_COMMANDS:
         assert "  %s " % name in out
 
 
 def test_version(tmpdir):
-    rc, out, err = run_script(["--version"], tmpdir)
+    rc, out, err = Udocker(tmpdir)("--version")
     assert rc == 0
     assert out.splitlines()[0] == "version: 1.3.17"
     assert "udocker.py: %s" % udocker.__version__ in out
@@ -130,15 +120,15 @@ def test_version(tmpdir):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to test the root refusal")
 def test_root_refused_without_allow_root(tmpdir):
-    rc, out, err = run_script(["images"], tmpdir)
+    rc, out, err = Udocker(tmpdir)("images")
     assert rc == 1 and "do not run as root" in err
 
 
-def test_unknown_option_rejected_before_anything_is_done(tmpdir):
+def test_unknown_option_rejected_before_anything_is_done(tmpdir, ud):
     args = ["pull", "--nope", "busybox"]
-    rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
+    rc, out, err = ud(*args)
     assert rc == 1
-    assert not tmpdir.join("ud").check()          # not even the repository was created
+    assert not tmpdir.join("udocker").check()          # not even the repository was created
 
 
 def test_start_up_imports_stay_lazy():
@@ -188,14 +178,14 @@ def test_root_refused_without_allow_root_in_process(monkeypatch, capsys, tmpdir)
 def test_showconf_prints_effective_typed_values(tmpdir):
     conf = tmpdir.join("c.conf")
     conf.write("[DEFAULT]\npull_parallel = 7\n")
-    rc, out, err = run_script(["--config=" + str(conf), "showconf"], tmpdir,
-                              env={"UDOCKER_LOGLEVEL": "4"})
+    rc, out, err = Udocker(tmpdir)("--config=" + str(conf), "showconf",
+                                   env={"UDOCKER_LOGLEVEL": "4"})
     assert rc == 0
     lines = out.splitlines()
     assert lines[0] == lines[2] == lines[-1] == "-" * 79
     assert "pull_parallel = 7    # %s" % conf in out
     assert 'sysdirs_list = ["/dev", "/proc"' in out
-    assert "topdir = %s    # env UDOCKER_DIR" % tmpdir.join("ud") in out
+    assert "topdir = %s    # env UDOCKER_DIR" % tmpdir.join("udocker") in out
 
 
 def test_table_of_contents_matches_the_banners():
@@ -227,17 +217,16 @@ def test_closed_stdout_ends_quietly_with_sigpipe_status(tmpdir, launcher):
     read_end, write_end = os.pipe()
     os.close(read_end)
     argv = ([sys.executable, SCRIPT] if launcher == "python" else [SCRIPT]) + ["help"]
-    env = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
-               UDOCKER_NOSYSCONF="1")
-    proc = subprocess.Popen(argv, stdout=write_end, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(argv, stdout=write_end, stderr=subprocess.PIPE,
+                            env=Udocker(tmpdir).environ())
     os.close(write_end)
     err = proc.communicate()[1]
     assert proc.returncode == 141 and err == b"", err
 
 
-def test_rmi_checks_before_it_says_deleting(tmpdir):
+def test_rmi_checks_before_it_says_deleting(tmpdir, ud):
     args = ["rmi", "nosuch:1"]
-    rc, out, err = run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
+    rc, out, err = ud(*args)
     assert rc == 1 and err.splitlines()[-1] == "Error: image not found: nosuch:1", err
     assert "deleting" not in err, err
 
@@ -251,9 +240,8 @@ def test_renamed_file_still_runs_as_a_command(tmpdir, name):
     with open(SCRIPT, "rb") as source, open(path, "wb") as target:
         target.write(source.read())
     os.chmod(path, 0o755)
-    env = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
-               UDOCKER_NOSYSCONF="1")
-    proc = subprocess.Popen(["./" + name, "version"], cwd=os.path.dirname(path), env=env,
+    proc = subprocess.Popen(["./" + name, "version"], cwd=os.path.dirname(path),
+                            env=Udocker(tmpdir).environ(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate()
     assert proc.returncode == 0 and b"udocker.py: " in out and err == b"", err
@@ -273,32 +261,27 @@ def test_help_says_what_the_options_do():
 
 # -- docker habits: -q lists, ps -a, rm $(ps -q), rmi $(images -q), inspect -f
 
-def _ud(tmpdir, *args):
-    args = list(args)
-    return run_script(["--allow-root"] + args if os.geteuid() == 0 else args, tmpdir)
-
-
-def test_quiet_lists_feed_rm_and_rmi(tmpdir):
+def test_quiet_lists_feed_rm_and_rmi(tmpdir, ud):
     tree = tmpdir.join("tree").ensure(dir=True)
     tree.join("etc", "hello").write("hi\n", ensure=True)
     tarball = str(tmpdir.join("t.tar"))
     subprocess.check_call(["tar", "-C", str(tree), "-cf", tarball, "."])
     for name in ("one:1", "two:2"):
-        assert _ud(tmpdir, "import", tarball, name)[0] == 0
-    rc, out, err = _ud(tmpdir, "images", "-q")
+        assert ud("import", tarball, name)[0] == 0
+    rc, out, err = ud("images", "-q")
     assert rc == 0 and out.splitlines() == ["one:1", "two:2"], err
-    cids = sorted(_ud(tmpdir, "create", "one:1")[1].strip() for _ in range(2))
-    rc, out, err = _ud(tmpdir, "ps", "-q")
+    cids = sorted(ud("create", "one:1")[1].strip() for _ in range(2))
+    rc, out, err = ud("ps", "-q")
     assert rc == 0 and out.splitlines() == cids, err
-    rc, out, err = _ud(tmpdir, "ps", "-a")
-    assert rc == 0 and out == _ud(tmpdir, "ps")[1] and len(out.splitlines()) == 3
-    assert _ud(tmpdir, "rm", *_ud(tmpdir, "ps", "-q")[1].split())[0] == 0
-    assert _ud(tmpdir, "ps", "-q")[1] == ""
-    rc, out, err = _ud(tmpdir, "rmi", *_ud(tmpdir, "images", "-q")[1].split())
-    assert rc == 0 and _ud(tmpdir, "images", "-q")[1] == "", err
+    rc, out, err = ud("ps", "-a")
+    assert rc == 0 and out == ud("ps")[1] and len(out.splitlines()) == 3
+    assert ud("rm", *ud("ps", "-q")[1].split())[0] == 0
+    assert ud("ps", "-q")[1] == ""
+    rc, out, err = ud("rmi", *ud("images", "-q")[1].split())
+    assert rc == 0 and ud("images", "-q")[1] == "", err
 
 
-def test_inspect_format_simple_templates(tmpdir):
+def test_inspect_format_simple_templates(tmpdir, ud):
     doc = {"architecture": "amd64", "config": {"Env": ["A=1", "B=2"], "Cmd": None,
                                                "Labels": {"k": "v", "a": True}}}
     fill = udocker.fill_template
@@ -315,11 +298,11 @@ def test_inspect_format_simple_templates(tmpdir):
     tarball = str(tmpdir.join("t.tar"))
     tmpdir.join("tree").ensure(dir=True)
     subprocess.check_call(["tar", "-C", str(tmpdir.join("tree")), "-cf", tarball, "."])
-    assert _ud(tmpdir, "import", tarball, "img:1")[0] == 0
-    rc, out, err = _ud(tmpdir, "inspect", "-f", "{{.Id}} {{.Os}} {{.RepoTags}}", "img:1")
+    assert ud("import", tarball, "img:1")[0] == 0
+    rc, out, err = ud("inspect", "-f", "{{.Id}} {{.Os}} {{.RepoTags}}", "img:1")
     assert rc == 0 and re.match(r"^sha256:[0-9a-f]{64} linux \[img:1\]\n$", out), err
-    cid = _ud(tmpdir, "create", "img:1")[1].strip()
-    rc, out, err = _ud(tmpdir, "inspect", "--format={{.Id}} {{json .rootfs.type}}", cid)
+    cid = ud("create", "img:1")[1].strip()
+    rc, out, err = ud("inspect", "--format={{.Id}} {{json .rootfs.type}}", cid)
     assert rc == 0 and out == cid + ' "layers"\n', err
-    rc, out, err = _ud(tmpdir, "inspect", "-f", "{{range .X}}{{end}}", cid)
+    rc, out, err = ud("inspect", "-f", "{{range .X}}{{end}}", cid)
     assert rc == 1 and out == "" and err.splitlines()[-1].startswith("Error: inspect -f:")

@@ -5,17 +5,15 @@ command-line errors. The engines themselves run in test_run.py."""
 from __future__ import print_function, absolute_import
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 import udocker
 import rootfs
+from support import UDOCKER_SCRIPT as SCRIPT
+from support.runner import Udocker
 from support.toolserver import path_without_engines
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "udocker.py")
-ROOT_ARGS = ["--allow-root"] if os.geteuid() == 0 else []
 CID = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
 
 
@@ -28,7 +26,7 @@ def glibc_tree(tmpdir_factory):
 
 def session_for(tmpdir, **env):
     environ = {"HOME": str(tmpdir), "UDOCKER_NOSYSCONF": "1",
-               "UDOCKER_DIR": str(tmpdir.join("ud")), "UDOCKER_TARBALL": ""}
+               "UDOCKER_DIR": str(tmpdir.join("udocker")), "UDOCKER_TARBALL": ""}
     environ.update(env)
     session = udocker.Session(udocker.Config.load(environ, {}))
     session.repo.create()
@@ -43,16 +41,6 @@ def engine_for(tmpdir, root, config=None, opts=None, args=(), mode="P1", **env):
                     for o in udocker.COMMANDS["run"].opts)
     all_opts.update(opts or {})
     return udocker.ENGINES[mode](session, container, all_opts, list(args), None)
-
-
-def run_ud(tmpdir, args, env=None):
-    environ = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
-                   UDOCKER_NOSYSCONF="1", UDOCKER_TARBALL="")
-    environ.update(env or {})
-    proc = subprocess.Popen([sys.executable, SCRIPT] + ROOT_ARGS + list(args),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
-    out, err = proc.communicate()
-    return proc.returncode, out.decode("utf-8"), err.decode("utf-8")
 
 
 # -- paths and ELF files
@@ -317,26 +305,33 @@ def test_proot_status_maps_signals():
 
 @pytest.fixture
 def bb_container(tmpdir, glibc_tree):
-    top = str(tmpdir.join("ud"))
+    top = str(tmpdir.join("udocker"))
     os.makedirs(os.path.join(top, "containers"))
     rootfs.write_container(top, CID, glibc_tree, name="named")
     return tmpdir
 
 
-def test_setup_shows_mode_and_refuses_what_cannot_work(bb_container):
-    rc, out, err = run_ud(bb_container, ["setup", "named"])
+@pytest.fixture
+def bb_run(bb_container):
+    """The udocker.py runner on bb_container's repository, with no tools tarball."""
+    run = Udocker(bb_container, allow_root=True)
+    run.env["UDOCKER_TARBALL"] = ""
+    return run
+
+
+def test_setup_shows_mode_and_refuses_what_cannot_work(bb_container, bb_run):
+    rc, out, err = bb_run("setup", "named")
     assert rc == 0 and out == "execmode: P1\nnvidiamode: False\n"
-    rc, out, err = run_ud(bb_container, ["setup", CID],
-                          {"UDOCKER_DEFAULT_EXECUTION_MODE": "R1"})
+    rc, out, err = bb_run("setup", CID, env={"UDOCKER_DEFAULT_EXECUTION_MODE": "R1"})
     assert out.startswith("execmode: R1\n")
     for mode, needle in (("F2", "use F3"), ("F4", "use F3"), ("Z1", "invalid execution mode")):
-        rc, out, err = run_ud(bb_container, ["setup", "--execmode=" + mode, "named"])
+        rc, out, err = bb_run("setup", "--execmode=" + mode, "named")
         assert rc == 1 and needle in err and "Traceback" not in err
-    rc, out, err = run_ud(bb_container, ["setup", "--execmode=R1", "named"])
+    rc, out, err = bb_run("setup", "--execmode=R1", "named")
     assert rc == 0, err
-    assert run_ud(bb_container, ["setup", "named"])[1].startswith("execmode: R1\n")
-    bb_container.join("ud", "containers", CID, "PROTECT").write("")
-    rc, out, err = run_ud(bb_container, ["setup", "--execmode=P2", "named"])
+    assert bb_run("setup", "named")[1].startswith("execmode: R1\n")
+    bb_container.join("udocker", "containers", CID, "PROTECT").write("")
+    rc, out, err = bb_run("setup", "--execmode=P2", "named")
     assert rc == 1 and "protected" in err
 
 
@@ -378,26 +373,20 @@ def test_ps_setup_and_run_give_one_answer_to_which_mode(bb_container):
     (["run", "--pull=sometimes", "named", "true"], "invalid --pull"),
     (["run", "--location=/nonexistent", "true"], "invalid --location"),
 ])
-def test_run_errors_are_one_line(bb_container, args, needle):
-    rc, out, err = run_ud(bb_container, args)
+def test_run_errors_are_one_line(bb_container, args, needle, bb_run):
+    rc, out, err = bb_run(*args)
     errors = [l for l in err.splitlines() if l.startswith("Error:")]
     assert rc == 1 and len(errors) == 1 and needle in errors[0], err
     assert "Traceback" not in err
 
 
-def test_run_without_tools_says_how_to_get_them(bb_container):
+def test_run_without_tools_says_how_to_get_them(bb_container, bb_run):
     no_engines = path_without_engines(str(bb_container.join("path")))   # whatever the host has
-    rc, out, err = run_ud(bb_container, ["run", "named", "true"],
-                          {"PATH": no_engines, "UDOCKER_TARBALL": ""})
+    rc, out, err = bb_run("run", "named", "true", env={"PATH": no_engines})
     assert rc == 1 and "UDOCKER_TARBALL" in err and "Traceback" not in err
-    environ = dict((k, v) for k, v in os.environ.items() if k != "UDOCKER_TARBALL")
-    proc = subprocess.Popen([sys.executable, SCRIPT] + ROOT_ARGS + ["run", "named", "true"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(environ, UDOCKER_DIR=str(bb_container.join("ud")),
-                                     HOME=str(bb_container), UDOCKER_NOSYSCONF="1",
-                                     PATH=no_engines))    # the default download: refused here
-    err = proc.communicate()[1].decode("utf-8")
-    assert proc.returncode == 1 and "set UDOCKER_TARBALL" in err
+    rc, out, err = bb_run("run", "named", "true",    # no UDOCKER_TARBALL: the
+                           env={"PATH": no_engines, "UDOCKER_TARBALL": None})  # default, refused
+    assert rc == 1 and "set UDOCKER_TARBALL" in err
     assert "copy it beside udocker.py" in err and "install --help" in err
 
 
@@ -436,7 +425,7 @@ def test_launcher_variables_pass_without_hostenv(tmpdir, glibc_tree, monkeypatch
     assert env["I_MPI_PIN"] == "0" and env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert env["GPU_DEVICE_ORDINAL"] == "1" and "NOT_PASSED" not in env
     assert env["SLURMD_NODENAME"] == "n2" and env["SRUN_DEBUG"] == "3"   # Slurm's, too
-    config = tmpdir.join("ud").ensure(dir=True).join("udocker.conf")
+    config = tmpdir.join("udocker").ensure(dir=True).join("udocker.conf")
     config.write("[DEFAULT]\npass_host_env = SLURM_*\n")
     engine = engine_for(tmpdir, glibc_tree)
     engine.prepare()

@@ -123,13 +123,6 @@ def child(code, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
-def udocker_process(run, *args):
-    """udocker.py ARGS started (not waited for), its stdin a pipe."""
-    return subprocess.Popen([sys.executable, UDOCKER_SCRIPT] + list(args), env=run.environ(),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-
-
 def work_dirs(parent, kind):
     """Work directories (and lock files) of a kind in parent."""
     if not os.path.isdir(parent):
@@ -189,7 +182,7 @@ def test_killed_create_is_swept_by_the_next_create(udocker, registry):
         saved = handle.read()
     os.unlink(config)
     os.mkfifo(config)              # create blocks reading it, after ROOT is complete
-    proc = udocker_process(udocker, "create", ref)
+    proc = udocker.start("create", ref)
     wait_for(lambda: any(os.path.exists(os.path.join(containers, n, ".udocker-py", "attrs"))
                          for n in work_dirs(containers, "create")), "create to flatten")
     killed(proc)
@@ -213,7 +206,7 @@ def test_killed_load_is_swept_and_a_live_one_is_not(udocker, tmpdir):
     with open(small, "wb") as handle:
         handle.write(build_tar(with_parents([f(n, v) for n, v in sorted(docker_archive_files(
             [(Image([Layer([f("etc/small", "s")])]), ["small:1"])]).items())])))
-    proc = udocker_process(udocker, "load")
+    proc = udocker.start("load")
     wait_for(lambda: work_dirs(layers_dir, "load"), "load to start")
     proc.stdin.write(data[:len(data) // 2])          # half an archive, stdin left open
     proc.stdin.flush()
@@ -417,8 +410,8 @@ def test_killed_pull_leaves_nothing_after_one_command(udocker, registry, fault_p
                         match=big)
     else:                                        # two segments in, the others stalled
         fault_proxy.set(mode="stall", where="before", seconds=600, match=big, skip=2)
-    proc = udocker_process(udocker, "pull", "--registry=" + fault_proxy.url,
-                           "test/multilayer")
+    proc = udocker.start("pull", "--registry=" + fault_proxy.url,
+                         "test/multilayer")
     if point == "segments":      # (its segments take every connection: no small blob yet)
         wait_for(lambda: os.path.exists(partial + ".json"), "a segment record")
     else:
@@ -530,8 +523,8 @@ def test_sweep_keeps_a_live_pulls_files(udocker, registry, fault_proxy, tmpdir):
     partial = os.path.join(layers, "." + digests[0] + ".partial")
     fault_proxy.set(mode="stall", where="mid", after_bytes=200000, seconds=600,
                     match=digests[0])
-    proc = udocker_process(udocker, "pull", "--registry=" + fault_proxy.url,
-                           "test/multilayer")
+    proc = udocker.start("pull", "--registry=" + fault_proxy.url,
+                         "test/multilayer")
     try:
         wait_for(lambda: os.path.exists(partial), "the big blob's partial file")
         wait_for(lambda: all(os.path.exists(os.path.join(layers, d)) for d in digests[1:]),

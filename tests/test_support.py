@@ -630,6 +630,16 @@ def test_runner_environment_and_results(tmp_path, monkeypatch):
     assert lines["EXTRA"] == "e1" and lines["stdin"] == "secret"
     assert lines["UDOCKER_LEAK"] == "None" and lines["http_proxy"] == "None"
     assert "rc=3" in repr(res)
+    rc, out, err = res                              # the tuple of a plain subprocess
+    assert (rc, out, err) == (res[0], res[1], res[2]) == (3, res.out, res.err)
+    proc = run.start("started", env={"RC": "4"})   # not waited for; the same environment
+    out, err = proc.communicate(b"in\n")
+    assert proc.returncode == 4 and err == b"to stderr\n"
+    assert dict(l.split("=", 1) for l in out.decode().splitlines()) == dict(
+        lines, args="started", stdin="in")
+    root = Udocker(str(tmp_path / "t"), script=str(script), allow_root=True)
+    assert root("x").out.splitlines()[0] == "args=%sx" % (
+        "--allow-root " if os.geteuid() == 0 else "")
     with pytest.raises(UdockerTimeout):
         run("sleep", timeout=0.5)
 

@@ -15,11 +15,9 @@ import py
 import pytest
 
 import udocker
-from support import required_file
+from support import UDOCKER_SCRIPT as SCRIPT, one_error_line, required_file
+from support.runner import Udocker
 from support.toolserver import ToolServer, path_without_engines, refused_url
-
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "udocker.py")
-ROOT_ARGS = ["--allow-root"] if os.geteuid() == 0 else []
 
 
 def make_tarball(path, version="2.0.0", extra=(), proot_text="#!/bin/sh\necho fake proot\n"):
@@ -53,28 +51,8 @@ def write_sidecar(path, digest):
         handle.write("%s  %s\n" % (digest, os.path.basename(str(path))))
 
 
-def run_ud(tmpdir, args, env=None):
-    environ = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
-                   UDOCKER_NOSYSCONF="1", no_proxy="127.0.0.1,localhost")
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "UDOCKER_TARBALL",
-                 "UDOCKER_TARBALL_SHA256"):
-        environ.pop(name, None)
-    environ.update(env or {})
-    proc = subprocess.Popen([sys.executable, SCRIPT] + ROOT_ARGS + list(args),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
-    out, err = proc.communicate()
-    return proc.returncode, out.decode("utf-8"), err.decode("utf-8")
-
-
-def one_error_line(err):
-    errors = [l for l in err.splitlines() if l.startswith("Error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in err
-    return errors[0]
-
-
 def installed(tmpdir, *parts):
-    return tmpdir.join("ud", *parts)
+    return tmpdir.join("udocker", *parts)
 
 
 @pytest.fixture
@@ -105,8 +83,8 @@ def test_version_compare_is_numeric():
 
 # -- installing
 
-def test_install_from_local_file(tmpdir, good):
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(good)})
+def test_install_from_local_file(tmpdir, good, ud):
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": str(good)})
     assert rc == 0, err
     assert "tools installed: version 2.0.0" in err
     proot = installed(tmpdir, "bin", "proot-x86_64")
@@ -115,63 +93,63 @@ def test_install_from_local_file(tmpdir, good):
     assert installed(tmpdir, "lib", "VERSION").read().strip() == "2.0.0"
     assert installed(tmpdir, "doc", "COPYING").check()
     assert not installed(tmpdir, "setup.py").check()
-    assert not [p for p in tmpdir.join("ud").listdir() if p.basename.startswith(".install-")]
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(good)})
+    assert not [p for p in tmpdir.join("udocker").listdir() if p.basename.startswith(".install-")]
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": str(good)})
     assert rc == 0 and "already installed" in err
 
 
-def test_install_from_url(tmpdir, good, server):
+def test_install_from_url(tmpdir, good, server, ud):
     server.files["/t/tools.tar.gz"] = good.read_binary()
     server.files["/t/tools.tar.gz.sha256"] = good.new(basename=good.basename + ".sha256") \
         .read_binary()
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": server.url + "/t/tools.tar.gz"})
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": server.url + "/t/tools.tar.gz"})
     assert rc == 0, err
     assert installed(tmpdir, "lib", "VERSION").read().strip() == "2.0.0"
 
 
-def test_url_without_any_checksum_is_refused(tmpdir, good, server):
+def test_url_without_any_checksum_is_refused(tmpdir, good, server, ud):
     server.files["/t.tar.gz"] = good.read_binary()
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": server.url + "/t.tar.gz"})
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": server.url + "/t.tar.gz"})
     assert rc != 0 and "no sha256" in one_error_line(err)
     assert not installed(tmpdir, "lib", "VERSION").check()
     digest = hashlib.sha256(good.read_binary()).hexdigest()
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": server.url + "/t.tar.gz",
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": server.url + "/t.tar.gz",
                                                 "UDOCKER_TARBALL_SHA256": digest})
     assert rc == 0, err
 
 
-def test_sources_are_tried_in_order(tmpdir, good, server):
+def test_sources_are_tried_in_order(tmpdir, good, server, ud):
     sources = "%s/missing.tar.gz %s" % (server.url, good)
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": sources})
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": sources})
     assert rc == 0, err
     assert installed(tmpdir, "lib", "VERSION").check()
 
 
 def install_old(tmpdir, good):
     """Install the good tarball, then make it recognisable; returns the proot path."""
-    assert run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(good)})[0] == 0
+    assert Udocker(tmpdir, allow_root=True)("install", env={"UDOCKER_TARBALL": str(good)})[0] == 0
     return installed(tmpdir, "bin", "proot-x86_64")
 
 
-def test_bad_checksum_keeps_previous_install(tmpdir, good):
+def test_bad_checksum_keeps_previous_install(tmpdir, good, ud):
     proot = install_old(tmpdir, good)
     bad = tmpdir.join("bad.tar.gz")
     make_tarball(bad, proot_text="#!/bin/sh\necho NEW\n")
     write_sidecar(bad, "0" * 64)
-    rc, out, err = run_ud(tmpdir, ["install", "--force"], {"UDOCKER_TARBALL": str(bad)})
+    rc, out, err = ud("install", "--force", env={"UDOCKER_TARBALL": str(bad)})
     line = one_error_line(err)
     assert rc != 0 and "sha256 mismatch" in line and "UDOCKER_TARBALL" in line
     assert "fake proot" in proot.read()
 
 
-def test_configured_checksum_wins(tmpdir, good):
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(good),
+def test_configured_checksum_wins(tmpdir, good, ud):
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": str(good),
                                                 "UDOCKER_TARBALL_SHA256": "1" * 64})
     assert rc != 0 and "sha256 mismatch" in one_error_line(err)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not-a-tar", "plain-tar-garbage"])
-def test_broken_tarball_keeps_previous_install(tmpdir, good, damage):
+def test_broken_tarball_keeps_previous_install(tmpdir, good, damage, ud):
     proot = install_old(tmpdir, good)
     broken = tmpdir.join("broken.tar.gz")
     data = good.read_binary()
@@ -181,7 +159,7 @@ def test_broken_tarball_keeps_previous_install(tmpdir, good, damage):
         broken.write_binary(b"<html>this is an error page, not a tarball</html>\n" * 20)
     else:
         broken.write_binary(b"\x1f\x8b" + b"\0" * 100)
-    rc, out, err = run_ud(tmpdir, ["install", "--force"], {"UDOCKER_TARBALL": str(broken)})
+    rc, out, err = ud("install", "--force", env={"UDOCKER_TARBALL": str(broken)})
     line = one_error_line(err)
     assert rc != 0 and "truncated or not a tar.gz" in line, err
     assert "UDOCKER_TARBALL" in line
@@ -189,51 +167,50 @@ def test_broken_tarball_keeps_previous_install(tmpdir, good, damage):
     assert installed(tmpdir, "lib", "VERSION").read().strip() == "2.0.0"
 
 
-def test_missing_url_and_refused_connection(tmpdir, server):
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": server.url + "/nope.tgz"})
+def test_missing_url_and_refused_connection(tmpdir, server, ud):
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": server.url + "/nope.tgz"})
     line = one_error_line(err)
     assert rc != 0 and "HTTP 404" in line and "set UDOCKER_TARBALL to a local" in line
     port = server.httpd.server_address[1]
     server.stop()
     server.stop = lambda: None
-    rc, out, err = run_ud(tmpdir, ["install"],
-                          {"UDOCKER_TARBALL": "http://127.0.0.1:%d/t.tgz" % port})
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": "http://127.0.0.1:%d/t.tgz" % port})
     line = one_error_line(err)
     assert rc != 0 and "cannot download" in line and "set UDOCKER_TARBALL" in line
     assert not installed(tmpdir, "lib", "VERSION").check()
 
 
-def test_old_version_refused(tmpdir, good):
+def test_old_version_refused(tmpdir, good, ud):
     proot = install_old(tmpdir, good)
     old = tmpdir.join("old.tar.gz")
     write_sidecar(old, make_tarball(old, version="1.1.0", proot_text="#!/bin/sh\necho OLD\n"))
-    rc, out, err = run_ud(tmpdir, ["install", "--force"], {"UDOCKER_TARBALL": str(old)})
+    rc, out, err = ud("install", "--force", env={"UDOCKER_TARBALL": str(old)})
     line = one_error_line(err)
     assert rc != 0 and "version 1.1.0, older than the required 1.2.11" in line
     assert "fake proot" in proot.read()
 
 
-def test_no_version_file_refused(tmpdir):
+def test_no_version_file_refused(tmpdir, ud):
     path = tmpdir.join("nov.tar.gz")
     write_sidecar(path, make_tarball(path, version=None))
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(path)})
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": str(path)})
     assert rc != 0 and "not a udocker tools tarball" in one_error_line(err)
 
 
-def test_empty_tarball_setting_skips_installation(tmpdir):
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": ""})
+def test_empty_tarball_setting_skips_installation(tmpdir, ud):
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": ""})
     assert rc == 0 and "installation skipped" in err
 
 
-def test_no_tarball_configured_says_what_to_set(tmpdir):
-    rc, out, err = run_ud(tmpdir, ["install"])
+def test_no_tarball_configured_says_what_to_set(tmpdir, ud):
+    rc, out, err = ud("install")
     assert rc != 0 and "set UDOCKER_TARBALL" in one_error_line(err)
 
 
-def test_unsafe_members_are_refused_or_skipped(tmpdir):
+def test_unsafe_members_are_refused_or_skipped(tmpdir, ud):
     evil = tmpdir.join("evil.tar.gz")
     write_sidecar(evil, make_tarball(evil, extra=[("udocker_dir/bin/../../../escaped", b"x")]))
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(evil)})
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": str(evil)})
     assert rc != 0 and "unsafe member" in one_error_line(err)
     assert not tmpdir.join("escaped").check()
     links = tmpdir.join("links.tar.gz")
@@ -241,7 +218,7 @@ def test_unsafe_members_are_refused_or_skipped(tmpdir):
         ("udocker_dir/lib/libfakechroot-x86_64.so", ("link", "libfakechroot-glibc2.36-x86_64.so")),
         ("udocker_dir/lib/outside", ("link", "../../../../etc/passwd")),
         ("udocker_dir/lib/absolute", ("link", "/etc/passwd"))]))
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(links)})
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": str(links)})
     assert rc == 0, err
     lib = installed(tmpdir, "lib")
     assert lib.join("libfakechroot-x86_64.so").readlink() == "libfakechroot-glibc2.36-x86_64.so"
@@ -249,7 +226,7 @@ def test_unsafe_members_are_refused_or_skipped(tmpdir):
     assert not os.path.lexists(str(lib.join("absolute")))
 
 
-def test_upstream_layout_accepted(tmpdir):
+def test_upstream_layout_accepted(tmpdir, ud):
     path = tmpdir.join("upstream-layout.tar.gz")
     make_tarball(path, version="1.2.11", extra=[
         ("udocker_dir/lib/libfakechroot-Ubuntu-22-x86_64.so", b"\x7fELF"),
@@ -258,44 +235,38 @@ def test_upstream_layout_accepted(tmpdir):
         ("udocker_dir/bin/runc-x86_64", b"#!/bin/sh\n")])
     pinned_name = tmpdir.join("udocker-englib-1.2.11.tar.gz")  # upstream's name is pinned
     path.copy(pinned_name)
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(pinned_name)})
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": str(pinned_name)})
     assert rc == 1 and "git blob id mismatch" in one_error_line(err)
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": str(path)})
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": str(path)})
     assert rc == 0, err
     assert "no sha256" in err                           # a local file: a warning only
     assert installed(tmpdir, "lib", "VERSION").read().strip() == "1.2.11"
     assert installed(tmpdir, "lib", "libfakechroot-Debian-12-x86_64.so").check()
 
 
-def test_purge_removes_what_the_new_tarball_lacks(tmpdir, good):
+def test_purge_removes_what_the_new_tarball_lacks(tmpdir, good, ud):
     install_old(tmpdir, good)
     stale = installed(tmpdir, "bin", "stale-tool")
     stale.write("x")
-    rc, out, err = run_ud(tmpdir, ["install", "--force", "--purge"],
-                          {"UDOCKER_TARBALL": str(good)})
+    rc, out, err = ud("install", "--force", "--purge", env={"UDOCKER_TARBALL": str(good)})
     assert rc == 0, err
     assert not stale.check() and installed(tmpdir, "bin", "proot-x86_64").check()
 
 
-def test_concurrent_installs_install_once(tmpdir, good):
-    environ = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
-                   UDOCKER_NOSYSCONF="1", UDOCKER_TARBALL=str(good), UDOCKER_LOGLEVEL="4")
-    procs = [subprocess.Popen([sys.executable, SCRIPT] + ROOT_ARGS + ["install"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
+def test_concurrent_installs_install_once(ud, good):
+    procs = [ud.start("install", env={"UDOCKER_TARBALL": str(good), "UDOCKER_LOGLEVEL": "4"})
              for _ in range(2)]
-    results = [(p.wait(), p.stderr.read().decode("utf-8")) for p in procs]
-    for proc in procs:
-        proc.stdout.close()
-        proc.stderr.close()
+    errs = [p.communicate()[1].decode("utf-8") for p in procs]
+    results = [(p.returncode, err) for p, err in zip(procs, errs)]
     assert [rc for rc, _ in results] == [0, 0], results
     errs = "".join(err for _, err in results)
     assert errs.count("tools installed: version 2.0.0") == 1, errs
     assert errs.count("already installed") == 1, errs
 
 
-def test_real_tarball_installs(tmpdir):
+def test_real_tarball_installs(tmpdir, ud):
     path = required_file("UDOCKER_TEST_TARBALL")
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": path})
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": path})
     assert rc == 0, err
     for tool in ("proot", "runc", "crun", "patchelf"):
         assert installed(tmpdir, "bin", tool + "-x86_64").check(), tool
@@ -347,11 +318,11 @@ def with_container(tmpdir):
         rootfs.make_busybox_rootfs(tree)
     else:
         rootfs.make_glibc_rootfs(tree)
-    rootfs.write_container(str(tmpdir.join("ud")), CID, tree, name="named")
+    rootfs.write_container(str(tmpdir.join("udocker")), CID, tree, name="named")
 
 
 def partials(tmpdir):
-    return [n for n in os.listdir(str(tmpdir.join("ud"))) if n.endswith(".partial")]
+    return [n for n in os.listdir(str(tmpdir.join("udocker"))) if n.endswith(".partial")]
 
 
 def test_pins_by_sha256_and_git_blob_id(tmpdir, good):
@@ -363,8 +334,8 @@ def test_pins_by_sha256_and_git_blob_id(tmpdir, good):
     assert udocker.TOOLS_GITBLOB[ENGLIB] == "17f7341a84ea7b25d072fcdb48c8b68570201020"
 
 
-def test_showconf_lists_the_default_sources_and_pins(tmpdir):
-    rc, out, err = run_ud(tmpdir, ["showconf"], {"UDOCKER_TEST_DEFAULT_TARBALL":
+def test_showconf_lists_the_default_sources_and_pins(tmpdir, ud):
+    rc, out, err = ud("showconf", env={"UDOCKER_TEST_DEFAULT_TARBALL":
                                                  udocker.DEFAULT_TARBALL_URLS})
     assert rc == 0, err
     listed = out.split("tried in this order")[1]
@@ -375,10 +346,10 @@ def test_showconf_lists_the_default_sources_and_pins(tmpdir):
             % url in listed
 
 
-def test_default_download_is_verified_kept_and_reused(tmpdir, good, server):
+def test_default_download_is_verified_kept_and_reused(tmpdir, good, server, ud):
     server.files["/a/" + ENGLIB] = good.read_binary()
     env = {"UDOCKER_TEST_DEFAULT_TARBALL": server.url + "/a/" + ENGLIB}
-    rc, out, err = run_ud(tmpdir, ["install"], env)
+    rc, out, err = ud("install", env=env)
     assert rc == 1 and "git blob id mismatch" in one_error_line(err)  # not upstream's bytes
     assert server.gets("/a/" + ENGLIB) == 1 and not installed(tmpdir, "lib", "VERSION").check()
     assert partials(tmpdir) == [] and not installed(tmpdir, "." + ENGLIB).check()
@@ -386,19 +357,19 @@ def test_default_download_is_verified_kept_and_reused(tmpdir, good, server):
     server.files["/a/" + name] = good.read_binary()
     env = {"UDOCKER_TEST_DEFAULT_TARBALL": server.url + "/a/" + name,
            "UDOCKER_TARBALL_SHA256": "gitblob:" + git_blob_id(good)}
-    rc, out, err = run_ud(tmpdir, ["install"], env)
+    rc, out, err = ud("install", env=env)
     assert rc == 0, err
     assert installed(tmpdir, "lib", "VERSION").read().strip() == "2.0.0"
     assert server.gets("/a/" + name) == 1 and partials(tmpdir) == []
     assert installed(tmpdir, "." + name).read_binary() == good.read_binary()     # kept
     stale = installed(tmpdir, "bin", "stale-tool")
     stale.write("x")
-    rc, out, err = run_ud(tmpdir, ["install", "--purge"], env)   # again, from the kept copy
+    rc, out, err = ud("install", "--purge", env=env)   # again, from the kept copy
     assert rc == 0 and "tools installed: version 2.0.0" in err, err
     assert not stale.check() and installed(tmpdir, "bin", "proot-x86_64").check()
     assert server.gets("/a/" + name) == 1
     installed(tmpdir, "." + name).write_binary(b"damaged")        # checked, fetched again
-    rc, out, err = run_ud(tmpdir, ["install", "--force"], env)
+    rc, out, err = ud("install", "--force", env=env)
     assert rc == 0 and server.gets("/a/" + name) == 2, err
 
 
@@ -410,114 +381,103 @@ def test_tarball_beside_udocker_py_or_in_udocker_dir(tmpdir, good):
     write_sidecar(older, make_tarball(older, version="1.1.0"))
     newest = app.join("udocker-tools-2.1.0.tar.gz")
     good.copy(newest)
-    env = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
-               UDOCKER_NOSYSCONF="1")
-    env.pop("UDOCKER_TARBALL", None)
-    cmd = [sys.executable, str(script)] + ROOT_ARGS + ["install"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    err = proc.communicate()[1].decode()
-    assert proc.returncode == 1, err          # no .sha256 beside the newest, 1.1.0 too old
+    run = Udocker(tmpdir, script=str(script), allow_root=True)     # no UDOCKER_TARBALL
+    rc, out, err = run("install")
+    assert rc == 1, err                       # no .sha256 beside the newest, 1.1.0 too old
     assert "tools tarball %s: no sha256" % newest in err
     assert "tools tarball %s: version 1.1.0, older" % older in err
     line = one_error_line(err)
     assert "tried %s, %s, " % (newest, older) in line and "beside udocker.py (%s)" % app in line
     newest.new(basename=newest.basename + ".sha256").write(
         "%s  %s\n" % (sha256_of(good), newest.basename))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    err = proc.communicate()[1].decode()
-    assert proc.returncode == 0 and "from %s" % newest in err, err
+    rc, out, err = run("install")
+    assert rc == 0 and "from %s" % newest in err, err
     assert "Warning" not in err
-    moved = tmpdir.join("ud", newest.basename)     # the same file in UDOCKER_DIR
+    moved = tmpdir.join("udocker", newest.basename)     # the same file in UDOCKER_DIR
     newest.move(moved)
     newest.new(basename=newest.basename + ".sha256").move(moved.new(
         basename=moved.basename + ".sha256"))
-    proc = subprocess.Popen(cmd[:-1] + ["install", "--force"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
-    err = proc.communicate()[1].decode()
-    assert proc.returncode == 0 and "from %s" % moved in err, err
+    rc, out, err = run("install", "--force")
+    assert rc == 0 and "from %s" % moved in err, err
 
 
-def test_interrupted_download_resumes_with_range(tmpdir, good, server):
+def test_interrupted_download_resumes_with_range(tmpdir, good, server, ud):
     server.files["/t.tar.gz"] = good.read_binary()
     server.faults["/t.tar.gz"] = ["close-at:100"]
     env = {"UDOCKER_TARBALL": server.url + "/t.tar.gz", "UDOCKER_TARBALL_SHA256": sha256_of(good)}
-    rc, out, err = run_ud(tmpdir, ["install"], env)
+    rc, out, err = ud("install", env=env)
     assert rc == 0, err
     assert server.ranges == [None, "bytes=100-"] and partials(tmpdir) == []
     assert err.count("Info: downloaded t.tar.gz") == 1          # one line in a pipe
-    tmpdir.join("ud", ".t.tar.gz").remove()
-    tmpdir.join("ud", ".t.tar.gz.partial").write_binary(b"stale bytes of another file")
+    tmpdir.join("udocker", ".t.tar.gz").remove()
+    tmpdir.join("udocker", ".t.tar.gz.partial").write_binary(b"stale bytes of another file")
     server.ranges[:] = []
-    rc, out, err = run_ud(tmpdir, ["install", "--force"], env)
+    rc, out, err = ud("install", "--force", env=env)
     assert rc == 0, err                       # resumed, refused by its sha256, then whole
     assert server.ranges == ["bytes=27-", None] and partials(tmpdir) == []
 
 
-def test_a_corrupt_download_is_refused_and_the_next_source_tried(tmpdir, good, server):
+def test_a_corrupt_download_is_refused_and_the_next_source_tried(tmpdir, good, server, ud):
     data = good.read_binary()
     server.files["/one.tar.gz"] = server.files["/two.tar.gz"] = data
     server.faults["/one.tar.gz"] = ["corrupt"]
     env = {"UDOCKER_TARBALL": "%s/one.tar.gz %s/two.tar.gz" % (server.url, server.url),
            "UDOCKER_TARBALL_SHA256": sha256_of(good)}
-    rc, out, err = run_ud(tmpdir, ["install"], env)
+    rc, out, err = ud("install", env=env)
     assert rc == 0, err
     assert "Warning: tools tarball %s/one.tar.gz: sha256 mismatch" % server.url in err
     assert server.gets("/one.tar.gz") == 1 and server.gets("/two.tar.gz") == 1
     assert not installed(tmpdir, ".one.tar.gz").check() and partials(tmpdir) == []
 
 
-def test_offline_run_fails_at_once_with_one_message(tmpdir):
+def test_offline_run_fails_at_once_with_one_message(tmpdir, ud):
     with_container(tmpdir)
     urls = [refused_url(ENGLIB), refused_url("mirror/" + ENGLIB)]
     env = no_engines_env(tmpdir, UDOCKER_TEST_DEFAULT_TARBALL=" ".join(urls))
     started = time.time()
-    rc, out, err = run_ud(tmpdir, ["run", "named", "true"], env)
+    rc, out, err = ud("run", "named", "true", env=env)
     elapsed = time.time() - started
     line = one_error_line(err)
     assert rc == 1 and elapsed < 10, (elapsed, err)
     assert "tried %s, %s" % tuple(urls) in line
     for words in ("https://download.ncg.ingrid.pt/webdav/udocker/" + ENGLIB,
-                  "beside udocker.py", tmpdir.join("ud"), "install --help", "no proot on PATH"):
+                  "beside udocker.py", tmpdir.join("udocker"), "install --help",
+                  "no proot on PATH"):
         assert str(words) in line, line
     assert [l for l in err.splitlines() if l.startswith("Warning: tools tarball")] == [
         "Warning: tools tarball %s: cannot download: Connection refused" % url for url in urls]
 
 
-def test_one_download_per_command_and_no_retry_without_an_answer(tmpdir, good, server):
+def test_one_download_per_command_and_no_retry_without_an_answer(tmpdir, good, server, ud):
     with_container(tmpdir)
     server.files["/a/" + ENGLIB] = good.read_binary()            # not upstream's: refused
     server.faults["/b/" + ENGLIB] = ["hangup"] * 5               # no answer at all
     env = no_engines_env(tmpdir, UDOCKER_TEST_DEFAULT_TARBALL="%s/a/%s %s/b/%s" % (
         server.url, ENGLIB, server.url, ENGLIB))
-    rc, out, err = run_ud(tmpdir, ["run", "named", "true"], env)
+    rc, out, err = ud("run", "named", "true", env=env)
     assert rc == 1 and "no tools tarball could be used" in one_error_line(err), err
     assert server.gets("/a/" + ENGLIB) == 1 and server.gets("/b/" + ENGLIB) == 1
     assert server.gets("/a/%s.sha256" % ENGLIB) == 0                # pinned: no sidecar
 
 
-def test_a_silent_server_costs_one_short_wait(tmpdir, good, server):
+def test_a_silent_server_costs_one_short_wait(tmpdir, good, server, ud):
     server.files["/t.tar.gz"] = good.read_binary()
     server.faults["/t.tar.gz"] = ["delay:5"] * 5          # answers after ctimeout, too late
-    tmpdir.join("ud").ensure(dir=True).join("udocker.conf").write("[DEFAULT]\nctimeout = 1\n")
-    rc, out, err = run_ud(tmpdir, ["install"], {"UDOCKER_TARBALL": server.url + "/t.tar.gz",
+    tmpdir.join("udocker").ensure(dir=True).join("udocker.conf").write("[DEFAULT]\nctimeout = 1\n")
+    rc, out, err = ud("install", env={"UDOCKER_TARBALL": server.url + "/t.tar.gz",
                                                 "UDOCKER_TARBALL_SHA256": sha256_of(good)})
     assert rc == 1 and "cannot download: timed out" in one_error_line(err), err
     assert server.gets("/t.tar.gz") == 1
 
 
-def test_concurrent_first_runs_download_and_install_once(tmpdir, good, server):
+def test_concurrent_first_runs_download_and_install_once(tmpdir, good, server, ud):
     with_container(tmpdir)
     name = "udocker-tools-9.9.9.tar.gz"
     server.files["/" + name] = good.read_binary()
     server.files["/%s.sha256" % name] = ("%s  %s\n" % (sha256_of(good), name)).encode()
     server.faults["/" + name] = ["delay:1"]          # the first download takes a while
-    env = dict(os.environ, UDOCKER_DIR=str(tmpdir.join("ud")), HOME=str(tmpdir),
-               UDOCKER_NOSYSCONF="1", UDOCKER_TEST_DEFAULT_TARBALL=server.url + "/" + name,
-               **no_engines_env(tmpdir))
-    env.pop("UDOCKER_TARBALL", None)
-    procs = [subprocess.Popen([sys.executable, SCRIPT] + ROOT_ARGS + ["run", "named", "true"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-             for _ in range(3)]
+    env = dict(no_engines_env(tmpdir), UDOCKER_TEST_DEFAULT_TARBALL=server.url + "/" + name)
+    procs = [ud.start("run", "named", "true", env=env) for _ in range(3)]
     errs = "".join(p.communicate()[1].decode("utf-8") for p in procs)
     assert server.gets("/" + name) == 1, errs
     assert errs.count("tools installed: version 2.0.0") == 1, errs
@@ -571,7 +531,7 @@ def test_new_user_without_tarball_or_network_gets_one_message(tmpdir, registry):
 
 def tools_for(tmpdir, **env):
     environ = {"HOME": str(tmpdir), "UDOCKER_NOSYSCONF": "1",
-               "UDOCKER_DIR": str(tmpdir.join("ud"))}
+               "UDOCKER_DIR": str(tmpdir.join("udocker"))}
     environ.update(env)
     cfg = udocker.Config.load(environ, {})
     repo = udocker.LocalRepository(cfg)
@@ -665,7 +625,7 @@ def fake_runtime(directory, name, starts):
 
 @pytest.mark.parametrize("crun_starts", [True, False])
 def test_r_modes_take_crun_first_and_runc_when_crun_cannot_start(tmpdir, crun_starts):
-    bindir = tmpdir.join("ud", "bin")
+    bindir = tmpdir.join("udocker", "bin")
     crun = fake_runtime(bindir, "crun", crun_starts)
     runc = fake_runtime(bindir, "runc", True)
     tools = tools_for(tmpdir, UDOCKER_TARBALL="", TMPDIR=str(tmpdir))
@@ -677,7 +637,7 @@ def test_r_modes_take_crun_first_and_runc_when_crun_cannot_start(tmpdir, crun_st
 
 def test_fakechroot_library_by_glibc_generation(tmpdir):
     tools = tools_for(tmpdir, UDOCKER_TARBALL="")
-    lib = tmpdir.join("ud", "lib")
+    lib = tmpdir.join("udocker", "lib")
     for name in ("libfakechroot-glibc2.31-x86_64.so", "libfakechroot-glibc2.36-x86_64.so",
                  "VERSION"):
         lib.join(name).write("2.0.0\n" if name == "VERSION" else "x")
@@ -694,9 +654,10 @@ def test_fakechroot_library_by_glibc_generation(tmpdir):
 # -- upstream udocker's tools (udocker-englib-1.2.11): their names and what they lack
 
 def upstream_tree(tmpdir):
-    """ud/bin and ud/lib laid out as upstream's tools tarball 1.2.11 installs them (tiny
-    stand-ins for the binaries); lib/VERSION 1.2.11."""
-    bindir, libdir = tmpdir.ensure("ud", "bin", dir=True), tmpdir.ensure("ud", "lib", dir=True)
+    """udocker/bin and udocker/lib laid out as upstream's tools tarball 1.2.11 installs
+    them (tiny stand-ins for the binaries); lib/VERSION 1.2.11."""
+    bindir = tmpdir.ensure("udocker", "bin", dir=True)
+    libdir = tmpdir.ensure("udocker", "lib", dir=True)
     fake_proot(tmpdir.join("p48"), "5.1.0", modern=False, kill_on_exit=True)
     tmpdir.join("p48", "proot").move(bindir.join("proot-x86_64-4_8_0"))
     fake_proot(tmpdir.join("p"), "5.1.0", modern=False, kill_on_exit=True)
@@ -874,7 +835,7 @@ def test_patchelf_that_takes_one_file_gets_one_per_call(tmpdir):
         path.write("x", ensure=True)
         files.append(str(path))
     assert udocker.ElfPatcher(patchelf, container)._run(["--set-rpath", "/x"], files) == []
-    calls = tmpdir.join("ud", "bin", "patchelf-x86_64.log").read().splitlines()
+    calls = tmpdir.join("udocker", "bin", "patchelf-x86_64.log").read().splitlines()
     assert calls == ["--set-rpath /x %s" % path for path in files]
 
 

@@ -7,13 +7,17 @@
     assert res.rc == 0, res              # repr shows argv, rc, out, err
     res = run("login", "--username=alice", "--password-stdin",
               input="secret1\\n", env={"UDOCKER_LOGLEVEL": "5"}, timeout=60)
+    rc, out, err = run("images")         # a Result is also the tuple (rc, out, err)
+    proc = run.start("rmi", "x")         # started, not waited for: a Popen with pipes
+    run = Udocker(tmpdir, allow_root=True)   # --allow-root first when the test is root
 
 Command: [python, UDOCKER_SCRIPT] + args, where python is sys.executable
 unless $UDOCKER_TEST_PYTHON or python= says otherwise. Environment: the
 test process's, minus every UDOCKER_* variable (but UDOCKER_TEST_PYTHON and
 UDOCKER_TEST_DEFAULT_TARBALL, see conftest.py) and every *_proxy variable,
 plus HOME=<tmp>/home, UDOCKER_DIR=<tmp>/udocker, UDOCKER_NOSYSCONF=1, plus
-run.env (persistent per test), plus env= (None removes a variable).
+run.env (persistent per test), plus env= (None removes a variable). The
+working directory is <tmp>.
 The process runs in its own session; on timeout the whole group is killed
 and UdockerTimeout (an AssertionError) is raised.
 """
@@ -21,6 +25,7 @@ and UdockerTimeout (an AssertionError) is raised.
 from __future__ import print_function, absolute_import, division
 
 import os
+import subprocess
 import sys
 import time
 
@@ -47,6 +52,13 @@ class Result(object):
     def output(self):
         """stdout followed by stderr."""
         return self.out + self.err
+
+    def __iter__(self):
+        """rc, out, err: a Result is also the tuple a plain subprocess gives."""
+        return iter((self.rc, self.out, self.err))
+
+    def __getitem__(self, index):
+        return (self.rc, self.out, self.err)[index]
 
     def check(self, rc=0):
         """Assert the exit code; return self (for chaining)."""
@@ -76,11 +88,13 @@ def clean_environ():
 class Udocker(object):
     """A callable runner bound to one temporary directory."""
 
-    def __init__(self, tmpdir, script=UDOCKER_SCRIPT, python=None):
+    def __init__(self, tmpdir, script=UDOCKER_SCRIPT, python=None, allow_root=False):
         self.tmpdir = str(tmpdir)
         self.home = os.path.join(self.tmpdir, "home")
         self.udocker_dir = os.path.join(self.tmpdir, "udocker")
         self.script = script
+        # udocker.py refuses root without --allow-root (a test of that refusal leaves it out)
+        self.prefix = ["--allow-root"] if allow_root and os.geteuid() == 0 else []
         self.python = python or os.environ.get("UDOCKER_TEST_PYTHON") or \
             sys.executable
         self.env = {}
@@ -101,6 +115,16 @@ class Udocker(object):
         env.pop("UDOCKER_TEST_PYTHON", None)
         return env
 
+    def argv(self, args, python=None):
+        return [python or self.python, self.script] + self.prefix + [str(a) for a in args]
+
+    def start(self, *args, **kwargs):
+        """udocker.py args started, not waited for: a Popen with stdin, stdout and
+        stderr pipes. Keyword arguments: env (dict), cwd."""
+        return subprocess.Popen(self.argv(args), env=self.environ(kwargs.get("env")),
+                                cwd=kwargs.get("cwd") or self.tmpdir, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
     def __call__(self, *args, **kwargs):
         """Run udocker.py with args. Keyword arguments: env (dict),
         input (text or bytes for stdin), timeout (seconds, default 300),
@@ -109,8 +133,7 @@ class Udocker(object):
                                      "python"])
         if unknown:
             raise TypeError("unknown arguments: %s" % ", ".join(unknown))
-        python = kwargs.get("python") or self.python
-        argv = [python, self.script] + [str(a) for a in args]
+        argv = self.argv(args, kwargs.get("python"))
         timeout = kwargs.get("timeout") or DEFAULT_TIMEOUT
         data = kwargs.get("input")
         start = time.time()
