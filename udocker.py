@@ -5485,7 +5485,8 @@ def private_dir(parent, prefix):
 
 
 JSON_ESCAPES = dict((chr(c), "\\u%04x" % c) for c in range(32))
-JSON_ESCAPES.update({'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t"})
+JSON_ESCAPES.update({'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r",
+                     "\b": "\\b", "\f": "\\f"})
 
 
 def json_text(value):
@@ -5503,6 +5504,9 @@ def json_text(value):
     if not isinstance(value, string_types + (bytes,)):
         return "%d" % value                           # int (and Python 2's long)
     text = to_text(value)
+    if PY3:                              # json's own C encoder: the test below, string by
+        import _json                     # string, was most of an R-mode run's Python time
+        return _json.encode_basestring(text)
     if text and (min(text) < " " or '"' in text or "\\" in text):   # rare: char by char
         text = "".join(JSON_ESCAPES.get(c, c) for c in text)
     return '"%s"' % text
@@ -7660,8 +7664,7 @@ class FakechrootEngine(Engine):
         own = os.path.join(self.container.dir or "", "libfakechroot.so")
         if self.container.dir and os.path.isfile(own) and not self.cfg.fakechroot_so:
             return own
-        distro = read_os_release(self.root)
-        return self.tools.fakechroot_so(arch, version, distro)
+        return self.tools.fakechroot_so(arch, version, lambda: read_os_release(self.root))
 
     def _command_path(self, name):
         """The container path of the command (searched in PATH like find_executable)."""
@@ -7804,7 +7807,7 @@ class FakechrootEngine(Engine):
                               % (kind or "no C library found"))
         own = os.path.join(container.dir or "", "libfakechroot.so")
         if not (container.dir and os.path.isfile(own)):
-            tools.fakechroot_so(arch, version, read_os_release(container.root))
+            tools.fakechroot_so(arch, version, lambda: read_os_release(container.root))
         if not cls.uses_loader:
             tools.patchelf()
 
@@ -9018,7 +9021,8 @@ class Tools(object):
     def fakechroot_so(self, arch, glibc, distro):
         """The libfakechroot for a container (arch, glibc version, (distro, version)):
         UDOCKER_FAKECHROOT_SO, else ours for the newest glibc not newer than the container's
-        (libfakechroot-glibcX.Y-ARCH.so), else upstream's per-distro names."""
+        (libfakechroot-glibcX.Y-ARCH.so), else upstream's per-distro names. distro may be a
+        function returning it, called only then (read_os_release lists ROOT/etc)."""
         setting = self.cfg.fakechroot_so
         if setting:
             path = setting if "/" in setting else os.path.join(self.cfg.libdir, setting)
@@ -9042,7 +9046,7 @@ class Tools(object):
                 ours.append((version_tuple(built_for), name))
         if ours:
             return os.path.join(self.cfg.libdir, max(ours)[1])
-        name, version = distro               # upstream's names: Alpine-3.19, Debian-12
+        name, version = distro() if callable(distro) else distro   # Alpine-3.19, Debian-12
         version = version if "Alpine" in name else version.split(".")[0]
         for candidate in ("libfakechroot-%s-%s-%s.so" % (name, version, suffix),
                           "libfakechroot-%s-%s.so" % (name, suffix),

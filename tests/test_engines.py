@@ -432,7 +432,8 @@ def test_devices_and_mode_limits(tmpdir, glibc_tree):
 
 def test_json_text_is_json():
     import json
-    value = {"b": [1, -2, 2 ** 40, True, False, None, 1.5], "a": {"k": u"q\"\\\n\t\x01 \u00e9"},
+    value = {"b": [1, -2, 2 ** 40, True, False, None, 1.5], "a": {"k": u"q\"\\\n\t\x01 \u00e9",
+                                                                  "r": u"\r\b\f\x1f\x7f/"},
              "process": {"env": ["A=b c", "E="]}}
     assert json.loads(udocker.json_text(value)) == value
     assert udocker.json_text(value) == json.dumps(value, sort_keys=True,
