@@ -5562,7 +5562,8 @@ def private_dir(parent, prefix):
 
 
 JSON_ESCAPES = dict((chr(c), "\\u%04x" % c) for c in range(32))
-JSON_ESCAPES.update({'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t"})
+JSON_ESCAPES.update({'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r",
+                     "\b": "\\b", "\f": "\\f"})
 
 
 def json_text(value):
@@ -5580,6 +5581,9 @@ def json_text(value):
     if not isinstance(value, string_types + (bytes,)):
         return "%d" % value                           # int (and Python 2's long)
     text = to_text(value)
+    if PY3:                              # json's own C encoder: the test below, string by
+        import _json                     # string, was most of an R-mode run's Python time
+        return _json.encode_basestring(text)
     if text and (min(text) < " " or '"' in text or "\\" in text):   # rare: char by char
         text = "".join(JSON_ESCAPES.get(c, c) for c in text)
     return '"%s"' % text
@@ -7941,8 +7945,7 @@ class FakechrootEngine(Engine):
         own = os.path.join(self.container.dir or "", ContainerDir.LIBFAKECHROOT)
         if self.container.dir and os.path.isfile(own) and not self.cfg.fakechroot_so:
             return own
-        distro = read_os_release(self.root)
-        return self.tools.fakechroot_so(arch, version, distro)
+        return self.tools.fakechroot_so(arch, version, lambda: read_os_release(self.root))
 
     def _command_path(self, name):
         """The container path of the command (searched in PATH like find_executable)."""
@@ -8069,7 +8072,7 @@ class FakechrootEngine(Engine):
                               % (kind or "no C library found"))
         own = os.path.join(container.dir or "", ContainerDir.LIBFAKECHROOT)
         if not (container.dir and os.path.isfile(own)):
-            tools.fakechroot_so(arch, version, read_os_release(container.root))
+            tools.fakechroot_so(arch, version, lambda: read_os_release(container.root))
         if not cls.uses_loader:
             tools.patchelf()
 
@@ -9286,7 +9289,8 @@ class Tools(object):
         UDOCKER_FAKECHROOT_SO, else ours for the newest glibc not newer than the container's
         (libfakechroot-glibcX.Y-ARCH.so), else upstream's per-distro names as udocker 1.3.17
         picks them but not one needing a newer glibc than the container's, else upstream's
-        glibc library that needs the newest glibc the container has."""
+        glibc library that needs the newest glibc the container has. distro may be a
+        function returning it, called only then (read_os_release lists ROOT/etc)."""
         setting = self.cfg.fakechroot_so
         if setting:
             path = setting if "/" in setting else os.path.join(self.cfg.libdir, setting)
@@ -9310,7 +9314,7 @@ class Tools(object):
                 ours.append((version_tuple(built_for), name))
         if ours:
             return os.path.join(self.cfg.libdir, max(ours)[1])
-        name, version = distro               # upstream's names: Alpine-3.19, Debian-12
+        name, version = distro() if callable(distro) else distro   # Alpine-3.19, Debian-12
         version = version if "Alpine" in name else version.split(".")[0]
         need = lambda n: glibc_needed(os.path.join(self.cfg.libdir, n))
         fits = lambda n: not glibc or version_at_least(glibc, need(n) or "0")

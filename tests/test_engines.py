@@ -335,31 +335,31 @@ def test_setup_shows_mode_and_refuses_what_cannot_work(bb_container, bb_run):
     assert rc == 1 and "protected" in err
 
 
-def test_ps_setup_and_run_give_one_answer_to_which_mode(bb_container):
+def test_ps_setup_and_run_give_one_answer_to_which_mode(bb_container, bb_run):
     """An execmode file in lower case is that mode everywhere; one holding no mode is the
     same message in ps (a warning, ?? in the column), setup and run (the error)."""
     def said(err):
         return [line for line in err.splitlines() if not line.startswith("Info:")]
-    execmode = bb_container.join("ud", "containers", CID, "execmode")
+    execmode = bb_container.join("udocker", "containers", CID, "execmode")
     execmode.write("p2\n")
-    rc, out, err = run_ud(bb_container, ["ps", "-m"])
+    rc, out, err = bb_run("ps", "-m")
     assert rc == 0 and " P2 " in out.splitlines()[1] and said(err) == [], (out, err)
-    assert run_ud(bb_container, ["setup", "named"])[1].startswith("execmode: P2\n")
-    rc, out, err = run_ud(bb_container, ["ps", "-m"], {"UDOCKER_DEFAULT_EXECUTION_MODE": "r1"})
+    assert bb_run("setup", "named")[1].startswith("execmode: P2\n")
+    rc, out, err = bb_run("ps", "-m", env={"UDOCKER_DEFAULT_EXECUTION_MODE": "r1"})
     assert " P2 " in out.splitlines()[1]                     # recorded beats the default
     execmode.remove()
-    rc, out, err = run_ud(bb_container, ["ps", "-m"], {"UDOCKER_DEFAULT_EXECUTION_MODE": "r1"})
+    rc, out, err = bb_run("ps", "-m", env={"UDOCKER_DEFAULT_EXECUTION_MODE": "r1"})
     assert rc == 0 and " R1 " in out.splitlines()[1], (out, err)
     execmode.write("Z9")
     message = "container %s has an unknown execution mode: Z9" % CID
-    rc, out, err = run_ud(bb_container, ["ps", "-m"])
+    rc, out, err = bb_run("ps", "-m")
     assert rc == 0 and " ?? " in out.splitlines()[1], (out, err)
     assert len(said(err)) == 1 and said(err)[0].startswith("Warning: " + message), err
     for args in (["setup", "named"], ["run", "named", "true"]):
-        rc, out, err = run_ud(bb_container, args)
+        rc, out, err = bb_run(*args)
         assert rc == 1 and len(said(err)) == 1, (args, err)
         assert said(err)[0].startswith("Error: " + message), (args, err)
-    rc, out, err = run_ud(bb_container, ["setup", "--execmode=P1", "named"])   # the way out
+    rc, out, err = bb_run("setup", "--execmode=P1", "named")   # the way out
     assert rc == 0 and execmode.read().strip() == "P1", err
 
 
@@ -451,7 +451,8 @@ def test_devices_and_mode_limits(tmpdir, glibc_tree):
 
 def test_json_text_is_json():
     import json
-    value = {"b": [1, -2, 2 ** 40, True, False, None, 1.5], "a": {"k": u"q\"\\\n\t\x01 \u00e9"},
+    value = {"b": [1, -2, 2 ** 40, True, False, None, 1.5], "a": {"k": u"q\"\\\n\t\x01 \u00e9",
+                                                                  "r": u"\r\b\f\x1f\x7f/"},
              "process": {"env": ["A=b c", "E="]}}
     assert json.loads(udocker.json_text(value)) == value
     assert udocker.json_text(value) == json.dumps(value, sort_keys=True,
