@@ -5678,8 +5678,10 @@ def container_init(pid):
                 status = read_text("/proc/%d/status" % child)
             except (IOError, OSError):
                 continue
-            found = re.search(r"^NSpid:(.*)$", status, re.M)
-            nspids = found.group(1).split() if found else []
+            nspids = []
+            for line in status.splitlines():
+                if line.startswith("NSpid:"):
+                    nspids = line.split()[1:]
             if len(nspids) > 1 and nspids[-1] == "1":
                 return child
             todo.append(child)
@@ -5857,7 +5859,12 @@ def glibc_needed(path):
             data = handle.read()
     except (IOError, OSError):
         return ""
-    found = [version_tuple(to_text(v)) for v in re.findall(br"\0GLIBC_([0-9.]+)(?=\0)", data)]
+    found, at = [], data.find(b"\0GLIBC_")
+    while at >= 0:                       # (without re: a run imports no costly module)
+        word = data[at + 7:data.find(b"\0", at + 7)]
+        if word and not word.strip(b"0123456789."):
+            found.append(version_tuple(to_text(word)))
+        at = data.find(b"\0GLIBC_", at + 1)
     return ".".join(str(n) for n in max(found)) if found else ""
 
 
@@ -7706,7 +7713,17 @@ class FakechrootEngine(Engine):
                 excluded.append(vol.host)
                 self._mountpoint_dir(vol)
             elif dir_map:
-                mapped[vol.cont] = os.path.realpath(vol.host) + "!" + vol.cont
+                # its list is ':'-separated (an entry cut in two crashes the fork): a volume
+                # with ':' in a path is a symlink at its mount point to a container name the
+                # map sends to the host, named by a link without ':' (the fork resolves
+                # symlinks itself, under ROOT: one to a host path would not work)
+                cont, host = vol.cont, os.path.realpath(vol.host)
+                if ":" in cont + host:
+                    cont = "/.udocker/volumes/" + hashlib.sha256(to_bytes(cont)).hexdigest()[:16]
+                    link = Volume(cont, vol.cont)
+                    if not self._nested_link(link):
+                        self._symlink_volume(link)
+                mapped[cont] = self._bind_host(host) + "!" + cont
             elif not self._nested_link(vol):
                 self._symlink_volume(vol)
         env = dict((k, v) for k, v in self.env.items() if not k.startswith("FAKECHROOT_"))
