@@ -7705,7 +7705,7 @@ class FakechrootEngine(Engine):
         loader = container_loader(self.root, arch)[1] if self.uses_loader else None
         libpath = ":".join(([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) +
                            container_lib_dirs(self.root, arch))
-        dir_map = self.tools.probe("libfakechroot", library).get("dir_map")
+        dir_map = self._maps_volumes(library)
         excluded, mapped = [], {}
         self.nested_links = []
         for vol in self.volumes:
@@ -7727,6 +7727,9 @@ class FakechrootEngine(Engine):
             elif not self._nested_link(vol):
                 self._symlink_volume(vol)
         env = dict((k, v) for k, v in self.env.items() if not k.startswith("FAKECHROOT_"))
+        if len(mapped) > 64:
+            MSG.warning("upstream's libfakechroot maps at most 64 volumes (FAKECHROOT_DIR_MAP): "
+                        "%d here, the shortest paths are not seen" % len(mapped))
         if mapped:                 # upstream udocker's fork: the longest container path first
             env["FAKECHROOT_DIR_MAP"] = ":".join(mapped[c] for c in sorted(mapped, reverse=True))
             env["FAKECHROOT_EXPAND_SYMLINKS"] = "true"
@@ -7748,6 +7751,12 @@ class FakechrootEngine(Engine):
         env["FAKECHROOT_ELFLOADER"] = loader
         argv0 = ["--argv0", argv[0]] if version_at_least(version, "2.33") else []
         return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
+
+    def _maps_volumes(self, library=None):
+        """Is the library upstream's fork, which maps volumes itself (FAKECHROOT_DIR_MAP)?"""
+        if library is None:
+            library = self._library(self.container.arch(), self.container.libc()[1])
+        return self.tools.probe("libfakechroot", library).get("dir_map")
 
     def _library(self, arch, version):
         own = os.path.join(self.container.dir or "", "libfakechroot.so")
@@ -7817,6 +7826,9 @@ class FakechrootEngine(Engine):
         if not os.path.islink(current) or os.readlink(current) != tree:
             symlink_atomic(tree, current)
         volumes = [Volume(current, NVIDIA_DIR, readonly=True, system=True)]
+        if self._maps_volumes():     # the fork resolves the tree's symlinks itself, under
+            # ROOT: each file is mapped to its host path too (the tree still lists them)
+            volumes += [Volume(host, cont, readonly=True, system=True) for host, cont in files]
         for host, cont in self.nvidia.devices:
             if host != cont:
                 MSG.verbose("nvidia: F modes show devices only at their own path: %s" % host)
