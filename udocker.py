@@ -5776,8 +5776,10 @@ def container_init(pid):
                 status = read_text("/proc/%d/status" % child)
             except (IOError, OSError):
                 continue
-            found = re.search(r"^NSpid:(.*)$", status, re.M)
-            nspids = found.group(1).split() if found else []
+            nspids = []
+            for line in status.splitlines():
+                if line.startswith("NSpid:"):
+                    nspids = line.split()[1:]
             if len(nspids) > 1 and nspids[-1] == "1":
                 return child
             todo.append(child)
@@ -5955,7 +5957,12 @@ def glibc_needed(path):
             data = handle.read()
     except (IOError, OSError):
         return ""
-    found = [version_tuple(to_text(v)) for v in re.findall(br"\0GLIBC_([0-9.]+)(?=\0)", data)]
+    found, at = [], data.find(b"\0GLIBC_")
+    while at >= 0:                       # (without re: a run imports no costly module)
+        word = data[at + 7:data.find(b"\0", at + 7)]
+        if word and not word.strip(b"0123456789."):
+            found.append(version_tuple(to_text(word)))
+        at = data.find(b"\0GLIBC_", at + 1)
     return ".".join(str(n) for n in max(found)) if found else ""
 
 
@@ -7907,7 +7914,7 @@ class FakechrootEngine(Engine):
         loader = container_loader(self.root, arch)[1] if self.uses_loader else None
         libpath = ":".join(([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) +
                            container_lib_dirs(self.root, arch))
-        dir_map = self.tools.probe("libfakechroot", library).get("dir_map")
+        dir_map = self._maps_volumes(library)
         excluded, mapped = [], {}
         self.nested_links = []
         for vol in self.volumes:
@@ -7915,10 +7922,23 @@ class FakechrootEngine(Engine):
                 excluded.append(vol.host)
                 self._mountpoint_dir(vol)
             elif dir_map:
-                mapped[vol.cont] = os.path.realpath(vol.host) + "!" + vol.cont
+                # its list is ':'-separated (an entry cut in two crashes the fork): a volume
+                # with ':' in a path is a symlink at its mount point to a container name the
+                # map sends to the host, named by a link without ':' (the fork resolves
+                # symlinks itself, under ROOT: one to a host path would not work)
+                cont, host = vol.cont, os.path.realpath(vol.host)
+                if ":" in cont + host:
+                    cont = "/.udocker/volumes/" + hashlib.sha256(to_bytes(cont)).hexdigest()[:16]
+                    link = Volume(cont, vol.cont)
+                    if not self._nested_link(link):
+                        self._symlink_volume(link)
+                mapped[cont] = self._bind_host(host) + "!" + cont
             elif not self._nested_link(vol):
                 self._symlink_volume(vol)
         env = dict((k, v) for k, v in self.env.items() if not k.startswith("FAKECHROOT_"))
+        if len(mapped) > 64:
+            MSG.warning("upstream's libfakechroot maps at most 64 volumes (FAKECHROOT_DIR_MAP): "
+                        "%d here, the shortest paths are not seen" % len(mapped))
         if mapped:                 # upstream udocker's fork: the longest container path first
             env["FAKECHROOT_DIR_MAP"] = ":".join(mapped[c] for c in sorted(mapped, reverse=True))
             env["FAKECHROOT_EXPAND_SYMLINKS"] = "true"
@@ -7940,6 +7960,12 @@ class FakechrootEngine(Engine):
         env["FAKECHROOT_ELFLOADER"] = loader
         argv0 = ["--argv0", argv[0]] if version_at_least(version, "2.33") else []
         return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
+
+    def _maps_volumes(self, library=None):
+        """Is the library upstream's fork, which maps volumes itself (FAKECHROOT_DIR_MAP)?"""
+        if library is None:
+            library = self._library(self.container.arch(), self.container.libc()[1])
+        return self.tools.probe("libfakechroot", library).get("dir_map")
 
     def _library(self, arch, version):
         own = os.path.join(self.container.dir or "", ContainerDir.LIBFAKECHROOT)
@@ -8001,6 +8027,9 @@ class FakechrootEngine(Engine):
         if not os.path.islink(current) or os.readlink(current) != tree:
             self.change("symlink", current, tree)
         volumes = [Volume(current, NVIDIA_DIR, readonly=True, system=True)]
+        if self._maps_volumes():     # the fork resolves the tree's symlinks itself, under
+            # ROOT: each file is mapped to its host path too (the tree still lists them)
+            volumes += [Volume(host, cont, readonly=True, system=True) for host, cont in files]
         for host, cont in self.nvidia.devices:
             if host != cont:
                 MSG.verbose("nvidia: F modes show devices only at their own path: %s" % host)

@@ -253,6 +253,35 @@ def test_fakechroot_modes_run_as_the_host_user(tmpdir, glibc_tree):
     assert engine.user.uid == os.getuid() and engine.user.gid == os.getgid()
 
 
+def test_upstream_libfakechroot_dir_map_entries_stay_whole_with_colons(tmpdir, glibc_tree):
+    """Upstream's libfakechroot fork maps volumes itself (FAKECHROOT_DIR_MAP=HOST!CONT:...)
+    and crashes on an entry that a ':' in a path cut in two (cwltool stages inputs at
+    paths such as A:Gln2Cys): each entry stays whole, and a volume with ':' is a symlink
+    at its mount point to a name the map sends to the host."""
+    root = str(tmpdir.join("ROOT"))
+    subprocess.check_call(["cp", "-a", glibc_tree, root])
+    library = tmpdir.join("libfakechroot-Debian-12-x86_64.so")
+    library.write_binary(b"\x7fELF\0FAKECHROOT_DIR_MAP\0")
+    plain, colon = tmpdir.join("plain").ensure(dir=True), tmpdir.join("A:Gln2Cys")
+    colon.join("in.txt").write("staged\n", ensure=True)
+    volumes = {"/spool": str(plain), "/stg/A:Gln2Cys": str(colon), "/m:x": str(plain),
+               "/f.txt": str(colon.join("in.txt"))}
+    engine = engine_for(tmpdir, root, mode="F1", args=["true"],
+                        opts={"volume": ["%s:%s" % (h, c) for c, h in volumes.items()]},
+                        UDOCKER_FAKECHROOT_SO=str(library))
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo)
+    engine.prepare()
+    env = engine.command()[1]
+    entries = env["FAKECHROOT_DIR_MAP"].split(":")
+    assert all(e.count("!") == 1 and e.startswith("/") and "!/" in e for e in entries), entries
+    mapped = dict(reversed(e.split("!")) for e in entries)
+    for cont, host in volumes.items():
+        if cont not in mapped:          # the symlink in ROOT, to a name in the map
+            cont = os.readlink(udocker.resolve_in_root(root, cont, follow_last=False))
+        assert os.path.realpath(mapped[cont]) == os.path.realpath(host), cont
+    assert mapped["/spool"] == str(plain)
+
+
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
     data = tmpdir.join("data").ensure(dir=True)
     engine = engine_for(tmpdir, glibc_tree, opts={
