@@ -691,11 +691,12 @@ def remove_quietly(path):
         pass
 
 
-def write_all(fd, data):
-    """os.write until all of data (bytes or a memoryview) is written."""
+def write_all(fd, data, most=None):
+    """os.write until all of data (bytes or a memoryview) is written, at most `most` bytes
+    per call when given."""
     view = memoryview(data)
     while len(view):
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view[:most] if most else view):]
 
 
 def makedirs(path, mode=0o755):
@@ -2494,7 +2495,8 @@ class BlobDownloads(object):
     Other processes: one lock file per digest stripe. A worker never waits on it: a blob
     that another pull is fetching goes back to the queue, so pulls cannot deadlock.
     """
-    CHUNK = 1 << 19                      # bytes per read: ~1 recv/write/hash call each
+    CHUNK = 1 << 19                      # bytes per read: ~1 recv/hash call each
+    WRITE = 1 << 16                      # bytes per write call (see _stream)
 
     def __init__(self, repo, client, remote, progress, workers):
         self.repo, self.client, self.remote = repo, client, remote
@@ -2683,7 +2685,11 @@ class BlobDownloads(object):
         (a Range segment), where copying stops at limit. The body is read into a buffer
         allocated once; a body of several chunks is hashed in a thread of its own while
         the next chunk is received and written, so a big blob costs max(receive + write,
-        hash) rather than their sum (hashlib and os.write release the GIL)."""
+        hash) rather than their sum (hashlib and os.write release the GIL). Each chunk
+        is written WRITE bytes per call: writing a 1 GB blob to ext4 in 512 KiB writes
+        cost 0.5-0.7 s more system CPU than in 64 KiB ones (measured on this project's
+        2-core test host, cause not pinned down; 16 KiB calls cost more Python time, and
+        on tmpfs the size makes no difference)."""
         pipe = None
         if hasher is not None and (not limit or limit > 4 * self.CHUNK) and self._spare_cpu():
             pipe = _HashPipe(hasher, self._buffers(3))
@@ -2705,7 +2711,7 @@ class BlobDownloads(object):
                     raise DigestMismatch("blob %s is larger than its manifest says"
                                          % resp.url.split("?")[0])
                 view = view[:count]
-                write_all(fd, view)
+                write_all(fd, view, self.WRITE)
                 if pipe is not None:
                     pipe.hash(buf, count)
                 elif hasher is not None:

@@ -191,6 +191,7 @@ class PrebuiltLayer(object):
     """A gzip layer read from disk, with the attributes support.images expects of a Layer."""
 
     def __init__(self, path):
+        self.path = path
         with open(path, "rb") as handle:
             self.data = handle.read()
         self.diff_id = open(path + ".diffid").read().strip()

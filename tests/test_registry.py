@@ -509,6 +509,40 @@ def test_big_blob_is_hashed_beside_its_download(monkeypatch, tmpdir, fault_proxy
     assert not [n for n in os.listdir(str(tmpdir.join("corrupt", "layers"))) if big_blob in n]
 
 
+def test_big_blob_is_written_in_small_calls(monkeypatch, tmpdir, registry, big_blob):
+    # read 512 KiB at a time, written WRITE bytes per call (cheaper on ext4 for big blobs)
+    sizes = []
+    real_write = os.write
+
+    def write(fd, data):
+        sizes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(ud.os, "write", write)
+    cfg = ud.Config.load({"HOME": str(tmpdir), "UDOCKER_DIR": str(tmpdir.join("top")),
+                          "UDOCKER_NOSYSCONF": "1"}, {})
+    session = ud.Session(cfg)
+    ud.Puller(cfg, session.repo, session.keystore, registry.url,
+              quiet=True).pull(ud.ImageRef.parse("test/bigblob"))
+    monkeypatch.undo()
+    assert sum(sizes) > 3 << 20 and max(sizes) == ud.BlobDownloads.WRITE < ud.BlobDownloads.CHUNK
+    with open(str(tmpdir.join("top", "layers", big_blob)), "rb") as handle:
+        assert "sha256:" + hashlib.sha256(handle.read()).hexdigest() == big_blob
+
+
+def test_write_all_writes_everything_in_pieces(tmpdir):
+    data = os.urandom(200001)
+    path = str(tmpdir.join("out"))
+    for most in (None, 65536, 7):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            ud.write_all(fd, memoryview(data), most)
+        finally:
+            os.close(fd)
+        with open(path, "rb") as handle:
+            assert handle.read() == data
+
+
 def test_hash_pipe_hashes_every_chunk_in_order():
     chunks = [os.urandom(n) for n in (1, 65536, 4096, 300000, 7, 65536, 1 << 19)]
     hasher = hashlib.sha256()
