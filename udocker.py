@@ -20,6 +20,12 @@
 #   7. Image formats           docker-save and OCI layout archives
 #   8. Container creation      safe flattening of layers into containers/ID/ROOT
 #   9. Execution engines       P1/P2 proot, R1-R3 runc/crun, F1-F4 fakechroot, S1 singularity
+#      9.1 Helpers             fast JSON, probe commands, prctl and seccomp, the process tree
+#      9.2 Introspection       a container tree: paths, ELF files, C library, loader, users
+#      9.3 Run plan            what every mode shares -> RunPlan (Engine), applied in one place
+#      9.4 Supervision         the engine as our child: signals, leftovers, exit status
+#      9.5 Engines             one class per mode (ENGINES)
+#      9.6 Mode choice         setup --execmode, probes, fallback modes, engine_for
 #  10. Tools installer         the tools tarball: fetch, verify, install
 #  11. Command line            the command table, the parser and one function per command
 #  12. main                    argv -> exit code
@@ -5454,6 +5460,9 @@ LIB_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu",
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
+# ---- 9.1 Helpers ----
+
+
 def name_matches(name, patterns):
     """True if name matches one of the shell-style patterns: NAME, PREFIX* (the common
     case, without fnmatch and the re it imports) or any other glob."""
@@ -5718,6 +5727,9 @@ def signal_is_handled(pid, signum):
     return False
 
 
+# ---- 9.2 Introspection ----
+
+
 def cont_path(path):
     """A container path normalised: absolute, no '.', '..' or '//' ('//x' stays '//x' in
     os.path.normpath)."""
@@ -5980,6 +5992,11 @@ def host_user():
         return entry.pw_name, uid, gid, entry.pw_dir
     except KeyError:
         return "udoc%d" % uid, uid, gid, os.environ.get("HOME", "/")
+
+
+# ---- 9.3 Run plan ----
+# A run is planned whole (Engine.plan: every check, nothing written), then applied
+# (Engine.apply: the plan's Changes, the one place a run writes), then started.
 
 
 PATH_MAX = 4096                         # Linux: a longer path cannot be bound or opened
@@ -7064,6 +7081,9 @@ def _as_argv(value):
     return [to_text(v) for v in value]
 
 
+# ---- 9.4 Supervision ----
+
+
 class Watchdog(object):
     """A forked process that calls work() only if udocker.py dies (even by SIGKILL) before
     release(): for engines whose container would outlive it (runc/crun keep a pid-1
@@ -7263,6 +7283,9 @@ def _reap_leftovers(keep=()):
                 os.waitpid(pid, 0)
             except OSError:
                 pass
+
+
+# ---- 9.5 Engines ----
 
 
 class ProotEngine(Engine):
@@ -8230,6 +8253,9 @@ ENGINES = {
     "R1": RuncEngine, "R2": RuncProotEngine, "R3": RuncProotNoSeccompEngine,
     "S1": SingularityEngine,
 }
+
+
+# ---- 9.6 Mode choice ----
 
 
 def set_execmode(session, container, mode, tools, force=False):
