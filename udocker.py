@@ -6425,7 +6425,9 @@ class Engine(object):
         try:
             self.apply(plan)
             self.banner()
-            MSG.debug("engine command: %s" % plan.argv)
+            if MSG.level >= Messages.DBG:
+                for line in plan.describe():
+                    MSG.debug("run plan: " + line)
             return supervisor.run(plan.argv, plan.env, plan.cwd)
         finally:
             self.cleanup()
