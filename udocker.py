@@ -23,6 +23,12 @@
 #   7. Image formats           docker-save and OCI layout archives
 #   8. Container creation      safe flattening of layers into containers/ID/ROOT
 #   9. Execution engines       P1/P2 proot, R1-R3 runc/crun, F1-F4 fakechroot, S1 singularity
+#      9.1 Helpers             fast JSON, probe commands, prctl and seccomp, the process tree
+#      9.2 Introspection       a container tree: paths, ELF files, C library, loader, users
+#      9.3 Run plan            what every mode shares -> RunPlan (Engine), applied in one place
+#      9.4 Supervision         the engine as our child: signals, leftovers, exit status
+#      9.5 Engines             one class per mode (ENGINES)
+#      9.6 Mode choice         setup --execmode, probes, fallback modes, engine_for
 #  10. Tools installer         the tools tarball: fetch, verify, install
 #  11. Command line            the command table, the parser and one function per command
 #  12. main                    argv -> exit code
@@ -282,6 +288,16 @@ class Unreachable(RegistryError):
 
 class EngineError(UdockerError):
     """An execution engine cannot run the container."""
+
+
+class CannotStart(EngineError):
+    """An execution mode cannot start here (this host, this container, these tools): mode,
+    why (text), and tool_missing when what it lacks is an engine executable (the fix is to
+    get the tools, not another mode)."""
+
+    def __init__(self, mode, why, tool_missing=False):
+        EngineError.__init__(self, why)
+        self.mode, self.why, self.tool_missing = mode, why, tool_missing
 
 
 class Messages(object):
@@ -5487,6 +5503,9 @@ LIB_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu",
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
+# ---- 9.1 Helpers ----
+
+
 def name_matcher(patterns):
     """A function name -> True if name matches one of the shell-style patterns: NAME,
     PREFIX* (the common cases: a set and one startswith, without fnmatch and the re it
@@ -5806,6 +5825,9 @@ def signal_is_handled(pid, signum):
     return False
 
 
+# ---- 9.2 Introspection ----
+
+
 def cont_path(path):
     """A container path normalised: absolute, no '.', '..' or '//' ('//x' stays '//x' in
     os.path.normpath)."""
@@ -6085,6 +6107,11 @@ def host_user():
         return entry.pw_name, uid, gid, entry.pw_dir
     except KeyError:
         return "udoc%d" % uid, uid, gid, os.environ.get("HOME", "/")
+
+
+# ---- 9.3 Run plan ----
+# A run is planned whole (Engine.plan: every check, nothing written), then applied
+# (Engine.apply: the plan's Changes, the one place a run writes), then started.
 
 
 PATH_MAX = 4096                         # Linux: a longer path cannot be bound or opened
@@ -6472,6 +6499,7 @@ class Engine(object):
     unavailable = None             # why this mode cannot run with our tools (F2, F4)
     death_signal = "SIGKILL"       # what the engine gets if udocker.py dies (PDEATHSIG)
     passed_fds = 0                 # fds 3..passed_fds handed to the container (runc)
+    needs_tools = ()               # what it takes from the tools tarball (Tools.install)
 
     def __init__(self, session, container, opts, args, tools):
         self.session = session
@@ -6507,7 +6535,9 @@ class Engine(object):
         try:
             self.apply(plan)
             self.banner()
-            MSG.debug("engine command: %s" % plan.argv)
+            if MSG.level >= Messages.DBG:
+                for line in plan.describe():
+                    MSG.debug("run plan: " + line)
             return supervisor.run(plan.argv, plan.env, plan.cwd)
         finally:
             self.cleanup()
@@ -7163,6 +7193,9 @@ def _as_argv(value):
     return [to_text(v) for v in value]
 
 
+# ---- 9.4 Supervision ----
+
+
 class Watchdog(object):
     """A forked process that calls work() only if udocker.py dies (even by SIGKILL) before
     release(): for engines whose container would outlive it (runc/crun keep a pid-1
@@ -7385,6 +7418,9 @@ def _reap_leftovers(keep=()):
                 pass
 
 
+# ---- 9.5 Engines ----
+
+
 class ProotEngine(Engine):
     """P1: PRoot with seccomp acceleration; every volume is a -b bind, nothing in ROOT
     changes. proot ignores SIGTERM/SIGINT/SIGHUP itself, so signals go to its first child
@@ -7393,6 +7429,7 @@ class ProotEngine(Engine):
     mode = "P1"
     banner_char = "*"
     noseccomp = False
+    needs_tools = ("proot",)
     can_publish = True
     can_set_kernel = True
     death_signal = "SIGQUIT"       # proot kills all its tracees on SIGQUIT, not on SIGKILL
@@ -7627,6 +7664,7 @@ class RuncEngine(Engine):
 
     mode = "R1"
     banner_char = "%"
+    needs_tools = ("runc",)
     can_set_hostname = True
     can_size_shm = True
     can_bind_readonly = True
@@ -7818,6 +7856,7 @@ class RuncProotEngine(RuncEngine):
 
     mode = "R2"
     noseccomp = False
+    needs_tools = ("runc", "proot")
     PROOT_IN = "/.udocker/bin/proot"
 
     def choose_user(self, meta):
@@ -7889,6 +7928,7 @@ class FakechrootEngine(Engine):
 
     mode = "F1"
     banner_char = "#"
+    needs_tools = ("libfakechroot",)
     nested_links = ()              # (mount point, is a directory) of volumes in volumes
     runs_as_host_user = True
     uses_loader = True
@@ -8138,6 +8178,7 @@ class FakechrootPatchedEngine(FakechrootEngine):
 
     mode = "F3"
     uses_loader = False
+    needs_tools = ("libfakechroot", "patchelf")
 
     def prepare(self):
         FakechrootEngine.prepare(self)
@@ -8391,6 +8432,9 @@ ENGINES = {
 }
 
 
+# ---- 9.6 Mode choice ----
+
+
 def set_execmode(session, container, mode, tools, force=False):
     """Move a container to an execution mode (setup --execmode): undo what the old mode
     changed in ROOT, do what the new one needs, record execmode and root.path. Runs under
@@ -8416,46 +8460,45 @@ def set_execmode(session, container, mode, tools, force=False):
     return True
 
 
-def mode_can_run(session, container, tools, mode, trust_failure=True):
-    """(True, "") or (False, why) for mode on this host and this container. The host probe
+def check_mode(session, container, tools, mode, trust_failure=True):
+    """Raises CannotStart when mode cannot run this container on this host. The host probe
     is cached per engine executable and kernel release (Tools.engine_probe); a cached
-    failure is probed again unless trust_failure. why is an EngineError when the mode's
-    tool is missing, else text."""
+    failure is probed again unless trust_failure."""
     cls = ENGINES[mode]
     if cls.unavailable:
-        return False, cls.unavailable
+        raise CannotStart(mode, cls.unavailable)
     try:
         probe = cls.host_probe(session, tools)
     except EngineError as exc:
-        return False, exc
+        raise CannotStart(mode, str(exc), tool_missing=True)
+    if probe is not None:
+        result = tools.engine_probe(cls.probe_group or mode, probe[0], probe[1], trust_failure)
+        if not result.get("ok"):
+            raise CannotStart(mode, result.get("why") or "probe failed")
     try:
-        if probe is not None:
-            result = tools.engine_probe(cls.probe_group or mode, probe[0], probe[1],
-                                        trust_failure)
-            if not result.get("ok"):
-                return False, result.get("why") or "probe failed"
         cls.check_container(container, tools)
     except EngineError as exc:
-        return False, str(exc)
-    return True, ""
+        raise CannotStart(mode, str(exc))
 
 
 def choose_mode(session, container, tools):
-    """(mode, None), or (mode, EngineError) when it cannot run: the container's mode (setup
-    --execmode) or the configured default when it can start here. When neither was chosen
-    (no execmode file, no UDOCKER_DEFAULT_EXECUTION_MODE, no default_execution_mode in a
-    config file), the first of fallback_execution_modes that can, with one warning."""
+    """The mode to run in: the container's mode (setup --execmode) or the configured default
+    when it can start here. When neither was chosen (no execmode file, no
+    UDOCKER_DEFAULT_EXECUTION_MODE, no default_execution_mode in a config file), the first
+    of fallback_execution_modes that can, with one warning. Raises CannotStart (with the
+    mode whose engine reports it) when none can."""
     cfg = session.cfg
     mode = container.execmode(cfg)
-    explicit = bool(container.state(ContainerDir.EXECMODE) or cfg.override_default_execution_mode or
+    explicit = bool(container.state(ContainerDir.EXECMODE) or
+                    cfg.override_default_execution_mode or
                     cfg.sources.get("default_execution_mode", "default") != "default")
-    ok, why = mode_can_run(session, container, tools, mode, trust_failure=not explicit)
-    if ok:
-        return mode, None
-    missing_tool = why if isinstance(why, EngineError) else None
-    if missing_tool is not None and explicit:
-        return mode, missing_tool
-    why = str(why)
+    try:
+        check_mode(session, container, tools, mode, trust_failure=not explicit)
+        return mode
+    except CannotStart as exc:
+        first = exc
+    if first.tool_missing and explicit:
+        raise first
     others = []
     for other in cfg.fallback_execution_modes:
         other = other.upper()
@@ -8464,38 +8507,44 @@ def choose_mode(session, container, tools):
         if other != mode and other not in others and \
                 (container.dir or not other.startswith("F")):     # F needs a setup
             others.append(other)
-    failed = [(mode, why)]
+    failed = [(mode, first.why)]
+    if others:
+        tools.install(sum((ENGINES[m].needs_tools for m in others), ()))
     for other in others:
-        other_ok, other_why = mode_can_run(session, container, tools, other)
-        other_why = str(other_why)
-        if other_ok and explicit:
-            return mode, EngineError("mode %s cannot run on this host: %s (%s can: setup "
-                                     "--execmode=%s)" % (mode, why, other, other))
-        if other_ok:
-            MSG.warning("%s cannot run on this host (%s): using %s"
-                        % (", ".join(m for m, _ in failed), why, other))
-            return other, None
-        failed.append((other, other_why))
+        try:
+            check_mode(session, container, tools, other)
+        except CannotStart as exc:
+            failed.append((other, exc.why))
+            continue
+        if explicit:
+            raise CannotStart(mode, "mode %s cannot run on this host: %s (%s can: setup "
+                              "--execmode=%s)" % (mode, first.why, other, other))
+        MSG.warning("%s cannot run on this host (%s): using %s"
+                    % (", ".join(m for m, _ in failed), first.why, other))
+        return other
     if explicit:
-        return mode, EngineError("mode %s cannot run on this host: %s" % (mode, why))
-    if missing_tool is not None:                # say how to get the tools
-        return mode, missing_tool
+        raise CannotStart(mode, "mode %s cannot run on this host: %s" % (mode, first.why))
+    if first.tool_missing:                      # say how to get the tools
+        raise first
     reasons = []
     for _, reason in failed:
         if reason not in reasons:
             reasons.append(reason)
     if len(reasons) == 1:
-        return mode, EngineError(reasons[0])
-    return mode, EngineError("no execution mode can run here: " + "; ".join(
+        raise CannotStart(mode, reasons[0])
+    raise CannotStart(mode, "no execution mode can run here: " + "; ".join(
         "%s: %s" % (", ".join(m for m, r in failed if r == reason), reason)
         for reason in reasons))
 
 
 def engine_for(session, container, opts, args, tools):
     """The Engine that runs this container; F modes set up on first use (or after a move),
-    as the first change of the run's plan. When no mode can start, the engine raises why
-    after checking the options (Engine.plan)."""
-    mode, cannot_start = choose_mode(session, container, tools)
+    as the first change of the run's plan. When no mode can start, the engine of the mode
+    that cannot raises why after checking the options (Engine.plan)."""
+    try:
+        mode, cannot_start = choose_mode(session, container, tools), None
+    except CannotStart as exc:
+        mode, cannot_start = exc.mode, exc
     engine = ENGINES[mode](session, container, opts, args, tools)
     engine.cannot_start = cannot_start
     if container.dir and mode.startswith("F") and cannot_start is None and (
@@ -9147,16 +9196,35 @@ class Tools(object):
     (UDOCKER_USE_*_EXECUTABLE: a path, or a program name), else the installed tools for
     this architecture (bin/NAME-ARCH; installed on first use), else a program on PATH that
     passes a capability probe. Probe results are cached per path, mtime and size in
-    topdir/.probes.json, so runs stay fast."""
+    topdir/.probes.json, so runs stay fast. Finding installs nothing: install() does, a
+    step of its own that run and setup take first."""
 
     def __init__(self, cfg, repo):
         self.cfg = cfg
         self.installer = ToolsInstaller(cfg, repo)
+        self.install_error = None      # why install() could not install, named by find()
         host = Platform.host().arch
         self.arch = TOOL_ARCH.get(host, host)
         self.cache_path = os.path.join(cfg.topdir, ".probes.json")
         self.cache = None
         self.found = {}
+
+    def install(self, kinds=None):
+        """Install the tools unless they are (autoinstall), or unless each tool of kinds
+        (Engine.needs_tools) is configured as a path (UDOCKER_USE_*_EXECUTABLE,
+        UDOCKER_FAKECHROOT_SO); True when they are installed. A failure is kept in
+        install_error, not raised: an engine on PATH may still serve, and a lookup that
+        finds none names it."""
+        settings = {"proot": self.cfg.use_proot_executable, "patchelf":
+                    self.cfg.use_patchelf_executable, "runc": self.cfg.use_runc_executable,
+                    "libfakechroot": self.cfg.fakechroot_so}
+        if kinds is not None and all("/" in (settings.get(k) or "") for k in kinds):
+            return self.installer.is_installed()
+        try:
+            return self.installer.ensure()
+        except EngineError as exc:
+            self.install_error = exc
+            return False
 
     def proot(self):
         return self.find("proot", self.cfg.use_proot_executable, ["proot"])
@@ -9200,16 +9268,11 @@ class Tools(object):
         return self.find("singularity", setting, ["apptainer", "singularity"])
 
     def find(self, kind, setting, names):
-        """(path, probe info) of the tool to use; raises EngineError naming the fix (once:
-        a second call raises the same error without trying again)."""
+        """(path, probe info) of the tool to use (remembered); raises EngineError naming
+        the fix."""
         key = (kind, setting)
         if key not in self.found:
-            try:
-                self.found[key] = self._find(kind, setting, names)
-            except EngineError as exc:
-                self.found[key] = exc
-        if isinstance(self.found[key], EngineError):
-            raise self.found[key]
+            self.found[key] = self._find(kind, setting, names)
         return self.found[key]
 
     def _find(self, kind, setting, names):
@@ -9224,11 +9287,7 @@ class Tools(object):
             return path, info
         if setting and setting != "UDOCKER":
             names = [setting]
-        install_error = None
-        try:
-            self.installer.ensure()
-        except EngineError as exc:
-            install_error = exc
+        install_error = self.install_error
         newer = ["4_8_0"] if version_at_least(os.uname()[2], "4.8") else []  # upstream's proot
         for name in names:
             for candidate in ["-".join([name, self.arch] + newer), "%s-%s" % (name, self.arch),
@@ -9332,7 +9391,6 @@ class Tools(object):
             if not os.path.isfile(path):
                 raise EngineError("libfakechroot not found: %s (UDOCKER_FAKECHROOT_SO)" % path)
             return path
-        self.installer.ensure()
         suffix = TOOL_ARCH.get(arch, arch)
         try:
             names = os.listdir(self.cfg.libdir)
@@ -10135,10 +10193,12 @@ def cmd_run(session, opts, args):
     tools = Tools(session.cfg, session.repo)
     if opts.get("location") is not None:
         container = RunContainer.from_location(opts["location"])
+        tools.install(ENGINES[container.execmode(session.cfg)].needs_tools)
         return engine_for(session, container, opts, args, tools).run()
     cid, made = _run_target(session, opts, args[0])
     try:
         container = RunContainer.from_store(session.containers, cid)
+        tools.install(ENGINES[container.execmode(session.cfg)].needs_tools)
         status = engine_for(session, container, opts, args[1:], tools).run()
     except BaseException:
         if opts.get("rm") and made:            # a container this run made, that never ran
@@ -10178,6 +10238,7 @@ def cmd_setup(session, opts, args):
         make_tree_removable(container.root)
     if opts["execmode"] is not None:
         tools = Tools(session.cfg, session.repo)
+        tools.install(getattr(ENGINES.get(opts["execmode"].upper()), "needs_tools", ()))
         set_execmode(session, container, opts["execmode"], tools, force=opts["force"])
     return 0
 

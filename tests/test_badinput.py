@@ -236,7 +236,7 @@ def runner(world, monkeypatch):
     # run: mode P1 with a proot that can do everything, stopped where it would start; the
     # CPU affinity checked but not set on this process
     monkeypatch.setattr(udocker.Supervisor, "run", would_start)
-    monkeypatch.setattr(udocker, "choose_mode", lambda session, container, tools: ("P1", None))
+    monkeypatch.setattr(udocker, "choose_mode", lambda session, container, tools: "P1")
     monkeypatch.setattr(udocker.Tools, "proot", lambda self: ("/bin/true", {
         "kill_on_exit": True, "seccomp": True, "port": True, "netcoop": True, "statx": True}))
     monkeypatch.setattr(udocker, "set_cpu_affinity", lambda cpus: True)

@@ -196,6 +196,15 @@ def test_table_of_contents_matches_the_banners():
     listed = re.findall(r"^#\s+(\d+)\. (\S+(?: \S+)*?)\s{2,}", text, re.M)
     banners = re.findall(r"^# ==== (\d+)\. (.+?) ====$", text, re.M)
     assert banners and listed == banners
+    # sub-sections (a long section's), listed under their section and in their section
+    listed = re.findall(r"^#\s+(\d+)\.(\d+) (\S+(?: \S+)*?)\s{2,}", text, re.M)
+    subs = re.findall(r"^# ---- (\d+)\.(\d+) (.+?) ----$", text, re.M)
+    assert subs and listed == subs
+    starts = dict((n, text.index("# ==== %s. " % n)) for n, _ in banners)
+    for section, number, title in subs:
+        at = text.index("# ---- %s.%s %s ----" % (section, number, title))
+        following = [p for n, p in starts.items() if int(n) == int(section) + 1]
+        assert starts[section] < at < (following[0] if following else len(text))
 
 
 def test_an_internal_error_is_one_line(monkeypatch, capsys, tmpdir):

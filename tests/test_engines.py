@@ -5,6 +5,7 @@ command-line errors. The engines themselves run in test_run.py."""
 from __future__ import print_function, absolute_import
 
 import os
+import subprocess
 
 import pytest
 
@@ -516,8 +517,7 @@ def test_proot_command_makes_up_for_what_the_proot_lacks(tmpdir, glibc_tree, kin
     engine = engine_for(tmpdir, glibc_tree, opts={"kernel": "9.9.9-fake"},
                         UDOCKER_USE_PROOT_EXECUTABLE=proot)
     engine.tools = udocker.Tools(engine.cfg, engine.session.repo)
-    engine.prepare()
-    argv = engine.command()[0]
+    argv = engine.plan().argv                                   # what would run
     assert ("--kill-on-exit" in argv) is (kind != "debian")
     assert engine.kill_on_exit is (kind != "debian")            # else wait() kills the rest
     assert (engine.child_hook() is None) is (kind == "modern")  # the statx filter

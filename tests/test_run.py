@@ -1180,3 +1180,22 @@ def test_a_run_that_cannot_start_leaves_the_container_as_it_was(world, mode):
         assert tree_digest(cdir, outer) == before, (options, err)
     rc, out, err = world.run(mode, ["sh", "-c", "pwd"], name=cid)   # and it still runs
     assert rc == 0 and out.strip() == "/made/by/run", err
+
+
+def test_a_failed_first_run_does_not_set_the_container_up(world):
+    """F modes set a container up on its first run (symlinks in ROOT made host paths): a
+    first run that fails its checks leaves that to the next, and changes nothing."""
+    cid = "%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48))
+    rootfs.write_container(world.ud_dir, cid, world.tree("glibc"),
+                           config={"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["sh"]})
+    cdir = os.path.join(world.ud_dir, "containers", cid)
+    before = tree_digest(cdir)
+    env = {"UDOCKER_DEFAULT_EXECUTION_MODE": "F1"}
+    rc, out, err = world.ud(["run", "--nobanner", "-w", "/nonexistent", cid, "true"], env=env)
+    one_error_line(err, "invalid working directory")
+    assert rc != 0 and tree_digest(cdir) == before
+    rc, out, err = world.ud(["run", "--nobanner", cid, "sh", "-c", "echo $container_execmode"],
+                            env=env)
+    assert rc == 0 and out.strip() == "F1", err
+    assert "setting up container %s for mode F1" % cid in err
+    assert open(os.path.join(cdir, "execmode")).read().strip() == "F1"

@@ -600,7 +600,11 @@ def test_lookup_order_configured_then_installed_then_path(tmpdir, monkeypatch, g
     assert tools_for(tmpdir, UDOCKER_TARBALL="",
                      UDOCKER_USE_PROOT_EXECUTABLE=mine).proot()[0] == mine
     assert tools_for(tmpdir, UDOCKER_TARBALL="").proot()[0] == on_path
-    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good))    # installs on first use
+    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good))
+    assert tools.proot()[0] == on_path                  # finding installs nothing
+    assert tools.install()                               # a step of its own (run, setup)
+    assert tools.proot()[0] == on_path                  # found before: remembered
+    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good))
     assert tools.proot()[0] == str(installed(tmpdir, "bin", "proot-x86_64"))
 
 
@@ -853,3 +857,27 @@ def test_statx_filter_makes_statx_fail_with_enosys_in_the_engine_and_below(tmpdi
     below = ["/bin/sh", "-c", '"$0" -c "$1"; true', sys.executable, probe]   # a grandchild
     filtered = subprocess.check_output(below, preexec_fn=install)
     assert filtered.decode().split() == ["-1", "38", "True"]       # ENOSYS; stat still works
+
+
+def test_a_mode_that_cannot_start_raises_and_finding_installs_nothing(tmpdir, monkeypatch,
+                                                                       good):
+    """check_mode and choose_mode raise CannotStart (the mode, why, whether a tool is
+    missing); looking for a tool installs nothing, Tools.install() does, once asked."""
+    from support.toolserver import path_without_engines
+    monkeypatch.setenv("PATH", path_without_engines(str(tmpdir.join("path"))))
+    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good), UDOCKER_DEFAULT_EXECUTION_MODE="P1")
+    session = udocker.Session(tools.cfg)
+    container = udocker.RunContainer("location", None, str(tmpdir), {})
+    with pytest.raises(udocker.CannotStart) as info:
+        udocker.check_mode(session, container, tools, "P1")
+    assert info.value.mode == "P1" and info.value.tool_missing and "proot" in info.value.why
+    assert not tools.installer.is_installed()           # finding did not install
+    with pytest.raises(udocker.CannotStart) as info:
+        udocker.check_mode(session, container, tools, "F2")
+    assert info.value.mode == "F2" and not info.value.tool_missing
+    with pytest.raises(udocker.CannotStart) as info:
+        udocker.choose_mode(session, container, tools)
+    assert info.value.mode == "P1" and info.value.tool_missing
+    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good), UDOCKER_DEFAULT_EXECUTION_MODE="P1")
+    assert tools.install() and tools.installer.is_installed()
+    assert tools.proot()[0] == str(installed(tmpdir, "bin", "proot-x86_64"))
