@@ -271,9 +271,9 @@ def test_upstream_libfakechroot_dir_map_entries_stay_whole_with_colons(tmpdir, g
                         opts={"volume": ["%s:%s" % (h, c) for c, h in volumes.items()]},
                         UDOCKER_FAKECHROOT_SO=str(library))
     engine.tools = udocker.Tools(engine.cfg, engine.session.repo)
-    engine.prepare()
-    env = engine.command()[1]
-    entries = env["FAKECHROOT_DIR_MAP"].split(":")
+    plan = engine.plan()
+    engine.apply(plan)                  # makes the symlinks in ROOT read below
+    entries = plan.env["FAKECHROOT_DIR_MAP"].split(":")
     assert all(e.count("!") == 1 and e.startswith("/") and "!/" in e for e in entries), entries
     mapped = dict(reversed(e.split("!")) for e in entries)
     for cont, host in volumes.items():

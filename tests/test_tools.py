@@ -755,7 +755,7 @@ def test_upstream_libfakechroot_that_needs_a_newer_glibc_is_not_picked(tmpdir):
     (GLIBC_2.34, as built) for a Debian 13, Debian-11's (GLIBC_2.14) for a glibc 2.31 tree
     that says Debian 12."""
     tools = upstream_tree(tmpdir)
-    libdir = tmpdir.join("ud", "lib")
+    libdir = tmpdir.join("udocker", "lib")
     for name in os.listdir(str(libdir)):
         if name.startswith("libfakechroot"):
             libdir.join(name).remove()
