@@ -1045,13 +1045,16 @@ EOF_PATCH
     # FAKECHROOT_ELFLOADER gets LD_LIBRARY_REAL as the loader's --library-path, which the
     # loader takes instead of LD_LIBRARY_PATH (renaming the variable in ld.so, as upstream
     # does, no longer works: glibc 2.36's ld.so compares the name inline). These variables
-    # survive an exec with a new environment, like LD_LIBRARY_PATH does. Also fixed: a #!
+    # survive an exec with a new environment, like LD_LIBRARY_PATH does, and a program that
+    # emptied its environment (env -i) no longer starts the next one outside fakechroot
+    # (no FAKECHROOT_BASE, no LD_PRELOAD): the variables of preserve_env_list are put back
+    # to their values at start when FAKECHROOT_BASE is gone. Also fixed: a #!
     # script started through the loader with FAKECHROOT_ELFLOADER_OPT_ARGV0 lost its last
     # two arguments (the arguments moved by one place per option word, not all of them).
     patch -d "$1" -p1 --forward --batch --no-backup-if-mismatch <<'EOF_PATCH' ||
 --- a/src/libfakechroot.c
 +++ b/src/libfakechroot.c
-@@ -72,11 +72,15 @@
+@@ -72,15 +72,22 @@
      "FAKECHROOT_ELFLOADER_OPT_ARGV0",
      "FAKECHROOT_EXCLUDE_PATH",
      "FAKECHROOT_LDLIBPATH",
@@ -1067,13 +1070,61 @@ EOF_PATCH
      "LD_PRELOAD"
  };
  const int preserve_env_list_count = sizeof preserve_env_list / sizeof preserve_env_list[0];
+ 
++/* udocker: their values when the library started (fakechroot_restore_env) */
++static char *preserve_env_saved[sizeof preserve_env_list / sizeof preserve_env_list[0]];
++
+ 
+ LOCAL int fakechroot_debug (const char *fmt, ...)
+ {
+@@ -172,6 +179,13 @@
+         }
+ 
+         fakechroot_volumes_init(getenv("FAKECHROOT_VOLUMES"));
++        {
++            int i;
++            for (i = 0; i < preserve_env_list_count; i++) {
++                const char *value = getenv(preserve_env_list[i]);
++                preserve_env_saved[i] = value != NULL ? strdup(value) : NULL;
++            }
++        }
+ 
+         __setenv("FAKECHROOT", "true", 1);
+         __setenv("FAKECHROOT_VERSION", FAKECHROOT, 1);
+@@ -192,6 +206,25 @@
+ }
+ 
+ 
++/* udocker: a program that emptied its environment (env -i sets environ to an empty list)
++   and then starts another would start it outside fakechroot, with no FAKECHROOT_BASE to
++   put the path in the root and no LD_PRELOAD: before an exec, when FAKECHROOT_BASE is
++   gone, the variables of preserve_env_list are set again to their values at start. */
++LOCAL void fakechroot_restore_env (void)
++{
++    int i;
++
++    if (!first)
++        fakechroot_init();
++    if (getenv("FAKECHROOT_BASE") != NULL)
++        return;
++    for (i = 0; i < preserve_env_list_count; i++) {
++        if (preserve_env_saved[i] != NULL && getenv(preserve_env_list[i]) == NULL)
++            __setenv(preserve_env_list[i], preserve_env_saved[i], 1);
++    }
++}
++
++
+ /* Check if path is on exclude list */
+ static int fakechroot_excluded (const char * v_path)
+ {
 --- a/src/libfakechroot.h
 +++ b/src/libfakechroot.h
-@@ -242,6 +242,7 @@
+@@ -242,6 +242,8 @@
  int fakechroot_debug (const char *, ...);
  fakechroot_wrapperfn_t fakechroot_loadfunc (struct fakechroot_wrapper *);
  int fakechroot_localdir (const char *);
 +void fakechroot_patch_exec (const char *);
++void fakechroot_restore_env (void);
  int fakechroot_volume_narrow (char *, size_t);
  int fakechroot_volume_expand (const char *, char *);
  char * fakechroot_getcwd (char *, size_t);
@@ -1091,8 +1142,11 @@ EOF_PATCH
  
  
  wrapper(execve, int, (const char * filename, char * const argv [], char * const envp []))
-@@ -62,8 +67,12 @@
+@@ -60,10 +65,15 @@
  
+     const char **newargv = alloca(argv_max * sizeof (const char *));
+ 
++    fakechroot_restore_env();   /* udocker: after env -i, too */
      char *elfloader = getenv("FAKECHROOT_ELFLOADER");
      char *elfloader_opt_argv0 = getenv("FAKECHROOT_ELFLOADER_OPT_ARGV0");
 +    /* udocker (F2): the loader is given LD_LIBRARY_REAL as --library-path, which it takes
@@ -1104,7 +1158,7 @@ EOF_PATCH
  
      debug("execve(\"%s\", {\"%s\", ...}, {\"%s\", ...})", filename, argv[0], envp ? envp[0] : "(null)");
  
-@@ -189,12 +198,13 @@
+@@ -189,12 +199,13 @@
      /* No hashbang in argv */
      if (hashbang[0] != '#' || hashbang[1] != '!') {
          if (!elfloader) {
@@ -1119,7 +1173,7 @@ EOF_PATCH
              newargv[n++] = argv[i++];
          }
  
-@@ -202,6 +212,10 @@
+@@ -202,6 +213,10 @@
  
          n = 0;
          newargv[n++] = elfloader;
@@ -1130,7 +1184,7 @@ EOF_PATCH
          if (elfloader_opt_argv0) {
              newargv[n++] = elfloader_opt_argv0;
              newargv[n++] = argv0;
-@@ -243,21 +257,26 @@
+@@ -243,21 +258,26 @@
      newargv[n] = 0;
  
      if (!elfloader) {
@@ -1159,7 +1213,7 @@ EOF_PATCH
      if (elfloader_opt_argv0) {
          newargv[n++] = elfloader_opt_argv0;
          newargv[n++] = argv0;
-@@ -271,3 +290,104 @@
+@@ -271,3 +291,104 @@
  
      return status;
  }
@@ -1266,8 +1320,11 @@ EOF_PATCH
 +}
 --- a/src/posix_spawn.c
 +++ b/src/posix_spawn.c
-@@ -65,9 +65,13 @@
+@@ -63,11 +63,16 @@
+     size_t sizeenvp;
+     char c;
  
++    fakechroot_restore_env();   /* udocker: after env -i, too */
      char *elfloader = getenv("FAKECHROOT_ELFLOADER");
      char *elfloader_opt_argv0 = getenv("FAKECHROOT_ELFLOADER_OPT_ARGV0");
 +    /* udocker (F2): the loader is given LD_LIBRARY_REAL as --library-path, which it takes
@@ -1280,7 +1337,7 @@ EOF_PATCH
  
      debug("posix_spawn(\"%s\", {\"%s\", ...}, {\"%s\", ...})", filename, argv[0], envp ? envp[0] : "(null)");
  
-@@ -193,12 +197,13 @@
+@@ -193,12 +198,13 @@
      /* No hashbang in argv */
      if (hashbang[0] != '#' || hashbang[1] != '!') {
          if (!elfloader) {
@@ -1295,7 +1352,7 @@ EOF_PATCH
              newargv[n++] = argv[i++];
          }
  
-@@ -206,6 +211,10 @@
+@@ -206,6 +212,10 @@
  
          n = 0;
          newargv[n++] = elfloader;
@@ -1306,7 +1363,7 @@ EOF_PATCH
          if (elfloader_opt_argv0) {
              newargv[n++] = elfloader_opt_argv0;
              newargv[n++] = argv0;
-@@ -247,21 +256,26 @@
+@@ -247,21 +257,26 @@
      newargv[n] = 0;
  
      if (!elfloader) {
