@@ -7986,6 +7986,8 @@ class FakechrootEngine(Engine):
                     link = Volume(cont, vol.cont)
                     if not self._nested_link(link):
                         self._symlink_volume(link)
+                else:
+                    self._mountpoint_dir(vol)        # ".." lists it, as for a bind mount
                 mapped[cont] = self._bind_host(host) + "!" + cont
             elif not self._nested_link(vol):
                 self._symlink_volume(vol)
