@@ -679,15 +679,20 @@ def test_fakechroot_library_by_glibc_generation(tmpdir):
     tools = tools_for(tmpdir, UDOCKER_TARBALL="")
     lib = tmpdir.join("ud", "lib")
     for name in ("libfakechroot-glibc2.31-x86_64.so", "libfakechroot-glibc2.36-x86_64.so",
+                 "libfakechroot-glibc2.17-x86_64.so", "libfakechroot-glibc2.17-arm64.so",
                  "VERSION"):
         lib.join(name).write("2.0.0\n" if name == "VERSION" else "x")
-    pick = lambda glibc: os.path.basename(tools.fakechroot_so("amd64", glibc, ("Debian", "")))
+    pick = lambda glibc, arch="amd64": os.path.basename(
+        tools.fakechroot_so(arch, glibc, ("Debian", "")))
     assert pick("2.36") == "libfakechroot-glibc2.36-x86_64.so"
     assert pick("2.41") == "libfakechroot-glibc2.36-x86_64.so"
     assert pick("2.31") == "libfakechroot-glibc2.31-x86_64.so"
     assert pick("2.35") == "libfakechroot-glibc2.31-x86_64.so"
+    assert pick("2.28") == "libfakechroot-glibc2.17-x86_64.so"       # RHEL/Rocky 8
+    assert pick("2.17") == "libfakechroot-glibc2.17-x86_64.so"       # CentOS 7
+    assert pick("2.36", "arm64") == "libfakechroot-glibc2.17-arm64.so"
     with pytest.raises(udocker.EngineError) as info:
-        pick("2.28")
+        pick("2.12")
     assert "no libfakechroot" in str(info.value) and "P1" in str(info.value)
 
 

