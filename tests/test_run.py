@@ -995,7 +995,7 @@ def test_fallback_reaches_f3_for_glibc_and_stops_for_static_trees(world):
                                  "true"], env=env)
         assert rc == 1 and len(err.splitlines()) == 1, err
         assert err.startswith("Error: no execution mode can run here: P1, P2: %s; R1: %s; "
-                              "F3: F modes need a glibc container" % (PTRACE_ERROR,
+                              "F3: F modes need a glibc or musl container" % (PTRACE_ERROR,
                                                                        USERNS_ERROR)), err
 
 
