@@ -66,8 +66,8 @@
 #   the zig libfakechroot (glibc 2.17) adds: wheel download 17 s (101 MB), build per arch
 #   146-467 s (configure runs each check through zig; zig's cache warm or cold; measured on
 #   this VM at load 10-16, so the figures above, taken unloaded, are not comparable)
-#   the musl libfakechroot adds 122-158 s for x86_64 (musl-gcc; at load 9-11, configure is
-#   the most of it) and 666 s for aarch64 (zig, cold cache)
+#   the musl libfakechroot adds 105-158 s for x86_64 (musl-gcc; at load 9-11, configure is
+#   the most of it) and 196-666 s for aarch64 (zig, cold cache, load varies)
 #   Disk: workdir ~1.5 GB (chroot 415 MB, zig 507 MB + its builds ~85 MB per arch, Go cache
 #   207 MB).
 #
