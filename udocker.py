@@ -7961,10 +7961,8 @@ class FakechrootEngine(Engine):
     def command(self):
         arch = self.container.arch()
         kind, version = self.container.libc()
-        if kind != "glibc":
-            raise EngineError("F modes need a glibc container (this one: %s): use P1"
-                              % (kind or "no C library found"))
-        library = self._library(arch, version)
+        fakechroot_libc_known(kind)
+        library = self._library(arch, kind, version)
         loader = container_loader(self.root, arch)[1] if self.uses_loader else None
         libpath = ":".join(([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) +
                            container_lib_dirs(self.root, arch))
@@ -8014,20 +8012,22 @@ class FakechrootEngine(Engine):
             self.executable = program            # the kernel runs it; argv[0] stays as given
             return argv, env, self.cont2host(self.cwd)
         env["FAKECHROOT_ELFLOADER"] = loader
-        argv0 = ["--argv0", argv[0]] if version_at_least(version, "2.33") else []
+        argv0 = ["--argv0", argv[0]] if kind == "musl" or version_at_least(version, "2.33") \
+            else []
         return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
 
     def _maps_volumes(self, library=None):
         """Is the library upstream's fork, which maps volumes itself (FAKECHROOT_DIR_MAP)?"""
         if library is None:
-            library = self._library(self.container.arch(), self.container.libc()[1])
+            library = self._library(self.container.arch(), *self.container.libc())
         return self.tools.probe("libfakechroot", library).get("dir_map")
 
-    def _library(self, arch, version):
+    def _library(self, arch, kind, version):
         own = os.path.join(self.container.dir or "", ContainerDir.LIBFAKECHROOT)
         if self.container.dir and os.path.isfile(own) and not self.cfg.fakechroot_so:
             return own
-        return self.tools.fakechroot_so(arch, version, lambda: read_os_release(self.root))
+        return self.tools.fakechroot_so(arch, version, lambda: read_os_release(self.root),
+                                        kind)
 
     def _command_path(self, name):
         """The container path of the command (searched in PATH like find_executable)."""
@@ -8152,12 +8152,10 @@ class FakechrootEngine(Engine):
     def check_container(cls, container, tools):
         arch = container.arch()
         kind, version = container.libc()
-        if kind != "glibc":
-            raise EngineError("F modes need a glibc container (this one: %s): use P1"
-                              % (kind or "no C library found"))
+        fakechroot_libc_known(kind)
         own = os.path.join(container.dir or "", ContainerDir.LIBFAKECHROOT)
         if not (container.dir and os.path.isfile(own)):
-            tools.fakechroot_so(arch, version, lambda: read_os_release(container.root))
+            tools.fakechroot_so(arch, version, lambda: read_os_release(container.root), kind)
         if not cls.uses_loader:
             tools.patchelf()
 
@@ -8216,6 +8214,14 @@ class FakechrootPatchedEngine(FakechrootEngine):
             ElfPatcher(tools.patchelf(), container).restore()
             remove_quietly(container.files.file(ContainerDir.PATCH_PATH))
         FakechrootEngine.leave(container, tools)
+
+
+def fakechroot_libc_known(kind):
+    """F modes run glibc and musl trees (a libfakechroot is built for each); others are
+    refused in one line naming what was found."""
+    if kind not in ("glibc", "musl"):
+        raise EngineError("F modes need a glibc or musl container (this one: %s): use P1"
+                          % (kind or "no C library found"))
 
 
 def fakechroot_volume_map(volumes, bind_host=lambda host: host):
@@ -9511,13 +9517,14 @@ class Tools(object):
         except (IOError, OSError) as exc:
             MSG.debug("cannot cache the probe result %s: %s" % (key, exc))
 
-    def fakechroot_so(self, arch, glibc, distro):
-        """The libfakechroot for a container (arch, glibc version, (distro, version)):
-        UDOCKER_FAKECHROOT_SO, else ours for the newest glibc not newer than the container's
-        (libfakechroot-glibcX.Y-ARCH.so), else upstream's per-distro names as udocker 1.3.17
-        picks them but not one needing a newer glibc than the container's, else upstream's
-        glibc library that needs the newest glibc the container has. distro may be a
-        function returning it, called only then (read_os_release lists ROOT/etc)."""
+    def fakechroot_so(self, arch, glibc, distro, libc="glibc"):
+        """The libfakechroot for a container (arch, glibc version, (distro, version), C
+        library): UDOCKER_FAKECHROOT_SO, else ours for the newest glibc not newer than the
+        container's (libfakechroot-glibcX.Y-ARCH.so) or for musl (libfakechroot-musl-ARCH.so),
+        else upstream's per-distro names as udocker 1.3.17 picks them but not one needing a
+        newer glibc than the container's, else upstream's glibc library that needs the newest
+        glibc the container has. distro may be a function returning it, called only then
+        (read_os_release lists ROOT/etc)."""
         setting = self.cfg.fakechroot_so
         if setting:
             path = setting if "/" in setting else os.path.join(self.cfg.libdir, setting)
@@ -9531,7 +9538,9 @@ class Tools(object):
             names = []
         ours = []
         head, tail = "libfakechroot-glibc", "-%s.so" % suffix
-        for name in names:
+        if libc == "musl":
+            ours = [((), name) for name in names if name == "libfakechroot-musl" + tail]
+        for name in names if libc == "glibc" else ():
             built_for = name[len(head):-len(tail)]
             if name.startswith(head) and name.endswith(tail) and \
                     len(version_tuple(built_for)) == 2 and "." in built_for and \
@@ -9559,8 +9568,9 @@ class Tools(object):
             MSG.verbose("no libfakechroot named for %s %s: using %s" % (name, version, chosen))
             return os.path.join(self.cfg.libdir, chosen)
         have = sorted(n for n in names if n.startswith("libfakechroot"))
-        raise EngineError("no libfakechroot for this container (%s, glibc %s; have: %s): use "
-                          "P1, or set UDOCKER_FAKECHROOT_SO" % (suffix, glibc or "?",
+        found = "glibc %s" % (glibc or "?") if libc == "glibc" else libc
+        raise EngineError("no libfakechroot for this container (%s, %s; have: %s): use "
+                          "P1, or set UDOCKER_FAKECHROOT_SO" % (suffix, found,
                                                                ", ".join(have) or "none"))
 
 

@@ -1,7 +1,8 @@
 """Small container root filesystems for the engine tests, built from the host's own files:
 a static busybox tree, and a glibc tree (Debian's dash, bash, coreutils, findutils and their
 libraries, laid out like a merged-/usr Debian rootfs, with Debian's absolute ld.so link),
-which can carry the host's C compiler (Debian's gcc packages, copied as dpkg lists them)."""
+which can carry the host's C compiler (Debian's gcc packages, copied as dpkg lists them);
+and the musl tree built by tests/images/build_musl_rootfs.sh (.ci/run builds it)."""
 from __future__ import print_function, absolute_import
 
 import json
@@ -56,6 +57,20 @@ def make_busybox_rootfs(root):
             os.symlink("busybox", os.path.join(bindir, applet))
     with open(os.path.join(root, "etc", "os-release"), "w") as handle:
         handle.write('NAME="BusyBox"\nID=busybox\n')
+
+
+MUSL_TAR = "/var/cache/udocker-test/musl-busybox.tar"
+
+
+def musl_available():
+    return os.path.isfile(MUSL_TAR)
+
+
+def make_musl_rootfs(root):
+    """The musl tree of tests/images/build_musl_rootfs.sh (/lib/ld-musl-x86_64.so.1 and a
+    busybox linked dynamically against it), unpacked."""
+    os.makedirs(root)
+    subprocess.check_call(["tar", "-xf", MUSL_TAR, "-C", root, "--no-same-owner"])
 
 
 def _libraries(program):

