@@ -8441,11 +8441,9 @@ class FakechrootLoaderEngine(FakechrootEngine):
 
     @classmethod
     def check_setup(cls, container, tools):
-        """F1's checks, and an ld.so F2 can make its copy of (made here)."""
+        """F1's checks, and an ld.so F2 can make its copy of."""
         FakechrootEngine.check_setup(container, tools)
-        path, data = f2_loader(container, tools.cfg)
-        if data is not None:
-            write_atomic(path, data, mode=0o755)
+        f2_loader(container, tools.cfg)           # raises if it cannot; a run makes it
 
     @classmethod
     def leave(cls, container, tools):
