@@ -1074,6 +1074,7 @@ def platform_text(doc, default="unknown/unknown"):
 LOCAL_NAME_RE = LazyRegex(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/-]*$")
 TAG_RE = LazyRegex(r"^([a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
 DIGEST_RE = LazyRegex(r"^sha256:[a-f0-9]{64}$")
+PROTECT = "PROTECT"     # marker file of a protected image tag or container (rmi/rm refuse)
 
 
 def check_local_name(name):
@@ -1090,6 +1091,7 @@ class LocalImage(object):
 
     layers: layer file paths, base layer first. config: the image config dict or {}.
     """
+    V1_CONFIG = "container.json"    # a v1 image's config, in its tag directory
 
     def __init__(self, repo, name, tag):
         self.repo = repo
@@ -1129,7 +1131,7 @@ class LocalImage(object):
     def _load_v1(self):
         ancestry = read_json(os.path.join(self.dir, "ancestry")) or []
         self.layers = [os.path.join(self.dir, lid + ".layer") for lid in reversed(ancestry)]
-        cjson = os.path.join(self.dir, "container.json")
+        cjson = os.path.join(self.dir, self.V1_CONFIG)
         if os.path.exists(cjson):
             self.config_path = cjson
         elif ancestry:
@@ -1154,7 +1156,7 @@ class LocalImage(object):
 
     @property
     def protected(self):
-        return os.path.exists(os.path.join(self.dir, "PROTECT"))
+        return os.path.exists(os.path.join(self.dir, PROTECT))
 
     @property
     def platform(self):
@@ -1296,7 +1298,7 @@ class LocalRepository(object):
 
     def set_protected(self, name, tag, protect):
         self.image(name, tag)
-        marker = os.path.join(self.tag_dir(name, tag), "PROTECT")
+        marker = os.path.join(self.tag_dir(name, tag), PROTECT)
         if protect:
             write_atomic(marker, b"")
         else:
@@ -1332,8 +1334,8 @@ class LocalRepository(object):
                                os.path.join(build, digest))
                 write_atomic(os.path.join(build, "manifest"), manifest_bytes)
                 write_atomic(os.path.join(build, "v2"), b"")
-                if os.path.exists(os.path.join(final, "PROTECT")):
-                    write_atomic(os.path.join(build, "PROTECT"), b"")
+                if os.path.exists(os.path.join(final, PROTECT)):
+                    write_atomic(os.path.join(build, PROTECT), b"")
                 write_atomic(os.path.join(build, "TAG"),
                              "%s:%s" % (os.path.join(self.reposdir, name), tag))
                 os.chmod(build, 0o755)
@@ -1369,7 +1371,7 @@ class LocalRepository(object):
                 build = work.path
                 for fname in os.listdir(src.dir):
                     path = os.path.join(src.dir, fname)
-                    if fname in ("TAG", "PROTECT"):
+                    if fname in ("TAG", PROTECT):
                         continue
                     if os.path.islink(path):
                         os.symlink(os.path.relpath(os.path.realpath(path), final),
@@ -1625,7 +1627,7 @@ class ContainerStore(object):
         result = []
         for cid in ids:
             try:
-                image = read_text(self.path(cid, "imagerepo.name")).strip()
+                image = read_text(self.path(cid, ContainerDir.IMAGE)).strip()
             except (IOError, OSError):
                 image = ""
             result.append((cid, sorted(names.get(cid, [])), image))
@@ -1692,10 +1694,10 @@ class ContainerStore(object):
             os.rename(old, new)
 
     def is_protected(self, cid):
-        return os.path.exists(self.path(cid, "PROTECT"))
+        return os.path.exists(self.path(cid, PROTECT))
 
     def set_protected(self, cid, protect):
-        marker = self.path(cid, "PROTECT")
+        marker = self.path(cid, PROTECT)
         if protect:
             write_atomic(marker, b"")
         else:
@@ -3879,7 +3881,7 @@ def store_images(repo, targets, label):
     for _, names in targets:
         for name, tag in names:
             check_local_name(name)
-            if os.path.exists(os.path.join(repo.tag_dir(name, tag), "PROTECT")):
+            if os.path.exists(os.path.join(repo.tag_dir(name, tag), PROTECT)):
                 raise RepositoryError("image is protected: %s:%s (unprotect it to replace it)"
                                       % (name, tag))
     stored = []
@@ -4183,7 +4185,7 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
     """
     check_local_name(name)
     repo.check_writable()
-    if os.path.exists(os.path.join(repo.tag_dir(name, tag), "PROTECT")):
+    if os.path.exists(os.path.join(repo.tag_dir(name, tag), PROTECT)):
         raise RepositoryError("image is protected: %s:%s" % (name, tag))
     local = source != "-" and not re.match(r"^https?://", source)
     with repo.writer("import"), WorkDir(repo.layersdir, "import") as work:
@@ -5051,20 +5053,20 @@ def build_container(store, kind, make):
 def flatten_root(build, handles, title="create", hasher=None):
     """build/ROOT from [(open layer file, label)] (base first), and the attrs file beside
     it; hasher (optional) is fed the decompressed bytes of the layers."""
-    root = os.path.join(build, "ROOT")
+    root = os.path.join(build, ContainerDir.ROOT)
     os.mkdir(root, 0o700)
     flattener = Flattener(root, current_umask())
     flattener.title, flattener.hasher = title, hasher
     flattener.run(handles)
     makedirs(os.path.join(build, META_DIR))
-    flattener.write_attrs(os.path.join(build, META_DIR, "attrs"))
+    flattener.write_attrs(os.path.join(build, ContainerDir.ATTRS))
     return root
 
 
 def write_container_meta(build, config, image):
     """container.json (config: bytes) and imagerepo.name ('NAME:TAG')."""
-    write_atomic(os.path.join(build, "container.json"), config)
-    write_atomic(os.path.join(build, "imagerepo.name"), image)
+    write_atomic(os.path.join(build, ContainerDir.CONFIG), config)
+    write_atomic(os.path.join(build, ContainerDir.IMAGE), image)
 
 
 def create_container(store, image, name=None, force=False):
@@ -5166,7 +5168,10 @@ class ContainerDir(object):
     """The files of a container directory (containers/ID/) besides ROOT, each name defined
     here once, and the one answer to "which mode?" (execmode) that run, setup and ps give."""
 
+    ROOT = "ROOT"                  # the container's root file system
     CONFIG = "container.json"      # the image's config, as created
+    IMAGE = "imagerepo.name"       # NAME:TAG of the image it was created from
+    ATTRS = META_DIR + "/attrs"    # owners and modes of ROOT's files, as in the layers
     EXECMODE = "execmode"          # the mode set by setup --execmode (none: the default)
     ROOT_PATH = "root.path"        # where ROOT was when its mode was set up (F: moved?)
     PATCH_PATH = "patch.path"      # where ROOT was when F3 patched its ELF files
@@ -5175,6 +5180,9 @@ class ContainerDir(object):
     MOUNTPOINTS = ".mountpoints"   # F modes: records of the volume symlinks made in ROOT
     RUN_DIR = ".run"               # what runs share: passwd copies, bind links, nvidia trees
     LIBC_RECORD = ".run/libc"      # the tree's C library, remembered (RunContainer.libc)
+    RUN_BINDS = "binds"            # in .run: links to host paths that hold a ':'
+    RUN_NVIDIA = "nvidia"          # in .run: link to the tree of the driver runs show
+    RUN_NVIDIA_TREE = "nvidia-"    # in .run: one driver's tree of symlinks (+ a hash)
     LIBFAKECHROOT = "libfakechroot.so"     # the container's own library for F modes
 
     def __init__(self, path, cid):
@@ -5221,7 +5229,7 @@ def clone_container(store, id_or_name, name=None):
             raise RepositoryError("container not found: %s" % id_or_name)
         image = ""
         try:
-            image = read_text(store.path(cid, "imagerepo.name"))
+            image = read_text(store.path(cid, ContainerDir.IMAGE))
         except (IOError, OSError):
             pass
         new = store.new_id(image.partition(":")[0] or cid)
@@ -5279,7 +5287,7 @@ def _drop_metadata_links(cdir):
                             % os.path.relpath(path, cdir))
                 os.unlink(path)
         dirnames[:] = [n for n in dirnames if os.path.isdir(os.path.join(dirpath, n)) and
-                       not (dirpath == cdir and n == "ROOT")]
+                       not (dirpath == cdir and n == ContainerDir.ROOT)]
 
 
 def _fill_from_rootfs(build, handle, label, image, platform):
@@ -5301,12 +5309,12 @@ def _fill_from_clone(build, handle, label):
     flattener = CloneFlattener(build, current_umask())
     flattener.title = "import --clone"
     _tarball_errors(label, flattener.run, [(handle, label)])
-    root = os.path.join(build, "ROOT")
+    root = os.path.join(build, ContainerDir.ROOT)
     if os.path.islink(root) or not os.path.isdir(root):
         raise ArchiveError("%s is not an `export --clone` tarball: it has no ROOT directory"
                            % label)
     _drop_metadata_links(build)
-    name_file = os.path.join(build, "imagerepo.name")
+    name_file = os.path.join(build, ContainerDir.IMAGE)
     try:
         image = read_text(name_file).strip()
     except (IOError, OSError):
@@ -5355,7 +5363,7 @@ def container_platform(store, cid):
 
 def container_root_state(store, cid):
     """ps's M column: W writable ROOT, R read-only, N no ROOT, D ROOT not a directory."""
-    root = store.path(cid, "ROOT")
+    root = store.path(cid, ContainerDir.ROOT)
     if not os.path.lexists(root):
         return "N"
     if not os.path.isdir(root):
@@ -5398,10 +5406,10 @@ def export_container(store, id_or_name, output, whole=False):
     """
     cid = store.get(id_or_name)
     with store.lock(cid):
-        top = store.path(cid) if whole else store.path(cid, "ROOT")
+        top = store.path(cid) if whole else store.path(cid, ContainerDir.ROOT)
         if not os.path.isdir(top):
             raise RepositoryError("container %s has no ROOT directory" % cid)
-        attrs = {} if whole else read_attrs(store.path(cid, META_DIR, "attrs"))
+        attrs = {} if whole else read_attrs(store.path(cid, ContainerDir.ATTRS))
 
         def write(handle):
             with tarfile.open(fileobj=handle, mode="w|", format=tarfile.GNU_FORMAT,
@@ -6214,7 +6222,7 @@ class RunContainer(object):
     @classmethod
     def from_store(cls, store, cid):
         cdir = store.path(cid)
-        root = os.path.join(cdir, "ROOT")
+        root = os.path.join(cdir, ContainerDir.ROOT)
         if not os.path.isdir(root):
             raise RepositoryError("container %s has no ROOT directory" % cid)
         return cls(cid, cdir, root, read_json_fast(os.path.join(cdir, ContainerDir.CONFIG)),
@@ -7078,7 +7086,7 @@ class Engine(object):
         (the kernel follows it)."""
         if ":" not in host:
             return host
-        links = os.path.join(self.run_dir(), "binds")
+        links = os.path.join(self.run_dir(), ContainerDir.RUN_BINDS)
         link = os.path.join(links, hashlib.sha256(to_bytes(host)).hexdigest()[:16])
         if not (os.path.islink(link) and os.readlink(link) == host):
             self.change("symlink", link, host)
@@ -8065,11 +8073,11 @@ class FakechrootEngine(Engine):
         link in ROOT stays the same when the driver changes. Devices: at their own path."""
         run_dir = self.run_dir()
         files = sorted(self.nvidia.files)
-        tree = "nvidia-" + hashlib.sha256(to_bytes(repr(files))).hexdigest()[:16]
+        tree = ContainerDir.RUN_NVIDIA_TREE + hashlib.sha256(to_bytes(repr(files))).hexdigest()[:16]
         if not os.path.isdir(os.path.join(run_dir, tree)):
             self.change("tree", os.path.join(run_dir, tree),
                         [(host, cont[len(NVIDIA_DIR) + 1:]) for host, cont in files])
-        current = os.path.join(run_dir, "nvidia")
+        current = os.path.join(run_dir, ContainerDir.RUN_NVIDIA)
         if not os.path.islink(current) or os.readlink(current) != tree:
             self.change("symlink", current, tree)
         volumes = [Volume(current, NVIDIA_DIR, readonly=True, system=True)]
@@ -10263,7 +10271,7 @@ def _purge_mountpoints(container):
     remove_quietly(container.files.file(ContainerDir.NVIDIA))
     run_dir = container.files.file(ContainerDir.RUN_DIR)
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
-        if name == "nvidia" or name.startswith("nvidia-"):
+        if name == ContainerDir.RUN_NVIDIA or name.startswith(ContainerDir.RUN_NVIDIA_TREE):
             remove_tree(os.path.join(run_dir, name))
 
 
@@ -10364,7 +10372,7 @@ def cmd_ps(session, opts, args):
         if opts["m"]:
             row.append(_ps_execmode(store, cid, session.cfg))
         if opts["s"]:
-            row.append(tree_size_mb(store.path(cid, "ROOT")))
+            row.append(tree_size_mb(store.path(cid, ContainerDir.ROOT)))
         if opts["p"]:
             row.append(container_platform(store, cid))
         row += [str([str(n) for n in names]) if names else "", image]
@@ -10436,7 +10444,7 @@ def cmd_export(session, opts, args):
 
 def inspect_container(session, cid, opts):
     if opts["p"]:
-        out(session.containers.path(cid, "ROOT"))
+        out(session.containers.path(cid, ContainerDir.ROOT))
         return 0
     data = read_json(session.containers.path(cid, ContainerDir.CONFIG))
     if data is None:
