@@ -6106,15 +6106,16 @@ def read_identity_db(path):
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
-def host_user():
-    """(name, uid, gid, home) of the user running udocker.py."""
+def host_user(environ):
+    """(name, uid, gid, home) of the user running udocker.py (home: environ's HOME where
+    the user has no passwd entry; environ is the session's)."""
     import pwd
     uid, gid = os.getuid(), os.getgid()
     try:
         entry = pwd.getpwuid(uid)
         return entry.pw_name, uid, gid, entry.pw_dir
     except KeyError:
-        return "udoc%d" % uid, uid, gid, os.environ.get("HOME", "/")
+        return "udoc%d" % uid, uid, gid, environ.get("HOME", "/")
 
 
 # ---- 9.3 Run plan ----
@@ -6721,7 +6722,7 @@ class Engine(object):
         return user
 
     def _host_user(self, wanted):
-        name, uid, gid, home = host_user()
+        name, uid, gid, home = host_user(self.environ)
         if wanted and wanted.split(":")[0] in ("root", "0"):
             MSG.warning("mode %s runs as your own user, not root" % self.mode)
         elif wanted:
@@ -6782,7 +6783,7 @@ class Engine(object):
             volumes += [Volume(p, p, system=True) for p in self.cfg.dri_list
                         if os.path.exists(p)]
         if self.opts.get("bindhome"):
-            home = host_user()[3]
+            home = host_user(self.environ)[3]
             if os.path.isdir(home):
                 volumes.append(Volume(home, home))
         volumes += [Volume.parse(spec) for spec in self.opts.get("volume") or []]
@@ -6911,7 +6912,7 @@ class Engine(object):
             if name not in dict(given) and name not in dict(image):
                 env[name] = value
         if self.opts.get("bindhome") and "HOME" not in dict(given):
-            env["HOME"] = host_user()[3]
+            env["HOME"] = host_user(self.environ)[3]
         self._add_run_env(env)
         return env
 
@@ -6957,7 +6958,7 @@ class Engine(object):
         env.setdefault("SHLVL", "0")
         env["PS1"] = "%s$ " % self.container.cid[:8] if user.uid else \
             "%s# " % self.container.cid[:8]
-        env["container_ruser"] = host_user()[0]
+        env["container_ruser"] = host_user(self.environ)[0]
         env["container_root"] = self.root
         env["container_uuid"] = self.container.cid
         env["container_execmode"] = self.mode
@@ -7026,8 +7027,9 @@ class Engine(object):
             raise EngineError("--cpuset-cpus: this Python cannot set the CPU affinity and "
                               "mode %s cannot run numactl/taskset" % self.mode)
         for tool in self.cfg.cpu_affinity_exec_tools:
-            if tool and which(tool[0]):
-                return [which(tool[0])] + [w.replace("%s", cpus) for w in tool[1:]]
+            found = tool and which(tool[0], self.environ.get("PATH", ""))
+            if found:
+                return [found] + [w.replace("%s", cpus) for w in tool[1:]]
         MSG.warning("--cpuset-cpus: neither numactl nor taskset found, ignored")
         return []
 
@@ -7546,10 +7548,10 @@ class ProotEngine(Engine):
         return proot_status(status, self.signalled)
 
 
-def proot_tmp_dir(cfg, environ=None):
+def proot_tmp_dir(cfg, environ):
     """An exec-able directory where proot unpacks its loader (PROOT_TMP_DIR of environ, the
     session's environment)."""
-    for path in ((environ or os.environ).get("PROOT_TMP_DIR"), cfg.tmpdir):
+    for path in (environ.get("PROOT_TMP_DIR"), cfg.tmpdir):
         if path and os.path.isdir(path) and os.access(path, os.W_OK) and \
                 not os.statvfs(path).f_flag & 8:                 # ST_NOEXEC
             return path
@@ -7710,9 +7712,10 @@ class RuncEngine(Engine):
             raise ConfigurationError("runc_map_subids: %r is not user, always or never"
                                      % self.cfg.runc_map_subids)
         if self.cfg.runc_map_subids == "never" or \
-                not (which("newuidmap") and which("newgidmap")):
+                not (which("newuidmap", self.environ.get("PATH", "")) and
+                     which("newgidmap", self.environ.get("PATH", ""))):
             return None
-        name, uid = host_user()[:2]
+        name, uid = host_user(self.environ)[:2]
         ranges = []
         for path in ("/etc/subuid", "/etc/subgid"):
             found = [(int(row[1]), int(row[2])) for row in read_identity_db(path)
@@ -9207,8 +9210,9 @@ class Tools(object):
     topdir/.probes.json, so runs stay fast. Finding installs nothing: install() does, a
     step of its own that run and setup take first."""
 
-    def __init__(self, cfg, repo):
+    def __init__(self, cfg, repo, environ):
         self.cfg = cfg
+        self.environ = environ         # the session's: its PATH is searched
         self.installer = ToolsInstaller(cfg, repo)
         self.install_error = None      # why install() could not install, named by find()
         host = Platform.host().arch
@@ -9268,12 +9272,15 @@ class Tools(object):
         setting = self.cfg.use_singularity_executable
         if not setting or setting == "UDOCKER":
             for name in ("apptainer", "singularity"):
-                path = which(name)
+                path = self.which(name)
                 if path:
                     return path, self.probe(name, path)
             raise EngineError("mode S1 needs apptainer or singularity, and neither is in PATH "
                               "(or set UDOCKER_USE_SINGULARITY_EXECUTABLE): use P1 or R1")
         return self.find("singularity", setting, ["apptainer", "singularity"])
+
+    def which(self, name):
+        return which(name, self.environ.get("PATH", ""))
 
     def find(self, kind, setting, names):
         """(path, probe info) of the tool to use (remembered); raises EngineError naming
@@ -9305,7 +9312,7 @@ class Tools(object):
                     return path, self.probe(name, path)
         rejected = []
         for name in names:
-            path = which(name)
+            path = self.which(name)
             if not path:
                 continue
             info = self.probe(name, path)
@@ -9634,7 +9641,7 @@ class Session(object):
         self.repo = LocalRepository(cfg)
         self.containers = ContainerStore(self.repo)
         self.keystore = Keystore(cfg.keystore, os.path.join(
-            os.environ.get("HOME") or os.path.expanduser("~"), ".docker", "config.json"))
+            self.environ.get("HOME") or os.path.expanduser("~"), ".docker", "config.json"))
 
     def puller(self, opts):
         if opts.get("index") and not opts.get("registry"):
@@ -10198,7 +10205,7 @@ def cmd_run(session, opts, args):
         raise UsageError("invalid --pull: %s (missing, never, always or reuse)" % opts["pull"])
     if opts.get("cpuset_cpus") is not None:
         parse_cpu_list(opts["cpuset_cpus"])
-    tools = Tools(session.cfg, session.repo)
+    tools = Tools(session.cfg, session.repo, session.environ)
     if opts.get("location") is not None:
         container = RunContainer.from_location(opts["location"])
         tools.install(ENGINES[container.execmode(session.cfg)].needs_tools)
@@ -10245,7 +10252,7 @@ def cmd_setup(session, opts, args):
     if opts["fixperm"]:
         make_tree_removable(container.root)
     if opts["execmode"] is not None:
-        tools = Tools(session.cfg, session.repo)
+        tools = Tools(session.cfg, session.repo, session.environ)
         tools.install(getattr(ENGINES.get(opts["execmode"].upper()), "needs_tools", ()))
         set_execmode(session, container, opts["execmode"], tools, force=opts["force"])
     return 0
@@ -10278,7 +10285,7 @@ def _purge_mountpoints(container):
 def _set_nvidia(session, container, force):
     """setup --nvidia: record that every run shows the host's NVIDIA driver (the `nvidia`
     file, as upstream); the driver must be here unless --force."""
-    driver = NvidiaDriver.find(session.cfg, os.environ)
+    driver = NvidiaDriver.find(session.cfg, session.environ)
     if driver is None and not force:
         raise EngineError("setup --nvidia: %s (--force sets the mode anyway)" % NO_NVIDIA)
     with session.containers.lock(container.cid):

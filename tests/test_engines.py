@@ -270,7 +270,7 @@ def test_upstream_libfakechroot_dir_map_entries_stay_whole_with_colons(tmpdir, g
     engine = engine_for(tmpdir, root, mode="F1", args=["true"],
                         opts={"volume": ["%s:%s" % (h, c) for c, h in volumes.items()]},
                         UDOCKER_FAKECHROOT_SO=str(library))
-    engine.tools = udocker.Tools(engine.cfg, engine.session.repo)
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo, engine.environ)
     engine.prepare()
     env = engine.command()[1]
     entries = env["FAKECHROOT_DIR_MAP"].split(":")
@@ -516,7 +516,7 @@ def test_proot_command_makes_up_for_what_the_proot_lacks(tmpdir, glibc_tree, kin
                        modern=kind == "modern", kill_on_exit=kind != "debian")
     engine = engine_for(tmpdir, glibc_tree, opts={"kernel": "9.9.9-fake"},
                         UDOCKER_USE_PROOT_EXECUTABLE=proot)
-    engine.tools = udocker.Tools(engine.cfg, engine.session.repo)
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo, engine.environ)
     argv = engine.plan().argv                                   # what would run
     assert ("--kill-on-exit" in argv) is (kind != "debian")
     assert engine.kill_on_exit is (kind != "debian")            # else wait() kills the rest
@@ -536,7 +536,7 @@ def test_the_run_plan_writes_nothing_and_apply_makes_its_changes(tmpdir, glibc_t
     opts = {"user": "4321", "volume": ["%s:/data" % outer, "%s:/data/sub/in" % inner]}
     engine = engine_for(tmpdir, glibc_tree, opts=opts, args=["/bin/true"],
                         UDOCKER_USE_PROOT_EXECUTABLE=proot)
-    engine.tools = udocker.Tools(engine.cfg, engine.session.repo)
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo, engine.environ)
     cdir = engine.container.dir
     plan = engine.plan()
     assert os.listdir(cdir) == [] and os.listdir(str(outer)) == []
@@ -560,11 +560,30 @@ def test_the_run_plan_writes_nothing_and_apply_makes_its_changes(tmpdir, glibc_t
 
 def test_the_run_plan_uses_the_session_environment(tmpdir, glibc_tree, monkeypatch):
     """The environment a run passes on is the session's (main(argv, environ)), not
-    os.environ: a program driving udocker.py needs not change its own."""
+    os.environ: a program driving udocker.py needs not change its own. So are the PATH the
+    engine is looked up in, the HOME of ~/.docker/config.json and the home of a user
+    without a passwd entry."""
+    import pwd
+    from test_tools import fake_proot
+    home = tmpdir.join("session-home").ensure(dir=True)
+    proot = fake_proot(tmpdir.join("session-path"), "5.4.0", modern=True)
     monkeypatch.setenv("TERM", "from-os-environ")
-    session = session_for(tmpdir)
-    session = udocker.Session(session.cfg, {"TERM": "from-session", "BARE": "bare-value"})
-    engine = engine_for(tmpdir, glibc_tree, opts={"env": ["BARE"]})
-    engine = type(engine)(session, engine.container, engine.opts, [], None)
-    engine.prepare()
-    assert engine.env["TERM"] == "from-session" and engine.env["BARE"] == "bare-value"
+    monkeypatch.setenv("HOME", str(tmpdir.join("os-home").ensure(dir=True)))
+    monkeypatch.setenv("PATH", path_without_engines(str(tmpdir.join("os-path"))))
+    environ = {"TERM": "from-session", "BARE": "bare-value", "HOME": str(home),
+               "PATH": os.path.dirname(proot) + ":/usr/bin:/bin"}
+    session = udocker.Session(session_for(tmpdir).cfg, environ)
+    assert session.keystore.docker_config == str(home.join(".docker", "config.json"))
+
+    def no_entry(uid):
+        raise KeyError(uid)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    engine = engine_for(tmpdir, glibc_tree, opts={"env": ["BARE"], "bindhome": True},
+                        args=["/bin/true"])
+    engine = type(engine)(session, engine.container, engine.opts, ["/bin/true"],
+                          udocker.Tools(session.cfg, session.repo, environ))
+    plan = engine.plan()
+    assert plan.argv[0] == proot                         # found on the session's PATH
+    assert plan.env["TERM"] == "from-session" and plan.env["BARE"] == "bare-value"
+    assert plan.env["HOME"] == str(home)                 # --bindhome, no passwd entry
+    assert [v for v in plan.binds if v.host == v.cont == str(home)]
