@@ -298,6 +298,7 @@ class CannotStart(EngineError):
     def __init__(self, mode, why, tool_missing=False):
         EngineError.__init__(self, why)
         self.mode, self.why, self.tool_missing = mode, why, tool_missing
+        self.fallback_tools = ()     # tools a fallback mode lacked (choose_mode installs none)
 
 
 class Messages(object):
@@ -8497,7 +8498,8 @@ def choose_mode(session, container, tools):
     when it can start here. When neither was chosen (no execmode file, no
     UDOCKER_DEFAULT_EXECUTION_MODE, no default_execution_mode in a config file), the first
     of fallback_execution_modes that can, with one warning. Raises CannotStart (with the
-    mode whose engine reports it) when none can."""
+    mode whose engine reports it) when none can; its fallback_tools names the tools the
+    fallback modes lacked (installing them is the caller's step: choose_engine)."""
     cfg = session.cfg
     mode = container.execmode(cfg)
     explicit = bool(container.state(ContainerDir.EXECMODE) or
@@ -8518,14 +8520,14 @@ def choose_mode(session, container, tools):
         if other != mode and other not in others and \
                 (container.dir or not other.startswith("F")):     # F needs a setup
             others.append(other)
-    failed = [(mode, first.why)]
-    if others:
-        tools.install(sum((ENGINES[m].needs_tools for m in others), ()))
+    failed, lacking = [(mode, first.why)], []
     for other in others:
         try:
             check_mode(session, container, tools, other)
         except CannotStart as exc:
             failed.append((other, exc.why))
+            if exc.tool_missing:
+                lacking += [k for k in ENGINES[other].needs_tools if k not in lacking]
             continue
         if explicit:
             raise CannotStart(mode, "mode %s cannot run on this host: %s (%s can: setup "
@@ -8533,19 +8535,39 @@ def choose_mode(session, container, tools):
         MSG.warning("%s cannot run on this host (%s): using %s"
                     % (", ".join(m for m, _ in failed), first.why, other))
         return other
+    error = _none_can_start(mode, first, failed, explicit)
+    error.fallback_tools = tuple(lacking)
+    raise error
+
+
+def _none_can_start(mode, first, failed, explicit):
+    """choose_mode's CannotStart when no mode can: first, the chosen mode's."""
     if explicit:
-        raise CannotStart(mode, "mode %s cannot run on this host: %s" % (mode, first.why))
+        return CannotStart(mode, "mode %s cannot run on this host: %s" % (mode, first.why))
     if first.tool_missing:                      # say how to get the tools
-        raise first
+        return first
     reasons = []
     for _, reason in failed:
         if reason not in reasons:
             reasons.append(reason)
     if len(reasons) == 1:
-        raise CannotStart(mode, reasons[0])
-    raise CannotStart(mode, "no execution mode can run here: " + "; ".join(
+        return CannotStart(mode, reasons[0])
+    return CannotStart(mode, "no execution mode can run here: " + "; ".join(
         "%s: %s" % (", ".join(m for m, r in failed if r == reason), reason)
         for reason in reasons))
+
+
+def choose_engine(session, container, opts, args, tools):
+    """engine_for after the explicit step that installs tools (run): those of the
+    container's mode first; when that mode cannot start and the fallback modes lacked
+    tools, theirs, then the choice once more."""
+    tools.install(ENGINES[container.execmode(session.cfg)].needs_tools)
+    engine = engine_for(session, container, opts, args, tools)
+    lacking = engine.cannot_start is not None and engine.cannot_start.fallback_tools
+    if lacking and tools.install_error is None and not tools.installer.is_installed() and \
+            tools.install(lacking):
+        engine = engine_for(session, container, opts, args, tools)
+    return engine
 
 
 def engine_for(session, container, opts, args, tools):
@@ -10208,13 +10230,11 @@ def cmd_run(session, opts, args):
     tools = Tools(session.cfg, session.repo, session.environ)
     if opts.get("location") is not None:
         container = RunContainer.from_location(opts["location"])
-        tools.install(ENGINES[container.execmode(session.cfg)].needs_tools)
-        return engine_for(session, container, opts, args, tools).run()
+        return choose_engine(session, container, opts, args, tools).run()
     cid, made = _run_target(session, opts, args[0])
     try:
         container = RunContainer.from_store(session.containers, cid)
-        tools.install(ENGINES[container.execmode(session.cfg)].needs_tools)
-        status = engine_for(session, container, opts, args[1:], tools).run()
+        status = choose_engine(session, container, opts, args[1:], tools).run()
     except BaseException:
         if opts.get("rm") and made:            # a container this run made, that never ran
             _remove_after_run(session, cid)

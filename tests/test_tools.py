@@ -886,3 +886,31 @@ def test_a_mode_that_cannot_start_raises_and_finding_installs_nothing(tmpdir, mo
     tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good), UDOCKER_DEFAULT_EXECUTION_MODE="P1")
     assert tools.install() and tools.installer.is_installed()
     assert tools.proot()[0] == str(installed(tmpdir, "bin", "proot-x86_64"))
+
+
+def test_fallback_modes_that_lack_tools_are_installed_by_run_not_by_choose_mode(tmpdir):
+    """The default mode cannot start here (a proot that fails its host probe, configured as
+    a path: nothing to install for P1) and the fallback modes lack their tools: choose_mode
+    names them (fallback_tools) and installs nothing; run's install step (choose_engine)
+    installs them and chooses again."""
+    real = fake_proot(tmpdir.join("answers"), "5.4.0", modern=True)
+    proot = tmpdir.join("proot-noptrace")
+    proot.write('#!/bin/sh\ncase "$1" in --help|-V) exec "%s" "$@";; esac\n'
+                'echo "proot error: ptrace(TRACEME): Operation not permitted" >&2\nexit 1\n'
+                % real)
+    proot.chmod(0o755)
+    proot = str(proot)
+    tarball = required_file("UDOCKER_TEST_TARBALL")           # with runc and crun
+    tools = tools_for(tmpdir, UDOCKER_TARBALL=tarball, UDOCKER_USE_PROOT_EXECUTABLE=proot,
+                      PATH=path_without_engines(str(tmpdir.join("path"))))
+    session = udocker.Session(tools.cfg, tools.environ)
+    container = udocker.RunContainer("location", None, str(tmpdir), {})
+    with pytest.raises(udocker.CannotStart) as info:
+        udocker.choose_mode(session, container, tools)
+    assert info.value.mode == "P1" and not info.value.tool_missing
+    assert info.value.fallback_tools == ("runc",)       # R1's (F modes need a container)
+    assert not tools.installer.is_installed()           # choosing installed nothing
+    engine = udocker.choose_engine(session, container, {}, [], tools)
+    assert tools.installer.is_installed()
+    assert engine.cannot_start is None or "install the tools" not in engine.cannot_start.why, \
+        engine.cannot_start.why                         # R1 was checked with its runtime
