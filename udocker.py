@@ -298,6 +298,7 @@ class CannotStart(EngineError):
     def __init__(self, mode, why, tool_missing=False):
         EngineError.__init__(self, why)
         self.mode, self.why, self.tool_missing = mode, why, tool_missing
+        self.fallback_tools = ()     # tools a fallback mode lacked (choose_mode installs none)
 
 
 class Messages(object):
@@ -1074,6 +1075,7 @@ def platform_text(doc, default="unknown/unknown"):
 LOCAL_NAME_RE = LazyRegex(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/-]*$")
 TAG_RE = LazyRegex(r"^([a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
 DIGEST_RE = LazyRegex(r"^sha256:[a-f0-9]{64}$")
+PROTECT = "PROTECT"     # marker file of a protected image tag or container (rmi/rm refuse)
 
 
 def check_local_name(name):
@@ -1090,6 +1092,7 @@ class LocalImage(object):
 
     layers: layer file paths, base layer first. config: the image config dict or {}.
     """
+    V1_CONFIG = "container.json"    # a v1 image's config, in its tag directory
 
     def __init__(self, repo, name, tag):
         self.repo = repo
@@ -1129,7 +1132,7 @@ class LocalImage(object):
     def _load_v1(self):
         ancestry = read_json(os.path.join(self.dir, "ancestry")) or []
         self.layers = [os.path.join(self.dir, lid + ".layer") for lid in reversed(ancestry)]
-        cjson = os.path.join(self.dir, "container.json")
+        cjson = os.path.join(self.dir, self.V1_CONFIG)
         if os.path.exists(cjson):
             self.config_path = cjson
         elif ancestry:
@@ -1154,7 +1157,7 @@ class LocalImage(object):
 
     @property
     def protected(self):
-        return os.path.exists(os.path.join(self.dir, "PROTECT"))
+        return os.path.exists(os.path.join(self.dir, PROTECT))
 
     @property
     def platform(self):
@@ -1296,7 +1299,7 @@ class LocalRepository(object):
 
     def set_protected(self, name, tag, protect):
         self.image(name, tag)
-        marker = os.path.join(self.tag_dir(name, tag), "PROTECT")
+        marker = os.path.join(self.tag_dir(name, tag), PROTECT)
         if protect:
             write_atomic(marker, b"")
         else:
@@ -1332,8 +1335,8 @@ class LocalRepository(object):
                                os.path.join(build, digest))
                 write_atomic(os.path.join(build, "manifest"), manifest_bytes)
                 write_atomic(os.path.join(build, "v2"), b"")
-                if os.path.exists(os.path.join(final, "PROTECT")):
-                    write_atomic(os.path.join(build, "PROTECT"), b"")
+                if os.path.exists(os.path.join(final, PROTECT)):
+                    write_atomic(os.path.join(build, PROTECT), b"")
                 write_atomic(os.path.join(build, "TAG"),
                              "%s:%s" % (os.path.join(self.reposdir, name), tag))
                 os.chmod(build, 0o755)
@@ -1369,7 +1372,7 @@ class LocalRepository(object):
                 build = work.path
                 for fname in os.listdir(src.dir):
                     path = os.path.join(src.dir, fname)
-                    if fname in ("TAG", "PROTECT"):
+                    if fname in ("TAG", PROTECT):
                         continue
                     if os.path.islink(path):
                         os.symlink(os.path.relpath(os.path.realpath(path), final),
@@ -1625,7 +1628,7 @@ class ContainerStore(object):
         result = []
         for cid in ids:
             try:
-                image = read_text(self.path(cid, "imagerepo.name")).strip()
+                image = read_text(self.path(cid, ContainerDir.IMAGE)).strip()
             except (IOError, OSError):
                 image = ""
             result.append((cid, sorted(names.get(cid, [])), image))
@@ -1692,10 +1695,10 @@ class ContainerStore(object):
             os.rename(old, new)
 
     def is_protected(self, cid):
-        return os.path.exists(self.path(cid, "PROTECT"))
+        return os.path.exists(self.path(cid, PROTECT))
 
     def set_protected(self, cid, protect):
-        marker = self.path(cid, "PROTECT")
+        marker = self.path(cid, PROTECT)
         if protect:
             write_atomic(marker, b"")
         else:
@@ -3879,7 +3882,7 @@ def store_images(repo, targets, label):
     for _, names in targets:
         for name, tag in names:
             check_local_name(name)
-            if os.path.exists(os.path.join(repo.tag_dir(name, tag), "PROTECT")):
+            if os.path.exists(os.path.join(repo.tag_dir(name, tag), PROTECT)):
                 raise RepositoryError("image is protected: %s:%s (unprotect it to replace it)"
                                       % (name, tag))
     stored = []
@@ -4183,7 +4186,7 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
     """
     check_local_name(name)
     repo.check_writable()
-    if os.path.exists(os.path.join(repo.tag_dir(name, tag), "PROTECT")):
+    if os.path.exists(os.path.join(repo.tag_dir(name, tag), PROTECT)):
         raise RepositoryError("image is protected: %s:%s" % (name, tag))
     local = source != "-" and not re.match(r"^https?://", source)
     with repo.writer("import"), WorkDir(repo.layersdir, "import") as work:
@@ -5051,20 +5054,20 @@ def build_container(store, kind, make):
 def flatten_root(build, handles, title="create", hasher=None):
     """build/ROOT from [(open layer file, label)] (base first), and the attrs file beside
     it; hasher (optional) is fed the decompressed bytes of the layers."""
-    root = os.path.join(build, "ROOT")
+    root = os.path.join(build, ContainerDir.ROOT)
     os.mkdir(root, 0o700)
     flattener = Flattener(root, current_umask())
     flattener.title, flattener.hasher = title, hasher
     flattener.run(handles)
     makedirs(os.path.join(build, META_DIR))
-    flattener.write_attrs(os.path.join(build, META_DIR, "attrs"))
+    flattener.write_attrs(os.path.join(build, ContainerDir.ATTRS))
     return root
 
 
 def write_container_meta(build, config, image):
     """container.json (config: bytes) and imagerepo.name ('NAME:TAG')."""
-    write_atomic(os.path.join(build, "container.json"), config)
-    write_atomic(os.path.join(build, "imagerepo.name"), image)
+    write_atomic(os.path.join(build, ContainerDir.CONFIG), config)
+    write_atomic(os.path.join(build, ContainerDir.IMAGE), image)
 
 
 def create_container(store, image, name=None, force=False):
@@ -5166,7 +5169,10 @@ class ContainerDir(object):
     """The files of a container directory (containers/ID/) besides ROOT, each name defined
     here once, and the one answer to "which mode?" (execmode) that run, setup and ps give."""
 
+    ROOT = "ROOT"                  # the container's root file system
     CONFIG = "container.json"      # the image's config, as created
+    IMAGE = "imagerepo.name"       # NAME:TAG of the image it was created from
+    ATTRS = META_DIR + "/attrs"    # owners and modes of ROOT's files, as in the layers
     EXECMODE = "execmode"          # the mode set by setup --execmode (none: the default)
     ROOT_PATH = "root.path"        # where ROOT was when its mode was set up (F: moved?)
     PATCH_PATH = "patch.path"      # where ROOT was when F3 patched its ELF files
@@ -5175,6 +5181,9 @@ class ContainerDir(object):
     MOUNTPOINTS = ".mountpoints"   # F modes: records of the volume symlinks made in ROOT
     RUN_DIR = ".run"               # what runs share: passwd copies, bind links, nvidia trees
     LIBC_RECORD = ".run/libc"      # the tree's C library, remembered (RunContainer.libc)
+    RUN_BINDS = "binds"            # in .run: links to host paths that hold a ':'
+    RUN_NVIDIA = "nvidia"          # in .run: link to the tree of the driver runs show
+    RUN_NVIDIA_TREE = "nvidia-"    # in .run: one driver's tree of symlinks (+ a hash)
     LIBFAKECHROOT = "libfakechroot.so"     # the container's own library for F modes
 
     def __init__(self, path, cid):
@@ -5221,7 +5230,7 @@ def clone_container(store, id_or_name, name=None):
             raise RepositoryError("container not found: %s" % id_or_name)
         image = ""
         try:
-            image = read_text(store.path(cid, "imagerepo.name"))
+            image = read_text(store.path(cid, ContainerDir.IMAGE))
         except (IOError, OSError):
             pass
         new = store.new_id(image.partition(":")[0] or cid)
@@ -5279,7 +5288,7 @@ def _drop_metadata_links(cdir):
                             % os.path.relpath(path, cdir))
                 os.unlink(path)
         dirnames[:] = [n for n in dirnames if os.path.isdir(os.path.join(dirpath, n)) and
-                       not (dirpath == cdir and n == "ROOT")]
+                       not (dirpath == cdir and n == ContainerDir.ROOT)]
 
 
 def _fill_from_rootfs(build, handle, label, image, platform):
@@ -5301,12 +5310,12 @@ def _fill_from_clone(build, handle, label):
     flattener = CloneFlattener(build, current_umask())
     flattener.title = "import --clone"
     _tarball_errors(label, flattener.run, [(handle, label)])
-    root = os.path.join(build, "ROOT")
+    root = os.path.join(build, ContainerDir.ROOT)
     if os.path.islink(root) or not os.path.isdir(root):
         raise ArchiveError("%s is not an `export --clone` tarball: it has no ROOT directory"
                            % label)
     _drop_metadata_links(build)
-    name_file = os.path.join(build, "imagerepo.name")
+    name_file = os.path.join(build, ContainerDir.IMAGE)
     try:
         image = read_text(name_file).strip()
     except (IOError, OSError):
@@ -5355,7 +5364,7 @@ def container_platform(store, cid):
 
 def container_root_state(store, cid):
     """ps's M column: W writable ROOT, R read-only, N no ROOT, D ROOT not a directory."""
-    root = store.path(cid, "ROOT")
+    root = store.path(cid, ContainerDir.ROOT)
     if not os.path.lexists(root):
         return "N"
     if not os.path.isdir(root):
@@ -5398,10 +5407,10 @@ def export_container(store, id_or_name, output, whole=False):
     """
     cid = store.get(id_or_name)
     with store.lock(cid):
-        top = store.path(cid) if whole else store.path(cid, "ROOT")
+        top = store.path(cid) if whole else store.path(cid, ContainerDir.ROOT)
         if not os.path.isdir(top):
             raise RepositoryError("container %s has no ROOT directory" % cid)
-        attrs = {} if whole else read_attrs(store.path(cid, META_DIR, "attrs"))
+        attrs = {} if whole else read_attrs(store.path(cid, ContainerDir.ATTRS))
 
         def write(handle):
             with tarfile.open(fileobj=handle, mode="w|", format=tarfile.GNU_FORMAT,
@@ -6098,15 +6107,16 @@ def read_identity_db(path):
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
-def host_user():
-    """(name, uid, gid, home) of the user running udocker.py."""
+def host_user(environ):
+    """(name, uid, gid, home) of the user running udocker.py (home: environ's HOME where
+    the user has no passwd entry; environ is the session's)."""
     import pwd
     uid, gid = os.getuid(), os.getgid()
     try:
         entry = pwd.getpwuid(uid)
         return entry.pw_name, uid, gid, entry.pw_dir
     except KeyError:
-        return "udoc%d" % uid, uid, gid, os.environ.get("HOME", "/")
+        return "udoc%d" % uid, uid, gid, environ.get("HOME", "/")
 
 
 # ---- 9.3 Run plan ----
@@ -6214,7 +6224,7 @@ class RunContainer(object):
     @classmethod
     def from_store(cls, store, cid):
         cdir = store.path(cid)
-        root = os.path.join(cdir, "ROOT")
+        root = os.path.join(cdir, ContainerDir.ROOT)
         if not os.path.isdir(root):
             raise RepositoryError("container %s has no ROOT directory" % cid)
         return cls(cid, cdir, root, read_json_fast(os.path.join(cdir, ContainerDir.CONFIG)),
@@ -6721,7 +6731,7 @@ class Engine(object):
         return user
 
     def _host_user(self, wanted):
-        name, uid, gid, home = host_user()
+        name, uid, gid, home = host_user(self.environ)
         if wanted and wanted.split(":")[0] in ("root", "0"):
             MSG.warning("mode %s runs as your own user, not root" % self.mode)
         elif wanted:
@@ -6782,7 +6792,7 @@ class Engine(object):
             volumes += [Volume(p, p, system=True) for p in self.cfg.dri_list
                         if os.path.exists(p)]
         if self.opts.get("bindhome"):
-            home = host_user()[3]
+            home = host_user(self.environ)[3]
             if os.path.isdir(home):
                 volumes.append(Volume(home, home))
         volumes += [Volume.parse(spec) for spec in self.opts.get("volume") or []]
@@ -6911,7 +6921,7 @@ class Engine(object):
             if name not in dict(given) and name not in dict(image):
                 env[name] = value
         if self.opts.get("bindhome") and "HOME" not in dict(given):
-            env["HOME"] = host_user()[3]
+            env["HOME"] = host_user(self.environ)[3]
         self._add_run_env(env)
         return env
 
@@ -6957,7 +6967,7 @@ class Engine(object):
         env.setdefault("SHLVL", "0")
         env["PS1"] = "%s$ " % self.container.cid[:8] if user.uid else \
             "%s# " % self.container.cid[:8]
-        env["container_ruser"] = host_user()[0]
+        env["container_ruser"] = host_user(self.environ)[0]
         env["container_root"] = self.root
         env["container_uuid"] = self.container.cid
         env["container_execmode"] = self.mode
@@ -7026,8 +7036,9 @@ class Engine(object):
             raise EngineError("--cpuset-cpus: this Python cannot set the CPU affinity and "
                               "mode %s cannot run numactl/taskset" % self.mode)
         for tool in self.cfg.cpu_affinity_exec_tools:
-            if tool and which(tool[0]):
-                return [which(tool[0])] + [w.replace("%s", cpus) for w in tool[1:]]
+            found = tool and which(tool[0], self.environ.get("PATH", ""))
+            if found:
+                return [found] + [w.replace("%s", cpus) for w in tool[1:]]
         MSG.warning("--cpuset-cpus: neither numactl nor taskset found, ignored")
         return []
 
@@ -7086,7 +7097,7 @@ class Engine(object):
         (the kernel follows it)."""
         if ":" not in host:
             return host
-        links = os.path.join(self.run_dir(), "binds")
+        links = os.path.join(self.run_dir(), ContainerDir.RUN_BINDS)
         link = os.path.join(links, hashlib.sha256(to_bytes(host)).hexdigest()[:16])
         if not (os.path.islink(link) and os.readlink(link) == host):
             self.change("symlink", link, host)
@@ -7546,10 +7557,10 @@ class ProotEngine(Engine):
         return proot_status(status, self.signalled)
 
 
-def proot_tmp_dir(cfg, environ=None):
+def proot_tmp_dir(cfg, environ):
     """An exec-able directory where proot unpacks its loader (PROOT_TMP_DIR of environ, the
     session's environment)."""
-    for path in ((environ or os.environ).get("PROOT_TMP_DIR"), cfg.tmpdir):
+    for path in (environ.get("PROOT_TMP_DIR"), cfg.tmpdir):
         if path and os.path.isdir(path) and os.access(path, os.W_OK) and \
                 not os.statvfs(path).f_flag & 8:                 # ST_NOEXEC
             return path
@@ -7710,9 +7721,10 @@ class RuncEngine(Engine):
             raise ConfigurationError("runc_map_subids: %r is not user, always or never"
                                      % self.cfg.runc_map_subids)
         if self.cfg.runc_map_subids == "never" or \
-                not (which("newuidmap") and which("newgidmap")):
+                not (which("newuidmap", self.environ.get("PATH", "")) and
+                     which("newgidmap", self.environ.get("PATH", ""))):
             return None
-        name, uid = host_user()[:2]
+        name, uid = host_user(self.environ)[:2]
         ranges = []
         for path in ("/etc/subuid", "/etc/subgid"):
             found = [(int(row[1]), int(row[2])) for row in read_identity_db(path)
@@ -8075,11 +8087,11 @@ class FakechrootEngine(Engine):
         link in ROOT stays the same when the driver changes. Devices: at their own path."""
         run_dir = self.run_dir()
         files = sorted(self.nvidia.files)
-        tree = "nvidia-" + hashlib.sha256(to_bytes(repr(files))).hexdigest()[:16]
+        tree = ContainerDir.RUN_NVIDIA_TREE + hashlib.sha256(to_bytes(repr(files))).hexdigest()[:16]
         if not os.path.isdir(os.path.join(run_dir, tree)):
             self.change("tree", os.path.join(run_dir, tree),
                         [(host, cont[len(NVIDIA_DIR) + 1:]) for host, cont in files])
-        current = os.path.join(run_dir, "nvidia")
+        current = os.path.join(run_dir, ContainerDir.RUN_NVIDIA)
         if not os.path.islink(current) or os.readlink(current) != tree:
             self.change("symlink", current, tree)
         volumes = [Volume(current, NVIDIA_DIR, readonly=True, system=True)]
@@ -8623,7 +8635,8 @@ def choose_mode(session, container, tools):
     when it can start here. When neither was chosen (no execmode file, no
     UDOCKER_DEFAULT_EXECUTION_MODE, no default_execution_mode in a config file), the first
     of fallback_execution_modes that can, with one warning. Raises CannotStart (with the
-    mode whose engine reports it) when none can."""
+    mode whose engine reports it) when none can; its fallback_tools names the tools the
+    fallback modes lacked (installing them is the caller's step: choose_engine)."""
     cfg = session.cfg
     mode = container.execmode(cfg)
     explicit = bool(container.state(ContainerDir.EXECMODE) or
@@ -8644,14 +8657,14 @@ def choose_mode(session, container, tools):
         if other != mode and other not in others and \
                 (container.dir or not other.startswith("F")):     # F needs a setup
             others.append(other)
-    failed = [(mode, first.why)]
-    if others:
-        tools.install(sum((ENGINES[m].needs_tools for m in others), ()))
+    failed, lacking = [(mode, first.why)], []
     for other in others:
         try:
             check_mode(session, container, tools, other)
         except CannotStart as exc:
             failed.append((other, exc.why))
+            if exc.tool_missing:
+                lacking += [k for k in ENGINES[other].needs_tools if k not in lacking]
             continue
         if explicit:
             raise CannotStart(mode, "mode %s cannot run on this host: %s (%s can: setup "
@@ -8659,19 +8672,39 @@ def choose_mode(session, container, tools):
         MSG.warning("%s cannot run on this host (%s): using %s"
                     % (", ".join(m for m, _ in failed), first.why, other))
         return other
+    error = _none_can_start(mode, first, failed, explicit)
+    error.fallback_tools = tuple(lacking)
+    raise error
+
+
+def _none_can_start(mode, first, failed, explicit):
+    """choose_mode's CannotStart when no mode can: first, the chosen mode's."""
     if explicit:
-        raise CannotStart(mode, "mode %s cannot run on this host: %s" % (mode, first.why))
+        return CannotStart(mode, "mode %s cannot run on this host: %s" % (mode, first.why))
     if first.tool_missing:                      # say how to get the tools
-        raise first
+        return first
     reasons = []
     for _, reason in failed:
         if reason not in reasons:
             reasons.append(reason)
     if len(reasons) == 1:
-        raise CannotStart(mode, reasons[0])
-    raise CannotStart(mode, "no execution mode can run here: " + "; ".join(
+        return CannotStart(mode, reasons[0])
+    return CannotStart(mode, "no execution mode can run here: " + "; ".join(
         "%s: %s" % (", ".join(m for m, r in failed if r == reason), reason)
         for reason in reasons))
+
+
+def choose_engine(session, container, opts, args, tools):
+    """engine_for after the explicit step that installs tools (run): those of the
+    container's mode first; when that mode cannot start and the fallback modes lacked
+    tools, theirs, then the choice once more."""
+    tools.install(ENGINES[container.execmode(session.cfg)].needs_tools)
+    engine = engine_for(session, container, opts, args, tools)
+    lacking = engine.cannot_start is not None and engine.cannot_start.fallback_tools
+    if lacking and tools.install_error is None and not tools.installer.is_installed() and \
+            tools.install(lacking):
+        engine = engine_for(session, container, opts, args, tools)
+    return engine
 
 
 def engine_for(session, container, opts, args, tools):
@@ -9336,8 +9369,9 @@ class Tools(object):
     topdir/.probes.json, so runs stay fast. Finding installs nothing: install() does, a
     step of its own that run and setup take first."""
 
-    def __init__(self, cfg, repo):
+    def __init__(self, cfg, repo, environ):
         self.cfg = cfg
+        self.environ = environ         # the session's: its PATH is searched
         self.installer = ToolsInstaller(cfg, repo)
         self.install_error = None      # why install() could not install, named by find()
         host = Platform.host().arch
@@ -9397,12 +9431,15 @@ class Tools(object):
         setting = self.cfg.use_singularity_executable
         if not setting or setting == "UDOCKER":
             for name in ("apptainer", "singularity"):
-                path = which(name)
+                path = self.which(name)
                 if path:
                     return path, self.probe(name, path)
             raise EngineError("mode S1 needs apptainer or singularity, and neither is in PATH "
                               "(or set UDOCKER_USE_SINGULARITY_EXECUTABLE): use P1 or R1")
         return self.find("singularity", setting, ["apptainer", "singularity"])
+
+    def which(self, name):
+        return which(name, self.environ.get("PATH", ""))
 
     def find(self, kind, setting, names):
         """(path, probe info) of the tool to use (remembered); raises EngineError naming
@@ -9434,7 +9471,7 @@ class Tools(object):
                     return path, self.probe(name, path)
         rejected = []
         for name in names:
-            path = which(name)
+            path = self.which(name)
             if not path:
                 continue
             info = self.probe(name, path)
@@ -9767,7 +9804,7 @@ class Session(object):
         self.repo = LocalRepository(cfg)
         self.containers = ContainerStore(self.repo)
         self.keystore = Keystore(cfg.keystore, os.path.join(
-            os.environ.get("HOME") or os.path.expanduser("~"), ".docker", "config.json"))
+            self.environ.get("HOME") or os.path.expanduser("~"), ".docker", "config.json"))
 
     def puller(self, opts):
         if opts.get("index") and not opts.get("registry"):
@@ -10331,16 +10368,14 @@ def cmd_run(session, opts, args):
         raise UsageError("invalid --pull: %s (missing, never, always or reuse)" % opts["pull"])
     if opts.get("cpuset_cpus") is not None:
         parse_cpu_list(opts["cpuset_cpus"])
-    tools = Tools(session.cfg, session.repo)
+    tools = Tools(session.cfg, session.repo, session.environ)
     if opts.get("location") is not None:
         container = RunContainer.from_location(opts["location"])
-        tools.install(ENGINES[container.execmode(session.cfg)].needs_tools)
-        return engine_for(session, container, opts, args, tools).run()
+        return choose_engine(session, container, opts, args, tools).run()
     cid, made = _run_target(session, opts, args[0])
     try:
         container = RunContainer.from_store(session.containers, cid)
-        tools.install(ENGINES[container.execmode(session.cfg)].needs_tools)
-        status = engine_for(session, container, opts, args[1:], tools).run()
+        status = choose_engine(session, container, opts, args[1:], tools).run()
     except BaseException:
         if opts.get("rm") and made:            # a container this run made, that never ran
             _remove_after_run(session, cid)
@@ -10378,7 +10413,7 @@ def cmd_setup(session, opts, args):
     if opts["fixperm"]:
         make_tree_removable(container.root)
     if opts["execmode"] is not None:
-        tools = Tools(session.cfg, session.repo)
+        tools = Tools(session.cfg, session.repo, session.environ)
         tools.install(getattr(ENGINES.get(opts["execmode"].upper()), "needs_tools", ()))
         set_execmode(session, container, opts["execmode"], tools, force=opts["force"])
     return 0
@@ -10404,14 +10439,14 @@ def _purge_mountpoints(container):
     remove_quietly(container.files.file(ContainerDir.NVIDIA))
     run_dir = container.files.file(ContainerDir.RUN_DIR)
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
-        if name == "nvidia" or name.startswith("nvidia-"):
+        if name == ContainerDir.RUN_NVIDIA or name.startswith(ContainerDir.RUN_NVIDIA_TREE):
             remove_tree(os.path.join(run_dir, name))
 
 
 def _set_nvidia(session, container, force):
     """setup --nvidia: record that every run shows the host's NVIDIA driver (the `nvidia`
     file, as upstream); the driver must be here unless --force."""
-    driver = NvidiaDriver.find(session.cfg, os.environ)
+    driver = NvidiaDriver.find(session.cfg, session.environ)
     if driver is None and not force:
         raise EngineError("setup --nvidia: %s (--force sets the mode anyway)" % NO_NVIDIA)
     with session.containers.lock(container.cid):
@@ -10505,7 +10540,7 @@ def cmd_ps(session, opts, args):
         if opts["m"]:
             row.append(_ps_execmode(store, cid, session.cfg))
         if opts["s"]:
-            row.append(tree_size_mb(store.path(cid, "ROOT")))
+            row.append(tree_size_mb(store.path(cid, ContainerDir.ROOT)))
         if opts["p"]:
             row.append(container_platform(store, cid))
         row += [str([str(n) for n in names]) if names else "", image]
@@ -10577,7 +10612,7 @@ def cmd_export(session, opts, args):
 
 def inspect_container(session, cid, opts):
     if opts["p"]:
-        out(session.containers.path(cid, "ROOT"))
+        out(session.containers.path(cid, ContainerDir.ROOT))
         return 0
     data = read_json(session.containers.path(cid, ContainerDir.CONFIG))
     if data is None:

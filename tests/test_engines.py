@@ -44,6 +44,32 @@ def engine_for(tmpdir, root, config=None, opts=None, args=(), mode="P1", **env):
     return udocker.ENGINES[mode](session, container, all_opts, list(args), None)
 
 
+def plan_for(tmpdir, root, mode="P1", **kwargs):
+    """(engine, engine.plan()): what engine_for's run would run ("what would run"), with a
+    stand-in proot or runc (a plan starts nothing)."""
+    from test_tools import fake_proot, fake_runtime
+    if mode.startswith("P"):
+        proot = str(tmpdir.join("stand-in", "proot"))
+        if not os.path.exists(proot):
+            fake_proot(tmpdir.join("stand-in"), "5.4.0", modern=True)
+        kwargs.setdefault("UDOCKER_USE_PROOT_EXECUTABLE", proot)
+    elif mode.startswith("R"):
+        runc = str(tmpdir.join("stand-in", "runc-x86_64"))
+        if not os.path.exists(runc):
+            fake_runtime(tmpdir.join("stand-in"), "runc", True)
+        kwargs.setdefault("UDOCKER_USE_RUNC_EXECUTABLE", runc)
+    engine = engine_for(tmpdir, root, mode=mode, **kwargs)
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo, engine.environ)
+    return engine, engine.plan()
+
+
+def bundle_spec(plan):
+    """The OCI spec of an R mode's plan (the bundle it would write)."""
+    import json
+    (bundle,) = [c for c in plan.changes if c.kind == "bundle"]
+    return json.loads(bundle.value)
+
+
 # -- paths and ELF files
 
 def test_resolve_in_root_stays_inside(tmpdir):
@@ -202,11 +228,9 @@ def test_environment_precedence(tmpdir, glibc_tree, monkeypatch):
     monkeypatch.setenv("TERM", "xterm-test")
     envfile = tmpdir.join("env.list")
     envfile.write("# comment\nA=file\nB=file\nC=file\n\nFROM_HOST\n")
-    engine = engine_for(tmpdir, glibc_tree, config={"Env": ["A=image", "B=image"]},
-                        opts={"env": ["A=cli", "FROM_HOST", "MISSING_VAR"],
-                              "env_file": [str(envfile)]})
-    engine.prepare()
-    env = engine.env
+    env = plan_for(tmpdir, glibc_tree, config={"Env": ["A=image", "B=image"]},
+                   opts={"env": ["A=cli", "FROM_HOST", "MISSING_VAR"],
+                         "env_file": [str(envfile)]})[1].env
     assert env["A"] == "cli" and env["B"] == "image" and env["C"] == "file"
     assert env["FROM_HOST"] == "host-value" and "MISSING_VAR" not in env
     assert env["TERM"] == "xterm-test"
@@ -215,43 +239,43 @@ def test_environment_precedence(tmpdir, glibc_tree, monkeypatch):
     assert env["container_uuid"] == CID and env["container_names"] == "myname"
     assert env["container_execmode"] == "P1" and env["container_root"] == glibc_tree
     with pytest.raises(udocker.UsageError):
-        engine_for(tmpdir, glibc_tree, opts={"env": ["=bad"]}).prepare()
+        plan_for(tmpdir, glibc_tree, opts={"env": ["=bad"]})
 
 
 def test_hostenv_and_nometa(tmpdir, glibc_tree, monkeypatch):
     monkeypatch.setenv("SOMETHING_ELSE", "1")
-    engine = engine_for(tmpdir, glibc_tree, config={"Env": ["A=image"], "WorkingDir": "/etc"},
-                        opts={"hostenv": True, "nometa": True})
-    engine.prepare()
-    assert engine.env["SOMETHING_ELSE"] == "1" and "A" not in engine.env
-    assert engine.cwd == "/"                    # not /etc; the host HOME is not inside
+    plan = plan_for(tmpdir, glibc_tree, config={"Env": ["A=image"], "WorkingDir": "/etc"},
+                    opts={"hostenv": True, "nometa": True})[1]
+    assert plan.env["SOMETHING_ELSE"] == "1" and "A" not in plan.env
+    assert plan.workdir == "/"                  # not /etc; the host HOME is not inside
+    assert plan.argv[plan.argv.index("-w") + 1] == "/"
 
 
 def test_users(tmpdir, glibc_tree):
-    engine = engine_for(tmpdir, glibc_tree, opts={"user": "user"})
-    engine.prepare()
-    assert (engine.user.uid, engine.user.gid, engine.user.home) == (1000, 1000, "/home/user")
-    assert engine.cwd == "/home/user" and engine.env["PATH"].startswith("/usr/sbin:/sbin:/usr/l")
-    engine = engine_for(tmpdir, glibc_tree, opts={"user": "4321:nogroup"})
-    engine.prepare()
-    assert (engine.user.name, engine.user.uid, engine.user.gid) == ("udoc4321", 4321, 65534)
-    passwd = [v for v in engine.volumes if v.cont == "/etc/passwd"]
+    plan = plan_for(tmpdir, glibc_tree, opts={"user": "user"})[1]
+    assert (plan.user.uid, plan.user.gid, plan.user.home) == (1000, 1000, "/home/user")
+    assert plan.workdir == "/home/user" and plan.env["PATH"].startswith("/usr/sbin:/sbin:/usr/l")
+    assert plan.argv[plan.argv.index("-i") + 1] == "1000:1000"
+    assert plan.argv[plan.argv.index("-w") + 1] == "/home/user"        # what would run
+    plan = plan_for(tmpdir, glibc_tree, opts={"user": "4321:nogroup"})[1]
+    assert (plan.user.name, plan.user.uid, plan.user.gid) == ("udoc4321", 4321, 65534)
+    passwd = [v for v in plan.binds if v.cont == "/etc/passwd"]
     assert passwd and not os.path.exists(passwd[0].host)         # planned, not yet written
-    text = [c.value for c in engine.changes if c.kind == "file" and c.path == passwd[0].host]
+    text = [c.value for c in plan.changes if c.kind == "file" and c.path == passwd[0].host]
     assert text and "udoc4321:x:4321:65534:*UDOCKER*:/:/bin/sh" in text[0]
     assert text[0].startswith("root:x:0:0:")                            # a copy, extended
-    engine = engine_for(tmpdir, glibc_tree, config={"User": "nobody"})
-    engine.prepare()
-    assert engine.user.uid == 65534 and not [v for v in engine.volumes
-                                             if v.cont == "/etc/passwd"]
+    plan = plan_for(tmpdir, glibc_tree, config={"User": "nobody"})[1]
+    assert plan.user.uid == 65534 and not [v for v in plan.binds if v.cont == "/etc/passwd"]
     with pytest.raises(udocker.EngineError):
-        engine_for(tmpdir, glibc_tree, opts={"user": "ghost"}).prepare()
+        plan_for(tmpdir, glibc_tree, opts={"user": "ghost"})
 
 
 def test_fakechroot_modes_run_as_the_host_user(tmpdir, glibc_tree):
-    engine = engine_for(tmpdir, glibc_tree, mode="F1", opts={"user": "root"})
-    engine.user = engine.choose_user({})
-    assert engine.user.uid == os.getuid() and engine.user.gid == os.getgid()
+    library = tmpdir.join("libfakechroot.so")
+    library.write_binary(b"\x7fELF\0")
+    plan = plan_for(tmpdir, glibc_tree, mode="F1", opts={"user": "root"}, args=["true"],
+                    UDOCKER_FAKECHROOT_SO=str(library))[1]
+    assert plan.user.uid == os.getuid() and plan.user.gid == os.getgid()
 
 
 def test_upstream_libfakechroot_dir_map_entries_stay_whole_with_colons(tmpdir, glibc_tree):
@@ -270,9 +294,9 @@ def test_upstream_libfakechroot_dir_map_entries_stay_whole_with_colons(tmpdir, g
     engine = engine_for(tmpdir, root, mode="F1", args=["true"],
                         opts={"volume": ["%s:%s" % (h, c) for c, h in volumes.items()]},
                         UDOCKER_FAKECHROOT_SO=str(library))
-    engine.tools = udocker.Tools(engine.cfg, engine.session.repo)
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo, engine.environ)
     plan = engine.plan()
-    engine.apply(plan)                  # makes the symlinks in ROOT read below
+    engine.apply(plan)                  # the symlinks in ROOT
     entries = plan.env["FAKECHROOT_DIR_MAP"].split(":")
     assert all(e.count("!") == 1 and e.startswith("/") and "!/" in e for e in entries), entries
     mapped = dict(reversed(e.split("!")) for e in entries)
@@ -285,29 +309,26 @@ def test_upstream_libfakechroot_dir_map_entries_stay_whole_with_colons(tmpdir, g
 
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
     data = tmpdir.join("data").ensure(dir=True)
-    engine = engine_for(tmpdir, glibc_tree, opts={
+    engine, plan = plan_for(tmpdir, glibc_tree, opts={
         "volume": ["%s:/data" % data], "novol": ["/sys"], "workdir": "/data"})
-    engine.prepare()
-    conts = [v.cont for v in engine.volumes]
+    conts = [v.cont for v in plan.binds]
     assert "/proc" in conts and "/sys" not in conts and "/data" in conts
-    assert engine.cwd == "/data" and engine.cont2host("/data/x") == str(data.join("x"))
-    engine = engine_for(tmpdir, glibc_tree, opts={"nosysdirs": True})
-    engine.prepare()
-    assert engine.volumes == []
+    assert "%s:/data" % data in plan.argv and "/proc" in plan.argv and "/sys" not in plan.argv
+    assert plan.workdir == "/data" and engine.cont2host("/data/x") == str(data.join("x"))
+    plan = plan_for(tmpdir, glibc_tree, opts={"nosysdirs": True})[1]
+    assert plan.binds == [] and "-b" not in plan.argv
     with pytest.raises(udocker.EngineError) as info:
-        engine_for(tmpdir, glibc_tree, opts={"workdir": "/nonexistent"}).prepare()
+        plan_for(tmpdir, glibc_tree, opts={"workdir": "/nonexistent"})
     assert "invalid working directory" in str(info.value)
     with pytest.raises(udocker.EngineError) as info:
-        engine_for(tmpdir, glibc_tree, args=["no-such-program"]).prepare()
+        plan_for(tmpdir, glibc_tree, args=["no-such-program"])
     assert "command not found" in str(info.value)
 
 
 def test_runc_spec(tmpdir, glibc_tree):
     data = tmpdir.join("data").ensure(dir=True)
-    engine = engine_for(tmpdir, glibc_tree, mode="R1", args=["ls", "-l"],
-                        opts={"volume": ["%s:/data:ro" % data], "hostname": "box.example"})
-    engine.prepare()
-    spec = engine.spec()
+    spec = bundle_spec(plan_for(tmpdir, glibc_tree, mode="R1", args=["ls", "-l"], opts={
+        "volume": ["%s:/data:ro" % data], "hostname": "box.example"})[1])
     assert spec["root"] == {"path": glibc_tree, "readonly": False}
     assert spec["process"]["args"] == ["ls", "-l"] and spec["process"]["cwd"] == "/root"
     assert "PATH=/usr/sbin:/sbin:/usr/bin:/bin" in spec["process"]["env"]
@@ -320,9 +341,7 @@ def test_runc_spec(tmpdir, glibc_tree):
     assert "/proc" in mounts and mounts["/proc"]["type"] == "proc"
     assert "/dev/" not in [m["destination"] for m in spec["mounts"] if m["type"] == "none"]
     with pytest.raises(udocker.UsageError):
-        engine = engine_for(tmpdir, glibc_tree, mode="R1", opts={"volume": ["/proc"]})
-        engine.prepare()
-        engine.spec()
+        plan_for(tmpdir, glibc_tree, mode="R1", opts={"volume": ["/proc"]})
 
 
 def test_proot_status_maps_signals():
@@ -446,36 +465,31 @@ def test_launcher_variables_pass_without_hostenv(tmpdir, glibc_tree, monkeypatch
                         ("NVIDIA_VISIBLE_DEVICES", "all"), ("GPU_DEVICE_ORDINAL", "1"),
                         ("SLURMD_NODENAME", "n2"), ("SRUN_DEBUG", "3"), ("NOT_PASSED", "x")):
         monkeypatch.setenv(name, value)
-    engine = engine_for(tmpdir, glibc_tree, config={"Env": ["SLURM_JOB_ID=image"]},
-                        opts={"env": ["PMI_RANK=cli"]})
-    engine.prepare()
-    env = engine.env
+    env = plan_for(tmpdir, glibc_tree, config={"Env": ["SLURM_JOB_ID=image"]},
+                   opts={"env": ["PMI_RANK=cli"]})[1].env
     assert env["SLURM_JOB_ID"] == "image" and env["PMI_RANK"] == "cli"
     assert env["I_MPI_PIN"] == "0" and env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert env["GPU_DEVICE_ORDINAL"] == "1" and "NOT_PASSED" not in env
     assert env["SLURMD_NODENAME"] == "n2" and env["SRUN_DEBUG"] == "3"   # Slurm's, too
     config = tmpdir.join("udocker").ensure(dir=True).join("udocker.conf")
     config.write("[DEFAULT]\npass_host_env = SLURM_*\n")
-    engine = engine_for(tmpdir, glibc_tree)
-    engine.prepare()
-    assert "I_MPI_PIN" not in engine.env and engine.env["SLURM_JOB_ID"] == "7"
+    env = plan_for(tmpdir, glibc_tree)[1].env
+    assert "I_MPI_PIN" not in env and env["SLURM_JOB_ID"] == "7"
 
 
 def test_devices_and_mode_limits(tmpdir, glibc_tree):
-    engine = engine_for(tmpdir, glibc_tree, opts={"device": ["/dev/full", "/dev/zero:/dev/z"]})
-    engine.prepare()
-    devices = [(v.host, v.cont) for v in engine.volumes if v.device]
+    plan = plan_for(tmpdir, glibc_tree, opts={"device": ["/dev/full", "/dev/zero:/dev/z"]})[1]
+    devices = [(v.host, v.cont) for v in plan.binds if v.device]
     assert devices == [("/dev/zero", "/dev/z")]              # /dev/full: in the /dev bind
-    engine = engine_for(tmpdir, glibc_tree, mode="R1", opts={"device": ["/dev/full"]})
-    engine.prepare()
-    mounts = dict((m["destination"], m) for m in engine.spec()["mounts"])
+    assert "/dev/zero:/dev/z" in plan.argv
+    plan = plan_for(tmpdir, glibc_tree, mode="R1", opts={"device": ["/dev/full"]})[1]
+    mounts = dict((m["destination"], m) for m in bundle_spec(plan)["mounts"])
     assert mounts["/dev/full"]["source"] == "/dev/full"
     assert "nodev" not in mounts["/dev/full"]["options"]
     with pytest.raises(udocker.UsageError):
-        engine_for(tmpdir, glibc_tree, mode="F1", opts={"device": ["/dev/zero:/dev/z"]}) \
-            .prepare()
+        plan_for(tmpdir, glibc_tree, mode="F1", opts={"device": ["/dev/zero:/dev/z"]})
     with pytest.raises(udocker.UsageError):
-        engine_for(tmpdir, glibc_tree, mode="R1", opts={"publish": ["80:8080"]}).prepare()
+        plan_for(tmpdir, glibc_tree, mode="R1", opts={"publish": ["80:8080"]})
 
 
 def test_json_text_is_json():
@@ -496,9 +510,7 @@ def test_env_file_lines_docker_and_shell_scripts_write(tmpdir, glibc_tree, monke
     envfile = tmpdir.join("vars.sh")
     envfile.write("#!/bin/sh\n# settings\n\n   \nexport A=1\nexport\tB=two words\n"
                   "  # indented comment\nFROM_HOST\nNOT_ON_HOST\nexported=yes\r\n")
-    engine = engine_for(tmpdir, glibc_tree, opts={"env_file": [str(envfile)]})
-    engine.prepare()
-    env = engine.env
+    env = plan_for(tmpdir, glibc_tree, opts={"env_file": [str(envfile)]})[1].env
     assert env["A"] == "1" and env["B"] == "two words" and env["exported"] == "yes"
     assert env["FROM_HOST"] == "host value" and "NOT_ON_HOST" not in env
     assert not [name for name in env if " " in name or "\t" in name]
@@ -515,7 +527,7 @@ def test_proot_command_makes_up_for_what_the_proot_lacks(tmpdir, glibc_tree, kin
                        modern=kind == "modern", kill_on_exit=kind != "debian")
     engine = engine_for(tmpdir, glibc_tree, opts={"kernel": "9.9.9-fake"},
                         UDOCKER_USE_PROOT_EXECUTABLE=proot)
-    engine.tools = udocker.Tools(engine.cfg, engine.session.repo)
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo, engine.environ)
     argv = engine.plan().argv                                   # what would run
     assert ("--kill-on-exit" in argv) is (kind != "debian")
     assert engine.kill_on_exit is (kind != "debian")            # else wait() kills the rest
@@ -535,7 +547,7 @@ def test_the_run_plan_writes_nothing_and_apply_makes_its_changes(tmpdir, glibc_t
     opts = {"user": "4321", "volume": ["%s:/data" % outer, "%s:/data/sub/in" % inner]}
     engine = engine_for(tmpdir, glibc_tree, opts=opts, args=["/bin/true"],
                         UDOCKER_USE_PROOT_EXECUTABLE=proot)
-    engine.tools = udocker.Tools(engine.cfg, engine.session.repo)
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo, engine.environ)
     cdir = engine.container.dir
     plan = engine.plan()
     assert os.listdir(cdir) == [] and os.listdir(str(outer)) == []
@@ -559,11 +571,30 @@ def test_the_run_plan_writes_nothing_and_apply_makes_its_changes(tmpdir, glibc_t
 
 def test_the_run_plan_uses_the_session_environment(tmpdir, glibc_tree, monkeypatch):
     """The environment a run passes on is the session's (main(argv, environ)), not
-    os.environ: a program driving udocker.py needs not change its own."""
+    os.environ: a program driving udocker.py needs not change its own. So are the PATH the
+    engine is looked up in, the HOME of ~/.docker/config.json and the home of a user
+    without a passwd entry."""
+    import pwd
+    from test_tools import fake_proot
+    home = tmpdir.join("session-home").ensure(dir=True)
+    proot = fake_proot(tmpdir.join("session-path"), "5.4.0", modern=True)
     monkeypatch.setenv("TERM", "from-os-environ")
-    session = session_for(tmpdir)
-    session = udocker.Session(session.cfg, {"TERM": "from-session", "BARE": "bare-value"})
-    engine = engine_for(tmpdir, glibc_tree, opts={"env": ["BARE"]})
-    engine = type(engine)(session, engine.container, engine.opts, [], None)
-    engine.prepare()
-    assert engine.env["TERM"] == "from-session" and engine.env["BARE"] == "bare-value"
+    monkeypatch.setenv("HOME", str(tmpdir.join("os-home").ensure(dir=True)))
+    monkeypatch.setenv("PATH", path_without_engines(str(tmpdir.join("os-path"))))
+    environ = {"TERM": "from-session", "BARE": "bare-value", "HOME": str(home),
+               "PATH": os.path.dirname(proot) + ":/usr/bin:/bin"}
+    session = udocker.Session(session_for(tmpdir).cfg, environ)
+    assert session.keystore.docker_config == str(home.join(".docker", "config.json"))
+
+    def no_entry(uid):
+        raise KeyError(uid)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    engine = engine_for(tmpdir, glibc_tree, opts={"env": ["BARE"], "bindhome": True},
+                        args=["/bin/true"])
+    engine = type(engine)(session, engine.container, engine.opts, ["/bin/true"],
+                          udocker.Tools(session.cfg, session.repo, environ))
+    plan = engine.plan()
+    assert plan.argv[0] == proot                         # found on the session's PATH
+    assert plan.env["TERM"] == "from-session" and plan.env["BARE"] == "bare-value"
+    assert plan.env["HOME"] == str(home)                 # --bindhome, no passwd entry
+    assert [v for v in plan.binds if v.host == v.cont == str(home)]

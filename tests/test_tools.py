@@ -530,13 +530,15 @@ def test_new_user_without_tarball_or_network_gets_one_message(tmpdir, registry):
 # -- finding the engines
 
 def tools_for(tmpdir, **env):
+    """Tools of a session whose environment is env (PATH: none unless given; the tests'
+    own os.environ is not the session's)."""
     environ = {"HOME": str(tmpdir), "UDOCKER_NOSYSCONF": "1",
-               "UDOCKER_DIR": str(tmpdir.join("udocker"))}
+               "UDOCKER_DIR": str(tmpdir.join("udocker")), "PATH": ""}
     environ.update(env)
     cfg = udocker.Config.load(environ, {})
     repo = udocker.LocalRepository(cfg)
     repo.create()
-    return udocker.Tools(cfg, repo)
+    return udocker.Tools(cfg, repo, environ)
 
 
 def fake_proot(directory, version, modern, kill_on_exit=None):
@@ -579,32 +581,35 @@ def test_5_1_era_proots_are_accepted_with_what_they_lack(tmpdir, monkeypatch):
 
 def test_good_proot_on_path_is_used_and_the_probe_cached(tmpdir, monkeypatch):
     path = fake_proot(tmpdir.join("path"), "5.4.0", modern=True)
-    monkeypatch.setenv("PATH", str(tmpdir.join("path")) + ":/usr/bin:/bin")
-    tools = tools_for(tmpdir, UDOCKER_TARBALL="")
+    monkeypatch.setenv("PATH", path_without_engines(str(tmpdir.join("no-engines"))))
+    on_path = str(tmpdir.join("path")) + ":/usr/bin:/bin"      # the session's PATH
+    tools = tools_for(tmpdir, UDOCKER_TARBALL="", PATH=on_path)
     found, info = tools.proot()
     assert found == path and info["ok"] and info["seccomp"] and info["port"]
     cache = udocker.read_json(tools.cache_path)
     (key,) = [k for k in cache if path in k]
     cache[key]["version"] = "from-cache"          # a later lookup reads the cache, not proot
     udocker.write_atomic(tools.cache_path, udocker.json_dumps(cache))
-    assert tools_for(tmpdir, UDOCKER_TARBALL="").proot()[1]["version"] == "from-cache"
+    assert tools_for(tmpdir, UDOCKER_TARBALL="", PATH=on_path).proot()[1]["version"] == \
+        "from-cache"
     st = os.stat(path)
     os.utime(path, (st.st_atime, st.st_mtime - 100))   # a changed binary is probed again
-    assert tools_for(tmpdir, UDOCKER_TARBALL="").proot()[1]["version"] == "5.4.0"
+    assert tools_for(tmpdir, UDOCKER_TARBALL="", PATH=on_path).proot()[1]["version"] == \
+        "5.4.0"
 
 
 def test_lookup_order_configured_then_installed_then_path(tmpdir, monkeypatch, good):
     on_path = fake_proot(tmpdir.join("path"), "5.4.0", modern=True)
-    monkeypatch.setenv("PATH", str(tmpdir.join("path")) + ":/usr/bin:/bin")
+    path = str(tmpdir.join("path")) + ":/usr/bin:/bin"
     mine = fake_proot(tmpdir.join("mine"), "5.4.0", modern=True)
-    assert tools_for(tmpdir, UDOCKER_TARBALL="",
+    assert tools_for(tmpdir, UDOCKER_TARBALL="", PATH=path,
                      UDOCKER_USE_PROOT_EXECUTABLE=mine).proot()[0] == mine
-    assert tools_for(tmpdir, UDOCKER_TARBALL="").proot()[0] == on_path
-    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good))
+    assert tools_for(tmpdir, UDOCKER_TARBALL="", PATH=path).proot()[0] == on_path
+    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good), PATH=path)
     assert tools.proot()[0] == on_path                  # finding installs nothing
     assert tools.install()                               # a step of its own (run, setup)
     assert tools.proot()[0] == on_path                  # found before: remembered
-    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good))
+    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good), PATH=path)
     assert tools.proot()[0] == str(installed(tmpdir, "bin", "proot-x86_64"))
 
 
@@ -889,10 +894,10 @@ def test_a_mode_that_cannot_start_raises_and_finding_installs_nothing(tmpdir, mo
                                                                        good):
     """check_mode and choose_mode raise CannotStart (the mode, why, whether a tool is
     missing); looking for a tool installs nothing, Tools.install() does, once asked."""
-    from support.toolserver import path_without_engines
-    monkeypatch.setenv("PATH", path_without_engines(str(tmpdir.join("path"))))
-    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good), UDOCKER_DEFAULT_EXECUTION_MODE="P1")
-    session = udocker.Session(tools.cfg)
+    path = path_without_engines(str(tmpdir.join("path")))
+    tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good), UDOCKER_DEFAULT_EXECUTION_MODE="P1",
+                      PATH=path)
+    session = udocker.Session(tools.cfg, tools.environ)
     container = udocker.RunContainer("location", None, str(tmpdir), {})
     with pytest.raises(udocker.CannotStart) as info:
         udocker.check_mode(session, container, tools, "P1")
@@ -907,3 +912,31 @@ def test_a_mode_that_cannot_start_raises_and_finding_installs_nothing(tmpdir, mo
     tools = tools_for(tmpdir, UDOCKER_TARBALL=str(good), UDOCKER_DEFAULT_EXECUTION_MODE="P1")
     assert tools.install() and tools.installer.is_installed()
     assert tools.proot()[0] == str(installed(tmpdir, "bin", "proot-x86_64"))
+
+
+def test_fallback_modes_that_lack_tools_are_installed_by_run_not_by_choose_mode(tmpdir):
+    """The default mode cannot start here (a proot that fails its host probe, configured as
+    a path: nothing to install for P1) and the fallback modes lack their tools: choose_mode
+    names them (fallback_tools) and installs nothing; run's install step (choose_engine)
+    installs them and chooses again."""
+    real = fake_proot(tmpdir.join("answers"), "5.4.0", modern=True)
+    proot = tmpdir.join("proot-noptrace")
+    proot.write('#!/bin/sh\ncase "$1" in --help|-V) exec "%s" "$@";; esac\n'
+                'echo "proot error: ptrace(TRACEME): Operation not permitted" >&2\nexit 1\n'
+                % real)
+    proot.chmod(0o755)
+    proot = str(proot)
+    tarball = required_file("UDOCKER_TEST_TARBALL")           # with runc and crun
+    tools = tools_for(tmpdir, UDOCKER_TARBALL=tarball, UDOCKER_USE_PROOT_EXECUTABLE=proot,
+                      PATH=path_without_engines(str(tmpdir.join("path"))))
+    session = udocker.Session(tools.cfg, tools.environ)
+    container = udocker.RunContainer("location", None, str(tmpdir), {})
+    with pytest.raises(udocker.CannotStart) as info:
+        udocker.choose_mode(session, container, tools)
+    assert info.value.mode == "P1" and not info.value.tool_missing
+    assert info.value.fallback_tools == ("runc",)       # R1's (F modes need a container)
+    assert not tools.installer.is_installed()           # choosing installed nothing
+    engine = udocker.choose_engine(session, container, {}, [], tools)
+    assert tools.installer.is_installed()
+    assert engine.cannot_start is None or "install the tools" not in engine.cannot_start.why, \
+        engine.cannot_start.why                         # R1 was checked with its runtime
