@@ -6344,7 +6344,7 @@ class Engine(object):
     devices_at_own_path = False    # F: the host /dev is seen as it is, no device elsewhere
     probe_group = None             # modes whose host probe is the same share its result
     keeps_sysdirs = None           # None: every sysdirs_list entry; else the ones kept
-    unavailable = None             # why this mode cannot run with our tools (F2, F4)
+    unavailable = None             # why this mode cannot run with our tools
     death_signal = "SIGKILL"       # what the engine gets if udocker.py dies (PDEATHSIG)
     passed_fds = 0                 # fds 3..passed_fds handed to the container (runc)
 
@@ -8098,6 +8098,34 @@ class ElfPatcher(object):
                       [p for p in paths if os.path.isfile(p)])
         remove_quietly(self.record_path)
 
+    def patch_new(self, path, loader, libpath):
+        """F4: the program run starts (host path) patched as patch() does, when it lies
+        under ROOT, is ours and has another loader (it came after setup)."""
+        root = self.container.root.rstrip("/") + "/"
+        info = elf_info(path) if path and path.startswith(root) else None
+        if not info or not info["interp"] or info["interp"] == loader or \
+                os.lstat(path).st_uid != os.getuid():
+            return
+        MSG.verbose("patching %s (new since setup)" % path)
+        if self._run(["--set-rpath", libpath], [path]) or \
+                self._run(["--set-interpreter", loader], [path]):
+            MSG.verbose("patchelf failed: %s" % path)
+
+    def restore_new(self):
+        """F4: the programs patched when they started (not in patch.json) get their loader
+        back at its container path, and no RUNPATH."""
+        record = read_json(self.record_path) or {}
+        root = self.container.root.rstrip("/")
+        loader = container_loader(self.container.root, self.container.arch())[1]
+        groups = {}                    # container path of the loader -> paths
+        for path, info in self._elf_files(loader)[0]:
+            if info["interp"].startswith(root + "/") and \
+                    os.path.relpath(path, self.container.root) not in record:
+                groups.setdefault(info["interp"][len(root):], []).append(path)
+        for interp, paths in sorted(groups.items()):
+            self._run(["--remove-rpath"], paths)
+            self._run(["--set-interpreter", interp], paths)
+
     def _print_rpath(self, path):
         status, text = run_capture([self.patchelf, "--print-rpath", path])
         return text.strip() if status == 0 and text.strip() else None
@@ -8131,24 +8159,108 @@ def _make_writable(paths):
     return changed
 
 
-class UnavailableEngine(Engine):
-    """A mode our tools cannot provide; setup refuses it and run explains why."""
+class FakechrootLoaderEngine(FakechrootEngine):
+    """F2: F1 with a copy of the container's ld.so in which the host's ld.so.cache,
+    ld.so.preload and default library directories are names that cannot exist (f2_loader),
+    given the container's library directories as --library-path, which it takes instead of
+    LD_LIBRARY_PATH: neither the host's LD_LIBRARY_PATH nor the host's libraries reach a
+    program. Our libfakechroot passes LD_LIBRARY_REAL (upstream's name) to the loader as
+    --library-path at every exec. No ELF file is changed."""
+
+    mode = "F2"
+
+    def command(self):
+        argv, env, cwd = FakechrootEngine.command(self)
+        loader = f2_loader(self.container, self.cfg)
+        libpath = env["LD_LIBRARY_PATH"]
+        env.update({"FAKECHROOT_ELFLOADER": loader, "LD_LIBRARY_REAL": libpath,
+                    "FAKECHROOT_LIBRARY_ORIG": libpath})
+        if argv[1:2] == ["--argv0"]:
+            env["FAKECHROOT_ELFLOADER_OPT_ARGV0"] = "--argv0"
+        return [loader, "--library-path", libpath] + argv[1:], env, cwd
 
     @classmethod
-    def setup(cls, container, tools, force=False):
-        raise EngineError(cls.unavailable)
+    def check_setup(cls, container, tools):
+        """F1's checks, and an ld.so F2 can make its copy of (made here)."""
+        FakechrootEngine.check_setup(container, tools)
+        f2_loader(container, tools.cfg)
+
+    @classmethod
+    def leave(cls, container, tools):
+        for name in os.listdir(container.run_dir(tools.cfg)):
+            if name.startswith("ld-f2-"):
+                remove_quietly(os.path.join(container.run_dir(tools.cfg), name))
+        FakechrootEngine.leave(container, tools)
 
 
-class FakechrootLoaderEngine(UnavailableEngine):
-    mode = "F2"
-    unavailable = ("F2 needs upstream udocker's patched ld.so and libfakechroot "
-                   "(LD_LIBRARY_REAL), which these tools do not have: use F3 (or F1)")
+# the host's loader files named in an ld.so, and the same length names that cannot exist
+F2_LOADER_FILES = ((b"/etc/ld.so.cache\0", b"/dev/null/.cache\0"),
+                   (b"/etc/ld.so.preload\0", b"/dev/null/.preload\0"))
+# ld.so's default library directories: /lib/, /usr/lib64/, /usr/lib/x86_64-linux-gnu/ ...
+F2_SYSTEM_DIR = LazyRegex(b"(?<![A-Za-z0-9_./-])/(?:usr/)?lib(?:32|64|x32)?/"
+                          b"(?:[a-z0-9_]+-linux-gnu[a-z0-9_]*/)?\0")
 
 
-class FakechrootAutoPatchEngine(UnavailableEngine):
+def _f2_dir(match):
+    """A directory name of the same length that cannot exist (under /dev/null, or a name of
+    control characters when that is too long)."""
+    size = len(match.group(0)) - 1
+    if size >= 10:
+        return b"/dev/null/" + b"/" * (size - 10) + b"\0"
+    return b"/" + b"\x01" * (size - 2) + b"/\0"
+
+
+def f2_loader(container, cfg):
+    """Host path of F2's copy of the container's ld.so (made if missing): its default
+    library directories, ld.so.cache and ld.so.preload are names that cannot exist, so
+    the loader finds libraries only in its --library-path. The copy is named by the
+    original's sha256 (in the container's run_dir): a libc upgrade in the container gives
+    a new one. Raises EngineError when that ld.so does not name those files as expected."""
+    source = container_loader(container.root, container.arch())[1]
+    with open(source, "rb") as handle:
+        data = handle.read()
+    path = os.path.join(container.run_dir(cfg),
+                        "ld-f2-%s.so" % hashlib.sha256(data).hexdigest()[:16])
+    if os.path.isfile(path):
+        return path
+    data, dirs = F2_SYSTEM_DIR.subn(_f2_dir, data)
+    for old, new in F2_LOADER_FILES:
+        data = data.replace(old, new)
+    if not dirs or F2_LOADER_FILES[0][0] in data or F2_LOADER_FILES[0][1] not in data:
+        raise EngineError("F2 cannot use this container's ld.so (%s): its library directories "
+                          "or ld.so.cache are not where glibc keeps them: use F1 or F3"
+                          % source)
+    write_atomic(path, data, mode=0o755)
+    return path
+
+
+class FakechrootAutoPatchEngine(FakechrootPatchedEngine):
+    """F4: F3, and a program made or installed in the container after setup (copied in,
+    compiled there, pip-installed) is patched like the rest when it starts: our
+    libfakechroot's execve() and posix_spawn() run the tarball's patchelf on it first, as
+    FAKECHROOT_PATCH_PATCHELF, FAKECHROOT_PATCH_ELFLOADER and FAKECHROOT_LIBRARY_ORIG say
+    (upstream's names), and so does run for the program it starts. Only files under ROOT
+    that the user owns are changed, never a volume's. Leaving F4 gives those files the
+    container's loader (at its container path) and no RUNPATH (ElfPatcher.restore_new)."""
+
     mode = "F4"
-    unavailable = ("F4 needs upstream udocker's patchelf and libfakechroot forks (patching on "
-                   "exec), which these tools do not have: use F3")
+
+    def command(self):
+        argv, env, cwd = FakechrootPatchedEngine.command(self)
+        arch = self.container.arch()
+        patchelf = self.tools.patchelf()
+        loader = container_loader(self.root, arch)[1]
+        libpath = ":".join(container_lib_dirs(self.root, arch))
+        env.update({"FAKECHROOT_PATCH_PATCHELF": patchelf[0],
+                    "FAKECHROOT_PATCH_ELFLOADER": loader, "FAKECHROOT_LIBRARY_ORIG": libpath})
+        ElfPatcher(patchelf, self.container).patch_new(self.executable, loader, libpath)
+        return argv, env, cwd
+
+    @classmethod
+    def leave(cls, container, tools):
+        if os.path.exists(os.path.join(container.dir, "patch.json")):
+            ElfPatcher(tools.patchelf(), container).restore_new()
+        FakechrootPatchedEngine.leave(container, tools)
 
 
 class SingularityEngine(Engine):

@@ -1,6 +1,7 @@
 """Small container root filesystems for the engine tests, built from the host's own files:
 a static busybox tree, and a glibc tree (Debian's dash, bash, coreutils, findutils and their
-libraries, laid out like a merged-/usr Debian rootfs, with Debian's absolute ld.so link)."""
+libraries, laid out like a merged-/usr Debian rootfs, with Debian's absolute ld.so link),
+which can carry the host's C compiler (Debian's gcc packages, copied as dpkg lists them)."""
 from __future__ import print_function, absolute_import
 
 import json
@@ -96,6 +97,63 @@ def make_glibc_rootfs(root):
     os.symlink("dash", os.path.join(usr_bin, "sh"))
     os.symlink("/usr/bin/dash", os.path.join(usr_bin, "abs-sh"))   # absolute, as alternatives
     shutil.copy("/etc/os-release", os.path.join(root, "etc", "os-release"))
+
+
+# the host files whose Debian packages make a C compiler (gcc, cc1, as, ld, crt files, headers)
+GCC_FILES = ["/usr/bin/gcc", "/usr/bin/as", "/usr/include/stdio.h", "/usr/include/linux/limits.h"]
+GCC_SKIP = re.compile(r"^/usr/share/|lto1$|lto-dump[^/]*$|cc1plus$|ld\.gold$|/gp-|gprofng|"
+                      r"/lib(c|m-[0-9.]+|[a-z]*san|gomp|itm|quadmath|stdc\+\+|supc\+\+|mvec)\.a$")
+
+
+def gcc_packages():
+    """The Debian packages of the host's C compiler (gcc, gcc-N, cpp-N, binutils...,
+    libgcc-N-dev, libc6-dev, linux-libc-dev), or [] when dpkg or gcc is missing."""
+    names, pending = set(), [f for f in GCC_FILES if os.path.exists(f)]
+    if len(pending) < len(GCC_FILES):
+        return []
+    pending += [os.path.realpath(f) for f in pending]
+    try:
+        gcc = subprocess.check_output(["gcc", "-print-prog-name=cc1"]).decode().strip()
+        libgcc = subprocess.check_output(["gcc", "-print-libgcc-file-name"]).decode().strip()
+        pending += [gcc, libgcc, os.path.realpath(_which("as") or "/usr/bin/as")]
+        for line in subprocess.check_output(["dpkg", "-S"] + pending).decode().splitlines():
+            names.update(n.strip() for n in line.split(": ", 1)[0].split(","))
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return sorted(names)
+
+
+def add_gcc(root):
+    """The host's C compiler copied into a tree of make_glibc_rootfs (files as dpkg lists
+    them, less documentation and the C++/LTO back ends, plus the libraries its programs
+    need); `gcc -o x x.c` works in the tree. False when the host has none."""
+    packages = gcc_packages()
+    if not packages:
+        return False
+    listed = subprocess.check_output(["dpkg", "-L"] + packages).decode().splitlines()
+    programs = []
+    for path in sorted(set(listed)):
+        if not path.startswith("/") or GCC_SKIP.search(path) or not os.path.lexists(path) or \
+                os.path.isdir(path) and not os.path.islink(path):
+            continue
+        dest = os.path.join(root, os.path.realpath(os.path.dirname(path)).lstrip("/"),
+                            os.path.basename(path))
+        if os.path.lexists(dest):
+            continue
+        if not os.path.isdir(os.path.dirname(dest)):
+            os.makedirs(os.path.dirname(dest))
+        if os.path.islink(path):
+            os.symlink(os.readlink(path), dest)
+        else:
+            shutil.copy2(path, dest)
+            if os.access(path, os.X_OK) and b"ld-linux" in _file_type(path):
+                programs.append(path)
+    usr_lib = os.path.join(root, "usr", "lib", "x86_64-linux-gnu")
+    for lib in set(lib for program in programs for lib in _libraries(program)):
+        dest = os.path.join(usr_lib, os.path.basename(lib))
+        if not os.path.exists(dest):
+            shutil.copy(os.path.realpath(lib), dest)
+    return True
 
 
 def _which(name):

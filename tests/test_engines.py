@@ -356,9 +356,8 @@ def test_setup_shows_mode_and_refuses_what_cannot_work(bb_container):
     rc, out, err = run_ud(bb_container, ["setup", CID],
                           {"UDOCKER_DEFAULT_EXECUTION_MODE": "R1"})
     assert out.startswith("execmode: R1\n")
-    for mode, needle in (("F2", "use F3"), ("F4", "use F3"), ("Z1", "invalid execution mode")):
-        rc, out, err = run_ud(bb_container, ["setup", "--execmode=" + mode, "named"])
-        assert rc == 1 and needle in err and "Traceback" not in err
+    rc, out, err = run_ud(bb_container, ["setup", "--execmode=Z1", "named"])
+    assert rc == 1 and "invalid execution mode" in err and "Traceback" not in err
     rc, out, err = run_ud(bb_container, ["setup", "--execmode=R1", "named"])
     assert rc == 0, err
     assert run_ud(bb_container, ["setup", "named"])[1].startswith("execmode: R1\n")

@@ -32,7 +32,8 @@ TARBALL = os.environ.get("UDOCKER_TEST_TARBALL", "")
 # mode name in the tests -> (execmode, extra environment)
 MODES = {"P1": ("P1", {}), "P2": ("P2", {}), "R1": ("R1", {}),
          "R1-runc": ("R1", {"UDOCKER_USE_RUNC_EXECUTABLE": "runc"}),
-         "R2": ("R2", {}), "R3": ("R3", {}), "F1": ("F1", {}), "F3": ("F3", {})}
+         "R2": ("R2", {}), "R3": ("R3", {}), "F1": ("F1", {}), "F2": ("F2", {}),
+         "F3": ("F3", {}), "F4": ("F4", {})}
 STATIC_MODES = ["P1", "P2", "R1", "R1-runc", "R2", "R3"]     # fakechroot cannot run static
 
 
@@ -72,6 +73,8 @@ class World(object):
                 rootfs.make_busybox_rootfs(path)
             else:
                 rootfs.make_glibc_rootfs(path)
+                if kind == "gcc" and not rootfs.add_gcc(path):
+                    pytest.skip("no C compiler from Debian's packages on this host")
             self.trees[kind] = path
         return self.trees[kind]
 
@@ -221,7 +224,7 @@ def _volume_workdir_script(cont):
             " rm -r made link sub")
 
 
-@pytest.mark.parametrize("mode", ["P1", "F1", "F3"])
+@pytest.mark.parametrize("mode", ["P1", "F1", "F2", "F3", "F4"])
 @pytest.mark.parametrize("where", ["elsewhere", "own-path"])
 def test_volume_as_working_directory_with_relative_paths(world, mode, where):
     """`run -v HOST:CONT -w CONT` and relative names only: open, stat, mkdir, exec of a
@@ -282,6 +285,101 @@ def test_the_glibc_2_17_libfakechroot_serves_a_new_glibc(world, mode):
                              name=cid, env={"UDOCKER_FAKECHROOT_SO": lib})
     assert rc == 0, err
     assert out.splitlines() == ["libfakechroot-glibc2.17", "./in", "directory", "/", "wdir"]
+
+
+def test_f2_keeps_the_hosts_library_path_and_cache_out(world):
+    """F2 starts every program through a copy of the container's ld.so given the
+    container's library directories as --library-path: an LD_LIBRARY_PATH naming broken
+    copies of libc and libselinux (udocker's own with --hostenv, or one set in the
+    container) reaches no program, and the host's ld.so.cache and library directories are
+    names that cannot exist in the copy. (F1's loader takes LD_LIBRARY_PATH: ls fails.)"""
+    cid = world.container("F2")
+    broken, selinux_only = (os.path.join(world.top, n) for n in ("broken-libs", "broken-se"))
+    for directory, names in ((broken, ("libc.so.6", "libselinux.so.1")),
+                             (selinux_only, ("libselinux.so.1",))):
+        os.makedirs(directory)
+        for name in names:
+            with open(os.path.join(directory, name), "w") as handle:
+                handle.write("not a library\n")
+    script = ("ls -d /usr; LD_LIBRARY_PATH=%s ls -d /etc; env -i LD_LIBRARY_PATH=%s "
+              "/usr/bin/ls -d /tmp; grep -o '/[^ ]*/ld-[^ ]*' /proc/self/maps | sort -u"
+              % (broken, broken))
+    rc, out, err = world.run("F2", ["sh", "-c", script], ["--hostenv"], name=cid,
+                             env={"LD_LIBRARY_PATH": selinux_only})
+    assert rc == 0, err
+    run_dir = os.path.join(world.ud_dir, "containers", cid, ".run")
+    assert out.splitlines()[:3] == ["/usr", "/etc", "/tmp"], err
+    assert re.match(re.escape(run_dir) + r"/ld-f2-[0-9a-f]{16}\.so$", out.splitlines()[3]), out
+    with open(out.splitlines()[3], "rb") as handle:
+        loader = handle.read()
+    for name in (b"/etc/ld.so.cache\0", b"/etc/ld.so.preload\0", b"\0/lib/\0", b"\0/usr/lib/\0",
+                 b"/usr/lib/x86_64-linux-gnu/\0"):
+        assert name not in loader
+
+
+def test_f4_patches_a_program_copied_in_after_setup(world):
+    """F4 patches at exec time: a program copied into ROOT after setup (the host's loader
+    path in its header) runs with the container's loader, started by a shell by a relative
+    path from a volume working directory (libfakechroot's execve) or by run itself; leaving
+    F4 puts its loader back. (In F3 the kernel would load the host's ld.so for it.)"""
+    cid = world.container("F4", fresh=True)
+    root = os.path.join(world.ud_dir, "containers", cid, "ROOT")
+    for name in ("newcat", "newcat2"):
+        shutil.copy(os.path.join(world.tree("glibc"), "usr", "bin", "cat"),
+                    os.path.join(root, "tmp", name))
+    assert udocker.elf_info(os.path.join(root, "tmp", "newcat"))["interp"] == \
+        "/lib64/ld-linux-x86-64.so.2"
+    loader = os.path.join(root, "usr", "lib", "x86_64-linux-gnu", "ld-linux-x86-64.so.2")
+    volume = os.path.join(world.top, "f4-copied")
+    os.makedirs(volume)
+    rc, out, err = world.run("F4", ["sh", "-c", "../tmp/newcat /proc/self/maps | "
+                                    "grep -o '/[^ ]*/ld-linux[^ ]*' | sort -u; pwd"],
+                             ["-v", volume + ":/data", "-w", "/data"], name=cid)
+    assert (rc, out) == (0, loader + "\n/data\n"), err
+    rc, out, err = world.run("F4", ["/tmp/newcat2", "/proc/self/maps"], name=cid)
+    assert rc == 0 and loader in out, err
+    rc, out, err = world.ud(["setup", "--execmode=P1", cid])
+    assert rc == 0, err
+    info = udocker.elf_info(os.path.join(root, "tmp", "newcat"))
+    assert info["interp"] == "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" and not info["rpath"]
+    rc, out, err = world.run("P1", ["/tmp/newcat", "/etc/os-release"], name=cid)
+    assert rc == 0 and "NAME=" in out, err
+
+
+LOADER_OF_ITSELF_C = r"""#include <stdio.h>
+#include <string.h>
+int main(void)
+{
+    char line[4096];
+    FILE *maps = fopen("/proc/self/maps", "r");
+    while (maps != NULL && fgets(line, sizeof line, maps) != NULL)
+        if (strstr(line, "/ld-linux") != NULL) {
+            printf("%s", strchr(line, '/'));
+            break;
+        }
+    printf("compiled in the container\n");
+    return 0;
+}
+"""
+
+
+def test_f4_runs_a_program_compiled_in_the_container(world):
+    """gcc in an F4 container (the host's compiler copied into the glibc tree) compiles a
+    program from a volume working directory; it runs at once, with the container's loader,
+    by a relative path, with no other setup."""
+    cid = world.container("F4", kind="gcc", fresh=True)
+    root = os.path.join(world.ud_dir, "containers", cid, "ROOT")
+    volume = os.path.join(world.top, "f4-gcc")
+    os.makedirs(volume)
+    with open(os.path.join(volume, "loader.c"), "w") as handle:
+        handle.write(LOADER_OF_ITSELF_C)
+    rc, out, err = world.run("F4", ["sh", "-c", "gcc -o /tmp/loader loader.c && ../tmp/loader"],
+                             ["-v", volume + ":/data", "-w", "/data"], kind="gcc", name=cid)
+    assert rc == 0, err
+    assert out.splitlines() == [os.path.join(root, "usr", "lib", "x86_64-linux-gnu",
+                                             "ld-linux-x86-64.so.2"),
+                                "compiled in the container"], err
+    assert sorted(os.listdir(volume)) == ["loader.c"]
 
 
 SIGNAL_CASES = [(mode, "TERM", "shell") for mode in sorted(MODES)] + \

@@ -12,7 +12,8 @@
 #     patchelf 0.18.0  upstream orig tarball from Debian (trixie), static
 #     libfakechroot    2.20.1 + Debian trixie patches + ours (patch_fakechroot: *at() calls
 #                      with a directory fd not rewritten; volumes as working directory,
-#                      FAKECHROOT_VOLUMES), one .so per glibc generation:
+#                      FAKECHROOT_VOLUMES; ELF patching at exec for F4, LD_LIBRARY_REAL
+#                      as the loader's --library-path for F2), one .so per glibc generation:
 #                      the host's (2.36 on Debian 12) and one built in a debootstrapped
 #                      minbase chroot per suite in FAKECHROOT_SUITES (bullseye -> 2.31),
 #                      and one linked by zig (PyPI wheel ziglang, pinned) against glibc
@@ -1035,6 +1036,364 @@ EOF_PATCH
  
 EOF_PATCH
         die "our libfakechroot volume patch did not apply in $1"
+    # F2 and F4 (the names are those of upstream udocker's libfakechroot fork, so that
+    # udocker.py drives either library the same way). F4, patching at exec time: execve()
+    # and posix_spawn() give a program under FAKECHROOT_BASE whose ELF interpreter is not
+    # FAKECHROOT_PATCH_ELFLOADER (made or installed in the container after setup) that
+    # loader and the RUNPATH FAKECHROOT_LIBRARY_ORIG with FAKECHROOT_PATCH_PATCHELF before
+    # it runs (a patched copy renamed over it). F2: a program started through
+    # FAKECHROOT_ELFLOADER gets LD_LIBRARY_REAL as the loader's --library-path, which the
+    # loader takes instead of LD_LIBRARY_PATH (renaming the variable in ld.so, as upstream
+    # does, no longer works: glibc 2.36's ld.so compares the name inline). These variables
+    # survive an exec with a new environment, like LD_LIBRARY_PATH does, and a program that
+    # emptied its environment (env -i) no longer starts the next one outside fakechroot
+    # (no FAKECHROOT_BASE, no LD_PRELOAD): the variables of preserve_env_list are put back
+    # to their values at start when FAKECHROOT_BASE is gone. Also fixed: a #!
+    # script started through the loader with FAKECHROOT_ELFLOADER_OPT_ARGV0 lost its last
+    # two arguments (the arguments moved by one place per option word, not all of them).
+    patch -d "$1" -p1 --forward --batch --no-backup-if-mismatch <<'EOF_PATCH' ||
+--- a/src/libfakechroot.c
++++ b/src/libfakechroot.c
+@@ -72,15 +72,22 @@
+     "FAKECHROOT_ELFLOADER_OPT_ARGV0",
+     "FAKECHROOT_EXCLUDE_PATH",
+     "FAKECHROOT_LDLIBPATH",
++    "FAKECHROOT_LIBRARY_ORIG",
++    "FAKECHROOT_PATCH_ELFLOADER",
++    "FAKECHROOT_PATCH_PATCHELF",
+     "FAKECHROOT_VERSION",
+     "FAKECHROOT_VOLUMES",
+     "FAKEROOTKEY",
+     "FAKED_MODE",
+     "LD_LIBRARY_PATH",
++    "LD_LIBRARY_REAL",
+     "LD_PRELOAD"
+ };
+ const int preserve_env_list_count = sizeof preserve_env_list / sizeof preserve_env_list[0];
+ 
++/* udocker: their values when the library started (fakechroot_restore_env) */
++static char *preserve_env_saved[sizeof preserve_env_list / sizeof preserve_env_list[0]];
++
+ 
+ LOCAL int fakechroot_debug (const char *fmt, ...)
+ {
+@@ -172,6 +179,13 @@
+         }
+ 
+         fakechroot_volumes_init(getenv("FAKECHROOT_VOLUMES"));
++        {
++            int i;
++            for (i = 0; i < preserve_env_list_count; i++) {
++                const char *value = getenv(preserve_env_list[i]);
++                preserve_env_saved[i] = value != NULL ? strdup(value) : NULL;
++            }
++        }
+ 
+         __setenv("FAKECHROOT", "true", 1);
+         __setenv("FAKECHROOT_VERSION", FAKECHROOT, 1);
+@@ -192,6 +206,25 @@
+ }
+ 
+ 
++/* udocker: a program that emptied its environment (env -i sets environ to an empty list)
++   and then starts another would start it outside fakechroot, with no FAKECHROOT_BASE to
++   put the path in the root and no LD_PRELOAD: before an exec, when FAKECHROOT_BASE is
++   gone, the variables of preserve_env_list are set again to their values at start. */
++LOCAL void fakechroot_restore_env (void)
++{
++    int i;
++
++    if (!first)
++        fakechroot_init();
++    if (getenv("FAKECHROOT_BASE") != NULL)
++        return;
++    for (i = 0; i < preserve_env_list_count; i++) {
++        if (preserve_env_saved[i] != NULL && getenv(preserve_env_list[i]) == NULL)
++            __setenv(preserve_env_list[i], preserve_env_saved[i], 1);
++    }
++}
++
++
+ /* Check if path is on exclude list */
+ static int fakechroot_excluded (const char * v_path)
+ {
+--- a/src/libfakechroot.h
++++ b/src/libfakechroot.h
+@@ -242,6 +242,8 @@
+ int fakechroot_debug (const char *, ...);
+ fakechroot_wrapperfn_t fakechroot_loadfunc (struct fakechroot_wrapper *);
+ int fakechroot_localdir (const char *);
++void fakechroot_patch_exec (const char *);
++void fakechroot_restore_env (void);
+ int fakechroot_volume_narrow (char *, size_t);
+ int fakechroot_volume_expand (const char *, char *);
+ char * fakechroot_getcwd (char *, size_t);
+--- a/src/execve.c
++++ b/src/execve.c
+@@ -33,6 +33,11 @@
+ #include "open.h"
+ #include "setenv.h"
+ #include "readlink.h"
++#include <elf.h>
++#include <string.h>
++#include <sys/stat.h>
++#include <sys/syscall.h>
++#include <sys/wait.h>
+ 
+ 
+ wrapper(execve, int, (const char * filename, char * const argv [], char * const envp []))
+@@ -60,10 +65,15 @@
+ 
+     const char **newargv = alloca(argv_max * sizeof (const char *));
+ 
++    fakechroot_restore_env();   /* udocker: after env -i, too */
+     char *elfloader = getenv("FAKECHROOT_ELFLOADER");
+     char *elfloader_opt_argv0 = getenv("FAKECHROOT_ELFLOADER_OPT_ARGV0");
++    /* udocker (F2): the loader is given LD_LIBRARY_REAL as --library-path, which it takes
++       instead of LD_LIBRARY_PATH (the host's, or a container path, never reaches it) */
++    char *library_real = getenv("LD_LIBRARY_REAL");
+     if (elfloader && !*elfloader) elfloader = NULL;
+     if (elfloader_opt_argv0 && !*elfloader_opt_argv0) elfloader_opt_argv0 = NULL;
++    if (library_real && !*library_real) library_real = NULL;
+ 
+     debug("execve(\"%s\", {\"%s\", ...}, {\"%s\", ...})", filename, argv[0], envp ? envp[0] : "(null)");
+ 
+@@ -189,12 +199,13 @@
+     /* No hashbang in argv */
+     if (hashbang[0] != '#' || hashbang[1] != '!') {
+         if (!elfloader) {
++            fakechroot_patch_exec(filename);
+             status = nextcall(execve)(filename, argv, newenvp);
+             goto error;
+         }
+ 
+         /* Run via elfloader */
+-        for (i = 0, n = (elfloader_opt_argv0 ? 3 : 1); argv[i] != NULL && i < argv_max; ) {
++        for (i = 0, n = 1 + (elfloader_opt_argv0 ? 2 : 0) + (library_real ? 2 : 0); argv[i] != NULL && i < argv_max; ) {
+             newargv[n++] = argv[i++];
+         }
+ 
+@@ -202,6 +213,10 @@
+ 
+         n = 0;
+         newargv[n++] = elfloader;
++        if (library_real) {
++            newargv[n++] = "--library-path";
++            newargv[n++] = library_real;
++        }
+         if (elfloader_opt_argv0) {
+             newargv[n++] = elfloader_opt_argv0;
+             newargv[n++] = argv0;
+@@ -243,21 +258,26 @@
+     newargv[n] = 0;
+ 
+     if (!elfloader) {
++        fakechroot_patch_exec(newfilename);
+         status = nextcall(execve)(newfilename, (char * const *)newargv, newenvp);
+         goto error;
+     }
+ 
+     /* Run via elfloader */
+-    j = elfloader_opt_argv0 ? 3 : 1;
++    j = 1 + (elfloader_opt_argv0 ? 2 : 0) + (library_real ? 2 : 0);
+     if (n >= argv_max - 1) {
+         n = argv_max - j - 1;
+     }
+     newargv[n+j] = 0;
+-    for (i = n; i >= j; i--) {
++    for (i = n + j - 1; i >= j; i--) {   /* udocker: all n move (was i = n: j > 1 lost some) */
+         newargv[i] = newargv[i-j];
+     }
+     n = 0;
+     newargv[n++] = elfloader;
++    if (library_real) {
++        newargv[n++] = "--library-path";
++        newargv[n++] = library_real;
++    }
+     if (elfloader_opt_argv0) {
+         newargv[n++] = elfloader_opt_argv0;
+         newargv[n++] = argv0;
+@@ -271,3 +291,104 @@
+ 
+     return status;
+ }
++
++
++/* udocker (F4, patching at exec time): the ELF interpreter (PT_INTERP) of the 64-bit ELF
++   file fd into buf; 1 if it has one that fits, else 0. */
++static int elf_interp (int fd, char * buf, size_t size)
++{
++    Elf64_Ehdr eh;
++    Elf64_Phdr ph;
++    int i;
++
++    if (pread(fd, &eh, sizeof eh, 0) != (ssize_t) sizeof eh ||
++            memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0 || eh.e_ident[EI_CLASS] != ELFCLASS64 ||
++            eh.e_phentsize != sizeof ph)
++        return 0;
++    for (i = 0; i < eh.e_phnum; i++) {
++        if (pread(fd, &ph, sizeof ph, eh.e_phoff + (off_t) i * sizeof ph) != (ssize_t) sizeof ph)
++            return 0;
++        if (ph.p_type != PT_INTERP)
++            continue;
++        if (ph.p_filesz < 2 || ph.p_filesz > size ||
++                pread(fd, buf, ph.p_filesz, ph.p_offset) != (ssize_t) ph.p_filesz)
++            return 0;
++        buf[ph.p_filesz - 1] = '\0';
++        return 1;
++    }
++    return 0;
++}
++
++
++/* patchelf with argv (argv[0] its path), an empty environment; 0 when it succeeded */
++static int run_patchelf (char * const argv[])
++{
++    char * const envp[] = { NULL };
++    int status;
++    pid_t pid = fork();
++
++    if (pid == 0) {
++        nextcall(execve)(argv[0], argv, envp);
++        _exit(127);
++    }
++    if (pid < 0)
++        return -1;
++    while (waitpid(pid, &status, 0) < 0) {
++        if (errno != EINTR)
++            return -1;
++    }
++    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -1;
++}
++
++
++/* udocker (F4): a dynamically linked program under FAKECHROOT_BASE (host path) whose
++   interpreter is not FAKECHROOT_PATCH_ELFLOADER (it was copied, compiled or installed in
++   the container after udocker's setup patched the others) gets that loader, and the
++   container's library directories FAKECHROOT_LIBRARY_ORIG as RUNPATH, by
++   FAKECHROOT_PATCH_PATCHELF before it runs: what setup does to every program (RUNPATH
++   first, the interpreter in a second call). Only our own files; the patched copy is renamed
++   over the file, so a process running it keeps the old one and two patching at once leave
++   one whole file. Any failure leaves the file as it was (the exec then goes on as it would
++   have). Without FAKECHROOT_PATCH_PATCHELF this does nothing. */
++LOCAL void fakechroot_patch_exec (const char * path)
++{
++    const char *patchelf = getenv("FAKECHROOT_PATCH_PATCHELF");
++    const char *loader = getenv("FAKECHROOT_PATCH_ELFLOADER");
++    const char *libpath = getenv("FAKECHROOT_LIBRARY_ORIG");
++    const char *base = getenv("FAKECHROOT_BASE");
++    char interp[FAKECHROOT_PATH_MAX], tmp[FAKECHROOT_PATH_MAX];
++    struct stat st;
++    size_t base_length;
++    int fd, ok;
++
++    if (patchelf == NULL || *patchelf != '/' || loader == NULL || *loader != '/' ||
++            libpath == NULL || base == NULL || *base != '/' || path == NULL)
++        return;
++    base_length = strlen(base);
++    if (strncmp(path, base, base_length) != 0 || path[base_length] != '/')
++        return;
++    if ((fd = nextcall(open)(path, O_RDONLY)) == -1)
++        return;
++    ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == getuid() &&
++         elf_interp(fd, interp, sizeof interp) && strcmp(interp, loader) != 0;
++    close(fd);
++    if (!ok || (size_t) snprintf(tmp, sizeof tmp, "%s.fakechroot-patch-%d", path,
++                                 (int) getpid()) >= sizeof tmp)
++        return;
++    debug("fakechroot_patch_exec(\"%s\"): interpreter %s -> %s", path, interp, loader);
++    {
++        char * const set_rpath[] = { (char *) patchelf, "--set-rpath",
++                                     (char *) libpath, "--output", tmp,
++                                     (char *) path, NULL };
++        char * const set_interp[] = { (char *) patchelf, "--set-interpreter", (char *) loader,
++                                      tmp, NULL };
++        ok = run_patchelf(set_rpath) == 0 && run_patchelf(set_interp) == 0 &&
++             (fd = nextcall(open)(tmp, O_RDONLY)) != -1;
++        if (ok) {
++            ok = fchmod(fd, st.st_mode & 07777) == 0;
++            close(fd);
++        }
++        if (!ok || syscall(SYS_renameat, AT_FDCWD, tmp, AT_FDCWD, path) != 0)
++            syscall(SYS_unlinkat, AT_FDCWD, tmp, 0);
++    }
++}
+--- a/src/posix_spawn.c
++++ b/src/posix_spawn.c
+@@ -63,11 +63,16 @@
+     size_t sizeenvp;
+     char c;
+ 
++    fakechroot_restore_env();   /* udocker: after env -i, too */
+     char *elfloader = getenv("FAKECHROOT_ELFLOADER");
+     char *elfloader_opt_argv0 = getenv("FAKECHROOT_ELFLOADER_OPT_ARGV0");
++    /* udocker (F2): the loader is given LD_LIBRARY_REAL as --library-path, which it takes
++       instead of LD_LIBRARY_PATH (the host's, or a container path, never reaches it) */
++    char *library_real = getenv("LD_LIBRARY_REAL");
+ 
+     if (elfloader && !*elfloader) elfloader = NULL;
+     if (elfloader_opt_argv0 && !*elfloader_opt_argv0) elfloader_opt_argv0 = NULL;
++    if (library_real && !*library_real) library_real = NULL;
+ 
+     debug("posix_spawn(\"%s\", {\"%s\", ...}, {\"%s\", ...})", filename, argv[0], envp ? envp[0] : "(null)");
+ 
+@@ -193,12 +198,13 @@
+     /* No hashbang in argv */
+     if (hashbang[0] != '#' || hashbang[1] != '!') {
+         if (!elfloader) {
++            fakechroot_patch_exec(filename);
+             status = nextcall(posix_spawn)(pid, filename, file_actions, attrp, argv, newenvp);
+             goto error;
+         }
+ 
+         /* Run via elfloader */
+-        for (i = 0, n = (elfloader_opt_argv0 ? 3 : 1); argv[i] != NULL && i < argv_max; ) {
++        for (i = 0, n = 1 + (elfloader_opt_argv0 ? 2 : 0) + (library_real ? 2 : 0); argv[i] != NULL && i < argv_max; ) {
+             newargv[n++] = argv[i++];
+         }
+ 
+@@ -206,6 +212,10 @@
+ 
+         n = 0;
+         newargv[n++] = elfloader;
++        if (library_real) {
++            newargv[n++] = "--library-path";
++            newargv[n++] = library_real;
++        }
+         if (elfloader_opt_argv0) {
+             newargv[n++] = elfloader_opt_argv0;
+             newargv[n++] = argv0;
+@@ -247,21 +257,26 @@
+     newargv[n] = 0;
+ 
+     if (!elfloader) {
++        fakechroot_patch_exec(newfilename);
+         status = nextcall(posix_spawn)(pid, newfilename, file_actions, attrp, (char * const *)newargv, newenvp);
+         goto error;
+     }
+ 
+     /* Run via elfloader */
+-    j = elfloader_opt_argv0 ? 3 : 1;
++    j = 1 + (elfloader_opt_argv0 ? 2 : 0) + (library_real ? 2 : 0);
+     if (n >= argv_max - 1) {
+         n = argv_max - j - 1;
+     }
+     newargv[n+j] = 0;
+-    for (i = n; i >= j; i--) {
++    for (i = n + j - 1; i >= j; i--) {   /* udocker: all n move (was i = n: j > 1 lost some) */
+         newargv[i] = newargv[i-j];
+     }
+     n = 0;
+     newargv[n++] = elfloader;
++    if (library_real) {
++        newargv[n++] = "--library-path";
++        newargv[n++] = library_real;
++    }
+     if (elfloader_opt_argv0) {
+         newargv[n++] = elfloader_opt_argv0;
+         newargv[n++] = argv0;
+EOF_PATCH
+        die "our libfakechroot F2/F4 patch did not apply in $1"
 }
 
 FAKECHROOT_CONFIGURE="./configure --with-libpath=no"
