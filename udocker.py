@@ -8739,7 +8739,7 @@ TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
     # other sum is given
     "udocker-tools-2.0.0.tar.gz":
-        "50ed63cb30bf88020432e4d9cab003cad28051837985ebd2f163b790d11e1800",
+        "4cfeaa0ce99cb2cf7f51f8dc57acf7d546df5f54d4a248fc787ff0fa98fb7d35",
 }
 TOOLS_GITBLOB = {
     # tarball file name -> git blob id of a published release: the SHA-1 of
