@@ -512,7 +512,7 @@ def test_busybox_tree(world, mode):
 
 # -- musl tree (Alpine's layout: /lib/ld-musl-x86_64.so.1, busybox linked against it)
 
-@pytest.mark.parametrize("mode", ["P1", "F1", "F3"])
+@pytest.mark.parametrize("mode", ["P1", "F1", "F3", "F4"])
 def test_musl_tree_with_a_volume_as_working_directory(world, mode):
     """F modes run a musl container through the tools' libfakechroot-musl: commands found
     in PATH, the working directory in a volume, relative paths and `..` from it, pwd showing
@@ -533,6 +533,32 @@ def test_musl_tree_with_a_volume_as_working_directory(world, mode):
                           "/usr/bin/cat", "ID=musl-test", "/data/sub/../in"], err
     assert lines[10:] == ([] if mode == "P1" else ["libfakechroot-musl-x86_64.so"]), err
     assert sorted(os.listdir(host)) == ["in", "sub"]
+
+
+def test_musl_tree_f4_patches_a_program_copied_in_after_setup(world):
+    """F4 on the musl tree: a busybox copied into ROOT after setup (its header names
+    /lib/ld-musl-x86_64.so.1, the host's path) is patched when a shell starts it by a
+    relative path from a volume working directory, and when run starts it."""
+    cid = world.container("F4", "musl", fresh=True)
+    root = os.path.join(world.ud_dir, "containers", cid, "ROOT")
+    for name in ("new", "new2"):          # busybox: its applets need that name in argv[0]
+        os.makedirs(os.path.join(root, "tmp", name))
+        shutil.copy(os.path.join(world.tree("musl"), "bin", "busybox"),
+                    os.path.join(root, "tmp", name, "busybox"))
+    assert udocker.elf_info(os.path.join(root, "tmp", "new", "busybox"))["interp"] == \
+        "/lib/ld-musl-x86_64.so.1"
+    loader = os.path.join(root, "lib", "ld-musl-x86_64.so.1")
+    volume = os.path.join(world.top, "f4-musl")
+    os.makedirs(volume)
+    script = "../tmp/new/busybox pwd; ../tmp/new/busybox echo ran"
+    rc, out, err = world.run("F4", ["sh", "-c", script], ["-v", volume + ":/data", "-w", "/data"],
+                             name=cid, kind="musl")
+    assert (rc, out) == (0, "/data\nran\n"), err
+    assert udocker.elf_info(os.path.join(root, "tmp", "new", "busybox"))["interp"] == loader
+    rc, out, err = world.run("F4", ["/tmp/new2/busybox", "echo", "ran too"], name=cid,
+                             kind="musl")
+    assert (rc, out) == (0, "ran too\n"), err
+    assert udocker.elf_info(os.path.join(root, "tmp", "new2", "busybox"))["interp"] == loader
 
 
 def test_musl_tree_f3_setup_patches_for_the_musl_loader(world):
