@@ -669,7 +669,7 @@ def test_fakechroot_library_for_musl(tmpdir):
     """A musl container gets libfakechroot-musl-ARCH.so, never a glibc one; without it the
     one error line names musl (and a glibc container never gets the musl library)."""
     tools = tools_for(tmpdir, UDOCKER_TARBALL="")
-    lib = tmpdir.join("ud", "lib")
+    lib = tmpdir.join("udocker", "lib")
     lib.join("VERSION").write("2.0.0\n")
     lib.join("libfakechroot-glibc2.17-x86_64.so").write("x")
     pick = lambda arch, libc, glibc="": os.path.basename(
