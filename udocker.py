@@ -5540,10 +5540,6 @@ def name_matcher(patterns):
     return matches
 
 
-def name_matches(name, patterns):
-    return name_matcher(patterns)(name)
-
-
 class _JsonScanContext(object):
     """The attributes _json.make_scanner reads from a json.JSONDecoder."""
     strict = True
