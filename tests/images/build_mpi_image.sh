@@ -17,8 +17,8 @@
 #   are whatever the mirror serves today).
 #
 # CACHING
-#   A tarball is rebuilt only when this script or mpi_hello.c changes: OUT.tar.built-by
-#   holds the hash of both. A bookworm-minbase.tar without that stamp file was made by
+#   A tarball is rebuilt only when this script, lib.sh or mpi_hello.c changes: OUT.tar.built-by
+#   holds the hash of the three (see lib.sh for SAME_AS). A bookworm-minbase.tar without that stamp file was made by
 #   someone else and is left alone. --force rebuilds what this script made.
 #
 # SOURCES
@@ -40,25 +40,15 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-force=0
-if [[ ${1:-} == --force ]]; then force=1; shift; fi
-OUTDIR=${1:-/var/cache/udocker-test}
-W=${WORKDIR:-/var/tmp/udocker-test-images}
+source "$here/lib.sh"
+images_init /var/tmp/udocker-test-images "$@"
 SUITE=bookworm
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1704067200}   # 2024-01-01T00:00:00Z
 
-say() { echo "build_mpi_image: $*" >&2; }
-die() { say "error: $*"; exit 1; }
+need_root "debootstrap and chroot need it"
+need_debootstrap
 
-[[ $(id -u) == 0 ]] || die "run as root (debootstrap and chroot need it)"
-command -v debootstrap >/dev/null || die "debootstrap not found: apt-get install debootstrap"
-
-# detect_mirror: the one in tools/build_tarball.sh (that script ships inside the tools
-# tarball and stays self-contained, so the function is read from it rather than shared)
-eval "$(sed -n '/^detect_mirror() {$/,/^}$/p' "$here/../../tools/build_tarball.sh")"
-declare -F detect_mirror >/dev/null || die "no detect_mirror() in tools/build_tarball.sh"
-
-stamp=$(cat "$0" "$here/mpi_hello.c" | sha256sum | cut -c1-16)
+make_stamp "$here/mpi_hello.c"
+SAME_AS=41bce1aa58eae841        # this script before lib.sh (see lib.sh)
 
 # up_to_date NAME: true if OUTDIR/NAME.tar was built by this version of the script, or (for
 # the minbase tarball) by someone else (no stamp file: left alone, even with --force)
@@ -70,7 +60,7 @@ up_to_date() {
         say "$tar was made by someone else: kept"
         return 0
     fi
-    [[ $force == 0 && $(cat "$tar.built-by") == "$stamp" ]]
+    is_built "$tar"
 }
 
 need_minbase=1; need_mpi=1; need_python=1
@@ -82,42 +72,7 @@ if [[ $need_minbase == 0 && $need_mpi == 0 && $need_python == 0 ]]; then
     exit 0
 fi
 
-MIRROR=${MIRROR:-$(detect_mirror)}
-[[ -n $MIRROR ]] || die "cannot find the Debian mirror (set MIRROR=...)"
-
-CHROOT_ENV=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C TZ=UTC
-            DEBIAN_FRONTEND=noninteractive SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH")
-APT=(apt-get -o APT::Sandbox::User=root -o Acquire::Check-Valid-Until=false -q -y)
-
-# slim TREE: what every image loses before it is packed
-slim() {
-    local R=$1
-    chroot "$R" "${CHROOT_ENV[@]}" apt-get clean
-    rm -rf "$R"/var/lib/apt/lists/* "$R"/var/cache/apt/*.bin "$R"/var/cache/debconf/*-old \
-        "$R"/var/lib/dpkg/*-old "$R"/var/cache/ldconfig/aux-cache "$R"/usr/share/doc/* \
-        "$R"/usr/share/man/* "$R"/usr/share/info/* "$R"/usr/share/locale/* \
-        "$R"/usr/share/lintian/* "$R"/tmp/* "$R"/var/tmp/* "$R"/root/.bash_history \
-        "$R"/usr/sbin/policy-rc.d
-    find "$R/var/log" -type f -delete
-    : >"$R/etc/machine-id"
-    echo "$SUITE" >"$R/etc/hostname"
-    printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$R/etc/hosts"
-    : >"$R/etc/resolv.conf"
-}
-
-# pack TREE NAME: OUTDIR/NAME.tar (+ .built-by), atomically
-pack() {
-    local R=$1 out=$OUTDIR/$2.tar
-    mkdir -p "$OUTDIR"
-    (cd "$R" && ls -A) >"$W/members"
-    tar -C "$R" --format=gnu --sort=name --numeric-owner --mtime="@$SOURCE_DATE_EPOCH" \
-        --anchored --exclude='dev/*' --exclude='proc/*' --exclude='sys/*' \
-        -cf "$out.tmp" -T "$W/members"
-    chmod 644 "$out.tmp"
-    mv -f "$out.tmp" "$out"
-    echo "$stamp" >"$out.built-by"
-    say "$out: $(du -m "$out" | cut -f1) MB"
-}
+use_mirror
 
 start=$(date +%s)
 rm -rf "$W"
@@ -133,19 +88,6 @@ path-exclude=/usr/share/info/*
 path-exclude=/usr/share/locale/*
 path-exclude=/usr/share/lintian/*
 EOF
-
-# apt_in TREE LOG PACKAGES...: apt-get install in the chroot, no services started
-apt_in() {
-    local R=$1 log=$2; shift 2
-    printf '#!/bin/sh\nexit 101\n' >"$R/usr/sbin/policy-rc.d"      # start no services
-    chmod 755 "$R/usr/sbin/policy-rc.d"
-    cp /etc/resolv.conf "$R/etc/resolv.conf" 2>/dev/null || true
-    cp /etc/hosts "$R/etc/hosts"
-    chroot "$R" "${CHROOT_ENV[@]}" "${APT[@]}" update >"$log" 2>&1 ||
-        { tail -n 30 "$log" >&2; die "apt-get update failed"; }
-    chroot "$R" "${CHROOT_ENV[@]}" "${APT[@]}" install --no-install-recommends "$@" >>"$log" 2>&1 ||
-        { tail -n 30 "$log" >&2; die "apt-get install failed"; }
-}
 
 # copy before slimming: apt needs /dev/null and friends
 [[ $need_mpi == 1 ]] && cp -a "$W/minbase" "$W/mpi"

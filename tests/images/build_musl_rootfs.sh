@@ -11,12 +11,12 @@
 #                     0:0, mtime SOURCE_DATE_EPOCH.
 #
 # CACHING
-#   Rebuilt only when this script changes: OUT.tar.built-by holds its hash; --force
-#   rebuilds.
+#   Rebuilt only when this script or lib.sh changes: OUT.tar.built-by holds the hash of
+#   both (see lib.sh for SAME_AS); --force rebuilds.
 #
 # SOURCES
-#   busybox/bookworm from the Debian mirror the host uses (detect_mirror of
-#   tools/build_tarball.sh, or $MIRROR), through a private deb-src list (the system's apt
+#   busybox/bookworm from the Debian mirror the host uses (use_mirror of lib.sh, or
+#   $MIRROR), through a private deb-src list (the system's apt
 #   configuration is not touched); Debian's musl, musl-dev and musl-tools (installed with
 #   apt-get when missing); the kernel headers of linux-libc-dev (busybox needs a few).
 #
@@ -33,31 +33,23 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-force=0
-if [[ ${1:-} == --force ]]; then force=1; shift; fi
-OUTDIR=${1:-/var/cache/udocker-test}
-W=${WORKDIR:-/var/tmp/udocker-test-musl}
+source "$here/lib.sh"
+images_init /var/tmp/udocker-test-musl "$@"
 NAME=musl-busybox
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1704067200}   # 2024-01-01T00:00:00Z
 export LC_ALL=C TZ=UTC DEBIAN_FRONTEND=noninteractive
 
-say() { echo "build_musl_rootfs: $*" >&2; }
-die() { say "error: $*"; exit 1; }
-
-[[ $(id -u) == 0 ]] || die "run as root (apt-get needs it)"
+need_root "apt-get needs it"
 [[ $(uname -m) == x86_64 ]] || die "the host must be x86_64"
 
-stamp=$(sha256sum <"$0" | cut -c1-16)
+make_stamp
+SAME_AS=38fa01b03de154e3        # this script before lib.sh (see lib.sh)
 out=$OUTDIR/$NAME.tar
-if [[ $force == 0 && -f $out && $(cat "$out.built-by" 2>/dev/null) == "$stamp" ]]; then
+if is_built "$out"; then
     say "up to date: $out"
     exit 0
 fi
 
-eval "$(sed -n '/^detect_mirror() {$/,/^}$/p' "$here/../../tools/build_tarball.sh")"
-declare -F detect_mirror >/dev/null || die "no detect_mirror() in tools/build_tarball.sh"
-MIRROR=${MIRROR:-$(detect_mirror)}
-[[ -n $MIRROR ]] || die "cannot find the Debian mirror (set MIRROR=...)"
+use_mirror
 
 start=$(date +%s)
 missing=()
@@ -133,8 +125,6 @@ printf 'root:x:0:\nuser:x:1000:\n' >"$R/etc/group"
 mkdir -p "$OUTDIR"
 tar -C "$R" --format=gnu --sort=name --owner=0 --group=0 --numeric-owner \
     --mtime="@$SOURCE_DATE_EPOCH" -cf "$out.tmp" .
-chmod 644 "$out.tmp"
-mv -f "$out.tmp" "$out"
-echo "$stamp" >"$out.built-by"
+publish "$out"
 rm -rf "$W"
 say "$out: $(du -k "$out" | cut -f1) kB, done in $(( $(date +%s) - start )) s"

@@ -9,12 +9,13 @@
 #   tests/images/fsnames.c (source kept in /usr/local/src), so that it imports the names of
 #   that glibc generation: __xstat/__lxstat/__fxstatat before 2.33, stat/lstat/fstatat from
 #   2.33 on (checked here with objdump -T). Slimmed and packed as build_mpi_image.sh does
-#   (its slim and pack functions: no documentation, no apt lists, an empty /dev, sorted
+#   (slim and pack of lib.sh: no documentation, no apt lists, an empty /dev, sorted
 #   members owned by numeric ids, mtime SOURCE_DATE_EPOCH).
 #
 # CACHING
-#   release-SUITE.tar is rebuilt only when this script or fsnames.c changes:
-#   release-SUITE.tar.built-by holds the hash of both. --force rebuilds.
+#   release-SUITE.tar is rebuilt only when this script, lib.sh or fsnames.c changes:
+#   release-SUITE.tar.built-by holds the hash of the three (see lib.sh for SAME_AS).
+#   --force rebuilds.
 #
 # SOURCES
 #   Only the Debian mirror the host already uses (as build_mpi_image.sh finds it, or $MIRROR).
@@ -36,37 +37,20 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-force=0
-if [[ ${1:-} == --force ]]; then force=1; shift; fi
-OUTDIR=${1:-/var/cache/udocker-test}
-W=${WORKDIR:-/var/tmp/udocker-test-releases}
+source "$here/lib.sh"
+images_init /var/tmp/udocker-test-releases "$@"
 RELEASES=${RELEASES:-"bullseye bookworm trixie"}
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1704067200}   # 2024-01-01T00:00:00Z
 
-say() { echo "build_release_images: $*" >&2; }
-die() { say "error: $*"; exit 1; }
+need_root "debootstrap and chroot need it"
+need_debootstrap
 
-[[ $(id -u) == 0 ]] || die "run as root (debootstrap and chroot need it)"
-command -v debootstrap >/dev/null || die "debootstrap not found: apt-get install debootstrap"
-
-# detect_mirror (tools/build_tarball.sh), slim, pack and apt_in (build_mpi_image.sh): read
-# from those scripts, which stay self-contained
-eval "$(sed -n '/^detect_mirror() {$/,/^}$/p' "$here/../../tools/build_tarball.sh")"
-for f in slim pack apt_in; do
-    eval "$(sed -n "/^$f() {\$/,/^}\$/p" "$here/build_mpi_image.sh")"
-    declare -F "$f" >/dev/null || die "no $f() in tests/images/build_mpi_image.sh"
-done
-declare -F detect_mirror >/dev/null || die "no detect_mirror() in tools/build_tarball.sh"
-
-stamp=$(cat "$0" "$here/fsnames.c" | sha256sum | cut -c1-16)
-CHROOT_ENV=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C TZ=UTC
-            DEBIAN_FRONTEND=noninteractive SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH")
-APT=(apt-get -o APT::Sandbox::User=root -o Acquire::Check-Valid-Until=false -q -y)
+make_stamp "$here/fsnames.c"
+SAME_AS=ed19da87643fd3a7        # this script before lib.sh (see lib.sh)
 
 todo=""
 for SUITE in $RELEASES; do
     tar=$OUTDIR/release-$SUITE.tar
-    if [[ $force == 0 && -f $tar && $(cat "$tar.built-by" 2>/dev/null) == "$stamp" ]]; then
+    if is_built "$tar"; then
         say "up to date: $tar"
     else
         todo="$todo $SUITE"
@@ -74,8 +58,7 @@ for SUITE in $RELEASES; do
 done
 [[ -n $todo ]] || exit 0
 
-MIRROR=${MIRROR:-$(detect_mirror)}
-[[ -n $MIRROR ]] || die "cannot find the Debian mirror (set MIRROR=...)"
+use_mirror
 
 # the names each generation's fsnames must import (objdump -T, in the build chroot)
 names_of() {  # SUITE
