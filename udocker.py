@@ -825,11 +825,12 @@ def random_hex(count):
     return "".join("%02x" % b for b in bytearray(os.urandom(count)))
 
 
-def which(name, path=None):
-    """The first executable called name in path (default $PATH), or None."""
+def which(name, path):
+    """The first executable called name in path (a $PATH value: the session's, never read
+    here from os.environ), or None."""
     if "/" in name:
         return name if is_executable(name) else None
-    for directory in (path if path is not None else os.environ.get("PATH", "")).split(":"):
+    for directory in path.split(":"):
         candidate = os.path.join(directory or ".", name)
         if is_executable(candidate):
             return candidate
@@ -1217,8 +1218,9 @@ class LocalRepository(object):
 
     SUBDIRS = ("repos", "layers", "containers", "bin", "lib")
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, program_path=""):
         self.cfg = cfg
+        self.program_path = program_path  # the session's $PATH, for xz/zstd/bzip2 -dc
         self.topdir = cfg.topdir
         self.reposdir = cfg.reposdir
         self.layersdir = cfg.layersdir
@@ -3410,13 +3412,13 @@ def _prefetch(chunks, depth=4):
         chunks.close()
 
 
-def layer_chunks(handle, label, kind=None):
+def layer_chunks(handle, label, kind=None, program_path=""):
     """Generator of the decompressed bytes of an open layer file or stream, whatever its
     compression (kind: what layer_compression says, which seeks to look; given, the handle
     is read from where it is).
 
     Raises LayerError for truncated or corrupt compressed data, or when neither Python nor
-    a program on $PATH can decompress it.
+    a program on program_path (the session's $PATH) can decompress it.
     """
     kind = kind or layer_compression(handle)
     if kind == "tar":
@@ -3426,7 +3428,7 @@ def layer_chunks(handle, label, kind=None):
     factory = buffered_decompressor(kind)
     if factory is not None:
         return _prefetch(_inflate_buffered(handle, factory, kind, label))
-    program = which(DECOMPRESS_PROGRAMS[kind])
+    program = which(DECOMPRESS_PROGRAMS[kind], program_path)
     if program:
         return _prefetch(_program_chunks(handle, program, kind, label))
     raise LayerError(label, "%s-compressed data: this Python cannot decompress it and no %s "
@@ -3442,11 +3444,11 @@ def _tarball_errors(label, action, *args):
         raise ArchiveError("%s: %s" % (label, exc.reason))
 
 
-def uncompressed_digest(path):
+def uncompressed_digest(path, program_path):
     """sha256:HEX of a layer file's uncompressed content: its diff_id."""
     hasher = hashlib.sha256()
     with open(path, "rb") as handle:
-        for data in layer_chunks(handle, os.path.basename(path)):
+        for data in layer_chunks(handle, os.path.basename(path), None, program_path):
             hasher.update(data)
     return "sha256:" + hasher.hexdigest()
 
@@ -3936,7 +3938,7 @@ def load_archive(repo, source, rename=None):
 # -- save: docker-save archives (classic layout, which docker, skopeo, podman and upstream
 # udocker load; upstream 1.3 would name images at random if an oci-layout were added)
 
-def _save_config(image):
+def _save_config(image, program_path):
     """(config bytes, diff_ids) for saving an image. A pulled or loaded v2 image's config is
     kept byte for byte (its digest is the image id); v1 and schema 1 images get one built,
     with diff_ids computed from their layers."""
@@ -3954,7 +3956,7 @@ def _save_config(image):
     diff_ids = (doc.get("rootfs") or {}).get("diff_ids")
     if schema2 and isinstance(diff_ids, list) and len(diff_ids) == len(image.layers):
         return raw, diff_ids
-    actual = [uncompressed_digest(path) for path in image.layers]
+    actual = [uncompressed_digest(path, program_path) for path in image.layers]
     if raw and diff_ids == actual:
         return raw, diff_ids
     for key in ("id", "parent", "Size", "size", "container", "throwaway"):
@@ -3971,7 +3973,8 @@ class SavePlan(object):
     members: {name: bytes, an open file, or None for a directory}.
     """
 
-    def __init__(self, images):
+    def __init__(self, images, program_path):
+        self.program_path = program_path
         self.members, self.handles = {}, []
         self.manifest, self.repositories, self.entry_of = [], {}, {}
         try:
@@ -3984,7 +3987,7 @@ class SavePlan(object):
         self.members["repositories"] = to_bytes(json_dumps(self.repositories))
 
     def _add(self, image):
-        config, diff_ids = _save_config(image)
+        config, diff_ids = _save_config(image, self.program_path)
         config_doc = json_loads(config)
         config_name = hashlib.sha256(config).hexdigest() + ".json"
         self.members[config_name] = config
@@ -4075,7 +4078,7 @@ def save_archive(repo, images, output):
     lock = repo.lock("metadata")
     lock.acquire(shared=True)
     try:
-        plan = SavePlan(images)
+        plan = SavePlan(images, repo.program_path)
     finally:
         lock.release()
     try:
@@ -4093,7 +4096,7 @@ def save_archive(repo, images, output):
 
 # -- import: a root file system tarball becomes a one-layer image
 
-def spool_layer(stream, path, label):
+def spool_layer(stream, path, label, program_path):
     """Copy a tar stream (plain, gzip, bzip2 or xz) to path while hashing it.
 
     gzip and plain tars are stored as they come; bzip2 and xz are stored inflated (layer
@@ -4117,7 +4120,7 @@ def spool_layer(stream, path, label):
 
     try:
         raw = TeeReader(source, store) if keep else source
-        for plain in layer_chunks(raw, label, kind):
+        for plain in layer_chunks(raw, label, kind, program_path):
             diff.update(plain)
             if not keep:
                 store(plain)
@@ -4198,12 +4201,12 @@ def import_tarball(repo, cfg, source, name, tag, platform, move=False):
                 stream.seek(0)
                 layer_path = source                     # hashed where it is, then renamed
                 digest, size, diff_id, kind = _tarball_errors(source, spool_layer, stream,
-                                                              None, source)
+                                                              None, source, repo.program_path)
             else:
                 if local:
                     stream.seek(0)
-                digest, size, diff_id, kind = _tarball_errors(source, spool_layer, stream,
-                                                              layer_path, source)
+                digest, size, diff_id, kind = _tarball_errors(
+                    source, spool_layer, stream, layer_path, source, repo.program_path)
         except NETWORK_ERRORS as exc:
             if local or source == "-":
                 raise
@@ -4343,9 +4346,9 @@ class LayerStream(object):
     every decompressed byte once (import records the diff_id of what it extracted).
     """
 
-    def __init__(self, handle, label, hasher=None):
+    def __init__(self, handle, label, hasher=None, program_path=""):
         self.label = label
-        self._chunks = layer_chunks(handle, label)
+        self._chunks = layer_chunks(handle, label, None, program_path)
         self._hasher = hasher
         self._buf = b""        # the current chunk
         self._off = 0          # stream offset of _buf[0]
@@ -4520,6 +4523,7 @@ class Flattener(object):
         self.title = "create"           # starts the warnings that concern no single layer
         self.label = self.title
         self.hasher = None              # fed the decompressed bytes of the first pass
+        self.program_path = ""          # the session's $PATH (layer_chunks)
 
     # -- messages
 
@@ -4561,7 +4565,7 @@ class Flattener(object):
 
     def _pass(self, handle, visit):
         label = self.label
-        self.stream = LayerStream(handle, label, self.hasher)
+        self.stream = LayerStream(handle, label, self.hasher, self.program_path)
         try:
             try:
                 archive = tarfile.open(fileobj=self.stream, mode="r:", encoding="utf-8",
@@ -4939,7 +4943,7 @@ class Flattener(object):
                 if found and found[1].paths and member.isreg():
                     self._materialize(found[1], member, archive)
             return self._pass(handle, visit)
-        self.stream = LayerStream(handle, self.label)
+        self.stream = LayerStream(handle, self.label, None, self.program_path)
         try:
             for offset in sorted(by_offset):
                 member, group = by_offset[offset]
@@ -5051,13 +5055,14 @@ def build_container(store, kind, make):
     return cid
 
 
-def flatten_root(build, handles, title="create", hasher=None):
+def flatten_root(build, handles, program_path, title="create", hasher=None):
     """build/ROOT from [(open layer file, label)] (base first), and the attrs file beside
     it; hasher (optional) is fed the decompressed bytes of the layers."""
     root = os.path.join(build, ContainerDir.ROOT)
     os.mkdir(root, 0o700)
     flattener = Flattener(root, current_umask())
     flattener.title, flattener.hasher = title, hasher
+    flattener.program_path = program_path
     flattener.run(handles)
     makedirs(os.path.join(build, META_DIR))
     flattener.write_attrs(os.path.join(build, ContainerDir.ATTRS))
@@ -5079,7 +5084,7 @@ def create_container(store, image, name=None, force=False):
     handles = open_layers(store.repo, image)
 
     def make(build):
-        flatten_root(build, handles)
+        flatten_root(build, handles, store.repo.program_path)
         config = b"{}"
         if image.config_path and os.path.exists(image.config_path):
             with open(image.config_path, "rb") as handle:
@@ -5291,10 +5296,11 @@ def _drop_metadata_links(cdir):
                        not (dirpath == cdir and n == ContainerDir.ROOT)]
 
 
-def _fill_from_rootfs(build, handle, label, image, platform):
+def _fill_from_rootfs(build, handle, label, image, platform, program_path):
     """import --tocontainer: ROOT from the tarball, metadata made up as upstream does."""
     hasher = hashlib.sha256()
-    root = _tarball_errors(label, flatten_root, build, [(handle, label)], "import", hasher)
+    root = _tarball_errors(label, flatten_root, build, [(handle, label)], program_path,
+                           "import", hasher)
     if not os.listdir(root):
         raise ArchiveError("%s: the tarball has no files" % label)
     write_container_meta(build, import_config(platform, "sha256:" + hasher.hexdigest(),
@@ -5305,10 +5311,10 @@ def _fill_from_rootfs(build, handle, label, image, platform):
     return image
 
 
-def _fill_from_clone(build, handle, label):
+def _fill_from_clone(build, handle, label, program_path):
     """import --clone: the whole container directory from the tarball, checked."""
     flattener = CloneFlattener(build, current_umask())
-    flattener.title = "import --clone"
+    flattener.title, flattener.program_path = "import --clone", program_path
     _tarball_errors(label, flattener.run, [(handle, label)])
     root = os.path.join(build, ContainerDir.ROOT)
     if os.path.islink(root) or not os.path.isdir(root):
@@ -5343,9 +5349,10 @@ def import_container(store, cfg, source, name=None, image=None, platform=None):
 
     def make(build):
         if image is None:
-            made = _fill_from_clone(build, handle, label)
+            made = _fill_from_clone(build, handle, label, store.repo.program_path)
         else:
-            made = _fill_from_rootfs(build, handle, label, image, platform)
+            made = _fill_from_rootfs(build, handle, label, image, platform,
+                                     store.repo.program_path)
         return store.new_id(made.partition(":")[0])
 
     try:
@@ -9800,7 +9807,7 @@ class Session(object):
     def __init__(self, cfg, environ=None):
         self.cfg = cfg
         self.environ = os.environ if environ is None else environ   # main()'s environment
-        self.repo = LocalRepository(cfg)
+        self.repo = LocalRepository(cfg, self.environ.get("PATH", ""))
         self.containers = ContainerStore(self.repo)
         self.keystore = Keystore(cfg.keystore, os.path.join(
             self.environ.get("HOME") or os.path.expanduser("~"), ".docker", "config.json"))

@@ -29,7 +29,7 @@ ID_RE = re.compile(r"^[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+-[a-z0-9]+$")   # a
 
 
 def have(program):
-    return udocker.which(program) is not None
+    return udocker.which(program, os.environ.get("PATH", "")) is not None
 
 
 # -- building layers
@@ -500,6 +500,25 @@ def test_zstd_without_a_decompressor_names_the_layer(env):
     assert rc == 1 and out == b"" and err.count("\n") == 1
     assert sha(image.blobs[0]) in err and "zstd" in err
     assert env.containers_dir_entries() == []
+
+
+@pytest.mark.skipif(udocker.buffered_decompressor("zstd") is not None or not have("zstd"),
+                    reason="this Python decompresses zstd itself, or no zstd to make a layer")
+def test_the_decompressor_is_looked_up_on_the_sessions_path(env):
+    """main(argv, environ): the session's PATH decides, whatever os.environ holds (it has
+    zstd here); the command reads no os.environ."""
+    env.add("z", Image([busybox_layer()], "zstd"))
+    zstd_dir = os.path.dirname(udocker.which("zstd", os.environ["PATH"]))
+    for path, rc in (("/nonexistent", 1), (zstd_dir, 0)):
+        session = udocker.Session(env.cfg, dict(env.environ, PATH=path))
+        assert session.repo.program_path == path
+        if rc:
+            with pytest.raises(udocker.LayerError) as info:
+                udocker.create_container(session.containers, session.repo.image("z", "latest"))
+            assert "no zstd program was found" in str(info.value)
+        else:
+            udocker.create_container(session.containers, session.repo.image("z", "latest"))
+    assert len(env.containers_dir_entries()) == 1
 
 
 def test_empty_layers(env):

@@ -41,6 +41,11 @@ STATIC_MODES = ["P1", "P2", "R1", "R1-runc", "R2", "R3"]     # fakechroot cannot
 needs_tools = require_engine_tests
 
 
+def on_path(name):
+    """The host has program name on this test's $PATH."""
+    return udocker.which(name, os.environ.get("PATH", "")) is not None
+
+
 @pytest.fixture(scope="module")
 def world(tmpdir_factory):
     needs_tools()
@@ -487,7 +492,7 @@ def test_sigkilled_udocker_leaves_nothing(world, mode):
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_exit_code_with_a_terminal(world, mode):
-    if not udocker.which("script"):
+    if not on_path("script"):
         print("skipped: no `script` (util-linux) to make a terminal")
         pytest.skip("no script(1) to provide a pty")
     cid = world.container(mode)
@@ -705,7 +710,7 @@ def test_moved_f_container_is_set_up_again(world):
 
 
 def test_singularity_mode_explains_when_absent(world):
-    if udocker.which("apptainer") or udocker.which("singularity"):
+    if on_path("apptainer") or on_path("singularity"):
         pytest.skip("apptainer/singularity present: S1 not tested here")
     cid = world.container("P1", fresh=True)
     assert world.ud(["setup", "--execmode=S1", cid])[0] == 0
@@ -944,7 +949,7 @@ def test_image_user_and_workdir_applied(world, mode):
 # -- R1 with other users: newuidmap and the /etc/subuid range
 
 def test_r1_runs_as_another_user_through_subuid_ranges(world):
-    if not (udocker.which("newuidmap") and udocker.which("newgidmap")):
+    if not (on_path("newuidmap") and on_path("newgidmap")):
         pytest.skip("no newuidmap/newgidmap (package uidmap)")
     rc, out, err = world.run("R1", ["sh", "-c", "id -u; id -g; wc -l < /proc/self/uid_map"],
                              ["--user=1000:1000"])
