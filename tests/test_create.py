@@ -20,8 +20,8 @@ import tarfile
 import pytest
 
 import udocker
+from support.runner import Udocker
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "udocker.py")
 MTIME = 1600000000
 BUSYBOX = "/bin/busybox"
 PY3 = sys.version_info[0] >= 3
@@ -187,6 +187,9 @@ class Env(object):
         os.makedirs(self.ud)
         with open(os.path.join(self.ud, "udocker.conf"), "w") as handle:
             handle.write("[DEFAULT]\npull_retries = 1\ntimeout = 2\nctimeout = 2\n")
+        self.run = Udocker(tmpdir)            # udocker.py started the way every test does
+        self.run.udocker_dir = self.ud
+        self.run.env["UDOCKER_LOGLEVEL"] = "3"
         self.cfg = udocker.Config.load(self.environ, {})
         self.session = udocker.Session(self.cfg)
         self.session.repo.ensure()
@@ -213,15 +216,6 @@ class Env(object):
 
     def root(self, cid):
         return self.store.path(cid, "ROOT")
-
-    def run(self, *args, **kw):
-        env = dict(self.environ)
-        env.update(kw.get("env") or {})
-        proc = subprocess.Popen([sys.executable, SCRIPT] + list(args), env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        out, err = proc.communicate(kw.get("stdin"))
-        return proc.returncode, out, err.decode("utf-8", "replace")
 
     def containers_dir_entries(self):
         return sorted(os.listdir(self.store.dir))
@@ -497,7 +491,7 @@ def test_every_compression_gives_the_same_tree(env, kind):
 def test_zstd_without_a_decompressor_names_the_layer(env):
     image = env.add("z", Image([busybox_layer()], "zstd"))
     rc, out, err = env.run("create", "z", env={"PATH": "/nonexistent"})
-    assert rc == 1 and out == b"" and err.count("\n") == 1
+    assert rc == 1 and out == "" and err.count("\n") == 1
     assert sha(image.blobs[0]) in err and "zstd" in err
     assert env.containers_dir_entries() == []
 
@@ -636,7 +630,7 @@ def to_bytes(name):
 def test_long_names_in_a_layer_are_skipped_by_create(env):
     env.add("long", Image([long_name_entries()]))
     rc, out, err = env.run("create", "long")
-    assert_long_names_skipped(rc, out.decode(), err, env.root)
+    assert_long_names_skipped(rc, out, err, env.root)
     env.check_untouched()
 
 
@@ -645,11 +639,11 @@ def test_long_names_in_an_imported_tar_are_skipped(env):
     with open(path, "wb") as handle:
         handle.write(tar_bytes(long_name_entries()))
     rc, out, err = env.run("import", "--tocontainer", path)
-    assert_long_names_skipped(rc, out.decode(), err, env.root)
+    assert_long_names_skipped(rc, out, err, env.root)
     rc, out, err = env.run("import", path, "long:1")
     assert rc == 0, err
     rc, out, err = env.run("create", "long:1")
-    assert_long_names_skipped(rc, out.decode(), err, env.root)
+    assert_long_names_skipped(rc, out, err, env.root)
 
 
 def test_file_names_in_messages_are_printable():
@@ -685,7 +679,7 @@ def test_bad_layer_fails_in_one_line_and_leaves_nothing(env, case):
     blobs, needle = corrupt_images()[case]
     env.add("bad", Image(blobs, "tar", blobs=blobs))
     rc, out, err = env.run("create", "bad")
-    assert rc == 1 and out == b""
+    assert rc == 1 and out == ""
     assert err.strip().count("\n") == 0 and err.startswith("Error: "), err
     assert needle in err
     assert env.containers_dir_entries() == []
@@ -703,7 +697,7 @@ def test_missing_layer_file_fails_in_one_line(env):
 
 def test_missing_image_and_no_registry(env):
     rc, out, err = env.run("create", "localhost:1/nothing", env={"UDOCKER_LOGLEVEL": "1"})
-    assert rc == 1 and out == b"" and err.startswith("Error: ")
+    assert rc == 1 and out == "" and err.startswith("Error: ")
     assert env.containers_dir_entries() == []
 
 
@@ -713,19 +707,19 @@ def test_create_prints_only_the_id_and_writes_metadata(env):
     image = env.add("busybox", Image([busybox_layer()]))
     rc, out, err = env.run("create", "--name=box", "busybox")
     assert rc == 0, err
-    cid = str(out.decode().strip())
-    assert out.decode() == cid + "\n" and ID_RE.match(cid)
+    cid = str(out.strip())
+    assert out == cid + "\n" and ID_RE.match(cid)
     with open(env.store.path(cid, "imagerepo.name")) as handle:
         assert handle.read() == "busybox:latest"
     with open(env.store.path(cid, "container.json"), "rb") as handle:
         assert handle.read() == image.config
     assert os.readlink(os.path.join(env.store.dir, "box")) == cid
     rc, out, err = env.run("inspect", "-p", "box")
-    assert str(out.decode().strip()) == env.root(cid)
+    assert str(out.strip()) == env.root(cid)
     rc, out, err = env.run("create", "--name=box", "busybox")
     assert rc == 1 and "already exists" in err
     rc, out, err = env.run("create", "--name=box", "--force", "busybox")
-    assert rc == 0 and os.readlink(os.path.join(env.store.dir, "box")) == str(out.decode().strip())
+    assert rc == 0 and os.readlink(os.path.join(env.store.dir, "box")) == str(out.strip())
 
 
 def test_ps_columns(env):
@@ -734,20 +728,20 @@ def test_ps_columns(env):
     two = env.create("busybox")
     env.store.set_protected(two, True)
     rc, out, err = env.run("ps")
-    lines = out.decode().splitlines()
+    lines = out.splitlines()
     assert lines[0] == "%-36s P M %-18s %-20s" % ("CONTAINER ID", "NAMES", "IMAGE")
     rows = dict((l[:36], l) for l in lines[1:])
     assert rows[one] == "%s . W %-18s %-20s" % (one, "['first']", "busybox:latest")
     assert rows[two] == "%s P W %-18s %-20s" % (two, "", "busybox:latest")
     rc, out, err = env.run("ps", "-m", "-s", "-p")
-    lines = out.decode().splitlines()
+    lines = out.splitlines()
     assert lines[0].startswith("CONTAINER ID" + " " * 24 + " P M MOD SIZE PLATFORM    ")
     row = [l for l in lines if l.startswith(one)][0]
     assert row.startswith("%s . W P1     2 linux/amd64        ['first']" % one)
     os.chmod(env.root(two), 0o555)
     os.rename(env.root(one), env.root(one) + ".moved")
     rc, out, err = env.run("ps")
-    rows = dict((l[:36], l) for l in out.decode().splitlines()[1:])
+    rows = dict((l[:36], l) for l in out.splitlines()[1:])
     assert rows[one][37:40] == ". N" and rows[two][37:40] == "P R"
     os.chmod(env.root(two), 0o755)
 
@@ -796,7 +790,7 @@ def test_clone_copies_everything(env):
     env.store.set_protected(cid, True)
     rc, out, err = env.run("clone", "--name=copy", cid)
     assert rc == 0, err
-    new = str(out.decode().strip())
+    new = str(out.strip())
     assert new != cid and env.store.find("copy") == new
     assert tree(env.root(new)) == tree(env.root(cid))
     assert snapshot(env.store.path(new)) == snapshot(env.store.path(cid))
@@ -810,9 +804,8 @@ def export_members(data):
 def test_export_restores_recorded_owners_and_modes(env, tmpdir):
     env.add("odd", Image(odd_layers(), "tar"))
     cid = env.create("odd", name="odd")
-    rc, out, err = env.run("export", "-", "odd")
-    assert rc == 0, err
-    members = export_members(out)
+    res = env.run("export", "-", "odd").check()
+    members = export_members(res.raw_out)
     assert members["./x/suid"].mode == 0o4755 and members["./x/none"].mode == 0
     assert (members["./x/owned"].uid, members["./x/owned"].gid) == (1000, 100)
     assert members["./x/ro/file"].uid == 0 and members["./x/fifo"].isfifo()
@@ -820,19 +813,17 @@ def test_export_restores_recorded_owners_and_modes(env, tmpdir):
     assert members["."].isdir()
     out_file = os.path.join(str(tmpdir), "out.tar")
     rc, out, err = env.run("export", "-o", out_file, "odd")
-    assert rc == 0 and "exporting to file" in err and out == b""
+    assert rc == 0 and "exporting to file" in err and out == ""
     with open(out_file, "rb") as handle:
         assert sorted(export_members(handle.read())) == sorted(members)
-    rc, out, err = env.run("export", "--clone", "-o", "-", cid)
-    names = export_members(out)
+    names = export_members(env.run("export", "--clone", "-o", "-", cid).check().raw_out)
     assert "./ROOT/x/suid" in names and "./container.json" in names
     assert "./imagerepo.name" in names
 
 
 def test_export_keeps_hardlinks(env):
     env.add("hl", Image(hardlink_layers()))
-    rc, out, err = env.run("export", "-", env.create("hl"))
-    members = export_members(out)
+    members = export_members(env.run("export", "-", env.create("hl")).check().raw_out)
     links = [m for m in members.values() if m.islnk()]
     assert links and all(members["./" + m.linkname[2:]].isreg() for m in links
                          if m.linkname.startswith("./"))
@@ -842,9 +833,7 @@ def test_export_keeps_hardlinks(env):
 
 def test_two_creates_of_one_image_at_once(env):
     env.add("busybox", Image(whiteout_layers()))
-    procs = [subprocess.Popen([sys.executable, SCRIPT, "create", "busybox"], env=env.environ,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for _ in range(2)]
+    procs = [env.run.start("create", "busybox") for _ in range(2)]
     ids = [str(p.communicate()[0].decode().strip()) for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and ids[0] != ids[1]
     assert env.containers_dir_entries() == sorted(ids)
@@ -855,9 +844,7 @@ def test_rm_racing_clone_leaves_a_consistent_repository(env):
     env.add("busybox", Image(whiteout_layers()))
     cid = env.create("busybox", name="src")
     expected = tree(env.root(cid))
-    procs = [subprocess.Popen([sys.executable, SCRIPT] + args, env=env.environ,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for args in (["clone", "--name=copy", "src"], ["rm", "src"])]
+    procs = [env.run.start(*args) for args in (["clone", "--name=copy", "src"], ["rm", "src"])]
     results = [p.communicate() for p in procs]
     assert procs[1].returncode == 0
     entries = env.containers_dir_entries()

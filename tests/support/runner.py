@@ -8,6 +8,7 @@
     res = run("login", "--username=alice", "--password-stdin",
               input="secret1\\n", env={"UDOCKER_LOGLEVEL": "5"}, timeout=60)
     rc, out, err = run("images")         # a Result is also the tuple (rc, out, err)
+    run("export", "-", cid).raw_out      # stdout as bytes (a tar, say)
     proc = run.start("rmi", "x")         # started, not waited for: a Popen with pipes
     run = Udocker(tmpdir, allow_root=True)   # --allow-root first when the test is root
 
@@ -41,10 +42,11 @@ class UdockerTimeout(AssertionError):
 class Result(object):
     """Outcome of one udocker.py run."""
 
-    def __init__(self, argv, rc, out, err, duration):
+    def __init__(self, argv, rc, out, err, duration, raw_out=None):
         self.argv = argv
         self.rc = rc
         self.out = out
+        self.raw_out = raw_out          # stdout as the process wrote it (bytes)
         self.err = err
         self.duration = duration
 
@@ -142,7 +144,7 @@ class Udocker(object):
             self.environ(kwargs.get("env")), kwargs.get("cwd") or self.tmpdir)
         result = Result(argv, rc,
                         to_text(out, errors="replace"),
-                        to_text(err, errors="replace"), time.time() - start)
+                        to_text(err, errors="replace"), time.time() - start, out)
         if expired:
             raise UdockerTimeout("timed out after %s s\n%r"
                                  % (timeout, result))
