@@ -21,6 +21,7 @@ import pytest
 import udocker
 import rootfs
 from support import one_error_line, require_engine_tests, wait_for
+from support.runner import Udocker
 from support.nvidia import BOUND_LIBRARIES, SMI_TABLE, FakeDriver, tree_state
 
 try:
@@ -61,11 +62,9 @@ class World(object):
         self.ud_dir = os.path.join(self.top, "ud")
         self.trees = {}
         self.containers = {}
-        self.env = dict(os.environ, UDOCKER_DIR=self.ud_dir, HOME=self.top,
-                        UDOCKER_NOSYSCONF="1", UDOCKER_TARBALL=TARBALL)
-        for name in list(self.env):
-            if name.startswith("UDOCKER_USE_") or name == "UDOCKER_DEFAULT_EXECUTION_MODE":
-                del self.env[name]
+        self.runner = Udocker(self.top)       # udocker.py started the way every test does
+        self.runner.udocker_dir = self.ud_dir
+        self.runner.env["UDOCKER_TARBALL"] = TARBALL
         os.makedirs(os.path.join(self.ud_dir, "containers"))
         self.volume = os.path.join(self.top, "vol")
         os.makedirs(self.volume)
@@ -104,23 +103,15 @@ class World(object):
         return cid
 
     def command(self, args, mode=None):
-        env = dict(self.env)
-        env.update(MODES[mode][1] if mode else {})
-        return [sys.executable, SCRIPT] + list(args), env
+        """(argv, environment) of udocker.py args in mode, for a test that starts it itself
+        (a terminal, inherited fds, a kill): the runner's."""
+        return self.runner.argv(args), self.runner.environ(MODES[mode][1] if mode else None)
 
     def ud(self, args, mode=None, stdin=None, timeout=300, env=None):
-        """Run udocker.py (env: extra environment); returns (exit code, stdout, stderr)."""
-        argv, environ = self.command(args, mode)
-        env = dict(environ, **(env or {}))
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            out, err = proc.communicate(stdin)
-        finally:
-            timer.cancel()
-        return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+        """Run udocker.py (env: extra environment); returns the runner's Result, also the
+        tuple (exit code, stdout, stderr)."""
+        extra = dict(MODES[mode][1] if mode else {}, **(env or {}))
+        return self.runner(*args, env=extra, input=stdin, timeout=timeout)
 
     def run(self, mode, argv, options=(), kind="glibc", stdin=None, name=None, env=None):
         cid = name or self.container(mode, kind)
@@ -628,13 +619,11 @@ def test_first_run_installs_the_tools(tmpdir):
     rootfs.make_glibc_rootfs(str(tmpdir.join("tree")))
     rootfs.write_container(top, "11111111-0000-4000-8000-000000000001", str(tmpdir.join("tree")),
                            name="first")
-    env = dict(os.environ, UDOCKER_DIR=top, HOME=str(tmpdir), UDOCKER_NOSYSCONF="1",
-               UDOCKER_TARBALL=TARBALL)
-    proc = subprocess.Popen([sys.executable, SCRIPT, "run", "first", "echo", "hi"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate()
-    assert proc.returncode == 0, err
-    assert out == b"hi\n" and b"tools installed" in err and b"STARTING" in err
+    run = Udocker(tmpdir)
+    run.udocker_dir = top
+    rc, out, err = run("run", "first", "echo", "hi", env={"UDOCKER_TARBALL": TARBALL})
+    assert rc == 0, err
+    assert out == "hi\n" and "tools installed" in err and "STARTING" in err
     assert os.path.isfile(os.path.join(top, "bin", "proot-x86_64"))
 
 
