@@ -724,12 +724,31 @@ def makedirs(path, mode=0o755):
             raise
 
 
+def replace_with(path, make, tmp=None):
+    """Create or replace path atomically with what make(tmp) puts at tmp (a file, a link):
+    tmp is then renamed to path. tmp: default a name beside path unique to this process and
+    thread; a stale one is removed first, and a failure removes it (AtomicFile does the
+    same for data written through a handle)."""
+    if tmp is None:
+        tmp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.current_thread().ident or 0)
+    remove_quietly(tmp)
+    try:
+        make(tmp)
+        os.rename(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def publish_download(partial, path):
+    """A complete, verified download (partial) gets its name path, readable by everyone."""
+    os.chmod(partial, 0o644)
+    os.rename(partial, path)
+
+
 def symlink_atomic(target, path):
     """Create or replace the symlink path -> target atomically."""
-    tmp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.current_thread().ident or 0)
-    remove_quietly(tmp)
-    os.symlink(target, tmp)
-    os.rename(tmp, path)
+    replace_with(path, lambda tmp: os.symlink(target, tmp))
 
 
 def make_tree_removable(top):
@@ -1544,9 +1563,8 @@ class LocalRepository(object):
         final = self.blob_path(digest)
         if os.path.isfile(final):
             return False
-        tmp = os.path.join(self.layersdir, ".%s.store-%d" % (digest, os.getpid()))
-        remove_quietly(tmp)
-        try:
+
+        def fill(tmp):
             try:
                 (os.rename if move else os.link)(path, tmp)
             except OSError as exc:
@@ -1556,10 +1574,9 @@ class LocalRepository(object):
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o644)
-            os.rename(tmp, final)
-        except BaseException:
-            remove_quietly(tmp)
-            raise
+
+        replace_with(final, fill, os.path.join(self.layersdir, ".%s.store-%d"
+                                               % (digest, os.getpid())))
         return True
 
 
@@ -2769,9 +2786,7 @@ class BlobDownloads(object):
             return self.streams + waiting < self.cpus
 
     def publish(self, digest):
-        partial = self.partial(digest)
-        os.chmod(partial, 0o644)
-        os.rename(partial, self.repo.blob_path(digest))
+        publish_download(self.partial(digest), self.repo.blob_path(digest))
 
     # -- segments of split blobs
 
@@ -8986,8 +9001,7 @@ class ToolsInstaller(object):
                 remove_quietly(partial)
                 if last or not resumed:    # a resumed file may be stale: once from scratch
                     raise
-        os.chmod(partial, 0o644)
-        os.rename(partial, dest)
+        publish_download(partial, dest)
         return dest
 
     def _fetch_url(self, url, partial):
@@ -9198,13 +9212,14 @@ def _move_into_place(src, dest):
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    tmp = "%s.tmp-%d" % (dest, os.getpid())         # another file system: copy, then rename
-    remove_quietly(tmp)
-    if os.path.islink(src):
-        os.symlink(os.readlink(src), tmp)
-    else:
-        shutil.copy2(src, tmp)
-    os.rename(tmp, dest)
+
+    def copy(tmp):                                  # another file system: copy, then rename
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), tmp)
+        else:
+            shutil.copy2(src, tmp)
+
+    replace_with(dest, copy)
 
 
 def _member_parts(name):

@@ -303,6 +303,53 @@ def test_atomic_file_appears_whole_or_not_at_all(tmpdir):
     assert sorted(os.listdir(top)) == ["new", "out"]
 
 
+def test_replace_with_and_its_users_leave_no_temp_name(tmpdir):
+    """replace_with (symlink_atomic, store_blob, the tools' copy across file systems):
+    the new content appears by rename; a stale temp name is cleared first; a failure
+    leaves the old path as it was and no temp name."""
+    top = str(tmpdir)
+    link = os.path.join(top, "link")
+    ud.symlink_atomic("one", link)
+    ud.symlink_atomic("two", link)                     # replaces
+    assert os.readlink(link) == "two" and os.listdir(top) == ["link"]
+
+    def fail(tmp):
+        os.symlink("three", tmp)
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        ud.replace_with(link, fail)
+    assert os.readlink(link) == "two" and os.listdir(top) == ["link"]
+    stale = os.path.join(top, "stale")
+    with open(stale, "w") as handle:
+        handle.write("left by a killed process")
+    ud.replace_with(os.path.join(top, "file"), lambda tmp: os.symlink("x", tmp), stale)
+    assert sorted(os.listdir(top)) == ["file", "link"]
+    cfg = ud.Config.load({"UDOCKER_DIR": os.path.join(top, "ud"), "HOME": top,
+                          "UDOCKER_NOSYSCONF": "1"}, {})
+    repo = ud.LocalRepository(cfg)
+    repo.create()
+    source = os.path.join(top, "blob")
+    with open(source, "wb") as handle:
+        handle.write(b"data")
+    digest = "sha256:" + "0" * 64
+    assert repo.store_blob(source, digest) is True and repo.store_blob(source, digest) is False
+    assert open(repo.blob_path(digest), "rb").read() == b"data"
+    assert os.stat(repo.blob_path(digest)).st_mode & 0o777 == 0o644
+    assert [n for n in os.listdir(repo.layersdir) if n.startswith(".")] == []
+    shm = "/dev/shm"                                   # the tools' move across file systems
+    if os.path.isdir(shm) and os.access(shm, os.W_OK) and \
+            os.stat(shm).st_dev != os.stat(top).st_dev:
+        src = os.path.join(shm, "udocker-test-move-%d" % os.getpid())
+        with open(src, "wb") as handle:
+            handle.write(b"tool")
+        try:
+            dest = os.path.join(top, "bin", "tool")
+            ud._move_into_place(src, dest)
+        finally:
+            ud.remove_quietly(src)
+        assert open(dest, "rb").read() == b"tool" and os.listdir(os.path.dirname(dest)) == ["tool"]
+
+
 def test_a_lock_file_unlinked_by_its_holder_is_taken_anew(tmpdir):
     """rm deletes .locks/container-ID.lock while holding it; a process that was waiting on
     it must then lock the file now at that path, not the unlinked one (or two processes
