@@ -210,17 +210,18 @@ def test_fakechroot_volume_map_names_real_host_paths(tmpdir):
 
 
 def test_command_from_entrypoint_and_cmd(tmpdir, glibc_tree):
+    """The container's command in the plan (what would run) from the image's Entrypoint
+    and Cmd, the run's arguments and --entrypoint."""
     meta = {"Entrypoint": ["/bin/echo", "E"], "Cmd": ["c1", "c2"]}
-    assert engine_for(tmpdir, glibc_tree).choose_command(meta) == ["/bin/echo", "E", "c1", "c2"]
-    assert engine_for(tmpdir, glibc_tree, args=["x"]).choose_command(meta) == \
-        ["/bin/echo", "E", "x"]
-    assert engine_for(tmpdir, glibc_tree, opts={"entrypoint": ""}, args=["ls"]) \
-        .choose_command(meta) == ["ls"]
-    assert engine_for(tmpdir, glibc_tree, opts={"entrypoint": "/bin/true"}) \
-        .choose_command(meta) == ["/bin/true"]                   # the image Cmd is dropped
-    assert engine_for(tmpdir, glibc_tree).choose_command({"Cmd": "echo hi"}) == \
-        ["/bin/sh", "-c", "echo hi"]
-    assert engine_for(tmpdir, glibc_tree).choose_command({}) == ["bash", "-i"]
+
+    def command(config, **kwargs):
+        return plan_for(tmpdir, glibc_tree, config=config, **kwargs)[1].command
+    assert command(meta) == ["/bin/echo", "E", "c1", "c2"]
+    assert command(meta, args=["x"]) == ["/bin/echo", "E", "x"]
+    assert command(meta, opts={"entrypoint": ""}, args=["ls"]) == ["ls"]
+    assert command(meta, opts={"entrypoint": "/bin/true"}) == ["/bin/true"]   # Cmd dropped
+    assert command({"Cmd": "echo hi"}) == ["/bin/sh", "-c", "echo hi"]
+    assert command({}) == ["bash", "-i"]
 
 
 def test_environment_precedence(tmpdir, glibc_tree, monkeypatch):
