@@ -23,7 +23,7 @@ import udocker
 from test_create import (ID_RE, Image, busybox_layer, compress, d, entry, env, f, hard,  # noqa
                          hardlink_layers, have, hostile_images, odd_layers, sym, tar_bytes,
                          tree, whiteout_layers)
-from support import UPSTREAM_UDOCKER, one_error_line
+from support import UPSTREAM_UDOCKER, one_error_line, to_text
 from test_run import world  # noqa: F401  (module fixture: the tools installed once)
 
 UPSTREAM = UPSTREAM_UDOCKER
@@ -33,20 +33,19 @@ needs_upstream = pytest.mark.usefixtures("upstream_udocker")
 # -- helpers
 
 def ok(env, *args, **kw):
-    rc, out, err = env.run(*args, **kw)
-    assert rc == 0, err
-    return out
+    """stdout (bytes) of udocker.py args, which must succeed."""
+    return env.run(*args, **kw).check().raw_out
 
 
 def new_id(out):
-    cid = out.decode().strip()
-    assert out.decode() == cid + "\n" and ID_RE.match(cid), out
+    cid = to_text(out).strip()
+    assert to_text(out) == cid + "\n" and ID_RE.match(cid), out
     return str(cid)
 
 
 def one_line_error(result, needle):
     rc, out, err = result
-    assert rc == 1 and out == b"", (rc, out, err)
+    assert rc == 1 and out == "", (rc, out, err)
     one_error_line(err, needle)
 
 
@@ -174,7 +173,7 @@ def test_import_tocontainer_from_stdin_with_name_image_and_platform(env, kind):
     layers = [busybox_layer()]
     rc, out, err = env.run("import", "--tocontainer", "--name=box", "--mv",
                            "--platform=linux/arm64/v8", "-", "some/img:2",
-                           stdin=one_tarball(layers, kind))
+                           input=one_tarball(layers, kind))
     assert rc == 0 and "--mv" in err, err
     cid = new_id(out)
     assert env.store.find("box") == cid
@@ -186,7 +185,7 @@ def test_import_tocontainer_from_stdin_with_name_image_and_platform(env, kind):
         tar_bytes(layers[0])).hexdigest()]
     env.add("ref", Image(layers))
     assert tree(env.root(cid)) == tree(env.root(env.create("ref")))
-    one_line_error(env.run("import", "--tocontainer", "--name=box", "-", stdin=b"x"),
+    one_line_error(env.run("import", "--tocontainer", "--name=box", "-", input=b"x"),
                    "already exists")
     assert len(env.store.list()) == 2
 
@@ -208,7 +207,7 @@ def test_export_gives_back_what_the_layers_asked_for(env, tmpdir):
     assert stat.S_IMODE(os.lstat(os.path.join(root, "ro")).st_mode) & 0o700 == 0o700
     out_file = str(tmpdir.join("out.tar"))
     rc, out, err = env.run("export", "-o", out_file, "odd")
-    assert rc == 0 and out == b"" and "Info: exporting to file %s" % out_file in err
+    assert rc == 0 and out == "" and "Info: exporting to file %s" % out_file in err
     found = members(read(out_file))
     assert found.pop(".")[0] == tarfile.DIRTYPE
     assert found == expected_members(layers)
@@ -255,7 +254,7 @@ def test_clone_round_trip_keeps_tree_metadata_and_mode(env, tmpdir):
     path = str(tmpdir.join("clone.tar"))
     ok(env, "export", "--clone", "-o", path, "orig")
     new = new_id(ok(env, "import", "--clone", "--name=copy", path))
-    by_stdin = new_id(ok(env, "import", "--clone", "-", stdin=ok(env, "export", "--clone",
+    by_stdin = new_id(ok(env, "import", "--clone", "-", input=ok(env, "export", "--clone",
                                                                      "-", "orig")))
     old_files = container_files(env, cid)
     assert old_files["execmode"] == b"P2" and old_files[".udocker-py/attrs"].count(b"\n") > 5
@@ -274,7 +273,7 @@ def test_clone_command_and_clone_tarball_agree(env, tmpdir):
     cid = env.create("hl")
     copy = new_id(ok(env, "clone", cid))
     data = ok(env, "export", "--clone", "-", copy)
-    imported = new_id(ok(env, "import", "--clone", "-", stdin=data))
+    imported = new_id(ok(env, "import", "--clone", "-", input=data))
     assert tree(env.root(imported)) == tree(env.root(cid)) == tree(env.root(copy))
 
 
@@ -314,7 +313,7 @@ def test_bad_tarball_fails_in_one_line_and_leaves_nothing(env, tmpdir, case, how
     path = write(str(tmpdir.join("bad.tar")), data)
     one_line_error(env.run("import", how, "--name=bad", path), needle)
     if case in ("not-a-tar", "truncated-gzip"):
-        one_line_error(env.run("import", how, "-", stdin=data), needle)
+        one_line_error(env.run("import", how, "-", input=data), needle)
     assert env.containers_dir_entries() == []
 
 

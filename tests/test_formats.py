@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from support import (UDOCKER_SCRIPT, UPSTREAM_UDOCKER, BaseHTTPRequestHandler, HTTPServer,
+from support import (UPSTREAM_UDOCKER, BaseHTTPRequestHandler, HTTPServer,
                      one_error_line, to_bytes, to_text, which)
 from support.client import sha256_digest
 from support.images import (Blob, Image, ImageIndex, Layer, build_tar, compress,
@@ -47,16 +47,6 @@ def ok(run, *args, **kw):
     res = run(*args, **kw)
     assert res.rc == 0, res
     return res.out
-
-
-def raw_stdout(run, *args):
-    """stdout bytes of udocker.py ARGS (the runner decodes stdout as text)."""
-    proc = subprocess.Popen([sys.executable, UDOCKER_SCRIPT] + list(args),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=run.environ(), cwd=run.tmpdir)
-    out, err = proc.communicate()
-    assert proc.returncode == 0, err
-    return out
 
 
 class Upstream(object):
@@ -368,8 +358,8 @@ def test_save_round_trip_is_exact_and_deterministic(udocker, tmpdir):
 
 def test_save_to_stdout_and_refusals(udocker, tmpdir):
     _load_sample(udocker, tmpdir)
-    data = raw_stdout(udocker, "save", "sample:1")
-    assert raw_stdout(udocker, "save", "-o", "-", "sample:1") == data
+    data = udocker("save", "sample:1").check().raw_out
+    assert udocker("save", "-o", "-", "sample:1").check().raw_out == data
     assert tarfile.open(fileobj=io.BytesIO(data)).getmember("manifest.json")
     tmpdir.join("exists.tar").write_binary(b"keep me")
     res = udocker("save", "-o", str(tmpdir.join("exists.tar")), "sample:1")
