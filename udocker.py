@@ -10109,7 +10109,8 @@ def _check_output(what, output):
         raise UsageError("%s: output is a directory: %s (give a file name)" % (what, output))
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
-        raise UsageError("%s: no such directory: %s" % (what, parent))
+        raise UsageError("%s: %s: %s" % (what, "not a directory" if os.path.lexists(parent)
+                                         else "no such directory", parent))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError("%s: directory not writable: %s" % (what, parent))
 

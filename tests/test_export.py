@@ -476,7 +476,8 @@ def test_imported_f3_clone_is_set_up_again_on_its_first_run(world, tmpdir):
 
 @pytest.mark.parametrize("target,needle", [
     (".", "output is a directory: ."), ("/nonexistent/x.tar", "no such directory: /nonexistent"),
-    ("", "empty output file name")])
+    ("", "empty output file name"), ("sentinel/file/x.tar", "not a directory: "),
+    ("/dev/null/x.tar", "not a directory: /dev/null")])
 def test_export_output_errors_name_the_output_not_a_temp_file(env, target, needle):
     env.add("bb", Image([busybox_layer()]))
     env.create("bb", name="bb")
