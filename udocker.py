@@ -1078,6 +1078,12 @@ DIGEST_RE = LazyRegex(r"^sha256:[a-f0-9]{64}$")
 PROTECT = "PROTECT"     # marker file of a protected image tag or container (rmi/rm refuse)
 
 
+def tag_ref(name, tag):
+    """NAME:TAG, or NAME@sha256:... for a by-digest pull (its tag directory is named by the
+    digest): a reference every command accepts, as `rmi $(images -q)` needs."""
+    return "%s%s%s" % (name, "@" if DIGEST_RE.match(tag) else ":", tag)
+
+
 def check_local_name(name):
     """Reject image names that would escape repos/ or that upstream could not read."""
     parts = name.split("/")
@@ -1141,7 +1147,7 @@ class LocalImage(object):
 
     @property
     def ref(self):
-        return "%s:%s" % (self.name, self.tag)
+        return tag_ref(self.name, self.tag)
 
     def check_present(self):
         """Raise RepositoryError when an rmi removed the tag while this command ran (what
@@ -9833,7 +9839,7 @@ def cmd_pull(session, opts, args):
 def cmd_images(session, opts, args):
     if opts["q"]:                                   # docker images -q: one name per line
         for name, tag in session.repo.list_images():
-            out("%s:%s" % (name, tag))
+            out(tag_ref(name, tag))
         return 0
     if MSG.level >= Messages.INF:
         out("REPOSITORY")

@@ -290,6 +290,18 @@ def test_quiet_lists_feed_rm_and_rmi(tmpdir, ud):
     assert rc == 0 and ud("images", "-q")[1] == "", err
 
 
+def test_quiet_images_name_a_by_digest_pull_so_rmi_takes_it(registry, ud):
+    # a by-digest pull's tag directory is the digest: images, images -q and rmi's message
+    # spell it NAME@sha256:..., which every command accepts (NAME:sha256:... none does)
+    ref = "%s/test/busybox@%s" % (registry.host, registry.images["test/busybox:latest"]["digest"])
+    assert ud("pull", ref)[0] == 0
+    assert ud("images", "-q")[1].splitlines() == [ref]
+    assert ud("images")[1].splitlines()[1].split() == [ref, "."]
+    rc, out, err = ud("rmi", *ud("images", "-q")[1].split())
+    assert rc == 0 and "deleting image: %s\n" % ref in err, err
+    assert ud("images", "-q")[1] == ""
+
+
 def test_inspect_format_simple_templates(tmpdir, ud):
     doc = {"architecture": "amd64", "config": {"Env": ["A=1", "B=2"], "Cmd": None,
                                                "Labels": {"k": "v", "a": True}}}
