@@ -10787,8 +10787,24 @@ def parse_general(argv):
 # ==== 12. main ====
 
 
+def open_closed_standard_streams():
+    """A standard descriptor the caller closed (`udocker.py images >&-`) is opened on
+    /dev/null: otherwise the next file we open takes its number and an engine writes the
+    container's output into it; Python 3 made the stream None. What goes there is dropped."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)      # the lowest free number: fd itself
+            fcntl.fcntl(fd, fcntl.F_SETFD, 0)   # inherited, as a standard descriptor is
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode))
+
+
 def main(argv=None, environ=None):
     """Run one udocker.py command; returns the exit code (never raises, except exit)."""
+    open_closed_standard_streams()
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
     debug = "-D" in argv or "--debug" in argv

@@ -233,6 +233,23 @@ def test_closed_stdout_ends_quietly_with_sigpipe_status(tmpdir, launcher):
     assert proc.returncode == 141 and err == b"", err
 
 
+@pytest.mark.parametrize("launcher", ["python", "sh"])
+def test_closed_standard_streams_are_no_error(tmpdir, launcher):
+    """`udocker.py images >&-`: Python 3 makes sys.stdout None (an AttributeError traceback
+    at exit before); the output is dropped, an error still gets its one line."""
+    argv = ([sys.executable, SCRIPT] if launcher == "python" else [SCRIPT])
+    env = Udocker(tmpdir).environ()
+    for words, closing, status in ((["help"], ">&-", 0), (["images"], "<&- >&-", 0),
+                                   (["nosuch"], ">&-", 1), (["ps"], "2>&- >&-", 0)):
+        proc = subprocess.Popen(["sh", "-c", 'exec "$@" ' + closing, "sh"] + argv + words,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        out, err = proc.communicate()
+        assert proc.returncode == status and out == b"", (words, err)
+        errors = [l for l in err.splitlines() if not l.startswith(b"Info:")]
+        assert errors == ([b"Error: invalid command: nosuch (see: udocker.py help)"]
+                          if status else []), err
+
+
 def test_rmi_checks_before_it_says_deleting(tmpdir, ud):
     args = ["rmi", "nosuch:1"]
     rc, out, err = ud(*args)
