@@ -682,6 +682,45 @@ class AtomicFile(object):
                 remove_quietly(self.tmp)
 
 
+class OutputFile(AtomicFile):
+    """AtomicFile for a file the user names (save -o, export -o): its temp file, beside it
+    and outside the repository, is .NAME.partial-XXXXXX, flocked while it is written, so
+    that the next command writing NAME removes those killed commands left (their lock is
+    free); a file not yet locked after mkstemp is left alone (st_nlink check, as WorkDir)."""
+
+    def __enter__(self):
+        folder, name = os.path.split(self.path)
+        prefix = "." + name + ".partial-"
+        for entry in os.listdir(folder or "."):
+            if entry.startswith(prefix):
+                self._sweep(os.path.join(folder, entry))
+        while True:
+            fd, self.tmp = tempfile.mkstemp(prefix=prefix, dir=folder or ".")
+            fcntl.flock(fd, fcntl.LOCK_EX)      # waits only for a sweep that got in first
+            if os.fstat(fd).st_nlink:
+                break
+            os.close(fd)
+        self.handle = os.fdopen(fd, "wb")
+        return self.handle
+
+    @staticmethod
+    def _sweep(path):
+        try:
+            fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st, now = os.fstat(fd), os.lstat(path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                MSG.info("removing the partial output of a killed command: %s" % path)
+                os.unlink(path)
+        except (IOError, OSError):
+            pass                                  # its writer holds it, or it is gone
+        finally:
+            os.close(fd)
+
+
 def write_atomic(path, data, mode=0o644, sync=True):
     """Write bytes or text to path via temp file + fsync + rename (see AtomicFile)."""
     with AtomicFile(path, mode, sync) as handle:
@@ -968,6 +1007,18 @@ def _sweep_work_dir(path):
         remove_quietly(path + WORK_LOCK)
     finally:
         os.close(fd)
+
+
+def _tree_bytes(path):
+    """The bytes of the files under path (0 when it is gone)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def sha256_file(path, chunk=1 << 20):
@@ -1508,6 +1559,10 @@ class LocalRepository(object):
                     sweep_work_dirs(parent)
                     self._prune_empty(parent)
                 self._prune_empty_names()
+                sweep_work_dirs(self.layersdir)         # the staging of killed loads, imports
+            else:
+                found.extend((path, _tree_bytes(path))
+                             for path in work_dir_owners(self.layersdir)[1])
         names = os.listdir(self.layersdir)
         work_dir = WORK_NAME_RE.match
         for name in names if blobs else [n for n in names if n[:1] == "."]:
@@ -4091,7 +4146,7 @@ def save_archive(repo, images, output):
             plan.write(stream)
             stream.flush()
             return
-        with AtomicFile(os.path.abspath(output), None, publish=_publish_new) as handle:
+        with OutputFile(os.path.abspath(output), None, publish=_publish_new) as handle:
             plan.write(handle)
     finally:
         plan.close()
@@ -5426,7 +5481,7 @@ def export_container(store, id_or_name, output, whole=False):
         if hasattr(output, "write"):
             write(output)
         else:
-            with AtomicFile(output, None, sync=False) as handle:
+            with OutputFile(output, None, sync=False) as handle:
                 write(handle)
     return cid
 
