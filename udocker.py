@@ -301,6 +301,9 @@ class CannotStart(EngineError):
         self.fallback_tools = ()     # tools a fallback mode lacked (choose_mode installs none)
 
 
+SURROGATE_REPR_RE = LazyRegex(r"\\udc([89a-f][0-9a-f])")     # repr() of an argv byte on 3.x
+
+
 class Messages(object):
     """Levelled messages to stderr; data output (what scripts parse) goes to stdout.
 
@@ -316,6 +319,12 @@ class Messages(object):
         stream = self.stream or sys.stderr
         if "\n" in text or "\r" in text:        # a name with a newline: still one line
             text = text.replace("\r", "\\r").replace("\n", "\\n")
+        try:                       # argv bytes that are not UTF-8: \xNN on 2.7 and 3.x alike
+            to_bytes(text).decode("utf-8")
+        except UnicodeError:
+            text = show_name(text, 1 << 20)
+        if "\\udc" in text:        # the same bytes in a %r of 3.x, as 2.7's repr shows them
+            text = SURROGATE_REPR_RE.sub(r"\\x\1", text)
         stream.write(text + "\n")
         stream.flush()
 
@@ -10428,6 +10437,13 @@ def cmd_run(session, opts, args):
         raise UsageError("invalid --pull: %s (missing, never, always or reuse)" % opts["pull"])
     if opts.get("cpuset_cpus") is not None:
         parse_cpu_list(opts["cpuset_cpus"])
+    for spec in opts.get("volume") or []:      # -v, --mount, -e, -w: a run that cannot
+        Volume.parse(spec)                     # start pulls no image, makes no container
+    for spec in opts.get("mount") or []:
+        Volume.parse_mount(spec)
+    Engine._env_words(opts.get("env") or [], "-e", session.environ)
+    if not (opts.get("workdir") or "/").startswith("/"):
+        raise UsageError("invalid working directory: %s" % opts["workdir"])
     tools = Tools(session.cfg, session.repo, session.environ)
     if opts.get("location") is not None:
         container = RunContainer.from_location(opts["location"])
