@@ -301,6 +301,9 @@ class CannotStart(EngineError):
         self.fallback_tools = ()     # tools a fallback mode lacked (choose_mode installs none)
 
 
+SURROGATE_REPR_RE = LazyRegex(r"\\udc([89a-f][0-9a-f])")     # repr() of an argv byte on 3.x
+
+
 class Messages(object):
     """Levelled messages to stderr; data output (what scripts parse) goes to stdout.
 
@@ -316,6 +319,12 @@ class Messages(object):
         stream = self.stream or sys.stderr
         if "\n" in text or "\r" in text:        # a name with a newline: still one line
             text = text.replace("\r", "\\r").replace("\n", "\\n")
+        try:                       # argv bytes that are not UTF-8: \xNN on 2.7 and 3.x alike
+            to_bytes(text).decode("utf-8")
+        except UnicodeError:
+            text = show_name(text, 1 << 20)
+        if "\\udc" in text:        # the same bytes in a %r of 3.x, as 2.7's repr shows them
+            text = SURROGATE_REPR_RE.sub(r"\\x\1", text)
         stream.write(text + "\n")
         stream.flush()
 
@@ -682,6 +691,45 @@ class AtomicFile(object):
                 remove_quietly(self.tmp)
 
 
+class OutputFile(AtomicFile):
+    """AtomicFile for a file the user names (save -o, export -o): its temp file, beside it
+    and outside the repository, is .NAME.partial-XXXXXX, flocked while it is written, so
+    that the next command writing NAME removes those killed commands left (their lock is
+    free); a file not yet locked after mkstemp is left alone (st_nlink check, as WorkDir)."""
+
+    def __enter__(self):
+        folder, name = os.path.split(self.path)
+        prefix = "." + name + ".partial-"
+        for entry in os.listdir(folder or "."):
+            if entry.startswith(prefix):
+                self._sweep(os.path.join(folder, entry))
+        while True:
+            fd, self.tmp = tempfile.mkstemp(prefix=prefix, dir=folder or ".")
+            fcntl.flock(fd, fcntl.LOCK_EX)      # waits only for a sweep that got in first
+            if os.fstat(fd).st_nlink:
+                break
+            os.close(fd)
+        self.handle = os.fdopen(fd, "wb")
+        return self.handle
+
+    @staticmethod
+    def _sweep(path):
+        try:
+            fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st, now = os.fstat(fd), os.lstat(path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                MSG.info("removing the partial output of a killed command: %s" % path)
+                os.unlink(path)
+        except (IOError, OSError):
+            pass                                  # its writer holds it, or it is gone
+        finally:
+            os.close(fd)
+
+
 def write_atomic(path, data, mode=0o644, sync=True):
     """Write bytes or text to path via temp file + fsync + rename (see AtomicFile)."""
     with AtomicFile(path, mode, sync) as handle:
@@ -990,6 +1038,18 @@ def _sweep_work_dir(path):
         os.close(fd)
 
 
+def _tree_bytes(path):
+    """The bytes of the files under path (0 when it is gone)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def sha256_file(path, chunk=1 << 20):
     """Hex sha256 of a file's content."""
     digest = hashlib.sha256()
@@ -1098,6 +1158,12 @@ DIGEST_RE = LazyRegex(r"^sha256:[a-f0-9]{64}$")
 PROTECT = "PROTECT"     # marker file of a protected image tag or container (rmi/rm refuse)
 
 
+def tag_ref(name, tag):
+    """NAME:TAG, or NAME@sha256:... for a by-digest pull (its tag directory is named by the
+    digest): a reference every command accepts, as `rmi $(images -q)` needs."""
+    return "%s%s%s" % (name, "@" if DIGEST_RE.match(tag) else ":", tag)
+
+
 def check_local_name(name):
     """Reject image names that would escape repos/ or that upstream could not read."""
     parts = name.split("/")
@@ -1161,7 +1227,7 @@ class LocalImage(object):
 
     @property
     def ref(self):
-        return "%s:%s" % (self.name, self.tag)
+        return tag_ref(self.name, self.tag)
 
     def check_present(self):
         """Raise RepositoryError when an rmi removed the tag while this command ran (what
@@ -1523,6 +1589,10 @@ class LocalRepository(object):
                     sweep_work_dirs(parent)
                     self._prune_empty(parent)
                 self._prune_empty_names()
+                sweep_work_dirs(self.layersdir)         # the staging of killed loads, imports
+            else:
+                found.extend((path, _tree_bytes(path))
+                             for path in work_dir_owners(self.layersdir)[1])
         names = os.listdir(self.layersdir)
         work_dir = WORK_NAME_RE.match
         for name in names if blobs else [n for n in names if n[:1] == "."]:
@@ -4103,7 +4173,7 @@ def save_archive(repo, images, output):
             plan.write(stream)
             stream.flush()
             return
-        with AtomicFile(os.path.abspath(output), None, publish=_publish_new) as handle:
+        with OutputFile(os.path.abspath(output), None, publish=_publish_new) as handle:
             plan.write(handle)
     finally:
         plan.close()
@@ -5442,7 +5512,7 @@ def export_container(store, id_or_name, output, whole=False):
         if hasattr(output, "write"):
             write(output)
         else:
-            with AtomicFile(output, None, sync=False) as handle:
+            with OutputFile(output, None, sync=False) as handle:
                 write(handle)
     return cid
 
@@ -9855,7 +9925,7 @@ def cmd_pull(session, opts, args):
 def cmd_images(session, opts, args):
     if opts["q"]:                                   # docker images -q: one name per line
         for name, tag in session.repo.list_images():
-            out("%s:%s" % (name, tag))
+            out(tag_ref(name, tag))
         return 0
     if MSG.level >= Messages.INF:
         out("REPOSITORY")
@@ -10390,6 +10460,13 @@ def cmd_run(session, opts, args):
         raise UsageError("invalid --pull: %s (missing, never, always or reuse)" % opts["pull"])
     if opts.get("cpuset_cpus") is not None:
         parse_cpu_list(opts["cpuset_cpus"])
+    for spec in opts.get("volume") or []:      # -v, --mount, -e, -w: a run that cannot
+        Volume.parse(spec)                     # start pulls no image, makes no container
+    for spec in opts.get("mount") or []:
+        Volume.parse_mount(spec)
+    Engine._env_words(opts.get("env") or [], "-e", session.environ)
+    if not (opts.get("workdir") or "/").startswith("/"):
+        raise UsageError("invalid working directory: %s" % opts["workdir"])
     tools = Tools(session.cfg, session.repo, session.environ)
     if opts.get("location") is not None:
         container = RunContainer.from_location(opts["location"])
@@ -10804,8 +10881,24 @@ def parse_general(argv):
 # ==== 12. main ====
 
 
+def open_closed_standard_streams():
+    """A standard descriptor the caller closed (`udocker.py images >&-`) is opened on
+    /dev/null: otherwise the next file we open takes its number and an engine writes the
+    container's output into it; Python 3 made the stream None. What goes there is dropped."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)      # the lowest free number: fd itself
+            fcntl.fcntl(fd, fcntl.F_SETFD, 0)   # inherited, as a standard descriptor is
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode))
+
+
 def main(argv=None, environ=None):
     """Run one udocker.py command; returns the exit code (never raises, except exit)."""
+    open_closed_standard_streams()
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
     debug = "-D" in argv or "--debug" in argv

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import udocker
-from support import UDOCKER_SCRIPT as SCRIPT
+from support import PY2, UDOCKER_SCRIPT as SCRIPT, one_error_line
 from support.runner import Udocker
 
 UPSTREAM_COMMANDS = ("pull images create run ps rm rmi inspect verify protect unprotect name "
@@ -233,6 +233,46 @@ def test_closed_stdout_ends_quietly_with_sigpipe_status(tmpdir, launcher):
     assert proc.returncode == 141 and err == b"", err
 
 
+@pytest.mark.parametrize("launcher", ["python", "sh"])
+def test_closed_standard_streams_are_no_error(tmpdir, launcher):
+    """`udocker.py images >&-`: Python 3 makes sys.stdout None (an AttributeError traceback
+    at exit before); the output is dropped, an error still gets its one line."""
+    argv = ([sys.executable, SCRIPT] if launcher == "python" else [SCRIPT])
+    env = Udocker(tmpdir).environ()
+    for words, closing, status in ((["help"], ">&-", 0), (["images"], "<&- >&-", 0),
+                                   (["nosuch"], ">&-", 1), (["ps"], "2>&- >&-", 0)):
+        proc = subprocess.Popen(["sh", "-c", 'exec "$@" ' + closing, "sh"] + argv + words,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        out, err = proc.communicate()
+        assert proc.returncode == status and out == b"", (words, err)
+        errors = [l for l in err.splitlines() if not l.startswith(b"Info:")]
+        assert errors == ([b"Error: invalid command: nosuch (see: udocker.py help)"]
+                          if status else []), err
+
+
+@pytest.mark.parametrize("option,needle", [
+    ("-e=BAD NAME=1", "invalid environment variable in -e: 'BAD NAME=1'"),
+    ("-v=relative:/x", "invalid volume: relative:/x"),
+    ("-v=/nonexistent-host-dir:/x", "host path does not exist"),
+    ("--mount=type=bind,target=/x", "--mount"),
+    ("-w=relative", "invalid working directory: relative")])
+def test_run_refuses_bad_options_before_pulling(registry, ud, option, needle):
+    # before: the image was pulled, the tools installed and a container made, then refused
+    rc, out, err = ud("run", option, "%s/test/busybox" % registry.host, "true")
+    assert rc == 1 and one_error_line(err, needle), err
+    assert "pulling" not in err and ud("images", "-q")[1] == "" and ud("ps", "-q")[1] == ""
+
+
+def test_bytes_that_are_not_utf8_show_as_xnn_on_every_python(ud):
+    # 3.x showed the surrogate escapes its argv decoding makes (a\udcff), 2.7 raw bytes
+    for args, line in ((["inspect", b"a\xff"], "Error: invalid image reference: 'a\\xff'"),
+                       (["rm", b"\xc3\xa9\xff"], "Error: container not found: \\xc3\\xa9\\xff"),
+                       ([b"a\xff"], "Error: invalid command: a\\xff (see: udocker.py help)")):
+        rc, out, err = ud(*[a if isinstance(a, str) or PY2 else
+                            a.decode("utf-8", "surrogateescape") for a in args])
+        assert rc == 1 and [l for l in err.splitlines() if not l.startswith("Info:")] == [line]
+
+
 def test_rmi_checks_before_it_says_deleting(tmpdir, ud):
     args = ["rmi", "nosuch:1"]
     rc, out, err = ud(*args)
@@ -288,6 +328,18 @@ def test_quiet_lists_feed_rm_and_rmi(tmpdir, ud):
     assert ud("ps", "-q")[1] == ""
     rc, out, err = ud("rmi", *ud("images", "-q")[1].split())
     assert rc == 0 and ud("images", "-q")[1] == "", err
+
+
+def test_quiet_images_name_a_by_digest_pull_so_rmi_takes_it(registry, ud):
+    # a by-digest pull's tag directory is the digest: images, images -q and rmi's message
+    # spell it NAME@sha256:..., which every command accepts (NAME:sha256:... none does)
+    ref = "%s/test/busybox@%s" % (registry.host, registry.images["test/busybox:latest"]["digest"])
+    assert ud("pull", ref)[0] == 0
+    assert ud("images", "-q")[1].splitlines() == [ref]
+    assert ud("images")[1].splitlines()[1].split() == [ref, "."]
+    rc, out, err = ud("rmi", *ud("images", "-q")[1].split())
+    assert rc == 0 and "deleting image: %s\n" % ref in err, err
+    assert ud("images", "-q")[1] == ""
 
 
 def test_inspect_format_simple_templates(tmpdir, ud):

@@ -222,6 +222,31 @@ def test_killed_load_is_swept_and_a_live_one_is_not(udocker, tmpdir):
     assert sorted(res.out.split()) == ["small:1"]
 
 
+def test_killed_import_is_reported_and_swept_by_the_next_command(udocker, tmpdir):
+    """A killed import's (or load's) staging in layers/ is a leftover verify names with its
+    size, and the next command that sweeps (a dead writer: create) removes it; before,
+    only the next load or import did, and verify said there were no leftovers."""
+    no_grace(udocker)
+    load_small(udocker, tmpdir)
+    layers_dir = os.path.join(udocker.udocker_dir, "layers")
+    data = build_tar(with_parents([f("etc/big", "x" * (1 << 20))]))
+    proc = udocker.start("import", "-", "imp:1")
+    proc.stdin.write(data[:len(data) // 2])          # half a tarball, stdin left open
+    proc.stdin.flush()
+    wait_for(lambda: any(os.listdir(os.path.join(layers_dir, n)) for n in
+                         work_dirs(layers_dir, "import") if not n.endswith(".lock")),
+             "import to stage the tarball")
+    killed(proc)
+    staging = [os.path.join(layers_dir, n) for n in work_dirs(layers_dir, "import")]
+    res = udocker("-D", "verify")
+    assert "leftovers of killed commands: " in res.err and "no leftovers" not in res.err, res
+    assert "leftover: %s (" % staging[0] in res.err, res
+    res = udocker("create", "small:1").check()
+    assert SWEPT in res.err and staging[0] in res.err, res
+    assert work_dirs(layers_dir, "import") == []
+    assert_only_what_tags_use(udocker)
+
+
 def test_dead_owners_are_swept_by_rm_and_a_live_owner_never(udocker, registry):
     ref = "%s/test/busybox" % registry.host
     cid = udocker("create", ref).check().out.strip()
@@ -348,6 +373,52 @@ def test_replace_with_and_its_users_leave_no_temp_name(tmpdir):
         finally:
             ud.remove_quietly(src)
         assert open(dest, "rb").read() == b"tool" and os.listdir(os.path.dirname(dest)) == ["tool"]
+
+
+KILL_OUTPUT = r"""
+import signal
+real_enter = ud.OutputFile.__enter__
+
+def enter(self):
+    handle = real_enter(self)
+    handle.write(b"half an archive")
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ud.OutputFile.__enter__ = enter
+sys.exit(ud.main(%r))
+"""
+
+
+@pytest.mark.parametrize("command", ["save", "export"])
+def test_killed_save_or_export_partial_goes_with_the_next(udocker, tmpdir, command):
+    """save -o and export -o write a temp file beside the output, outside the repository:
+    a killed one left it for good (.tmp-XXXXXX); now the next command writing that file
+    removes it, and never the partial output of one still writing."""
+    load_small(udocker, tmpdir)
+    out_dir = tmpdir.join("out").ensure(dir=True)
+    output = str(out_dir.join("o.tar"))
+    argv = ["save", "-o", output, "small:1"] if command == "save" else \
+        ["export", "-o", output, udocker("create", "small:1").check().out.strip()]
+    live = child("""
+with ud.OutputFile(%r, None) as handle:
+    sys.stdout.write("locked\\n")
+    sys.stdout.flush()
+    sys.stdin.read()
+""" % str(out_dir.join("o.tar")))
+    assert live.stdout.readline() == b"locked\n"
+    held = os.listdir(str(out_dir))
+    proc = child(KILL_OUTPUT % (argv,), env=udocker.environ())
+    err = proc.communicate()[1]
+    assert proc.returncode == -signal.SIGKILL, err
+    left = [n for n in os.listdir(str(out_dir)) if n not in held]
+    assert len(left) == 1 and left[0].startswith(".o.tar.partial-"), left
+    res = udocker(*argv).check()
+    assert "removing the partial output of a killed command: %s" \
+        % os.path.join(str(out_dir), left[0]) in res.err, res
+    assert sorted(os.listdir(str(out_dir))) == sorted(held + ["o.tar"])
+    live.communicate()                              # the live writer still publishes
+    assert live.returncode == 0 and os.listdir(str(out_dir)) == ["o.tar"]
 
 
 def test_a_lock_file_unlinked_by_its_holder_is_taken_anew(tmpdir):
