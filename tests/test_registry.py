@@ -1356,9 +1356,29 @@ def test_socks_request_bytes():
             got += data
         theirs.close()
         assert got == sent, (scheme, got)
+
+
+@pytest.mark.parametrize("answer,call,needle", [
+    (b"HTTP/1.0 400 Bad request\r\n\r\n", ("_socks5", None), "not a SOCKS5 proxy"),
+    (b"\x05\x02", ("_socks5", "u" * 256), "longer than 255 bytes"),
+    (b"\x05\x02", ("_socks5", None), "need a user name and password in the proxy URL"),
+    (b"\x05\x00", ("_socks5", None), "the proxy closed the connection"),
+    (b"\x05\x00\x05\x08\x00\x01" + b"\x00" * 6, ("_socks5", None),
+     "address type not supported (SOCKS5 reply 8)"),
+    (b"\x00\x5b" + b"\x00" * 6, ("_socks4", None), "SOCKS4 reply 91: rejected or failed"),
+    (b"", ("_socks4", "::1"), "SOCKS4 cannot connect to an IPv6 address"),
+])
+def test_socks_failures_on_the_wire(answer, call, needle):
+    """What a proxy answers (scripted on a socketpair) becomes one SocksError message."""
+    import socket
     ours, theirs = socket.socketpair()
+    theirs.sendall(answer)
+    theirs.shutdown(socket.SHUT_WR)
     with pytest.raises(ud.SocksError) as info:
-        ud._socks4(ours, "::1", 443, False, None)
-    assert "IPv6" in str(info.value)
+        if call[0] == "_socks5":
+            ud._socks5(ours, "localhost", 443, True, call[1], call[1] and "pw")
+        else:
+            ud._socks4(ours, call[1] or "localhost", 443, True, None)
+    assert needle in str(info.value)
     ours.close()
     theirs.close()
