@@ -1968,7 +1968,12 @@ SOCKS5_REPLIES = {1: "general failure", 2: "connection not allowed by its rules"
 
 
 class SocksError(IOError):
-    """The SOCKS proxy refused or failed the connection: no byte reached the registry."""
+    """The SOCKS proxy refused or failed the connection: no byte reached the registry.
+    next_address: the proxy could not reach that address; another of the host may do."""
+
+    def __init__(self, message, next_address=False):
+        IOError.__init__(self, message)
+        self.next_address = next_address
 
 
 def _socks_recv(sock, size):
@@ -1981,26 +1986,29 @@ def _socks_recv(sock, size):
     return data
 
 
-def _socks_address(host, port, remote, family=None):
-    """(address type, packed address) of host for a SOCKS request: an IP literal as is, a
-    name as a name when the proxy resolves it (remote), else resolved here."""
+def _socks_targets(host, port, remote, family=None):
+    """[(address type, packed address)] of host for SOCKS requests: an IP literal as is, a
+    name as a name when the proxy resolves it (remote), else every address resolved here,
+    to be tried in turn as a direct connection does."""
     for atyp, fam in ((1, socket.AF_INET), (4, socket.AF_INET6)):
         try:
-            return atyp, socket.inet_pton(fam, host)
+            return [(atyp, socket.inet_pton(fam, host))]
         except (socket.error, ValueError):
             pass
     if remote:
-        return 3, to_bytes(host)
+        return [(3, to_bytes(host))]
     try:
         info = socket.getaddrinfo(host, port, family or socket.AF_UNSPEC, socket.SOCK_STREAM)
     except socket.error as exc:
         raise SocksError("cannot resolve %s here (%s): with socks5h:// or socks4a:// the "
                          "proxy resolves it" % (host, exc))
-    fam, addr = info[0][0], info[0][4][0]
-    return (1 if fam == socket.AF_INET else 4), socket.inet_pton(fam, addr)
+    return [(1 if fam == socket.AF_INET else 4, socket.inet_pton(fam, addr[0]))
+            for fam, _, _, _, addr in info]
 
 
-def _socks5(sock, host, port, remote, user, password):
+def _socks5(sock, host, port, target, user, password):
+    """RFC 1928 CONNECT to target (of _socks_targets) on sock, with RFC 1929 user/password
+    authentication when user is not None; host names target in messages."""
     import struct
     methods = b"\x00\x02" if user is not None else b"\x00"
     sock.sendall(struct.pack("BB", 5, len(methods)) + methods)
@@ -2019,30 +2027,32 @@ def _socks5(sock, host, port, remote, user, password):
         raise SocksError("the proxy accepts none of our authentication methods (%s)" % (
             "user name and password in the proxy URL, or none" if user is not None else
             "none: does it need a user name and password in the proxy URL?"))
-    atyp, addr = _socks_address(host, port, remote)
+    atyp, addr = target
     if atyp == 3:
         addr = struct.pack("B", len(addr)) + addr
     sock.sendall(struct.pack("BBBB", 5, 1, 0, atyp) + addr + struct.pack(">H", port))
     version, reply, _, atyp = struct.unpack("BBBB", _socks_recv(sock, 4))
     if reply:
         raise SocksError("it could not connect to %s:%d: %s (SOCKS5 reply %d)" % (
-            host, port, SOCKS5_REPLIES.get(reply, "unknown error"), reply))
+            host, port, SOCKS5_REPLIES.get(reply, "unknown error"), reply), reply in (3, 4, 5))
     size = {1: 4, 4: 16}.get(atyp) or struct.unpack("B", _socks_recv(sock, 1))[0]
     _socks_recv(sock, size + 2)            # the address the proxy bound: unused
 
 
-def _socks4(sock, host, port, remote, user):
+def _socks4(sock, host, port, target, user):
+    """SOCKS4 CONNECT to target (of _socks_targets), SOCKS4a for a name."""
     import struct
-    atyp, addr = _socks_address(host, port, remote, socket.AF_INET)
+    atyp, addr = target
     if atyp == 4:
         raise SocksError("SOCKS4 cannot connect to an IPv6 address (%s)" % host)
-    name = to_bytes(host) + b"\x00" if atyp == 3 else b""
+    name = addr + b"\x00" if atyp == 3 else b""
     sock.sendall(struct.pack(">BBH", 4, 1, port) + (b"\x00\x00\x00\x01" if name else addr) +
                  to_bytes(user or "") + b"\x00" + name)
     reply = struct.unpack("BB", _socks_recv(sock, 8)[:2])[1]
     if reply != 90:
         raise SocksError("it could not connect to %s:%d (SOCKS4 reply %d: %s)" % (
-            host, port, reply, "rejected or failed" if reply == 91 else "identd check failed"))
+            host, port, reply, "rejected or failed" if reply == 91 else "identd check failed"),
+            reply == 91)
 
 
 def socks_connect(parts, address, timeout):
@@ -2054,16 +2064,25 @@ def socks_connect(parts, address, timeout):
     if "@" in parts.netloc:
         cred = parts.netloc.rpartition("@")[0]
         user, _, password = (unquote(x) for x in cred.partition(":"))
-    sock = socket.create_connection((parts.hostname, parts.port or 1080), timeout)
-    try:
-        if parts.scheme.startswith("socks5"):
-            _socks5(sock, address[0], address[1], parts.scheme == "socks5h", user, password)
-        else:
-            _socks4(sock, address[0], address[1], parts.scheme == "socks4a", user)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    host, port = address
+    socks5 = parts.scheme.startswith("socks5")
+    targets = _socks_targets(host, port, parts.scheme in ("socks5h", "socks4a"),
+                             None if socks5 else socket.AF_INET)
+    for number, target in enumerate(targets, 1):
+        sock = socket.create_connection((parts.hostname, parts.port or 1080), timeout)
+        try:
+            if socks5:
+                _socks5(sock, host, port, target, user, password)
+            else:
+                _socks4(sock, host, port, target, user)
+            return sock
+        except SocksError as exc:
+            sock.close()
+            if not exc.next_address or number == len(targets):
+                raise
+        except BaseException:
+            sock.close()
+            raise
 
 
 class HttpClient(object):

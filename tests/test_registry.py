@@ -1268,11 +1268,38 @@ def test_socks_all_proxy_and_no_proxy(udocker, registry, socks_proxy):
     assert proxy.asked
 
 
-def test_socks_connections_are_reused(tmpdir, registry, socks_proxy):
-    proxy = socks_proxy()
+def http_client(tmpdir, proxy):
     cfg = ud.Config.load({"HOME": str(tmpdir), "UDOCKER_DIR": str(tmpdir.join("u")),
                           "UDOCKER_NOSYSCONF": "1"}, {})
-    http = ud.HttpClient(cfg, proxy.url())
+    return ud.HttpClient(cfg, proxy)
+
+
+def test_socks5_tries_each_address_of_a_name(monkeypatch, tmpdir, registry, socks_proxy):
+    """socks5:// resolves the name here and, as a direct connection does, tries each of its
+    addresses in turn (the registry listens on 127.0.0.1 only, not on ::1)."""
+    import socket
+    port = int(registry.host.split(":")[1])
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args):
+        if host == "registry.test":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, *args)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    proxy = socks_proxy()
+    http = http_client(tmpdir, proxy.url("socks5"))
+    try:
+        assert http.request("GET", "http://registry.test:%d/v2/" % port).status == 200
+    finally:
+        http.close()
+    assert [(a["atyp"], a["host"]) for a in proxy.asked] == [("ipv6", "::1"),
+                                                             ("ipv4", "127.0.0.1")]
+
+
+def test_socks_connections_are_reused(tmpdir, registry, socks_proxy):
+    proxy = socks_proxy()
+    http = http_client(tmpdir, proxy.url())
     try:
         for _ in range(3):
             resp = http.request("GET", "%s/v2/" % registry.url)
@@ -1340,13 +1367,13 @@ def test_socks_request_bytes():
         ours, theirs = socket.socketpair()
         theirs.sendall(answer)
         if scheme.startswith("socks5h://["):
-            ud._socks5(ours, "::1", 443, True, None, None)
+            ud._socks5(ours, "::1", 443, ud._socks_targets("::1", 443, True)[0], None, None)
         elif scheme.startswith("socks5h"):
-            ud._socks5(ours, "localhost", 443, True, "u", "p w")
+            ud._socks5(ours, "localhost", 443, (3, b"localhost"), "u", "p w")
         elif scheme.startswith("socks5"):
-            ud._socks5(ours, "localhost", 443, False, None, None)
+            ud._socks5(ours, "localhost", 443, (1, b"\x7f\x00\x00\x01"), None, None)
         else:
-            ud._socks4(ours, "localhost", 443, True, "bob")
+            ud._socks4(ours, "localhost", 443, (3, b"localhost"), "bob")
         ours.close()
         got = b""
         while True:
@@ -1376,9 +1403,10 @@ def test_socks_failures_on_the_wire(answer, call, needle):
     theirs.shutdown(socket.SHUT_WR)
     with pytest.raises(ud.SocksError) as info:
         if call[0] == "_socks5":
-            ud._socks5(ours, "localhost", 443, True, call[1], call[1] and "pw")
+            ud._socks5(ours, "localhost", 443, (3, b"localhost"), call[1], call[1] and "pw")
         else:
-            ud._socks4(ours, call[1] or "localhost", 443, True, None)
+            host = call[1] or "localhost"
+            ud._socks4(ours, host, 443, ud._socks_targets(host, 443, True)[0], None)
     assert needle in str(info.value)
     ours.close()
     theirs.close()
