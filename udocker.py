@@ -2046,6 +2046,134 @@ def check_hostport(hostport, url):
         raise RegistryError("invalid host in URL: %s" % show_name(url))
 
 
+# SOCKS (RFC 1928, 1929; SOCKS4 and 4a): the proxy opens the TCP connection and then relays
+# bytes, so http.client and TLS run over the socket unchanged (the SNI and certificate check
+# are the registry's, as without a proxy).
+SOCKS_SCHEMES = ("socks5h", "socks5", "socks4a", "socks4")     # h, a: the proxy resolves
+SOCKS5_REPLIES = {1: "general failure", 2: "connection not allowed by its rules",
+                  3: "network unreachable", 4: "host unreachable", 5: "connection refused",
+                  6: "TTL expired", 7: "command not supported",
+                  8: "address type not supported"}
+
+
+class SocksError(IOError):
+    """The SOCKS proxy refused or failed the connection: no byte reached the registry.
+    next_address: the proxy could not reach that address; another of the host may do."""
+
+    def __init__(self, message, next_address=False):
+        IOError.__init__(self, message)
+        self.next_address = next_address
+
+
+def _socks_recv(sock, size):
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise SocksError("the proxy closed the connection (is it a SOCKS proxy?)")
+        data += chunk
+    return data
+
+
+def _socks_targets(host, port, remote, family=None):
+    """[(address type, packed address)] of host for SOCKS requests: an IP literal as is, a
+    name as a name when the proxy resolves it (remote), else every address resolved here,
+    to be tried in turn as a direct connection does."""
+    for atyp, fam in ((1, socket.AF_INET), (4, socket.AF_INET6)):
+        try:
+            return [(atyp, socket.inet_pton(fam, host))]
+        except (socket.error, ValueError):
+            pass
+    if remote:
+        return [(3, to_bytes(host))]
+    try:
+        info = socket.getaddrinfo(host, port, family or socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except socket.error as exc:
+        raise SocksError("cannot resolve %s here (%s): with socks5h:// or socks4a:// the "
+                         "proxy resolves it" % (host, exc))
+    return [(1 if fam == socket.AF_INET else 4, socket.inet_pton(fam, addr[0]))
+            for fam, _, _, _, addr in info]
+
+
+def _socks5(sock, host, port, target, user, password):
+    """RFC 1928 CONNECT to target (of _socks_targets) on sock, with RFC 1929 user/password
+    authentication when user is not None; host names target in messages."""
+    import struct
+    methods = b"\x00\x02" if user is not None else b"\x00"
+    sock.sendall(struct.pack("BB", 5, len(methods)) + methods)
+    version, method = struct.unpack("BB", _socks_recv(sock, 2))
+    if version != 5:
+        raise SocksError("not a SOCKS5 proxy (it answered version %d)" % version)
+    if method == 2 and user is not None:
+        user, password = to_bytes(user), to_bytes(password or "")
+        if len(user) > 255 or len(password) > 255:
+            raise SocksError("user name or password longer than 255 bytes")
+        sock.sendall(struct.pack("BB", 1, len(user)) + user +
+                     struct.pack("B", len(password)) + password)
+        if _socks_recv(sock, 2)[1:] != b"\x00":
+            raise SocksError("the proxy rejected the user name or password")
+    elif method != 0:
+        raise SocksError("the proxy accepts none of our authentication methods (%s)" % (
+            "user name and password in the proxy URL, or none" if user is not None else
+            "none: does it need a user name and password in the proxy URL?"))
+    atyp, addr = target
+    if atyp == 3:
+        addr = struct.pack("B", len(addr)) + addr
+    sock.sendall(struct.pack("BBBB", 5, 1, 0, atyp) + addr + struct.pack(">H", port))
+    version, reply, _, atyp = struct.unpack("BBBB", _socks_recv(sock, 4))
+    if reply:
+        raise SocksError("it could not connect to %s:%d: %s (SOCKS5 reply %d)" % (
+            host, port, SOCKS5_REPLIES.get(reply, "unknown error"), reply), reply in (3, 4, 5))
+    size = {1: 4, 4: 16}.get(atyp) or struct.unpack("B", _socks_recv(sock, 1))[0]
+    _socks_recv(sock, size + 2)            # the address the proxy bound: unused
+
+
+def _socks4(sock, host, port, target, user):
+    """SOCKS4 CONNECT to target (of _socks_targets), SOCKS4a for a name."""
+    import struct
+    atyp, addr = target
+    if atyp == 4:
+        raise SocksError("SOCKS4 cannot connect to an IPv6 address (%s)" % host)
+    name = addr + b"\x00" if atyp == 3 else b""
+    sock.sendall(struct.pack(">BBH", 4, 1, port) + (b"\x00\x00\x00\x01" if name else addr) +
+                 to_bytes(user or "") + b"\x00" + name)
+    reply = struct.unpack("BB", _socks_recv(sock, 8)[:2])[1]
+    if reply != 90:
+        raise SocksError("it could not connect to %s:%d (SOCKS4 reply %d: %s)" % (
+            host, port, reply, "rejected or failed" if reply == 91 else "identd check failed"),
+            reply == 91)
+
+
+def socks_connect(parts, address, timeout):
+    """A socket to address (host, port) through the SOCKS proxy of urlsplit() parts.
+
+    Raises SocksError when the proxy refuses, and socket errors when it cannot be reached.
+    """
+    user = password = None
+    if "@" in parts.netloc:
+        cred = parts.netloc.rpartition("@")[0]
+        user, _, password = (unquote(x) for x in cred.partition(":"))
+    host, port = address
+    socks5 = parts.scheme.startswith("socks5")
+    targets = _socks_targets(host, port, parts.scheme in ("socks5h", "socks4a"),
+                             None if socks5 else socket.AF_INET)
+    for number, target in enumerate(targets, 1):
+        sock = socket.create_connection((parts.hostname, parts.port or 1080), timeout)
+        try:
+            if socks5:
+                _socks5(sock, host, port, target, user, password)
+            else:
+                _socks4(sock, host, port, target, user)
+            return sock
+        except SocksError as exc:
+            sock.close()
+            if not exc.next_address or number == len(targets):
+                raise
+        except BaseException:
+            sock.close()
+            raise
+
+
 class HttpClient(object):
     """http.client with a keep-alive pool, proxies, TLS options and redirects.
 
@@ -2084,23 +2212,21 @@ class HttpClient(object):
                 return None
         except (OSError, ValueError, socket.error):
             pass
-        return urllib_request.getproxies().get(scheme)
+        proxies = urllib_request.getproxies()
+        return proxies.get(scheme) or proxies.get("all")      # all_proxy, as curl
 
     def _connect(self, scheme, host):
         proxy = self._proxy_for(scheme, host)
+        parts = None
         if proxy:
             if "//" not in proxy:
                 proxy = "http://" + proxy
             parts = urlsplit(proxy)
-            if parts.scheme.startswith("socks"):
-                raise UsageError("%s: SOCKS proxies are not supported (Python's standard "
-                                 "library has no SOCKS client): use an http:// proxy, or run "
-                                 "udocker.py under a SOCKS wrapper such as proxychains"
-                                 % _without_password(proxy))
-            if parts.scheme not in ("http", "https"):
+            if parts.scheme not in ("http", "https") + SOCKS_SCHEMES:
                 raise RegistryError("unsupported proxy scheme: %s" % _without_password(proxy))
             proxy_host = parts.netloc.rpartition("@")[2]
             check_hostport(proxy_host, _without_password(proxy))
+        if parts and parts.scheme in ("http", "https"):
             headers = {}
             if "@" in parts.netloc:
                 cred = unquote(parts.netloc.rpartition("@")[0])
@@ -2113,9 +2239,13 @@ class HttpClient(object):
                 return conn, False, {}
             return httplib.HTTPConnection(proxy_host, timeout=self.timeout), True, headers
         if scheme == "https":
-            return httplib.HTTPSConnection(host, timeout=self.timeout,
-                                           context=self.ssl_context()), False, {}
-        return httplib.HTTPConnection(host, timeout=self.timeout), False, {}
+            conn = httplib.HTTPSConnection(host, timeout=self.timeout, context=self.ssl_context())
+        else:
+            conn = httplib.HTTPConnection(host, timeout=self.timeout)
+        if parts:               # SOCKS: http.client connects through it, TLS goes on top
+            conn._create_connection = lambda address, timeout, source=None: \
+                socks_connect(parts, address, timeout)
+        return conn, False, {}
 
     def acquire(self, key):
         with self.lock:
@@ -2191,7 +2321,7 @@ class HttpClient(object):
                 proxy = self._proxy_for(*key)
                 if proxy and not connected:       # no connection through it: its fault
                     raise Unreachable("proxy %s failed: %s (check --httpproxy, "
-                                        "http_proxy and https_proxy)"
+                                        "http_proxy, https_proxy and all_proxy)"
                                         % (_without_password(proxy), exc))
                 raise
             return Response(self, key, entry, raw, url)
@@ -9731,7 +9861,8 @@ def _o(names, kind=FLAG, help="", dest=None, metavar="VALUE"):
 PULL_OPTS = [
     _o("--index", VALUE, "registry index URL (search)", metavar="URL"),
     _o("--registry", VALUE, "registry URL, e.g. https://quay.io", metavar="URL"),
-    _o("--httpproxy", VALUE, "proxy URL for this pull", metavar="URL"),
+    _o("--httpproxy", VALUE, "proxy (http://, socks5[h]://, socks4[a]://) for this pull",
+       metavar="URL"),
     _o("--platform", VALUE, "os/arch[/variant] to pull (default: this host)",
        metavar="OS/ARCH"),
 ]

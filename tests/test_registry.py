@@ -1029,20 +1029,8 @@ class TLSRelay(object):
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.host = "127.0.0.1:%d" % self.sock.getsockname()[1]
-        thread = threading.Thread(target=self._accept)
-        thread.daemon = True
-        thread.start()
-
-    def _accept(self):
-        import socket
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except (OSError, socket.error):
-                return
-            thread = threading.Thread(target=self._serve, args=(client,))
-            thread.daemon = True
-            thread.start()
+        from support.socksproxy import accept_in_thread
+        accept_in_thread(self.sock, self._serve)
 
     def _serve(self, client):
         import socket
@@ -1051,27 +1039,8 @@ class TLSRelay(object):
         except Exception:                            # a client that gave up on the TLS
             client.close()
             return
-        upstream = socket.create_connection((self.upstream[0], int(self.upstream[1])))
-
-        def pump(src, dst):
-            try:
-                while True:
-                    data = src.recv(65536)
-                    if not data:
-                        break
-                    dst.sendall(data)
-            except Exception:
-                pass
-            for s in (src, dst):
-                try:
-                    s.close()
-                except Exception:
-                    pass
-
-        other = threading.Thread(target=pump, args=(upstream, tls))
-        other.daemon = True
-        other.start()
-        pump(tls, upstream)
+        from support.socksproxy import relay
+        relay(tls, socket.create_connection((self.upstream[0], int(self.upstream[1]))))
 
     def stop(self):
         self.sock.close()
@@ -1248,12 +1217,196 @@ def test_search_with_non_ascii_term(udocker, registry):
     assert res.out.split() == ["NAME"] and "Error" not in res.err, res
 
 
-@pytest.mark.parametrize("how", ["option", "environment"])
-def test_socks_proxy_is_refused_in_one_line(udocker, registry, how):
-    proxy = "socks5h://user:pw@127.0.0.1:1080"
-    args, env = (["--httpproxy=" + proxy], {}) if how == "option" else \
-        ([], {"http_proxy": proxy, "https_proxy": proxy})
-    res = udocker("pull", *(args + ["%s/test/busybox" % registry.host]), env=env)
-    line = one_error_line(res)
-    assert "SOCKS proxies are not supported" in line and "http:// proxy" in line, res
-    assert "pw" not in line
+# -- SOCKS proxies --------------------------------------------------------------------------
+
+@pytest.fixture
+def socks_proxy():
+    from support.socksproxy import SocksProxy
+    proxies = []
+
+    def start(**kwargs):
+        proxies.append(SocksProxy(**kwargs))
+        return proxies[-1]
+    yield start
+    for proxy in proxies:
+        proxy.stop()
+
+
+def socks_env(url):
+    return {"http_proxy": url, "https_proxy": url, "no_proxy": ""}
+
+
+@pytest.mark.parametrize("scheme,atyp", [("socks5h", "domain"), ("socks5", "ipv4"),
+                                         ("socks4a", "domain"), ("socks4", "ipv4")])
+def test_pull_through_socks_proxy(udocker, registry, socks_proxy, scheme, atyp):
+    """socks5h and socks4a hand the name to the proxy; socks5 and socks4 an address."""
+    proxy = socks_proxy()
+    name = "localhost:%s/test/busybox" % registry.host.split(":")[1]
+    udocker("pull", name, env=socks_env(proxy.url(scheme))).check()
+    udocker("verify", name).check()
+    assert proxy.asked and all(a["atyp"] == atyp for a in proxy.asked), proxy.asked
+    hosts = set(a["host"] for a in proxy.asked)
+    assert hosts == ({"localhost"} if atyp == "domain" else {"127.0.0.1"}), proxy.asked
+    assert set(a["version"] for a in proxy.asked) == {int(scheme[5])}
+
+
+def test_socks_proxy_with_password_from_the_url(udocker, registry, socks_proxy):
+    proxy = socks_proxy(users={"alice": "p@ss:w/rd"})
+    res = udocker("pull", "--httpproxy=" + proxy.url(cred="alice:p%40ss%3Aw%2Frd"),
+                  "%s/test/busybox" % registry.host, env={"no_proxy": ""}).check()
+    assert proxy.asked and set(proxy.auth) == {("alice", "p@ss:w/rd")}, res
+    udocker("verify", "%s/test/busybox" % registry.host).check()
+
+
+def test_socks_all_proxy_and_no_proxy(udocker, registry, socks_proxy):
+    proxy = socks_proxy()
+    name = "%s/test/busybox" % registry.host
+    udocker("pull", name, env={"all_proxy": proxy.url(), "no_proxy": "127.0.0.1"}).check()
+    assert proxy.asked == []
+    udocker("rmi", name).check()
+    udocker("pull", name, env={"all_proxy": proxy.url(), "no_proxy": ""}).check()
+    assert proxy.asked
+
+
+def http_client(tmpdir, proxy):
+    cfg = ud.Config.load({"HOME": str(tmpdir), "UDOCKER_DIR": str(tmpdir.join("u")),
+                          "UDOCKER_NOSYSCONF": "1"}, {})
+    return ud.HttpClient(cfg, proxy)
+
+
+def test_socks5_tries_each_address_of_a_name(monkeypatch, tmpdir, registry, socks_proxy):
+    """socks5:// resolves the name here and, as a direct connection does, tries each of its
+    addresses in turn (the registry listens on 127.0.0.1 only, not on ::1)."""
+    import socket
+    port = int(registry.host.split(":")[1])
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args):
+        if host == "registry.test":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, *args)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    proxy = socks_proxy()
+    http = http_client(tmpdir, proxy.url("socks5"))
+    try:
+        assert http.request("GET", "http://registry.test:%d/v2/" % port).status == 200
+    finally:
+        http.close()
+    assert [(a["atyp"], a["host"]) for a in proxy.asked] == [("ipv6", "::1"),
+                                                             ("ipv4", "127.0.0.1")]
+
+
+def test_socks_connections_are_reused(tmpdir, registry, socks_proxy):
+    proxy = socks_proxy()
+    http = http_client(tmpdir, proxy.url())
+    try:
+        for _ in range(3):
+            resp = http.request("GET", "%s/v2/" % registry.url)
+            resp.read_all()
+            assert resp.status == 200
+    finally:
+        http.close()
+    assert len(proxy.asked) == 1, proxy.asked
+
+
+@pytest.mark.parametrize("kind", ["bad password", "no password", "refuses", "unreachable",
+                                  "not listening", "stalls"])
+def test_socks_proxy_failure_is_one_line_naming_the_proxy(udocker, registry, socks_proxy,
+                                                          kind):
+    from support import free_port
+    proxy = socks_proxy(users={"alice": "secret"} if "password" in kind else None,
+                        refuse=kind == "refuses", stall=kind == "stalls")
+    url = proxy.url(cred="alice:wrong" if kind == "bad password" else "")
+    if kind == "not listening":
+        url = "socks5h://alice:wrong@127.0.0.1:%d" % free_port()
+    host = "127.0.0.1:%d" % free_port() if kind == "unreachable" else registry.host
+    conf = os.path.join(udocker.udocker_dir + ".conf")
+    with open(conf, "w") as handle:
+        handle.write("[DEFAULT]\ntimeout = 2\n")
+    res = udocker("--config=" + conf, "pull", "--httpproxy=" + url, "%s/test/busybox" % host,
+                  env={"UDOCKER_LOGLEVEL": "4"})
+    line = one_error_line(res, rc=1)
+    assert line.startswith("Error: proxy " + url.replace("alice:wrong@", "")), line
+    assert "wrong" not in line and "retrying" not in res.err, res
+    assert {"bad password": "rejected the user name or password",
+            "no password": "need a user name and password",
+            "refuses": "not allowed by its rules (SOCKS5 reply 2)",
+            "unreachable": "%s: connection refused (SOCKS5 reply 5)" % host,
+            "not listening": "refused",
+            "stalls": "timed out"}[kind] in line, line
+    if kind in ("refuses", "unreachable"):
+        assert proxy.asked and proxy.asked[0]["host"] == "127.0.0.1"
+
+
+def test_https_registry_through_socks_proxy(udocker, tls_registry, socks_proxy):
+    """TLS over the tunnel: the certificate is checked for the registry's name (SNI)."""
+    proxy = socks_proxy()
+    by_name = "--registry=https://localhost:" + tls_registry.host.split(":")[1]
+    res = udocker("pull", by_name, "test/busybox", env=socks_env(proxy.url()))
+    assert "not trusted" in one_error_line(res, rc=1)
+    env = socks_env(proxy.url())
+    env["UDOCKER_CA_BUNDLE"] = tls_registry.cert
+    udocker("pull", by_name, "test/busybox", env=env).check()
+    udocker("verify", "test/busybox").check()
+    assert set(a["host"] for a in proxy.asked) == {"localhost"}, proxy.asked
+
+
+def test_socks_request_bytes():
+    """The requests on the wire (RFC 1928, 1929, SOCKS4a), against a scripted proxy."""
+    import socket
+    for scheme, answer, sent in [
+            ("socks5h://u:p%20w@x", b"\x05\x02\x01\x00\x05\x00\x00\x01" + b"\x00" * 6,
+             b"\x05\x02\x00\x02\x01\x01u\x03p w\x05\x01\x00\x03\x09localhost\x01\xbb"),
+            ("socks5://x", b"\x05\x00\x05\x00\x00\x03\x01a\x00\x00",
+             b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01\x01\xbb"),
+            ("socks5h://[::1]", b"\x05\x00\x05\x00\x00\x01" + b"\x00" * 6,
+             b"\x05\x01\x00\x05\x01\x00\x04" + b"\x00" * 15 + b"\x01\x01\xbb"),
+            ("socks4a://bob@x", b"\x00\x5a" + b"\x00" * 6,
+             b"\x04\x01\x01\xbb\x00\x00\x00\x01bob\x00localhost\x00")]:
+        ours, theirs = socket.socketpair()
+        theirs.sendall(answer)
+        if scheme.startswith("socks5h://["):
+            ud._socks5(ours, "::1", 443, ud._socks_targets("::1", 443, True)[0], None, None)
+        elif scheme.startswith("socks5h"):
+            ud._socks5(ours, "localhost", 443, (3, b"localhost"), "u", "p w")
+        elif scheme.startswith("socks5"):
+            ud._socks5(ours, "localhost", 443, (1, b"\x7f\x00\x00\x01"), None, None)
+        else:
+            ud._socks4(ours, "localhost", 443, (3, b"localhost"), "bob")
+        ours.close()
+        got = b""
+        while True:
+            data = theirs.recv(4096)
+            if not data:
+                break
+            got += data
+        theirs.close()
+        assert got == sent, (scheme, got)
+
+
+@pytest.mark.parametrize("answer,call,needle", [
+    (b"HTTP/1.0 400 Bad request\r\n\r\n", ("_socks5", None), "not a SOCKS5 proxy"),
+    (b"\x05\x02", ("_socks5", "u" * 256), "longer than 255 bytes"),
+    (b"\x05\x02", ("_socks5", None), "need a user name and password in the proxy URL"),
+    (b"\x05\x00", ("_socks5", None), "the proxy closed the connection"),
+    (b"\x05\x00\x05\x08\x00\x01" + b"\x00" * 6, ("_socks5", None),
+     "address type not supported (SOCKS5 reply 8)"),
+    (b"\x00\x5b" + b"\x00" * 6, ("_socks4", None), "SOCKS4 reply 91: rejected or failed"),
+    (b"", ("_socks4", "::1"), "SOCKS4 cannot connect to an IPv6 address"),
+])
+def test_socks_failures_on_the_wire(answer, call, needle):
+    """What a proxy answers (scripted on a socketpair) becomes one SocksError message."""
+    import socket
+    ours, theirs = socket.socketpair()
+    theirs.sendall(answer)
+    theirs.shutdown(socket.SHUT_WR)
+    with pytest.raises(ud.SocksError) as info:
+        if call[0] == "_socks5":
+            ud._socks5(ours, "localhost", 443, (3, b"localhost"), call[1], call[1] and "pw")
+        else:
+            host = call[1] or "localhost"
+            ud._socks4(ours, host, 443, ud._socks_targets(host, 443, True)[0], None)
+    assert needle in str(info.value)
+    ours.close()
+    theirs.close()

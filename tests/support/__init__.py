@@ -8,6 +8,8 @@ Modules:
     registry     start a real docker-registry (anonymous, basic, token)
     images       deterministic layers, configs, manifests; push; save/OCI
     faultproxy   a reverse proxy that misbehaves on blob downloads
+    socksproxy   a SOCKS5/4/4a proxy that records what it is asked (and fails on
+                 demand); the accept loop and byte relay other test servers use
     runner       run udocker.py as a subprocess with a private UDOCKER_DIR
     slurm        a real single-node Slurm cluster (munge, MariaDB, slurmdbd,
                  slurmctld, slurmd) on 127.0.0.1, run as the test user
