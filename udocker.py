@@ -8339,6 +8339,7 @@ class ElfPatcher(object):
         # the interpreter first) writes a python3.11 (Debian 12) that dies of SIGSEGV
         failed = self._run(["--set-rpath", libpath], [p for p, _ in executables + libraries])
         failed += self._run(["--set-interpreter", loader], [p for p, _ in executables])
+        os.utime(self.record_path, None)     # when patching ended: FAKECHROOT_PATCH_LAST_TIME
         MSG.info("patched %d executables and %d libraries%s"
                  % (len(executables), len(libraries),
                     (" (%d failed)" % len(failed)) if failed else ""))
@@ -8387,7 +8388,8 @@ class ElfPatcher(object):
         for path, info in self._elf_files(loader)[0]:
             if info["interp"].startswith(root + "/") and \
                     os.path.relpath(path, self.container.root) not in record:
-                groups.setdefault(info["interp"][len(root):], []).append(path)
+                # upstream's libfakechroot patches with ROOT + "/" + the old path: ROOT//lib64
+                groups.setdefault("/" + info["interp"][len(root):].lstrip("/"), []).append(path)
         for interp, paths in sorted(groups.items()):
             self._run(["--remove-rpath"], paths)
             self._run(["--set-interpreter", interp], paths)
@@ -8436,13 +8438,21 @@ class FakechrootLoaderEngine(FakechrootEngine):
     mode = "F2"
 
     def command(self):
+        """Upstream's libfakechroot (dir_map) is driven as udocker 1.3.17 drives it: it
+        starts FAKECHROOT_ELFLOADER with no --library-path, so the copy reads the library
+        path from LD_LIBRARY_REAL instead of LD_LIBRARY_PATH (udocker 1.3.17 renames the
+        variable in the container's ld.so itself), and no FAKECHROOT_ELFLOADER_OPT_ARGV0:
+        with it the fork gives a #! script's interpreter a garbled argv (EFAULT)."""
         argv, env, cwd = FakechrootEngine.command(self)
-        loader, data = f2_loader(self.container, self.cfg)
+        upstream = self._maps_volumes()
+        loader, data = f2_loader(self.container, self.cfg, library_real=upstream)
         if data is not None:                        # made by apply, with the rest
             self.change("binary", loader, data, what="F2's copy of ld.so")
         libpath = env["LD_LIBRARY_PATH"]
         env.update({"FAKECHROOT_ELFLOADER": loader, "LD_LIBRARY_REAL": libpath,
                     "FAKECHROOT_LIBRARY_ORIG": libpath})
+        if upstream:
+            return [loader] + argv[1:], env, cwd
         if argv[1:2] == ["--argv0"]:
             env["FAKECHROOT_ELFLOADER_OPT_ARGV0"] = "--argv0"
         return [loader, "--library-path", libpath] + argv[1:], env, cwd
@@ -8464,6 +8474,8 @@ class FakechrootLoaderEngine(FakechrootEngine):
 # the host's loader files named in an ld.so, and the same length names that cannot exist
 F2_LOADER_FILES = ((b"/etc/ld.so.cache\0", b"/dev/null/.cache\0"),
                    (b"/etc/ld.so.preload\0", b"/dev/null/.preload\0"))
+# the variable ld.so takes its library path from, and upstream udocker's name for it
+F2_LIBRARY_REAL = ((b"\0LD_LIBRARY_PATH\0", b"\0LD_LIBRARY_REAL\0"),)
 # ld.so's default library directories: /lib/, /usr/lib64/, /usr/lib/x86_64-linux-gnu/ ...
 F2_SYSTEM_DIR = LazyRegex(b"(?<![A-Za-z0-9_./-])/(?:usr/)?lib(?:32|64|x32)?/"
                           b"(?:[a-z0-9_]+-linux-gnu[a-z0-9_]*/)?\0")
@@ -8478,25 +8490,27 @@ def _f2_dir(match):
     return b"/" + b"\x01" * (size - 2) + b"/\0"
 
 
-def f2_loader(container, cfg):
+def f2_loader(container, cfg, library_real=False):
     """(host path, contents) of F2's copy of the container's ld.so, contents None when the
     copy exists (nothing is written here: run's plan or setup writes it). In it the default
     library directories, ld.so.cache and ld.so.preload are names that cannot exist, so
     the loader finds libraries only in its --library-path. The copy is named by the
     original's CRC-32 and Adler-32 (in the container's run_dir): a libc upgrade in the
     container gives a new one, and every F2 run computes the name, which hashlib would make
-    ~4 ms dearer (its import loads OpenSSL). Raises EngineError when that ld.so does not
-    name those files as expected."""
+    ~4 ms dearer (its import loads OpenSSL). library_real: the copy reads LD_LIBRARY_REAL
+    where ld.so reads LD_LIBRARY_PATH (upstream's libfakechroot passes no --library-path).
+    Raises EngineError when that ld.so does not name those files as expected."""
     source = container_loader(container.root, container.arch())[1]
     with open(source, "rb") as handle:
         data = handle.read()
     path = os.path.join(container.run_dir(cfg),
-                        "ld-f2-%08x%08x.so" % (zlib.crc32(data) & 0xffffffff,
-                                               zlib.adler32(data) & 0xffffffff))
+                        "ld-f2-%08x%08x%s.so" % (zlib.crc32(data) & 0xffffffff,
+                                                 zlib.adler32(data) & 0xffffffff,
+                                                 "-real" if library_real else ""))
     if os.path.isfile(path):
         return path, None
     data, dirs = F2_SYSTEM_DIR.subn(_f2_dir, data)
-    for old, new in F2_LOADER_FILES:
+    for old, new in F2_LOADER_FILES + (F2_LIBRARY_REAL if library_real else ()):
         data = data.replace(old, new)
     if not dirs or F2_LOADER_FILES[0][0] in data or F2_LOADER_FILES[0][1] not in data:
         raise EngineError("F2 cannot use this container's ld.so (%s): its library directories "
@@ -8524,6 +8538,12 @@ class FakechrootAutoPatchEngine(FakechrootPatchedEngine):
         libpath = ":".join(container_lib_dirs(self.root, arch))
         env.update({"FAKECHROOT_PATCH_PATCHELF": patchelf[0],
                     "FAKECHROOT_PATCH_ELFLOADER": loader, "FAKECHROOT_LIBRARY_ORIG": libpath})
+        if self._maps_volumes():
+            # upstream's libfakechroot runs `patchelf --set-root-prefix ROOT` on every
+            # program it starts that is not older than this (udocker 1.3.17's patch.time)
+            record = os.path.join(self.container.dir or "", ContainerDir.PATCH_RECORD)
+            env.update({"LD_LIBRARY_REAL": libpath, "FAKECHROOT_PATCH_LAST_TIME":
+                        str(int(os.stat(record).st_mtime)) if os.path.isfile(record) else "0"})
         if ElfPatcher.is_new(self.container, self.executable, loader):
             self.change("patch", self.executable, (patchelf, loader, libpath),
                         what="the program to start (F4 patches it)")

@@ -307,6 +307,67 @@ def test_upstream_libfakechroot_dir_map_entries_stay_whole_with_colons(tmpdir, g
     assert mapped["/spool"] == str(plain)
 
 
+def fakechroot_plan(tmpdir, root, mode, upstream):
+    """F2 or F4's plan of `run /bin/true` with upstream's tools 1.2.11 (test_tools'
+    stand-ins: a libfakechroot-DISTRO-VERSION-ARCH.so that has FAKECHROOT_DIR_MAP, a
+    patchelf 0.9 with --set-root-prefix), or with our library (UDOCKER_FAKECHROOT_SO)."""
+    from test_tools import upstream_tree
+    upstream_tree(tmpdir)
+    env = {}
+    if not upstream:
+        library = tmpdir.join("libfakechroot-glibc2.17-x86_64.so")
+        library.write_binary(b"\x7fELF\0FAKECHROOT_VOLUMES\0")
+        env["UDOCKER_FAKECHROOT_SO"] = str(library)
+    engine = engine_for(tmpdir, root, mode=mode, args=["/bin/true"], **env)
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo, engine.environ)
+    if mode == "F4":                            # as setup left it
+        engine.container.set_state(udocker.ContainerDir.PATCH_PATH, root)
+        engine.container.files.write(udocker.ContainerDir.PATCH_RECORD, "{}")
+    return engine.plan()
+
+
+@pytest.mark.skipif(udocker.Platform.host().arch != "amd64", reason="names of x86_64 tools")
+@pytest.mark.parametrize("upstream", [True, False])
+def test_f2_drives_upstreams_libfakechroot_as_udocker_1_3_17(tmpdir, glibc_tree, upstream):
+    """Upstream's libfakechroot starts FAKECHROOT_ELFLOADER with no --library-path and
+    gives a #! script's interpreter a garbled argv with FAKECHROOT_ELFLOADER_OPT_ARGV0: F2
+    starts its ld.so copy without them, the copy reading LD_LIBRARY_REAL (udocker 1.3.17's
+    name) where ld.so reads LD_LIBRARY_PATH. Ours gets --library-path (and --argv0)."""
+    plan = fakechroot_plan(tmpdir, glibc_tree, "F2", upstream)
+    (copy,) = [c for c in plan.changes if c.kind == "binary"]
+    libpath = plan.env["LD_LIBRARY_PATH"]
+    assert plan.env["LD_LIBRARY_REAL"] == plan.env["FAKECHROOT_LIBRARY_ORIG"] == libpath
+    assert plan.argv[0] == plan.env["FAKECHROOT_ELFLOADER"] == copy.path
+    assert ("libfakechroot-glibc" not in plan.env["LD_PRELOAD"]) == upstream
+    assert (b"\0LD_LIBRARY_REAL\0" in copy.value) == upstream
+    assert (b"\0LD_LIBRARY_PATH\0" in copy.value) != upstream
+    assert copy.path.endswith("-real.so") == upstream
+    if upstream:
+        assert "--library-path" not in plan.argv and \
+            "FAKECHROOT_ELFLOADER_OPT_ARGV0" not in plan.env
+    else:
+        assert plan.argv[1:3] == ["--library-path", libpath]
+    assert plan.argv[-1] == "/bin/true" or plan.argv[-1].endswith("/bin/true")
+
+
+@pytest.mark.skipif(udocker.Platform.host().arch != "amd64", reason="names of x86_64 tools")
+@pytest.mark.parametrize("upstream", [True, False])
+def test_f4_tells_upstreams_libfakechroot_when_setup_patched(tmpdir, glibc_tree, upstream):
+    """Upstream's libfakechroot runs `patchelf --set-root-prefix ROOT` on each program it
+    starts that is not older than FAKECHROOT_PATCH_LAST_TIME (udocker 1.3.17's
+    patch.time): F4 gives the end of setup's patching (patch.json's time)."""
+    root = str(tmpdir.join("ROOT"))
+    subprocess.check_call(["cp", "-a", glibc_tree, root])
+    plan = fakechroot_plan(tmpdir, root, "F4", upstream)
+    assert os.path.basename(plan.env["FAKECHROOT_PATCH_PATCHELF"]) == "patchelf-x86_64"
+    record = os.path.join(str(tmpdir.join("cdir")), udocker.ContainerDir.PATCH_RECORD)
+    if upstream:
+        assert plan.env["FAKECHROOT_PATCH_LAST_TIME"] == str(int(os.stat(record).st_mtime))
+        assert plan.env["LD_LIBRARY_REAL"] == plan.env["LD_LIBRARY_PATH"]
+    else:
+        assert "FAKECHROOT_PATCH_LAST_TIME" not in plan.env
+
+
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
     data = tmpdir.join("data").ensure(dir=True)
     engine, plan = plan_for(tmpdir, glibc_tree, opts={
