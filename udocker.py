@@ -5682,6 +5682,11 @@ STATX_SYSCALLS = {"amd64": ((0xC000003E, 332), (0x40000003, 383)), "386": ((0x40
                   "arm64": ((0xC00000B7, 291), (0x40000028, 397)), "arm": ((0x40000028, 397),),
                   "ppc64le": ((0xC0000015, 383),), "s390x": ((0x80000016, 379),),
                   "riscv64": ((0xC00000F3, 291),)}
+# host architecture -> the architectures of a runtime's seccomp filter (OCI spec): with the
+# native one alone, libseccomp kills a process whose syscall number has x32's bit, such as
+# the -1 by which proot cancels a syscall
+SECCOMP_ARCHES = {"amd64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                  "386": ["SCMP_ARCH_X86"], "arm64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]}
 
 
 def enosys_filter(syscalls):
@@ -5814,6 +5819,26 @@ def container_init(pid):
                 return child
             todo.append(child)
     return None
+
+
+def has_reaped(pid):
+    """Has process pid waited for any child yet? The kernel adds a reaped child's page
+    faults and times to its parent's (cminflt ... cstime of /proc/PID/stat), and a process
+    that ran has faulted at least one page."""
+    try:
+        fields = read_text("/proc/%d/stat" % pid).rpartition(")")[2].split()
+        return any(int(value) for value in fields[8:9] + fields[10:11] + fields[13:15])
+    except (IOError, OSError, ValueError):
+        return False
+
+
+def process_argv(pid):
+    """The argv of process pid (from /proc), None when it is gone or a zombie."""
+    try:
+        data = read_text("/proc/%d/cmdline" % pid)
+    except (IOError, OSError):
+        return None
+    return data.split("\0")[:-1] or None
 
 
 def signal_is_handled(pid, signum):
@@ -7891,6 +7916,21 @@ class RuncProotEngine(RuncEngine):
         if self.noseccomp:
             self.env["PROOT_NO_SECCOMP"] = "1"
 
+    def spec(self):
+        """A proot that does not translate statx (5.1-era) would let a relative statx
+        resolve against its real working directory, not the one it shows (`cd /; ls -d usr`
+        fails): statx fails with ENOSYS in the container, as in P1/P2 (child_hook), so
+        glibc falls back to fstatat. By the runtime's seccomp filter: one of ours on runc
+        would also stop newuidmap's setuid."""
+        spec = RuncEngine.spec(self)
+        if not self.tools.proot()[1].get("statx", True):
+            spec["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+                {"names": ["statx"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS}]}
+            arches = SECCOMP_ARCHES.get(Platform.host().arch)
+            if arches:
+                spec["linux"]["seccomp"]["architectures"] = arches
+        return spec
+
     def process_args(self):
         self.kill_on_exit = self.cfg.proot_killonexit and \
             self.tools.proot()[1].get("kill_on_exit")
@@ -7904,10 +7944,12 @@ class RuncProotEngine(RuncEngine):
         """Without --kill-on-exit proot, pid 1 of the container, runs until the last process
         in it exits: once its first child (the command) has gone, the others are killed
         here. Orphans are reparented to pid 1 after the command became its child, and the
-        kernel lists children in that order: the command is proot's first child when first
-        seen. One that exits before it is seen, leaving processes behind, is missed: the run
-        then ends with the last of them, as with proot alone (the kernel kills what is left
-        in the container when pid 1 exits: nothing outlives the run either way)."""
+        kernel lists children in that order (a zombie too, until proot reaps it). So when
+        proot has reaped no child yet, its first child is the command; when it has, and its
+        first child does not run the command's argv, the command exited before it was first
+        seen, and every child of proot is a stray. (An orphan reaped while the command runs
+        leaves the command first: it is told by its argv, unless it has already exec'd
+        another program; it is then taken for gone.)"""
         if self.kill_on_exit:
             return RuncEngine.wait(self, pid, keep)
         seen = {}
@@ -7922,7 +7964,9 @@ class RuncProotEngine(RuncEngine):
             if "command" not in seen:
                 if not children:
                     return None
-                seen["command"] = children[0]
+                first = children[0]
+                gone = has_reaped(seen["init"]) and process_argv(first) != self.argv
+                seen["command"] = None if gone else first
             return [] if seen["command"] in children else children
         return _wait_killing_strays(pid, strays)
 
@@ -7946,6 +7990,7 @@ class FakechrootEngine(Engine):
     banner_char = "#"
     needs_tools = ("libfakechroot",)
     nested_links = ()              # (mount point, is a directory) of volumes in volumes
+    dir_map = None                 # the library is upstream's fork (command sets it)
     runs_as_host_user = True
     uses_loader = True
     devices_at_own_path = True
@@ -7974,7 +8019,7 @@ class FakechrootEngine(Engine):
         loader = container_loader(self.root, arch)[1] if self.uses_loader else None
         libpath = ":".join(([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) +
                            container_lib_dirs(self.root, arch))
-        dir_map = self._maps_volumes(library)
+        dir_map = self.dir_map = self._maps_volumes(library)
         excluded, mapped = [], {}
         self.nested_links = []
         for vol in self.volumes:
@@ -8444,7 +8489,7 @@ class FakechrootLoaderEngine(FakechrootEngine):
         variable in the container's ld.so itself), and no FAKECHROOT_ELFLOADER_OPT_ARGV0:
         with it the fork gives a #! script's interpreter a garbled argv (EFAULT)."""
         argv, env, cwd = FakechrootEngine.command(self)
-        upstream = self._maps_volumes()
+        upstream = self.dir_map
         loader, data = f2_loader(self.container, self.cfg, library_real=upstream)
         if data is not None:                        # made by apply, with the rest
             self.change("binary", loader, data, what="F2's copy of ld.so")
@@ -8538,7 +8583,7 @@ class FakechrootAutoPatchEngine(FakechrootPatchedEngine):
         libpath = ":".join(container_lib_dirs(self.root, arch))
         env.update({"FAKECHROOT_PATCH_PATCHELF": patchelf[0],
                     "FAKECHROOT_PATCH_ELFLOADER": loader, "FAKECHROOT_LIBRARY_ORIG": libpath})
-        if self._maps_volumes():
+        if self.dir_map:
             # upstream's libfakechroot runs `patchelf --set-root-prefix ROOT` on every
             # program it starts that is not older than this (udocker 1.3.17's patch.time)
             record = os.path.join(self.container.dir or "", ContainerDir.PATCH_RECORD)

@@ -368,6 +368,57 @@ def test_f4_tells_upstreams_libfakechroot_when_setup_patched(tmpdir, glibc_tree,
         assert "FAKECHROOT_PATCH_LAST_TIME" not in plan.env
 
 
+@pytest.mark.parametrize("modern", [True, False])
+def test_r2_hides_statx_from_a_proot_that_does_not_translate_it(tmpdir, glibc_tree, modern):
+    """A 5.1-era proot (upstream's, Debian's) lets a relative statx resolve against its
+    real working directory (`cd /; ls -d usr` fails): in R2/R3 the runtime's seccomp filter
+    makes statx fail with ENOSYS, with x32's syscall numbers allowed (else libseccomp
+    kills proot's cancelled syscalls, -1). A proot that translates statx gets no filter."""
+    from test_tools import fake_proot
+    proot = fake_proot(tmpdir.join("p"), "5.4.0" if modern else "5.1.0", modern=modern)
+    plan = plan_for(tmpdir, glibc_tree, mode="R2", args=["/bin/true"],
+                    UDOCKER_USE_PROOT_EXECUTABLE=proot)[1]
+    seccomp = bundle_spec(plan)["linux"].get("seccomp")
+    if modern:
+        assert seccomp is None
+        return
+    assert seccomp["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert seccomp["syscalls"] == [{"names": ["statx"], "action": "SCMP_ACT_ERRNO",
+                                    "errnoRet": 38}]
+    if udocker.Platform.host().arch == "amd64":
+        assert "SCMP_ARCH_X32" in seccomp["architectures"]
+
+
+REAPED_SCRIPT = """
+import os, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import udocker
+print(udocker.has_reaped(os.getpid()))
+child = subprocess.Popen(["sleep", "30"])
+print(any(udocker.process_argv(child.pid) == ["sleep", "30"] or time.sleep(0.01)
+          for _ in range(1000)))                       # once it has run exec
+child.kill()
+while open("/proc/%d/stat" % child.pid).read().rpartition(")")[2].split()[0] != "Z":
+    time.sleep(0.01)
+print(udocker.process_argv(child.pid))                 # a zombie
+child.wait()
+print(udocker.has_reaped(os.getpid()))
+"""
+
+
+def test_has_reaped_and_process_argv_read_a_process_from_proc(tmpdir):
+    """What R2/R3 tell a command that has exited from what it left by: whether proot has
+    reaped a child (its children's faults added to its own) and a child's argv (None for
+    a zombie). A fresh Python process has reaped nothing until it waits for a child."""
+    import sys
+    script = tmpdir.join("reaped.py")
+    script.write(REAPED_SCRIPT)
+    out = subprocess.check_output([sys.executable, "-S", str(script),
+                                   os.path.dirname(SCRIPT)]).decode()
+    assert out.split() == ["False", "True", "None", "True"]
+    assert udocker.has_reaped(2 ** 22 + 1) is False and udocker.process_argv(2 ** 22 + 1) is None
+
+
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
     data = tmpdir.join("data").ensure(dir=True)
     engine, plan = plan_for(tmpdir, glibc_tree, opts={
