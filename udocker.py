@@ -5682,11 +5682,21 @@ STATX_SYSCALLS = {"amd64": ((0xC000003E, 332), (0x40000003, 383)), "386": ((0x40
                   "arm64": ((0xC00000B7, 291), (0x40000028, 397)), "arm": ((0x40000028, 397),),
                   "ppc64le": ((0xC0000015, 383),), "s390x": ((0x80000016, 379),),
                   "riscv64": ((0xC00000F3, 291),)}
+# faccessat2 (glibc 2.33+'s access with a directory fd or flags): one number everywhere; a
+# proot that does not translate statx does not translate it either (5.1-era ones know neither)
+FACCESSAT2 = 439
 # host architecture -> the architectures of a runtime's seccomp filter (OCI spec): with the
 # native one alone, libseccomp kills a process whose syscall number has x32's bit, such as
 # the -1 by which proot cancels a syscall
 SECCOMP_ARCHES = {"amd64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
                   "386": ["SCMP_ARCH_X86"], "arm64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]}
+
+
+def untranslated_syscalls(arch):
+    """The (AUDIT_ARCH, number) pairs of statx and faccessat2 on a host of arch: what a
+    5.1-era proot passes to the kernel untranslated (relative to its real directory)."""
+    pairs = STATX_SYSCALLS.get(arch, ())
+    return pairs + tuple((audit, FACCESSAT2) for audit, _ in pairs)
 
 
 def enosys_filter(syscalls):
@@ -7536,11 +7546,11 @@ class ProotEngine(Engine):
 
     def child_hook(self):
         """A proot that does not translate statx (5.1-era: upstream udocker's, Debian's
-        5.1.0) would let it reach host paths: statx fails with ENOSYS instead, and glibc
-        emulates it with fstatat, which proot translates."""
+        5.1.0) would let it and faccessat2 reach host paths: they fail with ENOSYS
+        instead, and glibc falls back to fstatat and faccessat, which proot translates."""
         if self.proot_info.get("statx", True):
             return None
-        install = enosys_filter(STATX_SYSCALLS.get(Platform.host().arch, ()))
+        install = enosys_filter(untranslated_syscalls(Platform.host().arch))
         if install is None:
             MSG.warning("cannot hide statx from this proot (no _ctypes): stat may be wrong")
         return install
@@ -7917,15 +7927,16 @@ class RuncProotEngine(RuncEngine):
             self.env["PROOT_NO_SECCOMP"] = "1"
 
     def spec(self):
-        """A proot that does not translate statx (5.1-era) would let a relative statx
-        resolve against its real working directory, not the one it shows (`cd /; ls -d usr`
-        fails): statx fails with ENOSYS in the container, as in P1/P2 (child_hook), so
-        glibc falls back to fstatat. By the runtime's seccomp filter: one of ours on runc
-        would also stop newuidmap's setuid."""
+        """A proot that does not translate statx (5.1-era) would let a relative statx or
+        faccessat2 resolve against its real working directory, not the one it shows (`cd /;
+        ls -d usr` fails): they fail with ENOSYS in the container, as in P1/P2 (child_hook),
+        so glibc falls back to fstatat and faccessat. By the runtime's seccomp filter: one
+        of ours on runc would also stop newuidmap's setuid."""
         spec = RuncEngine.spec(self)
         if not self.tools.proot()[1].get("statx", True):
             spec["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-                {"names": ["statx"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS}]}
+                {"names": ["statx", "faccessat2"], "action": "SCMP_ACT_ERRNO",
+                 "errnoRet": errno.ENOSYS}]}
             arches = SECCOMP_ARCHES.get(Platform.host().arch)
             if arches:
                 spec["linux"]["seccomp"]["architectures"] = arches

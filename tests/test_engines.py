@@ -370,9 +370,9 @@ def test_f4_tells_upstreams_libfakechroot_when_setup_patched(tmpdir, glibc_tree,
 
 @pytest.mark.parametrize("modern", [True, False])
 def test_r2_hides_statx_from_a_proot_that_does_not_translate_it(tmpdir, glibc_tree, modern):
-    """A 5.1-era proot (upstream's, Debian's) lets a relative statx resolve against its
-    real working directory (`cd /; ls -d usr` fails): in R2/R3 the runtime's seccomp filter
-    makes statx fail with ENOSYS, with x32's syscall numbers allowed (else libseccomp
+    """A 5.1-era proot (upstream's, Debian's) lets a relative statx or faccessat2 resolve
+    against its real working directory (`cd /; ls -d usr` fails): in R2/R3 the runtime's
+    seccomp filter makes them fail with ENOSYS, with x32's syscall numbers allowed (else libseccomp
     kills proot's cancelled syscalls, -1). A proot that translates statx gets no filter."""
     from test_tools import fake_proot
     proot = fake_proot(tmpdir.join("p"), "5.4.0" if modern else "5.1.0", modern=modern)
@@ -383,8 +383,8 @@ def test_r2_hides_statx_from_a_proot_that_does_not_translate_it(tmpdir, glibc_tr
         assert seccomp is None
         return
     assert seccomp["defaultAction"] == "SCMP_ACT_ALLOW"
-    assert seccomp["syscalls"] == [{"names": ["statx"], "action": "SCMP_ACT_ERRNO",
-                                    "errnoRet": 38}]
+    assert seccomp["syscalls"] == [{"names": ["statx", "faccessat2"],
+                                    "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]
     if udocker.Platform.host().arch == "amd64":
         assert "SCMP_ARCH_X32" in seccomp["architectures"]
 

@@ -146,13 +146,18 @@ def test_commands_run_on_the_release_glibc(releases, release, mode):
 
 
 @pytest.mark.parametrize("release,mode", CASES)
-def test_stat_names_of_the_release_reach_the_container_file(releases, release, mode):
+def test_stat_names_of_the_release_reach_the_container_file(releases, release, mode, request):
     """fsnames, compiled in the release, calls the stat family by its glibc's names: each
     call on /etc/debian_version gives the container file's inode (not the host's), access
     says readable, readlink and realpath of the loader's link give container paths, getcwd
     the -w directory, and execve of the container's /bin/sh runs it (with argv[0] as given,
-    but in F1, and in F2 before glibc 2.33)."""
+    but in F1, and in F2 before glibc 2.33). Upstream's libfakechroot wraps only the names
+    before glibc 2.33 (__xstat ...): an expected failure after (udocker 1.3.17 too)."""
     name, root = releases.container(release, mode)
+    if mode.startswith("F") and releases.upstream_tools() and \
+            udocker.version_at_least(RELEASES[release], "2.33"):
+        request.node.add_marker(pytest.mark.xfail(reason="upstream's libfakechroot wraps "
+                                                  "__xstat, not stat", strict=False))
     imports = imported_names(os.path.join(root, "usr", "local", "bin", "fsnames"))
     imported = [n for n in OLD_NAMES + NEW_NAMES if n in imports]
     assert imported == list(NEW_NAMES if udocker.version_at_least(RELEASES[release], "2.33")
