@@ -5904,6 +5904,21 @@ STATX_SYSCALLS = {"amd64": ((0xC000003E, 332), (0x40000003, 383)), "386": ((0x40
                   "arm64": ((0xC00000B7, 291), (0x40000028, 397)), "arm": ((0x40000028, 397),),
                   "ppc64le": ((0xC0000015, 383),), "s390x": ((0x80000016, 379),),
                   "riscv64": ((0xC00000F3, 291),)}
+# faccessat2 (glibc 2.33+'s access with a directory fd or flags): one number everywhere; a
+# proot that does not translate statx does not translate it either (5.1-era ones know neither)
+FACCESSAT2 = 439
+# host architecture -> the architectures of a runtime's seccomp filter (OCI spec): with the
+# native one alone, libseccomp kills a process whose syscall number has x32's bit, such as
+# the -1 by which proot cancels a syscall
+SECCOMP_ARCHES = {"amd64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                  "386": ["SCMP_ARCH_X86"], "arm64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]}
+
+
+def untranslated_syscalls(arch):
+    """The (AUDIT_ARCH, number) pairs of statx and faccessat2 on a host of arch: what a
+    5.1-era proot passes to the kernel untranslated (relative to its real directory)."""
+    pairs = STATX_SYSCALLS.get(arch, ())
+    return pairs + tuple((audit, FACCESSAT2) for audit, _ in pairs)
 
 
 def enosys_filter(syscalls):
@@ -6036,6 +6051,26 @@ def container_init(pid):
                 return child
             todo.append(child)
     return None
+
+
+def has_reaped(pid):
+    """Has process pid waited for any child yet? The kernel adds a reaped child's page
+    faults and times to its parent's (cminflt ... cstime of /proc/PID/stat), and a process
+    that ran has faulted at least one page."""
+    try:
+        fields = read_text("/proc/%d/stat" % pid).rpartition(")")[2].split()
+        return any(int(value) for value in fields[8:9] + fields[10:11] + fields[13:15])
+    except (IOError, OSError, ValueError):
+        return False
+
+
+def process_argv(pid):
+    """The argv of process pid (from /proc), None when it is gone or a zombie."""
+    try:
+        data = read_text("/proc/%d/cmdline" % pid)
+    except (IOError, OSError):
+        return None
+    return data.split("\0")[:-1] or None
 
 
 def signal_is_handled(pid, signum):
@@ -7733,11 +7768,11 @@ class ProotEngine(Engine):
 
     def child_hook(self):
         """A proot that does not translate statx (5.1-era: upstream udocker's, Debian's
-        5.1.0) would let it reach host paths: statx fails with ENOSYS instead, and glibc
-        emulates it with fstatat, which proot translates."""
+        5.1.0) would let it and faccessat2 reach host paths: they fail with ENOSYS
+        instead, and glibc falls back to fstatat and faccessat, which proot translates."""
         if self.proot_info.get("statx", True):
             return None
-        install = enosys_filter(STATX_SYSCALLS.get(Platform.host().arch, ()))
+        install = enosys_filter(untranslated_syscalls(Platform.host().arch))
         if install is None:
             MSG.warning("cannot hide statx from this proot (no _ctypes): stat may be wrong")
         return install
@@ -8113,6 +8148,22 @@ class RuncProotEngine(RuncEngine):
         if self.noseccomp:
             self.env["PROOT_NO_SECCOMP"] = "1"
 
+    def spec(self):
+        """A proot that does not translate statx (5.1-era) would let a relative statx or
+        faccessat2 resolve against its real working directory, not the one it shows (`cd /;
+        ls -d usr` fails): they fail with ENOSYS in the container, as in P1/P2 (child_hook),
+        so glibc falls back to fstatat and faccessat. By the runtime's seccomp filter: one
+        of ours on runc would also stop newuidmap's setuid."""
+        spec = RuncEngine.spec(self)
+        if not self.tools.proot()[1].get("statx", True):
+            spec["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+                {"names": ["statx", "faccessat2"], "action": "SCMP_ACT_ERRNO",
+                 "errnoRet": errno.ENOSYS}]}
+            arches = SECCOMP_ARCHES.get(Platform.host().arch)
+            if arches:
+                spec["linux"]["seccomp"]["architectures"] = arches
+        return spec
+
     def process_args(self):
         self.kill_on_exit = self.cfg.proot_killonexit and \
             self.tools.proot()[1].get("kill_on_exit")
@@ -8126,10 +8177,12 @@ class RuncProotEngine(RuncEngine):
         """Without --kill-on-exit proot, pid 1 of the container, runs until the last process
         in it exits: once its first child (the command) has gone, the others are killed
         here. Orphans are reparented to pid 1 after the command became its child, and the
-        kernel lists children in that order: the command is proot's first child when first
-        seen. One that exits before it is seen, leaving processes behind, is missed: the run
-        then ends with the last of them, as with proot alone (the kernel kills what is left
-        in the container when pid 1 exits: nothing outlives the run either way)."""
+        kernel lists children in that order (a zombie too, until proot reaps it). So when
+        proot has reaped no child yet, its first child is the command; when it has, and its
+        first child does not run the command's argv, the command exited before it was first
+        seen, and every child of proot is a stray. (An orphan reaped while the command runs
+        leaves the command first: it is told by its argv, unless it has already exec'd
+        another program; it is then taken for gone.)"""
         if self.kill_on_exit:
             return RuncEngine.wait(self, pid, keep)
         seen = {}
@@ -8144,7 +8197,9 @@ class RuncProotEngine(RuncEngine):
             if "command" not in seen:
                 if not children:
                     return None
-                seen["command"] = children[0]
+                first = children[0]
+                gone = has_reaped(seen["init"]) and process_argv(first) != self.argv
+                seen["command"] = None if gone else first
             return [] if seen["command"] in children else children
         return _wait_killing_strays(pid, strays)
 
@@ -8168,6 +8223,7 @@ class FakechrootEngine(Engine):
     banner_char = "#"
     needs_tools = ("libfakechroot",)
     nested_links = ()              # (mount point, is a directory) of volumes in volumes
+    dir_map = None                 # the library is upstream's fork (command sets it)
     runs_as_host_user = True
     uses_loader = True
     devices_at_own_path = True
@@ -8196,7 +8252,7 @@ class FakechrootEngine(Engine):
         loader = container_loader(self.root, arch)[1] if self.uses_loader else None
         libpath = ":".join(([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) +
                            container_lib_dirs(self.root, arch))
-        dir_map = self._maps_volumes(library)
+        dir_map = self.dir_map = self._maps_volumes(library)
         excluded, mapped = [], {}
         self.nested_links = []
         for vol in self.volumes:
@@ -8561,6 +8617,7 @@ class ElfPatcher(object):
         # the interpreter first) writes a python3.11 (Debian 12) that dies of SIGSEGV
         failed = self._run(["--set-rpath", libpath], [p for p, _ in executables + libraries])
         failed += self._run(["--set-interpreter", loader], [p for p, _ in executables])
+        os.utime(self.record_path, None)     # when patching ended: FAKECHROOT_PATCH_LAST_TIME
         MSG.info("patched %d executables and %d libraries%s"
                  % (len(executables), len(libraries),
                     (" (%d failed)" % len(failed)) if failed else ""))
@@ -8609,7 +8666,8 @@ class ElfPatcher(object):
         for path, info in self._elf_files(loader)[0]:
             if info["interp"].startswith(root + "/") and \
                     os.path.relpath(path, self.container.root) not in record:
-                groups.setdefault(info["interp"][len(root):], []).append(path)
+                # upstream's libfakechroot patches with ROOT + "/" + the old path: ROOT//lib64
+                groups.setdefault("/" + info["interp"][len(root):].lstrip("/"), []).append(path)
         for interp, paths in sorted(groups.items()):
             self._run(["--remove-rpath"], paths)
             self._run(["--set-interpreter", interp], paths)
@@ -8658,13 +8716,21 @@ class FakechrootLoaderEngine(FakechrootEngine):
     mode = "F2"
 
     def command(self):
+        """Upstream's libfakechroot (dir_map) is driven as udocker 1.3.17 drives it: it
+        starts FAKECHROOT_ELFLOADER with no --library-path, so the copy reads the library
+        path from LD_LIBRARY_REAL instead of LD_LIBRARY_PATH (udocker 1.3.17 renames the
+        variable in the container's ld.so itself), and no FAKECHROOT_ELFLOADER_OPT_ARGV0:
+        with it the fork gives a #! script's interpreter a garbled argv (EFAULT)."""
         argv, env, cwd = FakechrootEngine.command(self)
-        loader, data = f2_loader(self.container, self.cfg)
+        upstream = self.dir_map
+        loader, data = f2_loader(self.container, self.cfg, library_real=upstream)
         if data is not None:                        # made by apply, with the rest
             self.change("binary", loader, data, what="F2's copy of ld.so")
         libpath = env["LD_LIBRARY_PATH"]
         env.update({"FAKECHROOT_ELFLOADER": loader, "LD_LIBRARY_REAL": libpath,
                     "FAKECHROOT_LIBRARY_ORIG": libpath})
+        if upstream:
+            return [loader] + argv[1:], env, cwd
         if argv[1:2] == ["--argv0"]:
             env["FAKECHROOT_ELFLOADER_OPT_ARGV0"] = "--argv0"
         return [loader, "--library-path", libpath] + argv[1:], env, cwd
@@ -8686,6 +8752,8 @@ class FakechrootLoaderEngine(FakechrootEngine):
 # the host's loader files named in an ld.so, and the same length names that cannot exist
 F2_LOADER_FILES = ((b"/etc/ld.so.cache\0", b"/dev/null/.cache\0"),
                    (b"/etc/ld.so.preload\0", b"/dev/null/.preload\0"))
+# the variable ld.so takes its library path from, and upstream udocker's name for it
+F2_LIBRARY_REAL = ((b"\0LD_LIBRARY_PATH\0", b"\0LD_LIBRARY_REAL\0"),)
 # ld.so's default library directories: /lib/, /usr/lib64/, /usr/lib/x86_64-linux-gnu/ ...
 F2_SYSTEM_DIR = LazyRegex(b"(?<![A-Za-z0-9_./-])/(?:usr/)?lib(?:32|64|x32)?/"
                           b"(?:[a-z0-9_]+-linux-gnu[a-z0-9_]*/)?\0")
@@ -8700,25 +8768,27 @@ def _f2_dir(match):
     return b"/" + b"\x01" * (size - 2) + b"/\0"
 
 
-def f2_loader(container, cfg):
+def f2_loader(container, cfg, library_real=False):
     """(host path, contents) of F2's copy of the container's ld.so, contents None when the
     copy exists (nothing is written here: run's plan or setup writes it). In it the default
     library directories, ld.so.cache and ld.so.preload are names that cannot exist, so
     the loader finds libraries only in its --library-path. The copy is named by the
     original's CRC-32 and Adler-32 (in the container's run_dir): a libc upgrade in the
     container gives a new one, and every F2 run computes the name, which hashlib would make
-    ~4 ms dearer (its import loads OpenSSL). Raises EngineError when that ld.so does not
-    name those files as expected."""
+    ~4 ms dearer (its import loads OpenSSL). library_real: the copy reads LD_LIBRARY_REAL
+    where ld.so reads LD_LIBRARY_PATH (upstream's libfakechroot passes no --library-path).
+    Raises EngineError when that ld.so does not name those files as expected."""
     source = container_loader(container.root, container.arch())[1]
     with open(source, "rb") as handle:
         data = handle.read()
     path = os.path.join(container.run_dir(cfg),
-                        "ld-f2-%08x%08x.so" % (zlib.crc32(data) & 0xffffffff,
-                                               zlib.adler32(data) & 0xffffffff))
+                        "ld-f2-%08x%08x%s.so" % (zlib.crc32(data) & 0xffffffff,
+                                                 zlib.adler32(data) & 0xffffffff,
+                                                 "-real" if library_real else ""))
     if os.path.isfile(path):
         return path, None
     data, dirs = F2_SYSTEM_DIR.subn(_f2_dir, data)
-    for old, new in F2_LOADER_FILES:
+    for old, new in F2_LOADER_FILES + (F2_LIBRARY_REAL if library_real else ()):
         data = data.replace(old, new)
     if not dirs or F2_LOADER_FILES[0][0] in data or F2_LOADER_FILES[0][1] not in data:
         raise EngineError("F2 cannot use this container's ld.so (%s): its library directories "
@@ -8746,6 +8816,12 @@ class FakechrootAutoPatchEngine(FakechrootPatchedEngine):
         libpath = ":".join(container_lib_dirs(self.root, arch))
         env.update({"FAKECHROOT_PATCH_PATCHELF": patchelf[0],
                     "FAKECHROOT_PATCH_ELFLOADER": loader, "FAKECHROOT_LIBRARY_ORIG": libpath})
+        if self.dir_map:
+            # upstream's libfakechroot runs `patchelf --set-root-prefix ROOT` on every
+            # program it starts that is not older than this (udocker 1.3.17's patch.time)
+            record = os.path.join(self.container.dir or "", ContainerDir.PATCH_RECORD)
+            env.update({"LD_LIBRARY_REAL": libpath, "FAKECHROOT_PATCH_LAST_TIME":
+                        str(int(os.stat(record).st_mtime)) if os.path.isfile(record) else "0"})
         if ElfPatcher.is_new(self.container, self.executable, loader):
             self.change("patch", self.executable, (patchelf, loader, libpath),
                         what="the program to start (F4 patches it)")

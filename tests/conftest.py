@@ -195,3 +195,62 @@ def slurm_nodes(tmp_path_factory):
     print("multi-node cluster started in %.1f s" % cluster.start_seconds)
     yield cluster
     cluster.stop()
+
+
+# What upstream's tools (udocker-englib 1.2.11 as UDOCKER_TEST_TARBALL) cannot do in test_run.py's
+# F modes on a glibc 2.33+ tree (the host's): their libfakechroot wraps __xstat, __lxstat,
+# __fxstatat, not the stat, lstat, fstatat that glibc 2.33+ programs call, so a stat reaches
+# the host's path. udocker 1.3.17 fails the same way on bookworm and passes on bullseye (2.31),
+# where tests/test_releases.py runs every mode with these tools (UDOCKER_TEST_RELEASE_MODES).
+UPSTREAM_LIMITS = {
+    "test_shebang_script_with_arguments": "dash's PATH search stats the host's path",
+    "test_paths_under_directory_fds_stay_in_the_container": "find's fstatat reaches the host",
+    "test_concurrent_runs_of_one_container": "`[ -e /data/FLAG ]` stats the host's /data",
+    "test_hostenv_nosysdirs_novol_and_entrypoint": "`test -s`, `test -e` stat the host's files",
+    "test_nvidia_driver_is_bound_at_run_time_not_copied": "sh's PATH search stats the host",
+    "test_f4_runs_a_program_compiled_in_the_container":
+        "ld stats its output before chmod +x: the host's path, so it stays 0644",
+    "test_f2_keeps_the_hosts_library_path_and_cache_out":
+        "glibc 2.36's ld.so compares LD_LIBRARY_PATH inline: renaming it LD_LIBRARY_REAL in the "
+        "copy (udocker 1.3.17's way) has no effect, and upstream's execve gives no --library-path",
+}
+
+
+def _upstream_libraries(path):
+    """The libfakechroot names of path when it is upstream's tools tarball (one per
+    distribution: libfakechroot-Debian-12-x86_64.so, not ours per glibc: ...-glibc2.36-...)."""
+    import re
+    import tarfile
+    if not path or not os.path.isfile(path):
+        return []
+    with tarfile.open(path) as tar:
+        names = [n.rpartition("/")[2] for n in tar.getnames() if "/lib/libfakechroot-" in n]
+    return names if any(re.match(r"libfakechroot-[A-Z]", n) for n in names) else []
+
+
+def pytest_collection_modifyitems(config, items):
+    """test_run.py's UPSTREAM_LIMITS are expected failures in F modes with upstream's tools
+    on a glibc 2.33+ host (not strict: one that passes is reported, not failed), and so are
+    the musl tree's F modes with a build of them that has no Alpine library."""
+    names = [item for item in items if item.name.split("[")[0] in UPSTREAM_LIMITS or
+             item.name.startswith("test_musl_tree_")]
+    libraries = names and _upstream_libraries(os.environ.get("UDOCKER_TEST_TARBALL", ""))
+    if not libraries:
+        return
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION").split()[-1].split(".")
+    except (ValueError, AttributeError, IndexError):           # Python 2.7 lacks the name
+        import platform
+        glibc = (platform.libc_ver()[1] or "0").split(".")
+    for item in names:
+        params = item.name.partition("[")[2].rstrip("]").split("-")
+        if params[0] and not any(p.startswith("F") for p in params):
+            continue
+        if item.name.startswith("test_musl_tree_"):
+            if not any("Alpine" in n for n in libraries):
+                item.add_marker(pytest.mark.xfail(reason="this build of upstream's tools has "
+                                                  "no libfakechroot-Alpine", strict=False))
+        elif [int(part) for part in glibc[:2]] >= [2, 33]:
+            item.add_marker(pytest.mark.xfail(reason="upstream's tools: " +
+                                              UPSTREAM_LIMITS[item.name.split("[")[0]],
+                                              strict=False))

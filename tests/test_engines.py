@@ -308,6 +308,118 @@ def test_upstream_libfakechroot_dir_map_entries_stay_whole_with_colons(tmpdir, g
     assert mapped["/spool"] == str(plain)
 
 
+def fakechroot_plan(tmpdir, root, mode, upstream):
+    """F2 or F4's plan of `run /bin/true` with upstream's tools 1.2.11 (test_tools'
+    stand-ins: a libfakechroot-DISTRO-VERSION-ARCH.so that has FAKECHROOT_DIR_MAP, a
+    patchelf 0.9 with --set-root-prefix), or with our library (UDOCKER_FAKECHROOT_SO)."""
+    from test_tools import upstream_tree
+    upstream_tree(tmpdir)
+    env = {}
+    if not upstream:
+        library = tmpdir.join("libfakechroot-glibc2.17-x86_64.so")
+        library.write_binary(b"\x7fELF\0FAKECHROOT_VOLUMES\0")
+        env["UDOCKER_FAKECHROOT_SO"] = str(library)
+    engine = engine_for(tmpdir, root, mode=mode, args=["/bin/true"], **env)
+    engine.tools = udocker.Tools(engine.cfg, engine.session.repo, engine.environ)
+    if mode == "F4":                            # as setup left it
+        engine.container.set_state(udocker.ContainerDir.PATCH_PATH, root)
+        engine.container.files.write(udocker.ContainerDir.PATCH_RECORD, "{}")
+    return engine.plan()
+
+
+@pytest.mark.skipif(udocker.Platform.host().arch != "amd64", reason="names of x86_64 tools")
+@pytest.mark.parametrize("upstream", [True, False])
+def test_f2_drives_upstreams_libfakechroot_as_udocker_1_3_17(tmpdir, glibc_tree, upstream):
+    """Upstream's libfakechroot starts FAKECHROOT_ELFLOADER with no --library-path and
+    gives a #! script's interpreter a garbled argv with FAKECHROOT_ELFLOADER_OPT_ARGV0: F2
+    starts its ld.so copy without them, the copy reading LD_LIBRARY_REAL (udocker 1.3.17's
+    name) where ld.so reads LD_LIBRARY_PATH. Ours gets --library-path (and --argv0)."""
+    plan = fakechroot_plan(tmpdir, glibc_tree, "F2", upstream)
+    (copy,) = [c for c in plan.changes if c.kind == "binary"]
+    libpath = plan.env["LD_LIBRARY_PATH"]
+    assert plan.env["LD_LIBRARY_REAL"] == plan.env["FAKECHROOT_LIBRARY_ORIG"] == libpath
+    assert plan.argv[0] == plan.env["FAKECHROOT_ELFLOADER"] == copy.path
+    assert ("libfakechroot-glibc" not in plan.env["LD_PRELOAD"]) == upstream
+    assert (b"\0LD_LIBRARY_REAL\0" in copy.value) == upstream
+    assert (b"\0LD_LIBRARY_PATH\0" in copy.value) != upstream
+    assert copy.path.endswith("-real.so") == upstream
+    if upstream:
+        assert "--library-path" not in plan.argv and \
+            "FAKECHROOT_ELFLOADER_OPT_ARGV0" not in plan.env
+    else:
+        assert plan.argv[1:3] == ["--library-path", libpath]
+    assert plan.argv[-1] == "/bin/true" or plan.argv[-1].endswith("/bin/true")
+
+
+@pytest.mark.skipif(udocker.Platform.host().arch != "amd64", reason="names of x86_64 tools")
+@pytest.mark.parametrize("upstream", [True, False])
+def test_f4_tells_upstreams_libfakechroot_when_setup_patched(tmpdir, glibc_tree, upstream):
+    """Upstream's libfakechroot runs `patchelf --set-root-prefix ROOT` on each program it
+    starts that is not older than FAKECHROOT_PATCH_LAST_TIME (udocker 1.3.17's
+    patch.time): F4 gives the end of setup's patching (patch.json's time)."""
+    root = str(tmpdir.join("ROOT"))
+    subprocess.check_call(["cp", "-a", glibc_tree, root])
+    plan = fakechroot_plan(tmpdir, root, "F4", upstream)
+    assert os.path.basename(plan.env["FAKECHROOT_PATCH_PATCHELF"]) == "patchelf-x86_64"
+    record = os.path.join(str(tmpdir.join("cdir")), udocker.ContainerDir.PATCH_RECORD)
+    if upstream:
+        assert plan.env["FAKECHROOT_PATCH_LAST_TIME"] == str(int(os.stat(record).st_mtime))
+        assert plan.env["LD_LIBRARY_REAL"] == plan.env["LD_LIBRARY_PATH"]
+    else:
+        assert "FAKECHROOT_PATCH_LAST_TIME" not in plan.env
+
+
+@pytest.mark.parametrize("modern", [True, False])
+def test_r2_hides_statx_from_a_proot_that_does_not_translate_it(tmpdir, glibc_tree, modern):
+    """A 5.1-era proot (upstream's, Debian's) lets a relative statx or faccessat2 resolve
+    against its real working directory (`cd /; ls -d usr` fails): in R2/R3 the runtime's
+    seccomp filter makes them fail with ENOSYS, with x32's syscall numbers allowed (else libseccomp
+    kills proot's cancelled syscalls, -1). A proot that translates statx gets no filter."""
+    from test_tools import fake_proot
+    proot = fake_proot(tmpdir.join("p"), "5.4.0" if modern else "5.1.0", modern=modern)
+    plan = plan_for(tmpdir, glibc_tree, mode="R2", args=["/bin/true"],
+                    UDOCKER_USE_PROOT_EXECUTABLE=proot)[1]
+    seccomp = bundle_spec(plan)["linux"].get("seccomp")
+    if modern:
+        assert seccomp is None
+        return
+    assert seccomp["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert seccomp["syscalls"] == [{"names": ["statx", "faccessat2"],
+                                    "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]
+    if udocker.Platform.host().arch == "amd64":
+        assert "SCMP_ARCH_X32" in seccomp["architectures"]
+
+
+REAPED_SCRIPT = """
+import os, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import udocker
+print(udocker.has_reaped(os.getpid()))
+child = subprocess.Popen(["sleep", "30"])
+print(any(udocker.process_argv(child.pid) == ["sleep", "30"] or time.sleep(0.01)
+          for _ in range(1000)))                       # once it has run exec
+child.kill()
+while open("/proc/%d/stat" % child.pid).read().rpartition(")")[2].split()[0] != "Z":
+    time.sleep(0.01)
+print(udocker.process_argv(child.pid))                 # a zombie
+child.wait()
+print(udocker.has_reaped(os.getpid()))
+"""
+
+
+def test_has_reaped_and_process_argv_read_a_process_from_proc(tmpdir):
+    """What R2/R3 tell a command that has exited from what it left by: whether proot has
+    reaped a child (its children's faults added to its own) and a child's argv (None for
+    a zombie). A fresh Python process has reaped nothing until it waits for a child."""
+    import sys
+    script = tmpdir.join("reaped.py")
+    script.write(REAPED_SCRIPT)
+    out = subprocess.check_output([sys.executable, "-S", str(script),
+                                   os.path.dirname(SCRIPT)]).decode()
+    assert out.split() == ["False", "True", "None", "True"]
+    assert udocker.has_reaped(2 ** 22 + 1) is False and udocker.process_argv(2 ** 22 + 1) is None
+
+
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
     data = tmpdir.join("data").ensure(dir=True)
     engine, plan = plan_for(tmpdir, glibc_tree, opts={

@@ -22,7 +22,9 @@ from support.images import TEST_IMAGE_CACHE
 from support.runner import Udocker
 
 RELEASES = {"bullseye": "2.31", "bookworm": "2.36", "trixie": "2.41"}
-MODES = ["P1", "F1", "F2", "F3", "F4"]
+# P1 is the reference; UDOCKER_TEST_RELEASE_MODES="P1 P2 R1 R2 R3 F1 F2 F3 F4" runs every
+# mode (with UDOCKER_TEST_TARBALL=upstream's englib: its tools on each release)
+MODES = os.environ.get("UDOCKER_TEST_RELEASE_MODES", "P1 F1 F2 F3 F4").split()
 # what a program of each generation imports for stat(), lstat(), fstatat()
 OLD_NAMES = ("__xstat", "__lxstat", "__fxstatat")                # glibc < 2.33
 NEW_NAMES = ("stat", "lstat", "fstatat")                          # glibc >= 2.33
@@ -67,6 +69,12 @@ class Releases(object):
             root = os.path.join(self.udocker.udocker_dir, "containers", cid, "ROOT")
             self.containers[key] = (name, root)
         return self.containers[key]
+
+    def upstream_tools(self):
+        """Are the installed tools upstream's (libfakechroot-DISTRO-VERSION-ARCH.so)?"""
+        lib = os.path.join(self.udocker.udocker_dir, "lib")
+        return any(n.startswith("libfakechroot-") and "glibc" not in n and "musl" not in n
+                   for n in os.listdir(lib)) if os.path.isdir(lib) else False
 
     def run(self, release, mode, argv, options=()):
         name = self.container(release, mode)[0]
@@ -128,7 +136,7 @@ def test_commands_run_on_the_release_glibc(releases, release, mode):
     lines = res.out.splitlines()
     assert lines[:4] == ["glibc " + RELEASES[release], release, "/etc/apt", "/usr/bin"], res
     libraries = lines[4:]
-    if mode == "P1":
+    if not mode.startswith("F"):
         assert libraries == [], res
     else:
         assert len(libraries) == 1, res
@@ -138,13 +146,18 @@ def test_commands_run_on_the_release_glibc(releases, release, mode):
 
 
 @pytest.mark.parametrize("release,mode", CASES)
-def test_stat_names_of_the_release_reach_the_container_file(releases, release, mode):
+def test_stat_names_of_the_release_reach_the_container_file(releases, release, mode, request):
     """fsnames, compiled in the release, calls the stat family by its glibc's names: each
     call on /etc/debian_version gives the container file's inode (not the host's), access
     says readable, readlink and realpath of the loader's link give container paths, getcwd
     the -w directory, and execve of the container's /bin/sh runs it (with argv[0] as given,
-    but in F1, and in F2 before glibc 2.33)."""
+    but in F1, and in F2 before glibc 2.33). Upstream's libfakechroot wraps only the names
+    before glibc 2.33 (__xstat ...): an expected failure after (udocker 1.3.17 too)."""
     name, root = releases.container(release, mode)
+    if mode.startswith("F") and releases.upstream_tools() and \
+            udocker.version_at_least(RELEASES[release], "2.33"):
+        request.node.add_marker(pytest.mark.xfail(reason="upstream's libfakechroot wraps "
+                                                  "__xstat, not stat", strict=False))
     imports = imported_names(os.path.join(root, "usr", "local", "bin", "fsnames"))
     imported = [n for n in OLD_NAMES + NEW_NAMES if n in imports]
     assert imported == list(NEW_NAMES if udocker.version_at_least(RELEASES[release], "2.33")
@@ -163,10 +176,11 @@ def test_stat_names_of_the_release_reach_the_container_file(releases, release, m
     # F1 and F2 exec through ld.so, which sets argv[0] to the program's host path unless
     # given --argv0 (from glibc 2.33 on). F1 does not give it: libfakechroot 2.20.1 passes
     # FAKECHROOT_ELFLOADER_OPT_ARGV0 wrongly to a #! script's interpreter (the script as its
-    # argv[0], its last two entries never set: execve.c); F2's libfakechroot does.
+    # argv[0], its last two entries never set: execve.c); F2's libfakechroot does, and
+    # upstream's is not given it (udocker 1.3.17 does not: the same bug in its fork).
     shown = "/bin/sh"
-    if mode == "F1" or (mode == "F2" and not udocker.version_at_least(RELEASES[release],
-                                                                      "2.33")):
+    if mode == "F1" or (mode == "F2" and (releases.upstream_tools() or not udocker.
+                                          version_at_least(RELEASES[release], "2.33"))):
         shown = root + "/bin/sh"
     assert res.out.splitlines()[-1] == "execve " + shown, res
 
@@ -205,6 +219,8 @@ def test_every_libfakechroot_that_loads_wraps_the_release_names(releases, releas
     (Ubuntu 22.04, Rocky 9) gets the one built on bullseye's 2.31 headers, and its stat(),
     lstat() are those of trixie's programs. fsnames in F3 with each library forced."""
     name, root = releases.container(release, "F3")
+    if releases.upstream_tools():
+        pytest.skip("upstream's tools: a libfakechroot per distribution, not per glibc")
     inode = os.stat(os.path.join(root, "etc", "debian_version")).st_ino
     libdir = os.path.join(releases.udocker.udocker_dir, "lib")
     tried = []

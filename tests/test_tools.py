@@ -712,7 +712,7 @@ def upstream_tree(tmpdir):
         if target:
             path.mksymlinkto("libfakechroot-%s-x86_64.so" % target)
         else:
-            path.write("\x7fELF fake", ensure=True)
+            path.write_binary(b"\x7fELF fake\0FAKECHROOT_DIR_MAP\0", ensure=True)
     libdir.join("VERSION").write("1.2.11\n")
     return tools_for(tmpdir, UDOCKER_TARBALL="")
 
