@@ -8738,7 +8738,7 @@ TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
     # other sum is given
     "udocker-tools-2.0.0.tar.gz":
-        "4cfeaa0ce99cb2cf7f51f8dc57acf7d546df5f54d4a248fc787ff0fa98fb7d35",
+        "f5666aec06a9e6366d2ff545437c2a41fe834b48c596cb3f61f26dda5740e7c8",
 }
 TOOLS_GITBLOB = {
     # tarball file name -> git blob id of a published release: the SHA-1 of

@@ -561,6 +561,28 @@ def test_musl_tree_f4_patches_a_program_copied_in_after_setup(world):
     assert udocker.elf_info(os.path.join(root, "tmp", "new2", "busybox"))["interp"] == loader
 
 
+@pytest.mark.parametrize("mode", ["F1", "F3", "F4"])
+def test_musl_tree_names_users_and_groups_from_the_containers_files(world, mode):
+    """musl reads /etc/passwd and /etc/group inside libc, where LD_PRELOAD does not reach:
+    our libfakechroot-musl answers getpwuid(), getgrgid(), getpwnam(), getgrouplist() and
+    the others from ROOT's files, so id and stat show the container's names for the host
+    user's ids (and a user the host lacks), not the host's."""
+    cid = world.container(mode, "musl", fresh=True)
+    root = os.path.join(world.ud_dir, "containers", cid, "ROOT")
+    uid, gid = os.getuid(), os.getgid()
+    with open(os.path.join(root, "etc", "passwd"), "a") as handle:
+        handle.write("cuser:x:%d:%d:C User:/:/bin/sh\nctester:x:4321:4321::/:/bin/sh\n"
+                     % (uid, gid))
+    with open(os.path.join(root, "etc", "group"), "a") as handle:
+        handle.write("cgrp:x:%d:\nctgroup:x:4321:\nextra:x:4322:ctester,other\n" % gid)
+    script = "id -un; id -gn; stat -c %U:%G /etc/passwd; id ctester"
+    rc, out, err = world.run(mode, ["sh", "-c", script], kind="musl", name=cid)
+    assert rc == 0, err
+    assert out.splitlines() == [
+        "cuser", "cgrp", "cuser:cgrp",
+        "uid=4321(ctester) gid=4321(ctgroup) groups=4321(ctgroup),4322(extra)"], (out, err)
+
+
 def test_musl_tree_f3_setup_patches_for_the_musl_loader(world):
     """setup --execmode=F3 on the musl tree succeeds and sets the ELF interpreter to the
     host path of ROOT/lib/ld-musl-x86_64.so.1."""
