@@ -8019,13 +8019,15 @@ class FakechrootEngine(Engine):
         if not self.uses_loader and program.startswith(self.root.rstrip("/") + "/"):
             self.executable = program            # the kernel runs it; argv[0] stays as given
             return argv, env, self.cont2host(self.cwd)
-        if self.uses_loader:
-            env["FAKECHROOT_ELFLOADER"] = loader
+        argv0 = ["--argv0", argv[0]] if kind == "musl" or version_at_least(version, "2.33") \
+            else []
+        if self.uses_loader:     # and so are the programs it starts, with our library
+            env["FAKECHROOT_ELFLOADER"] = loader        # their container path as argv[0]
+            if argv0 and self.tools.probe("libfakechroot", library).get("ours"):
+                env["FAKECHROOT_ELFLOADER_OPT_ARGV0"] = "--argv0"
         else:   # F3, F4: a program in a volume was not patched, nor is it (not ROOT's): the
             # container's loader starts it, as in F1 (the programs it starts are ROOT's)
             loader = container_loader(self.root, arch)[1]
-        argv0 = ["--argv0", argv[0]] if kind == "musl" or version_at_least(version, "2.33") \
-            else []
         return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
 
     def _maps_volumes(self, library=None):
@@ -9348,13 +9350,16 @@ def probe_patchelf(path):
 
 def probe_libfakechroot(path):
     """dir_map: upstream udocker's fork, which maps a volume to another container path
-    itself (FAKECHROOT_DIR_MAP=HOST!CONT) where Debian's needs a symlink in ROOT."""
+    itself (FAKECHROOT_DIR_MAP=HOST!CONT) where Debian's needs a symlink in ROOT. ours: the
+    tools tarball's (FAKECHROOT_VOLUMES), whose execve passes FAKECHROOT_ELFLOADER_OPT_ARGV0
+    right to a #! script's interpreter too (Debian's and the fork's drop arguments)."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except (IOError, OSError) as exc:
         return {"ok": False, "why": "cannot read %s: %s" % (path, exc.strerror or exc)}
-    return {"ok": True, "dir_map": b"FAKECHROOT_DIR_MAP\0" in data}
+    return {"ok": True, "dir_map": b"FAKECHROOT_DIR_MAP\0" in data,
+            "ours": b"FAKECHROOT_VOLUMES\0" in data}
 
 
 def probe_singularity(path):
@@ -9366,7 +9371,7 @@ def probe_singularity(path):
     return info
 
 
-PROBE_FORMAT = 2        # in the probe cache keys: results of older probes are not used
+PROBE_FORMAT = 3        # in the probe cache keys: results of older probes are not used
 TOOL_PROBES = {"proot": probe_proot, "runc": probe_runtime, "crun": probe_runtime,
                "patchelf": probe_patchelf, "libfakechroot": probe_libfakechroot,
                "apptainer": probe_singularity, "singularity": probe_singularity}

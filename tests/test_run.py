@@ -351,6 +351,16 @@ def test_f4_patches_a_program_copied_in_after_setup(world):
     assert rc == 0 and "NAME=" in out, err
 
 
+@pytest.mark.parametrize("mode", ["F1", "F2"])
+def test_programs_started_through_the_loader_see_their_argv0(world, mode):
+    """F1 and F2 start every program through a loader (glibc >= 2.33 here: ld.so has
+    --argv0): the programs a container's shell starts see their container path as argv[0],
+    not their host path under ROOT (in bash's $0, in ls's error message)."""
+    rc, out, err = world.run(mode, ["sh", "-c", "bash -c 'echo $0'; ls /nonexistent"])
+    assert rc != 0 and out == "/usr/bin/bash\n", (out, err)
+    assert err.startswith("/usr/bin/ls: "), err
+
+
 def test_f2_library_path_takes_the_containers_own_ld_library_path(world):
     """F2: the container's own LD_LIBRARY_PATH (here -e) names container directories; the
     loader copy's --library-path gets them in ROOT, before the library directories, for the
