@@ -7972,8 +7972,12 @@ class FakechrootEngine(Engine):
         fakechroot_libc_known(kind)
         library = self._library(arch, kind, version)
         loader = container_loader(self.root, arch)[1] if self.uses_loader else None
-        libpath = ":".join(([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) +
-                           container_lib_dirs(self.root, arch))
+        dirs = ([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) + \
+            container_lib_dirs(self.root, arch)
+        # the container's own LD_LIBRARY_PATH (image ENV, -e) first, its directories in ROOT
+        dirs = [self.cont2host(d) for d in self.env.get("LD_LIBRARY_PATH", "").split(":")
+                if d.startswith("/")] + dirs
+        libpath = ":".join(d for i, d in enumerate(dirs) if d not in dirs[:i])
         dir_map = self._maps_volumes(library)
         excluded, mapped = [], {}
         self.nested_links = []
@@ -8438,9 +8442,10 @@ class FakechrootLoaderEngine(FakechrootEngine):
     ld.so.preload and default library directories are names that cannot exist (f2_loader),
     given the container's library directories as --library-path, which it takes instead of
     LD_LIBRARY_PATH: neither the host's LD_LIBRARY_PATH nor the host's libraries reach a
-    program; the directories of the container's own LD_LIBRARY_PATH (its image's ENV, -e)
-    come first in it, in ROOT. Our libfakechroot passes LD_LIBRARY_REAL (upstream's name)
-    to the loader as --library-path at every exec. No ELF file is changed."""
+    program (the directories of the container's own LD_LIBRARY_PATH come first in it, in
+    ROOT, as in the LD_LIBRARY_PATH of the other F modes). Our libfakechroot passes
+    LD_LIBRARY_REAL (upstream's name) to the loader as --library-path at every exec. No ELF
+    file is changed."""
 
     mode = "F2"
 
@@ -8449,14 +8454,9 @@ class FakechrootLoaderEngine(FakechrootEngine):
         loader, data = f2_loader(self.container, self.cfg)
         if data is not None:                        # made by apply, with the rest
             self.change("binary", loader, data, what="F2's copy of ld.so")
-        # the container's own LD_LIBRARY_PATH (image ENV, -e) first, its directories in ROOT
-        dirs = env["LD_LIBRARY_PATH"].split(":")
-        own = [self.cont2host(d) for d in self.env.get("LD_LIBRARY_PATH", "").split(":")
-               if d.startswith("/")]
-        libpath = ":".join([d for i, d in enumerate(own) if d not in own[:i] and d not in dirs] +
-                           dirs)
+        libpath = env["LD_LIBRARY_PATH"]
         env.update({"FAKECHROOT_ELFLOADER": loader, "LD_LIBRARY_REAL": libpath,
-                    "FAKECHROOT_LIBRARY_ORIG": libpath, "LD_LIBRARY_PATH": libpath})
+                    "FAKECHROOT_LIBRARY_ORIG": libpath})
         if argv[1:2] == ["--argv0"]:
             env["FAKECHROOT_ELFLOADER_OPT_ARGV0"] = "--argv0"
         return [loader, "--library-path", libpath] + argv[1:], env, cwd
