@@ -8250,8 +8250,12 @@ class FakechrootEngine(Engine):
         fakechroot_libc_known(kind)
         library = self._library(arch, kind, version)
         loader = container_loader(self.root, arch)[1] if self.uses_loader else None
-        libpath = ":".join(([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) +
-                           container_lib_dirs(self.root, arch))
+        dirs = ([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) + \
+            container_lib_dirs(self.root, arch)
+        # the container's own LD_LIBRARY_PATH (image ENV, -e) first, its directories in ROOT
+        dirs = [self.cont2host(d) for d in self.env.get("LD_LIBRARY_PATH", "").split(":")
+                if d.startswith("/")] + dirs
+        libpath = ":".join(d for i, d in enumerate(dirs) if d not in dirs[:i])
         dir_map = self.dir_map = self._maps_volumes(library)
         excluded, mapped = [], {}
         self.nested_links = []
@@ -8297,13 +8301,15 @@ class FakechrootEngine(Engine):
         if not self.uses_loader and program.startswith(self.root.rstrip("/") + "/"):
             self.executable = program            # the kernel runs it; argv[0] stays as given
             return argv, env, self.cont2host(self.cwd)
-        if self.uses_loader:
-            env["FAKECHROOT_ELFLOADER"] = loader
+        argv0 = ["--argv0", argv[0]] if kind == "musl" or version_at_least(version, "2.33") \
+            else []
+        if self.uses_loader:     # and so are the programs it starts, with our library
+            env["FAKECHROOT_ELFLOADER"] = loader        # their container path as argv[0]
+            if argv0 and self.tools.probe("libfakechroot", library).get("ours"):
+                env["FAKECHROOT_ELFLOADER_OPT_ARGV0"] = "--argv0"
         else:   # F3, F4: a program in a volume was not patched, nor is it (not ROOT's): the
             # container's loader starts it, as in F1 (the programs it starts are ROOT's)
             loader = container_loader(self.root, arch)[1]
-        argv0 = ["--argv0", argv[0]] if kind == "musl" or version_at_least(version, "2.33") \
-            else []
         return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
 
     def _maps_volumes(self, library=None):
@@ -8716,9 +8722,10 @@ class FakechrootLoaderEngine(FakechrootEngine):
     ld.so.preload and default library directories are names that cannot exist (f2_loader),
     given the container's library directories as --library-path, which it takes instead of
     LD_LIBRARY_PATH: neither the host's LD_LIBRARY_PATH nor the host's libraries reach a
-    program; the directories of the container's own LD_LIBRARY_PATH (its image's ENV, -e)
-    come first in it, in ROOT. Our libfakechroot passes LD_LIBRARY_REAL (upstream's name)
-    to the loader as --library-path at every exec. No ELF file is changed."""
+    program (the directories of the container's own LD_LIBRARY_PATH come first in it, in
+    ROOT, as in the LD_LIBRARY_PATH of the other F modes). Our libfakechroot passes
+    LD_LIBRARY_REAL (upstream's name) to the loader as --library-path at every exec. No ELF
+    file is changed."""
 
     mode = "F2"
 
@@ -8733,14 +8740,9 @@ class FakechrootLoaderEngine(FakechrootEngine):
         loader, data = f2_loader(self.container, self.cfg, library_real=upstream)
         if data is not None:                        # made by apply, with the rest
             self.change("binary", loader, data, what="F2's copy of ld.so")
-        # the container's own LD_LIBRARY_PATH (image ENV, -e) first, its directories in ROOT
-        dirs = env["LD_LIBRARY_PATH"].split(":")
-        own = [self.cont2host(d) for d in self.env.get("LD_LIBRARY_PATH", "").split(":")
-               if d.startswith("/")]
-        libpath = ":".join([d for i, d in enumerate(own) if d not in own[:i] and d not in dirs] +
-                           dirs)
+        libpath = env["LD_LIBRARY_PATH"]
         env.update({"FAKECHROOT_ELFLOADER": loader, "LD_LIBRARY_REAL": libpath,
-                    "FAKECHROOT_LIBRARY_ORIG": libpath, "LD_LIBRARY_PATH": libpath})
+                    "FAKECHROOT_LIBRARY_ORIG": libpath})
         if upstream:
             return [loader] + argv[1:], env, cwd
         if argv[1:2] == ["--argv0"]:
@@ -9646,13 +9648,16 @@ def probe_patchelf(path):
 
 def probe_libfakechroot(path):
     """dir_map: upstream udocker's fork, which maps a volume to another container path
-    itself (FAKECHROOT_DIR_MAP=HOST!CONT) where Debian's needs a symlink in ROOT."""
+    itself (FAKECHROOT_DIR_MAP=HOST!CONT) where Debian's needs a symlink in ROOT. ours: the
+    tools tarball's (FAKECHROOT_VOLUMES), whose execve passes FAKECHROOT_ELFLOADER_OPT_ARGV0
+    right to a #! script's interpreter too (Debian's and the fork's drop arguments)."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except (IOError, OSError) as exc:
         return {"ok": False, "why": "cannot read %s: %s" % (path, exc.strerror or exc)}
-    return {"ok": True, "dir_map": b"FAKECHROOT_DIR_MAP\0" in data}
+    return {"ok": True, "dir_map": b"FAKECHROOT_DIR_MAP\0" in data,
+            "ours": b"FAKECHROOT_VOLUMES\0" in data}
 
 
 def probe_singularity(path):
@@ -9664,7 +9669,7 @@ def probe_singularity(path):
     return info
 
 
-PROBE_FORMAT = 2        # in the probe cache keys: results of older probes are not used
+PROBE_FORMAT = 3        # in the probe cache keys: results of older probes are not used
 TOOL_PROBES = {"proot": probe_proot, "runc": probe_runtime, "crun": probe_runtime,
                "patchelf": probe_patchelf, "libfakechroot": probe_libfakechroot,
                "apptainer": probe_singularity, "singularity": probe_singularity}

@@ -279,6 +279,22 @@ def test_fakechroot_modes_run_as_the_host_user(tmpdir, glibc_tree):
     assert plan.user.uid == os.getuid() and plan.user.gid == os.getgid()
 
 
+def test_f1_gives_argv0_to_the_programs_it_starts_with_our_libfakechroot(tmpdir, glibc_tree):
+    """F1 starts the command through ld.so with --argv0 (glibc >= 2.33 here), and the
+    programs it starts too (FAKECHROOT_ELFLOADER_OPT_ARGV0) with the tools tarball's
+    libfakechroot (FAKECHROOT_VOLUMES in it), not with Debian's or upstream's, whose execve
+    drops a #! script's last arguments with it."""
+    for n, (marker, expected) in enumerate(((b"FAKECHROOT_VOLUMES\0", "--argv0"),
+                                            (b"FAKECHROOT_DIR_MAP\0", None), (b"", None))):
+        top = tmpdir.mkdir("lib%d" % n)
+        library = top.join("libfakechroot.so")
+        library.write_binary(b"\x7fELF\0" + marker)
+        plan = plan_for(top, glibc_tree, mode="F1", args=["true"],
+                        UDOCKER_FAKECHROOT_SO=str(library))[1]
+        assert plan.argv[1:3] == ["--argv0", "true"]
+        assert plan.env.get("FAKECHROOT_ELFLOADER_OPT_ARGV0") == expected, marker
+
+
 def test_upstream_libfakechroot_dir_map_entries_stay_whole_with_colons(tmpdir, glibc_tree):
     """Upstream's libfakechroot fork maps volumes itself (FAKECHROOT_DIR_MAP=HOST!CONT:...)
     and crashes on an entry that a ':' in a path cut in two (cwltool stages inputs at

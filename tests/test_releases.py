@@ -151,8 +151,9 @@ def test_stat_names_of_the_release_reach_the_container_file(releases, release, m
     call on /etc/debian_version gives the container file's inode (not the host's), access
     says readable, readlink and realpath of the loader's link give container paths, getcwd
     the -w directory, and execve of the container's /bin/sh runs it (with argv[0] as given,
-    but in F1, and in F2 before glibc 2.33). Upstream's libfakechroot wraps only the names
-    before glibc 2.33 (__xstat ...): an expected failure after (udocker 1.3.17 too)."""
+    but in F1 and F2 before glibc 2.33, and with upstream's libfakechroot). Upstream's
+    libfakechroot wraps only the names before glibc 2.33 (__xstat ...): an expected failure
+    after (udocker 1.3.17 too)."""
     name, root = releases.container(release, mode)
     if mode.startswith("F") and releases.upstream_tools() and \
             udocker.version_at_least(RELEASES[release], "2.33"):
@@ -174,13 +175,14 @@ def test_stat_names_of_the_release_reach_the_container_file(releases, release, m
     assert res.rc == 0, res
     assert fsnames_lines(res.out) == expected_calls(inode, target, real, "/tmp"), res
     # F1 and F2 exec through ld.so, which sets argv[0] to the program's host path unless
-    # given --argv0 (from glibc 2.33 on). F1 does not give it: libfakechroot 2.20.1 passes
+    # given --argv0 (from glibc 2.33 on). libfakechroot 2.20.1 passes
     # FAKECHROOT_ELFLOADER_OPT_ARGV0 wrongly to a #! script's interpreter (the script as its
-    # argv[0], its last two entries never set: execve.c); F2's libfakechroot does, and
-    # upstream's is not given it (udocker 1.3.17 does not: the same bug in its fork).
+    # argv[0], its last two entries never set: execve.c); the tools tarball's does it right,
+    # so F1 and F2 give it with that library; upstream's is not given it (udocker 1.3.17 does
+    # not: the same bug in its fork).
     shown = "/bin/sh"
-    if mode == "F1" or (mode == "F2" and (releases.upstream_tools() or not udocker.
-                                          version_at_least(RELEASES[release], "2.33"))):
+    if mode in ("F1", "F2") and (releases.upstream_tools() or not udocker.version_at_least(
+            RELEASES[release], "2.33")):
         shown = root + "/bin/sh"
     assert res.out.splitlines()[-1] == "execve " + shown, res
 
