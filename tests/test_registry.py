@@ -1287,6 +1287,8 @@ def test_socks5_tries_each_address_of_a_name(monkeypatch, tmpdir, registry, sock
                     (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
         return real(host, *args)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    # udocker.py's lazy socket module holds a copy of the module's names once first used
+    monkeypatch.setattr(ud.socket, "getaddrinfo", getaddrinfo)
     proxy = socks_proxy()
     http = http_client(tmpdir, proxy.url("socks5"))
     try:
