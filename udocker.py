@@ -6411,6 +6411,11 @@ class Volume(object):
             raise UsageError("ambiguous volume: %s (%s; use --mount type=bind,source=HOST,"
                              "target=CONT)" % (spec, " or ".join("%s -> %s" % hc
                                                                  for hc in found)))
+        relative = [c for h, c in splits[1:] if h.startswith("/") and not c.startswith("/")
+                    and os.path.exists(h)]
+        if not found and relative:      # the host path is there: blame what is wrong
+            raise UsageError("invalid volume: %s (container path %s is not absolute)"
+                             % (spec, relative[0] or "''"))
         if not shaped:
             raise UsageError("invalid volume: %s (HOST[:CONT], both absolute paths)" % spec)
         if not found:

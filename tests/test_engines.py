@@ -155,6 +155,16 @@ def test_volume_with_colons_takes_the_split_whose_host_exists(tmpdir):
     assert "host path does not exist" in str(info.value)
 
 
+@pytest.mark.parametrize("spec,blamed", [("/tmp:relative", "relative"), ("/tmp:x:ro", "x"),
+                                         ("/tmp:", "''")])
+def test_volume_with_a_relative_container_path_says_so(spec, blamed):
+    """The host path exists: the message names the container path, not the host's."""
+    with pytest.raises(udocker.UsageError) as info:
+        udocker.Volume.parse(spec)
+    assert str(info.value) == "invalid volume: %s (container path %s is not absolute)" \
+        % (spec, blamed)
+
+
 def test_mount_specs(tmpdir):
     host = tmpdir.join("a,b:c").ensure(dir=True)
     vol = udocker.Volume.parse_mount('type=bind,"source=%s",target=/in:x,readonly' % host)
