@@ -6766,7 +6766,6 @@ class Engine(object):
     devices_at_own_path = False    # F: the host /dev is seen as it is, no device elsewhere
     probe_group = None             # modes whose host probe is the same share its result
     keeps_sysdirs = None           # None: every sysdirs_list entry; else the ones kept
-    unavailable = None             # why this mode cannot run with our tools
     death_signal = "SIGKILL"       # what the engine gets if udocker.py dies (PDEATHSIG)
     passed_fds = 0                 # fds 3..passed_fds handed to the container (runc)
     needs_tools = ()               # what it takes from the tools tarball (Tools.install)
@@ -6920,8 +6919,6 @@ class Engine(object):
         return path
 
     def prepare(self):
-        if self.unavailable:
-            raise EngineError(self.unavailable)
         meta = {} if self.opts.get("nometa") else self.container.image_config()
         self.check_options()
         self.passwd_rows, self.group_rows = self.identity_sources()
@@ -8908,8 +8905,6 @@ def set_execmode(session, container, mode, tools, force=False):
     if mode not in ENGINES:
         raise UsageError("invalid execution mode: %s (one of %s)" % (mode, " ".join(EXEC_MODES)))
     new = ENGINES[mode]
-    if new.unavailable:
-        raise EngineError(new.unavailable)
     with session.containers.lock(container.cid):
         current = container.state(ContainerDir.EXECMODE).upper() or default_execmode(session.cfg)
         same_place = container.state(ContainerDir.ROOT_PATH) in ("", container.root)
@@ -8930,8 +8925,6 @@ def check_mode(session, container, tools, mode, trust_failure=True):
     is cached per engine executable and kernel release (Tools.engine_probe); a cached
     failure is probed again unless trust_failure."""
     cls = ENGINES[mode]
-    if cls.unavailable:
-        raise CannotStart(mode, cls.unavailable)
     try:
         probe = cls.host_probe(session, tools)
     except EngineError as exc:

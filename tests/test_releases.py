@@ -4,10 +4,8 @@
 tests/images/build_release_images.sh with /usr/local/bin/fsnames compiled inside that
 release (tests/images/fsnames.c): it stats, opens, accesses, readlinks a path and execs
 through the names its glibc's headers chose. Real engines from the tools tarball, as the
-unprivileged user; P1 is the reference. A mode udocker.py refuses as not available (an
-UnavailableEngine) is skipped with udocker.py's reason, so its tests start running when it
-lands. Slow (a container per release and mode): tests/run runs this module on the last
-interpreter only."""
+unprivileged user; P1 is the reference. Slow (a container per release and mode): tests/run
+runs this module on the last interpreter only."""
 from __future__ import print_function, absolute_import
 
 import os
@@ -51,10 +49,7 @@ class Releases(object):
         self.containers = {}
 
     def container(self, release, mode):
-        """The container's name and its ROOT (skips a mode udocker.py does not have)."""
-        engine = udocker.ENGINES[mode]
-        if issubclass(engine, getattr(udocker, "UnavailableEngine", ())):
-            pytest.skip("%s is not available: %s" % (mode, engine.unavailable))
+        """The container's name and its ROOT."""
         key = (release, mode)
         if key not in self.containers:
             tar = os.path.join(TEST_IMAGE_CACHE, "release-%s.tar" % release)
