@@ -7,7 +7,20 @@
 # The cyclic garbage collector is off while the module loads and what it made is frozen
 # (gc.freeze, 3.7+) before it is back on: otherwise it walks the module's new objects several
 # times, ~15% of the import's instructions, and finds nothing to free.
-''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c 'import gc,sys,os;gc.disable();sys.dont_write_bytecode=False;p=os.path.abspath(sys.argv.pop(1));d=os.path.dirname(p);getattr(sys,"pycache_prefix",0) is None and not os.access(d,os.W_OK) and setattr(sys,"pycache_prefix",os.path.expanduser("~/.cache/udocker.py"));sys.path.insert(0,d);n=os.path.basename(p)[:-3];m=p.endswith(".py") and n.replace("_","a").isalnum() and not n[0].isdigit() and __import__(n);getattr(gc,"freeze",int)();gc.enable();m.exit_now(m.main()) if m else __import__("runpy").run_path(p,run_name="__main__")' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''  # noqa: E501
+''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c '
+import gc,sys,os;gc.disable();sys.dont_write_bytecode=False;h=os.path.expanduser("~/.cache/udocker.py")
+p=os.path.abspath(sys.argv.pop(1));d,f=os.path.split(p);n=f[:-3];w=os.access(d,os.W_OK)
+getattr(sys,"pycache_prefix",0) is None and not w and setattr(sys,"pycache_prefix",h);sys.path.insert(0,d)
+m=f.endswith(".py") and n.replace("_","a").isalnum() and not n[0].isdigit()
+c=m and sys.version_info[0]>2 and "%s/%s.%s.chapters"%(d+"/__pycache__" if w else h+d,n,sys.implementation.cache_tag)
+try:
+ import marshal;s=os.stat(p);r=open(c,"rb");k,b,t=marshal.loads(r.read(int(r.readline())))
+ if k!=(s.st_mtime_ns,s.st_size):raise OSError
+ m=sys.modules[n]=type(sys)(n);m.__file__=p;m.__chapters__=(r,)+t;exec(b,m.__dict__)
+except Exception:
+ sys.modules.pop(n,None);m=m and __import__(n);c and m.ChapterCache.write(p,c)
+getattr(gc,"freeze",int)();gc.enable();m.exit_now(m.main()) if m else __import__("runpy").run_path(p,run_name="__main__")
+' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''  # noqa: E501
 # udocker.py: pull Docker/OCI images and run them as an ordinary user.
 #
 # One file, standard library only, Python 2.7 and 3.6+. A drop-in for udocker 1.3:
@@ -28,10 +41,20 @@
 #      9.3 Run plan            what every mode shares -> RunPlan (Engine), applied in one place
 #      9.4 Supervision         the engine as our child: signals, leftovers, exit status
 #      9.5 Engines             one class per mode (ENGINES)
+#        9.5.1 PRoot: P1, P2
+#        9.5.2 runc and crun: R1, R2, R3
+#        9.5.3 Fakechroot: F1, F2, F3, F4
+#        9.5.4 Singularity: S1
 #      9.6 Mode choice         setup --execmode, probes, fallback modes, engine_for
 #  10. Tools installer         the tools tarball: fetch, verify, install
 #  11. Command line            the command table, the parser and one function per command
+#      11.1 Options, the command table, the session
+#      11.2 Image and registry commands
+#      11.3 run
+#      11.4 Container and tools commands
+#      11.5 General options and help
 #  12. main                    argv -> exit code
+#  13. Start-up cache          the launcher's cache: start-up code, and chapters loaded on use
 #
 # Bytes and text: registry bodies, digests being computed and tar member names are bytes
 # until parsed; messages, JSON documents and paths are text (native str).
@@ -82,6 +105,65 @@ class LazyRegex(object):
         if self.compiled is None:
             self.compiled = re.compile(self.pattern)
         return getattr(self.compiled, attr)
+
+
+class Deferred(object):
+    """A function or class of a chapter the launcher has not loaded yet (section 12):
+    calling it, or reading one of its attributes, loads the chapter, which replaces this
+    stand-in by the real thing under its name. Tables built at start-up (ENGINES, COMMANDS)
+    keep the stand-in and go through it."""
+
+    __slots__ = ("name", "loader")
+
+    def __init__(self, name, loader):
+        self.name = name
+        self.loader = loader
+
+    def __call__(self, *args, **kwargs):
+        return self.loader.resolve(self.name)(*args, **kwargs)
+
+    def __getattr__(self, attr):
+        return getattr(self.loader.resolve(self.name), attr)
+
+
+class ChapterLoader(object):
+    """The chapters the launcher left out at start (section 12): each runs in the module's
+    globals on first use of a name it defines, after the chapters its definitions need."""
+
+    def __init__(self, namespace, stream, names, chapters):
+        self.namespace = namespace
+        self.stream = stream            # the cache file, read up to its first chapter
+        self.base = stream.tell()
+        self.names = names              # {name a chapter defines: chapter}
+        self.chapters = chapters        # {chapter: (chapters it needs, offset, size)}
+        self.loaded = []                # in load order (-D shows it)
+        self.lock = __import__("_thread").RLock()   # pulls load chapters from threads
+
+    @classmethod
+    def install(cls, namespace):
+        """Called by the launcher's start-up code: every deferred name gets its stand-in."""
+        loader = cls(namespace, *namespace["__chapters__"])
+        namespace["__chapters__"] = loader
+        namespace.update((name, Deferred(name, loader)) for name in loader.names)
+
+    def resolve(self, name):
+        value = self.namespace[name]
+        if isinstance(value, Deferred):
+            self.load(self.names[name])
+            value = self.namespace[name]
+        return value
+
+    def load(self, chapter):
+        with self.lock:
+            entry = self.chapters.pop(chapter, None)
+            if entry is None:           # loaded, or being loaded by this thread
+                return
+            needs, offset, size = entry
+            for other in needs:
+                self.load(other)
+            self.stream.seek(self.base + offset)
+            exec(__import__("marshal").loads(self.stream.read(size)), self.namespace)
+            self.loaded.append(chapter)
 
 
 base64 = LazyModule("base64")
@@ -1648,6 +1730,72 @@ class LocalRepository(object):
         replace_with(final, fill, os.path.join(self.layersdir, ".%s.store-%d"
                                                % (digest, os.getpid())))
         return True
+
+
+META_DIR = ".udocker-py"        # udocker.py's own files in a container directory
+
+
+EXEC_MODES = ("P1", "P2", "F1", "F2", "F3", "F4", "R1", "R2", "R3", "S1")
+
+
+def default_execmode(cfg):
+    mode = (cfg.override_default_execution_mode or cfg.default_execution_mode or "P1").upper()
+    if mode not in EXEC_MODES:
+        raise ConfigurationError("invalid default execution mode: %s (one of %s)"
+                                 % (mode, " ".join(EXEC_MODES)))
+    return mode
+
+
+class ContainerDir(object):
+    """The files of a container directory (containers/ID/) besides ROOT, each name defined
+    here once, and the one answer to "which mode?" (execmode) that run, setup and ps give."""
+
+    ROOT = "ROOT"                  # the container's root file system
+    CONFIG = "container.json"      # the image's config, as created
+    IMAGE = "imagerepo.name"       # NAME:TAG of the image it was created from
+    ATTRS = META_DIR + "/attrs"    # owners and modes of ROOT's files, as in the layers
+    EXECMODE = "execmode"          # the mode set by setup --execmode (none: the default)
+    ROOT_PATH = "root.path"        # where ROOT was when its mode was set up (F: moved?)
+    PATCH_PATH = "patch.path"      # where ROOT was when F3 patched its ELF files
+    PATCH_RECORD = "patch.json"    # F3: each ELF file's interpreter and RUNPATH before
+    NVIDIA = "nvidia"              # setup --nvidia: every run shows the host's driver
+    MOUNTPOINTS = ".mountpoints"   # F modes: records of the volume symlinks made in ROOT
+    RUN_DIR = ".run"               # what runs share: passwd copies, bind links, nvidia trees
+    LIBC_RECORD = ".run/libc"      # the tree's C library, remembered (RunContainer.libc)
+    RUN_BINDS = "binds"            # in .run: links to host paths that hold a ':'
+    RUN_NVIDIA = "nvidia"          # in .run: link to the tree of the driver runs show
+    RUN_NVIDIA_TREE = "nvidia-"    # in .run: one driver's tree of symlinks (+ a hash)
+    LIBFAKECHROOT = "libfakechroot.so"     # the container's own library for F modes
+
+    def __init__(self, path, cid):
+        self.path = path
+        self.cid = cid
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def read(self, name):
+        """The text of a small state file, stripped, or '' if there is none."""
+        try:
+            return read_text(self.file(name)).strip()
+        except (IOError, OSError):
+            return ""
+
+    def write(self, name, text):
+        write_atomic(self.file(name), text)
+
+    def has(self, name):
+        return os.path.exists(self.file(name))
+
+    def execmode(self, cfg=None):
+        """The container's mode (upper case): recorded, else the configured default (none
+        without cfg); raises EngineError for a recorded mode that is no mode."""
+        mode = self.read(self.EXECMODE).upper()
+        if mode and mode not in EXEC_MODES:
+            raise EngineError("container %s has an unknown execution mode: %s (setup "
+                              "--execmode=MODE sets one of %s)"
+                              % (self.cid, mode, " ".join(EXEC_MODES)))
+        return mode or (default_execmode(cfg) if cfg is not None else "")
 
 
 class ContainerStore(object):
@@ -5189,9 +5337,6 @@ class Flattener(object):
         write_atomic(path, b"".join(lines))
 
 
-META_DIR = ".udocker-py"        # udocker.py's own files in a container directory
-
-
 def open_layers(repo, image):
     """[(open file, label)] of the image's layers, base first, opened under the repository
     lock so that an rmi running meanwhile cannot take a layer away from under create."""
@@ -5372,69 +5517,6 @@ def copy_file_data(source, target, mode):
             os.close(fdout)
     finally:
         os.close(fdin)
-
-
-EXEC_MODES = ("P1", "P2", "F1", "F2", "F3", "F4", "R1", "R2", "R3", "S1")
-
-
-def default_execmode(cfg):
-    mode = (cfg.override_default_execution_mode or cfg.default_execution_mode or "P1").upper()
-    if mode not in EXEC_MODES:
-        raise ConfigurationError("invalid default execution mode: %s (one of %s)"
-                                 % (mode, " ".join(EXEC_MODES)))
-    return mode
-
-
-class ContainerDir(object):
-    """The files of a container directory (containers/ID/) besides ROOT, each name defined
-    here once, and the one answer to "which mode?" (execmode) that run, setup and ps give."""
-
-    ROOT = "ROOT"                  # the container's root file system
-    CONFIG = "container.json"      # the image's config, as created
-    IMAGE = "imagerepo.name"       # NAME:TAG of the image it was created from
-    ATTRS = META_DIR + "/attrs"    # owners and modes of ROOT's files, as in the layers
-    EXECMODE = "execmode"          # the mode set by setup --execmode (none: the default)
-    ROOT_PATH = "root.path"        # where ROOT was when its mode was set up (F: moved?)
-    PATCH_PATH = "patch.path"      # where ROOT was when F3 patched its ELF files
-    PATCH_RECORD = "patch.json"    # F3: each ELF file's interpreter and RUNPATH before
-    NVIDIA = "nvidia"              # setup --nvidia: every run shows the host's driver
-    MOUNTPOINTS = ".mountpoints"   # F modes: records of the volume symlinks made in ROOT
-    RUN_DIR = ".run"               # what runs share: passwd copies, bind links, nvidia trees
-    LIBC_RECORD = ".run/libc"      # the tree's C library, remembered (RunContainer.libc)
-    RUN_BINDS = "binds"            # in .run: links to host paths that hold a ':'
-    RUN_NVIDIA = "nvidia"          # in .run: link to the tree of the driver runs show
-    RUN_NVIDIA_TREE = "nvidia-"    # in .run: one driver's tree of symlinks (+ a hash)
-    LIBFAKECHROOT = "libfakechroot.so"     # the container's own library for F modes
-
-    def __init__(self, path, cid):
-        self.path = path
-        self.cid = cid
-
-    def file(self, name):
-        return os.path.join(self.path, name)
-
-    def read(self, name):
-        """The text of a small state file, stripped, or '' if there is none."""
-        try:
-            return read_text(self.file(name)).strip()
-        except (IOError, OSError):
-            return ""
-
-    def write(self, name, text):
-        write_atomic(self.file(name), text)
-
-    def has(self, name):
-        return os.path.exists(self.file(name))
-
-    def execmode(self, cfg=None):
-        """The container's mode (upper case): recorded, else the configured default (none
-        without cfg); raises EngineError for a recorded mode that is no mode."""
-        mode = self.read(self.EXECMODE).upper()
-        if mode and mode not in EXEC_MODES:
-            raise EngineError("container %s has an unknown execution mode: %s (setup "
-                              "--execmode=MODE sets one of %s)"
-                              % (self.cid, mode, " ".join(EXEC_MODES)))
-        return mode or (default_execmode(cfg) if cfg is not None else "")
 
 
 def clone_container(store, id_or_name, name=None):
@@ -7693,6 +7775,10 @@ def _reap_leftovers(keep=()):
 
 
 # ---- 9.5 Engines ----
+# One sub-section per engine; `run` loads only its own (section 13).
+
+
+# ---- 9.5.1 PRoot: P1, P2 ----
 
 
 class ProotEngine(Engine):
@@ -7834,6 +7920,9 @@ class ProotNoSeccompEngine(ProotEngine):
     """P2: PRoot without seccomp (PROOT_NO_SECCOMP=1): slower, for kernels where P1 fails."""
     mode = "P2"
     noseccomp = True
+
+
+# ---- 9.5.2 runc and crun: R1, R2, R3 ----
 
 
 RUNC_MOUNTS = [
@@ -8210,6 +8299,9 @@ class RuncProotNoSeccompEngine(RuncProotEngine):
     """R3: like R2 with PRoot's seccomp acceleration off."""
     mode = "R3"
     noseccomp = True
+
+
+# ---- 9.5.3 Fakechroot: F1, F2, F3, F4 ----
 
 
 class FakechrootEngine(Engine):
@@ -8848,6 +8940,9 @@ class FakechrootAutoPatchEngine(FakechrootPatchedEngine):
         if os.path.exists(os.path.join(container.dir, "patch.json")):
             ElfPatcher(tools.patchelf(), container).restore_new()
         FakechrootPatchedEngine.leave(container, tools)
+
+
+# ---- 9.5.4 Singularity: S1 ----
 
 
 class SingularityEngine(Engine):
@@ -9925,6 +10020,8 @@ class Tools(object):
 # One table entry per command drives parsing, validation (before any side effect) and help.
 # Option kinds: FLAG (bool), VALUE (last one wins), LIST (repeatable, accumulates).
 
+# ---- 11.1 Options, the command table, the session ----
+
 FLAG, VALUE, LIST = "flag", "value", "list"
 
 
@@ -10136,7 +10233,8 @@ class Session(object):
         return self.repo.image(ref.name, ref.local_tag)
 
 
-# -- image commands
+# ---- 11.2 Image and registry commands ----
+
 
 def cmd_pull(session, opts, args):
     ref = ImageRef.parse(args[0])
@@ -10634,7 +10732,8 @@ def cmd_mkrepo(session, opts, args):
     return 0
 
 
-# -- run, setup and install commands
+# ---- 11.3 run ----
+
 
 def local_image(session, text, opts, pull="missing"):
     """The LocalImage for an image reference, pulled first as `pull` says: missing (or
@@ -10713,6 +10812,9 @@ def _remove_after_run(session, cid):
         remove_container(session.containers, cid, quiet=True)
     except UdockerError as exc:
         MSG.warning("run --rm: not removed: %s" % exc)
+
+
+# ---- 11.4 Container and tools commands ----
 
 
 def cmd_setup(session, opts, args):
@@ -11057,6 +11159,9 @@ GENERAL_OPTS = [
 ]
 
 
+# ---- 11.5 General options and help ----
+
+
 def general_help():
     lines = ["%s %s: run Docker/OCI images as an ordinary user (udocker %s compatible)"
              % (__program__, __version__, COMPAT_VERSION), "",
@@ -11146,7 +11251,11 @@ def main(argv=None, environ=None):
         session = Session(cfg, environ)
         if command.needs_repo:
             session.repo.ensure(must_exist=bool(general["repo"]))
-        return command.func(session, opts, args)
+        try:
+            return command.func(session, opts, args)
+        finally:
+            if debug:
+                ChapterCache.report()
     except OutputClosed as exc:
         return exc.exit_code
     except UdockerError as exc:
@@ -11185,6 +11294,235 @@ def exit_now(code):
             if stream is sys.stdout and getattr(exc, "errno", None) == errno.EPIPE:
                 code = code or OutputClosed.exit_code
     os._exit(code)
+
+
+# ==== 13. Start-up cache ====
+# What the launcher (the sh line at the top) runs instead of the whole module, and how it is
+# built: see ChapterCache.
+
+class ChapterCache(object):
+    """The launcher's cache of this file: the code every command runs at start, and each
+    section whose functions and classes a command may not need as a chapter of its own,
+    marshalled apart and loaded on first use (ChapterLoader): `run` then reads and builds a
+    fraction of the module. Built from the syntax tree, once per source version and Python.
+
+    A definition stays in the start-up code when a chapter could not stand in for it: it is
+    named in an `except` clause or as isinstance's class (a Deferred is no class), bound
+    twice, or used while the module loads (a base class, a decorator, a call at start-up),
+    except as a plain value stored in a table, which keeps the Deferred. A chapter lists the
+    chapters its own definitions use as they are made (base classes), loaded before it."""
+
+    BANNER = LazyRegex(r"# (?:====|----) (\d+(?:\.\d+)*)\.? ")
+
+    @staticmethod
+    def report():
+        """-D: whether this start ran from the cache, and which chapters it loaded."""
+        loader = globals().get("__chapters__")
+        MSG.debug("start-up cache: %s" % ("chapters loaded: %s" % " ".join(loader.loaded)
+                                          if isinstance(loader, ChapterLoader) else "not used"))
+
+    @classmethod
+    def write(cls, source_path, cache_path):
+        """Build and store the cache; quietly nothing where it cannot be stored (the next
+        start imports the whole module, as Python 2.7 always does)."""
+        try:
+            folder = os.path.dirname(cache_path)
+            if not os.path.isdir(folder):
+                os.makedirs(folder)
+            if not os.access(folder, os.W_OK):
+                return False
+            st = os.stat(source_path)       # the launcher's check: (mtime, size)
+            key = (st.st_mtime_ns, st.st_size)
+            with open(source_path, "rb") as stream:
+                source = stream.read()
+            start, names, chapters = cls.build(source, source_path)
+            marshal, index, offset = __import__("marshal"), {}, 0
+            for chapter, (needs, code) in chapters.items():
+                index[chapter] = (needs, offset, len(code))
+                offset += len(code)
+            header = marshal.dumps((key, start, (names, index)))
+            with AtomicFile(cache_path, sync=False) as stream:
+                stream.write(b"%d\n" % len(header) + header)
+                for chapter in chapters:
+                    stream.write(chapters[chapter][1])
+            return True
+        except (EnvironmentError, SyntaxError, ValueError):
+            return False
+
+    @classmethod
+    def build(cls, source, filename):
+        """(start-up code, {name: chapter}, {chapter: (chapters it needs, marshalled
+        code)}) for the launcher and ChapterLoader."""
+        ast = __import__("ast")
+        units = [node for node in ast.parse(source, filename).body
+                 if not cls.is_main_guard(ast, node)]
+        section = cls.sections(to_text(source).splitlines(), units)
+        defines = {}
+        for i, node in enumerate(units):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defines.setdefault(node.name, []).append(i)
+        deferred = set(i for idx in defines.values() for i in idx if len(idx) == 1)
+        bound, guarded = cls.bindings_and_guards(ast, units)
+        for name in bound | guarded | set(["ChapterLoader"]):
+            deferred.difference_update(defines.get(name, ()))
+        used = [cls.names_used_at_load(ast, node) for node in units]
+        cls.keep_what_start_up_uses(ast, units, deferred, used, defines)
+        names, chapters, start = {}, {}, []
+        for i, node in enumerate(units):
+            if i not in deferred:
+                start.append(node)
+                if getattr(node, "name", None) == "ChapterLoader":
+                    start.append(ast.parse("ChapterLoader.install(globals())").body[0])
+                continue
+            names[node.name] = section[i]
+            chapters.setdefault(section[i], ([], []))[1].append(node)
+        for i in deferred:
+            needs = chapters[section[i]][0]
+            needs.extend(section[j] for name in used[i] for j in defines.get(name, ())
+                         if j in deferred and section[j] != section[i]
+                         and section[j] not in needs)
+        cls.check_order(dict((chapter, needs) for chapter, (needs, _) in chapters.items()))
+        compiled = dict((chapter, (tuple(needs), cls.marshalled(ast, body, filename)))
+                        for chapter, (needs, body) in chapters.items())
+        return cls.compile(ast, start, filename), names, compiled
+
+    @classmethod
+    def sections(cls, lines, units):
+        """The section (banner number) each top-level statement is in."""
+        numbers, current = [], "0"
+        banners = dict((n + 1, m.group(1)) for n, m in
+                       ((n, cls.BANNER.match(line)) for n, line in enumerate(lines)) if m)
+        line = 0
+        for node in units:
+            while line < node.lineno:
+                current = banners.get(line, current)
+                line += 1
+            numbers.append(current)
+        return numbers
+
+    @staticmethod
+    def bindings_and_guards(ast, units):
+        """Names that statements other than a def or class bind at the top level, and the
+        names used as a class in `except` or isinstance/issubclass anywhere (with what the
+        top-level tuples they name hold, as NETWORK_ERRORS)."""
+        bound, guarded, tables = set(), set(), {}
+        for node in units:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, (ast.FunctionDef, ast.ClassDef)):
+                    bound.add(sub.name)
+                elif isinstance(sub, ast.Name) and not isinstance(sub.ctx, ast.Load):
+                    bound.add(sub.id)
+                elif isinstance(sub, ast.alias):
+                    bound.add((sub.asname or sub.name).split(".")[0])
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    if isinstance(target, ast.Name):
+                        tables[target.id] = set(n.id for n in ast.walk(node.value)
+                                                if isinstance(n, ast.Name))
+        for sub in ast.walk(ast.Module(body=units)):
+            classes = None
+            if isinstance(sub, ast.ExceptHandler):
+                classes = sub.type
+            elif isinstance(sub, ast.Call) and isinstance(sub.func, ast.Name) and \
+                    sub.func.id in ("isinstance", "issubclass") and len(sub.args) == 2:
+                classes = sub.args[1]
+            if classes is not None:
+                guarded.update(n.id for n in ast.walk(classes) if isinstance(n, ast.Name))
+        todo = list(guarded)
+        while todo:
+            for name in tables.get(todo.pop(), ()):
+                if name not in guarded:
+                    guarded.add(name)
+                    todo.append(name)
+        return bound, guarded
+
+    @staticmethod
+    def names_used_at_load(ast, node):
+        """The names a top-level statement uses as it runs (not in function bodies), less
+        those it only stores as a value of a list, tuple, set, dict or call argument."""
+        stored = set()
+        for sub in ast.walk(node):
+            if isinstance(sub, (ast.List, ast.Tuple, ast.Set)):
+                stored.update(id(e) for e in sub.elts)
+            elif isinstance(sub, ast.Dict):
+                stored.update(id(e) for e in sub.values)
+            elif isinstance(sub, ast.Call):
+                stored.update(id(e) for e in sub.args)
+            elif isinstance(sub, ast.keyword):
+                stored.add(id(sub.value))
+        used, todo = set(), [node]
+        while todo:
+            sub = todo.pop()
+            if isinstance(sub, (ast.FunctionDef, ast.Lambda) + ((ast.AsyncFunctionDef,) if
+                                                                   PY3 else ())):
+                todo.extend(getattr(sub, "decorator_list", []))
+                todo.extend(sub.args.defaults)
+                todo.extend(d for d in getattr(sub.args, "kw_defaults", []) if d is not None)
+                continue
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and \
+                    id(sub) not in stored:
+                used.add(sub.id)
+            todo.extend(ast.iter_child_nodes(sub))
+        return used
+
+    @staticmethod
+    def is_main_guard(ast, node):
+        """`if __name__ == "__main__":`, which never runs under the launcher."""
+        test = getattr(node, "test", None)
+        return isinstance(node, ast.If) and isinstance(test, ast.Compare) and \
+            isinstance(test.left, ast.Name) and test.left.id == "__name__"
+
+    @classmethod
+    def keep_what_start_up_uses(cls, ast, units, deferred, used, defines):
+        """Whatever the start-up code uses as it runs is part of it: a function it calls with
+        all that the function uses, a class it makes with what its __init__ uses."""
+        todo = [i for i in range(len(units)) if i not in deferred]
+        runs = [cls.names_used_when_called(ast, node) for node in units]
+        while todo:
+            i = todo.pop()
+            for name in used[i]:
+                for j in defines.get(name, ()):
+                    if j in deferred:
+                        deferred.discard(j)
+                        used[j] = used[j] | runs[j]
+                        todo.append(j)
+
+    @staticmethod
+    def names_used_when_called(ast, node):
+        """Every name a function uses, or a class's __init__ and __new__."""
+        if isinstance(node, ast.ClassDef):
+            node = ast.Module(body=[sub for sub in node.body if getattr(sub, "name", "") in
+                                    ("__init__", "__new__")])
+        return set(sub.id for sub in ast.walk(node) if isinstance(sub, ast.Name))
+
+    @staticmethod
+    def check_order(needs):
+        """ValueError when chapters need each other as they load: no order would do."""
+        done, path = set(), []
+
+        def visit(chapter):
+            if chapter in path:
+                raise ValueError("chapters %s need each other" % " ".join(path))
+            if chapter not in done:
+                path.append(chapter)
+                for other in needs[chapter]:
+                    visit(other)
+                path.pop()
+                done.add(chapter)
+        for chapter in needs:
+            visit(chapter)
+
+    @staticmethod
+    def compile(ast, body, filename):
+        """Code without docstrings (nothing reads them; 10% of the bytes to load)."""
+        module = ast.Module(body=body, type_ignores=[])
+        return compile(module, filename, "exec", dont_inherit=True, optimize=2)
+
+    @classmethod
+    def marshalled(cls, ast, body, filename):
+        return __import__("marshal").dumps(cls.compile(ast, body, filename))
 
 
 if __name__ == "__main__":

@@ -197,8 +197,8 @@ def test_table_of_contents_matches_the_banners():
     banners = re.findall(r"^# ==== (\d+)\. (.+?) ====$", text, re.M)
     assert banners and listed == banners
     # sub-sections (a long section's), listed under their section and in their section
-    listed = re.findall(r"^#\s+(\d+)\.(\d+) (\S+(?: \S+)*?)\s{2,}", text, re.M)
-    subs = re.findall(r"^# ---- (\d+)\.(\d+) (.+?) ----$", text, re.M)
+    listed = re.findall(r"^#\s+(\d+)\.(\d+(?:\.\d+)?) (\S+(?: \S+)*?)(?:\s{2,}|$)", text, re.M)
+    subs = re.findall(r"^# ---- (\d+)\.(\d+(?:\.\d+)?) (.+?) ----$", text, re.M)
     assert subs and listed == subs
     starts = dict((n, text.index("# ==== %s. " % n)) for n, _ in banners)
     for section, number, title in subs:

@@ -60,7 +60,7 @@ ThreadingMixIn = _socketserver.ThreadingMixIn
 __all__ = ["PY2", "httplib", "urlsplit", "parse_qs", "urlencode", "quote",
            "text_type", "binary_type", "HTTPServer",
            "BaseHTTPRequestHandler", "ThreadingMixIn", "to_bytes", "to_text",
-           "native_str", "REPO_ROOT", "TESTS_DIR", "UDOCKER_SCRIPT",
+           "native_str", "REPO_ROOT", "TESTS_DIR", "UDOCKER_SCRIPT", "launcher_code",
            "SupportError", "UPSTREAM_UDOCKER", "free_port", "which", "one_error_line",
            "wait_for", "require_engine_tests", "required_file"]
 
@@ -93,6 +93,20 @@ def native_str(value):
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 UDOCKER_SCRIPT = os.path.join(REPO_ROOT, "udocker.py")
+
+
+def launcher_code(script):
+    """The Python program that udocker.py's sh launcher (its first lines) runs with
+    `python -S -c PROGRAM udocker.py ARGS`, or None for a file without one. Tests run
+    udocker.py through it, with their own interpreter and without -S (coverage's .pth)."""
+    with open(script, "rb") as handle:
+        head = handle.read(8192).decode("utf-8", "replace")
+    start, end = head.find(" -S -c '"), head.find("' \"$0\" \"$@\"")
+    if start < 0 or end < start:
+        return None
+    return head[start + len(" -S -c '"):end]
+
+
 # udocker 1.3.17, the compatibility reference (.ci/run installs it and sets the variable)
 UPSTREAM_UDOCKER = os.environ.get("UDOCKER_TEST_UPSTREAM") or "/opt/udocker-1.3.17/bin/udocker"
 

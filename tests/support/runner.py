@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from . import UDOCKER_SCRIPT, run_in_session, to_bytes, to_text
+from . import UDOCKER_SCRIPT, launcher_code, run_in_session, to_bytes, to_text
 
 DEFAULT_TIMEOUT = 300
 
@@ -42,8 +42,9 @@ class UdockerTimeout(AssertionError):
 class Result(object):
     """Outcome of one udocker.py run."""
 
-    def __init__(self, argv, rc, out, err, duration, raw_out=None):
+    def __init__(self, argv, rc, out, err, duration, raw_out=None, script=None):
         self.argv = argv
+        self.script = script            # argv's udocker.py (what follows is its arguments)
         self.rc = rc
         self.out = out
         self.raw_out = raw_out          # stdout as the process wrote it (bytes)
@@ -70,7 +71,8 @@ class Result(object):
     def __repr__(self):
         return ("<udocker %s\nrc=%s (%.1f s)\n--- stdout ---\n%s"
                 "--- stderr ---\n%s>"
-                % (" ".join(self.argv[2:]), self.rc, self.duration,
+                % (" ".join(self.argv[self.argv.index(self.script) + 1:] if self.script in
+                            self.argv else self.argv), self.rc, self.duration,
                    self.out[-6000:], self.err[-6000:]))
 
 
@@ -118,7 +120,11 @@ class Udocker(object):
         return env
 
     def argv(self, args, python=None):
-        return [python or self.python, self.script] + self.prefix + [str(a) for a in args]
+        """The launcher's program (the chapter cache, as ./udocker.py starts) when the
+        script has one, else `python SCRIPT`."""
+        code = launcher_code(self.script)
+        start = ["-c", code, self.script] if code else [self.script]
+        return [python or self.python] + start + self.prefix + [str(a) for a in args]
 
     def start(self, *args, **kwargs):
         """udocker.py args started, not waited for: a Popen with stdin, stdout and
@@ -144,7 +150,7 @@ class Udocker(object):
             self.environ(kwargs.get("env")), kwargs.get("cwd") or self.tmpdir)
         result = Result(argv, rc,
                         to_text(out, errors="replace"),
-                        to_text(err, errors="replace"), time.time() - start, out)
+                        to_text(err, errors="replace"), time.time() - start, out, self.script)
         if expired:
             raise UdockerTimeout("timed out after %s s\n%r"
                                  % (timeout, result))
