@@ -1,9 +1,12 @@
 #!/bin/sh
 # -*- coding: utf-8 -*-
-# ./udocker.py starts here as a shell script that runs Python on this file as an imported
-# module, so its bytecode is cached (__pycache__, or ~/.cache/udocker.py where this directory
-# is not writable) instead of recompiled at every start; a file name that is no module name
-# (udocker-0.1.py, udocker.v2.py) is run as a script instead. To Python the line is a string.
+# ./udocker.py starts here as a shell script that runs Python on this file, never recompiled
+# at every start. Python 3 runs the start-up cache of section 13 (__pycache__/udocker.TAG.
+# chapters, or under ~/.cache/udocker.py where this directory is not writable): the code
+# every command runs at start, each section's functions and classes loaded on first use.
+# Without a current cache it imports the module (its cached bytecode) and builds one; Python
+# 2.7 always imports the module. A file name that is no module name (udocker-0.1.py,
+# udocker.v2.py) is run as a script instead. To Python the line is a string.
 # The cyclic garbage collector is off while the module loads and what it made is frozen
 # (gc.freeze, 3.7+) before it is back on: otherwise it walks the module's new objects several
 # times, ~15% of the import's instructions, and finds nothing to free.
@@ -15,7 +18,7 @@ m=f.endswith(".py") and n.replace("_","a").isalnum() and not n[0].isdigit()
 c=m and sys.version_info[0]>2 and "%s/%s.%s.chapters"%(d+"/__pycache__" if w else h+d,n,sys.implementation.cache_tag)
 try:
  import marshal;s=os.stat(p);r=open(c,"rb");k,b,t=marshal.loads(r.read(int(r.readline())))
- if k!=(s.st_mtime_ns,s.st_size):raise OSError
+ if k!=(s.st_mtime_ns,s.st_size,os.fstat(r.fileno()).st_size-r.tell()):raise OSError
  m=sys.modules[n]=type(sys)(n);m.__file__=p;m.__chapters__=(r,)+t;exec(b,m.__dict__)
 except Exception:
  sys.modules.pop(n,None);m=m and __import__(n);c and m.ChapterCache.write(p,c)
@@ -47,6 +50,8 @@ getattr(gc,"freeze",int)();gc.enable();m.exit_now(m.main()) if m else __import__
 #        9.5.4 Singularity: S1
 #      9.6 Mode choice         setup --execmode, probes, fallback modes, engine_for
 #  10. Tools installer         the tools tarball: fetch, verify, install
+#      10.1 Fetching, verifying, unpacking
+#      10.2 Finding the tools: probes, Tools
 #  11. Command line            the command table, the parser and one function per command
 #      11.1 Options, the command table, the session
 #      11.2 Image and registry commands
@@ -162,7 +167,13 @@ class ChapterLoader(object):
             for other in needs:
                 self.load(other)
             self.stream.seek(self.base + offset)
-            exec(__import__("marshal").loads(self.stream.read(size)), self.namespace)
+            try:
+                code = __import__("marshal").loads(self.stream.read(size))
+            except (EOFError, ValueError, TypeError):
+                remove_quietly(self.stream.name)    # the next start builds it again
+                raise UdockerError("the start-up cache %s was damaged (removed): run the "
+                                   "command again" % self.stream.name)
+            exec(code, self.namespace)
             self.loaded.append(chapter)
 
 
@@ -9105,7 +9116,7 @@ def choose_engine(session, container, opts, args, tools):
     tools.install(ENGINES[container.execmode(session.cfg)].needs_tools)
     engine = engine_for(session, container, opts, args, tools)
     lacking = engine.cannot_start is not None and engine.cannot_start.fallback_tools
-    if lacking and tools.install_error is None and not tools.installer.is_installed() and \
+    if lacking and tools.install_error is None and not tools_installed(session.cfg) and \
             tools.install(lacking):
         engine = engine_for(session, container, opts, args, tools)
     return engine
@@ -9177,6 +9188,24 @@ def version_at_least(version, minimum):
     return bool(have) and have + [0] * (width - len(have)) >= want + [0] * (width - len(want))
 
 
+def installed_tools_version(cfg):
+    """The installed tools' release (lib/VERSION), or None."""
+    try:
+        return read_text(os.path.join(cfg.libdir, "VERSION")).strip() or None
+    except (IOError, OSError):
+        return None
+
+
+def tools_installed(cfg):
+    """Whether tools at least as new as `tarball_release` are installed: what every run
+    asks, answered without the installer's code (10.1)."""
+    version = installed_tools_version(cfg)
+    return bool(version) and version_at_least(version, cfg.tarball_release)
+
+
+# ---- 10.1 Fetching, verifying, unpacking ----
+
+
 def _is_url(source):
     return re.match(r"^(https?|file)://", source) is not None
 
@@ -9246,14 +9275,10 @@ class ToolsInstaller(object):
     # -- state
 
     def installed_version(self):
-        try:
-            return read_text(os.path.join(self.cfg.libdir, "VERSION")).strip() or None
-        except (IOError, OSError):
-            return None
+        return installed_tools_version(self.cfg)
 
     def is_installed(self):
-        version = self.installed_version()
-        return bool(version) and version_at_least(version, self.cfg.tarball_release)
+        return tools_installed(self.cfg)
 
     def sources(self):
         """[(source, origin)] in the order they are tried; origin is "found" (a tarball
@@ -9688,6 +9713,9 @@ def _extract_file(archive, member, dest, executable):
     os.chmod(dest, mode)
 
 
+# ---- 10.2 Finding the tools: probes, Tools ----
+
+
 def probe_proot(path):
     """What a proot can do. A 5.1-era one (upstream udocker's fork, Debian's 5.1.0) is
     accepted: udocker.py makes up for what it lacks (statx translation:
@@ -9779,7 +9807,8 @@ class Tools(object):
     def __init__(self, cfg, repo, environ):
         self.cfg = cfg
         self.environ = environ         # the session's: its PATH is searched
-        self.installer = ToolsInstaller(cfg, repo)
+        self.repo = repo
+        self._installer = None
         self.install_error = None      # why install() could not install, named by find()
         host = Platform.host().arch
         self.arch = TOOL_ARCH.get(host, host)
@@ -9796,13 +9825,22 @@ class Tools(object):
         settings = {"proot": self.cfg.use_proot_executable, "patchelf":
                     self.cfg.use_patchelf_executable, "runc": self.cfg.use_runc_executable,
                     "libfakechroot": self.cfg.fakechroot_so}
+        if tools_installed(self.cfg):
+            return True
         if kinds is not None and all("/" in (settings.get(k) or "") for k in kinds):
-            return self.installer.is_installed()
+            return False
         try:
             return self.installer.ensure()
         except EngineError as exc:
             self.install_error = exc
             return False
+
+    @property
+    def installer(self):
+        """The ToolsInstaller, made when installing is asked for (not when it is done)."""
+        if self._installer is None:
+            self._installer = ToolsInstaller(self.cfg, self.repo)
+        return self._installer
 
     def proot(self):
         return self.find("proot", self.cfg.use_proot_executable, ["proot"])
@@ -11313,6 +11351,9 @@ class ChapterCache(object):
     chapters its own definitions use as they are made (base classes), loaded before it."""
 
     BANNER = LazyRegex(r"# (?:====|----) (\d+(?:\.\d+)*)\.? ")
+    # the loader itself, and what the launcher calls (a chapter that cannot load is then
+    # one error line from main, as any other failure)
+    ALWAYS = ("ChapterLoader", "Deferred", "main", "exit_now", "open_closed_standard_streams")
 
     @staticmethod
     def report():
@@ -11331,8 +11372,7 @@ class ChapterCache(object):
                 os.makedirs(folder)
             if not os.access(folder, os.W_OK):
                 return False
-            st = os.stat(source_path)       # the launcher's check: (mtime, size)
-            key = (st.st_mtime_ns, st.st_size)
+            st = os.stat(source_path)
             with open(source_path, "rb") as stream:
                 source = stream.read()
             start, names, chapters = cls.build(source, source_path)
@@ -11340,6 +11380,8 @@ class ChapterCache(object):
             for chapter, (needs, code) in chapters.items():
                 index[chapter] = (needs, offset, len(code))
                 offset += len(code)
+            # the launcher's check: the source's mtime and size, and the chapters' length
+            key = (st.st_mtime_ns, st.st_size, offset)
             header = marshal.dumps((key, start, (names, index)))
             with AtomicFile(cache_path, sync=False) as stream:
                 stream.write(b"%d\n" % len(header) + header)
@@ -11363,7 +11405,7 @@ class ChapterCache(object):
                 defines.setdefault(node.name, []).append(i)
         deferred = set(i for idx in defines.values() for i in idx if len(idx) == 1)
         bound, guarded = cls.bindings_and_guards(ast, units)
-        for name in bound | guarded | set(["ChapterLoader"]):
+        for name in bound | guarded | set(cls.ALWAYS):
             deferred.difference_update(defines.get(name, ()))
         used = [cls.names_used_at_load(ast, node) for node in units]
         cls.keep_what_start_up_uses(ast, units, deferred, used, defines)

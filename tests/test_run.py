@@ -1452,3 +1452,22 @@ def test_a_failed_first_run_does_not_set_the_container_up(world):
     assert rc == 0 and out.strip() == "F1", err
     assert "setting up container %s for mode F1" % cid in err
     assert open(os.path.join(cdir, "execmode")).read().strip() == "F1"
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_run_loads_only_the_chapters_it_needs(world, mode):
+    """From the start-up cache (Python 3), `run` loads its own engine's sub-section and
+    none of the registry client, image formats, container creation, the installer's
+    fetching, the other commands or the cache builder (section 13)."""
+    cid = world.container(mode)
+    result = world.ud(["-D", "run", "--nobanner", cid, "true"], mode)
+    assert result.rc == 0, result
+    lines = [l for l in result.err.splitlines() if l.startswith("Debug: start-up cache: ")]
+    assert len(lines) == 1, result
+    if sys.version_info[0] < 3:
+        assert lines[0].endswith("not used")
+        return
+    loaded = set(lines[0].split("chapters loaded: ")[1].split())
+    assert not loaded & set(["6", "7", "8", "10.1", "11.2", "11.4", "13", "9.5.4"]), loaded
+    family = {"P": "9.5.1", "R": "9.5.2", "F": "9.5.3"}[MODES[mode][0][0]]
+    assert family in loaded and not loaded & (set(["9.5.2", "9.5.3"]) - set([family]))

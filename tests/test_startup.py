@@ -1,0 +1,330 @@
+# -*- coding: utf-8 -*-
+"""Section 13, the start-up cache: what the launcher runs instead of the whole module.
+
+udocker.py's launcher (its sh line) runs a cached start-up code and loads each section's
+functions and classes (a chapter) on first use. These tests start udocker.py through the
+launcher's own program with the test's interpreter (tests/support/runner.py does so for
+every test); Python 2.7 always imports the whole module.
+"""
+
+from __future__ import print_function, absolute_import, division
+
+import ast
+import os
+import shutil
+import sys
+import threading
+
+import pytest
+
+from support import UDOCKER_SCRIPT, launcher_code
+from support.runner import Udocker
+
+import udocker
+
+PY3 = sys.version_info[0] >= 3
+needs_cache = pytest.mark.skipif(not PY3, reason="Python 2.7 imports the whole module")
+
+
+def cache_path(script):
+    folder, name = os.path.split(script)
+    return os.path.join(folder, "__pycache__", "%s.%s.chapters"
+                        % (name[:-3], sys.implementation.cache_tag))
+
+
+def start_report(result):
+    """What -D said of the start: None (not used) or the chapters loaded, in order."""
+    lines = [l for l in result.err.splitlines() if l.startswith("Debug: start-up cache: ")]
+    assert len(lines) == 1, result
+    text = lines[0].split(": ", 2)[2]
+    return None if text == "not used" else text[len("chapters loaded: "):].split()
+
+
+@pytest.fixture
+def copy(tmpdir):
+    """A private copy of udocker.py (its own __pycache__) and a runner for it."""
+    script = str(tmpdir.join("bin", "udocker.py"))
+    os.makedirs(os.path.dirname(script))
+    shutil.copy2(UDOCKER_SCRIPT, script)
+    run = Udocker(str(tmpdir.join("t")), script=script, allow_root=True)
+    return script, run
+
+
+def test_the_launcher_program_is_found():
+    code = launcher_code(UDOCKER_SCRIPT)
+    assert code and "ChapterCache.write" in code and "exit_now" in code
+
+
+@needs_cache
+def test_the_first_start_builds_the_cache_and_the_next_runs_from_it(copy):
+    script, run = copy
+    assert not os.path.exists(cache_path(script))
+    first = run("-D", "version")
+    assert first.rc == 0 and start_report(first) is None, first
+    assert os.path.isfile(cache_path(script))
+    second = run("-D", "version")
+    assert second.rc == 0 and second.out == first.out, second
+    loaded = start_report(second)
+    assert loaded is not None and "6" not in loaded and "8" not in loaded, second
+
+
+def test_python_2_imports_the_whole_module(copy):
+    if PY3:
+        pytest.skip("Python 3 runs from the cache")
+    script, run = copy
+    for _ in range(2):
+        result = run("-D", "version")
+        assert result.rc == 0 and start_report(result) is None, result
+    assert not os.path.exists(os.path.join(os.path.dirname(script), "__pycache__",
+                                           "udocker.chapters"))
+
+
+@needs_cache
+def test_a_changed_file_is_never_run_from_an_old_cache(copy):
+    script, run = copy
+    assert run("version").rc == 0 and run("version").rc == 0
+    with open(script) as handle:
+        text = handle.read()
+    assert '__version__ = "' in text
+    with open(script, "w") as handle:       # same size: the new mtime alone must tell
+        handle.write(text.replace('__version__ = "', '__version__ = "9', 1)[:-1])
+    result = run("-D", "version")
+    assert result.rc == 0 and "udocker.py: 9" in result.out, result
+    assert start_report(result) is None                  # rebuilt, not used
+    result = run("-D", "version")
+    assert "udocker.py: 9" in result.out and start_report(result) is not None, result
+
+
+@needs_cache
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated", "directory"])
+def test_a_damaged_cache_is_rebuilt(copy, damage):
+    script, run = copy
+    assert run("version").rc == 0
+    path = cache_path(script)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    os.remove(path)
+    if damage == "directory":
+        os.mkdir(path)
+    else:
+        with open(path, "wb") as handle:
+            handle.write({"empty": b"", "garbage": b"12\nnot marshal data",
+                          "truncated": data[:len(data) // 2]}[damage])
+    result = run("-D", "images")
+    assert result.rc == 0 and start_report(result) is None, result
+    if damage != "directory":
+        assert start_report(run("-D", "images")) is not None
+
+
+@needs_cache
+def test_a_chapter_damaged_in_place_is_one_error_line_and_removed(copy):
+    script, run = copy
+    assert run("version").rc == 0
+    path = cache_path(script)
+    import marshal
+    with open(path, "r+b") as handle:
+        key, start, (names, index) = marshal.loads(handle.read(int(handle.readline())))
+        needs, offset, size = index[names["Config"]]       # what every command loads
+        handle.seek(handle.tell() + offset)
+        handle.write(b"\xff" * size)                       # same size: the check passes
+    result = run("images")
+    assert result.rc == 1 and "Traceback" not in result.err, result
+    assert result.err.startswith("Error: the start-up cache ") and "damaged" in result.err
+    assert len(result.err.splitlines()) == 1 and not os.path.exists(path)
+    assert run("version").rc == 0 and run("images").rc == 0     # rebuilt
+
+
+@needs_cache
+def test_a_read_only_directory_keeps_the_cache_in_home(copy):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    script, run = copy
+    folder = os.path.dirname(script)
+    os.chmod(folder, 0o555)
+    try:
+        assert run("version").rc == 0
+        result = run("-D", "version")
+    finally:
+        os.chmod(folder, 0o755)
+    assert start_report(result) is not None, result
+    assert not os.path.exists(os.path.join(folder, "__pycache__"))
+    assert os.path.isdir(os.path.join(run.home, ".cache", "udocker.py") + folder)
+
+
+@needs_cache
+def test_an_unwritable_cache_place_costs_no_build(copy, monkeypatch):
+    """Nowhere to keep the cache: each start imports the module, without building one."""
+    script, run = copy
+    monkeypatch.setattr(udocker, "AtomicFile", None)    # a build would fail at the write
+    folder = os.path.dirname(cache_path(script))
+    os.makedirs(folder)
+    os.chmod(folder, 0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("root writes anywhere")
+        assert udocker.ChapterCache.write(script, cache_path(script)) is False
+    finally:
+        os.chmod(folder, 0o755)
+
+
+# -- the cache's content, in-process
+
+def build(source=None):
+    if source is None:
+        with open(UDOCKER_SCRIPT, "rb") as handle:
+            source = handle.read()
+    return udocker.ChapterCache.build(source, UDOCKER_SCRIPT)
+
+
+@needs_cache
+def test_every_definition_is_in_the_start_code_or_in_one_chapter():
+    start, names, chapters = build()
+    with open(UDOCKER_SCRIPT, "rb") as handle:
+        tree = ast.parse(handle.read())
+    defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    deferred = set(names)
+    assert deferred < set(defined) and len(deferred) > len(defined) // 2
+    assert set(names.values()) == set(chapters)
+    start_names = set(start.co_names)
+    for name in ("Deferred", "ChapterLoader", "UdockerError", "UsageError", "Messages"):
+        assert name not in deferred and name in start_names
+    for chapter, (needs, code) in chapters.items():
+        assert chapter not in needs and set(needs) <= set(chapters)
+
+
+@needs_cache
+def test_loading_every_chapter_gives_the_module(tmpdir):
+    """The start-up code, then every chapter: the same names, none left deferred, and the
+    same behaviour for a few of them."""
+    path = str(tmpdir.join("udocker.py"))
+    shutil.copy2(UDOCKER_SCRIPT, path)
+    assert udocker.ChapterCache.write(path, path + ".chapters")
+    namespace = load_from_cache(path)
+    loader = namespace["__chapters__"]
+    assert isinstance(namespace["Flattener"], udocker_deferred(namespace))
+    for chapter in list(loader.chapters):
+        loader.load(chapter)
+    assert not loader.chapters
+    public = set(n for n in vars(udocker) if not n.startswith("__"))
+    assert public == set(n for n in namespace if not n.startswith("__"))
+    assert not [n for n, v in namespace.items() if isinstance(v, udocker_deferred(namespace))]
+    assert namespace["version_tuple"]("1.2.11") == (1, 2, 11)
+    assert namespace["ImageRef"].parse("busybox").tag == "latest"
+
+
+def load_from_cache(path):
+    """What the launcher does with a cache file: the module's namespace."""
+    import marshal
+    stream = open(path + ".chapters", "rb")
+    key, start, table = marshal.loads(stream.read(int(stream.readline())))
+    assert key[2] == os.path.getsize(path + ".chapters") - stream.tell()
+    namespace = {"__name__": "udocker_cached", "__file__": path,
+                 "__chapters__": (stream,) + table}
+    exec(start, namespace)
+    return namespace
+
+
+def udocker_deferred(namespace):
+    return namespace["Deferred"]
+
+
+@needs_cache
+def test_a_stored_deferred_works_and_threads_load_a_chapter_once(tmpdir):
+    path = str(tmpdir.join("udocker.py"))
+    shutil.copy2(UDOCKER_SCRIPT, path)
+    assert udocker.ChapterCache.write(path, path + ".chapters")
+    namespace = load_from_cache(path)
+    loader = namespace["__chapters__"]
+    engine = namespace["ENGINES"]["P1"]                   # stored at start-up: a Deferred
+    assert isinstance(engine, namespace["Deferred"])
+    assert engine.mode == "P1"                            # an attribute loads its chapter
+    assert namespace["ProotEngine"].mode == "P1"          # and the name is the class now
+    results, barrier = [], threading.Event()
+
+    def parse():
+        barrier.wait()
+        results.append(namespace["ImageRef"].parse("a/b:c").tag)
+    threads = [threading.Thread(target=parse) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    barrier.set()
+    for thread in threads:
+        thread.join()
+    assert results == ["c"] * 8
+    assert len(loader.loaded) == len(set(loader.loaded))
+
+
+@needs_cache
+def test_what_cannot_be_deferred_stays_in_the_start_code():
+    """Names used in `except`, as isinstance's class (directly or through a tuple bound at
+    the top level), bound twice, or used while the module loads: never a Deferred."""
+    source = b'''
+# ==== 1. Compat ====
+class Deferred(object):
+    pass
+class ChapterLoader(object):
+    @classmethod
+    def install(cls, namespace):
+        pass
+# ==== 2. Errors ====
+class CaughtError(Exception):
+    pass
+class InTuple(Exception):
+    pass
+ERRORS = (InTuple, OSError)
+class Checked(object):
+    pass
+def twice():
+    pass
+def twice():
+    pass
+def helper():
+    return 1
+def called_at_load():
+    return helper()
+VALUE = called_at_load()
+class Base(object):
+    pass
+def stored():
+    pass
+TABLE = {"s": stored}
+# ==== 3. Later ====
+class Child(Base):
+    pass
+def user(x):
+    try:
+        return isinstance(x, Checked)
+    except CaughtError:
+        return None
+    except ERRORS:
+        return None
+'''
+    start, names, chapters = udocker.ChapterCache.build(source, "x.py")
+    assert set(names) == set(["Base", "stored", "Child", "user"]), names
+    assert names["Child"] == "3" and chapters["3"][0] == ("2",)   # its base, loaded first
+
+
+@needs_cache
+def test_chapters_that_need_each_other_are_refused():
+    source = b'''
+class Deferred(object):
+    pass
+class ChapterLoader(object):
+    pass
+# ==== 1. One ====
+class A(object):
+    pass
+class B2(object):
+    pass
+# ==== 2. Two ====
+class B(A):
+    pass
+class A2(B):
+    pass
+# ==== 3. Three ====
+class C(B2, A2):
+    pass
+'''
+    udocker.ChapterCache.build(source, "x.py")            # no cycle: 3 needs 1 and 2
+    with pytest.raises(ValueError):
+        udocker.ChapterCache.build(source.replace(b"class B2(object)", b"class B2(B)"), "x.py")
