@@ -166,9 +166,9 @@ class ChapterLoader(object):
             needs, offset, size = entry
             for other in needs:
                 self.load(other)
-            self.stream.seek(self.base + offset)
-            try:
-                code = __import__("marshal").loads(self.stream.read(size))
+            try:            # pread: a forked child (the watchdog) shares the file offset
+                data = os.pread(self.stream.fileno(), size, self.base + offset)
+                code = __import__("marshal").loads(data)
             except (EOFError, ValueError, TypeError):
                 remove_quietly(self.stream.name)    # the next start builds it again
                 raise UdockerError("the start-up cache %s was damaged (removed): run the "
