@@ -9539,11 +9539,11 @@ class ToolsInstaller(object):
                 return []
         else:
             client = self._client()
-            try:
+            try:            # none published (404...): no pins; a failed download: an error
                 resp = client.request("GET", source)
                 body = resp.read_all(1 << 16) if resp.status == 200 else b""
-            except NETWORK_ERRORS + (RegistryError,):
-                body = b""
+            except NETWORK_ERRORS + (RegistryError,) as exc:
+                raise EngineError("cannot download %s: %s" % (source, exc))
             finally:
                 client.close()
             match = SHA256_RE.search(to_text(body))
