@@ -97,6 +97,7 @@ subprocess = LazyModule("subprocess")
 random = LazyModule("random")
 socket = LazyModule("socket")
 ssl = LazyModule("ssl")
+struct = LazyModule("_struct")      # struct.py only re-exports it (a module file less to find)
 tempfile = LazyModule("tempfile")
 threading = LazyModule("threading")
 uuid = LazyModule("uuid")
@@ -2098,7 +2099,6 @@ def _socks_targets(host, port, remote, family=None):
 def _socks5(sock, host, port, target, user, password):
     """RFC 1928 CONNECT to target (of _socks_targets) on sock, with RFC 1929 user/password
     authentication when user is not None; host names target in messages."""
-    import struct
     methods = b"\x00\x02" if user is not None else b"\x00"
     sock.sendall(struct.pack("BB", 5, len(methods)) + methods)
     version, method = struct.unpack("BB", _socks_recv(sock, 2))
@@ -2130,7 +2130,6 @@ def _socks5(sock, host, port, target, user, password):
 
 def _socks4(sock, host, port, target, user):
     """SOCKS4 CONNECT to target (of _socks_targets), SOCKS4a for a name."""
-    import struct
     atyp, addr = target
     if atyp == 4:
         raise SocksError("SOCKS4 cannot connect to an IPv6 address (%s)" % host)
@@ -5927,7 +5926,6 @@ def enosys_filter(syscalls):
     starts (a filter is inherited; stacked with proot's own, ERRNO wins over TRACE). Built
     before the fork, with the _ctypes C module alone (as prctl_function); it raises OSError
     when the kernel refuses. None where _ctypes does not work."""
-    import struct
     try:
         import _ctypes
         simple = lambda code: type("c_" + code, (_ctypes._SimpleCData,), {"_type_": code})
@@ -6131,7 +6129,6 @@ def elf_info(path):
     """None if path is not an ELF file; else a dict: bits, type (2 exec, 3 shared), machine
     (docker arch name), interp (container path or None), dynamic, rpath (has DT_RPATH or
     DT_RUNPATH)."""
-    import struct
     try:
         with open(path, "rb") as handle:
             head = handle.read(64)
@@ -6171,7 +6168,6 @@ def elf_info(path):
 
 
 def _dynamic_has_rpath(data, is64, end):
-    import struct
     fmt, size = (end + "qQ", 16) if is64 else (end + "iI", 8)
     for pos in range(0, len(data) - size + 1, size):
         tag = struct.unpack(fmt, data[pos:pos + size])[0]
@@ -6478,6 +6474,7 @@ class RunContainer(object):
         self.names = list(names)
         self._libc = None              # (kind, version), see libc()
         self.libc_record = None        # (path, text) of a .run/libc record to write, see libc()
+        self._found = {}               # what found() computed: ROOT's loader, ...
 
     @classmethod
     def from_store(cls, store, cid):
@@ -6505,6 +6502,22 @@ class RunContainer(object):
             return docker_arch(arch)
         info = elf_info(resolve_in_root(self.root, "/bin/sh"))
         return info["machine"] if info else Platform.host().arch
+
+    def found(self, key, compute):
+        """compute() the first time key is asked for in this command, then its answer: what
+        a run looks up in ROOT before it starts, more than one step of it needs (an F mode
+        checks, then plans; F2 and F4 add to F1's command) and nothing it plans changes."""
+        if key not in self._found:
+            self._found[key] = compute()
+        return self._found[key]
+
+    def loader(self):
+        """container_loader() of ROOT."""
+        return self.found("loader", lambda: container_loader(self.root, self.arch()))
+
+    def lib_dirs(self):
+        """container_lib_dirs() of ROOT (a new list)."""
+        return list(self.found("lib_dirs", lambda: container_lib_dirs(self.root, self.arch())))
 
     def libc(self):
         """container_libc() of ROOT, remembered in .run/libc while that file is unchanged:
@@ -6784,6 +6797,7 @@ class Engine(object):
         self.cwd = "/"
         self.argv = []
         self.exe = None                # host path of argv[0]
+        self.exe_path = None           # its container path, as found in PATH
         self.executable = None         # the program to start when not argv[0] (F3)
         self.passwd_rows = []
         self.group_rows = []
@@ -6793,6 +6807,7 @@ class Engine(object):
         self.setup_mode = None         # a mode to set the container up for (F: first run)
         self.changes = []              # Change: what the run makes on disk (RunPlan)
         self.environ = session.environ        # the session's environment, not os.environ
+        self._invoking = None                 # host_user(), see invoking_user()
 
     # -- the steps every mode takes, in order
 
@@ -6947,7 +6962,7 @@ class Engine(object):
                     self.env.setdefault(name, path)
         self.cwd = self.choose_cwd(meta)
         self.argv = self.choose_command(meta)
-        self.exe = self.find_executable(self.argv[0])
+        self.exe_path, self.exe = self.find_executable(self.argv[0])
 
     def check_options(self):
         """One line for each run option this mode cannot honour: an error where ignoring it
@@ -6968,6 +6983,13 @@ class Engine(object):
 
     # -- user and identity
 
+    def invoking_user(self):
+        """host_user() of the session's environment, asked once a run (each getpwuid reads
+        nsswitch.conf and the host's passwd again)."""
+        if self._invoking is None:
+            self._invoking = host_user(self.environ)
+        return self._invoking
+
     def identity_sources(self):
         if self.opts.get("hostauth"):
             return read_identity_db("/etc/passwd"), read_identity_db("/etc/group")
@@ -6986,7 +7008,7 @@ class Engine(object):
         return user
 
     def _host_user(self, wanted):
-        name, uid, gid, home = host_user(self.environ)
+        name, uid, gid, home = self.invoking_user()
         if wanted and wanted.split(":")[0] in ("root", "0"):
             MSG.warning("mode %s runs as your own user, not root" % self.mode)
         elif wanted:
@@ -7047,7 +7069,7 @@ class Engine(object):
             volumes += [Volume(p, p, system=True) for p in self.cfg.dri_list
                         if os.path.exists(p)]
         if self.opts.get("bindhome"):
-            home = host_user(self.environ)[3]
+            home = self.invoking_user()[3]
             if os.path.isdir(home):
                 volumes.append(Volume(home, home))
         volumes += [Volume.parse(spec) for spec in self.opts.get("volume") or []]
@@ -7176,7 +7198,7 @@ class Engine(object):
             if name not in dict(given) and name not in dict(image):
                 env[name] = value
         if self.opts.get("bindhome") and "HOME" not in dict(given):
-            env["HOME"] = host_user(self.environ)[3]
+            env["HOME"] = self.invoking_user()[3]
         self._add_run_env(env)
         return env
 
@@ -7222,7 +7244,7 @@ class Engine(object):
         env.setdefault("SHLVL", "0")
         env["PS1"] = "%s$ " % self.container.cid[:8] if user.uid else \
             "%s# " % self.container.cid[:8]
-        env["container_ruser"] = host_user(self.environ)[0]
+        env["container_ruser"] = self.invoking_user()[0]
         env["container_root"] = self.root
         env["container_uuid"] = self.container.cid
         env["container_execmode"] = self.mode
@@ -7261,7 +7283,8 @@ class Engine(object):
         return argv
 
     def find_executable(self, name):
-        """Host path of the command, searched like execvp in the container's PATH."""
+        """(container path, host path) of the command, searched like execvp in the
+        container's PATH."""
         name = _native(name)        # 2.7: argv bytes meet the image's JSON unicode here
         if "/" in name:
             candidates = [name if name.startswith("/") else
@@ -7272,7 +7295,7 @@ class Engine(object):
         for candidate in candidates:
             host = self.cont2host(candidate)
             if os.path.isfile(host) and os.access(host, os.X_OK):
-                return host
+                return candidate, host
         raise EngineError("command not found or has no execute bit set: %s" % name)
 
     # -- start-up
@@ -7979,7 +8002,7 @@ class RuncEngine(Engine):
                 not (which("newuidmap", self.environ.get("PATH", "")) and
                      which("newgidmap", self.environ.get("PATH", ""))):
             return None
-        name, uid = host_user(self.environ)[:2]
+        name, uid = self.invoking_user()[:2]
         ranges = []
         for path in ("/etc/subuid", "/etc/subgid"):
             found = [(int(row[1]), int(row[2])) for row in read_identity_db(path)
@@ -8251,9 +8274,9 @@ class FakechrootEngine(Engine):
         kind, version = self.container.libc()
         fakechroot_libc_known(kind)
         library = self._library(arch, kind, version)
-        loader = container_loader(self.root, arch)[1] if self.uses_loader else None
+        loader = self.container.loader()[1] if self.uses_loader else None
         dirs = ([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) + \
-            container_lib_dirs(self.root, arch)
+            self.container.lib_dirs()
         # the container's own LD_LIBRARY_PATH (image ENV, -e) first, its directories in ROOT
         dirs = [self.cont2host(d) for d in self.env.get("LD_LIBRARY_PATH", "").split(":")
                 if d.startswith("/")] + dirs
@@ -8298,7 +8321,7 @@ class FakechrootEngine(Engine):
             env["FAKECHROOT_VOLUMES"] = volume_map
         if MSG.level >= Messages.DBG:
             env["FAKECHROOT_DEBUG"] = "true"
-        program, argv = self._start_argv(self.exe, self._command_path(self.argv[0]),
+        program, argv = self._start_argv(self.exe, self.exe_path,
                                          self.argv[0], self.argv[1:])
         if not self.uses_loader and program.startswith(self.root.rstrip("/") + "/"):
             self.executable = program            # the kernel runs it; argv[0] stays as given
@@ -8311,7 +8334,7 @@ class FakechrootEngine(Engine):
                 env["FAKECHROOT_ELFLOADER_OPT_ARGV0"] = "--argv0"
         else:   # F3, F4: a program in a volume was not patched, nor is it (not ROOT's): the
             # container's loader starts it, as in F1 (the programs it starts are ROOT's)
-            loader = container_loader(self.root, arch)[1]
+            loader = self.container.loader()[1]
         return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
 
     def _maps_volumes(self, library=None):
@@ -8324,18 +8347,7 @@ class FakechrootEngine(Engine):
         own = os.path.join(self.container.dir or "", ContainerDir.LIBFAKECHROOT)
         if self.container.dir and os.path.isfile(own) and not self.cfg.fakechroot_so:
             return own
-        return self.tools.fakechroot_so(arch, version, lambda: read_os_release(self.root),
-                                        kind)
-
-    def _command_path(self, name):
-        """The container path of the command (searched in PATH like find_executable)."""
-        if "/" in name:
-            return name if name.startswith("/") else os.path.join(self.cwd, name)
-        for directory in self.env.get("PATH", "").split(":"):
-            if directory.startswith("/") and \
-                    self.cont2host(os.path.join(directory, name)) == self.exe:
-                return os.path.join(directory, name)
-        return name
+        return fakechroot_library(self.container, self.tools, arch, kind, version)
 
     def _start_argv(self, host, cont, argv0, args, depth=0):
         """(host path of the ELF program to start, its argv). The first program must be an
@@ -8453,7 +8465,7 @@ class FakechrootEngine(Engine):
         fakechroot_libc_known(kind)
         own = os.path.join(container.dir or "", ContainerDir.LIBFAKECHROOT)
         if not (container.dir and os.path.isfile(own)):
-            tools.fakechroot_so(arch, version, lambda: read_os_release(container.root), kind)
+            fakechroot_library(container, tools, arch, kind, version)
         if not cls.uses_loader:
             tools.patchelf()
 
@@ -8514,6 +8526,13 @@ class FakechrootPatchedEngine(FakechrootEngine):
             ElfPatcher(tools.patchelf(), container).restore()
             remove_quietly(container.files.file(ContainerDir.PATCH_PATH))
         FakechrootEngine.leave(container, tools)
+
+
+def fakechroot_library(container, tools, arch, kind, version):
+    """Tools.fakechroot_so for the container, asked once a command (its mode's check and
+    its plan both need it; it lists the tools' library directory)."""
+    return container.found("libfakechroot", lambda: tools.fakechroot_so(
+        arch, version, lambda: read_os_release(container.root), kind))
 
 
 def fakechroot_libc_known(kind):
@@ -8794,7 +8813,7 @@ def f2_loader(container, cfg, library_real=False):
     ~4 ms dearer (its import loads OpenSSL). library_real: the copy reads LD_LIBRARY_REAL
     where ld.so reads LD_LIBRARY_PATH (upstream's libfakechroot passes no --library-path).
     Raises EngineError when that ld.so does not name those files as expected."""
-    source = container_loader(container.root, container.arch())[1]
+    source = container.loader()[1]
     with open(source, "rb") as handle:
         data = handle.read()
     path = os.path.join(container.run_dir(cfg),
@@ -8826,10 +8845,9 @@ class FakechrootAutoPatchEngine(FakechrootPatchedEngine):
 
     def command(self):
         argv, env, cwd = FakechrootPatchedEngine.command(self)
-        arch = self.container.arch()
         patchelf = self.tools.patchelf()
-        loader = container_loader(self.root, arch)[1]
-        libpath = ":".join(container_lib_dirs(self.root, arch))
+        loader = self.container.loader()[1]
+        libpath = ":".join(self.container.lib_dirs())
         env.update({"FAKECHROOT_PATCH_PATCHELF": patchelf[0],
                     "FAKECHROOT_PATCH_ELFLOADER": loader, "FAKECHROOT_LIBRARY_ORIG": libpath})
         if self.dir_map:
