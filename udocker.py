@@ -6452,6 +6452,12 @@ class Volume(object):
         return cls.checked(host, cont, readonly, spec)
 
     @classmethod
+    def from_options(cls, opts):
+        """The Volumes of run's -v and --mount options; raises UsageError."""
+        return [cls.parse(spec) for spec in opts.get("volume") or []] + \
+            [cls.parse_mount(spec) for spec in opts.get("mount") or []]
+
+    @classmethod
     def checked(cls, host, cont, readonly, spec):
         cont = cont_path(cont)
         if cont == "/":
@@ -6804,6 +6810,7 @@ class Engine(object):
         self.signalled = None          # the last terminating signal forwarded
         self.nvidia = None             # the host's NvidiaDriver when the run shows it
         self.cannot_start = None       # an EngineError: why this mode cannot run here
+        self.given_volumes = None      # Volume.from_options(opts), when the caller has them
         self.setup_mode = None         # a mode to set the container up for (F: first run)
         self.changes = []              # Change: what the run makes on disk (RunPlan)
         self.environ = session.environ        # the session's environment, not os.environ
@@ -7072,8 +7079,8 @@ class Engine(object):
             home = self.invoking_user()[3]
             if os.path.isdir(home):
                 volumes.append(Volume(home, home))
-        volumes += [Volume.parse(spec) for spec in self.opts.get("volume") or []]
-        volumes += [Volume.parse_mount(spec) for spec in self.opts.get("mount") or []]
+        volumes += Volume.from_options(self.opts) if self.given_volumes is None \
+            else self.given_volumes
         volumes += self.device_volumes(volumes)
         novol = set(self.opts.get("novol") or [])
         kept = {}
@@ -8439,8 +8446,10 @@ class FakechrootEngine(Engine):
         """An empty directory in ROOT where a directory is seen at its own host path (the
         library sends the path itself to the host), as a bind mount has: ".." from inside
         the volume leads into the container's tree, where the volume is listed."""
+        if vol.system:
+            return
         path = resolve_in_root(self.root, vol.cont)
-        if vol.system or os.path.lexists(path) or not os.path.isdir(vol.host):
+        if os.path.lexists(path) or not os.path.isdir(vol.host):
             return
         self.change("dir", path)                      # a failure: one verbose line
 
@@ -10700,21 +10709,21 @@ def cmd_run(session, opts, args):
         raise UsageError("invalid --pull: %s (missing, never, always or reuse)" % opts["pull"])
     if opts.get("cpuset_cpus") is not None:
         parse_cpu_list(opts["cpuset_cpus"])
-    for spec in opts.get("volume") or []:      # -v, --mount, -e, -w: a run that cannot
-        Volume.parse(spec)                     # start pulls no image, makes no container
-    for spec in opts.get("mount") or []:
-        Volume.parse_mount(spec)
+    volumes = Volume.from_options(opts)        # -v, --mount, -e, -w: a run that cannot
+    # start pulls no image, makes no container (its plan takes these volumes, unless a pull
+    # came between: then it looks at the host paths again)
     Engine._env_words(opts.get("env") or [], "-e", session.environ)
     if not (opts.get("workdir") or "/").startswith("/"):
         raise UsageError("invalid working directory: %s" % opts["workdir"])
     tools = Tools(session.cfg, session.repo, session.environ)
     if opts.get("location") is not None:
         container = RunContainer.from_location(opts["location"])
-        return choose_engine(session, container, opts, args, tools).run()
+        return _run_engine(choose_engine(session, container, opts, args, tools), volumes)
     cid, made = _run_target(session, opts, args[0])
     try:
         container = RunContainer.from_store(session.containers, cid)
-        status = choose_engine(session, container, opts, args[1:], tools).run()
+        status = _run_engine(choose_engine(session, container, opts, args[1:], tools),
+                             None if made else volumes)
     except BaseException:
         if opts.get("rm") and made:            # a container this run made, that never ran
             _remove_after_run(session, cid)
@@ -10722,6 +10731,12 @@ def cmd_run(session, opts, args):
     if opts.get("rm"):
         _remove_after_run(session, cid)
     return status
+
+
+def _run_engine(engine, volumes):
+    """engine.run(), given the volumes cmd_run parsed (None: it parses them itself)."""
+    engine.given_volumes = volumes
+    return engine.run()
 
 
 def _remove_after_run(session, cid):
