@@ -9973,7 +9973,9 @@ class Opt(object):
 
 
 def _o(names, kind=FLAG, help="", dest=None, metavar="VALUE"):
-    return Opt(names, kind, dest, help, metavar)
+    """An option as the tables write it: its Opt is made only for a command that runs or
+    shows its help (Command.opts), not the ~100 of every command at each start."""
+    return (names, kind, dest, help, metavar)
 
 
 PULL_OPTS = [
@@ -10044,10 +10046,19 @@ class Command(object):
 
     def __init__(self, name, summary, args=(), opts=(), func=None, rest=None, needs_repo=True,
                  notes=""):
-        self.name, self.summary, self.args, self.opts = name, summary, list(args), list(opts)
+        self.name, self.summary, self.args = name, summary, list(args)
         self.func, self.rest, self.needs_repo = func, rest, needs_repo
         self.notes = notes          # text shown after the options by `help COMMAND`
+        self._specs = opts          # _o() tuples (or Opts), made Opts by the opts property
+        self._opts = None
         self._lookup = None
+
+    @property
+    def opts(self):
+        """[Opt] of the command."""
+        if self._opts is None:
+            self._opts = [o if isinstance(o, Opt) else Opt(*o) for o in self._specs]
+        return self._opts
 
     @property
     def lookup(self):
@@ -11078,7 +11089,7 @@ COMMANDS = dict((c.name, c) for c in [
         func=cmd_setup),
 ])
 
-GENERAL_OPTS = [
+GENERAL_OPTS = [Opt(*o) for o in [         # every start parses them
     _o("-D|--debug", help="debug messages (and tracebacks)"),
     _o("-q|--quiet", help="errors only"),
     _o("--repo", VALUE, "use this repository directory", metavar="DIR"),
@@ -11087,7 +11098,7 @@ GENERAL_OPTS = [
     _o("--insecure", help="allow http and unverified TLS"),
     _o("-V|--version", help="show the version"),
     _o("-h|--help", help="show this help"),
-]
+]]
 
 
 def general_help():
