@@ -326,7 +326,16 @@ class Messages(object):
             text = show_name(text, 1 << 20)
         if "\\udc" in text:        # the same bytes in a %r of 3.x, as 2.7's repr shows them
             text = SURROGATE_REPR_RE.sub(r"\\x\1", text)
-        stream.write(text + "\n")
+        text += "\n"
+        if PY3 and getattr(stream, "buffer", None) is not None:
+            try:                   # 3.6 without a locale: stderr is ASCII, argv surrogates
+                text.encode(stream.encoding or "ascii")
+            except (UnicodeError, LookupError):     # UTF-8 text shown as its bytes
+                stream.flush()
+                stream.buffer.write(to_bytes(text))
+                stream.buffer.flush()
+                return
+        stream.write(text)
         stream.flush()
 
     def error(self, text):
