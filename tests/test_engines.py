@@ -639,6 +639,8 @@ def test_json_text_is_json():
     assert json.loads(udocker.json_text(value)) == value
     assert udocker.json_text(value) == json.dumps(value, sort_keys=True,
                                                   separators=(",", ":"), ensure_ascii=False)
+    value["t"] = (b"bytes", u"/\u00e9")              # what json.dumps cannot take, but we do
+    assert udocker.json_text(value) == udocker._json_text(value)     # 3.x: C encoder, 2.7: not
 
 
 def test_env_file_lines_docker_and_shell_scripts_write(tmpdir, glibc_tree, monkeypatch):
