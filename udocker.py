@@ -142,6 +142,18 @@ def unquote(text):
     return urllib_quote.unquote(text)
 
 
+def uint_at(data, start, size, order):
+    """The unsigned integer in data[start:start + size], byte order "little" or "big",
+    without struct (an F-mode start reads ELF headers; struct is a module to load); raises
+    ValueError past the end of data."""
+    chunk = data[start:start + size]
+    if len(chunk) != size:
+        raise ValueError("%d bytes at %d: past the end" % (size, start))
+    if PY3:
+        return int.from_bytes(chunk, order)
+    return int(binascii.hexlify(chunk[::-1] if order == "little" else chunk), 16)
+
+
 def to_bytes(value, encoding="utf-8"):
     """Text -> bytes (bytes pass through)."""
     if isinstance(value, bytes):
@@ -6158,14 +6170,11 @@ def elf_info(path):
             if len(head) < 52 or head[:4] != b"\x7fELF":
                 return None
             is64 = head[4:5] == b"\x02"
-            end = "<" if head[5:6] == b"\x01" else ">"
-            e_type, e_machine = struct.unpack(end + "HH", head[16:20])
-            if is64:
-                phoff = struct.unpack(end + "Q", head[32:40])[0]
-                phentsize, phnum = struct.unpack(end + "HH", head[54:58])
-            else:
-                phoff = struct.unpack(end + "I", head[28:32])[0]
-                phentsize, phnum = struct.unpack(end + "HH", head[42:46])
+            end = "little" if head[5:6] == b"\x01" else "big"
+            e_type, e_machine = uint_at(head, 16, 2, end), uint_at(head, 18, 2, end)
+            at = 54 if is64 else 42                      # e_phentsize, e_phnum
+            phoff = uint_at(head, 32, 8, end) if is64 else uint_at(head, 28, 4, end)
+            phentsize, phnum = uint_at(head, at, 2, end), uint_at(head, at + 2, 2, end)
             info = {"bits": 64 if is64 else 32, "type": e_type, "interp": None,
                     "machine": ELF_MACHINES.get(e_machine, str(e_machine)),
                     "dynamic": False, "rpath": False}
@@ -6173,10 +6182,10 @@ def elf_info(path):
             table = handle.read(phentsize * phnum)
             for i in range(phnum):
                 header = table[i * phentsize:(i + 1) * phentsize]
-                if is64:
-                    p_type, _, offset, _, _, size = struct.unpack(end + "IIQQQQ", header[:40])
-                else:
-                    p_type, offset, _, _, size = struct.unpack(end + "IIIII", header[:20])
+                # Elf64_Phdr: type, flags, offset, vaddr, paddr, filesz; Elf32: no flags there
+                p_type = uint_at(header, 0, 4, end)
+                offset = uint_at(header, 8, 8, end) if is64 else uint_at(header, 4, 4, end)
+                size = uint_at(header, 32, 8, end) if is64 else uint_at(header, 16, 4, end)
                 if p_type == 3:                                  # PT_INTERP
                     handle.seek(offset)
                     info["interp"] = to_text(handle.read(min(size, 4096)).rstrip(b"\0"))
@@ -6186,14 +6195,14 @@ def elf_info(path):
                     info["rpath"] = _dynamic_has_rpath(handle.read(min(size, 1 << 16)),
                                                        is64, end)
             return info
-    except (IOError, OSError, struct.error):
+    except (IOError, OSError, ValueError):
         return None
 
 
 def _dynamic_has_rpath(data, is64, end):
-    fmt, size = (end + "qQ", 16) if is64 else (end + "iI", 8)
+    size = 16 if is64 else 8                                     # d_tag, d_val
     for pos in range(0, len(data) - size + 1, size):
-        tag = struct.unpack(fmt, data[pos:pos + size])[0]
+        tag = uint_at(data, pos, size // 2, end)
         if tag == 0:
             return False
         if tag in (15, 29):                                      # DT_RPATH, DT_RUNPATH
