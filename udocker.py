@@ -8799,9 +8799,12 @@ class FakechrootLoaderEngine(FakechrootEngine):
         with it the fork gives a #! script's interpreter a garbled argv (EFAULT)."""
         argv, env, cwd = FakechrootEngine.command(self)
         upstream = self.dir_map
-        loader, data = f2_loader(self.container, self.cfg, library_real=upstream)
+        loader, data, record = f2_loader(self.container, self.cfg, library_real=upstream)
         if data is not None:                        # made by apply, with the rest
             self.change("binary", loader, data, what="F2's copy of ld.so")
+        if record is not None:
+            self.run_dir()
+            self.change("record", *record)
         libpath = env["LD_LIBRARY_PATH"]
         env.update({"FAKECHROOT_ELFLOADER": loader, "LD_LIBRARY_REAL": libpath,
                     "FAKECHROOT_LIBRARY_ORIG": libpath})
@@ -8835,6 +8838,9 @@ F2_SYSTEM_DIR = LazyRegex(b"(?<![A-Za-z0-9_./-])/(?:usr/)?lib(?:32|64|x32)?/"
                           b"(?:[a-z0-9_]+-linux-gnu[a-z0-9_]*/)?\0")
 
 
+F2_NAME_RECORD = "ld-f2-name"      # in the run directory: which copy serves which ld.so
+
+
 def _f2_dir(match):
     """A directory name of the same length that cannot exist (under /dev/null, or a name of
     control characters when that is too long)."""
@@ -8845,24 +8851,39 @@ def _f2_dir(match):
 
 
 def f2_loader(container, cfg, library_real=False):
-    """(host path, contents) of F2's copy of the container's ld.so, contents None when the
-    copy exists (nothing is written here: run's plan or setup writes it). In it the default
+    """(host path, contents, record) of F2's copy of the container's ld.so, contents None
+    when the copy exists, record the (path, text) of F2_NAME_RECORD to write or None
+    (nothing is written here: run's plan or setup writes it). In it the default
     library directories, ld.so.cache and ld.so.preload are names that cannot exist, so
     the loader finds libraries only in its --library-path. The copy is named by the
     original's CRC-32 and Adler-32 (in the container's run_dir): a libc upgrade in the
     container gives a new one, and every F2 run computes the name, which hashlib would make
     ~4 ms dearer (its import loads OpenSSL). library_real: the copy reads LD_LIBRARY_REAL
     where ld.so reads LD_LIBRARY_PATH (upstream's libfakechroot passes no --library-path).
+    The name found is remembered in F2_NAME_RECORD with the ld.so's path, inode, mtime and
+    size: while they are the same, a run reads neither that ld.so nor its copy (reading
+    and checksumming ~200 kB was most of what F2 adds to F1's start).
     Raises EngineError when that ld.so does not name those files as expected."""
     source = container.loader()[1]
+    run_dir = container.run_dir(cfg)
+    record = os.path.join(run_dir, F2_NAME_RECORD)
+    key = "%s %s %s" % (source, _file_stamp(source), "real" if library_real else "path")
+    try:
+        remembered, name = read_text(record).split("\n")[:2]
+    except (IOError, OSError, ValueError):
+        remembered = name = ""
+    if remembered == key and name.startswith("ld-f2-") and "/" not in name and \
+            os.path.isfile(os.path.join(run_dir, name)):
+        return os.path.join(run_dir, name), None, None
     with open(source, "rb") as handle:
         data = handle.read()
-    path = os.path.join(container.run_dir(cfg),
-                        "ld-f2-%08x%08x%s.so" % (zlib.crc32(data) & 0xffffffff,
-                                                 zlib.adler32(data) & 0xffffffff,
-                                                 "-real" if library_real else ""))
+    name = "ld-f2-%08x%08x%s.so" % (zlib.crc32(data) & 0xffffffff,
+                                    zlib.adler32(data) & 0xffffffff,
+                                    "-real" if library_real else "")
+    path = os.path.join(run_dir, name)
+    record = (record, "%s\n%s\n" % (key, name))
     if os.path.isfile(path):
-        return path, None
+        return path, None, record
     data, dirs = F2_SYSTEM_DIR.subn(_f2_dir, data)
     for old, new in F2_LOADER_FILES + (F2_LIBRARY_REAL if library_real else ()):
         data = data.replace(old, new)
@@ -8870,7 +8891,7 @@ def f2_loader(container, cfg, library_real=False):
         raise EngineError("F2 cannot use this container's ld.so (%s): its library directories "
                           "or ld.so.cache are not where glibc keeps them: use F1 or F3"
                           % source)
-    return path, data
+    return path, data, record
 
 
 class FakechrootAutoPatchEngine(FakechrootPatchedEngine):

@@ -354,6 +354,39 @@ def fakechroot_plan(tmpdir, root, mode, upstream):
 
 
 @pytest.mark.skipif(udocker.Platform.host().arch != "amd64", reason="names of x86_64 tools")
+def test_f2_remembers_its_ld_so_copy_while_ld_so_is_the_same(tmpdir):
+    """F2's copy of ld.so is named by ld.so's checksums; the name is remembered with ld.so's
+    path, inode, mtime and size, so the next run reads neither; another ld.so (a libc
+    upgrade) is read again and gets a copy of its own."""
+    root = str(tmpdir.join("ROOT"))
+    rootfs.make_glibc_rootfs(root)
+    first = fakechroot_plan(tmpdir, root, "F2", False)
+
+    def plan():                                    # as fakechroot_plan, its tools in place
+        engine = engine_for(tmpdir, root, mode="F2", args=["/bin/true"],
+                            UDOCKER_FAKECHROOT_SO=first.env["LD_PRELOAD"])
+        engine.tools = udocker.Tools(engine.cfg, engine.session.repo, engine.environ)
+        return engine.plan()
+    (copy,) = [c for c in first.changes if c.kind == "binary"]
+    (name,) = [c for c in first.changes if c.path.endswith("/" + udocker.F2_NAME_RECORD)]
+    assert name.kind == "record" and os.path.basename(copy.path) in name.value
+    engine_for(tmpdir, root, mode="F2").apply(first)
+    again = plan()
+    assert again.argv[0] == copy.path
+    assert not [c for c in again.changes if c.kind == "binary" or c.path == name.path]
+    ld_so = udocker.container_loader(root, "amd64")[1]
+    with open(ld_so, "rb") as handle:
+        data = handle.read()
+    with open(ld_so + ".new", "wb") as handle:          # a new file: the tree's own copy
+        handle.write(data + b"\0")
+    os.rename(ld_so + ".new", ld_so)
+    upgraded = plan()
+    (other,) = [c for c in upgraded.changes if c.kind == "binary"]
+    assert other.path != copy.path and upgraded.argv[0] == other.path
+    assert [c for c in upgraded.changes if c.path == name.path]
+
+
+@pytest.mark.skipif(udocker.Platform.host().arch != "amd64", reason="names of x86_64 tools")
 @pytest.mark.parametrize("upstream", [True, False])
 def test_f2_drives_upstreams_libfakechroot_as_udocker_1_3_17(tmpdir, glibc_tree, upstream):
     """Upstream's libfakechroot starts FAKECHROOT_ELFLOADER with no --library-path and
