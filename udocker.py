@@ -577,9 +577,9 @@ class Config(object):
 
         options: dict of the general options (config, repo, debug, quiet, insecure).
         """
-        defaults = dict((key, default) for key, default, _ in CONFIG_DEFAULTS)
+        defaults = {key: default for key, default, _ in CONFIG_DEFAULTS}
         defaults["tarball"] = environ.get("UDOCKER_TEST_DEFAULT_TARBALL", DEFAULT_TARBALL_URLS)
-        values, sources = dict(defaults), dict((key, "default") for key in defaults)
+        values, sources = dict(defaults), dict.fromkeys(defaults, "default")
         home = environ.get("HOME") or os.path.expanduser("~")
         homedir = os.path.join(home, ".udocker")
         files = []
@@ -589,13 +589,14 @@ class Config(object):
         for path in files:
             cls._read_file(path, values, sources, defaults, required=False)
         topdir = options.get("repo") or environ.get("UDOCKER_DIR") or values["topdir"]
-        if topdir and os.path.realpath(topdir) != os.path.realpath(homedir):
-            cls._read_file(os.path.join(topdir, "udocker.conf"), values, sources, defaults,
-                           required=False)
+        conf = topdir and os.path.join(topdir, "udocker.conf")
+        if conf and os.path.exists(conf) and os.path.realpath(topdir) != os.path.realpath(homedir):
+            cls._read_file(conf, values, sources, defaults, required=False)
         if options.get("config") is not None:
             cls._read_file(options["config"], values, sources, defaults, required=True)
+        present = set(environ)       # os.environ: a name it lacks costs two exceptions
         for key, default, env in CONFIG_DEFAULTS:
-            if env and env in environ:
+            if env and env in present:
                 values[key] = _typed(key, environ[env], default)
                 sources[key] = "env " + env
         cls._apply_options(options, values, sources)
