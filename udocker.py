@@ -5447,10 +5447,11 @@ class ContainerDir(object):
     def has(self, name):
         return os.path.exists(self.file(name))
 
-    def execmode(self, cfg=None):
-        """The container's mode (upper case): recorded, else the configured default (none
-        without cfg); raises EngineError for a recorded mode that is no mode."""
-        mode = self.read(self.EXECMODE).upper()
+    def execmode(self, cfg=None, recorded=None):
+        """The container's mode (upper case): recorded (the execmode file's text, read here
+        when None), else the configured default (none without cfg); raises EngineError for a
+        recorded mode that is no mode."""
+        mode = (self.read(self.EXECMODE) if recorded is None else recorded).upper()
         if mode and mode not in EXEC_MODES:
             raise EngineError("container %s has an unknown execution mode: %s (setup "
                               "--execmode=MODE sets one of %s)"
@@ -6514,6 +6515,7 @@ class RunContainer(object):
         self._libc = None              # (kind, version), see libc()
         self.libc_record = None        # (path, text) of a .run/libc record to write, see libc()
         self._found = {}               # what found() computed: ROOT's loader, ...
+        self._states = {}              # state file name -> text, see state()
 
     @classmethod
     def from_store(cls, store, cid):
@@ -6583,15 +6585,26 @@ class RunContainer(object):
         return kind, version
 
     def state(self, name):
-        """Contents of a small state file (ContainerDir name) of the container, or ''."""
-        return self.files.read(name) if self.files else ""
+        """Contents of a small state file (ContainerDir name) of the container, or '': read
+        once (a run's mode choice and plan ask for execmode 4 times) until set_state or
+        reread, which the changes made under the container's lock take first."""
+        if name not in self._states:
+            self._states[name] = self.files.read(name) if self.files else ""
+        return self._states[name]
+
+    def reread(self):
+        """Forget the state files read: state() reads them again (what another command
+        changed before we took the container's lock)."""
+        self._states = {}
 
     def set_state(self, name, text):
+        self._states.pop(name, None)
         self.files.write(name, text)
 
     def execmode(self, cfg):
         """ContainerDir.execmode, or the default for a --location tree."""
-        return self.files.execmode(cfg) if self.files else default_execmode(cfg)
+        return self.files.execmode(cfg, self.state(ContainerDir.EXECMODE)) if self.files \
+            else default_execmode(cfg)
 
     def run_dir(self, cfg):
         """The directory for files the runs of this container share (passwd copies, ...);
@@ -8987,6 +9000,7 @@ def set_execmode(session, container, mode, tools, force=False):
         raise UsageError("invalid execution mode: %s (one of %s)" % (mode, " ".join(EXEC_MODES)))
     new = ENGINES[mode]
     with session.containers.lock(container.cid):
+        container.reread()
         current = container.state(ContainerDir.EXECMODE).upper() or default_execmode(session.cfg)
         same_place = container.state(ContainerDir.ROOT_PATH) in ("", container.root)
         if current == mode and same_place and not force and container.state(ContainerDir.EXECMODE):

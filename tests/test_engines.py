@@ -353,6 +353,26 @@ def fakechroot_plan(tmpdir, root, mode, upstream):
     return engine.plan()
 
 
+def test_container_state_is_read_once_and_again_under_the_lock(tmpdir, glibc_tree):
+    """A run asks for execmode 4 times: the file is read once; set_state and the changes
+    made under the container's lock (set_execmode) see what another command wrote since."""
+    engine = engine_for(tmpdir, glibc_tree)
+    container = engine.container
+    other = udocker.ContainerDir(container.dir, container.cid)        # another command
+    mode = udocker.ContainerDir.EXECMODE
+    assert container.state(mode) == "" and container.execmode(engine.cfg) == "P1"
+    other.write(mode, "P2")
+    assert container.state(mode) == "" and container.execmode(engine.cfg) == "P1"
+    container.reread()
+    assert container.state(mode) == "P2" and container.execmode(engine.cfg) == "P2"
+    container.set_state(mode, "P1")
+    assert container.state(mode) == "P1"
+    other.write(mode, "P2")
+    # under its lock set_execmode finds P2 already set: nothing to do (it read P1 before)
+    assert udocker.set_execmode(engine.session, container, "P2", None) is False
+    assert container.execmode(engine.cfg) == "P2"
+
+
 @pytest.mark.skipif(udocker.Platform.host().arch != "amd64", reason="names of x86_64 tools")
 def test_f2_remembers_its_ld_so_copy_while_ld_so_is_the_same(tmpdir):
     """F2's copy of ld.so is named by ld.so's checksums; the name is remembered with ld.so's
