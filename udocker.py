@@ -7235,11 +7235,13 @@ class Engine(object):
         if self.opts.get("hostenv"):
             env.update((k, v) for k, v in host.items()
                        if k not in self.cfg.invalid_host_env)
-        else:
+        else:                    # os.environ: names decoded once, only values passed read
+            names = list(host)
+            known = set(names)
             env.update((k, host[k]) for k in self.cfg.valid_host_env
-                       if k in host and k != "PATH")
+                       if k in known and k != "PATH")
             passed = name_matcher(self.cfg.pass_host_env)
-            env.update((k, v) for k, v in host.items() if passed(k))
+            env.update((k, host[k]) for k in names if passed(k))
         given = self._env_words(self.opts.get("env") or [], "-e", host)
         image = self._env_words(meta.get("Env") or [], "image Env", host)
         from_files = []
