@@ -190,6 +190,7 @@ subprocess = LazyModule("subprocess")
 random = LazyModule("random")
 socket = LazyModule("socket")
 ssl = LazyModule("ssl")
+struct = LazyModule("_struct")      # struct.py only re-exports it (a module file less to find)
 tempfile = LazyModule("tempfile")
 threading = LazyModule("threading")
 uuid = LazyModule("uuid")
@@ -232,6 +233,18 @@ def urlencode(query):
 
 def unquote(text):
     return urllib_quote.unquote(text)
+
+
+def uint_at(data, start, size, order):
+    """The unsigned integer in data[start:start + size], byte order "little" or "big",
+    without struct (an F-mode start reads ELF headers; struct is a module to load); raises
+    ValueError past the end of data."""
+    chunk = data[start:start + size]
+    if len(chunk) != size:
+        raise ValueError("%d bytes at %d: past the end" % (size, start))
+    if PY3:
+        return int.from_bytes(chunk, order)
+    return int(binascii.hexlify(chunk[::-1] if order == "little" else chunk), 16)
 
 
 def to_bytes(value, encoding="utf-8"):
@@ -418,7 +431,16 @@ class Messages(object):
             text = show_name(text, 1 << 20)
         if "\\udc" in text:        # the same bytes in a %r of 3.x, as 2.7's repr shows them
             text = SURROGATE_REPR_RE.sub(r"\\x\1", text)
-        stream.write(text + "\n")
+        text += "\n"
+        if PY3 and getattr(stream, "buffer", None) is not None:
+            try:                   # 3.6 without a locale: stderr is ASCII, argv surrogates
+                text.encode(stream.encoding or "ascii")
+            except (UnicodeError, LookupError):     # UTF-8 text shown as its bytes
+                stream.flush()
+                stream.buffer.write(to_bytes(text))
+                stream.buffer.flush()
+                return
+        stream.write(text)
         stream.flush()
 
     def error(self, text):
@@ -648,9 +670,9 @@ class Config(object):
 
         options: dict of the general options (config, repo, debug, quiet, insecure).
         """
-        defaults = dict((key, default) for key, default, _ in CONFIG_DEFAULTS)
+        defaults = {key: default for key, default, _ in CONFIG_DEFAULTS}
         defaults["tarball"] = environ.get("UDOCKER_TEST_DEFAULT_TARBALL", DEFAULT_TARBALL_URLS)
-        values, sources = dict(defaults), dict((key, "default") for key in defaults)
+        values, sources = dict(defaults), dict.fromkeys(defaults, "default")
         home = environ.get("HOME") or os.path.expanduser("~")
         homedir = os.path.join(home, ".udocker")
         files = []
@@ -660,13 +682,14 @@ class Config(object):
         for path in files:
             cls._read_file(path, values, sources, defaults, required=False)
         topdir = options.get("repo") or environ.get("UDOCKER_DIR") or values["topdir"]
-        if topdir and os.path.realpath(topdir) != os.path.realpath(homedir):
-            cls._read_file(os.path.join(topdir, "udocker.conf"), values, sources, defaults,
-                           required=False)
+        conf = topdir and os.path.join(topdir, "udocker.conf")
+        if conf and os.path.exists(conf) and os.path.realpath(topdir) != os.path.realpath(homedir):
+            cls._read_file(conf, values, sources, defaults, required=False)
         if options.get("config") is not None:
             cls._read_file(options["config"], values, sources, defaults, required=True)
+        present = set(environ)       # os.environ: a name it lacks costs two exceptions
         for key, default, env in CONFIG_DEFAULTS:
-            if env and env in environ:
+            if env and env in present:
                 values[key] = _typed(key, environ[env], default)
                 sources[key] = "env " + env
         cls._apply_options(options, values, sources)
@@ -1798,10 +1821,11 @@ class ContainerDir(object):
     def has(self, name):
         return os.path.exists(self.file(name))
 
-    def execmode(self, cfg=None):
-        """The container's mode (upper case): recorded, else the configured default (none
-        without cfg); raises EngineError for a recorded mode that is no mode."""
-        mode = self.read(self.EXECMODE).upper()
+    def execmode(self, cfg=None, recorded=None):
+        """The container's mode (upper case): recorded (the execmode file's text, read here
+        when None), else the configured default (none without cfg); raises EngineError for a
+        recorded mode that is no mode."""
+        mode = (self.read(self.EXECMODE) if recorded is None else recorded).upper()
         if mode and mode not in EXEC_MODES:
             raise EngineError("container %s has an unknown execution mode: %s (setup "
                               "--execmode=MODE sets one of %s)"
@@ -2257,7 +2281,6 @@ def _socks_targets(host, port, remote, family=None):
 def _socks5(sock, host, port, target, user, password):
     """RFC 1928 CONNECT to target (of _socks_targets) on sock, with RFC 1929 user/password
     authentication when user is not None; host names target in messages."""
-    import struct
     methods = b"\x00\x02" if user is not None else b"\x00"
     sock.sendall(struct.pack("BB", 5, len(methods)) + methods)
     version, method = struct.unpack("BB", _socks_recv(sock, 2))
@@ -2289,7 +2312,6 @@ def _socks5(sock, host, port, target, user, password):
 
 def _socks4(sock, host, port, target, user):
     """SOCKS4 CONNECT to target (of _socks_targets), SOCKS4a for a name."""
-    import struct
     atyp, addr = target
     if atyp == 4:
         raise SocksError("SOCKS4 cannot connect to an IPv6 address (%s)" % host)
@@ -5914,11 +5936,28 @@ JSON_ESCAPES.update({'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "
 def json_text(value):
     """JSON for the plain values of an OCI spec (dict, list, text, int, bool, None), without
     the json module (it imports re: ~5 ms of an R-mode start). Keys sorted, as json_dumps."""
+    if PY3:                             # json's own C encoder, given what json.dumps gives it
+        import _json                    # (a spec in Python, value by value, was ~0.5M
+        encode = _json.make_encoder(    # instructions of an R-mode start)
+            None, _json_default, _json.encode_basestring, None, ":", ",", True, False, True)
+        return "".join(encode(value, 0))
+    return _json_text(value)
+
+
+def _json_default(value):
+    """What the C encoder cannot take itself: bytes, as text."""
+    if isinstance(value, bytes):
+        return to_text(value)
+    raise TypeError("not JSON: %r" % (value,))
+
+
+def _json_text(value):
+    """json_text() in Python (2.7)."""
     if isinstance(value, dict):
-        return "{%s}" % ",".join("%s:%s" % (json_text(k), json_text(value[k]))
+        return "{%s}" % ",".join("%s:%s" % (_json_text(k), _json_text(value[k]))
                                  for k in sorted(value))
     if isinstance(value, (list, tuple)):
-        return "[%s]" % ",".join(json_text(v) for v in value)
+        return "[%s]" % ",".join(_json_text(v) for v in value)
     if value is True or value is False or value is None:
         return {True: "true", False: "false", None: "null"}[value]
     if isinstance(value, float):
@@ -5926,9 +5965,6 @@ def json_text(value):
     if not isinstance(value, string_types + (bytes,)):
         return "%d" % value                           # int (and Python 2's long)
     text = to_text(value)
-    if PY3:                              # json's own C encoder: the test below, string by
-        import _json                     # string, was most of an R-mode run's Python time
-        return _json.encode_basestring(text)
     if text and (min(text) < " " or '"' in text or "\\" in text):   # rare: char by char
         text = "".join(JSON_ESCAPES.get(c, c) for c in text)
     return '"%s"' % text
@@ -6020,7 +6056,6 @@ def enosys_filter(syscalls):
     starts (a filter is inherited; stacked with proot's own, ERRNO wins over TRACE). Built
     before the fork, with the _ctypes C module alone (as prctl_function); it raises OSError
     when the kernel refuses. None where _ctypes does not work."""
-    import struct
     try:
         import _ctypes
         simple = lambda code: type("c_" + code, (_ctypes._SimpleCData,), {"_type_": code})
@@ -6224,21 +6259,17 @@ def elf_info(path):
     """None if path is not an ELF file; else a dict: bits, type (2 exec, 3 shared), machine
     (docker arch name), interp (container path or None), dynamic, rpath (has DT_RPATH or
     DT_RUNPATH)."""
-    import struct
     try:
         with open(path, "rb") as handle:
             head = handle.read(64)
             if len(head) < 52 or head[:4] != b"\x7fELF":
                 return None
             is64 = head[4:5] == b"\x02"
-            end = "<" if head[5:6] == b"\x01" else ">"
-            e_type, e_machine = struct.unpack(end + "HH", head[16:20])
-            if is64:
-                phoff = struct.unpack(end + "Q", head[32:40])[0]
-                phentsize, phnum = struct.unpack(end + "HH", head[54:58])
-            else:
-                phoff = struct.unpack(end + "I", head[28:32])[0]
-                phentsize, phnum = struct.unpack(end + "HH", head[42:46])
+            end = "little" if head[5:6] == b"\x01" else "big"
+            e_type, e_machine = uint_at(head, 16, 2, end), uint_at(head, 18, 2, end)
+            at = 54 if is64 else 42                      # e_phentsize, e_phnum
+            phoff = uint_at(head, 32, 8, end) if is64 else uint_at(head, 28, 4, end)
+            phentsize, phnum = uint_at(head, at, 2, end), uint_at(head, at + 2, 2, end)
             info = {"bits": 64 if is64 else 32, "type": e_type, "interp": None,
                     "machine": ELF_MACHINES.get(e_machine, str(e_machine)),
                     "dynamic": False, "rpath": False}
@@ -6246,10 +6277,10 @@ def elf_info(path):
             table = handle.read(phentsize * phnum)
             for i in range(phnum):
                 header = table[i * phentsize:(i + 1) * phentsize]
-                if is64:
-                    p_type, _, offset, _, _, size = struct.unpack(end + "IIQQQQ", header[:40])
-                else:
-                    p_type, offset, _, _, size = struct.unpack(end + "IIIII", header[:20])
+                # Elf64_Phdr: type, flags, offset, vaddr, paddr, filesz; Elf32: no flags there
+                p_type = uint_at(header, 0, 4, end)
+                offset = uint_at(header, 8, 8, end) if is64 else uint_at(header, 4, 4, end)
+                size = uint_at(header, 32, 8, end) if is64 else uint_at(header, 16, 4, end)
                 if p_type == 3:                                  # PT_INTERP
                     handle.seek(offset)
                     info["interp"] = to_text(handle.read(min(size, 4096)).rstrip(b"\0"))
@@ -6259,15 +6290,14 @@ def elf_info(path):
                     info["rpath"] = _dynamic_has_rpath(handle.read(min(size, 1 << 16)),
                                                        is64, end)
             return info
-    except (IOError, OSError, struct.error):
+    except (IOError, OSError, ValueError):
         return None
 
 
 def _dynamic_has_rpath(data, is64, end):
-    import struct
-    fmt, size = (end + "qQ", 16) if is64 else (end + "iI", 8)
+    size = 16 if is64 else 8                                     # d_tag, d_val
     for pos in range(0, len(data) - size + 1, size):
-        tag = struct.unpack(fmt, data[pos:pos + size])[0]
+        tag = uint_at(data, pos, size // 2, end)
         if tag == 0:
             return False
         if tag in (15, 29):                                      # DT_RPATH, DT_RUNPATH
@@ -6549,6 +6579,12 @@ class Volume(object):
         return cls.checked(host, cont, readonly, spec)
 
     @classmethod
+    def from_options(cls, opts):
+        """The Volumes of run's -v and --mount options; raises UsageError."""
+        return [cls.parse(spec) for spec in opts.get("volume") or []] + \
+            [cls.parse_mount(spec) for spec in opts.get("mount") or []]
+
+    @classmethod
     def checked(cls, host, cont, readonly, spec):
         cont = cont_path(cont)
         if cont == "/":
@@ -6571,6 +6607,8 @@ class RunContainer(object):
         self.names = list(names)
         self._libc = None              # (kind, version), see libc()
         self.libc_record = None        # (path, text) of a .run/libc record to write, see libc()
+        self._found = {}               # what found() computed: ROOT's loader, ...
+        self._states = {}              # state file name -> text, see state()
 
     @classmethod
     def from_store(cls, store, cid):
@@ -6599,6 +6637,22 @@ class RunContainer(object):
         info = elf_info(resolve_in_root(self.root, "/bin/sh"))
         return info["machine"] if info else Platform.host().arch
 
+    def found(self, key, compute):
+        """compute() the first time key is asked for in this command, then its answer: what
+        a run looks up in ROOT before it starts, more than one step of it needs (an F mode
+        checks, then plans; F2 and F4 add to F1's command) and nothing it plans changes."""
+        if key not in self._found:
+            self._found[key] = compute()
+        return self._found[key]
+
+    def loader(self):
+        """container_loader() of ROOT."""
+        return self.found("loader", lambda: container_loader(self.root, self.arch()))
+
+    def lib_dirs(self):
+        """container_lib_dirs() of ROOT (a new list)."""
+        return list(self.found("lib_dirs", lambda: container_lib_dirs(self.root, self.arch())))
+
     def libc(self):
         """container_libc() of ROOT, remembered in .run/libc while that file is unchanged:
         finding the version reads the whole libc, the costliest part of an F-mode start.
@@ -6624,15 +6678,26 @@ class RunContainer(object):
         return kind, version
 
     def state(self, name):
-        """Contents of a small state file (ContainerDir name) of the container, or ''."""
-        return self.files.read(name) if self.files else ""
+        """Contents of a small state file (ContainerDir name) of the container, or '': read
+        once (a run's mode choice and plan ask for execmode 4 times) until set_state or
+        reread, which the changes made under the container's lock take first."""
+        if name not in self._states:
+            self._states[name] = self.files.read(name) if self.files else ""
+        return self._states[name]
+
+    def reread(self):
+        """Forget the state files read: state() reads them again (what another command
+        changed before we took the container's lock)."""
+        self._states = {}
 
     def set_state(self, name, text):
+        self._states.pop(name, None)
         self.files.write(name, text)
 
     def execmode(self, cfg):
         """ContainerDir.execmode, or the default for a --location tree."""
-        return self.files.execmode(cfg) if self.files else default_execmode(cfg)
+        return self.files.execmode(cfg, self.state(ContainerDir.EXECMODE)) if self.files \
+            else default_execmode(cfg)
 
     def run_dir(self, cfg):
         """The directory for files the runs of this container share (passwd copies, ...);
@@ -6877,15 +6942,18 @@ class Engine(object):
         self.cwd = "/"
         self.argv = []
         self.exe = None                # host path of argv[0]
+        self.exe_path = None           # its container path, as found in PATH
         self.executable = None         # the program to start when not argv[0] (F3)
         self.passwd_rows = []
         self.group_rows = []
         self.signalled = None          # the last terminating signal forwarded
         self.nvidia = None             # the host's NvidiaDriver when the run shows it
         self.cannot_start = None       # an EngineError: why this mode cannot run here
+        self.given_volumes = None      # Volume.from_options(opts), when the caller has them
         self.setup_mode = None         # a mode to set the container up for (F: first run)
         self.changes = []              # Change: what the run makes on disk (RunPlan)
         self.environ = session.environ        # the session's environment, not os.environ
+        self._invoking = None                 # host_user(), see invoking_user()
 
     # -- the steps every mode takes, in order
 
@@ -7040,7 +7108,7 @@ class Engine(object):
                     self.env.setdefault(name, path)
         self.cwd = self.choose_cwd(meta)
         self.argv = self.choose_command(meta)
-        self.exe = self.find_executable(self.argv[0])
+        self.exe_path, self.exe = self.find_executable(self.argv[0])
 
     def check_options(self):
         """One line for each run option this mode cannot honour: an error where ignoring it
@@ -7061,6 +7129,13 @@ class Engine(object):
 
     # -- user and identity
 
+    def invoking_user(self):
+        """host_user() of the session's environment, asked once a run (each getpwuid reads
+        nsswitch.conf and the host's passwd again)."""
+        if self._invoking is None:
+            self._invoking = host_user(self.environ)
+        return self._invoking
+
     def identity_sources(self):
         if self.opts.get("hostauth"):
             return read_identity_db("/etc/passwd"), read_identity_db("/etc/group")
@@ -7079,7 +7154,7 @@ class Engine(object):
         return user
 
     def _host_user(self, wanted):
-        name, uid, gid, home = host_user(self.environ)
+        name, uid, gid, home = self.invoking_user()
         if wanted and wanted.split(":")[0] in ("root", "0"):
             MSG.warning("mode %s runs as your own user, not root" % self.mode)
         elif wanted:
@@ -7140,11 +7215,11 @@ class Engine(object):
             volumes += [Volume(p, p, system=True) for p in self.cfg.dri_list
                         if os.path.exists(p)]
         if self.opts.get("bindhome"):
-            home = host_user(self.environ)[3]
+            home = self.invoking_user()[3]
             if os.path.isdir(home):
                 volumes.append(Volume(home, home))
-        volumes += [Volume.parse(spec) for spec in self.opts.get("volume") or []]
-        volumes += [Volume.parse_mount(spec) for spec in self.opts.get("mount") or []]
+        volumes += Volume.from_options(self.opts) if self.given_volumes is None \
+            else self.given_volumes
         volumes += self.device_volumes(volumes)
         novol = set(self.opts.get("novol") or [])
         kept = {}
@@ -7253,11 +7328,13 @@ class Engine(object):
         if self.opts.get("hostenv"):
             env.update((k, v) for k, v in host.items()
                        if k not in self.cfg.invalid_host_env)
-        else:
+        else:                    # os.environ: names decoded once, only values passed read
+            names = list(host)
+            known = set(names)
             env.update((k, host[k]) for k in self.cfg.valid_host_env
-                       if k in host and k != "PATH")
+                       if k in known and k != "PATH")
             passed = name_matcher(self.cfg.pass_host_env)
-            env.update((k, v) for k, v in host.items() if passed(k))
+            env.update((k, host[k]) for k in names if passed(k))
         given = self._env_words(self.opts.get("env") or [], "-e", host)
         image = self._env_words(meta.get("Env") or [], "image Env", host)
         from_files = []
@@ -7269,7 +7346,7 @@ class Engine(object):
             if name not in dict(given) and name not in dict(image):
                 env[name] = value
         if self.opts.get("bindhome") and "HOME" not in dict(given):
-            env["HOME"] = host_user(self.environ)[3]
+            env["HOME"] = self.invoking_user()[3]
         self._add_run_env(env)
         return env
 
@@ -7315,7 +7392,7 @@ class Engine(object):
         env.setdefault("SHLVL", "0")
         env["PS1"] = "%s$ " % self.container.cid[:8] if user.uid else \
             "%s# " % self.container.cid[:8]
-        env["container_ruser"] = host_user(self.environ)[0]
+        env["container_ruser"] = self.invoking_user()[0]
         env["container_root"] = self.root
         env["container_uuid"] = self.container.cid
         env["container_execmode"] = self.mode
@@ -7354,7 +7431,8 @@ class Engine(object):
         return argv
 
     def find_executable(self, name):
-        """Host path of the command, searched like execvp in the container's PATH."""
+        """(container path, host path) of the command, searched like execvp in the
+        container's PATH."""
         name = _native(name)        # 2.7: argv bytes meet the image's JSON unicode here
         if "/" in name:
             candidates = [name if name.startswith("/") else
@@ -7365,7 +7443,7 @@ class Engine(object):
         for candidate in candidates:
             host = self.cont2host(candidate)
             if os.path.isfile(host) and os.access(host, os.X_OK):
-                return host
+                return candidate, host
         raise EngineError("command not found or has no execute bit set: %s" % name)
 
     # -- start-up
@@ -8079,7 +8157,7 @@ class RuncEngine(Engine):
                 not (which("newuidmap", self.environ.get("PATH", "")) and
                      which("newgidmap", self.environ.get("PATH", ""))):
             return None
-        name, uid = host_user(self.environ)[:2]
+        name, uid = self.invoking_user()[:2]
         ranges = []
         for path in ("/etc/subuid", "/etc/subgid"):
             found = [(int(row[1]), int(row[2])) for row in read_identity_db(path)
@@ -8354,9 +8432,9 @@ class FakechrootEngine(Engine):
         kind, version = self.container.libc()
         fakechroot_libc_known(kind)
         library = self._library(arch, kind, version)
-        loader = container_loader(self.root, arch)[1] if self.uses_loader else None
+        loader = self.container.loader()[1] if self.uses_loader else None
         dirs = ([self.cont2host(NVIDIA_DIR + "/lib")] if self.nvidia else []) + \
-            container_lib_dirs(self.root, arch)
+            self.container.lib_dirs()
         # the container's own LD_LIBRARY_PATH (image ENV, -e) first, its directories in ROOT
         dirs = [self.cont2host(d) for d in self.env.get("LD_LIBRARY_PATH", "").split(":")
                 if d.startswith("/")] + dirs
@@ -8401,7 +8479,7 @@ class FakechrootEngine(Engine):
             env["FAKECHROOT_VOLUMES"] = volume_map
         if MSG.level >= Messages.DBG:
             env["FAKECHROOT_DEBUG"] = "true"
-        program, argv = self._start_argv(self.exe, self._command_path(self.argv[0]),
+        program, argv = self._start_argv(self.exe, self.exe_path,
                                          self.argv[0], self.argv[1:])
         if not self.uses_loader and program.startswith(self.root.rstrip("/") + "/"):
             self.executable = program            # the kernel runs it; argv[0] stays as given
@@ -8414,7 +8492,7 @@ class FakechrootEngine(Engine):
                 env["FAKECHROOT_ELFLOADER_OPT_ARGV0"] = "--argv0"
         else:   # F3, F4: a program in a volume was not patched, nor is it (not ROOT's): the
             # container's loader starts it, as in F1 (the programs it starts are ROOT's)
-            loader = container_loader(self.root, arch)[1]
+            loader = self.container.loader()[1]
         return [loader] + argv0 + [program] + argv[1:], env, self.cont2host(self.cwd)
 
     def _maps_volumes(self, library=None):
@@ -8427,18 +8505,7 @@ class FakechrootEngine(Engine):
         own = os.path.join(self.container.dir or "", ContainerDir.LIBFAKECHROOT)
         if self.container.dir and os.path.isfile(own) and not self.cfg.fakechroot_so:
             return own
-        return self.tools.fakechroot_so(arch, version, lambda: read_os_release(self.root),
-                                        kind)
-
-    def _command_path(self, name):
-        """The container path of the command (searched in PATH like find_executable)."""
-        if "/" in name:
-            return name if name.startswith("/") else os.path.join(self.cwd, name)
-        for directory in self.env.get("PATH", "").split(":"):
-            if directory.startswith("/") and \
-                    self.cont2host(os.path.join(directory, name)) == self.exe:
-                return os.path.join(directory, name)
-        return name
+        return fakechroot_library(self.container, self.tools, arch, kind, version)
 
     def _start_argv(self, host, cont, argv0, args, depth=0):
         """(host path of the ELF program to start, its argv). The first program must be an
@@ -8530,8 +8597,10 @@ class FakechrootEngine(Engine):
         """An empty directory in ROOT where a directory is seen at its own host path (the
         library sends the path itself to the host), as a bind mount has: ".." from inside
         the volume leads into the container's tree, where the volume is listed."""
+        if vol.system:
+            return
         path = resolve_in_root(self.root, vol.cont)
-        if vol.system or os.path.lexists(path) or not os.path.isdir(vol.host):
+        if os.path.lexists(path) or not os.path.isdir(vol.host):
             return
         self.change("dir", path)                      # a failure: one verbose line
 
@@ -8556,7 +8625,7 @@ class FakechrootEngine(Engine):
         fakechroot_libc_known(kind)
         own = os.path.join(container.dir or "", ContainerDir.LIBFAKECHROOT)
         if not (container.dir and os.path.isfile(own)):
-            tools.fakechroot_so(arch, version, lambda: read_os_release(container.root), kind)
+            fakechroot_library(container, tools, arch, kind, version)
         if not cls.uses_loader:
             tools.patchelf()
 
@@ -8617,6 +8686,13 @@ class FakechrootPatchedEngine(FakechrootEngine):
             ElfPatcher(tools.patchelf(), container).restore()
             remove_quietly(container.files.file(ContainerDir.PATCH_PATH))
         FakechrootEngine.leave(container, tools)
+
+
+def fakechroot_library(container, tools, arch, kind, version):
+    """Tools.fakechroot_so for the container, asked once a command (its mode's check and
+    its plan both need it; it lists the tools' library directory)."""
+    return container.found("libfakechroot", lambda: tools.fakechroot_so(
+        arch, version, lambda: read_os_release(container.root), kind))
 
 
 def fakechroot_libc_known(kind):
@@ -8842,9 +8918,12 @@ class FakechrootLoaderEngine(FakechrootEngine):
         with it the fork gives a #! script's interpreter a garbled argv (EFAULT)."""
         argv, env, cwd = FakechrootEngine.command(self)
         upstream = self.dir_map
-        loader, data = f2_loader(self.container, self.cfg, library_real=upstream)
+        loader, data, record = f2_loader(self.container, self.cfg, library_real=upstream)
         if data is not None:                        # made by apply, with the rest
             self.change("binary", loader, data, what="F2's copy of ld.so")
+        if record is not None:
+            self.run_dir()
+            self.change("record", *record)
         libpath = env["LD_LIBRARY_PATH"]
         env.update({"FAKECHROOT_ELFLOADER": loader, "LD_LIBRARY_REAL": libpath,
                     "FAKECHROOT_LIBRARY_ORIG": libpath})
@@ -8878,6 +8957,9 @@ F2_SYSTEM_DIR = LazyRegex(b"(?<![A-Za-z0-9_./-])/(?:usr/)?lib(?:32|64|x32)?/"
                           b"(?:[a-z0-9_]+-linux-gnu[a-z0-9_]*/)?\0")
 
 
+F2_NAME_RECORD = "ld-f2-name"      # in the run directory: which copy serves which ld.so
+
+
 def _f2_dir(match):
     """A directory name of the same length that cannot exist (under /dev/null, or a name of
     control characters when that is too long)."""
@@ -8888,24 +8970,39 @@ def _f2_dir(match):
 
 
 def f2_loader(container, cfg, library_real=False):
-    """(host path, contents) of F2's copy of the container's ld.so, contents None when the
-    copy exists (nothing is written here: run's plan or setup writes it). In it the default
+    """(host path, contents, record) of F2's copy of the container's ld.so, contents None
+    when the copy exists, record the (path, text) of F2_NAME_RECORD to write or None
+    (nothing is written here: run's plan or setup writes it). In it the default
     library directories, ld.so.cache and ld.so.preload are names that cannot exist, so
     the loader finds libraries only in its --library-path. The copy is named by the
     original's CRC-32 and Adler-32 (in the container's run_dir): a libc upgrade in the
     container gives a new one, and every F2 run computes the name, which hashlib would make
     ~4 ms dearer (its import loads OpenSSL). library_real: the copy reads LD_LIBRARY_REAL
     where ld.so reads LD_LIBRARY_PATH (upstream's libfakechroot passes no --library-path).
+    The name found is remembered in F2_NAME_RECORD with the ld.so's path, inode, mtime and
+    size: while they are the same, a run reads neither that ld.so nor its copy (reading
+    and checksumming ~200 kB was most of what F2 adds to F1's start).
     Raises EngineError when that ld.so does not name those files as expected."""
-    source = container_loader(container.root, container.arch())[1]
+    source = container.loader()[1]
+    run_dir = container.run_dir(cfg)
+    record = os.path.join(run_dir, F2_NAME_RECORD)
+    key = "%s %s %s" % (source, _file_stamp(source), "real" if library_real else "path")
+    try:
+        remembered, name = read_text(record).split("\n")[:2]
+    except (IOError, OSError, ValueError):
+        remembered = name = ""
+    if remembered == key and name.startswith("ld-f2-") and "/" not in name and \
+            os.path.isfile(os.path.join(run_dir, name)):
+        return os.path.join(run_dir, name), None, None
     with open(source, "rb") as handle:
         data = handle.read()
-    path = os.path.join(container.run_dir(cfg),
-                        "ld-f2-%08x%08x%s.so" % (zlib.crc32(data) & 0xffffffff,
-                                                 zlib.adler32(data) & 0xffffffff,
-                                                 "-real" if library_real else ""))
+    name = "ld-f2-%08x%08x%s.so" % (zlib.crc32(data) & 0xffffffff,
+                                    zlib.adler32(data) & 0xffffffff,
+                                    "-real" if library_real else "")
+    path = os.path.join(run_dir, name)
+    record = (record, "%s\n%s\n" % (key, name))
     if os.path.isfile(path):
-        return path, None
+        return path, None, record
     data, dirs = F2_SYSTEM_DIR.subn(_f2_dir, data)
     for old, new in F2_LOADER_FILES + (F2_LIBRARY_REAL if library_real else ()):
         data = data.replace(old, new)
@@ -8913,7 +9010,7 @@ def f2_loader(container, cfg, library_real=False):
         raise EngineError("F2 cannot use this container's ld.so (%s): its library directories "
                           "or ld.so.cache are not where glibc keeps them: use F1 or F3"
                           % source)
-    return path, data
+    return path, data, record
 
 
 class FakechrootAutoPatchEngine(FakechrootPatchedEngine):
@@ -8929,10 +9026,9 @@ class FakechrootAutoPatchEngine(FakechrootPatchedEngine):
 
     def command(self):
         argv, env, cwd = FakechrootPatchedEngine.command(self)
-        arch = self.container.arch()
         patchelf = self.tools.patchelf()
-        loader = container_loader(self.root, arch)[1]
-        libpath = ":".join(container_lib_dirs(self.root, arch))
+        loader = self.container.loader()[1]
+        libpath = ":".join(self.container.lib_dirs())
         env.update({"FAKECHROOT_PATCH_PATCHELF": patchelf[0],
                     "FAKECHROOT_PATCH_ELFLOADER": loader, "FAKECHROOT_LIBRARY_ORIG": libpath})
         if self.dir_map:
@@ -9012,6 +9108,7 @@ def set_execmode(session, container, mode, tools, force=False):
         raise UsageError("invalid execution mode: %s (one of %s)" % (mode, " ".join(EXEC_MODES)))
     new = ENGINES[mode]
     with session.containers.lock(container.cid):
+        container.reread()
         current = container.state(ContainerDir.EXECMODE).upper() or default_execmode(session.cfg)
         same_place = container.state(ContainerDir.ROOT_PATH) in ("", container.root)
         if current == mode and same_place and not force and container.state(ContainerDir.EXECMODE):
@@ -10081,7 +10178,9 @@ class Opt(object):
 
 
 def _o(names, kind=FLAG, help="", dest=None, metavar="VALUE"):
-    return Opt(names, kind, dest, help, metavar)
+    """An option as the tables write it: its Opt is made only for a command that runs or
+    shows its help (Command.opts), not the ~100 of every command at each start."""
+    return (names, kind, dest, help, metavar)
 
 
 PULL_OPTS = [
@@ -10152,10 +10251,19 @@ class Command(object):
 
     def __init__(self, name, summary, args=(), opts=(), func=None, rest=None, needs_repo=True,
                  notes=""):
-        self.name, self.summary, self.args, self.opts = name, summary, list(args), list(opts)
+        self.name, self.summary, self.args = name, summary, list(args)
         self.func, self.rest, self.needs_repo = func, rest, needs_repo
         self.notes = notes          # text shown after the options by `help COMMAND`
+        self._specs = opts          # _o() tuples (or Opts), made Opts by the opts property
+        self._opts = None
         self._lookup = None
+
+    @property
+    def opts(self):
+        """[Opt] of the command."""
+        if self._opts is None:
+            self._opts = [o if isinstance(o, Opt) else Opt(*o) for o in self._specs]
+        return self._opts
 
     @property
     def lookup(self):
@@ -10819,21 +10927,21 @@ def cmd_run(session, opts, args):
         raise UsageError("invalid --pull: %s (missing, never, always or reuse)" % opts["pull"])
     if opts.get("cpuset_cpus") is not None:
         parse_cpu_list(opts["cpuset_cpus"])
-    for spec in opts.get("volume") or []:      # -v, --mount, -e, -w: a run that cannot
-        Volume.parse(spec)                     # start pulls no image, makes no container
-    for spec in opts.get("mount") or []:
-        Volume.parse_mount(spec)
+    volumes = Volume.from_options(opts)        # -v, --mount, -e, -w: a run that cannot
+    # start pulls no image, makes no container (its plan takes these volumes, unless a pull
+    # came between: then it looks at the host paths again)
     Engine._env_words(opts.get("env") or [], "-e", session.environ)
     if not (opts.get("workdir") or "/").startswith("/"):
         raise UsageError("invalid working directory: %s" % opts["workdir"])
     tools = Tools(session.cfg, session.repo, session.environ)
     if opts.get("location") is not None:
         container = RunContainer.from_location(opts["location"])
-        return choose_engine(session, container, opts, args, tools).run()
+        return _run_engine(choose_engine(session, container, opts, args, tools), volumes)
     cid, made = _run_target(session, opts, args[0])
     try:
         container = RunContainer.from_store(session.containers, cid)
-        status = choose_engine(session, container, opts, args[1:], tools).run()
+        status = _run_engine(choose_engine(session, container, opts, args[1:], tools),
+                             None if made else volumes)
     except BaseException:
         if opts.get("rm") and made:            # a container this run made, that never ran
             _remove_after_run(session, cid)
@@ -10841,6 +10949,12 @@ def cmd_run(session, opts, args):
     if opts.get("rm"):
         _remove_after_run(session, cid)
     return status
+
+
+def _run_engine(engine, volumes):
+    """engine.run(), given the volumes cmd_run parsed (None: it parses them itself)."""
+    engine.given_volumes = volumes
+    return engine.run()
 
 
 def _remove_after_run(session, cid):
@@ -11185,7 +11299,7 @@ COMMANDS = dict((c.name, c) for c in [
         func=cmd_setup),
 ])
 
-GENERAL_OPTS = [
+GENERAL_OPTS = [Opt(*o) for o in [         # every start parses them
     _o("-D|--debug", help="debug messages (and tracebacks)"),
     _o("-q|--quiet", help="errors only"),
     _o("--repo", VALUE, "use this repository directory", metavar="DIR"),
@@ -11194,7 +11308,7 @@ GENERAL_OPTS = [
     _o("--insecure", help="allow http and unverified TLS"),
     _o("-V|--version", help="show the version"),
     _o("-h|--help", help="show this help"),
-]
+]]
 
 
 # ---- 11.5 General options and help ----

@@ -367,3 +367,16 @@ def test_inspect_format_simple_templates(tmpdir, ud):
     assert rc == 0 and out == cid + ' "layers"\n', err
     rc, out, err = ud("inspect", "-f", "{{range .X}}{{end}}", cid)
     assert rc == 1 and out == "" and err.splitlines()[-1].startswith("Error: inspect -f:")
+
+
+def test_utf8_arguments_show_as_themselves_without_a_locale(ud):
+    """LANG and LC_ALL unset (the C locale): Python 3.6 decodes a UTF-8 argument to
+    surrogates and its stderr is ASCII, so messages showed /\\udcc3\\udca9; the bytes as given,
+    as on 2.7 and 3.7+ (which take UTF-8 in the C locale)."""
+    env = dict((name, None) for name in os.environ if name.startswith("LC_"))
+    env.update({"LANG": None, "LANGUAGE": None, "PYTHONIOENCODING": None, "PYTHONUTF8": None})
+    arg = b"/\xc3\xa9:/x" if PY2 else os.fsdecode(b"/\xc3\xa9:/x")   # whatever our locale
+    result = ud("run", "-v", arg, "c", "true", env=env)
+    assert result.rc == 1
+    assert u"Error: invalid volume: /\u00e9:/x (host path does not exist)" in result.err, \
+        result.err

@@ -353,6 +353,59 @@ def fakechroot_plan(tmpdir, root, mode, upstream):
     return engine.plan()
 
 
+def test_container_state_is_read_once_and_again_under_the_lock(tmpdir, glibc_tree):
+    """A run asks for execmode 4 times: the file is read once; set_state and the changes
+    made under the container's lock (set_execmode) see what another command wrote since."""
+    engine = engine_for(tmpdir, glibc_tree)
+    container = engine.container
+    other = udocker.ContainerDir(container.dir, container.cid)        # another command
+    mode = udocker.ContainerDir.EXECMODE
+    assert container.state(mode) == "" and container.execmode(engine.cfg) == "P1"
+    other.write(mode, "P2")
+    assert container.state(mode) == "" and container.execmode(engine.cfg) == "P1"
+    container.reread()
+    assert container.state(mode) == "P2" and container.execmode(engine.cfg) == "P2"
+    container.set_state(mode, "P1")
+    assert container.state(mode) == "P1"
+    other.write(mode, "P2")
+    # under its lock set_execmode finds P2 already set: nothing to do (it read P1 before)
+    assert udocker.set_execmode(engine.session, container, "P2", None) is False
+    assert container.execmode(engine.cfg) == "P2"
+
+
+@pytest.mark.skipif(udocker.Platform.host().arch != "amd64", reason="names of x86_64 tools")
+def test_f2_remembers_its_ld_so_copy_while_ld_so_is_the_same(tmpdir):
+    """F2's copy of ld.so is named by ld.so's checksums; the name is remembered with ld.so's
+    path, inode, mtime and size, so the next run reads neither; another ld.so (a libc
+    upgrade) is read again and gets a copy of its own."""
+    root = str(tmpdir.join("ROOT"))
+    rootfs.make_glibc_rootfs(root)
+    first = fakechroot_plan(tmpdir, root, "F2", False)
+
+    def plan():                                    # as fakechroot_plan, its tools in place
+        engine = engine_for(tmpdir, root, mode="F2", args=["/bin/true"],
+                            UDOCKER_FAKECHROOT_SO=first.env["LD_PRELOAD"])
+        engine.tools = udocker.Tools(engine.cfg, engine.session.repo, engine.environ)
+        return engine.plan()
+    (copy,) = [c for c in first.changes if c.kind == "binary"]
+    (name,) = [c for c in first.changes if c.path.endswith("/" + udocker.F2_NAME_RECORD)]
+    assert name.kind == "record" and os.path.basename(copy.path) in name.value
+    engine_for(tmpdir, root, mode="F2").apply(first)
+    again = plan()
+    assert again.argv[0] == copy.path
+    assert not [c for c in again.changes if c.kind == "binary" or c.path == name.path]
+    ld_so = udocker.container_loader(root, "amd64")[1]
+    with open(ld_so, "rb") as handle:
+        data = handle.read()
+    with open(ld_so + ".new", "wb") as handle:          # a new file: the tree's own copy
+        handle.write(data + b"\0")
+    os.rename(ld_so + ".new", ld_so)
+    upgraded = plan()
+    (other,) = [c for c in upgraded.changes if c.kind == "binary"]
+    assert other.path != copy.path and upgraded.argv[0] == other.path
+    assert [c for c in upgraded.changes if c.path == name.path]
+
+
 @pytest.mark.skipif(udocker.Platform.host().arch != "amd64", reason="names of x86_64 tools")
 @pytest.mark.parametrize("upstream", [True, False])
 def test_f2_drives_upstreams_libfakechroot_as_udocker_1_3_17(tmpdir, glibc_tree, upstream):
@@ -639,6 +692,8 @@ def test_json_text_is_json():
     assert json.loads(udocker.json_text(value)) == value
     assert udocker.json_text(value) == json.dumps(value, sort_keys=True,
                                                   separators=(",", ":"), ensure_ascii=False)
+    value["t"] = (b"bytes", u"/\u00e9")              # what json.dumps cannot take, but we do
+    assert udocker.json_text(value) == udocker._json_text(value)     # 3.x: C encoder, 2.7: not
 
 
 def test_env_file_lines_docker_and_shell_scripts_write(tmpdir, glibc_tree, monkeypatch):
