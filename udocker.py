@@ -4,8 +4,8 @@
 # at every start. Python 3 runs the start-up cache of section 13 (__pycache__/udocker.TAG.
 # chapters, or under ~/.cache/udocker.py where this directory is not writable): the code
 # every command runs at start, each section's functions and classes loaded on first use.
-# Without a current cache it imports the module (its cached bytecode) and builds one; Python
-# 2.7 always imports the module. A file name that is no module name (udocker-0.1.py,
+# Without a current cache it imports the module (its cached bytecode) and builds one;
+# Python 2.7 always imports the module. A file name that is no module name (udocker-0.1.py,
 # udocker.v2.py) is run as a script instead. To Python the line is a string.
 # The cyclic garbage collector is off while the module loads and what it made is frozen
 # (gc.freeze, 3.7+) before it is back on: otherwise it walks the module's new objects several
@@ -34,7 +34,14 @@ getattr(gc,"freeze",int)();gc.enable();m.exit_now(m.main()) if m else __import__
 #   2. Errors and messages     the exception tree and the message printer
 #   3. Configuration           defaults, udocker.conf files, environment, options -> Config
 #   4. Files, processes, host  atomic writes, locks, hashing, host platform
+#      4.1 Files: atomic writes, reading, removal
+#      4.2 Locks and work directories
+#      4.3 Programs, hashing, the host platform
 #   5. Local repository        the ~/.udocker tree: image tags, layers, containers, keystore
+#      5.1 Images
+#      5.2 The repository
+#      5.3 Containers
+#      5.4 Credentials
 #   6. Registry client         image references, HTTP, auth, manifests, parallel verified pulls
 #   7. Image formats           docker-save and OCI layout archives
 #   8. Container creation      safe flattening of layers into containers/ID/ROOT
@@ -764,6 +771,9 @@ class Config(object):
 # directory; every read-modify-write of shared state holds a lock file (fcntl.flock, no daemon).
 
 
+# ---- 4.1 Files: atomic writes, reading, removal ----
+
+
 def current_umask():
     mask = os.umask(0o022)
     os.umask(mask)
@@ -943,6 +953,9 @@ def remove_tree(path):
     shutil.rmtree(path)
 
 
+# ---- 4.2 Locks and work directories ----
+
+
 class FileLock(object):
     """An exclusive advisory lock on a file (flock), usable as a context manager.
 
@@ -1001,27 +1014,6 @@ class FileLock(object):
 
     def __exit__(self, *exc):
         self.release()
-
-
-def random_hex(count):
-    """count random bytes as hex text (the uuid module costs ~2 ms to import)."""
-    return "".join("%02x" % b for b in bytearray(os.urandom(count)))
-
-
-def which(name, path):
-    """The first executable called name in path (a $PATH value: the session's, never read
-    here from os.environ), or None."""
-    if "/" in name:
-        return name if is_executable(name) else None
-    for directory in path.split(":"):
-        candidate = os.path.join(directory or ".", name)
-        if is_executable(candidate):
-            return candidate
-    return None
-
-
-def is_executable(path):
-    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 WORK_LOCK = ".lock"             # a work directory's lock file is its name + this, beside it
@@ -1166,6 +1158,30 @@ def _tree_bytes(path):
     return total
 
 
+# ---- 4.3 Programs, hashing, the host platform ----
+
+
+def random_hex(count):
+    """count random bytes as hex text (the uuid module costs ~2 ms to import)."""
+    return "".join("%02x" % b for b in bytearray(os.urandom(count)))
+
+
+def which(name, path):
+    """The first executable called name in path (a $PATH value: the session's, never read
+    here from os.environ), or None."""
+    if "/" in name:
+        return name if is_executable(name) else None
+    for directory in path.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if is_executable(candidate):
+            return candidate
+    return None
+
+
+def is_executable(path):
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
 def sha256_file(path, chunk=1 << 20):
     """Hex sha256 of a file's content."""
     digest = hashlib.sha256()
@@ -1272,6 +1288,9 @@ LOCAL_NAME_RE = LazyRegex(r"^[a-zA-Z0-9][a-zA-Z0-9_.:/-]*$")
 TAG_RE = LazyRegex(r"^([a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127}|sha256:[a-f0-9]{64})$")
 DIGEST_RE = LazyRegex(r"^sha256:[a-f0-9]{64}$")
 PROTECT = "PROTECT"     # marker file of a protected image tag or container (rmi/rm refuse)
+
+
+# ---- 5.1 Images ----
 
 
 def tag_ref(name, tag):
@@ -1412,6 +1431,9 @@ def tar_is_readable(path):
         return True
     except (tarfile.TarError, IOError, OSError, EOFError, ValueError):
         return False
+
+
+# ---- 5.2 The repository ----
 
 
 class LocalRepository(object):
@@ -1766,6 +1788,9 @@ class LocalRepository(object):
         return True
 
 
+# ---- 5.3 Containers ----
+
+
 META_DIR = ".udocker-py"        # udocker.py's own files in a container directory
 
 
@@ -1975,6 +2000,9 @@ class ContainerStore(object):
             write_atomic(marker, b"")
         else:
             remove_quietly(marker)
+
+
+# ---- 5.4 Credentials ----
 
 
 class Keystore(object):
@@ -10359,8 +10387,16 @@ class Session(object):
         self.environ = os.environ if environ is None else environ   # main()'s environment
         self.repo = LocalRepository(cfg, self.environ.get("PATH", ""))
         self.containers = ContainerStore(self.repo)
-        self.keystore = Keystore(cfg.keystore, os.path.join(
-            self.environ.get("HOME") or os.path.expanduser("~"), ".docker", "config.json"))
+        self._keystore = None
+
+    @property
+    def keystore(self):
+        """The Keystore, made by the commands that talk to registries (section 5.4)."""
+        if self._keystore is None:
+            self._keystore = Keystore(self.cfg.keystore, os.path.join(
+                self.environ.get("HOME") or os.path.expanduser("~"), ".docker",
+                "config.json"))
+        return self._keystore
 
     def puller(self, opts):
         if opts.get("index") and not opts.get("registry"):
