@@ -148,7 +148,8 @@ class ChapterLoader(object):
         self.base = stream.tell()
         self.names = names              # {name a chapter defines: chapter}
         self.chapters = chapters        # {chapter: (chapters it needs, offset, size)}
-        self.loaded = []                # in load order (-D shows it)
+        self.loaded = []                # in load order (-D shows it, and the time it took)
+        self.seconds = 0.0
         self.lock = __import__("_thread").RLock()   # pulls load chapters from threads
 
     @classmethod
@@ -173,6 +174,7 @@ class ChapterLoader(object):
             needs, offset, size = entry
             for other in needs:
                 self.load(other)
+            started = time.time()
             try:            # pread: a forked child (the watchdog) shares the file offset
                 data = os.pread(self.stream.fileno(), size, self.base + offset)
                 code = __import__("marshal").loads(data)
@@ -182,6 +184,7 @@ class ChapterLoader(object):
                                    "command again" % self.stream.name)
             exec(code, self.namespace)
             self.loaded.append(chapter)
+            self.seconds += time.time() - started
 
 
 base64 = LazyModule("base64")
@@ -11509,8 +11512,11 @@ class ChapterCache(object):
     def report():
         """-D: whether this start ran from the cache, and which chapters it loaded."""
         loader = globals().get("__chapters__")
-        MSG.debug("start-up cache: %s" % ("chapters loaded: %s" % " ".join(loader.loaded)
-                                          if isinstance(loader, ChapterLoader) else "not used"))
+        if isinstance(loader, ChapterLoader):
+            MSG.debug("start-up cache: chapters loaded: %s (%.1f ms)"
+                      % (" ".join(loader.loaded), loader.seconds * 1000))
+        else:
+            MSG.debug("start-up cache: not used")
 
     @classmethod
     def write(cls, source_path, cache_path):

@@ -37,7 +37,10 @@ def start_report(result):
     lines = [l for l in result.err.splitlines() if l.startswith("Debug: start-up cache: ")]
     assert len(lines) == 1, result
     text = lines[0].split(": ", 2)[2]
-    return None if text == "not used" else text[len("chapters loaded: "):].split()
+    if text == "not used":
+        return None
+    assert text.startswith("chapters loaded: ") and text.endswith(" ms)"), text
+    return text[len("chapters loaded: "):].rsplit(" (", 1)[0].split()
 
 
 @pytest.fixture
