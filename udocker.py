@@ -48,7 +48,12 @@ getattr(gc,"freeze",int)();gc.enable();m.exit_now(m.main()) if m else __import__
 #   9. Execution engines       P1/P2 proot, R1-R3 runc/crun, F1-F4 fakechroot, S1 singularity
 #      9.1 Helpers             fast JSON, probe commands, prctl and seccomp, the process tree
 #      9.2 Introspection       a container tree: paths, ELF files, C library, loader, users
+#        9.2.1 Paths and users
+#        9.2.2 ELF files, the C library, the loader
 #      9.3 Run plan            what every mode shares -> RunPlan (Engine), applied in one place
+#        9.3.1 Volumes, the container, its users
+#        9.3.2 The host's NVIDIA driver
+#        9.3.3 The plan, and what every engine shares (Engine)
 #      9.4 Supervision         the engine as our child: signals, leftovers, exit status
 #      9.5 Engines             one class per mode (ENGINES)
 #        9.5.1 PRoot: P1, P2
@@ -6249,6 +6254,9 @@ def signal_is_handled(pid, signum):
 # ---- 9.2 Introspection ----
 
 
+# ---- 9.2.1 Paths and users ----
+
+
 def cont_path(path):
     """A container path normalised: absolute, no '.', '..' or '//' ('//x' stays '//x' in
     os.path.normpath)."""
@@ -6284,6 +6292,30 @@ def resolve_in_root(root, path, follow_last=True):
             continue
         done.append(part)
     return os.path.join(root, *done) if done else root
+
+
+def read_identity_db(path):
+    """Lines of a passwd/group file as lists of fields ([] if it cannot be read)."""
+    try:
+        text = read_text(path)
+    except (IOError, OSError):
+        return []
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def host_user(environ):
+    """(name, uid, gid, home) of the user running udocker.py (home: environ's HOME where
+    the user has no passwd entry; environ is the session's)."""
+    import pwd
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        entry = pwd.getpwuid(uid)
+        return entry.pw_name, uid, gid, entry.pw_dir
+    except KeyError:
+        return "udoc%d" % uid, uid, gid, environ.get("HOME", "/")
+
+
+# ---- 9.2.2 ELF files, the C library, the loader ----
 
 
 def elf_info(path):
@@ -6505,28 +6537,10 @@ def container_lib_dirs(root, arch):
     return found
 
 
-def read_identity_db(path):
-    """Lines of a passwd/group file as lists of fields ([] if it cannot be read)."""
-    try:
-        text = read_text(path)
-    except (IOError, OSError):
-        return []
-    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
-
-
-def host_user(environ):
-    """(name, uid, gid, home) of the user running udocker.py (home: environ's HOME where
-    the user has no passwd entry; environ is the session's)."""
-    import pwd
-    uid, gid = os.getuid(), os.getgid()
-    try:
-        entry = pwd.getpwuid(uid)
-        return entry.pw_name, uid, gid, entry.pw_dir
-    except KeyError:
-        return "udoc%d" % uid, uid, gid, environ.get("HOME", "/")
-
-
 # ---- 9.3 Run plan ----
+
+
+# ---- 9.3.1 Volumes, the container, its users ----
 # A run is planned whole (Engine.plan: every check, nothing written), then applied
 # (Engine.apply: the plan's Changes, the one place a run writes), then started.
 
@@ -6799,6 +6813,8 @@ def _lookup_group(groups, group):
     raise EngineError("group %s not found in the container's /etc/group" % group)
 
 
+# ---- 9.3.2 The host's NVIDIA driver ----
+
 NVIDIA_DIR = "/.udocker/nvidia"          # where a run shows the host's NVIDIA driver
 NVIDIA_MARKERS = ("libcuda.", "libnvidia-")    # library names that mean "a driver is here"
 LDCONFIG_ARCH = {"amd64": "x86-64", "arm64": "AArch64", "ppc64le": "64bit", "s390x": "64bit",
@@ -6892,6 +6908,9 @@ def _glob(pattern):
 
 NO_NVIDIA = ("no NVIDIA driver on this host (no libcuda or libnvidia-* in the ldconfig cache, "
              "LD_LIBRARY_PATH or nvi_lib_dirs)")
+
+
+# ---- 9.3.3 The plan, and what every engine shares (Engine) ----
 
 
 class Change(object):
