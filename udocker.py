@@ -164,6 +164,15 @@ class ChapterLoader(object):
         namespace["__chapters__"] = loader
         namespace.update((name, Deferred(name, loader)) for name in loader.names)
 
+    @staticmethod
+    def report(namespace):
+        """For -D: whether this start ran from the cache, and which chapters it loaded."""
+        loader = namespace.get("__chapters__")
+        if not isinstance(loader, ChapterLoader):
+            return "start-up cache: not used"
+        return "start-up cache: chapters loaded: %s (%.1f ms)" % (" ".join(loader.loaded),
+                                                                 loader.seconds * 1000)
+
     def resolve(self, name):
         value = self.namespace[name]
         if isinstance(value, Deferred):
@@ -11465,7 +11474,7 @@ def main(argv=None, environ=None):
             return command.func(session, opts, args)
         finally:
             if debug:
-                ChapterCache.report()
+                MSG.debug(ChapterLoader.report(globals()))
     except OutputClosed as exc:
         return exc.exit_code
     except UdockerError as exc:
@@ -11526,16 +11535,6 @@ class ChapterCache(object):
     # the loader itself, and what the launcher calls (a chapter that cannot load is then
     # one error line from main, as any other failure)
     ALWAYS = ("ChapterLoader", "Deferred", "main", "exit_now", "open_closed_standard_streams")
-
-    @staticmethod
-    def report():
-        """-D: whether this start ran from the cache, and which chapters it loaded."""
-        loader = globals().get("__chapters__")
-        if isinstance(loader, ChapterLoader):
-            MSG.debug("start-up cache: chapters loaded: %s (%.1f ms)"
-                      % (" ".join(loader.loaded), loader.seconds * 1000))
-        else:
-            MSG.debug("start-up cache: not used")
 
     @classmethod
     def write(cls, source_path, cache_path):
