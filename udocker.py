@@ -30,7 +30,8 @@ getattr(gc,"freeze",int)();gc.enable();m.exit_now(m.main()) if m else __import__
 # the same commands, options, environment, udocker.conf and ~/.udocker layout.
 #
 # Contents (each section opens with a banner "# ==== N. NAME ====", in data-flow order):
-#   1. Compat                  one spelling of every name that differs between Python 2 and 3
+#   1. Compat                  one spelling of every name that differs between Python 2 and 3;
+#                              modules and chapters (section 13) loaded on first use
 #   2. Errors and messages     the exception tree and the message printer
 #   3. Configuration           defaults, udocker.conf files, environment, options -> Config
 #   4. Files, processes, host  atomic writes, locks, hashing, host platform
@@ -125,7 +126,7 @@ class LazyRegex(object):
 
 
 class Deferred(object):
-    """A function or class of a chapter the launcher has not loaded yet (section 12):
+    """A function or class of a chapter the launcher has not loaded yet (section 13):
     calling it, or reading one of its attributes, loads the chapter, which replaces this
     stand-in by the real thing under its name. Tables built at start-up (ENGINES, COMMANDS)
     keep the stand-in and go through it."""
@@ -144,7 +145,7 @@ class Deferred(object):
 
 
 class ChapterLoader(object):
-    """The chapters the launcher left out at start (section 12): each runs in the module's
+    """The chapters the launcher left out at start (section 13): each runs in the module's
     globals on first use of a name it defines, after the chapters its definitions need."""
 
     def __init__(self, namespace, stream, names, chapters):
@@ -178,6 +179,8 @@ class ChapterLoader(object):
         if isinstance(value, Deferred):
             self.load(self.names[name])
             value = self.namespace[name]
+            if isinstance(value, Deferred):     # its chapter failed as it loaded, earlier
+                raise NameError("%s: its chapter %s did not load" % (name, self.names[name]))
         return value
 
     def load(self, chapter):
@@ -11520,16 +11523,19 @@ def exit_now(code):
 # built: see ChapterCache.
 
 class ChapterCache(object):
-    """The launcher's cache of this file: the code every command runs at start, and each
-    section whose functions and classes a command may not need as a chapter of its own,
-    marshalled apart and loaded on first use (ChapterLoader): `run` then reads and builds a
-    fraction of the module. Built from the syntax tree, once per source version and Python.
+    """The launcher's cache of this file: the start-up code (every top-level statement, and
+    the definitions start-up needs) and one chapter per section or sub-section with the rest
+    of its functions and classes, each marshalled apart and loaded on first use
+    (ChapterLoader): `run` reads and builds a fraction of the module. Built from the syntax
+    tree once per version of the file and Python (the launcher checks the file's mtime and
+    size, and the cache's own length).
 
-    A definition stays in the start-up code when a chapter could not stand in for it: it is
+    A definition stays in the start-up code where a Deferred could not stand in for it:
     named in an `except` clause or as isinstance's class (a Deferred is no class), bound
-    twice, or used while the module loads (a base class, a decorator, a call at start-up),
-    except as a plain value stored in a table, which keeps the Deferred. A chapter lists the
-    chapters its own definitions use as they are made (base classes), loaded before it."""
+    twice, or used as the module loads (a base class, a decorator, a call), but not when only
+    stored as a value in a table (ENGINES), which keeps the Deferred. A chapter first loads
+    the chapters its definitions use as they are made (base classes); chapters that would
+    need each other are refused (ValueError: no cache, the module is imported instead)."""
 
     BANNER = LazyRegex(r"# (?:====|----) (\d+(?:\.\d+)*)\.? ")
     # the loader itself, and what the launcher calls (a chapter that cannot load is then
