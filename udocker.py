@@ -11552,24 +11552,32 @@ class ChapterCache(object):
                 os.makedirs(folder)
             if not os.access(folder, os.W_OK):
                 return False
-            st = os.stat(source_path)
-            with open(source_path, "rb") as stream:
-                source = stream.read()
-            start, names, chapters = cls.build(source, source_path)
-            marshal, index, offset = __import__("marshal"), {}, 0
-            for chapter, (needs, code) in chapters.items():
-                index[chapter] = (needs, offset, len(code))
-                offset += len(code)
-            # the launcher's check: the source's mtime and size, and the chapters' length
-            key = (st.st_mtime_ns, st.st_size, offset)
-            header = marshal.dumps((key, start, (names, index)))
-            with AtomicFile(cache_path, sync=False) as stream:
-                stream.write(b"%d\n" % len(header) + header)
-                for chapter in chapters:
-                    stream.write(chapters[chapter][1])
+            # one builder at a time: the ranks of a job started together from a new copy
+            # do not all build it (the others run from the module, as this one does)
+            with open(cache_path + ".lock", "a") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                cls._store(source_path, cache_path)
             return True
         except (EnvironmentError, SyntaxError, ValueError):
             return False
+
+    @classmethod
+    def _store(cls, source_path, cache_path):
+        st = os.stat(source_path)
+        with open(source_path, "rb") as stream:
+            source = stream.read()
+        start, names, chapters = cls.build(source, source_path)
+        marshal, index, offset = __import__("marshal"), {}, 0
+        for chapter, (needs, code) in chapters.items():
+            index[chapter] = (needs, offset, len(code))
+            offset += len(code)
+        # the launcher's check: the source's mtime and size, and the chapters' length
+        key = (st.st_mtime_ns, st.st_size, offset)
+        header = marshal.dumps((key, start, (names, index)))
+        with AtomicFile(cache_path, sync=False) as stream:
+            stream.write(b"%d\n" % len(header) + header)
+            for chapter in chapters:
+                stream.write(chapters[chapter][1])
 
     @classmethod
     def build(cls, source, filename):
