@@ -35,9 +35,10 @@ getattr(gc,"freeze",int)();gc.enable();m.exit_now(m.main()) if m else __import__
 #   2. Errors and messages     the exception tree and the message printer
 #   3. Configuration           defaults, udocker.conf files, environment, options -> Config
 #   4. Files, processes, host  atomic writes, locks, hashing, host platform
-#      4.1 Files: atomic writes, reading, removal
-#      4.2 Locks and work directories
-#      4.3 Programs, hashing, the host platform
+#      4.1 Reading files
+#      4.2 Writing files atomically, removing trees
+#      4.3 Locks and work directories
+#      4.4 Programs, hashing, the host platform
 #   5. Local repository        the ~/.udocker tree: image tags, layers, containers, keystore
 #      5.1 Images
 #      5.2 The repository
@@ -791,7 +792,23 @@ class Config(object):
 # directory; every read-modify-write of shared state holds a lock file (fcntl.flock, no daemon).
 
 
-# ---- 4.1 Files: atomic writes, reading, removal ----
+# ---- 4.1 Reading files ----
+
+
+def read_text(path):
+    with open(path, "rb") as handle:
+        return to_text(handle.read())
+
+
+def read_json(path):
+    """Parsed JSON of a file; None if it does not exist or does not parse."""
+    try:
+        return json_loads(read_text(path))
+    except (IOError, OSError, ValueError):
+        return None
+
+
+# ---- 4.2 Writing files atomically, removing trees ----
 
 
 def current_umask():
@@ -882,19 +899,6 @@ def write_atomic(path, data, mode=0o644, sync=True):
         handle.write(to_bytes(data))
 
 
-def read_text(path):
-    with open(path, "rb") as handle:
-        return to_text(handle.read())
-
-
-def read_json(path):
-    """Parsed JSON of a file; None if it does not exist or does not parse."""
-    try:
-        return json_loads(read_text(path))
-    except (IOError, OSError, ValueError):
-        return None
-
-
 def remove_quietly(path):
     try:
         os.unlink(path)
@@ -973,7 +977,7 @@ def remove_tree(path):
     shutil.rmtree(path)
 
 
-# ---- 4.2 Locks and work directories ----
+# ---- 4.3 Locks and work directories ----
 
 
 class FileLock(object):
@@ -1178,7 +1182,7 @@ def _tree_bytes(path):
     return total
 
 
-# ---- 4.3 Programs, hashing, the host platform ----
+# ---- 4.4 Programs, hashing, the host platform ----
 
 
 def random_hex(count):
