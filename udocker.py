@@ -1748,6 +1748,12 @@ class ContainerStore(object):
 
     def _links(self):
         """(name, id it points at) of every container name: a symlink in containers/."""
+        if hasattr(os, "scandir"):      # 3.x: the directory's entry types, no lstat of each
+            with os.scandir(self.dir) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        yield entry.name, os.path.basename(os.readlink(entry.path))
+            return
         for entry in os.listdir(self.dir):
             path = os.path.join(self.dir, entry)
             if os.path.islink(path):
