@@ -353,6 +353,19 @@ def fakechroot_plan(tmpdir, root, mode, upstream):
     return engine.plan()
 
 
+def test_plan_takes_the_volumes_run_parsed(tmpdir, glibc_tree):
+    """cmd_run parses -v and --mount before any pull (Volume.from_options); the plan takes
+    those Volumes (given_volumes) instead of parsing the options again."""
+    data = tmpdir.join("data").ensure(dir=True)
+    engine, plan = plan_for(tmpdir, glibc_tree, opts={"volume": ["%s:/data" % data]})
+    assert [v.host for v in plan.binds if v.cont == "/data"] == [str(data)]
+    assert [(v.host, v.cont) for v in udocker.Volume.from_options(engine.opts)] == \
+        [(str(data), "/data")]
+    engine.given_volumes = [udocker.Volume(str(data), "/given")]
+    binds = [v.cont for v in engine.plan().binds]
+    assert "/given" in binds and "/data" not in binds
+
+
 def test_container_state_is_read_once_and_again_under_the_lock(tmpdir, glibc_tree):
     """A run asks for execmode 4 times: the file is read once; set_state and the changes
     made under the container's lock (set_execmode) see what another command wrote since."""
