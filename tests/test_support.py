@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from support import httplib, to_bytes, to_text, which
+from support import httplib, run_in_session, to_bytes, to_text, which
 from support.client import (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST,
                             OCI_INDEX, OCI_MANIFEST, RegistryClient,
                             parse_challenge, request, sha256_digest)
@@ -677,3 +677,12 @@ def test_helper_processes_die_with_the_test_process(tmp_path):
     while _group_alive(pgid) and time.time() < deadline:
         time.sleep(0.1)
     assert not _group_alive(pgid)
+
+
+def test_a_timeout_also_kills_what_left_the_session_holding_the_output():
+    """A process that left the session (setsid) but keeps stdout open: the timeout kills it
+    too, instead of communicate() waiting for it forever."""
+    start = time.time()
+    rc, out, err, expired = run_in_session(
+        ["sh", "-c", "setsid sleep 600 & echo started; sleep 600"], timeout=2)
+    assert expired and out == b"started\n" and time.time() - start < 30

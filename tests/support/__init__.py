@@ -138,6 +138,21 @@ def which(name):
     return None
 
 
+def pipe_holders(*pipes):
+    """The pids of the other processes that have one of these pipes open (from /proc)."""
+    names = set("pipe:[%d]" % os.fstat(p.fileno()).st_ino for p in pipes if p is not None)
+    found = set()
+    for pid in (int(n) for n in os.listdir("/proc") if n.isdigit()):
+        try:
+            fds = os.listdir("/proc/%d/fd" % pid)
+            if pid != os.getpid() and any(os.readlink("/proc/%d/fd/%s" % (pid, fd)) in names
+                                          for fd in fds):
+                found.add(pid)
+        except OSError:
+            continue
+    return sorted(found)
+
+
 def run_in_session(argv, data=b"", timeout=300, env=None, cwd=None):
     """Run argv in its own session, data on stdin; (exit code, stdout bytes, stderr bytes,
     expired). After timeout seconds the whole session is killed and expired is True."""
@@ -152,6 +167,13 @@ def run_in_session(argv, data=b"", timeout=300, env=None, cwd=None):
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:
             pass
+        # and what left the session but still holds the output pipes (a container's
+        # processes in their own pid namespace): communicate() would wait for them forever
+        for pid in pipe_holders(proc.stdout, proc.stderr):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     timer = threading.Timer(timeout, kill)
     timer.daemon = True
