@@ -158,7 +158,9 @@ def test_a_read_only_directory_keeps_the_cache_in_home(copy):
 def test_an_unwritable_cache_place_costs_no_build(copy, monkeypatch):
     """Nowhere to keep the cache: each start imports the module, without building one."""
     script, run = copy
-    monkeypatch.setattr(udocker, "AtomicFile", None)    # a build would fail at the write
+    builds = []
+    monkeypatch.setattr(udocker.ChapterCache, "build",
+                        classmethod(lambda cls, *args: builds.append(args)))
     folder = os.path.dirname(cache_path(script))
     os.makedirs(folder)
     os.chmod(folder, 0o555)
@@ -168,21 +170,34 @@ def test_an_unwritable_cache_place_costs_no_build(copy, monkeypatch):
         assert udocker.ChapterCache.write(script, cache_path(script)) is False
     finally:
         os.chmod(folder, 0o755)
+    assert builds == []
+    assert udocker.ChapterCache.write(script, cache_path(script)) is False    # writable:
+    assert len(builds) == 1                      # built (this stand-in's None fails after)
 
 
 @needs_cache
-def test_one_builder_at_a_time(copy):
-    """While one start builds the cache, the others run from the module and build nothing."""
-    import fcntl
+def test_a_build_that_fails_anyhow_writes_nothing(tmpdir, monkeypatch):
+    """Whatever goes wrong in building the cache (a bug, an interpreter we did not try),
+    write() says False and leaves nothing: the start that tried runs from the module."""
+    def broken(cls, *args):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(udocker.ChapterCache, "build", classmethod(broken))
+    path = str(tmpdir.join("c", "udocker.chapters"))
+    assert udocker.ChapterCache.write(UDOCKER_SCRIPT, path) is False
+    assert os.listdir(os.path.dirname(path)) == ["udocker.chapters.lock"]
+
+
+@needs_cache
+def test_start_up_code_that_fails_runs_the_command_from_the_module(copy):
     script, run = copy
-    path = cache_path(script)
-    os.makedirs(os.path.dirname(path))
-    with open(path + ".lock", "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    with open(script) as handle:
+        text = handle.read()
+    with open(script, "w") as handle:        # the start-up code's install() call now fails
+        handle.write(text.replace("def install(cls, namespace):", "def install2(cls, ns):"))
+    for _ in range(2):
         result = run("-D", "version")
-        assert result.rc == 0 and start_report(result) is None, result
-        assert not os.path.exists(path)
-    assert run("version").rc == 0 and os.path.isfile(path)
+        assert result.rc == 0 and "udocker.py: " in result.out, result
+        assert start_report(result) is None
 
 
 # -- the cache's content, in-process
