@@ -200,6 +200,21 @@ def test_start_up_code_that_fails_runs_the_command_from_the_module(copy):
         assert start_report(result) is None
 
 
+@needs_cache
+def test_one_builder_at_a_time(copy):
+    """While one start builds the cache, the others run from the module and build nothing."""
+    import fcntl
+    script, run = copy
+    path = cache_path(script)
+    os.makedirs(os.path.dirname(path))
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        result = run("-D", "version")
+        assert result.rc == 0 and start_report(result) is None, result
+        assert not os.path.exists(path)
+    assert run("version").rc == 0 and os.path.isfile(path)
+
+
 # -- the cache's content, in-process
 
 def build(source=None):
