@@ -197,7 +197,10 @@ class ChapterLoader(object):
                 data = os.pread(self.stream.fileno(), size, self.base + offset)
                 code = __import__("marshal").loads(data)
             except (EOFError, ValueError, TypeError):
-                remove_quietly(self.stream.name)    # the next start builds it again
+                try:            # (not remove_quietly: its chapter may be the damaged one)
+                    os.unlink(self.stream.name)     # the next start builds it again
+                except OSError:
+                    pass
                 raise UdockerError("the start-up cache %s was damaged (removed): run the "
                                    "command again" % self.stream.name)
             exec(code, self.namespace)
@@ -10007,11 +10010,11 @@ class Tools(object):
         UDOCKER_FAKECHROOT_SO); True when they are installed. A failure is kept in
         install_error, not raised: an engine on PATH may still serve, and a lookup that
         finds none names it."""
+        if tools_installed(self.cfg):
+            return True
         settings = {"proot": self.cfg.use_proot_executable, "patchelf":
                     self.cfg.use_patchelf_executable, "runc": self.cfg.use_runc_executable,
                     "libfakechroot": self.cfg.fakechroot_so}
-        if tools_installed(self.cfg):
-            return True
         if kinds is not None and all("/" in (settings.get(k) or "") for k in kinds):
             return False
         try:
@@ -11711,8 +11714,7 @@ class ChapterCache(object):
         used, todo = set(), [node]
         while todo:
             sub = todo.pop()
-            if isinstance(sub, (ast.FunctionDef, ast.Lambda) + ((ast.AsyncFunctionDef,) if
-                                                                   PY3 else ())):
+            if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                 todo.extend(getattr(sub, "decorator_list", []))
                 todo.extend(sub.args.defaults)
                 todo.extend(d for d in getattr(sub.args, "kw_defaults", []) if d is not None)

@@ -98,13 +98,19 @@ UDOCKER_SCRIPT = os.path.join(REPO_ROOT, "udocker.py")
 def launcher_code(script):
     """The Python program that udocker.py's sh launcher (its first lines) runs with
     `python -S -c PROGRAM udocker.py ARGS`, or None for a file without one. Tests run
-    udocker.py through it, with their own interpreter and without -S (coverage's .pth)."""
-    with open(script, "rb") as handle:
-        head = handle.read(8192).decode("utf-8", "replace")
-    start, end = head.find(" -S -c '"), head.find("' \"$0\" \"$@\"")
-    if start < 0 or end < start:
-        return None
-    return head[start + len(" -S -c '"):end]
+    udocker.py through it, with their own interpreter and without -S (coverage's .pth).
+    Read again only when the file changed."""
+    st = os.stat(script)
+    key = (script, st.st_mtime, st.st_size)
+    if key not in _LAUNCHERS:
+        with open(script, "rb") as handle:
+            head = handle.read(8192).decode("utf-8", "replace")
+        start, end = head.find(" -S -c '"), head.find("' \"$0\" \"$@\"")
+        _LAUNCHERS[key] = head[start + len(" -S -c '"):end] if 0 <= start < end else None
+    return _LAUNCHERS[key]
+
+
+_LAUNCHERS = {}
 
 
 # udocker 1.3.17, the compatibility reference (.ci/run installs it and sets the variable)
