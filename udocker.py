@@ -6,14 +6,17 @@
 # every command runs at start, each section's functions and classes loaded on first use.
 # Without a current cache it imports the module (its cached bytecode) and builds one;
 # Python 2.7 always imports the module. A file name that is no module name (udocker-0.1.py,
-# udocker.v2.py) is run as a script instead. To Python the line is a string.
+# udocker.v2.py) is run as a script instead. To Python the line is a string. Neither the
+# working directory nor this file's directory is left on sys.path: a json.py or shutil.py
+# there would be imported instead of the standard library's (and an extension module's
+# first import would list a user's data directory).
 # The cyclic garbage collector is off while the module loads and what it made is frozen
 # (gc.freeze, 3.7+) before it is back on: otherwise it walks the module's new objects several
 # times, ~15% of the import's instructions, and finds nothing to free.
 ''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c '
 import gc,sys,os;gc.disable();sys.dont_write_bytecode=False;h=os.path.expanduser("~/.cache/udocker.py")
 p=os.path.abspath(sys.argv.pop(1));d,f=os.path.split(p);n=f[:-3];w=os.access(d,os.W_OK)
-getattr(sys,"pycache_prefix",0) is None and not w and setattr(sys,"pycache_prefix",h);sys.path.insert(0,d)
+getattr(sys,"pycache_prefix",0) is None and not w and setattr(sys,"pycache_prefix",h);"" in sys.path and sys.path.remove("")
 m=f.endswith(".py") and n.replace("_","a").isalnum() and not n[0].isdigit()
 c=m and sys.version_info[0]>2 and "%s/%s.%s.chapters"%(d+"/__pycache__" if w else h+d,n,sys.implementation.cache_tag)
 try:
@@ -21,7 +24,7 @@ try:
  if k!=(s.st_mtime_ns,s.st_size,os.fstat(r.fileno()).st_size-r.tell()):raise OSError
  m=sys.modules[n]=type(sys)(n);m.__file__=p;m.__chapters__=(r,)+t;exec(b,m.__dict__)
 except Exception:
- sys.modules.pop(n,None);m=m and __import__(n);c and m.ChapterCache.write(p,c)
+ sys.modules.pop(n,None);sys.path.insert(0,d);m=m and __import__(n);sys.path.remove(d);c and m.ChapterCache.write(p,c)
 getattr(gc,"freeze",int)();gc.enable();m.exit_now(m.main()) if m else __import__("runpy").run_path(p,run_name="__main__")
 ' "$0" "$@"; done; echo "udocker.py: no python found" >&2; exit 127 # '''  # noqa: E501
 # udocker.py: pull Docker/OCI images and run them as an ordinary user.

@@ -82,6 +82,24 @@ def test_python_2_imports_the_whole_module(copy):
                                            "udocker.chapters"))
 
 
+@pytest.mark.parametrize("where", ["working directory", "udocker.py's directory"])
+def test_modules_beside_the_user_do_not_shadow_the_standard_library(copy, tmpdir, where):
+    """A json.py or shutil.py in the directory a user works in, or beside udocker.py in
+    ~/bin, is not what udocker.py imports: neither directory is on its sys.path."""
+    script, run = copy
+    folder = str(tmpdir.join("work")) if where == "working directory" else os.path.dirname(script)
+    if not os.path.isdir(folder):
+        os.makedirs(folder)
+    for name in ("json", "_json", "shutil", "tarfile", "hashlib", "uuid", "random"):
+        with open(os.path.join(folder, name + ".py"), "w") as handle:
+            handle.write("raise SystemExit('shadowed: %s')\n" % name)
+    for args in (("version",), ("version",), ("import", "/nonexistent.tar", "x:1"),
+                 ("create", "--name=c1", "nosuch:1"), ("showconf",)):
+        result = run(*args, cwd=folder)
+        assert "shadowed" not in result.out + result.err, result
+    assert run("version", cwd=folder).rc == 0
+
+
 @needs_cache
 def test_a_changed_file_is_never_run_from_an_old_cache(copy):
     script, run = copy
