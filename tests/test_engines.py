@@ -512,6 +512,60 @@ def test_has_reaped_and_process_argv_read_a_process_from_proc(tmpdir):
     assert udocker.has_reaped(2 ** 22 + 1) is False and udocker.process_argv(2 ** 22 + 1) is None
 
 
+needs_posix_spawn = pytest.mark.skipif(not hasattr(os, "posix_spawn"),
+                                       reason="os.posix_spawn: Python 3.8+")
+
+
+@needs_posix_spawn
+def test_spawn_at_once_runs_in_cwd_and_leaves_ours_alone(tmpdir):
+    """posix_spawn has no working directory of its own: udocker.py's is the engine's for the
+    moment of the call, and is back afterwards; SIGPIPE is the default again."""
+    here = os.getcwd()
+    out = tmpdir.join("out")
+    pid = udocker._spawn_at_once(
+        ["/bin/sh", "-c", "pwd > %s; grep '^SigIgn' /proc/self/status >> %s" % (out, out)],
+        {"PATH": "/usr/bin:/bin"}, str(tmpdir), None)
+    assert os.waitpid(pid, 0)[1] == 0 and os.getcwd() == here
+    where, ignored = out.read().splitlines()
+    assert where == str(tmpdir)
+    assert not int(ignored.split()[1], 16) & (1 << (13 - 1))           # SIGPIPE
+
+
+@needs_posix_spawn
+@pytest.mark.parametrize("program,cwd", [("/nonexistent/engine", None),
+                                         ("/bin/true", "/nonexistent/dir")])
+def test_spawn_at_once_failures_are_engine_errors(program, cwd):
+    here = os.getcwd()
+    with pytest.raises(udocker.EngineError) as info:
+        udocker._spawn_at_once([program], {}, cwd, None)
+    assert str(info.value) == "cannot execute %s: No such file or directory" % program
+    assert os.getcwd() == here
+
+
+def test_a_watchdog_does_every_work_in_order_when_we_die(tmpdir):
+    """Its works run only on EOF of its pipe (udocker.py died: here its end is closed), the
+    one given by first() before the engine's own, and a failing one stops none."""
+    log = tmpdir.join("log")
+
+    def note(word):
+        with open(str(log), "a") as handle:
+            handle.write(word + "\n")
+
+    def fails():
+        raise OSError("no such process")
+    watchdog = udocker.Watchdog(lambda: note("engine's own"))
+    watchdog.first(fails)
+    watchdog.first(lambda: note("death signal"))
+    watchdog.start()
+    os.close(watchdog.write_fd)
+    assert os.waitpid(watchdog.pid, 0)[1] >> 8 == 1                    # one work failed
+    assert log.read().splitlines() == ["death signal", "engine's own"]
+    released = udocker.Watchdog(lambda: note("never")).start()
+    released.release()
+    os.waitpid(released.pid, 0)
+    assert "never" not in log.read()
+
+
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
     data = tmpdir.join("data").ensure(dir=True)
     engine, plan = plan_for(tmpdir, glibc_tree, opts={

@@ -545,6 +545,20 @@ def test_sigkilled_udocker_leaves_nothing(world, mode):
              not processes_matching("(^|/)sleep %d$" % (marker + 1)), "no process left", 30)
 
 
+@pytest.mark.parametrize("mode", ["P1", "R1", "F3"])
+def test_the_engine_starts_by_posix_spawn_where_python_has_it(world, mode):
+    """Python 3.8+ starts an engine that needs no step of its own in its process by
+    posix_spawn (nothing of udocker.py's memory is copied; a watchdog stands in for
+    PDEATHSIG); older Pythons fork. Either way the command runs in its directory and its
+    status comes back (SIGKILL: test_sigkilled_udocker_leaves_nothing)."""
+    rc, out, err = world.ud(["-D", "run", "--nobanner", world.container(mode), "sh", "-c",
+                             "pwd; exit 3"], mode)
+    assert (rc, out) == (3, "/tmp\n"), err
+    started = [l for l in err.splitlines() if l.startswith("Debug: engine started by ")]
+    assert started == ["Debug: engine started by %s" % (
+        "posix_spawn" if sys.version_info >= (3, 8) else "fork")], err
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_exit_code_with_a_terminal(world, mode):
     if not on_path("script"):
