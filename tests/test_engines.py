@@ -11,7 +11,7 @@ import pytest
 
 import udocker
 import rootfs
-from support import UDOCKER_SCRIPT as SCRIPT
+from support import UDOCKER_SCRIPT as SCRIPT, wait_for
 from support.runner import Udocker
 from support.toolserver import path_without_engines
 
@@ -542,9 +542,13 @@ def test_spawn_at_once_failures_are_engine_errors(program, cwd):
     assert os.getcwd() == here
 
 
-def test_a_watchdog_does_every_work_in_order_when_we_die(tmpdir):
-    """Its works run only on EOF of its pipe (udocker.py died: here its end is closed), the
-    one given by first() before the engine's own, and a failing one stops none."""
+def _sleeper():
+    return subprocess.Popen(["sleep", "60"])
+
+
+def test_a_watchdog_does_every_work_when_we_die(tmpdir):
+    """Its works run only on EOF of its pipe (udocker.py died: here its end is closed): the
+    kills first, then the engine's own works, and a failing one stops none."""
     log = tmpdir.join("log")
 
     def note(word):
@@ -553,17 +557,43 @@ def test_a_watchdog_does_every_work_in_order_when_we_die(tmpdir):
 
     def fails():
         raise OSError("no such process")
-    watchdog = udocker.Watchdog(lambda: note("engine's own"))
-    watchdog.first(fails)
-    watchdog.first(lambda: note("death signal"))
+    engine = _sleeper()
+    watchdog = udocker.Watchdog(fails)
+    watchdog.works.append(lambda: note("engine's own"))
+    watchdog.kill_first(engine.pid, "SIGTERM")
     watchdog.start()
     os.close(watchdog.write_fd)
     assert os.waitpid(watchdog.pid, 0)[1] >> 8 == 1                    # one work failed
-    assert log.read().splitlines() == ["death signal", "engine's own"]
+    assert engine.wait() == -15 and log.read() == "engine's own\n"
     released = udocker.Watchdog(lambda: note("never")).start()
     released.release()
     os.waitpid(released.pid, 0)
     assert "never" not in log.read()
+
+
+@needs_posix_spawn
+@pytest.mark.parametrize("dies", [True, False])
+def test_a_watchdog_that_only_kills_is_a_shell(dies):
+    """Only a death signal to deliver: /bin/sh watches, not a fork of udocker.py."""
+    engine = _sleeper()
+    watchdog = udocker.Watchdog()
+    watchdog.kill_first(engine.pid, "SIGQUIT")
+    watchdog.start()
+    try:
+        wait_for(lambda: udocker.process_argv(watchdog.pid), "the watchdog's exec")
+        assert udocker.process_argv(watchdog.pid)[:2] == ["/bin/sh", "-c"]
+        if dies:
+            os.close(watchdog.write_fd)
+        else:
+            watchdog.release()
+        os.waitpid(watchdog.pid, 0)
+        if dies:
+            assert engine.wait() == -3                                  # SIGQUIT
+        else:
+            assert engine.poll() is None
+    finally:
+        engine.kill()
+        engine.wait()
 
 
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
