@@ -14,14 +14,15 @@
 # (gc.freeze, 3.7+) before it is back on: otherwise it walks the module's new objects several
 # times, ~15% of the import's instructions, and finds nothing to free.
 ''''true; for p in python3 python python2; do command -v "$p" >/dev/null 2>&1 && exec "$p" -S -c '
-import gc,sys,os;gc.disable();sys.dont_write_bytecode=False;h=os.path.expanduser("~/.cache/udocker.py")
-p=os.path.abspath(sys.argv.pop(1));d,f=os.path.split(p);n=f[:-3];w=os.access(d,os.W_OK)
-getattr(sys,"pycache_prefix",0) is None and not w and setattr(sys,"pycache_prefix",h);"" in sys.path and sys.path.remove("")
+import gc,sys,posix as o;gc.disable();sys.dont_write_bytecode=False;p=sys.argv.pop(1);q=[];c=h=0
+for x in (p[:1]!="/" and o.getcwd()+"/"+p or p).split("/"):x==".." and q and q.pop() or x in("",".","..") or q.append(x)
+p="/"+"/".join(q);d,f=p.rsplit("/",1);d=d or "/";n=f[:-3];w=o.access(d,2);"" in sys.path and sys.path.remove("")
 m=f.endswith(".py") and n.replace("_","a").isalnum() and not n[0].isdigit()
-c=m and sys.version_info[0]>2 and "%s/%s.%s.chapters"%(d+"/__pycache__" if w else h+d,n,sys.implementation.cache_tag)
+if m and sys.version_info[0]>2:h=(o.environ.get(b"HOME") or __import__("pwd").getpwuid(o.getuid()).pw_dir.encode()).decode(sys.getfilesystemencoding(),"surrogateescape").rstrip("/")+"/.cache/udocker.py";c="%s/%s.%s.chapters"%(w and d+"/__pycache__" or h+d,n,sys.implementation.cache_tag)
+getattr(sys,"pycache_prefix",0) is None and not w and h and setattr(sys,"pycache_prefix",h)
 try:
- import marshal;s=os.stat(p);r=open(c,"rb");k,b,t=marshal.loads(r.read(int(r.readline())))
- if k!=(s.st_mtime_ns,s.st_size,os.fstat(r.fileno()).st_size-r.tell()):raise OSError
+ import marshal;s=o.stat(p);r=open(c or "/","rb");k,b,t=marshal.loads(r.read(int(r.readline())))
+ if k!=(s.st_mtime_ns,s.st_size,o.fstat(r.fileno()).st_size-r.tell()):raise OSError
  m=sys.modules[n]=type(sys)(n);m.__file__=p;m.__chapters__=(r,)+t;exec(b,m.__dict__)
 except Exception:
  sys.modules.pop(n,None);sys.path.insert(0,d);m=m and __import__(n);sys.path.remove(d);c and m.ChapterCache.write(p,c)
@@ -87,8 +88,6 @@ getattr(gc,"freeze",int)();gc.enable();m.exit_now(m.main()) if m else __import__
 
 import errno
 import fcntl
-import os
-import stat
 import sys
 import time
 
@@ -101,6 +100,204 @@ TOOLS_MIN_VERSION = "1.2.11"     # oldest tools tarball (lib/VERSION) we accept
 # Every Python 2/3 difference is decided here, once; the rest of the file uses these names.
 
 PY3 = sys.version_info[0] >= 3
+
+
+class LeanPath(type(sys)):
+    """posixpath's functions that a start uses, as posixpath has them (text or bytes); any
+    other name comes from posixpath itself (which imports os)."""
+
+    def __getattr__(self, name):
+        return getattr(__import__("posixpath"), name)
+
+    @staticmethod
+    def _sep(path):
+        return b"/" if isinstance(path, bytes) else "/"
+
+    @staticmethod
+    def _dots(path):
+        return (b".", b"..") if isinstance(path, bytes) else (".", "..")
+
+    @staticmethod
+    def join(a, *p):
+        sep, path = LeanPath._sep(a), a
+        for b in p:
+            if b.startswith(sep):
+                path = b
+            elif not path or path.endswith(sep):
+                path += b
+            else:
+                path += sep + b
+        return path
+
+    @staticmethod
+    def split(p):
+        sep = LeanPath._sep(p)
+        i = p.rfind(sep) + 1
+        head, tail = p[:i], p[i:]
+        if head and head != sep * len(head):
+            head = head.rstrip(sep)
+        return head, tail
+
+    @staticmethod
+    def dirname(p):
+        return LeanPath.split(p)[0]
+
+    @staticmethod
+    def basename(p):
+        return p[p.rfind(LeanPath._sep(p)) + 1:]
+
+    @staticmethod
+    def isabs(p):
+        return p.startswith(LeanPath._sep(p))
+
+    @staticmethod
+    def normpath(path):
+        sep, (dot, dotdot) = LeanPath._sep(path), LeanPath._dots(path)
+        if not path:
+            return dot
+        initial = 2 if path.startswith(sep * 2) and not path.startswith(sep * 3) else \
+            1 if path.startswith(sep) else 0                 # POSIX keeps exactly two
+        parts = []
+        for part in path.split(sep):
+            if not part or part == dot:
+                continue
+            if part != dotdot or (not initial and not parts) or (parts and parts[-1] == dotdot):
+                parts.append(part)
+            elif parts:
+                parts.pop()
+        return (sep * initial + sep.join(parts)) or dot
+
+    @staticmethod
+    def abspath(path):
+        if not LeanPath.isabs(path):
+            path = LeanPath.join(os.getcwdb() if isinstance(path, bytes) else os.getcwd(), path)
+        return LeanPath.normpath(path)
+
+    @staticmethod
+    def _mode(path, follow=True):
+        try:
+            return (os.stat if follow else os.lstat)(path).st_mode
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def exists(path):
+        return LeanPath._mode(path) is not None
+
+    @staticmethod
+    def lexists(path):
+        return LeanPath._mode(path, False) is not None
+
+    @staticmethod
+    def isdir(path):
+        mode = LeanPath._mode(path)
+        return mode is not None and stat.S_ISDIR(mode)
+
+    @staticmethod
+    def isfile(path):
+        mode = LeanPath._mode(path)
+        return mode is not None and stat.S_ISREG(mode)
+
+    @staticmethod
+    def islink(path):
+        mode = LeanPath._mode(path, False)
+        return mode is not None and stat.S_ISLNK(mode)
+
+    @staticmethod
+    def getsize(path):
+        return os.stat(path).st_size
+
+    @staticmethod
+    def expanduser(path):
+        if isinstance(path, bytes) or not path.startswith("~"):
+            return path if not isinstance(path, bytes) else \
+                __import__("posixpath").expanduser(path)
+        i = path.find("/", 1)
+        i = len(path) if i < 0 else i
+        import pwd
+        try:
+            if i > 1:
+                home = pwd.getpwnam(path[1:i]).pw_dir
+            else:
+                home = os.environ["HOME"] if "HOME" in os.environ else \
+                    pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            return path
+        return (home.rstrip("/") + path[i:]) or "/"
+
+    @staticmethod
+    def realpath(path):
+        """Symbolic links resolved as far as they exist (posixpath.realpath, not strict)."""
+        sep, (dot, dotdot) = LeanPath._sep(path), LeanPath._dots(path)
+        seen = {}
+
+        def resolve(path, rest):
+            if rest.startswith(sep):
+                rest, path = rest[1:], sep
+            while rest:
+                name, _, rest = rest.partition(sep)
+                if not name or name == dot:
+                    continue
+                if name == dotdot:
+                    if path:
+                        path, name = LeanPath.split(path)
+                        if name == dotdot:
+                            path = LeanPath.join(path, dotdot, dotdot)
+                    else:
+                        path = name
+                    continue
+                newpath = LeanPath.join(path, name)
+                if not LeanPath.islink(newpath):
+                    path = newpath
+                    continue
+                if newpath in seen:
+                    path = seen[newpath]
+                    if path is not None:
+                        continue
+                    return LeanPath.join(newpath, rest), False         # a loop
+                seen[newpath] = None
+                path, ok = resolve(path, os.readlink(newpath))
+                if not ok:
+                    return LeanPath.join(path, rest), False
+                seen[newpath] = path
+            return path, True
+        return LeanPath.abspath(resolve(path[:0], path)[0])
+
+
+class LeanOs(type(sys)):
+    """The os module as udocker.py uses it, without importing os: Python 3 with -S starts
+    without it, and importing it imports posixpath, stat and _collections_abc (~1 ms, a
+    quarter of what a run adds to Python's own start). posix's functions and constants,
+    the names of os.py a start uses, LeanPath, and any other name from the real os,
+    imported then. environ: the real os.environ where os is imported (a program or test
+    that imports udocker.py), else the environment decoded as os.environ decodes it (a
+    copy: udocker.py never changes its own environment)."""
+
+    sep, curdir, pardir, pathsep, linesep, devnull = "/", ".", "..", ":", "\n", "/dev/null"
+    SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
+
+    def __init__(self):
+        type(sys).__init__(self, "os")
+        import posix
+        self.__dict__.update((k, v) for k, v in posix.__dict__.items() if k[:2] != "__")
+        self.path = LeanPath("posixpath")
+        if "os" in sys.modules:
+            self.environ = sys.modules["os"].environ
+        else:
+            codec = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+            self.environ = dict((k.decode(*codec), v.decode(*codec))
+                                for k, v in posix.environ.items())
+
+    def __getattr__(self, name):
+        return getattr(__import__("os"), name)
+
+
+if PY3:
+    import _stat as stat            # stat.py re-exports it, with Python stand-ins never used
+    os = LeanOs()
+else:                                                     # pragma: no cover (2.7)
+    import os
+    import stat
 
 
 class LazyModule(object):

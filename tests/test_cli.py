@@ -167,7 +167,7 @@ def test_no_future_import_is_needed():
 
 
 def test_root_refused_without_allow_root_in_process(monkeypatch, capsys, tmpdir):
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(udocker.os, "geteuid", lambda: 0)
     env = {"HOME": str(tmpdir), "UDOCKER_NOSYSCONF": "1", "UDOCKER_DIR": str(tmpdir.join("u"))}
     assert udocker.main(["images"], env) == 1
     assert "do not run as root" in capsys.readouterr().err

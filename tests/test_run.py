@@ -1297,6 +1297,16 @@ def test_run_start_up_stays_lean(world, mode):
     out, err = proc.communicate()
     assert proc.returncode == 0, err
     assert out.decode().splitlines()[-1] == "LOADED:", err
+    if sys.version_info >= (3, 7):          # as ./udocker.py starts (python -S): not even os
+        argv, env = world.command(["run", "--nobanner", cid, "true"], mode)
+        proc = subprocess.Popen(argv[:1] + ["-S", "-X", "importtime"] + argv[1:], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err = proc.communicate()[1].decode()
+        imported = [l.rsplit("|", 1)[1].strip() for l in err.splitlines()
+                    if l.startswith("import time:") and "|" in l]
+        assert proc.returncode == 0 and "_ctypes" in imported, err
+        assert not set(imported) & set(["os", "posixpath", "_collections_abc", "stat", "re",
+                                         "json", "ctypes", "subprocess"]), imported
 
 
 def _repository_state(top):

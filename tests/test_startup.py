@@ -12,6 +12,7 @@ from __future__ import print_function, absolute_import, division
 import ast
 import os
 import shutil
+import subprocess
 import sys
 import threading
 
@@ -98,6 +99,37 @@ def test_modules_beside_the_user_do_not_shadow_the_standard_library(copy, tmpdir
         result = run(*args, cwd=folder)
         assert "shadowed" not in result.out + result.err, result
     assert run("version", cwd=folder).rc == 0
+
+
+def test_a_renamed_copy_leaves_stdin_alone(tmpdir):
+    """udocker-0.1.py (no module name: run as a script) reads nothing of its standard input
+    before its command does (the launcher once opened fd 0 as its cache and read a line)."""
+    script = str(tmpdir.join("udocker-0.1.py"))
+    shutil.copy2(UDOCKER_SCRIPT, script)
+    run = Udocker(str(tmpdir.join("t")), script=script, allow_root=True)
+    data = tmpdir.join("stdin")
+    data.write("12\nthe command's input\n")
+    with open(str(data), "rb") as stdin:
+        with open(os.devnull, "wb") as null:
+            assert subprocess.call(run.argv(["version"]), env=run.environ(), stdin=stdin,
+                                   stdout=null) == 0
+        assert os.lseek(stdin.fileno(), 0, os.SEEK_CUR) == 0
+
+
+@pytest.mark.skipif(sys.version_info < (3, 7), reason="-X importtime: 3.7+")
+def test_a_start_imports_neither_os_nor_what_it_brings(copy):
+    """python -S (as the launcher runs) starts without os; udocker.py's LeanOs keeps it so:
+    os with posixpath, stat and _collections_abc is ~1 ms."""
+    script, run = copy
+    assert run("version").rc == 0                                   # the cache is built
+    argv = run.argv(["version"])
+    proc = subprocess.Popen(argv[:1] + ["-S", "-X", "importtime"] + argv[1:],
+                            env=run.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = proc.communicate()[1].decode()
+    imported = [l.rsplit("|", 1)[1].strip() for l in err.splitlines()
+                if l.startswith("import time:") and "|" in l]
+    assert proc.returncode == 0 and "marshal" in imported, err
+    assert not set(imported) & set(["os", "posixpath", "stat", "_collections_abc"]), imported
 
 
 @needs_cache
