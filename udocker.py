@@ -350,12 +350,13 @@ class ChapterLoader(object):
     """The chapters the launcher left out at start (section 13): each runs in the module's
     globals on first use of a name it defines, after the chapters its definitions need."""
 
-    def __init__(self, namespace, stream, names, chapters):
+    def __init__(self, namespace, stream, names, chapters, groups=None):
         self.namespace = namespace
         self.stream = stream            # the cache file, read up to its first chapter
         self.base = stream.tell()
         self.names = names              # {name a chapter defines: chapter}
         self.chapters = chapters        # {chapter: (chapters it needs, offset, size)}
+        self.groups = groups or {}      # {command: (offset, size)}, see ChapterCache.GROUPS
         self.loaded = []                # in load order (-D shows it, and the time it took)
         self.seconds = 0.0
         self.lock = __import__("_thread").RLock()   # pulls load chapters from threads
@@ -385,6 +386,14 @@ class ChapterLoader(object):
                 raise NameError("%s: its chapter %s did not load" % (name, self.names[name]))
         return value
 
+    @staticmethod
+    def expect(namespace, command):
+        """Load the chapters command always uses at once (ChapterCache.GROUPS), if any."""
+        loader = namespace.get("__chapters__")
+        if isinstance(loader, ChapterLoader) and command in loader.groups:
+            with loader.lock:
+                loader._load_group(*loader.groups.pop(command))
+
     def load(self, chapter):
         with self.lock:
             entry = self.chapters.pop(chapter, None)
@@ -394,19 +403,34 @@ class ChapterLoader(object):
             for other in needs:
                 self.load(other)
             started = time.time()
-            try:            # pread: a forked child (the watchdog) shares the file offset
-                data = os.pread(self.stream.fileno(), size, self.base + offset)
-                code = __import__("marshal").loads(data)
-            except (EOFError, ValueError, TypeError):
-                try:            # (not remove_quietly: its chapter may be the damaged one)
-                    os.unlink(self.stream.name)     # the next start builds it again
-                except OSError:
-                    pass
-                raise UdockerError("the start-up cache %s was damaged (removed): run the "
-                                   "command again" % self.stream.name)
-            exec(code, self.namespace)
+            exec(self._read(offset, size), self.namespace)
             self.loaded.append(chapter)
             self.seconds += time.time() - started
+
+    def _load_group(self, offset, size):
+        """Chapters from one blob: one read and one unmarshal (their strings shared) instead
+        of a dozen; the ones loaded already are left."""
+        started = time.time()
+        for chapter, code in self._read(offset, size):
+            entry = self.chapters.pop(chapter, None)
+            if entry is not None:
+                for other in entry[0]:      # (the builder put a group's own needs first)
+                    self.load(other)
+                exec(code, self.namespace)
+                self.loaded.append(chapter)
+        self.seconds += time.time() - started
+
+    def _read(self, offset, size):
+        try:                # pread: a forked child (the watchdog) shares the file offset
+            return __import__("marshal").loads(
+                os.pread(self.stream.fileno(), size, self.base + offset))
+        except (EOFError, ValueError, TypeError):
+            try:                # (not remove_quietly: its chapter may be the damaged one)
+                os.unlink(self.stream.name)         # the next start builds it again
+            except OSError:
+                pass
+            raise UdockerError("the start-up cache %s was damaged (removed): run the "
+                               "command again" % self.stream.name)
 
 
 base64 = LazyModule("base64")
@@ -11803,6 +11827,7 @@ def main(argv=None, environ=None):
         command = COMMANDS.get(name)
         if command is None:
             raise UsageError("invalid command: %s (see: %s help)" % (name, __program__))
+        ChapterLoader.expect(globals(), name)
         if "--help" in words[:len(words) if command.rest is None else 1] or \
                 (words[:1] == ["-h"] and command.lookup.get("-h") is None):
             out(command.usage())
@@ -11883,6 +11908,11 @@ class ChapterCache(object):
     # the loader itself, and what the launcher calls (a chapter that cannot load is then
     # one error line from main, as any other failure)
     ALWAYS = ("ChapterLoader", "Deferred", "main", "exit_now", "open_closed_standard_streams")
+    # command -> the chapters it loads whatever its options (`run`: in every mode), stored
+    # once more together, loaded at once as main knows the command (~0.8M instructions
+    # fewer than one by one)
+    GROUPS = {"run": ("3", "11.1", "5.2", "5.3", "11.3", "9.3.1", "9.3.3", "10.2", "4.4", "9.1",
+                      "1", "9.6", "4.1", "10", "9.2.1", "9.4")}
 
     @classmethod
     def write(cls, source_path, cache_path):
@@ -11910,16 +11940,40 @@ class ChapterCache(object):
             source = stream.read()
         start, names, chapters = cls.build(source, source_path)
         marshal, index, offset = __import__("marshal"), {}, 0
+        blobs = [code for _, code in chapters.values()]
         for chapter, (needs, code) in chapters.items():
             index[chapter] = (needs, offset, len(code))
             offset += len(code)
+        groups = {}
+        for command in cls.GROUPS:
+            order = cls.group_order(cls.GROUPS[command], chapters)
+            blobs.append(marshal.dumps(tuple((c, marshal.loads(chapters[c][1]))
+                                             for c in order)))
+            groups[command] = (offset, len(blobs[-1]))
+            offset += len(blobs[-1])
         # the launcher's check: the source's mtime and size, and the chapters' length
         key = (st.st_mtime_ns, st.st_size, offset)
-        header = marshal.dumps((key, start, (names, index)))
+        header = marshal.dumps((key, start, (names, index, groups)))
         with AtomicFile(cache_path, sync=False) as stream:
             stream.write(b"%d\n" % len(header) + header)
-            for chapter in chapters:
-                stream.write(chapters[chapter][1])
+            for blob in blobs:
+                stream.write(blob)
+
+    @staticmethod
+    def group_order(group, chapters):
+        """The chapters of group that exist, each after the chapters of the group it needs
+        (as loading them one by one would)."""
+        wanted, order = set(group) & set(chapters), []
+
+        def visit(chapter):
+            if chapter in wanted and chapter not in order:
+                for other in chapters[chapter][0]:
+                    visit(other)
+                if chapter not in order:
+                    order.append(chapter)
+        for chapter in group:
+            visit(chapter)
+        return order
 
     @classmethod
     def build(cls, source, filename):

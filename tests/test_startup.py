@@ -170,17 +170,21 @@ def test_a_damaged_cache_is_rebuilt(copy, damage):
 
 
 @needs_cache
-def test_a_chapter_damaged_in_place_is_one_error_line_and_removed(copy):
+@pytest.mark.parametrize("damaged", ["a chapter", "run's group"])
+def test_a_chapter_damaged_in_place_is_one_error_line_and_removed(copy, damaged):
     script, run = copy
     assert run("version").rc == 0
     path = cache_path(script)
     import marshal
     with open(path, "r+b") as handle:
-        key, start, (names, index) = marshal.loads(handle.read(int(handle.readline())))
-        needs, offset, size = index[names["Config"]]       # what every command loads
+        key, start, (names, index, groups) = marshal.loads(handle.read(int(handle.readline())))
+        if damaged == "a chapter":
+            offset, size = index[names["Config"]][1:]      # what every command loads
+        else:
+            offset, size = groups["run"]
         handle.seek(handle.tell() + offset)
         handle.write(b"\xff" * size)                       # same size: the check passes
-    result = run("images")
+    result = run(*(["images"] if damaged == "a chapter" else ["run", "nosuch"]))
     assert result.rc == 1 and "Traceback" not in result.err, result
     assert result.err.startswith("Error: the start-up cache ") and "damaged" in result.err
     assert len(result.err.splitlines()) == 1 and not os.path.exists(path)
