@@ -8570,10 +8570,11 @@ class RuncProotNoSeccompEngine(RuncProotEngine):
 # ---- 9.5.3 Fakechroot: F1, F2, F3, F4 ----
 
 
-# what SpawnedWatchdog's shell runs: $1 the marker, $2 the pipe's fd. A line read: released;
-# EOF (udocker.py died): kill_marked's work, one grep of every environment per round
+# what SpawnedWatchdog's shell runs: $1 the marker, the pipe on fd 3 (dash reads no fd
+# above 9). Something read: released; EOF (udocker.py died): kill_marked's work, one grep of
+# every environment per round
 SPAWNED_WATCHDOG_SH = (
-    'trap "" HUP INT QUIT TERM USR1 USR2 WINCH; read x <&"$2"; [ -n "$x" ] && exit 0; '
+    'trap "" HUP INT QUIT TERM USR1 USR2 WINCH; read x <&3; [ -n "$x" ] && exit 0; '
     'i=0; while [ $i -lt 20 ]; do pids=; '
     'for f in $(grep -lF -e "$1" /proc/[0-9]*/environ 2>/dev/null); do '
     'p=${f#/proc/}; pids="$pids ${p%/environ}"; done; '
@@ -8593,11 +8594,12 @@ class SpawnedWatchdog(Watchdog):
         fcntl.fcntl(self.write_fd, fcntl.F_SETFD,
                     fcntl.fcntl(self.write_fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
         try:
-            os.set_inheritable(read_fd, True)          # the shell's only pipe end
+            os.set_inheritable(read_fd, True)     # (dup2 onto itself, if it is 3, keeps it)
             self.pid = os.posix_spawn(
-                "/bin/sh", ["sh", "-c", SPAWNED_WATCHDOG_SH, "sh", marker, str(read_fd)],
+                "/bin/sh", ["sh", "-c", SPAWNED_WATCHDOG_SH, "sh", marker],
                 {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, setsid=True,
-                file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
+                file_actions=[(os.POSIX_SPAWN_DUP2, read_fd, 3),
+                              (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
                               (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
         except BaseException:
             os.close(self.write_fd)
