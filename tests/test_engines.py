@@ -12,7 +12,7 @@ import pytest
 
 import udocker
 import rootfs
-from support import UDOCKER_SCRIPT as SCRIPT, wait_for
+from support import UDOCKER_SCRIPT as SCRIPT
 from support.runner import Udocker
 from support.toolserver import path_without_engines
 
@@ -161,25 +161,6 @@ def test_library_directories_and_loader_are_remembered_until_root_changes(tmpdir
     os.remove(os.path.join(root, "usr", "lib", "x86_64-linux-gnu", "ld-linux-x86-64.so.2"))
     with pytest.raises(udocker.EngineError):             # no loader left: not remembered
         found()
-
-
-@pytest.mark.skipif(not hasattr(os, "posix_spawn"), reason="Python < 3.8: a forked Watchdog")
-def test_spawned_watchdog_kills_the_marked_processes_only_when_udocker_dies():
-    marker = "container_run=" + udocker.random_hex(8)
-    with open(os.devnull, "wb") as null:
-        marked = subprocess.Popen(["sleep", "60"], stdout=null,
-                                  env=dict(os.environ, container_run=marker.split("=")[1]))
-    busy = [os.open(os.devnull, os.O_RDONLY) for _ in range(12)]   # its pipe: fd 10 or more
-    released = udocker.SpawnedWatchdog(marker)
-    for fd in busy:
-        os.close(fd)
-    released.release()
-    assert os.waitpid(released.pid, 0)[1] == 0 and marked.poll() is None
-    dying = udocker.SpawnedWatchdog(marker)
-    os.close(dying.write_fd)                         # EOF, as when udocker.py is killed
-    dying.write_fd = None
-    wait_for(lambda: marked.poll() is not None, "the marked process killed", 10)
-    assert marked.returncode == -9 and os.waitpid(dying.pid, 0)[1] == 0
 
 
 def test_convert_symlinks_round_trip(tmpdir):
