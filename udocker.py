@@ -6734,7 +6734,7 @@ class RunContainer(object):
         self.config = config if isinstance(config, dict) else {}
         self.names = list(names)
         self._libc = None              # (kind, version), see libc()
-        self.records = []              # (path, text) of .run records to write: libc(), lib_dirs()
+        self.records = []              # (path, text) of .run records to write: libc(), loader()...
         self._found = {}               # what found() computed: ROOT's loader, ...
         self._states = {}              # state file name -> text, see state()
 
@@ -6796,24 +6796,24 @@ class RunContainer(object):
             text = read_text(record) if record else ""
         except (IOError, OSError, ValueError):
             text = ""
-        if text.startswith(head) and text.endswith("\n.\n"):
-            dirs = []
+        if text.startswith(head) and text.endswith("\n.\n"):     # D value, S stamp path
+            values = []
             for line in text[len(head):-3].split("\n"):
                 kind, _, rest = line.partition(" ")
                 stamp, _, path = rest.partition(" ")
                 if kind == "D":
-                    dirs.append(rest)
+                    values.append(rest)
                 elif kind != "S" or path_stamp(path) != stamp:
                     break
             else:
-                return dirs
+                return values
         watched = []
-        dirs = list(find(self.root, self.arch(), watched))
+        values = list(find(self.root, self.arch(), watched))
         stamps = dict((path, path_stamp(path)) for path in watched)
-        if record and self._may_remember(stamps, [self.root] + dirs):
-            self.records.append((record, head + "".join(["D %s\n" % d for d in dirs] + [
+        if record and self._may_remember(stamps, [self.root] + values):
+            self.records.append((record, head + "".join(["D %s\n" % v for v in values] + [
                 "S %s %s\n" % (stamps[p], p) for p in sorted(stamps)]) + ".\n"))
-        return dirs
+        return values
 
     @staticmethod
     def _may_remember(stamps, texts):
@@ -8715,8 +8715,9 @@ class FakechrootEngine(Engine):
         every run, as a SIGKILL at any moment must leave nothing: ~40k instructions and the
         fork (~0.2 ms for our ~10 MB). A shell started by posix_spawn instead (vfork: ~0.1
         ms of ours, no copy-on-write faults after it) was tried again: ~0.3 ms sooner from
-        the engine's exec to our end, yet whole runs 0.03-0.07 ms slower (medians of 201
-        interleaved runs on 2 busy CPUs: the shell's start competes with the engine's)."""
+        the engine's exec to our end, yet whole runs 0.06-0.28 ms slower (paired medians of
+        101 and 201 interleaved runs, 2 busy CPUs: the shell's start competes with the
+        engine's)."""
         marker = "container_run=%s" % self.env["container_run"]
         return Watchdog(lambda: kill_marked(marker))
 
