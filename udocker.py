@@ -2087,6 +2087,8 @@ class ContainerDir(object):
     MOUNTPOINTS = ".mountpoints"   # F modes: records of the volume symlinks made in ROOT
     RUN_DIR = ".run"               # what runs share: passwd copies, bind links, nvidia trees
     LIBC_RECORD = ".run/libc"      # the tree's C library, remembered (RunContainer.libc)
+    LIB_DIRS_RECORD = ".run/libdirs"   # its library directories (RunContainer.lib_dirs)
+    LOADER_RECORD = ".run/loader"  # its ELF loader (RunContainer.loader)
     RUN_BINDS = "binds"            # in .run: links to host paths that hold a ':'
     RUN_NVIDIA = "nvidia"          # in .run: link to the tree of the driver runs show
     RUN_NVIDIA_TREE = "nvidia-"    # in .run: one driver's tree of symlinks (+ a hash)
@@ -6770,36 +6772,53 @@ def _names_like(directory, pattern):
                   len(n) >= len(prefix) + len(suffix) and not n.startswith("."))
 
 
-def container_loader(root, arch):
-    """(container path, host path) of the tree's ELF loader; raises EngineError."""
+def container_loader(root, arch, watched=None):
+    """(container path, host path) of the tree's ELF loader; raises EngineError. watched:
+    as for container_lib_dirs."""
+    watched = [] if watched is None else watched
     for probe in ("/bin/sh", "/usr/bin/env", "/bin/ls"):
-        info = elf_info(resolve_in_root(root, probe))
+        path = resolve_in_root(root, probe)
+        watched.extend([path] + _dirs_on_the_way(root, probe, path))
+        info = elf_info(path)
         if info and info["interp"]:
             interp = info["interp"]
             if interp.startswith(root.rstrip("/") + "/"):           # patched for F3
                 interp = interp[len(root.rstrip("/")):]
             host = resolve_in_root(root, interp)
+            watched.extend([host] + _dirs_on_the_way(root, interp, host))
             if os.path.isfile(host):
                 return interp, host
     raise EngineError("cannot find the container's ELF loader (ld.so)")
 
 
-def container_lib_dirs(root, arch):
-    """Host paths of the tree's library directories (ld.so.conf first, then the usual)."""
+def container_lib_dirs(root, arch, watched=None):
+    """Host paths of the tree's library directories (ld.so.conf first, then the usual).
+    watched: a list given gets the host paths whose stamps (path_stamp) stay the same while
+    this answer does: the conf files read, the include directories, and the directories on
+    the way to each name looked up (RunContainer.lib_dirs remembers the answer by them)."""
+    watched = [] if watched is None else watched
     wanted = []
-    pending = [resolve_in_root(root, "/etc/ld.so.conf")]
+    pending = [("/etc/ld.so.conf", resolve_in_root(root, "/etc/ld.so.conf"))]
     seen_conf = set()
     while pending:
-        conf = pending.pop(0)
-        if conf in seen_conf or not os.path.isfile(conf):
+        name, conf = pending.pop(0)
+        if conf in seen_conf:
+            continue
+        if not os.path.isfile(conf):
+            watched.extend(_dirs_on_the_way(root, name, conf))      # made later: it counts
             continue
         seen_conf.add(conf)
+        watched.append(conf)
+        watched.extend(_dirs_on_the_way(root, os.path.dirname(name), os.path.dirname(conf)))
         for line in read_text(conf).splitlines():
             line = line.split("#", 1)[0].strip()
             if line.startswith("include "):
                 pattern = line.split(None, 1)[1]
-                pending.extend(_names_like(resolve_in_root(root, os.path.dirname(pattern)),
-                                           os.path.basename(pattern)))
+                directory = resolve_in_root(root, os.path.dirname(pattern))
+                watched.append(directory)
+                watched.extend(_dirs_on_the_way(root, os.path.dirname(pattern), directory))
+                pending.extend((os.path.join(os.path.dirname(pattern), os.path.basename(p)), p)
+                               for p in _names_like(directory, os.path.basename(pattern)))
             elif line.startswith("/"):
                 wanted.append(line)
     triplet = LIB_TRIPLETS.get(arch, "")
@@ -6808,9 +6827,35 @@ def container_lib_dirs(root, arch):
     found = []
     for path in wanted:
         host = resolve_in_root(root, path)
+        watched.extend(_dirs_on_the_way(root, path, host))
         if os.path.isdir(host) and host not in found:
             found.append(host)
     return found
+
+
+def _dirs_on_the_way(root, path, host):
+    """The directories under root (root included) that list the names on the way to a
+    container path, as written and as resolved (host): a name made, removed or replaced
+    there changes one of their stamps."""
+    dirs = []
+    for end in (host, os.path.join(root, path.lstrip("/"))):
+        while end.startswith(root) and len(end) > len(root):
+            parent = os.path.dirname(end)
+            if parent == end:
+                break
+            dirs.append(parent)
+            end = parent
+    return dirs
+
+
+def path_stamp(path):
+    """What changes when a file or directory is replaced, written or (a directory) gets
+    or loses a name: inode, size and mtime to the sub-second; '-' when it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "-"
+    return "%d:%d:%r" % (st.st_ino, st.st_size, st.st_mtime)
 
 
 # ---- 9.3 Run plan ----
@@ -6927,7 +6972,7 @@ class RunContainer(object):
         self.config = config if isinstance(config, dict) else {}
         self.names = list(names)
         self._libc = None              # (kind, version), see libc()
-        self.libc_record = None        # (path, text) of a .run/libc record to write, see libc()
+        self.records = []              # (path, text) of .run records to write: libc(), loader()...
         self._found = {}               # what found() computed: ROOT's loader, ...
         self._states = {}              # state file name -> text, see state()
 
@@ -6967,17 +7012,60 @@ class RunContainer(object):
         return self._found[key]
 
     def loader(self):
-        """container_loader() of ROOT."""
-        return self.found("loader", lambda: container_loader(self.root, self.arch()))
+        """container_loader() of ROOT, remembered in .run/loader as lib_dirs() is (~0.1 ms
+        of an F1, F2 or F4 start)."""
+        return self.found("loader", lambda: tuple(self._remembered(
+            ContainerDir.LOADER_RECORD, container_loader)))
 
     def lib_dirs(self):
-        """container_lib_dirs() of ROOT (a new list)."""
-        return list(self.found("lib_dirs", lambda: container_lib_dirs(self.root, self.arch())))
+        """container_lib_dirs() of ROOT (a new list), remembered in .run/libdirs while the
+        stamps of what it looked at are the same: finding them again takes ~50 stats and
+        reads every ld.so.conf file (~0.25 ms of an F-mode start), checking them ~15 stats."""
+        return list(self.found("lib_dirs", lambda: self._remembered(
+            ContainerDir.LIB_DIRS_RECORD, container_lib_dirs)))
+
+    def _remembered(self, name, find):
+        """find(ROOT, arch, watched), a list of strings, remembered in a record (ContainerDir
+        name) with the stamps of the paths it put in watched, while they are the same. A
+        new record is only kept in records here: a run writes it (Engine.plan)."""
+        record = self.files.file(name) if self.files else None
+        head = "%s\n%s\n" % (self.root, self.arch())
+        try:
+            text = read_text(record) if record else ""
+        except (IOError, OSError, ValueError):
+            text = ""
+        if text.startswith(head) and text.endswith("\n.\n"):     # D value, S stamp path
+            values = []
+            for line in text[len(head):-3].split("\n"):
+                kind, _, rest = line.partition(" ")
+                stamp, _, path = rest.partition(" ")
+                if kind == "D":
+                    values.append(rest)
+                elif kind != "S" or path_stamp(path) != stamp:
+                    break
+            else:
+                return values
+        watched = []
+        values = list(find(self.root, self.arch(), watched))
+        stamps = dict((path, path_stamp(path)) for path in watched)
+        if record and self._may_remember(stamps, [self.root] + values):
+            self.records.append((record, head + "".join(["D %s\n" % v for v in values] + [
+                "S %s %s\n" % (stamps[p], p) for p in sorted(stamps)]) + ".\n"))
+        return values
+
+    @staticmethod
+    def _may_remember(stamps, texts):
+        """Not when a path holds a new line, nor when something looked at changed in the
+        last 2 s: changed again while we looked, it could keep the same stamp (file systems
+        keep mtime coarsely, to the tick or to the second)."""
+        recent = time.time() - 2
+        return not any("\n" in text for text in list(stamps) + texts) and \
+            all(s == "-" or float(s.split(":", 2)[2]) < recent for s in stamps.values())
 
     def libc(self):
         """container_libc() of ROOT, remembered in .run/libc while that file is unchanged:
         finding the version reads the whole libc, the costliest part of an F-mode start.
-        A new record is only kept in libc_record here: a run writes it (Engine.apply)."""
+        A new record is only kept in records here: a run writes it (Engine.apply)."""
         if self._libc is None:
             self._libc = self._remembered_libc()
         return self._libc
@@ -6994,8 +7082,8 @@ class RunContainer(object):
         kind, path = container_libc_file(self.root, self.arch())
         version = glibc_version(path) if kind == "glibc" else ""
         if record and kind:
-            self.libc_record = (record, "%s\n%s\n%s\n%s\n" % (kind, version, path,
-                                                              _file_stamp(path)))
+            self.records.append((record, "%s\n%s\n%s\n%s\n" % (kind, version, path,
+                                                               _file_stamp(path))))
         return kind, version
 
     def state(self, name):
@@ -7314,10 +7402,11 @@ class Engine(object):
         prefix = self.affinity(env)
         if prefix and self.executable:          # numactl/taskset start it by its path
             argv, self.executable = [self.executable] + argv[1:], None
-        if self.container.libc_record:
+        if self.container.records:
             self.run_dir()
-            self.change("record", *self.container.libc_record)
-            self.container.libc_record = None
+            for record in self.container.records:
+                self.change("record", *record)
+            self.container.records = []
         return RunPlan(self.mode, prefix + argv, env, cwd, self.executable, self)
 
     def change(self, kind, path, value=None, what=None):
@@ -8936,18 +9025,20 @@ class FakechrootEngine(Engine):
         """(host path of the ELF program to start, its argv). The first program must be an
         ELF: a #! script starts its interpreter (found in the container) with the script's
         container path."""
-        with open(host, "rb") as handle:
-            head = handle.read(256)
-        if head[:2] == b"#!" and depth < 4:
-            words = to_text(head[2:].split(b"\n")[0]).strip().split(None, 1)
-            if not words:
-                raise EngineError("bad #! line in %s" % cont)
-            interp_host = self.cont2host(words[0])
-            if not is_executable(interp_host):
-                raise EngineError("interpreter not found in the container: %s" % words[0])
-            return self._start_argv(interp_host, words[0], words[0],
-                                    words[1:] + [cont] + list(args), depth + 1)
-        info = elf_info(host)
+        info = elf_info(host)                   # most are ELF: one open, not two
+        if info is None and depth < 4:
+            with open(host, "rb") as handle:
+                head = handle.read(256)
+            if head[:2] == b"#!":
+                words = to_text(head[2:].split(b"\n")[0]).strip().split(None, 1)
+                if not words:
+                    raise EngineError("bad #! line in %s" % cont)
+                interp_host = self.cont2host(words[0])
+                if not is_executable(interp_host):
+                    raise EngineError("interpreter not found in the container: %s"
+                                      % words[0])
+                return self._start_argv(interp_host, words[0], words[0],
+                                        words[1:] + [cont] + list(args), depth + 1)
         if info is None:
             raise EngineError("cannot execute %s: not an ELF program or #! script" % cont)
         if not info["interp"]:
@@ -8959,8 +9050,11 @@ class FakechrootEngine(Engine):
         """If udocker.py is killed, the container's orphans are found by a marker in
         their environment (they have no common parent left to look under). Forked on
         every run, as a SIGKILL at any moment must leave nothing: ~40k instructions and the
-        fork (~0.2 ms for our ~10 MB; starting a shell to watch instead, by posix_spawn,
-        takes as long)."""
+        fork (~0.2 ms for our ~10 MB). A shell started by posix_spawn instead (vfork: ~0.1
+        ms of ours, no copy-on-write faults after it) was tried again: ~0.3 ms sooner from
+        the engine's exec to our end, yet whole runs 0.06-0.28 ms slower (paired medians of
+        101 and 201 interleaved runs, 2 busy CPUs: the shell's start competes with the
+        engine's)."""
         marker = "container_run=%s" % self.env["container_run"]
         return Watchdog(lambda: kill_marked(marker))
 
@@ -9054,8 +9148,6 @@ class FakechrootEngine(Engine):
         own = os.path.join(container.dir or "", ContainerDir.LIBFAKECHROOT)
         if not (container.dir and os.path.isfile(own)):
             fakechroot_library(container, tools, arch, kind, version)
-        if not cls.uses_loader:
-            tools.patchelf()
 
     @classmethod
     def check_setup(cls, container, tools):
@@ -9087,6 +9179,21 @@ class FakechrootPatchedEngine(FakechrootEngine):
     mode = "F3"
     uses_loader = False
     needs_tools = ("libfakechroot", "patchelf")
+    patches_at_run = False         # F4: patchelf runs on programs made after setup
+
+    @classmethod
+    def check_container(cls, container, tools):
+        """F1's checks, and patchelf, unless ROOT was patched where it is: a run of it does
+        not use patchelf (finding it is ~60 us of an F3 start)."""
+        super(FakechrootPatchedEngine, cls).check_container(container, tools)
+        if cls.patches_at_run or container.state(ContainerDir.PATCH_PATH) != container.root:
+            tools.patchelf()
+
+    @classmethod
+    def check_setup(cls, container, tools):
+        """check_container's, and patchelf: setup --force patches again."""
+        cls.check_container(container, tools)
+        tools.patchelf()
 
     def prepare(self):
         FakechrootEngine.prepare(self)
@@ -9451,6 +9558,7 @@ class FakechrootAutoPatchEngine(FakechrootPatchedEngine):
     container's loader (at its container path) and no RUNPATH (ElfPatcher.restore_new)."""
 
     mode = "F4"
+    patches_at_run = True
 
     def command(self):
         argv, env, cwd = FakechrootPatchedEngine.command(self)

@@ -5,6 +5,7 @@ command-line errors. The engines themselves run in test_run.py."""
 from __future__ import print_function, absolute_import
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -111,6 +112,55 @@ def test_container_libc_loader_and_libraries(glibc_tree):
     dirs = udocker.container_lib_dirs(glibc_tree, "amd64")
     assert dirs[0] == os.path.join(glibc_tree, "usr/lib/x86_64-linux-gnu")
     assert all(d.startswith(glibc_tree) for d in dirs)
+
+
+def _age(root, seconds=60):
+    """Every directory and file of a tree last changed seconds ago (a record is kept only
+    of what did not change in the last 2 s)."""
+    when = os.path.getmtime(root) - seconds
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+            if not os.path.islink(name):
+                os.utime(name, (when, when))
+
+
+def test_library_directories_and_loader_are_remembered_until_root_changes(tmpdir):
+    cdir = str(tmpdir.join("c"))
+    root = os.path.join(cdir, "ROOT")
+    rootfs.make_glibc_rootfs(root)
+
+    def found(cdir=cdir):
+        container = udocker.RunContainer(CID, cdir, os.path.join(cdir, "ROOT"),
+                                         {"architecture": "amd64"})
+        dirs, loader = container.lib_dirs(), container.loader()
+        for path, text in container.records:        # as a run's plan writes them
+            udocker.makedirs(os.path.dirname(path))
+            udocker.write_atomic(path, text)
+        return dirs, loader, len(container.records)
+
+    dirs, loader, written = found()
+    assert written == 0                     # the tree was made just now: not remembered
+    assert found() == (dirs, loader, 0)
+    _age(root)
+    assert found() == (dirs, loader, 2)     # library directories, loader
+    assert found() == (dirs, loader, 0)     # read from the records
+    copy = str(tmpdir.join("copy"))         # a copy's records name the original's ROOT
+    shutil.copytree(cdir, copy, symlinks=True)
+    assert found(copy)[:2] == ([d.replace(cdir, copy) for d in dirs],
+                               (loader[0], loader[1].replace(cdir, copy)))
+    os.makedirs(os.path.join(root, "opt", "lib"))
+    with open(os.path.join(root, "etc", "ld.so.conf"), "w") as handle:
+        handle.write("/opt/lib\n")
+    assert found()[0] == [os.path.join(root, "opt/lib")] + dirs
+    _age(root)
+    found()
+    os.makedirs(os.path.join(root, "usr", "lib64"))      # one of the usual, made later
+    assert os.path.join(root, "usr/lib64") in found()[0]
+    _age(root)
+    found()
+    os.remove(os.path.join(root, "usr", "lib", "x86_64-linux-gnu", "ld-linux-x86-64.so.2"))
+    with pytest.raises(udocker.EngineError):             # no loader left: not remembered
+        found()
 
 
 def test_convert_symlinks_round_trip(tmpdir):

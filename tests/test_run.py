@@ -785,6 +785,19 @@ def test_leaving_f3_restores_the_binaries(world):
     assert rc == 0 and "usr" in out.split()
 
 
+def test_a_patched_f3_container_runs_without_patchelf(world):
+    """patchelf is needed to patch (setup, a moved container's first run) and by F4's runs,
+    not by F3's once ROOT is patched where it is."""
+    cid = world.container("F3", fresh=True)
+    missing = {"UDOCKER_USE_PATCHELF_EXECUTABLE": os.path.join(world.top, "no-patchelf")}
+    rc, out, err = world.run("F3", ["sh", "-c", "echo ok"], name=cid, env=missing)
+    assert (rc, out) == (0, "ok\n"), err
+    rc, out, err = world.ud(["setup", "--execmode=F3", "--force", cid], env=missing)
+    assert rc != 0 and "patchelf executable not found" in err, err
+    rc, out, err = world.run("F3", ["sh", "-c", "echo ok"], name=cid)
+    assert (rc, out) == (0, "ok\n"), err
+
+
 def test_moved_f_container_is_set_up_again(world):
     cid = world.container("F3", fresh=True)
     moved = "%08x-0000-4000-8000-%012x" % (random.getrandbits(32), random.getrandbits(48))
