@@ -633,6 +633,30 @@ def test_runc_spec(tmpdir, glibc_tree):
         plan_for(tmpdir, glibc_tree, mode="R1", opts={"volume": ["/proc"]})
 
 
+def test_runtime_tmpdir_prefers_a_tmpfs_to_the_default_tmpdir(tmpdir):
+    """Where R modes make their bundles: the tmpdir asked for (UDOCKER_TMP, udocker.conf,
+    TMPDIR), else $XDG_RUNTIME_DIR when it is a directory of ours, else /dev/shm when it is
+    sticky and writable, else the default tmpdir."""
+    own = str(tmpdir.join("xdg").ensure(dir=True))
+    base = {"HOME": str(tmpdir), "UDOCKER_NOSYSCONF": "1"}
+
+    def where(options=None, **env):
+        environ = dict(base, **env)
+        return udocker.runtime_tmpdir(udocker.Config.load(environ, options or {}), environ)
+    shm = "/dev/shm" if udocker._is_shared_safely("/dev/shm") else "/tmp"
+    assert where(XDG_RUNTIME_DIR=own) == own
+    assert where() == where(XDG_RUNTIME_DIR="") == shm
+    assert where(XDG_RUNTIME_DIR=own + "/gone") == where(XDG_RUNTIME_DIR="xdg") == shm
+    assert where(XDG_RUNTIME_DIR=str(tmpdir.join("file").ensure())) == shm
+    assert where(XDG_RUNTIME_DIR=own, UDOCKER_TMP="/var/tmp") == "/var/tmp"
+    assert where(XDG_RUNTIME_DIR=own, TMPDIR="/var/tmp") == "/var/tmp"
+    conf = tmpdir.join("udocker.conf")
+    conf.write("[DEFAULT]\ntmpdir = /var/tmp\n")
+    assert where({"config": str(conf)}, XDG_RUNTIME_DIR=own) == "/var/tmp"
+    assert not udocker._is_shared_safely("/")            # not writable
+    assert not udocker._is_shared_safely("/nonexistent")
+
+
 def test_proot_status_maps_signals():
     assert udocker.proot_status(255, 15) == 143
     assert udocker.proot_status(255, None) == 255
