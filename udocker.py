@@ -8249,8 +8249,8 @@ def runtime_tmpdir(cfg, environ):
     """Where an R-mode run makes its bundle directory (removed when it ends): the tmpdir
     asked for (UDOCKER_TMP, tmpdir in udocker.conf, TMPDIR), else a tmpfs, $XDG_RUNTIME_DIR
     (runc's and crun's own place for their state) or /dev/shm, else /tmp. The run's dozen
-    directory and file operations, ours and the runtime's, cost ~0.5 ms more on a disk's
-    file system (ext4) than on a tmpfs."""
+    directory and file operations, ours and the runtime's, cost ~0.3-0.5 ms more (wall) on
+    a disk's file system (ext4) than on a tmpfs, more when the disk is busy."""
     if cfg.sources.get("tmpdir") != "default" or environ.get("TMPDIR"):
         return cfg.tmpdir
     for path in (environ.get("XDG_RUNTIME_DIR"), "/dev/shm"):
