@@ -657,6 +657,17 @@ def test_runtime_tmpdir_prefers_a_tmpfs_to_the_default_tmpdir(tmpdir):
     assert not udocker._is_shared_safely("/nonexistent")
 
 
+def test_path_without(tmpdir):
+    """crun's PATH without the id map helpers (RuncEngine.command)."""
+    for name, where in (("newuidmap", "a"), ("newgidmap", "b")):
+        tmpdir.join(where, name).ensure()
+    a, b, c = (str(tmpdir.join(n).ensure(dir=True)) for n in "abc")
+    names = ("newuidmap", "newgidmap")
+    assert udocker.path_without("%s::%s:%s" % (a, c, b), names) == c
+    assert udocker.path_without("%s:%s" % (a, b), names) == "/dev/null"    # finds nothing
+    assert udocker.path_without("", names) == "/dev/null"
+
+
 def test_proot_status_maps_signals():
     assert udocker.proot_status(255, 15) == 143
     assert udocker.proot_status(255, None) == 255

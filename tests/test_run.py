@@ -1083,6 +1083,33 @@ def test_r1_runs_as_another_user_through_subuid_ranges(world):
     assert (rc, out) == (0, "123:456\n"), err
 
 
+def test_crun_runs_the_id_map_helpers_only_for_subid_ranges(world):
+    """newuidmap/newgidmap (set-uid, ~2 ms of crun's start) are kept from crun where one id
+    is mapped, which it then maps itself: the container sees the same maps; crun still
+    finds them for the /etc/subuid ranges of another user."""
+    real = [udocker.which(n, os.environ.get("PATH", "")) for n in ("newuidmap", "newgidmap")]
+    if not all(real):
+        pytest.skip("no newuidmap/newgidmap (package uidmap)")
+    spy = os.path.join(world.top, "spy")
+    log = os.path.join(world.top, "spy.log")
+    os.mkdir(spy)
+    for path in real:
+        name = os.path.basename(path)
+        with open(os.path.join(spy, name), "w") as handle:
+            handle.write('#!/bin/sh\necho %s >> %s\nexec %s "$@"\n' % (name, log, path))
+        os.chmod(os.path.join(spy, name), 0o755)
+    env = {"PATH": spy + ":" + os.environ.get("PATH", "")}
+    script = ["sh", "-c", "id -u; cat /proc/self/uid_map /proc/self/setgroups"]
+    rc, out, err = world.run("R1", script, env=env)
+    assert (rc, out.split()) == (0, ["0", "0", str(os.getuid()), "1", "deny"]), err
+    assert not os.path.exists(log)
+    rc, out, err = world.run("R1", script[:2] + ["id -u; wc -l < /proc/self/uid_map"],
+                             ["--user=1000:1000"], env=env)
+    assert (rc, out.split()) == (0, ["1000", "2"]), err
+    with open(log) as handle:
+        assert sorted(handle.read().split()) == ["newgidmap", "newuidmap"]
+
+
 @pytest.mark.parametrize("mode", ["R1", "R1-runc"])
 @pytest.mark.parametrize("path", [None, "/nonexistent"])
 def test_r1_runs_the_invoking_user_as_itself(world, path, mode):
