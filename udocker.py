@@ -7733,6 +7733,12 @@ def _as_argv(value):
 # ---- 9.4 Supervision ----
 
 
+def sh_quote(word):
+    """word as one word of a sh command line (shlex.quote without shlex, which imports
+    re)."""
+    return "'%s'" % word.replace("'", "'\\''")
+
+
 class Watchdog(object):
     """A process that does its work only if udocker.py dies (even by SIGKILL) before
     release(): for engines whose container would outlive it (runc/crun keep a pid-1
@@ -7741,15 +7747,20 @@ class Watchdog(object):
     pipe. An engine makes it; the Supervisor starts it once the engine runs: a fork of
     udocker.py for work in Python, else a shell (/bin/sh reading the pipe, by
     posix_spawn: after a fork every page udocker.py writes is copied, ~0.2 ms by the end
-    of a run)."""
+    of a run, and waking the fork at release() costs ~0.5 ms more on a busy machine)."""
 
     def __init__(self, work=None):
         self.works = [work] if work else []
         self.kills = []                 # (pid, signal name): before the works
+        self.commands = []              # argv lists run after the kills, before the works
         self.pid = self.write_fd = None
 
     def kill_first(self, pid, name):
         self.kills.append((pid, name))
+
+    def run_command(self, argv):
+        """Run argv (a program by its path) if udocker.py dies, as the shell form can."""
+        self.commands.append(list(argv))
 
     def start(self):
         read_fd, self.write_fd = os.pipe()
@@ -7769,7 +7780,9 @@ class Watchdog(object):
                     os.dup2(null, fd)
                 if not os.read(read_fd, 1):
                     works = [lambda p=pid, n=name: os.kill(p, getattr(signal, n))
-                             for pid, name in self.kills] + self.works
+                             for pid, name in self.kills] + \
+                        [lambda a=argv: run_capture(a, timeout=10) for argv in self.commands] \
+                        + self.works
                     for work in works:
                         try:
                             work()
@@ -7785,7 +7798,9 @@ class Watchdog(object):
         """The shell form; False if /bin/sh cannot start. The terminating signals are
         blocked in it, as a terminal sends them to udocker.py's whole process group."""
         script = 'read x; [ -n "$x" ] || { %s; }' % "; ".join(
-            "kill -s %s %d" % (name[3:], pid) for pid, name in self.kills)
+            ["kill -s %s %d" % (name[3:], pid) for pid, name in self.kills] +
+            [" ".join(sh_quote(_native(word)) for word in argv) for argv in self.commands] +
+            [":"])
         blocked = [getattr(signal, n) for n in FORWARDED_SIGNALS if n != "SIGWINCH"]
         try:
             self.pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", script], {}, file_actions=[
@@ -8515,11 +8530,14 @@ class RuncEngine(Engine):
         return status
 
     def watchdog(self):
-        return Watchdog(self._kill_and_cleanup)
-
-    def _kill_and_cleanup(self):
-        run_capture(self.runtime_argv("kill", self.run_id, "KILL"), timeout=10)
-        self.cleanup()
+        """Commands, so that the watchdog can be a shell rather than a fork of udocker.py:
+        the container killed, the runtime's state deleted, the bundle removed."""
+        watchdog = Watchdog()
+        for argv in (self.runtime_argv("kill", self.run_id, "KILL"),
+                     self.runtime_argv("delete", "--force", self.run_id),
+                     ["/bin/rm", "-rf", self.rundir]):
+            watchdog.run_command(argv)
+        return watchdog
 
     def cleanup(self):
         if self.rundir and os.path.isdir(self.rundir):

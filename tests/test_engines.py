@@ -596,6 +596,30 @@ def test_a_watchdog_that_only_kills_is_a_shell(dies):
         engine.wait()
 
 
+@pytest.mark.parametrize("shell", [True, False])
+def test_a_watchdog_runs_its_commands_when_we_die(tmpdir, shell):
+    """Commands (an R mode's runtime kill and delete, the bundle's removal) run after the
+    kills, as words of their own whatever they hold, by a shell (3.8+) or by a fork (what
+    a work in Python needs)."""
+    if shell and not hasattr(os, "posix_spawn"):
+        pytest.skip("no os.posix_spawn (Python 3.8+)")
+    odd = tmpdir.join("it's a $dir; rm -rf x").ensure(dir=True)
+    engine = _sleeper()
+    watchdog = udocker.Watchdog(None if shell else (lambda: None))
+    watchdog.kill_first(engine.pid, "SIGKILL")
+    out = tmpdir.join("out")
+    watchdog.run_command(["/bin/sh", "-c", 'echo "$1" > "$2"', "sh", "a b'c", str(out)])
+    watchdog.run_command(["/bin/rm", "-rf", str(odd)])
+    watchdog.start()
+    if shell:
+        wait_for(lambda: udocker.process_argv(watchdog.pid), "the watchdog's exec")
+        assert udocker.process_argv(watchdog.pid)[:2] == ["/bin/sh", "-c"]
+    assert odd.check(dir=True)
+    os.close(watchdog.write_fd)
+    os.waitpid(watchdog.pid, 0)
+    assert engine.wait() == -9 and out.read() == "a b'c\n" and not odd.check()
+
+
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
     data = tmpdir.join("data").ensure(dir=True)
     engine, plan = plan_for(tmpdir, glibc_tree, opts={
