@@ -8057,6 +8057,12 @@ def _as_argv(value):
 # ---- 9.4 Supervision ----
 
 
+def sh_quote(word):
+    """word as one word of a sh command line (shlex.quote without shlex, which imports
+    re)."""
+    return "'%s'" % word.replace("'", "'\\''")
+
+
 class Watchdog(object):
     """A process that does its work only if udocker.py dies (even by SIGKILL) before
     release(): for engines whose container would outlive it (runc/crun keep a pid-1
@@ -8065,15 +8071,20 @@ class Watchdog(object):
     pipe. An engine makes it; the Supervisor starts it once the engine runs: a fork of
     udocker.py for work in Python, else a shell (/bin/sh reading the pipe, by
     posix_spawn: after a fork every page udocker.py writes is copied, ~0.2 ms by the end
-    of a run)."""
+    of a run, and waking the fork at release() costs ~0.5 ms more on a busy machine)."""
 
     def __init__(self, work=None):
         self.works = [work] if work else []
         self.kills = []                 # (pid, signal name): before the works
+        self.commands = []              # argv lists run after the kills, before the works
         self.pid = self.write_fd = None
 
     def kill_first(self, pid, name):
         self.kills.append((pid, name))
+
+    def run_command(self, argv):
+        """Run argv (a program by its path) if udocker.py dies, as the shell form can."""
+        self.commands.append(list(argv))
 
     def start(self):
         read_fd, self.write_fd = os.pipe()
@@ -8093,7 +8104,9 @@ class Watchdog(object):
                     os.dup2(null, fd)
                 if not os.read(read_fd, 1):
                     works = [lambda p=pid, n=name: os.kill(p, getattr(signal, n))
-                             for pid, name in self.kills] + self.works
+                             for pid, name in self.kills] + \
+                        [lambda a=argv: run_capture(a, timeout=10) for argv in self.commands] \
+                        + self.works
                     for work in works:
                         try:
                             work()
@@ -8109,7 +8122,9 @@ class Watchdog(object):
         """The shell form; False if /bin/sh cannot start. The terminating signals are
         blocked in it, as a terminal sends them to udocker.py's whole process group."""
         script = 'read x; [ -n "$x" ] || { %s; }' % "; ".join(
-            "kill -s %s %d" % (name[3:], pid) for pid, name in self.kills)
+            ["kill -s %s %d" % (name[3:], pid) for pid, name in self.kills] +
+            [" ".join(sh_quote(_native(word)) for word in argv) for argv in self.commands] +
+            [":"])
         blocked = [getattr(signal, n) for n in FORWARDED_SIGNALS if n != "SIGWINCH"]
         try:
             self.pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", script], {}, file_actions=[
@@ -8569,12 +8584,38 @@ def oci_spec(root, args, cwd, env, user, caps, hostname, mounts):
     }
 
 
+def runtime_tmpdir(cfg, environ):
+    """Where an R-mode run makes its bundle directory (removed when it ends): the tmpdir
+    asked for (UDOCKER_TMP, tmpdir in udocker.conf, TMPDIR), else a tmpfs, $XDG_RUNTIME_DIR
+    (runc's and crun's own place for their state) or /dev/shm, else /tmp. The run's dozen
+    directory and file operations, ours and the runtime's, cost ~0.3-0.5 ms more (wall) on
+    a disk's file system (ext4) than on a tmpfs, more when the disk is busy."""
+    if cfg.sources.get("tmpdir") != "default" or environ.get("TMPDIR"):
+        return cfg.tmpdir
+    for path in (environ.get("XDG_RUNTIME_DIR"), "/dev/shm"):
+        if path and path.startswith("/") and _is_shared_safely(path):
+            return path
+    return cfg.tmpdir
+
+
+def _is_shared_safely(path):
+    """Is path a directory we can make ours in that no other user can remove or replace
+    (ours, or sticky as /tmp is)?"""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and os.access(path, os.W_OK | os.X_OK) and \
+        (info.st_uid == os.getuid() or bool(info.st_mode & stat.S_ISVTX))
+
+
 def runtime_command(runtime, flavour, rundir, *words):
-    """argv of a runc/crun command with its state under rundir."""
+    """argv of a runc/crun command with its state in the bundle directory rundir (as
+    udocker 1.3 does: one directory fewer to make and remove at every run)."""
     argv = [runtime]
     if flavour == "crun":
         argv.append("--cgroup-manager=disabled")
-    return argv + ["--root", os.path.join(rundir, "state")] + list(words)
+    return argv + ["--root", rundir] + list(words)
 
 
 def probe_command(argv, env=None):
@@ -8613,6 +8654,14 @@ def probe_runtime_start(runtime, flavour, tmpdir):
         run_capture(runtime_command(runtime, flavour, rundir, "delete", "--force", run_id),
                     timeout=10)
         remove_tree(rundir)
+
+
+def path_without(path, names):
+    """path (a $PATH value) without the directories that hold one of names (nor empty
+    entries, which mean the working directory); one that finds nothing if none is left."""
+    kept = [d for d in path.split(":")
+            if d and not any(os.path.lexists(os.path.join(d, name)) for name in names)]
+    return ":".join(kept) or "/dev/null"
 
 
 def _is_invoking_user(user):
@@ -8695,14 +8744,22 @@ class RuncEngine(Engine):
     def command(self):
         self.runtime, info = self.tools.runc()
         self.flavour = info.get("flavour", "runc")
-        self.rundir = os.path.join(self.cfg.tmpdir, "udocker-%s-%s" % (self.flavour,
-                                                                       random_hex(6)))
+        self.rundir = os.path.join(runtime_tmpdir(self.cfg, self.environ),
+                                   "udocker-%s-%s" % (self.flavour, random_hex(6)))
         self.run_id = "udocker-%s" % random_hex(8)
         self.change("bundle", self.rundir, json_text(self.spec()), "the runtime bundle")
         self.passed_fds = highest_inherited_fd()     # what P and F modes pass as they are
         preserve = ["--preserve-fds", str(self.passed_fds - 2)] if self.passed_fds else []
         argv = self.runtime_argv("run", *(preserve + ["--bundle", self.rundir, self.run_id]))
-        return argv, dict(self.environ), None
+        env = dict(self.environ)
+        if self.flavour == "crun" and not self._maps_subids():
+            # crun runs newgidmap and newuidmap (set-uid programs: ~2 ms of its ~7 ms
+            # start) whenever it finds them, before it writes the maps itself; a map of
+            # one id needs neither, and the container sees the same maps and setgroups
+            # "deny" either way. Its PATH is for nothing else (the command is found in
+            # the container's).
+            env["PATH"] = path_without(env.get("PATH", ""), ("newuidmap", "newgidmap"))
+        return argv, env, None
 
     def runtime_argv(self, *words):
         return runtime_command(self.runtime, self.flavour, self.rundir, *words)
@@ -8710,8 +8767,8 @@ class RuncEngine(Engine):
     @classmethod
     def host_probe(cls, session, tools):
         runtime, info = tools.runc()
-        return runtime, lambda: probe_runtime_start(runtime, info.get("flavour", "runc"),
-                                                    session.cfg.tmpdir)
+        return runtime, lambda: probe_runtime_start(
+            runtime, info.get("flavour", "runc"), runtime_tmpdir(session.cfg, session.environ))
 
     def process_args(self):
         return list(self.argv)
@@ -8797,21 +8854,23 @@ class RuncEngine(Engine):
         return status
 
     def watchdog(self):
-        return Watchdog(self._kill_and_cleanup)
-
-    def _kill_and_cleanup(self):
-        run_capture(self.runtime_argv("kill", self.run_id, "KILL"), timeout=10)
-        self.cleanup()
+        """Commands, so that the watchdog can be a shell rather than a fork of udocker.py:
+        the container killed, the runtime's state deleted, the bundle removed."""
+        watchdog = Watchdog()
+        for argv in (self.runtime_argv("kill", self.run_id, "KILL"),
+                     self.runtime_argv("delete", "--force", self.run_id),
+                     ["/bin/rm", "-rf", self.rundir]):
+            watchdog.run_command(argv)
+        return watchdog
 
     def cleanup(self):
         if self.rundir and os.path.isdir(self.rundir):
-            if os.path.lexists(os.path.join(self.rundir, "state", self.run_id)):
+            if os.path.lexists(os.path.join(self.rundir, self.run_id)):
                 # left behind (runc/crun remove it when `run` ends normally)
                 run_capture(self.runtime_argv("delete", "--force", self.run_id), timeout=10)
             try:                                  # what a normal run leaves, without shutil
                 os.unlink(os.path.join(self.rundir, "config.json"))
-                for sub in ("state", ""):
-                    os.rmdir(os.path.join(self.rundir, sub))
+                os.rmdir(self.rundir)
             except OSError:
                 remove_tree(self.rundir)
             self.rundir = None
@@ -10490,8 +10549,8 @@ class Tools(object):
         if found[1].get("flavour", "runc") != "crun":
             return found
         path = found[0]
-        probe = self.engine_probe("R", path, lambda: probe_runtime_start(path, "crun",
-                                                                         self.cfg.tmpdir))
+        probe = self.engine_probe("R", path, lambda: probe_runtime_start(
+            path, "crun", runtime_tmpdir(self.cfg, self.environ)))
         if probe.get("ok"):
             return found
         try:

@@ -646,6 +646,30 @@ def test_a_watchdog_that_only_kills_is_a_shell(dies):
         engine.wait()
 
 
+@pytest.mark.parametrize("shell", [True, False])
+def test_a_watchdog_runs_its_commands_when_we_die(tmpdir, shell):
+    """Commands (an R mode's runtime kill and delete, the bundle's removal) run after the
+    kills, as words of their own whatever they hold, by a shell (3.8+) or by a fork (what
+    a work in Python needs)."""
+    if shell and not hasattr(os, "posix_spawn"):
+        pytest.skip("no os.posix_spawn (Python 3.8+)")
+    odd = tmpdir.join("it's a $dir; rm -rf x").ensure(dir=True)
+    engine = _sleeper()
+    watchdog = udocker.Watchdog(None if shell else (lambda: None))
+    watchdog.kill_first(engine.pid, "SIGKILL")
+    out = tmpdir.join("out")
+    watchdog.run_command(["/bin/sh", "-c", 'echo "$1" > "$2"', "sh", "a b'c", str(out)])
+    watchdog.run_command(["/bin/rm", "-rf", str(odd)])
+    watchdog.start()
+    if shell:
+        wait_for(lambda: udocker.process_argv(watchdog.pid), "the watchdog's exec")
+        assert udocker.process_argv(watchdog.pid)[:2] == ["/bin/sh", "-c"]
+    assert odd.check(dir=True)
+    os.close(watchdog.write_fd)
+    os.waitpid(watchdog.pid, 0)
+    assert engine.wait() == -9 and out.read() == "a b'c\n" and not odd.check()
+
+
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
     data = tmpdir.join("data").ensure(dir=True)
     engine, plan = plan_for(tmpdir, glibc_tree, opts={
@@ -681,6 +705,41 @@ def test_runc_spec(tmpdir, glibc_tree):
     assert "/dev/" not in [m["destination"] for m in spec["mounts"] if m["type"] == "none"]
     with pytest.raises(udocker.UsageError):
         plan_for(tmpdir, glibc_tree, mode="R1", opts={"volume": ["/proc"]})
+
+
+def test_runtime_tmpdir_prefers_a_tmpfs_to_the_default_tmpdir(tmpdir):
+    """Where R modes make their bundles: the tmpdir asked for (UDOCKER_TMP, udocker.conf,
+    TMPDIR), else $XDG_RUNTIME_DIR when it is a directory of ours, else /dev/shm when it is
+    sticky and writable, else the default tmpdir."""
+    own = str(tmpdir.join("xdg").ensure(dir=True))
+    base = {"HOME": str(tmpdir), "UDOCKER_NOSYSCONF": "1"}
+
+    def where(options=None, **env):
+        environ = dict(base, **env)
+        return udocker.runtime_tmpdir(udocker.Config.load(environ, options or {}), environ)
+    shm = "/dev/shm" if udocker._is_shared_safely("/dev/shm") else "/tmp"
+    assert where(XDG_RUNTIME_DIR=own) == own
+    assert where() == where(XDG_RUNTIME_DIR="") == shm
+    assert where(XDG_RUNTIME_DIR=own + "/gone") == where(XDG_RUNTIME_DIR="xdg") == shm
+    assert where(XDG_RUNTIME_DIR=str(tmpdir.join("file").ensure())) == shm
+    assert where(XDG_RUNTIME_DIR=own, UDOCKER_TMP="/var/tmp") == "/var/tmp"
+    assert where(XDG_RUNTIME_DIR=own, TMPDIR="/var/tmp") == "/var/tmp"
+    conf = tmpdir.join("udocker.conf")
+    conf.write("[DEFAULT]\ntmpdir = /var/tmp\n")
+    assert where({"config": str(conf)}, XDG_RUNTIME_DIR=own) == "/var/tmp"
+    assert not udocker._is_shared_safely("/")            # not writable
+    assert not udocker._is_shared_safely("/nonexistent")
+
+
+def test_path_without(tmpdir):
+    """crun's PATH without the id map helpers (RuncEngine.command)."""
+    for name, where in (("newuidmap", "a"), ("newgidmap", "b")):
+        tmpdir.join(where, name).ensure()
+    a, b, c = (str(tmpdir.join(n).ensure(dir=True)) for n in "abc")
+    names = ("newuidmap", "newgidmap")
+    assert udocker.path_without("%s::%s:%s" % (a, c, b), names) == c
+    assert udocker.path_without("%s:%s" % (a, b), names) == "/dev/null"    # finds nothing
+    assert udocker.path_without("", names) == "/dev/null"
 
 
 def test_proot_status_maps_signals():

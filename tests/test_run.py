@@ -119,6 +119,11 @@ class World(object):
                        env=env)
 
 
+def bundles(path):
+    """The R-mode bundles in path (crun 1.8 also makes $XDG_RUNTIME_DIR/crun, and keeps it)."""
+    return [name for name in os.listdir(path) if name.startswith("udocker-")]
+
+
 def processes_matching(pattern):
     out = subprocess.Popen(["pgrep", "-f", pattern], stdout=subprocess.PIPE).communicate()[0]
     return out.decode("ascii").split()
@@ -531,18 +536,24 @@ def test_without_kill_on_exit_the_run_still_ends_with_its_command(world, mode, l
 @pytest.mark.parametrize("mode", ["P1", "R1", "R2", "F3"])
 def test_sigkilled_udocker_leaves_nothing(world, mode):
     """Even SIGKILL to udocker.py: proot gets SIGQUIT (PDEATHSIG) and kills its tracees; for
-    runc a watchdog kills the container; for fakechroot it finds the orphans."""
+    runc a watchdog kills the container and removes the run's bundle (here in a runtime
+    directory of its own); for fakechroot it finds the orphans."""
     cid = world.container(mode)
     marker = random.randint(700000, 799999)
     argv, env = world.command(["run", "--nobanner", cid, "sh", "-c",
                                "sleep %d & sleep %d" % (marker + 1, marker)], mode)
+    env["XDG_RUNTIME_DIR"] = runtime_dir = os.path.join(world.top, "xdg-killed-" + mode)
+    os.mkdir(runtime_dir, 0o700)
     with open(os.devnull, "wb") as null:
         proc = subprocess.Popen(argv, env=env, stdout=null, stderr=null)
         wait_for(lambda: processes_matching("(^|/)sleep %d$" % marker), "the sleep to start")
+        if mode.startswith("R"):
+            assert len(bundles(runtime_dir)) == 1
         proc.kill()
         proc.wait()
     wait_for(lambda: not processes_matching("(^|/)sleep %d$" % marker) and
              not processes_matching("(^|/)sleep %d$" % (marker + 1)), "no process left", 30)
+    wait_for(lambda: not bundles(runtime_dir), "the bundle removed", 30)
 
 
 @pytest.mark.parametrize("mode", ["P1", "R1", "F3"])
@@ -923,6 +934,24 @@ def test_publish_maps_a_port_in_p1(world):
 
 
 @pytest.mark.parametrize("mode", ["R1", "R1-runc", "R2"])
+def test_r_mode_bundle_on_a_tmpfs_unless_a_tmpdir_is_set(world, mode):
+    """The bundle, which holds the runtime's state too, is made in $XDG_RUNTIME_DIR (a tmpfs
+    where it is set) unless a tmpdir is asked for, and removed when the run ends."""
+    runtime_dir = os.path.join(world.top, "xdg-" + mode)
+    tmp = os.path.join(world.top, "tmp-" + mode)
+    os.mkdir(runtime_dir, 0o700)
+    os.mkdir(tmp)
+    for env, where in (({"XDG_RUNTIME_DIR": runtime_dir}, runtime_dir),
+                       ({"XDG_RUNTIME_DIR": runtime_dir, "UDOCKER_TMP": tmp}, tmp)):
+        rc, out, err = world.ud(["-D", "run", "--nobanner", world.container(mode), "sh", "-c",
+                                 "echo ran; exit 5"], mode, env=env)
+        assert (rc, out) == (5, "ran\n"), err
+        engine = [line for line in err.splitlines() if "run plan: engine:" in line]
+        assert len(engine) == 1 and " --root %s/udocker-" % where in engine[0], err
+        assert bundles(runtime_dir) == bundles(tmp) == []
+
+
+@pytest.mark.parametrize("mode", ["R1", "R1-runc", "R2"])
 def test_hostname_in_r_modes(world, mode):
     rc, out, err = world.run(mode, ["uname", "-n"], ["--hostname=box.example"])
     assert (rc, out) == (0, "box.example\n"), err
@@ -1065,6 +1094,33 @@ def test_r1_runs_as_another_user_through_subuid_ranges(world):
                              "sh", "-c", "touch /tmp/own; chown 123:456 /tmp/own; "
                              "stat -c %u:%g /tmp/own; rm /tmp/own"], "R1")
     assert (rc, out) == (0, "123:456\n"), err
+
+
+def test_crun_runs_the_id_map_helpers_only_for_subid_ranges(world):
+    """newuidmap/newgidmap (set-uid, ~2 ms of crun's start) are kept from crun where one id
+    is mapped, which it then maps itself: the container sees the same maps; crun still
+    finds them for the /etc/subuid ranges of another user."""
+    real = [udocker.which(n, os.environ.get("PATH", "")) for n in ("newuidmap", "newgidmap")]
+    if not all(real):
+        pytest.skip("no newuidmap/newgidmap (package uidmap)")
+    spy = os.path.join(world.top, "spy")
+    log = os.path.join(world.top, "spy.log")
+    os.mkdir(spy)
+    for path in real:
+        name = os.path.basename(path)
+        with open(os.path.join(spy, name), "w") as handle:
+            handle.write('#!/bin/sh\necho %s >> %s\nexec %s "$@"\n' % (name, log, path))
+        os.chmod(os.path.join(spy, name), 0o755)
+    env = {"PATH": spy + ":" + os.environ.get("PATH", "")}
+    script = ["sh", "-c", "id -u; cat /proc/self/uid_map /proc/self/setgroups"]
+    rc, out, err = world.run("R1", script, env=env)
+    assert (rc, out.split()) == (0, ["0", "0", str(os.getuid()), "1", "deny"]), err
+    assert not os.path.exists(log)
+    rc, out, err = world.run("R1", script[:2] + ["id -u; wc -l < /proc/self/uid_map"],
+                             ["--user=1000:1000"], env=env)
+    assert (rc, out.split()) == (0, ["1000", "2"]), err
+    with open(log) as handle:
+        assert sorted(handle.read().split()) == ["newgidmap", "newuidmap"]
 
 
 @pytest.mark.parametrize("mode", ["R1", "R1-runc"])
