@@ -582,6 +582,32 @@ def test_spawn_at_once_runs_in_cwd_and_leaves_ours_alone(tmpdir):
 
 
 @needs_posix_spawn
+def test_spawn_at_once_fills_the_holes_below_passed_fds(tmpdir):
+    """runc --preserve-fds N needs fds 3..N open: an inherited fd stays itself, a hole and
+    our own close-on-exec fd are /dev/null in the engine, and ours are left as they were."""
+    out = tmpdir.join("fds")
+    read_end, write_end = os.pipe()
+    fixed = [40, 41, 42]
+    os.dup2(read_end, 42)                                  # inherited, like a PMI_FD
+    ours = os.open(str(tmpdir), os.O_RDONLY | os.O_CLOEXEC)
+    os.dup2(ours, 41)
+    os.set_inheritable(41, False)                          # ours, close-on-exec
+    os.close(ours)
+    try:
+        pid = udocker._spawn_at_once(
+            ["/bin/sh", "-c", "for fd in 40 41 42; do readlink /proc/self/fd/$fd; done > %s"
+             % out], {"PATH": "/usr/bin:/bin"}, None, None, passed_fds=42)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert out.read().splitlines()[:2] == ["/dev/null", "/dev/null"]
+        assert out.read().splitlines()[2].startswith("pipe:")
+        assert os.readlink("/proc/self/fd/41") == str(tmpdir)
+        assert not os.path.exists("/proc/self/fd/40")
+    finally:
+        for fd in fixed[1:] + [read_end, write_end]:
+            os.close(fd)
+
+
+@needs_posix_spawn
 @pytest.mark.parametrize("program,cwd", [("/nonexistent/engine", None),
                                          ("/bin/true", "/nonexistent/dir")])
 def test_spawn_at_once_failures_are_engine_errors(program, cwd):
