@@ -280,7 +280,7 @@ class LeanOs(type(sys)):
     def __init__(self):
         type(sys).__init__(self, "os")
         import posix
-        self.__dict__.update((k, v) for k, v in posix.__dict__.items() if k[:2] != "__")
+        self._posix = posix
         self.path = LeanPath("posixpath")
         if "os" in sys.modules:
             self.environ = sys.modules["os"].environ
@@ -290,7 +290,12 @@ class LeanOs(type(sys)):
                                 for k, v in posix.environ.items())
 
     def __getattr__(self, name):
-        return getattr(__import__("os"), name)
+        """posix's name (kept: a start uses ~40 of its ~350), else os's."""
+        value = getattr(self._posix, name, self)
+        if value is self:
+            return getattr(__import__("os"), name)
+        setattr(self, name, value)
+        return value
 
 
 if PY3:
