@@ -210,9 +210,10 @@ class LeanPath(type(sys)):
 
     @staticmethod
     def expanduser(path):
-        if isinstance(path, bytes) or not path.startswith("~"):
-            return path if not isinstance(path, bytes) else \
-                __import__("posixpath").expanduser(path)
+        if isinstance(path, bytes):
+            return __import__("posixpath").expanduser(path)
+        if not path.startswith("~"):
+            return path
         i = path.find("/", 1)
         i = len(path) if i < 0 else i
         import pwd
