@@ -65,8 +65,9 @@ getattr(gc,"freeze",int)();gc.enable();m.exit_now(m.main()) if m else __import__
 #      9.5 Engines             one class per mode (ENGINES)
 #        9.5.1 PRoot: P1, P2
 #        9.5.2 runc and crun: R1, R2, R3
-#        9.5.3 Fakechroot: F1, F2, F3, F4
-#        9.5.4 Singularity: S1
+#        9.5.3 Fakechroot: F1, F3
+#        9.5.4 Fakechroot's ELF patching, its own loader: F2, F4
+#        9.5.5 Singularity: S1
 #      9.6 Mode choice         setup --execmode, probes, fallback modes, engine_for
 #  10. Tools installer         the tools tarball: fetch, verify, install
 #      10.1 Fetching, verifying, unpacking
@@ -8973,7 +8974,7 @@ class RuncProotNoSeccompEngine(RuncProotEngine):
     noseccomp = True
 
 
-# ---- 9.5.3 Fakechroot: F1, F2, F3, F4 ----
+# ---- 9.5.3 Fakechroot: F1, F3 ----
 
 
 class FakechrootEngine(Engine):
@@ -9338,6 +9339,12 @@ def mountpoint_links(container):
                for name in os.listdir(records))
 
 
+# ---- 9.5.4 Fakechroot's ELF patching, its own loader: F2, F4 ----
+# What setup does to a tree for F3 and F4, and the modes that run through a copy of the
+# container's loader (F2) or patch programs made after setup (F4): a plain F1 or F3 run
+# loads none of it.
+
+
 def convert_symlinks(root, prefix, to_host, skip=()):
     """to_host: make absolute symlinks in root (owned by us) point to prefix+target; else
     strip prefix from the targets that carry it. Links in skip stay. Returns the count."""
@@ -9654,7 +9661,7 @@ class FakechrootAutoPatchEngine(FakechrootPatchedEngine):
         FakechrootPatchedEngine.leave(container, tools)
 
 
-# ---- 9.5.4 Singularity: S1 ----
+# ---- 9.5.5 Singularity: S1 ----
 
 
 class SingularityEngine(Engine):
