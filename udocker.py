@@ -292,10 +292,12 @@ class LeanOs(type(sys)):
                                 for k, v in posix.environ.items())
 
     def __getattr__(self, name):
-        """posix's name (kept: a start uses ~40 of its ~350), else os's."""
-        value = getattr(self._posix, name, self)
+        """os's name where os is imported (by a program that imports udocker.py, or before
+        it: coverage's os._exit saves its data first), else posix's; kept, as a start uses
+        ~40 of ~350. Any other name comes from os, imported then."""
+        value = getattr(sys.modules.get("os") or self._posix, name, self)
         if value is self:
-            return getattr(__import__("os"), name)
+            value = getattr(__import__("os"), name)
         setattr(self, name, value)
         return value
 

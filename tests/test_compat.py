@@ -94,9 +94,11 @@ def test_lean_expanduser_as_posixpath_does(lean, monkeypatch, tmpdir):
     assert lean.path.expanduser("~root/y") == root_home.rstrip("/") + "/y"
 
 
-def test_lean_os_is_posix_and_the_rest_of_os_on_use(lean):
+def test_lean_os_is_posix_and_the_rest_of_os_on_use(lean, monkeypatch):
     import posix
     assert lean.stat is posix.stat and lean.fork is posix.fork
+    monkeypatch.setattr(os, "_exit", lambda code: None)     # as coverage's patch does
+    assert lean._exit is os._exit                            # os is imported: its names
     assert lean.walk is os.walk and lean.makedirs is os.makedirs       # from os itself
     assert (lean.sep, lean.devnull, lean.SEEK_END) == (os.sep, os.devnull, os.SEEK_END)
     assert lean.environ is os.environ                    # os is imported: the real one
