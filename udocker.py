@@ -8187,18 +8187,23 @@ class Supervisor(object):
             if at_once:
                 self.pid = _spawn_at_once(argv, env, cwd, self.engine.executable,
                                           self.engine.passed_fds)
-                self._after_spawn_at_once(prctl)
+                # no PDEATHSIG without a step in the engine's process: the watchdog gives
+                # the engine its death signal if udocker.py dies
+                self.watchdog = self.engine.watchdog() or Watchdog()
+                self.watchdog.kill_first(self.pid, self.engine.death_signal)
             else:
                 self.pid = _spawn(argv, env, cwd, self.engine.executable,
                                   lambda: _engine_child_setup(prctl, self.engine.death_signal,
                                                               self.engine.passed_fds, hook))
                 self.watchdog = self.engine.watchdog()
-            # forked while the engine starts, not before (a fork costs ~0.3 ms): should
-            # udocker.py die before this, the engine dies too (PDEATHSIG; posix_spawn:
-            # only in the fraction of a millisecond until here), well before it has made
-            # a container that could outlive it
+            # started while the engine starts, not before (a fork costs ~0.3 ms). Should
+            # udocker.py die before this, a forked engine dies too (PDEATHSIG), well before
+            # it has made a container that could outlive it; a spawned one is unguarded for
+            # the fraction of a millisecond until here
             if self.watchdog is not None:
                 self.watchdog.start()
+            if prctl is None:       # (slow_to_start: no container process exists yet)
+                prctl_function()(PR_SET_CHILD_SUBREAPER, 1)
             for signum in self.pending:
                 self.engine.forward_signal(self.pid, signum)
             keep = (self.watchdog.pid,) if self.watchdog else ()
@@ -8208,16 +8213,6 @@ class Supervisor(object):
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return self.engine.exit_status(status)
-
-    def _after_spawn_at_once(self, prctl):
-        """What PDEATHSIG and an early subreaper would have done, done while the engine
-        starts: become the subreaper now where the engine takes milliseconds before the
-        container's first process runs (slow_to_start), and have the watchdog give the
-        engine its death signal if udocker.py dies."""
-        if prctl is None:
-            prctl_function()(PR_SET_CHILD_SUBREAPER, 1)
-        self.watchdog = self.engine.watchdog() or Watchdog()
-        self.watchdog.kill_first(self.pid, self.engine.death_signal)
 
     def _on_signal(self, signum, frame):
         if signum != signal.SIGWINCH:
