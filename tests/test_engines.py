@@ -607,6 +607,32 @@ def test_spawn_at_once_fills_the_holes_below_passed_fds(tmpdir):
             os.close(fd)
 
 
+def test_the_fork_path_fills_every_hole_below_passed_fds(tmpdir):
+    """Before 3.8 (and for a child hook) the engine's child fills the holes itself: the
+    /dev/null it opens takes the lowest free fd, itself a hole, and must stay open at exec
+    (Python 3 opens it close-on-exec)."""
+    out = tmpdir.join("fds")
+    read_end, write_end = os.pipe()
+    os.dup2(read_end, 92)                                  # inherited, like a PMI_FD
+    lowest = os.open(os.devnull, os.O_RDONLY)              # the first hole the child has
+    os.close(lowest)
+    try:
+        pid = os.fork()
+        if pid == 0:                                       # pragma: no cover (child)
+            try:
+                udocker._engine_child_setup(lambda option, value: True, "SIGKILL", 92)
+                os.execv("/bin/sh", ["sh", "-c", "for fd in %d 91 92; do readlink "
+                                     "/proc/self/fd/$fd; done > %s" % (lowest, out)])
+            finally:
+                os._exit(127)
+        assert os.waitpid(pid, 0)[1] == 0
+        lines = out.read().splitlines()
+        assert lines[:2] == ["/dev/null", "/dev/null"] and lines[2].startswith("pipe:"), lines
+    finally:
+        for fd in (92, read_end, write_end):
+            os.close(fd)
+
+
 @needs_posix_spawn
 @pytest.mark.parametrize("program,cwd", [("/nonexistent/engine", None),
                                          ("/bin/true", "/nonexistent/dir")])
