@@ -7913,9 +7913,8 @@ class Engine(object):
     def exit_status(self, status):
         return status
 
-    def watchdog(self):
-        """A Watchdog to clean up if udocker.py is killed during the run, or None."""
-        return None
+    def watch(self, watchdog):
+        """Add to watchdog what to do if udocker.py is killed during the run."""
 
     def child_hook(self):
         """None, or a function (made before the fork) the engine process calls before exec."""
@@ -8065,34 +8064,72 @@ def sh_quote(word):
 
 
 class Watchdog(object):
-    """A process that does its work only if udocker.py dies (even by SIGKILL) before
+    """A process that does its duties only if udocker.py dies (even by SIGKILL) before
     release(): for engines whose container would outlive it (runc/crun keep a pid-1
-    process running when the runtime is killed), and to deliver the death signal to an
-    engine started without PDEATHSIG (Supervisor). It learns of the death by EOF on a
-    pipe. An engine makes it; the Supervisor starts it once the engine runs: a fork of
-    udocker.py for work in Python, else a shell (/bin/sh reading the pipe, by
-    posix_spawn: after a fork every page udocker.py writes is copied; P1 measured 0.17 ms
-    faster with the shell)."""
+    process running when the runtime is killed; fakechroot's orphans have no common
+    parent left), and to deliver the death signal to an engine started without PDEATHSIG
+    (Supervisor). It learns of the death by EOF on a pipe. Its duties: signals to send
+    (kill_first), programs to run (run_command), processes to find by a marker in their
+    environment (kill_marked). The Supervisor starts it once the engine runs: /bin/sh by
+    posix_spawn (Python 3.8+), else a fork of udocker.py, which copies every page
+    udocker.py writes afterwards (F3: 0.23 ms slower a run, medians of 201 interleaved
+    runs; started before the run's plan instead, the shell slowed the plan more than it
+    saved)."""
 
-    def __init__(self, work=None):
-        self.works = [work] if work else []
-        self.kills = []                 # (pid, signal name): before the works
-        self.commands = []              # argv lists run after the kills, before the works
+    def __init__(self):
+        self.kills = []                 # (pid, signal name): first
+        self.commands = []              # argv lists run after the kills
+        self.markers = []               # NAME=VALUE: kill_marked, last
         self.pid = self.write_fd = None
 
     def kill_first(self, pid, name):
         self.kills.append((pid, name))
 
     def run_command(self, argv):
-        """Run argv (a program by its path) if udocker.py dies, as the shell form can."""
+        """Run argv (a program by its path) if udocker.py dies."""
         self.commands.append(list(argv))
+
+    def kill_marked(self, marker):
+        self.markers.append(marker)
+
+    def duties(self):
+        return self.kills + self.commands + self.markers
 
     def start(self):
         read_fd, self.write_fd = os.pipe()
         for fd in (read_fd, self.write_fd):               # the engine must not hold them
             fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
-        if not self.works and hasattr(os, "posix_spawn") and self._start_shell(read_fd):
-            return self
+        if not (hasattr(os, "posix_spawn") and self._start_shell(read_fd)):
+            self._fork(read_fd)
+        os.close(read_fd)
+        return self
+
+    def script(self):
+        """The duties as a sh script (kill_marked: GNU or BusyBox grep's -z)."""
+        lines = ["kill -s %s %d" % (name[3:], pid) for pid, name in self.kills]
+        lines += [" ".join(sh_quote(_native(word)) for word in argv) for argv in self.commands]
+        lines += ['m=%s; n=0; while [ $n -lt 20 ]; do p=$(grep -lzxFs -e "$m" '
+                  '/proc/[0-9]*/environ); [ -n "$p" ] || break; for e in $p; do e=${e#/proc/}; '
+                  'kill -s KILL ${e%%/environ}; done; n=$((n+1)); sleep 0.05; done'
+                  % sh_quote(_native(marker)) for marker in self.markers]
+        return "read x; [ -n \"$x\" ] || { %s; }" % "\n".join(lines + [":"])
+
+    def _start_shell(self, read_fd):
+        """The shell form; False if /bin/sh cannot start. The terminating signals are
+        blocked in it, as a terminal sends them to udocker.py's whole process group."""
+        blocked = [getattr(signal, n) for n in FORWARDED_SIGNALS if n != "SIGWINCH"]
+        try:
+            self.pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", self.script()], {},
+                                      file_actions=[(os.POSIX_SPAWN_DUP2, read_fd, 0),
+                                                    (os.POSIX_SPAWN_OPEN, 1, os.devnull,
+                                                     os.O_WRONLY, 0),
+                                                    (os.POSIX_SPAWN_DUP2, 1, 2)],
+                                      setsigmask=blocked)
+        except OSError:
+            return False
+        return True
+
+    def _fork(self, read_fd):
         self.pid = os.fork()
         if self.pid == 0:                                 # pragma: no cover (child)
             status = 0
@@ -8104,38 +8141,18 @@ class Watchdog(object):
                 for fd in (0, 1, 2):
                     os.dup2(null, fd)
                 if not os.read(read_fd, 1):
-                    works = [lambda p=pid, n=name: os.kill(p, getattr(signal, n))
-                             for pid, name in self.kills] + \
+                    duties = [lambda p=pid, n=name: os.kill(p, getattr(signal, n))
+                              for pid, name in self.kills] + \
                         [lambda a=argv: run_capture(a, timeout=10) for argv in self.commands] \
-                        + self.works
-                    for work in works:
+                        + [lambda m=marker: kill_marked(m) for marker in self.markers]
+                    for duty in duties:
                         try:
-                            work()
-                        except Exception:     # noqa: B902 (the next work is done anyway)
+                            duty()
+                        except Exception:     # noqa: B902 (the next duty is done anyway)
                             status = 1
             except BaseException:
                 status = 1
             os._exit(status)
-        os.close(read_fd)
-        return self
-
-    def _start_shell(self, read_fd):
-        """The shell form; False if /bin/sh cannot start. The terminating signals are
-        blocked in it, as a terminal sends them to udocker.py's whole process group."""
-        script = 'read x; [ -n "$x" ] || { %s; }' % "; ".join(
-            ["kill -s %s %d" % (name[3:], pid) for pid, name in self.kills] +
-            [" ".join(sh_quote(_native(word)) for word in argv) for argv in self.commands] +
-            [":"])
-        blocked = [getattr(signal, n) for n in FORWARDED_SIGNALS if n != "SIGWINCH"]
-        try:
-            self.pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", script], {}, file_actions=[
-                (os.POSIX_SPAWN_DUP2, read_fd, 0),
-                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                (os.POSIX_SPAWN_DUP2, 1, 2)], setsigmask=blocked)
-        except OSError:
-            return False
-        os.close(read_fd)
-        return True
 
     def release(self):
         """udocker.py is done with the container: the watchdog exits without working. It
@@ -8179,21 +8196,11 @@ class Supervisor(object):
             if at_once:
                 self.pid = _spawn_at_once(argv, env, cwd, self.engine.executable,
                                           self.engine.passed_fds)
-                # no PDEATHSIG without a step in the engine's process: the watchdog gives
-                # the engine its death signal if udocker.py dies
-                self.watchdog = self.engine.watchdog() or Watchdog()
-                self.watchdog.kill_first(self.pid, self.engine.death_signal)
             else:
                 self.pid = _spawn(argv, env, cwd, self.engine.executable,
                                   lambda: _engine_child_setup(prctl, self.engine.death_signal,
                                                               self.engine.passed_fds, hook))
-                self.watchdog = self.engine.watchdog()
-            # started while the engine starts, not before (a fork costs ~0.3 ms). Should
-            # udocker.py die before this, a forked engine dies too (PDEATHSIG), well before
-            # it has made a container that could outlive it; a spawned one is unguarded for
-            # the fraction of a millisecond until here
-            if self.watchdog is not None:
-                self.watchdog.start()
+            self._watch(at_once)
             if prctl is None:       # (slow_to_start: no container process exists yet)
                 prctl_function()(PR_SET_CHILD_SUBREAPER, 1)
             for signum in self.pending:
@@ -8205,6 +8212,18 @@ class Supervisor(object):
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return self.engine.exit_status(status)
+
+    def _watch(self, at_once):
+        """The watchdog, started while the engine starts, not before (~0.2 ms). Should
+        udocker.py die before this, a forked engine dies too (PDEATHSIG), well before it
+        has made a container that could outlive it; a spawned one is unguarded for the
+        fraction of a millisecond until here."""
+        watchdog = Watchdog()
+        self.engine.watch(watchdog)
+        if at_once:        # no PDEATHSIG without a step in the engine's process
+            watchdog.kill_first(self.pid, self.engine.death_signal)
+        if watchdog.duties():
+            self.watchdog = watchdog.start()
 
     def _on_signal(self, signum, frame):
         if signum != signal.SIGWINCH:
@@ -8861,15 +8880,12 @@ class RuncEngine(Engine):
             return 128 + self.killed_by
         return status
 
-    def watchdog(self):
-        """Commands, so that the watchdog can be a shell rather than a fork of udocker.py:
-        the container killed, the runtime's state deleted, the bundle removed."""
-        watchdog = Watchdog()
+    def watch(self, watchdog):
+        """The container killed, the runtime's state deleted, the bundle removed."""
         for argv in (self.runtime_argv("kill", self.run_id, "KILL"),
                      self.runtime_argv("delete", "--force", self.run_id),
                      ["/bin/rm", "-rf", self.rundir]):
             watchdog.run_command(argv)
-        return watchdog
 
     def cleanup(self):
         if self.rundir and os.path.isdir(self.rundir):
@@ -9113,17 +9129,10 @@ class FakechrootEngine(Engine):
                               % cont)
         return host, [argv0] + list(args)
 
-    def watchdog(self):
-        """If udocker.py is killed, the container's orphans are found by a marker in
-        their environment (they have no common parent left to look under). Forked on
-        every run, as a SIGKILL at any moment must leave nothing: ~40k instructions and the
-        fork (~0.2 ms for our ~10 MB). A shell started by posix_spawn instead (vfork: ~0.1
-        ms of ours, no copy-on-write faults after it) was tried again: ~0.3 ms sooner from
-        the engine's exec to our end, yet whole runs 0.06-0.28 ms slower (paired medians of
-        101 and 201 interleaved runs, 2 busy CPUs: the shell's start competes with the
-        engine's)."""
-        marker = "container_run=%s" % self.env["container_run"]
-        return Watchdog(lambda: kill_marked(marker))
+    def watch(self, watchdog):
+        """If udocker.py is killed, the container's orphans are found by a marker in their
+        environment (they have no common parent left to look under)."""
+        watchdog.kill_marked("container_run=%s" % self.env["container_run"])
 
     def nvidia_volumes(self):
         """The driver as one directory of symlinks to its host files (the kernel follows

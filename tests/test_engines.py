@@ -5,7 +5,9 @@ command-line errors. The engines themselves run in test_run.py."""
 from __future__ import print_function, absolute_import
 
 import os
+import random
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -644,33 +646,60 @@ def test_spawn_at_once_failures_are_engine_errors(program, cwd):
     assert os.getcwd() == here
 
 
-def _sleeper():
-    return subprocess.Popen(["sleep", "60"])
+def _sleeper(env=None):
+    """sleep 60, with the default action of every signal: the test runner may have been
+    started with some ignored (a background job of a script ignores SIGINT and SIGQUIT),
+    which a child inherits."""
+    def default_signals():
+        for name in ("SIGINT", "SIGQUIT", "SIGTERM", "SIGHUP"):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    return subprocess.Popen(["sleep", "60"], env=env, preexec_fn=default_signals)
 
 
-def test_a_watchdog_does_every_work_when_we_die(tmpdir):
-    """Its works run only on EOF of its pipe (udocker.py died: here its end is closed): the
-    kills first, then the engine's own works, and a failing one stops none."""
-    log = tmpdir.join("log")
+def _forked_watchdog():
+    """A Watchdog whose start() forks, as on Pythons without os.posix_spawn."""
+    watchdog = udocker.Watchdog()
+    watchdog._start_shell = lambda read_fd: False
+    return watchdog
 
-    def note(word):
-        with open(str(log), "a") as handle:
-            handle.write(word + "\n")
 
-    def fails():
-        raise OSError("no such process")
-    engine = _sleeper()
-    watchdog = udocker.Watchdog(fails)
-    watchdog.works.append(lambda: note("engine's own"))
+def test_a_forked_watchdog_does_every_duty_when_we_die(tmpdir):
+    """Its duties are done only on EOF of its pipe (udocker.py died: here its end is
+    closed): the kills first, then the commands, then the marked processes; a failing one
+    stops none."""
+    out = tmpdir.join("out")
+    engine, marked = _sleeper(), MarkedSleeper()
+    watchdog = _forked_watchdog()
+    watchdog.kill_first(2 ** 22 + 1, "SIGTERM")                        # no such process
     watchdog.kill_first(engine.pid, "SIGTERM")
+    watchdog.run_command(["/bin/sh", "-c", 'echo done > "$1"', "sh", str(out)])
+    watchdog.kill_marked(marked.marker)
     watchdog.start()
+    assert udocker.process_argv(watchdog.pid) == udocker.process_argv(os.getpid())
     os.close(watchdog.write_fd)
-    assert os.waitpid(watchdog.pid, 0)[1] >> 8 == 1                    # one work failed
-    assert engine.wait() == -15 and log.read() == "engine's own\n"
-    released = udocker.Watchdog(lambda: note("never")).start()
-    released.release()
+    assert os.waitpid(watchdog.pid, 0)[1] >> 8 == 1                    # one duty failed
+    assert engine.wait() == -15 and out.read() == "done\n" and marked.wait() == -9
+    released = _forked_watchdog()
+    released.run_command(["/bin/sh", "-c", 'echo never > "$1"', "sh", str(out)])
+    released.start().release()
     os.waitpid(released.pid, 0)
-    assert "never" not in log.read()
+    assert out.read() == "done\n"
+
+
+class MarkedSleeper(object):
+    """A process with a marker in its environment, as a fakechroot container's have."""
+
+    def __init__(self):
+        self.marker = "container_run=test-%d" % random.randint(0, 10 ** 9)
+        name, value = self.marker.split("=")
+        self.proc = _sleeper(dict(os.environ, **{name: value}))
+
+    def wait(self):
+        return self.proc.wait()
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
 
 
 @needs_posix_spawn
@@ -707,7 +736,7 @@ def test_a_watchdog_runs_its_commands_when_we_die(tmpdir, shell):
         pytest.skip("no os.posix_spawn (Python 3.8+)")
     odd = tmpdir.join("it's a $dir; rm -rf x").ensure(dir=True)
     engine = _sleeper()
-    watchdog = udocker.Watchdog(None if shell else (lambda: None))
+    watchdog = udocker.Watchdog() if shell else _forked_watchdog()
     watchdog.kill_first(engine.pid, "SIGKILL")
     out = tmpdir.join("out")
     watchdog.run_command(["/bin/sh", "-c", 'echo "$1" > "$2"', "sh", "a b'c", str(out)])
@@ -720,6 +749,43 @@ def test_a_watchdog_runs_its_commands_when_we_die(tmpdir, shell):
     os.close(watchdog.write_fd)
     os.waitpid(watchdog.pid, 0)
     assert engine.wait() == -9 and out.read() == "a b'c\n" and not odd.check()
+
+
+@needs_posix_spawn
+@pytest.mark.parametrize("dies", [True, False])
+def test_a_shell_watchdog_does_every_duty_when_we_die(tmpdir, dies):
+    """The shell form: kills, commands whose words hold a newline, quotes, %, \\ and
+    non-ASCII bytes, and processes found by their marker (fakechroot's orphans); nothing
+    once released."""
+    odd = tmpdir.join("a\nb %s \\n 'c' \xc3\xa9").ensure(dir=True)
+    out = tmpdir.join("out")
+    engine, marked = _sleeper(), MarkedSleeper()
+    watchdog = udocker.Watchdog()
+    try:
+        watchdog.kill_first(engine.pid, "SIGQUIT")
+        watchdog.run_command(["/bin/sh", "-c", 'printf "%s|" "$@" > "$0"', str(out), "100%",
+                              "two\nlines", "\\t"])
+        watchdog.run_command(["/bin/rm", "-rf", str(odd)])
+        watchdog.kill_marked(marked.marker)
+        watchdog.start()
+        wait_for(lambda: udocker.process_argv(watchdog.pid), "the watchdog's exec")
+        assert udocker.process_argv(watchdog.pid)[:2] == ["/bin/sh", "-c"]
+        assert odd.check(dir=True)
+        if dies:
+            os.close(watchdog.write_fd)
+        else:
+            watchdog.release()
+        os.waitpid(watchdog.pid, 0)
+        if dies:
+            assert engine.wait() == -3 and marked.wait() == -9
+            assert out.read() == "100%|two\nlines|\\t|" and not odd.check()
+        else:
+            assert engine.poll() is None and marked.proc.poll() is None
+            assert not out.check() and odd.check(dir=True)
+    finally:
+        engine.kill()
+        engine.wait()
+        marked.kill()
 
 
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
