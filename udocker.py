@@ -8076,6 +8076,8 @@ class Watchdog(object):
     runs; started before the run's plan instead, the shell slowed the plan more than it
     saved)."""
 
+    COMMAND_SECONDS = 10            # a runtime's kill or delete that hangs is killed
+
     def __init__(self):
         self.kills = []                 # (pid, signal name): first
         self.commands = []              # argv lists run after the kills
@@ -8107,7 +8109,11 @@ class Watchdog(object):
     def script(self):
         """The duties as a sh script (kill_marked: GNU or BusyBox grep's -z)."""
         lines = ["kill -s %s %d" % (name[3:], pid) for pid, name in self.kills]
-        lines += [" ".join(sh_quote(_native(word)) for word in argv) for argv in self.commands]
+        if self.commands:          # each for COMMAND_SECONDS at most, where it can
+            lines.append('t=; timeout 1 true 2>/dev/null && t="timeout -s KILL %d"'
+                         % self.COMMAND_SECONDS)
+        lines += ["$t " + " ".join(sh_quote(_native(word)) for word in argv)
+                  for argv in self.commands]
         lines += ['m=%s; n=0; while [ $n -lt 20 ]; do p=$(grep -lzxFs -e "$m" '
                   '/proc/[0-9]*/environ); [ -n "$p" ] || break; for e in $p; do e=${e#/proc/}; '
                   'kill -s KILL ${e%%/environ}; done; n=$((n+1)); sleep 0.05; done'
@@ -8143,7 +8149,8 @@ class Watchdog(object):
                 if not os.read(read_fd, 1):
                     duties = [lambda p=pid, n=name: os.kill(p, getattr(signal, n))
                               for pid, name in self.kills] + \
-                        [lambda a=argv: run_capture(a, timeout=10) for argv in self.commands] \
+                        [lambda a=argv: run_capture(a, timeout=self.COMMAND_SECONDS)
+                         for argv in self.commands] \
                         + [lambda m=marker: kill_marked(m) for marker in self.markers]
                     for duty in duties:
                         try:
@@ -8259,8 +8266,14 @@ def _spawn_at_once(argv, env, cwd, executable, passed_fds=0):
     working directory of its own: ours is cwd for the moment of the call. Returns the pid;
     raises EngineError if it cannot start."""
     program, args, envp = _exec_args(argv, env, executable)
-    holes = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in fd_holes(passed_fds)]
-    here = None
+    holes, here, null = fd_holes(passed_fds), None, None
+    if holes:       # one /dev/null, above them, dup2'd into each (an open each cost more)
+        first = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            null = fcntl.fcntl(first, fcntl.F_DUPFD_CLOEXEC, passed_fds + 1)
+        finally:
+            os.close(first)
+        holes = [(os.POSIX_SPAWN_DUP2, null, fd) for fd in holes]
     try:
         if cwd:
             here = os.open(".", getattr(os, "O_PATH", os.O_RDONLY) | os.O_CLOEXEC)
@@ -8273,6 +8286,8 @@ def _spawn_at_once(argv, env, cwd, executable, passed_fds=0):
         if here is not None:
             os.fchdir(here)
             os.close(here)
+        if null is not None:
+            os.close(null)
 
 
 def _spawn(argv, env, cwd, executable, child_setup):
@@ -8341,8 +8356,17 @@ def _engine_child_setup(prctl, death_signal, passed_fds=0, hook=None):
 
 def fd_holes(last):
     """The fds 3..last a program we start would not get (closed, or close-on-exec):
-    runc --preserve-fds needs each open, so they become /dev/null in the engine."""
-    return [fd for fd in range(3, last + 1) if not inheritable_fd(fd)]
+    runc --preserve-fds needs each open, so they become /dev/null in the engine. The open
+    ones are listed first: an MPI launcher's fd can be in the hundreds, and a fcntl for
+    each fd below it was ~0.8 ms of an R-mode start."""
+    if last < 3:
+        return []
+    try:
+        open_fds = set(int(n) for n in os.listdir("/proc/self/fd") if n.isdigit())
+    except OSError:
+        open_fds = None
+    return [fd for fd in range(3, last + 1)
+            if (open_fds is not None and fd not in open_fds) or not inheritable_fd(fd)]
 
 
 def inheritable_fd(fd):
@@ -8620,9 +8644,19 @@ def runtime_tmpdir(cfg, environ):
     if cfg.sources.get("tmpdir") != "default" or environ.get("TMPDIR"):
         return cfg.tmpdir
     for path in (environ.get("XDG_RUNTIME_DIR"), "/dev/shm"):
-        if path and path.startswith("/") and _is_shared_safely(path):
+        if path and path.startswith("/") and _is_shared_safely(path) and _has_room(path):
             return path
     return cfg.tmpdir
+
+
+def _has_room(path, needed=1 << 20):
+    """Has the file system of path room for a bundle and the runtime's state (~20 KB and
+    a few files: a full /dev/shm, a small one in a container, would fail the run)?"""
+    try:
+        info = os.statvfs(path)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize >= needed and bool(info.f_favail or not info.f_files)
 
 
 def _is_shared_safely(path):

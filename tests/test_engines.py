@@ -9,6 +9,7 @@ import random
 import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -609,6 +610,28 @@ def test_spawn_at_once_fills_the_holes_below_passed_fds(tmpdir):
             os.close(fd)
 
 
+def test_fd_holes_are_the_fds_a_program_would_not_get(tmpdir):
+    """fd_holes lists the open fds first; what it finds is what asking each fd finds:
+    closed ones and close-on-exec ones, up to a high inherited fd."""
+    high = 300
+    inherited = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(inherited, high)                               # inheritable: a PMI_FD
+    ours = os.open(str(tmpdir), os.O_RDONLY)
+    if hasattr(os, "set_inheritable"):
+        os.set_inheritable(ours, False)
+    else:                                                  # Python 2: fcntl
+        import fcntl
+        fcntl.fcntl(ours, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+    try:
+        holes = udocker.fd_holes(high)
+        assert holes == [fd for fd in range(3, high + 1) if not udocker.inheritable_fd(fd)]
+        assert ours in holes and high not in holes and high - 1 in holes
+        assert udocker.fd_holes(2) == []
+    finally:
+        for fd in (inherited, high, ours):
+            os.close(fd)
+
+
 def test_the_fork_path_fills_every_hole_below_passed_fds(tmpdir):
     """Before 3.8 (and for a child hook) the engine's child fills the holes itself: the
     /dev/null it opens takes the lowest free fd, itself a hole, and must stay open at exec
@@ -788,6 +811,26 @@ def test_a_shell_watchdog_does_every_duty_when_we_die(tmpdir, dies):
         marked.kill()
 
 
+@pytest.mark.parametrize("shell", [True, False])
+def test_a_watchdog_command_that_hangs_is_killed(tmpdir, shell):
+    """A runtime's kill or delete that hangs does not keep the others from running: each
+    command has COMMAND_SECONDS (timeout(1) in the shell form, where it is found)."""
+    if shell and not (hasattr(os, "posix_spawn") and
+                      subprocess.call(["sh", "-c", "timeout 1 true"]) == 0):
+        pytest.skip("no os.posix_spawn (Python 3.8+) or no timeout(1)")
+    out = tmpdir.join("out")
+    watchdog = udocker.Watchdog() if shell else _forked_watchdog()
+    watchdog.COMMAND_SECONDS = 1
+    watchdog.run_command(["/bin/sleep", "60"])
+    watchdog.run_command(["/bin/sh", "-c", 'echo after > "$1"', "sh", str(out)])
+    watchdog.start()
+    started = time.time()
+    os.close(watchdog.write_fd)
+    wait_for(lambda: out.check(), "the second command", 30)
+    assert os.waitpid(watchdog.pid, 0)[1] >> 8 in (0, 1)
+    assert time.time() - started < 30 and out.read() == "after\n"
+
+
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
     data = tmpdir.join("data").ensure(dir=True)
     engine, plan = plan_for(tmpdir, glibc_tree, opts={
@@ -835,7 +878,8 @@ def test_runtime_tmpdir_prefers_a_tmpfs_to_the_default_tmpdir(tmpdir):
     def where(options=None, **env):
         environ = dict(base, **env)
         return udocker.runtime_tmpdir(udocker.Config.load(environ, options or {}), environ)
-    shm = "/dev/shm" if udocker._is_shared_safely("/dev/shm") else "/tmp"
+    shm = "/dev/shm" if udocker._is_shared_safely("/dev/shm") and \
+        udocker._has_room("/dev/shm") else "/tmp"
     assert where(XDG_RUNTIME_DIR=own) == own
     assert where() == where(XDG_RUNTIME_DIR="") == shm
     assert where(XDG_RUNTIME_DIR=own + "/gone") == where(XDG_RUNTIME_DIR="xdg") == shm
@@ -847,6 +891,32 @@ def test_runtime_tmpdir_prefers_a_tmpfs_to_the_default_tmpdir(tmpdir):
     assert where({"config": str(conf)}, XDG_RUNTIME_DIR=own) == "/var/tmp"
     assert not udocker._is_shared_safely("/")            # not writable
     assert not udocker._is_shared_safely("/nonexistent")
+
+
+class _FileSystem(object):
+    def __init__(self, free, inodes_free, inodes):
+        self.f_bavail, self.f_frsize = free // 4096, 4096
+        self.f_favail, self.f_files = inodes_free, inodes
+
+
+def test_runtime_tmpdir_passes_over_a_full_tmpfs(tmpdir, monkeypatch):
+    """A tmpfs without room for a bundle (a full /dev/shm, a small one in a container) is
+    passed over for the next place, rather than failing the run: 1 MB free and a free
+    inode, or no inode count at all (a tmpfs with nr_inodes=0)."""
+    own = str(tmpdir.join("xdg").ensure(dir=True))
+    environ = {"HOME": str(tmpdir), "UDOCKER_NOSYSCONF": "1", "XDG_RUNTIME_DIR": own}
+    cfg = udocker.Config.load(environ, {})
+    sizes = {}
+    real = udocker.os.statvfs
+    monkeypatch.setattr(udocker.os, "statvfs", lambda path: sizes.get(path) or real(path))
+    sizes[own] = _FileSystem(0, 100, 1000)                             # no space
+    sizes["/dev/shm"] = _FileSystem(1 << 30, 0, 1000)                  # no inode
+    assert udocker.runtime_tmpdir(cfg, environ) == cfg.tmpdir
+    sizes["/dev/shm"] = _FileSystem(1 << 30, 0, 0)                     # no inode count
+    if udocker._is_shared_safely("/dev/shm"):
+        assert udocker.runtime_tmpdir(cfg, environ) == "/dev/shm"
+    sizes[own] = _FileSystem(1 << 20, 1, 1000)
+    assert udocker.runtime_tmpdir(cfg, environ) == own
 
 
 def test_path_without(tmpdir):
