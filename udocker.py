@@ -6419,6 +6419,16 @@ def _process_tree():
     return tree
 
 
+def only_pids_since(first, last):
+    """True when the kernel gave out no pid since first but last (first or first + 1) in
+    our pid namespace, as /proc/loadavg tells: no other process or thread was made."""
+    try:
+        given = int(read_text("/proc/loadavg").split()[4])
+    except (IOError, OSError, IndexError, ValueError):
+        return False
+    return last - first in (0, 1) and given == last
+
+
 def kill_marked(marker):
     """SIGKILL every process of ours whose environment holds marker (NAME=VALUE), until
     none is left: how a watchdog finds a container's processes once they are orphans."""
@@ -7916,6 +7926,11 @@ class Engine(object):
     def watch(self, watchdog):
         """Add to watchdog what to do if udocker.py is killed during the run."""
 
+    def orphan_marker(self):
+        """NAME=VALUE in the environment of every process of the container, by which its
+        orphans are found, or None."""
+        return None
+
     def child_hook(self):
         """None, or a function (made before the fork) the engine process calls before exec."""
         return None
@@ -8189,8 +8204,11 @@ class Supervisor(object):
     def run(self, argv, env, cwd):
         hook = self.engine.child_hook()
         at_once = hook is None and can_spawn_at_once(self.engine.executable or argv[0], cwd)
+        # a subreaper only once the engine runs, where its start needs no guard: the
+        # _ctypes import (~0.4 ms) is then done while the engine starts
+        late = at_once and (self.engine.slow_to_start or self.engine.orphan_marker())
         prctl = None
-        if not (at_once and self.engine.slow_to_start):
+        if not late:
             prctl = prctl_function()
             prctl(PR_SET_CHILD_SUBREAPER, 1)
         previous = {}
@@ -8208,17 +8226,33 @@ class Supervisor(object):
                                   lambda: _engine_child_setup(prctl, self.engine.death_signal,
                                                               self.engine.passed_fds, hook))
             self._watch(at_once)
-            if prctl is None:       # (slow_to_start: no container process exists yet)
-                prctl_function()(PR_SET_CHILD_SUBREAPER, 1)
+            strays = late and self._late_subreaper()
             for signum in self.pending:
                 self.engine.forward_signal(self.pid, signum)
             keep = (self.watchdog.pid,) if self.watchdog else ()
             status = self.engine.wait(self.pid, keep)
             _reap_leftovers(keep=keep)
+            if strays:
+                kill_marked(self.engine.orphan_marker())
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return self.engine.exit_status(status)
+
+    def _late_subreaper(self):
+        """Become the subreaper once the engine runs. True when a process of the container
+        may have been orphaned before, and adopted by another: it is then found by its
+        marker once the engine exits. False when the runtime takes ms before the
+        container's first process (slow_to_start), or when the kernel gave out no pid
+        after the engine's but the watchdog's (/proc/loadavg): no process was made."""
+        prctl_function()(PR_SET_CHILD_SUBREAPER, 1)
+        if self.engine.slow_to_start:
+            return False
+        if only_pids_since(self.pid, self.watchdog.pid if self.watchdog else self.pid):
+            return False
+        MSG.debug("processes were made before udocker.py became their subreaper: the "
+                  "container's are looked for by their marker at the end")
+        return True
 
     def _watch(self, at_once):
         """The watchdog, started while the engine starts, not before (~0.2 ms). Should
@@ -9166,7 +9200,10 @@ class FakechrootEngine(Engine):
     def watch(self, watchdog):
         """If udocker.py is killed, the container's orphans are found by a marker in their
         environment (they have no common parent left to look under)."""
-        watchdog.kill_marked("container_run=%s" % self.env["container_run"])
+        watchdog.kill_marked(self.orphan_marker())
+
+    def orphan_marker(self):
+        return "container_run=%s" % self.env["container_run"]
 
     def nvidia_volumes(self):
         """The driver as one directory of symlinks to its host files (the kernel follows

@@ -831,6 +831,21 @@ def test_a_watchdog_command_that_hangs_is_killed(tmpdir, shell):
     assert time.time() - started < 30 and out.read() == "after\n"
 
 
+def test_only_pids_since_sees_any_process_made_after_the_engine():
+    """F modes become the subreaper after the engine's start, and look for strays at the
+    end unless the kernel gave out no pid since the engine's but the watchdog's."""
+    engine = _sleeper()
+    other = _sleeper()
+    try:
+        assert not udocker.only_pids_since(engine.pid, engine.pid)   # other came after
+        assert not udocker.only_pids_since(engine.pid, other.pid + 5)
+        assert not udocker.only_pids_since(other.pid, other.pid - 1)
+    finally:
+        for proc in (engine, other):
+            proc.kill()
+            proc.wait()
+
+
 def test_volumes_sysdirs_novol_and_workdir(tmpdir, glibc_tree):
     data = tmpdir.join("data").ensure(dir=True)
     engine, plan = plan_for(tmpdir, glibc_tree, opts={

@@ -556,6 +556,19 @@ def test_sigkilled_udocker_leaves_nothing(world, mode):
     wait_for(lambda: not bundles(runtime_dir), "the bundle removed", 30)
 
 
+@pytest.mark.parametrize("mode", ["P1", "F1", "F3"])
+def test_what_the_command_leaves_running_is_gone_when_the_run_ends(world, mode):
+    """A process the command leaves behind (a daemon: its parent, the command, has exited)
+    is killed before udocker.py exits, whose status is the command's. F modes become its
+    subreaper once the engine runs (or look for it by its marker, if a process was made
+    before that)."""
+    marker = random.randint(500000, 599999)
+    rc, out, err = world.ud(["run", "--nobanner", world.container(mode), "sh", "-c",
+                             "sleep %d & echo started; exit 7" % marker], mode)
+    assert (rc, out) == (7, "started\n"), err
+    assert not processes_matching("(^|/)sleep %d$" % marker)
+
+
 @pytest.mark.parametrize("mode", ["P1", "R1", "F3"])
 def test_the_engine_starts_by_posix_spawn_where_python_has_it(world, mode):
     """Python 3.8+ starts an engine that needs no step of its own in its process by
