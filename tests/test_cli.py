@@ -207,6 +207,25 @@ def test_table_of_contents_matches_the_banners():
         assert starts[section] < at < (following[0] if following else len(text))
 
 
+def test_run_in_process_leaves_the_garbage_collector_on(capsys, tmpdir):
+    """run turns the collector off while it loads and plans (3.7+: the objects it made are
+    frozen first), and back on as main returns, whatever the outcome, for a caller in the
+    same process."""
+    import gc
+    environ = {"UDOCKER_DIR": str(tmpdir.join("ud")), "HOME": str(tmpdir),
+               "UDOCKER_NOSYSCONF": "1", "PATH": os.environ.get("PATH", "")}
+    assert gc.isenabled()
+    assert udocker.main(["run", "--pull=never", "no-such-container-or-image:x", "true"],
+                        environ) != 0
+    assert gc.isenabled()
+    gc.disable()
+    try:                           # a caller that had it off keeps it off
+        udocker.main(["run", "--pull=never", "no-such-container-or-image:x", "true"], environ)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_an_internal_error_is_one_line(monkeypatch, capsys, tmpdir):
     def broken(session, opts, args):
         raise KeyError("boom")
