@@ -831,6 +831,40 @@ def test_a_watchdog_command_that_hangs_is_killed(tmpdir, shell):
     assert time.time() - started < 30 and out.read() == "after\n"
 
 
+def test_read_json_twin_keeps_what_it_parsed_while_the_file_is_the_same(tmpdir):
+    """Python 3 keeps a parsed JSON file in a marshal copy with the file's stamp: used
+    while the stamp is the same, made again when it changes, not made while the file is
+    new (changed again within its mtime's tick it could keep its stamp)."""
+    doc, twin = tmpdir.join("container.json"), str(tmpdir.join("twin"))
+    old = time.time() - 10
+
+    def write(text, mtime=old):
+        doc.write(text)
+        os.utime(str(doc), (mtime, mtime))
+    write('{"config": {"Env": ["A=1"]}, "n": [1, 2.5, true, null]}')
+    value, kept = udocker.read_json_twin(str(doc), twin)
+    assert value == {"config": {"Env": ["A=1"]}, "n": [1, 2.5, True, None]}
+    if not udocker.PY3:
+        assert kept is None
+        return
+    with open(twin, "wb") as handle:
+        handle.write(kept)
+    write('{"config": {"Env": ["B=2"]}, "n": [1, 2.5, true, null]}')     # same size
+    os.utime(str(doc), (old, old))
+    assert udocker.read_json_twin(str(doc), twin) == (value, None)    # the copy, not read
+    write('{"config": {}}')
+    value, kept = udocker.read_json_twin(str(doc), twin)
+    assert value == {"config": {}} and kept is not None
+    write('{"config": {"new": 1}}', time.time())
+    assert udocker.read_json_twin(str(doc), twin) == ({"config": {"new": 1}}, None)
+    with open(twin, "wb") as handle:
+        handle.write(b"\xffdamaged")
+    write('{"config": {}}')
+    assert udocker.read_json_twin(str(doc), twin)[0] == {"config": {}}
+    doc.remove()
+    assert udocker.read_json_twin(str(doc), twin) == (None, None)
+
+
 def test_only_pids_since_sees_any_process_made_after_the_engine():
     """F modes become the subreaper after the engine's start, and look for strays at the
     end unless the kernel gave out no pid since the engine's but the watchdog's."""
