@@ -727,60 +727,12 @@ class MarkedSleeper(object):
 
 @needs_posix_spawn
 @pytest.mark.parametrize("dies", [True, False])
-def test_a_watchdog_that_only_kills_is_a_shell(dies):
-    """Only a death signal to deliver: /bin/sh watches, not a fork of udocker.py."""
-    engine = _sleeper()
-    watchdog = udocker.Watchdog()
-    watchdog.kill_first(engine.pid, "SIGQUIT")
-    watchdog.start()
-    try:
-        wait_for(lambda: udocker.process_argv(watchdog.pid), "the watchdog's exec")
-        assert udocker.process_argv(watchdog.pid)[:2] == ["/bin/sh", "-c"]
-        if dies:
-            os.close(watchdog.write_fd)
-        else:
-            watchdog.release()
-        os.waitpid(watchdog.pid, 0)
-        if dies:
-            assert engine.wait() == -3                                  # SIGQUIT
-        else:
-            assert engine.poll() is None
-    finally:
-        engine.kill()
-        engine.wait()
-
-
-@pytest.mark.parametrize("shell", [True, False])
-def test_a_watchdog_runs_its_commands_when_we_die(tmpdir, shell):
-    """Commands (an R mode's runtime kill and delete, the bundle's removal) run after the
-    kills, as words of their own whatever they hold, by a shell (3.8+) or by a fork (what
-    a work in Python needs)."""
-    if shell and not hasattr(os, "posix_spawn"):
-        pytest.skip("no os.posix_spawn (Python 3.8+)")
-    odd = tmpdir.join("it's a $dir; rm -rf x").ensure(dir=True)
-    engine = _sleeper()
-    watchdog = udocker.Watchdog() if shell else _forked_watchdog()
-    watchdog.kill_first(engine.pid, "SIGKILL")
-    out = tmpdir.join("out")
-    watchdog.run_command(["/bin/sh", "-c", 'echo "$1" > "$2"', "sh", "a b'c", str(out)])
-    watchdog.run_command(["/bin/rm", "-rf", str(odd)])
-    watchdog.start()
-    if shell:
-        wait_for(lambda: udocker.process_argv(watchdog.pid), "the watchdog's exec")
-        assert udocker.process_argv(watchdog.pid)[:2] == ["/bin/sh", "-c"]
-    assert odd.check(dir=True)
-    os.close(watchdog.write_fd)
-    os.waitpid(watchdog.pid, 0)
-    assert engine.wait() == -9 and out.read() == "a b'c\n" and not odd.check()
-
-
-@needs_posix_spawn
-@pytest.mark.parametrize("dies", [True, False])
 def test_a_shell_watchdog_does_every_duty_when_we_die(tmpdir, dies):
-    """The shell form: kills, commands whose words hold a newline, quotes, %, \\ and
-    non-ASCII bytes, and processes found by their marker (fakechroot's orphans); nothing
-    once released."""
-    odd = tmpdir.join("a\nb %s \\n 'c' \xc3\xa9").ensure(dir=True)
+    """The shell form (3.8+; the fork form: test_a_forked_watchdog_does_every_duty...):
+    kills, then commands, as words of their own whatever they hold (a newline, quotes, $,
+    ;, %, \\, non-ASCII bytes), then processes found by their marker (fakechroot's
+    orphans); nothing once released."""
+    odd = tmpdir.join("a\nb %s \\n 'c' $dir; rm -rf x \xc3\xa9").ensure(dir=True)
     out = tmpdir.join("out")
     engine, marked = _sleeper(), MarkedSleeper()
     watchdog = udocker.Watchdog()
