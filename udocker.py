@@ -2117,6 +2117,7 @@ class ContainerDir(object):
     LIB_DIRS_RECORD = ".run/libdirs"   # its library directories (RunContainer.lib_dirs)
     LOADER_RECORD = ".run/loader"  # its ELF loader (RunContainer.loader)
     CONFIG_RECORD = ".run/config"  # container.json parsed (read_json_twin)
+    SPEC_RECORD = ".run/spec"      # R modes: the last run's OCI spec (RuncEngine._spec_text)
     RUN_BINDS = "binds"            # in .run: links to host paths that hold a ':'
     RUN_NVIDIA = "nvidia"          # in .run: link to the tree of the driver runs show
     RUN_NVIDIA_TREE = "nvidia-"    # in .run: one driver's tree of symlinks (+ a hash)
@@ -8874,7 +8875,7 @@ class RuncEngine(Engine):
         self.rundir = os.path.join(runtime_tmpdir(self.cfg, self.environ),
                                    "udocker-%s-%s" % (self.flavour, random_hex(6)))
         self.run_id = "udocker-%s" % random_hex(8)
-        self.change("bundle", self.rundir, json_text(self.spec()), "the runtime bundle")
+        self.change("bundle", self.rundir, self._spec_text(), "the runtime bundle")
         self.passed_fds = highest_inherited_fd()     # what P and F modes pass as they are
         preserve = ["--preserve-fds", str(self.passed_fds - 2)] if self.passed_fds else []
         argv = self.runtime_argv("run", *(preserve + ["--bundle", self.rundir, self.run_id]))
@@ -8890,6 +8891,34 @@ class RuncEngine(Engine):
 
     def runtime_argv(self, *words):
         return runtime_command(self.runtime, self.flavour, self.rundir, *words)
+
+    def _spec_text(self):
+        """json_text(spec()): Python 3 takes it from the last run's (.run/spec) where the
+        spec is the same but for this run's marker (container_run, in its environment),
+        and imports no JSON module (_json and the encoding: 0.4M instructions of an R1
+        start)."""
+        spec = self.spec()
+        files = self.container.files
+        mine = "container_run=" + self.env["container_run"]
+        if not PY3 or files is None or spec["process"]["env"].count(mine) != 1:
+            return json_text(spec)
+        marshal = __import__("marshal")
+        blank = "container_run="
+        process = dict(spec["process"], env=[blank if e == mine else e
+                                             for e in spec["process"]["env"]])
+        key = marshal.dumps(dict(spec, process=process), 2)    # (2: no refs, the same
+        record = files.file(ContainerDir.SPEC_RECORD)           # bytes for the same spec)
+        try:
+            kept, text = marshal.loads(read_bytes(record))
+            if kept == key:
+                return text.replace('"%s"' % blank, '"%s"' % mine)
+        except Exception:                   # noqa: B902 (a cache: any doubt, encode it)
+            pass
+        text = json_text(dict(spec, process=process))
+        if text.count('"%s"' % blank) != 1:
+            return json_text(spec)
+        self.container.records.append((record, marshal.dumps((key, text), 4)))
+        return text.replace('"%s"' % blank, '"%s"' % mine)
 
     @classmethod
     def host_probe(cls, session, tools):

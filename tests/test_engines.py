@@ -869,6 +869,39 @@ def test_runc_spec(tmpdir, glibc_tree):
         plan_for(tmpdir, glibc_tree, mode="R1", opts={"volume": ["/proc"]})
 
 
+def test_an_r_mode_spec_is_encoded_once_for_runs_that_differ_by_their_marker(
+        tmpdir, glibc_tree, monkeypatch):
+    """Python 3 keeps the last run's OCI spec (.run/spec, a record the plan writes): a run
+    whose spec is the same but for its marker (container_run) takes that text, with its
+    own marker in it, and encodes nothing; another spec is encoded again."""
+    encode = udocker.json_text
+
+    def spec_records(plan):
+        return [c for c in plan.changes if c.kind == "record" and c.path.endswith("/spec")]
+    engine, plan = plan_for(tmpdir, glibc_tree, mode="R1")
+    (bundle,) = [c.value for c in plan.changes if c.kind == "bundle"]
+    assert bundle == encode(engine.spec())
+    if not udocker.PY3:
+        assert not spec_records(plan)
+        return
+    (record,) = spec_records(plan)
+    tmpdir.join("cdir", ".run").ensure(dir=True)
+    with open(record.path, "wb") as handle:
+        handle.write(record.value)
+
+    def no_encoding(value):
+        raise AssertionError("encoded again")
+    monkeypatch.setattr(udocker, "json_text", no_encoding)
+    again, plan = plan_for(tmpdir, glibc_tree, mode="R1")
+    (bundle,) = [c.value for c in plan.changes if c.kind == "bundle"]
+    assert bundle == encode(again.spec()) and not spec_records(plan)
+    assert again.env["container_run"] != engine.env["container_run"]
+    monkeypatch.setattr(udocker, "json_text", encode)
+    other, plan = plan_for(tmpdir, glibc_tree, mode="R1", opts={"env": ["X=1"]})
+    (bundle,) = [c.value for c in plan.changes if c.kind == "bundle"]
+    assert bundle == encode(other.spec()) and len(spec_records(plan)) == 1
+
+
 def test_runtime_tmpdir_prefers_a_tmpfs_to_the_default_tmpdir(tmpdir):
     """Where R modes make their bundles: the tmpdir asked for (UDOCKER_TMP, udocker.conf,
     TMPDIR), else $XDG_RUNTIME_DIR when it is a directory of ours, else /dev/shm when it is
