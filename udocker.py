@@ -8892,33 +8892,50 @@ class RuncEngine(Engine):
     def runtime_argv(self, *words):
         return runtime_command(self.runtime, self.flavour, self.rundir, *words)
 
+    # where the spec's text (.run/spec) has its process's argv and environment
+    SPEC_HOLES = ("args", "env")
+
     def _spec_text(self):
-        """json_text(spec()): Python 3 takes it from the last run's (.run/spec) where the
-        spec is the same but for this run's marker (container_run, in its environment),
-        and imports no JSON module (_json and the encoding: 0.4M instructions of an R1
-        start)."""
+        """json_text(spec()). Python 3 keeps the text of the last run's spec less its
+        process's argv and environment (.run/spec, a record), and a run whose spec is the
+        same but for these (a job array's tasks: their arguments, their marker
+        container_run) fills them in and imports no JSON module (_json and the encoding:
+        0.4M instructions of an R1 start); they are encoded in Python (_json_text)."""
         spec = self.spec()
         files = self.container.files
-        mine = "container_run=" + self.env["container_run"]
-        if not PY3 or files is None or spec["process"]["env"].count(mine) != 1:
+        if not PY3 or files is None:
             return json_text(spec)
         marshal = __import__("marshal")
-        blank = "container_run="
-        process = dict(spec["process"], env=[blank if e == mine else e
-                                             for e in spec["process"]["env"]])
-        key = marshal.dumps(dict(spec, process=process), 2)    # (2: no refs, the same
-        record = files.file(ContainerDir.SPEC_RECORD)           # bytes for the same spec)
+        holes = ['"@udocker-%s@"' % name for name in self.SPEC_HOLES]
+        process = dict(spec["process"], **dict((name, hole[1:-1]) for name, hole
+                                               in zip(self.SPEC_HOLES, holes)))
+        blank = dict(spec, process=process)
+        key = marshal.dumps(blank, 2)      # (2: no refs, the same bytes for the same spec)
+        record = files.file(ContainerDir.SPEC_RECORD)
         try:
-            kept, text = marshal.loads(read_bytes(record))
-            if kept == key:
-                return text.replace('"%s"' % blank, '"%s"' % mine)
+            kept, parts = marshal.loads(read_bytes(record))
+            if kept != key:
+                parts = None
         except Exception:                   # noqa: B902 (a cache: any doubt, encode it)
-            pass
-        text = json_text(dict(spec, process=process))
-        if text.count('"%s"' % blank) != 1:
-            return json_text(spec)
-        self.container.records.append((record, marshal.dumps((key, text), 4)))
-        return text.replace('"%s"' % blank, '"%s"' % mine)
+            parts = None
+        if parts is None:
+            parts = self._spec_parts(json_text(blank), holes)
+            if parts is None:              # a hole's text elsewhere too: not kept
+                return json_text(spec)
+            self.container.records.append((record, marshal.dumps((key, parts), 4)))
+        filled = [_json_text(spec["process"][name]) for name in self.SPEC_HOLES]
+        return "".join(sum(zip(parts, filled), ())) + parts[-1]
+
+    @staticmethod
+    def _spec_parts(text, holes):
+        """text split at each of holes, in order, each found once; else None."""
+        parts = []
+        for hole in holes:
+            if text.count(hole) != 1:
+                return None
+            head, text = text.split(hole)
+            parts.append(head)
+        return tuple(parts + [text])
 
     @classmethod
     def host_probe(cls, session, tools):

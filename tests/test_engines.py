@@ -869,37 +869,39 @@ def test_runc_spec(tmpdir, glibc_tree):
         plan_for(tmpdir, glibc_tree, mode="R1", opts={"volume": ["/proc"]})
 
 
-def test_an_r_mode_spec_is_encoded_once_for_runs_that_differ_by_their_marker(
+def test_an_r_mode_spec_is_encoded_once_for_runs_that_differ_in_argv_and_environment(
         tmpdir, glibc_tree, monkeypatch):
-    """Python 3 keeps the last run's OCI spec (.run/spec, a record the plan writes): a run
-    whose spec is the same but for its marker (container_run) takes that text, with its
-    own marker in it, and encodes nothing; another spec is encoded again."""
+    """Python 3 keeps the text of the last run's OCI spec less its process's argv and
+    environment (.run/spec, a record the plan writes): a run whose spec differs only in
+    these (its marker container_run, a job array task's arguments and variables) fills
+    them in and encodes nothing with json_text; another spec is encoded again. Either way
+    the bundle is json_text's."""
     encode = udocker.json_text
 
-    def spec_records(plan):
+    def bundle_and_records(engine, plan):
+        (bundle,) = [c.value for c in plan.changes if c.kind == "bundle"]
+        assert bundle == encode(engine.spec())
         return [c for c in plan.changes if c.kind == "record" and c.path.endswith("/spec")]
-    engine, plan = plan_for(tmpdir, glibc_tree, mode="R1")
-    (bundle,) = [c.value for c in plan.changes if c.kind == "bundle"]
-    assert bundle == encode(engine.spec())
+    first = plan_for(tmpdir, glibc_tree, mode="R1", args=["/bin/sh", "-c", "echo 1"])
+    records = bundle_and_records(*first)
     if not udocker.PY3:
-        assert not spec_records(plan)
+        assert not records
         return
-    (record,) = spec_records(plan)
     tmpdir.join("cdir", ".run").ensure(dir=True)
-    with open(record.path, "wb") as handle:
-        handle.write(record.value)
+    with open(records[0].path, "wb") as handle:
+        handle.write(records[0].value)
 
     def no_encoding(value):
         raise AssertionError("encoded again")
     monkeypatch.setattr(udocker, "json_text", no_encoding)
-    again, plan = plan_for(tmpdir, glibc_tree, mode="R1")
-    (bundle,) = [c.value for c in plan.changes if c.kind == "bundle"]
-    assert bundle == encode(again.spec()) and not spec_records(plan)
-    assert again.env["container_run"] != engine.env["container_run"]
+    task = plan_for(tmpdir, glibc_tree, mode="R1", args=["/bin/sh", "-c", 'echo "2\\\n" \xe9'],
+                    opts={"env": ["TASK=2", 'Q="quoted"\ttab']})
+    assert not bundle_and_records(*task)
+    assert task[0].env["container_run"] != first[0].env["container_run"]
     monkeypatch.setattr(udocker, "json_text", encode)
-    other, plan = plan_for(tmpdir, glibc_tree, mode="R1", opts={"env": ["X=1"]})
-    (bundle,) = [c.value for c in plan.changes if c.kind == "bundle"]
-    assert bundle == encode(other.spec()) and len(spec_records(plan)) == 1
+    other = plan_for(tmpdir, glibc_tree, mode="R1", args=["/bin/sh", "-c", "echo 1"],
+                     opts={"hostname": "other"})
+    assert len(bundle_and_records(*other)) == 1
 
 
 def test_runtime_tmpdir_prefers_a_tmpfs_to_the_default_tmpdir(tmpdir):
