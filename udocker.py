@@ -6248,7 +6248,7 @@ def read_json_fast(path):
 def read_json_twin(path, twin):
     """(read_json_fast(path), the bytes to keep at twin, or None). Python 3 keeps what it
     parsed in a marshal copy (twin) with path's stamp: while path keeps that stamp, a run
-    reads the copy and imports no JSON module (_json and its parse: 0.33M instructions of
+    reads the copy and imports no JSON module (_json and its parse: 0.26M instructions of
     a P1 start, ~0.2 ms)."""
     if not PY3:
         return read_json_fast(path), None

@@ -207,16 +207,21 @@ def test_table_of_contents_matches_the_banners():
         assert starts[section] < at < (following[0] if following else len(text))
 
 
-def test_run_in_process_leaves_the_garbage_collector_on(capsys, tmpdir):
+def test_run_in_process_leaves_the_garbage_collector_on(monkeypatch, capsys, tmpdir):
     """run turns the collector off while it loads and plans (3.7+: the objects it made are
     frozen first), and back on as main returns, whatever the outcome, for a caller in the
     same process."""
     import gc
     environ = {"UDOCKER_DIR": str(tmpdir.join("ud")), "HOME": str(tmpdir),
                "UDOCKER_NOSYSCONF": "1", "PATH": os.environ.get("PATH", "")}
+    during = []
+    expect = udocker.ChapterLoader.expect
+    monkeypatch.setattr(udocker.ChapterLoader, "expect", staticmethod(
+        lambda namespace, name: during.append(gc.isenabled()) or expect(namespace, name)))
     assert gc.isenabled()
     assert udocker.main(["run", "--pull=never", "no-such-container-or-image:x", "true"],
                         environ) != 0
+    assert during == [not hasattr(gc, "freeze")]           # off while run works (3.7+)
     assert gc.isenabled()
     gc.disable()
     try:                           # a caller that had it off keeps it off

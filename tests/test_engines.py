@@ -826,6 +826,9 @@ def test_only_pids_since_sees_any_process_made_after_the_engine():
         assert not udocker.only_pids_since(engine.pid, engine.pid)   # other came after
         assert not udocker.only_pids_since(engine.pid, other.pid + 5)
         assert not udocker.only_pids_since(other.pid, other.pid - 1)
+        last = lambda: int(open("/proc/loadavg").read().split()[4])
+        # and yes when none was made since (retried: other work may make processes)
+        assert any(udocker.only_pids_since(last(), last()) for _ in range(50))
     finally:
         for proc in (engine, other):
             proc.kill()
