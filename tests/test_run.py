@@ -1587,6 +1587,25 @@ def test_the_chapters_grouped_for_run_are_what_every_run_loads(world, tmpdir, mo
         assert set(udocker.ChapterCache.GROUPS["run"]) <= set(loaded), (mode, loaded)
 
 
+@pytest.mark.skipif(sys.version_info[0] < 3, reason="Python 2.7 imports the whole module")
+@pytest.mark.parametrize("mode", ["P1", "F3"])
+def test_options_that_need_cold_functions_load_them_alone(world, tmpdir, mode):
+    """A volume, an env file and a CPU list are the work of ChapterCache.COLD functions,
+    loaded alone when a run is given them."""
+    host = tmpdir.mkdir("data-" + mode)
+    host.join("in").write("from the host\n")
+    env_file = tmpdir.join("env-" + mode)
+    env_file.write("# a comment\nexport FROM_FILE=yes\n")
+    result = world.ud(["-D", "run", "--nobanner", "-v", "%s:/data" % host, "--env-file",
+                       str(env_file), "--cpuset-cpus=0", world.container(mode), "sh", "-c",
+                       "cat /data/in; echo $FROM_FILE"], mode)
+    assert result.rc == 0 and result.out == "from the host\nyes\n", result
+    lines = [l for l in result.err.splitlines() if "chapters loaded: " in l]
+    loaded = lines[0].split("chapters loaded: ")[1].rsplit(" (", 1)[0].split()
+    for name in ("Volume.parse()", "Engine._read_env_file()", "set_cpu_affinity()"):
+        assert name in loaded, loaded
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_run_loads_only_the_chapters_it_needs(world, mode):
     """From the start-up cache (Python 3), `run` loads its own engine's sub-section and
@@ -1604,6 +1623,9 @@ def test_run_loads_only_the_chapters_it_needs(world, mode):
         return
     loaded = set(lines[0].split("chapters loaded: ")[1].rsplit(" (", 1)[0].split())
     assert not loaded & set(["6", "7", "8", "10.1", "11.2", "11.4", "13", "9.5.5"]), loaded
+    if MODES[mode][0] in ("P1", "R1", "F1", "F3"):       # nor a ChapterCache.COLD function
+        forks = ["Watchdog._fork()", "_spawn()"] if sys.version_info < (3, 8) else []
+        assert not [n for n in loaded if n.endswith("()") and n not in forks], loaded
     family = {"P": "9.5.1", "R": "9.5.2", "F": "9.5.3"}[MODES[mode][0][0]]
     assert ("9.5.4" in loaded) == (MODES[mode][0] in ("F2", "F4")), loaded   # F3: patched
     assert family in loaded and not loaded & (set(["9.5.2", "9.5.3"]) - set([family])), \

@@ -357,6 +357,58 @@ def test_a_stored_deferred_works_and_threads_load_a_chapter_once(tmpdir):
 
 
 @needs_cache
+def test_a_cold_function_or_method_loads_alone_once_on_first_use(tmpdir, monkeypatch):
+    """ChapterCache.COLD: the chapters hold a stand-in, which loads the def alone and
+    replaces itself (in its class, or as the global name) whichever way it is reached: a
+    classmethod, a staticmethod, a method through a subclass, a function called through a
+    reference kept before; a special method or a property listed stays as it is."""
+    path = str(tmpdir.join("udocker.py"))
+    shutil.copy2(UDOCKER_SCRIPT, path)
+    monkeypatch.setattr(udocker.ChapterCache, "COLD", frozenset([
+        "version_tuple", "Platform.parse", "Platform.matches", "Platform.__str__",
+        "ChapterCache.group_order", "LocalImage.ref"]))
+    assert udocker.ChapterCache.write(path, path + ".chapters")
+    namespace = load_from_cache(path)
+    loader, cold = namespace["__chapters__"], namespace["Cold"]
+    for name in ("Platform", "version_tuple", "LocalImage"):
+        loader.load(loader.names[name])
+    platform = namespace["Platform"]
+    assert isinstance(vars(platform)["parse"], cold)
+    assert isinstance(vars(platform)["matches"], cold)
+    assert not isinstance(vars(platform)["__str__"], cold)
+    assert isinstance(vars(namespace["LocalImage"])["ref"], property)
+    kept = namespace["version_tuple"]
+    assert isinstance(kept, cold)
+    assert kept("1.2.11") == (1, 2, 11) and kept("1.3") == (1, 3)
+    assert namespace["version_tuple"] is not kept and \
+        namespace["version_tuple"]("2.0") == (2, 0)
+    host = platform.parse("linux/amd64")
+    assert (host.os, host.arch) == ("linux", "amd64")
+
+    class Sub(platform):
+        pass
+    assert Sub("linux", "arm64", "v8").matches("linux", "arm64", "v8")
+    assert not Sub("linux", "arm64").matches("linux", "amd64")
+    assert not isinstance(vars(platform)["matches"], cold)
+    assert namespace["ChapterCache"].group_order(["2", "1"], {"1": ((), b""),
+                                                              "2": (("1",), b"")}) == ["1", "2"]
+    alone = [name for name in loader.loaded if name.endswith("()")]
+    assert sorted(alone) == ["ChapterCache.group_order()", "Platform.matches()",
+                             "Platform.parse()", "version_tuple()"]
+
+
+@needs_cache
+def test_every_cold_name_is_a_def_a_stand_in_replaces():
+    """No name in ChapterCache.COLD is stale (renamed, moved to the start-up code) or one a
+    stand-in cannot replace: each has its own code in the cache."""
+    with open(UDOCKER_SCRIPT, "rb") as handle:
+        source = handle.read()
+    cold = []
+    udocker.ChapterCache.build(source, UDOCKER_SCRIPT, cold)
+    assert len(cold) == len(udocker.ChapterCache.COLD)
+
+
+@needs_cache
 def test_what_cannot_be_deferred_stays_in_the_start_code():
     """Names used in `except`, as isinstance's class (directly or through a tuple bound at
     the top level), bound twice, or used while the module loads: never a Deferred."""
