@@ -8270,6 +8270,10 @@ class Supervisor(object):
     exits every process the container left behind (reparented to us: we are a child
     subreaper) killed. run() returns the exit status (128+N when killed by signal N)."""
 
+    # a container that starts at once (F modes) has this long before the watchdog and the
+    # subreaper are made: a command that ends sooner needs neither (F3 `true`: 0.x ms)
+    GRACE_SECONDS = 0.003
+
     def __init__(self, engine):
         self.engine = engine
         self.watchdog = None
@@ -8282,6 +8286,7 @@ class Supervisor(object):
         # a subreaper only once the engine runs, where its start needs no guard: the
         # _ctypes import (~0.4 ms) is then done while the engine starts
         late = at_once and (self.engine.slow_to_start or self.engine.orphan_marker())
+        grace = late and not self.engine.slow_to_start and hasattr(signal, "sigtimedwait")
         prctl = None
         if not late:
             prctl = prctl_function()
@@ -8293,7 +8298,13 @@ class Supervisor(object):
                 previous[signum] = signal.signal(signum, self._on_signal)
         try:
             MSG.debug("engine started by %s" % ("posix_spawn" if at_once else "fork"))
-            if at_once:
+            if grace:
+                status, strays = self._spawn_with_grace(argv, env, cwd)
+                if status is not None:
+                    if strays:
+                        kill_marked(self.engine.orphan_marker())
+                    return self.engine.exit_status(status)
+            elif at_once:
                 self.pid = _spawn_at_once(argv, env, cwd, self.engine.executable,
                                           self.engine.passed_fds)
             else:
@@ -8313,6 +8324,29 @@ class Supervisor(object):
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return self.engine.exit_status(status)
+
+    def _spawn_with_grace(self, argv, env, cwd):
+        """Start the engine (posix_spawn) and give it GRACE_SECONDS: (its status, whether
+        a process of the container may be left, adopted by another) if it ended by then,
+        else (None, None). Unguarded meanwhile: killed then, udocker.py leaves the
+        command running, as it would a moment before its watchdog."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+        try:
+            self.pid = _spawn_at_once(argv, env, cwd, self.engine.executable,
+                                      self.engine.passed_fds, mask)
+            for signum in self.pending:
+                self.engine.forward_signal(self.pid, signum)
+            self.pending = []
+            deadline = time.time() + self.GRACE_SECONDS
+            while signal.sigtimedwait([signal.SIGCHLD], max(deadline - time.time(), 0)):
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+                if done:                # no pid given out since the engine's: none left
+                    MSG.debug("the command ended within %g s: no watchdog, no subreaper"
+                              % self.GRACE_SECONDS)
+                    return _status_code(status), not only_pids_since(self.pid, self.pid)
+            return None, None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _late_subreaper(self):
         """Become the subreaper once the engine runs. True when a process of the container
@@ -8366,14 +8400,15 @@ def _exec_args(argv, env, executable):
             dict((_native(k), _native(v)) for k, v in env.items()))
 
 
-def _spawn_at_once(argv, env, cwd, executable, passed_fds=0):
+def _spawn_at_once(argv, env, cwd, executable, passed_fds=0, sigmask=None):
     """Start the engine by posix_spawn (vfork and exec: nothing of our ~10 MB is copied, and
     no Python runs in the new process: ~0.5 ms less than _spawn), with every fd inherited
     and SIGPIPE/SIGXFSZ back to their default; for an engine that needs no step of its own
     before exec. passed_fds: as for _engine_child_setup (the holes among fds 3..passed_fds,
     and our own close-on-exec ones, are /dev/null in the engine). posix_spawn has no
-    working directory of its own: ours is cwd for the moment of the call. Returns the pid;
-    raises EngineError if it cannot start."""
+    working directory of its own: ours is cwd for the moment of the call. sigmask: the
+    engine's blocked signals, if not ours. Returns the pid; raises EngineError if it cannot
+    start."""
     program, args, envp = _exec_args(argv, env, executable)
     holes, here, null = fd_holes(passed_fds), None, None
     if holes:       # one /dev/null, above them, dup2'd into each (an open each cost more)
@@ -8387,8 +8422,9 @@ def _spawn_at_once(argv, env, cwd, executable, passed_fds=0):
         if cwd:
             here = os.open(".", getattr(os, "O_PATH", os.O_RDONLY) | os.O_CLOEXEC)
             os.chdir(cwd)
+        extra = {} if sigmask is None else {"setsigmask": sigmask}
         return os.posix_spawn(program, args, envp, file_actions=holes,
-                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+                              setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), **extra)
     except OSError as exc:
         raise EngineError("cannot execute %s: %s" % (argv[0], exc.strerror or exc))
     finally:
