@@ -133,6 +133,20 @@ def test_a_start_imports_neither_os_nor_what_it_brings(copy):
 
 
 @needs_cache
+def test_a_path_with_dots_runs_from_the_cache_beside_the_file(copy, tmpdir):
+    """The launcher's short way (the cache beside the file, the path as given) and its
+    long way (the path made plain first) find the same cache."""
+    script, run = copy
+    assert run("version").rc == 0                                 # builds it
+    built = os.stat(cache_path(script))
+    folder = os.path.dirname(script)
+    dotted = os.path.join(folder, "..", os.path.basename(folder), ".", "udocker.py")
+    result = Udocker(str(tmpdir.join("t")), script=dotted, allow_root=True)("-D", "version")
+    assert result.rc == 0 and start_report(result) is not None, result
+    assert os.stat(cache_path(script)).st_mtime_ns == built.st_mtime_ns     # not rebuilt
+
+
+@needs_cache
 def test_a_changed_file_is_never_run_from_an_old_cache(copy):
     script, run = copy
     assert run("version").rc == 0 and run("version").rc == 0
