@@ -346,23 +346,23 @@ class LazyRegex(object):
         return getattr(self.compiled, attr)
 
 
-class Deferred(object):
+class Deferred(tuple):
     """A function or class of a chapter the launcher has not loaded yet (section 13):
     calling it, or reading one of its attributes, loads the chapter, which replaces this
     stand-in by the real thing under its name. Tables built at start-up (ENGINES, COMMANDS)
     keep the stand-in and go through it."""
 
-    __slots__ = ("name", "loader")
-
-    def __init__(self, name, loader):
-        self.name = name
-        self.loader = loader
+    __slots__ = ()                      # Deferred((NAME, LOADER)): no Python call to make
 
     def __call__(self, *args, **kwargs):
-        return self.loader.resolve(self.name)(*args, **kwargs)
+        return self[1].resolve(self[0])(*args, **kwargs)
 
     def __getattr__(self, attr):
-        return getattr(self.loader.resolve(self.name), attr)
+        return getattr(self[1].resolve(self[0]), attr)
+
+    # (a tuple's own attributes, which __getattr__ would not see)
+    count = property(lambda self: self.__getattr__("count"))
+    index = property(lambda self: self.__getattr__("index"))
 
 
 class Cold(tuple):
@@ -412,7 +412,8 @@ class ChapterLoader(object):
         """Called by the launcher's start-up code: every deferred name gets its stand-in."""
         loader = cls(namespace, *namespace["__chapters__"])
         namespace["__chapters__"] = loader
-        namespace.update((name, Deferred(name, loader)) for name in loader.names)
+        names = list(loader.names)
+        namespace.update(zip(names, map(Deferred, zip(names, [loader] * len(names)))))
 
     @staticmethod
     def report(namespace):
