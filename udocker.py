@@ -7436,6 +7436,7 @@ class Engine(object):
     keeps_sysdirs = None           # None: every sysdirs_list entry; else the ones kept
     death_signal = "SIGKILL"       # what the engine gets if udocker.py dies (PDEATHSIG)
     slow_to_start = False          # ms pass before the container's first process runs
+    own_pid_namespace = False      # the kernel kills what the container leaves at its end
     passed_fds = 0                 # fds 3..passed_fds handed to the container (runc)
     needs_tools = ()               # what it takes from the tools tarball (Tools.install)
 
@@ -8278,7 +8279,9 @@ class Supervisor(object):
     """Runs an engine as udocker.py's child: stdin/stdout/stderr and other fds inherited,
     the terminating signals forwarded through Engine.forward_signal, and once the engine
     exits every process the container left behind (reparented to us: we are a child
-    subreaper) killed. run() returns the exit status (128+N when killed by signal N)."""
+    subreaper) killed, unless the container has a pid namespace of its own (R modes),
+    where the kernel does it. run() returns the exit status (128+N when killed by signal
+    N)."""
 
     # a container that starts at once (F modes) has this long before the watchdog and the
     # subreaper are made: a command that ends sooner needs neither (F3 `true`: 0.x ms)
@@ -8297,10 +8300,12 @@ class Supervisor(object):
         # _ctypes import (~0.4 ms) is then done while the engine starts
         late = at_once and (self.engine.slow_to_start or self.engine.orphan_marker())
         grace = late and not self.engine.slow_to_start and hasattr(signal, "sigtimedwait")
+        reaping = not self.engine.own_pid_namespace
         prctl = None
         if not late:
             prctl = prctl_function()
-            prctl(PR_SET_CHILD_SUBREAPER, 1)
+            if reaping:
+                prctl(PR_SET_CHILD_SUBREAPER, 1)
         previous = {}
         for name in FORWARDED_SIGNALS:
             signum = getattr(signal, name)
@@ -8322,12 +8327,13 @@ class Supervisor(object):
                                   lambda: _engine_child_setup(prctl, self.engine.death_signal,
                                                               self.engine.passed_fds, hook))
             self._watch(at_once)
-            strays = late and self._late_subreaper()
+            strays = late and reaping and self._late_subreaper()
             for signum in self.pending:
                 self.engine.forward_signal(self.pid, signum)
             keep = (self.watchdog.pid,) if self.watchdog else ()
             status = self.engine.wait(self.pid, keep)
-            _reap_leftovers(keep=keep)
+            if reaping:
+                _reap_leftovers(keep=keep)
             if strays:
                 kill_marked(self.engine.orphan_marker())
         finally:
@@ -8900,6 +8906,7 @@ class RuncEngine(Engine):
     can_size_shm = True
     can_bind_readonly = True
     slow_to_start = True           # the runtime makes the container first (~5 ms)
+    own_pid_namespace = True       # (no subreaper needed: nothing escapes the namespace)
     probe_group = "R"              # R2/R3 start the same way
     keeps_sysdirs = ("/etc/resolv.conf", "/etc/host.conf") + HOST_FILES
 
