@@ -391,6 +391,9 @@ class Cold(tuple):
     def __call__(self, *args, **kwargs):
         return self._real()(*args, **kwargs)
 
+    def __getattr__(self, attr):                # (__name__, __doc__ of a stored function)
+        return getattr(self._real(), attr)
+
 
 class ChapterLoader(object):
     """The chapters the launcher left out at start (section 13): each runs in the module's

@@ -393,6 +393,7 @@ def test_a_cold_function_or_method_loads_alone_once_on_first_use(tmpdir, monkeyp
     assert isinstance(vars(namespace["LocalImage"])["ref"], property)
     kept = namespace["version_tuple"]
     assert isinstance(kept, cold)
+    assert kept.__name__ == "version_tuple"
     assert kept("1.2.11") == (1, 2, 11) and kept("1.3") == (1, 3)
     assert namespace["version_tuple"] is not kept and \
         namespace["version_tuple"]("2.0") == (2, 0)
