@@ -405,7 +405,7 @@ class ChapterLoader(object):
         self.base = stream.tell()
         self.names = names              # {name a chapter defines: chapter}
         self.chapters = chapters        # {chapter: (chapters it needs, offset, size)}
-        self.groups = groups or {}      # {command: (offset, size)}, see ChapterCache.GROUPS
+        self.groups = groups or {}      # {command: [(offset, size)]}, ChapterCache.GROUPS
         self.loaded = []                # in load order (-D shows it, and the time it took)
         self.seconds = 0.0
         self.lock = __import__("_thread").RLock()   # pulls load chapters from threads
@@ -442,7 +442,8 @@ class ChapterLoader(object):
         loader = namespace.get("__chapters__")
         if isinstance(loader, ChapterLoader) and command in loader.groups:
             with loader.lock:
-                loader._load_group(*loader.groups.pop(command))
+                for part in loader.groups.pop(command):
+                    loader._load_group(*part)
 
     def load(self, chapter):
         with self.lock:
@@ -12434,11 +12435,13 @@ class ChapterCache(object):
             offset += len(code)
         groups = {}
         for command in cls.GROUPS:
-            order = cls.group_order(cls.GROUPS[command], chapters)
-            blobs.append(marshal.dumps(tuple((c, marshal.loads(chapters[c][1]))
-                                             for c in order)))
-            groups[command] = (offset, len(blobs[-1]))
-            offset += len(blobs[-1])
+            groups[command] = []
+            for part in cls.group_parts(cls.group_order(cls.GROUPS[command], chapters),
+                                        chapters):
+                blobs.append(marshal.dumps(tuple((c, marshal.loads(chapters[c][1]))
+                                                 for c in part)))
+                groups[command].append((offset, len(blobs[-1])))
+                offset += len(blobs[-1])
         # the launcher's check: the source's mtime and size, and the chapters' length
         key = (st.st_mtime_ns, st.st_size, offset)
         header = marshal.dumps((key, start, (names, index, groups)))
@@ -12462,6 +12465,23 @@ class ChapterCache(object):
         for chapter in group:
             visit(chapter)
         return order
+
+    # a blob read at once is below glibc malloc's mmap threshold (128 KiB): the next one
+    # reuses its memory (freed once unmarshalled) instead of fresh pages, each a page
+    # fault (~2.4 us on a VM): the run group in two, 45 faults fewer, F3 0.09 ms
+    GROUP_PART_BYTES = 96 * 1024
+
+    @classmethod
+    def group_parts(cls, order, chapters):
+        """order's chapters in runs of at most GROUP_PART_BYTES (a bigger chapter alone)."""
+        parts, size = [[]], 0
+        for chapter in order:
+            if parts[-1] and size + len(chapters[chapter][1]) > cls.GROUP_PART_BYTES:
+                parts.append([])
+                size = 0
+            parts[-1].append(chapter)
+            size += len(chapters[chapter][1])
+        return parts
 
     @classmethod
     def stand_ins(cls, ast, body, filename, blobs):

@@ -195,7 +195,7 @@ def test_a_chapter_damaged_in_place_is_one_error_line_and_removed(copy, damaged)
         if damaged == "a chapter":
             offset, size = index[names["Config"]][1:]      # what every command loads
         else:
-            offset, size = groups["run"]
+            offset, size = groups["run"][-1]                 # (its last part)
         handle.seek(handle.tell() + offset)
         handle.write(b"\xff" * size)                       # same size: the check passes
     result = run(*(["images"] if damaged == "a chapter" else ["run", "nosuch"]))
@@ -410,6 +410,14 @@ def test_a_cold_function_or_method_loads_alone_once_on_first_use(tmpdir, monkeyp
     alone = [name for name in loader.loaded if name.endswith("()")]
     assert sorted(alone) == ["ChapterCache.group_order()", "Platform.matches()",
                              "Platform.parse()", "version_tuple()"]
+
+
+def test_a_group_is_read_in_parts_under_the_malloc_mmap_threshold():
+    chapters = {"1": ((), b"x" * 60000), "2": ((), b"x" * 50000), "3": ((), b"x" * 200000),
+                "4": ((), b"x" * 10)}
+    parts = udocker.ChapterCache.group_parts(["1", "2", "3", "4"], chapters)
+    assert parts == [["1"], ["2"], ["3"], ["4"]]
+    assert udocker.ChapterCache.group_parts(["4", "1", "2"], chapters) == [["4", "1"], ["2"]]
 
 
 @needs_cache
