@@ -537,7 +537,8 @@ def test_without_kill_on_exit_the_run_still_ends_with_its_command(world, mode, l
 def test_sigkilled_udocker_leaves_nothing(world, mode):
     """Even SIGKILL to udocker.py: proot gets SIGQUIT (PDEATHSIG) and kills its tracees; for
     runc a watchdog kills the container and removes the run's bundle (here in a runtime
-    directory of its own); for fakechroot it finds the orphans."""
+    directory of its own); for fakechroot it finds the orphans, once the command has run
+    longer than Supervisor.GRACE_SECONDS (3 ms)."""
     cid = world.container(mode)
     marker = random.randint(700000, 799999)
     argv, env = world.command(["run", "--nobanner", cid, "sh", "-c",
@@ -549,6 +550,8 @@ def test_sigkilled_udocker_leaves_nothing(world, mode):
         wait_for(lambda: processes_matching("(^|/)sleep %d$" % marker), "the sleep to start")
         if mode.startswith("R"):
             assert len(bundles(runtime_dir)) == 1
+        # (an F-mode command is unguarded for its first Supervisor.GRACE_SECONDS)
+        time.sleep(0.05)
         proc.kill()
         proc.wait()
     wait_for(lambda: not processes_matching("(^|/)sleep %d$" % marker) and
