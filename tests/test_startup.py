@@ -353,6 +353,8 @@ def test_a_stored_deferred_works_and_threads_load_a_chapter_once(tmpdir):
     loader = namespace["__chapters__"]
     engine = namespace["ENGINES"]["P1"]                   # stored at start-up: a Deferred
     assert isinstance(engine, namespace["Deferred"])
+    with pytest.raises(AttributeError):                   # a tuple's own names go through
+        engine.index
     assert engine.mode == "P1"                            # an attribute loads its chapter
     assert namespace["ProotEngine"].mode == "P1"          # and the name is the class now
     results, barrier = [], threading.Event()
