@@ -8318,12 +8318,9 @@ class Supervisor(object):
                 previous[signum] = signal.signal(signum, self._on_signal)
         try:
             MSG.debug("engine started by %s" % ("posix_spawn" if at_once else "fork"))
+            status = strays = None
             if grace:
                 status, strays = self._spawn_with_grace(argv, env, cwd)
-                if status is not None:
-                    if strays:
-                        kill_marked(self.engine.orphan_marker())
-                    return self.engine.exit_status(status)
             elif at_once:
                 self.pid = _spawn_at_once(argv, env, cwd, self.engine.executable,
                                           self.engine.passed_fds)
@@ -8331,14 +8328,15 @@ class Supervisor(object):
                 self.pid = _spawn(argv, env, cwd, self.engine.executable,
                                   lambda: _engine_child_setup(prctl, self.engine.death_signal,
                                                               self.engine.passed_fds, hook))
-            self._watch(at_once)
-            strays = late and reaping and self._late_subreaper()
-            for signum in self.pending:
-                self.engine.forward_signal(self.pid, signum)
-            keep = (self.watchdog.pid,) if self.watchdog else ()
-            status = self.engine.wait(self.pid, keep)
-            if reaping:
-                _reap_leftovers(keep=keep)
+            if status is None:                  # (not ended within a grace)
+                self._watch(at_once)
+                strays = late and reaping and self._late_subreaper()
+                for signum in self.pending:
+                    self.engine.forward_signal(self.pid, signum)
+                keep = (self.watchdog.pid,) if self.watchdog else ()
+                status = self.engine.wait(self.pid, keep)
+                if reaping:
+                    _reap_leftovers(keep=keep)
             if strays:
                 kill_marked(self.engine.orphan_marker())
         finally:
@@ -8361,9 +8359,10 @@ class Supervisor(object):
             deadline = time.time() + self.GRACE_SECONDS
             while signal.sigtimedwait([signal.SIGCHLD], max(deadline - time.time(), 0)):
                 done, status = os.waitpid(self.pid, os.WNOHANG)
-                if done:                # no pid given out since the engine's: none left
+                if done:
                     MSG.debug("the command ended within %g s: no watchdog, no subreaper"
                               % self.GRACE_SECONDS)
+                    # strays are possible unless no pid was given out since the engine's
                     return _status_code(status), not only_pids_since(self.pid, self.pid)
             return None, None
         finally:
